@@ -1,0 +1,160 @@
+"""TORCH_SDPA: paged attention with ``torch.nn.functional.scaled_dot_product_attention`` (built-in plugin).
+
+Runs on any platform torch runs on. The KV cache of a layer is one tensor
+``[2, num_blocks, block_size, num_kv_heads, head_size]`` (keys, then values).
+
+* Decodes (one query token each) are batched into a single SDPA call: their blocks are gathered with one
+  index op into ``[num_decodes, num_kv_heads, max_len, head_size]`` and a padding mask hides the tail of
+  shorter contexts. Grouped-query heads are folded into the query length (``[n, kv_heads, group, d]``) so no
+  key/value head is ever repeated.
+* Prefill chunks attend to their request's cached context (prefix-cache hits and earlier chunks) plus their
+  own tokens, causally; a prefill with nothing cached uses the fresh keys directly with ``is_causal``.
+* Encoder (bidirectional, no cache) batches run one SDPA call per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
+                                                 AttentionMetadataBuilder, CommonAttentionMetadata)
+from pagoda.plugins.hookspecs import hookimpl
+
+
+@dataclass
+class PrefillSpan:
+    """One request's prefill chunk: its tokens in the flat batch and its context in the cache."""
+
+    token_start: int
+    token_end: int
+    num_computed: int  # tokens cached before this chunk
+    seq_len: int  # num_computed + chunk length
+    block_ids: torch.Tensor | None  # blocks covering seq_len (None when nothing was cached)
+
+
+@dataclass
+class SdpaMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_table: torch.Tensor | None  # [num_decodes, blocks]
+    decode_mask: torch.Tensor | None  # bool [num_decodes, 1, 1, blocks * block_size]
+    prefills: list[PrefillSpan]
+    causal: bool
+
+
+class SdpaMetadataBuilder(AttentionMetadataBuilder):
+    def build(self, common: CommonAttentionMetadata) -> SdpaMetadata:
+        block_size = self.config.block_size
+        nd = common.num_decodes
+        decode_table = decode_mask = None
+        if nd and common.causal:
+            seq_lens = common.seq_lens[:nd]
+            max_len = int(common.seq_lens_cpu[:nd].max())
+            num_blocks = -(-max_len // block_size)
+            decode_table = common.block_table[:nd, :num_blocks]
+            positions = torch.arange(num_blocks * block_size, device=seq_lens.device)
+            mask = positions[None, :] < seq_lens[:, None]
+            if self.config.sliding_window is not None:
+                mask &= positions[None, :] >= (seq_lens[:, None] - self.config.sliding_window)
+            decode_mask = mask[:, None, None, :]
+        prefills = []
+        qsl = common.query_start_loc_cpu.tolist()
+        seq_lens_cpu = common.seq_lens_cpu.tolist()
+        computed = common.num_computed_tokens_cpu.tolist()
+        first = nd if common.causal else 0
+        for i in range(first, common.num_reqs):
+            block_ids = None
+            if computed[i] > 0 and common.causal:
+                block_ids = common.block_table[i, : -(-seq_lens_cpu[i] // block_size)]
+            prefills.append(PrefillSpan(qsl[i], qsl[i + 1], computed[i], seq_lens_cpu[i], block_ids))
+        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_table, decode_mask, prefills,
+                            common.causal)
+
+
+class SdpaImpl(AttentionImpl):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor | None, metadata: SdpaMetadata) -> torch.Tensor:
+        num_tokens = query.shape[0]
+        out = torch.empty(num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
+        if kv_cache is not None:
+            key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)
+            value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
+            key_cache.index_copy_(0, metadata.slot_mapping, key)
+            value_cache.index_copy_(0, metadata.slot_mapping, value)
+        nd = metadata.num_decodes
+        if nd:
+            out[:nd] = self._decode(query[:nd], kv_cache, metadata)
+        for span in metadata.prefills:
+            out[span.token_start:span.token_end] = self._prefill(query, key, value, kv_cache, span, metadata.causal)
+        return out.view(num_tokens, self.num_heads * self.head_size)
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: SdpaMetadata) -> torch.Tensor:
+        nd = query.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        table = metadata.decode_block_table
+        # [nd, blocks, block_size, kvh, d] -> [nd, kvh, blocks*block_size, d]
+        keys = kv_cache[0][table].flatten(1, 2).transpose(1, 2)
+        values = kv_cache[1][table].flatten(1, 2).transpose(1, 2)
+        q = query.view(nd, self.num_kv_heads, group, self.head_size)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=metadata.decode_mask, scale=self.scale)
+        return o.reshape(nd, self.num_heads, self.head_size)
+
+    def _prefill(self, query, key, value, kv_cache, span: PrefillSpan, causal: bool) -> torch.Tensor:
+        s, e = span.token_start, span.token_end
+        q = query[s:e].transpose(0, 1)  # [H, q_len, d]
+        if span.block_ids is None:
+            k, v = key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
+            mask = None
+            if causal and self.sliding_window is not None:
+                mask = self._mask(e - s, 0, e - s, q.device)
+            o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                               is_causal=causal and mask is None, scale=self.scale,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)
+            return o[0].transpose(0, 1)
+        k = kv_cache[0][span.block_ids].flatten(0, 1)[: span.seq_len].transpose(0, 1)
+        v = kv_cache[1][span.block_ids].flatten(0, 1)[: span.seq_len].transpose(0, 1)
+        mask = self._mask(e - s, span.num_computed, span.seq_len, q.device)
+        o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                           scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        return o[0].transpose(0, 1)
+
+    def _mask(self, q_len: int, num_computed: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        q_pos = torch.arange(num_computed, num_computed + q_len, device=device)[:, None]
+        k_pos = torch.arange(seq_len, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
+
+
+class TorchSdpaBackend(AttentionBackend):
+    name = "TORCH_SDPA"
+    platforms = None
+    supports_sliding_window = True
+    supports_encoder = True
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def builder_cls(cls) -> type[AttentionMetadataBuilder]:
+        return SdpaMetadataBuilder
+
+    @classmethod
+    def impl_cls(cls) -> type[AttentionImpl]:
+        return SdpaImpl
+
+    @classmethod
+    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
+        if config.num_heads % config.num_kv_heads:
+            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
+        return []
+
+
+@hookimpl
+def pagoda_register_attention_backends():
+    return [TorchSdpaBackend]

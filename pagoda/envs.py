@@ -1,0 +1,59 @@
+"""Every environment variable pagoda reads, in one place.
+
+Names follow vLLM's so that a vLLM deployment's environment keeps working. Values are read at call time
+(not import time) so tests and launchers can set them late.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def plugins_allow_list() -> list[str] | None:
+    """VLLM_PLUGINS: comma-separated entry-point names to load; unset means load all."""
+    value = os.environ.get("VLLM_PLUGINS")
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def attention_backend() -> str | None:
+    """VLLM_ATTENTION_BACKEND: the attention backend to use instead of the automatic choice."""
+    return _get("VLLM_ATTENTION_BACKEND")
+
+
+def api_key() -> str | None:
+    """VLLM_API_KEY: the key every /v1 route of the server requires."""
+    return _get("VLLM_API_KEY")
+
+
+def cpu_kvcache_space_gib() -> float | None:
+    """VLLM_CPU_KVCACHE_SPACE: KV-cache size in GiB on the CPU platform."""
+    value = _get("VLLM_CPU_KVCACHE_SPACE")
+    return float(value) if value is not None else None
+
+
+def cpu_omp_threads() -> int | None:
+    """PAGODA_CPU_THREADS: torch intra-op threads on the CPU platform (default: all cores)."""
+    value = _get("PAGODA_CPU_THREADS")
+    return int(value) if value is not None else None
+
+
+def logging_level() -> str:
+    """VLLM_LOGGING_LEVEL: the log level of the `pagoda` logger."""
+    return (_get("VLLM_LOGGING_LEVEL", "INFO") or "INFO").upper()
+
+
+def hf_hub_offline() -> bool:
+    """HF_HUB_OFFLINE: never reach the hub when resolving model ids."""
+    return _get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False")
+
+
+def debug_tracebacks() -> bool:
+    """PAGODA_DEBUG: show full tracebacks from the command line instead of a one-line error."""
+    return _get("PAGODA_DEBUG", "0") not in ("0", "false", "False")

@@ -1,0 +1,104 @@
+"""The Platform interface: everything the engine needs to know about a kind of hardware.
+
+A platform is a class with class-level descriptors and classmethods (no instance state), registered through
+the ``pagoda_register_platforms`` hook. The engine resolves one platform per process
+(:func:`pagoda.platforms.resolve_platform`) and asks it for the device, dtypes, attention backends in
+priority order, the KV-cache budget and device set-up.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+
+class Platform(ABC):
+    #: Short unique name, used by ``--device`` (e.g. ``"cpu"``, ``"cuda"``).
+    name: ClassVar[str]
+    #: The torch device type tensors are placed on (``"cpu"``, ``"cuda"``, ``"xla"``, ``"xpu"``).
+    device_type: ClassVar[str]
+    #: The torch dispatch key of that device (``"CPU"``, ``"CUDA"``, ``"XLA"``, ``"XPU"``).
+    dispatch_key: ClassVar[str]
+    #: Higher wins when several platforms are available and ``--device`` is ``auto``.
+    priority: ClassVar[int] = 0
+    #: Dtypes the model may run in, preferred first.
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    #: Attention backend names in priority order; the first one whose ``validate`` passes is chosen.
+    attention_backends: ClassVar[tuple[str, ...]] = ("TORCH_SDPA",)
+    #: Quantization method names this platform can run; ``None`` means "ask the method".
+    supported_quantization: ClassVar[tuple[str, ...] | None] = None
+    #: torch.distributed backend for tensor/pipeline parallelism.
+    dist_backend: ClassVar[str] = "gloo"
+    #: The KV-cache budget is a fraction of device memory (``gpu_memory_utilization``) on devices with their own
+    #: memory, and a size in GiB on host-memory platforms.
+    uses_host_memory: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """``None`` if this platform can run here, otherwise a sentence saying why not (e.g. a missing package
+        with the ``pip install pagoda-llm[extra]`` that brings it, or no device found)."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.unavailable_reason() is None
+
+    @classmethod
+    def device(cls, index: int = 0) -> torch.device:
+        return torch.device(cls.device_type, index) if cls.device_type != "cpu" else torch.device("cpu")
+
+    @classmethod
+    def default_dtype(cls, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``--dtype auto`` resolves to for a checkpoint stored in ``model_dtype``."""
+        if model_dtype == torch.float32 and torch.bfloat16 in cls.supported_dtypes:
+            return torch.bfloat16
+        return model_dtype if model_dtype in cls.supported_dtypes else cls.supported_dtypes[0]
+
+    @classmethod
+    def total_memory_bytes(cls) -> int:
+        """Total memory of the device the KV cache lives on."""
+        raise NotImplementedError
+
+    @classmethod
+    def free_memory_bytes(cls) -> int:
+        """Memory of that device not in use right now."""
+        raise NotImplementedError
+
+    @classmethod
+    def kv_cache_budget_bytes(cls, *, gpu_memory_utilization: float, cpu_kvcache_space_gib: float | None,
+                              model_bytes: int) -> int:
+        """Bytes to give the KV cache, after the weights (``model_bytes``) are loaded."""
+        if cls.uses_host_memory:
+            return int((cpu_kvcache_space_gib if cpu_kvcache_space_gib is not None else 4.0) * (1 << 30))
+        budget = int(cls.total_memory_bytes() * gpu_memory_utilization) - model_bytes
+        return max(budget, 0)
+
+    @classmethod
+    def set_device(cls, index: int = 0) -> None:
+        """Make ``index`` the current device of this process."""
+
+    @classmethod
+    def seed_everything(cls, seed: int | None) -> None:
+        """Seed every random generator the platform uses."""
+        if seed is not None:
+            torch.manual_seed(seed)
+
+    @classmethod
+    def synchronize(cls) -> None:
+        """Wait for queued device work (used by benchmarks)."""
+
+    @classmethod
+    def describe(cls) -> dict[str, object]:
+        """Facts for ``pagoda env``."""
+        return {
+            "name": cls.name,
+            "device_type": cls.device_type,
+            "dispatch_key": cls.dispatch_key,
+            "priority": cls.priority,
+            "dtypes": [str(d).removeprefix("torch.") for d in cls.supported_dtypes],
+            "attention_backends": list(cls.attention_backends),
+            "quantization": list(cls.supported_quantization) if cls.supported_quantization is not None else "any",
+            "dist_backend": cls.dist_backend,
+        }
