@@ -1,0 +1,91 @@
+"""What a generation request returns, shaped like vLLM's ``vllm.outputs`` classes.
+
+Logprobs follow vLLM: each generated position has a ``dict[int, Logprob]`` holding the sampled token and the
+requested top-k tokens (the sampled one first, so it is there even when it is not in the top-k); prompt
+logprobs are a list with ``None`` for the first prompt token, which nothing predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Logprob:
+    """The log-probability of one token at one position.
+
+    ``rank`` is 1 for the most likely token; ``decoded_token`` is the token's text (None when the request
+    did not detokenize).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+#: Logprobs of one position, keyed by token id.
+PositionLogprobs = dict[int, Logprob]
+#: Logprobs of a generated sequence, one dict per generated token.
+SampleLogprobs = list[PositionLogprobs]
+#: Logprobs of a prompt; the first entry is None (no token predicts the first prompt token).
+PromptLogprobs = list[PositionLogprobs | None]
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request (there are ``n`` of them).
+
+    ``finish_reason`` is None while generating, then "stop" (EOS, a stop token id or a stop string),
+    "length" (max_tokens or the context length) or "abort". ``stop_reason`` says which stop ended it: the
+    stop string, or the stop token id; it is None for EOS and for any other finish.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+            f"cumulative_logprob={self.cumulative_logprob}, logprobs={self.logprobs}, "
+            f"finish_reason={self.finish_reason}, stop_reason={self.stop_reason})"
+        )
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (``time.time()``) of one request's life; None until the event happens."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request as returned by ``LLM.generate`` or streamed by the engine."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
+            f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
+            f"outputs={self.outputs}, finished={self.finished}, metrics={self.metrics})"
+        )
