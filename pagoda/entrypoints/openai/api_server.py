@@ -1,0 +1,228 @@
+"""The FastAPI application of ``pagoda serve``: routes, authentication, limits and error format.
+
+``build_app(engine, config)`` wires an :class:`AsyncEngine` into an app; ``run_server`` serves it with uvicorn,
+whose SIGTERM/SIGINT handling stops accepting connections, lets in-flight requests finish (bounded by the
+shutdown timeout), then runs the app's shutdown, which stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagoda.entrypoints.openai import protocol as p
+from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError
+from pagoda.entrypoints.openai.metrics import CONTENT_TYPE
+from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig, error_body
+from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagoda.logger import init_logger
+from pagoda.version import __version__
+
+logger = init_logger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 500)}
+_STREAM = {"content": {"text/event-stream": {}}, "description": "the response, or server-sent events with stream"}
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float | None = 10.0) -> FastAPI:
+    """The server's app around a constructed (not yet started) engine; the app's startup starts it."""
+    completion = OpenAIServingCompletion(engine, config)
+    chat = OpenAIServingChat(engine, config)
+    tokenization = OpenAIServingTokenization(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        logger_task = asyncio.create_task(_log_stats(engine, stats_interval_s)) if stats_interval_s else None
+        try:
+            yield
+        finally:
+            if logger_task is not None:
+                logger_task.cancel()
+            await engine.stop()
+
+    app = FastAPI(title="pagoda OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = config
+    _install_error_handlers(app)
+
+    # --------------------------------------------------------------- routes
+    @app.get("/health", responses={503: {"model": p.ErrorResponse}})
+    async def health() -> Response:
+        """200 while the engine can serve requests, 503 once its loop has failed."""
+        if engine.is_healthy:
+            return Response(status_code=200)
+        reason = engine.error or "the engine is not running"
+        return JSONResponse(error_body(f"the engine is not running: {reason}", 503), status_code=503)
+
+    @app.get("/version", response_model=p.VersionResponse)
+    async def version() -> p.VersionResponse:
+        return p.VersionResponse(version=__version__)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def metrics() -> Response:
+        """Prometheus text exposition (vLLM's metric names)."""
+        body = engine.metrics.render() if engine.metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
+    async def list_models() -> p.ModelList:
+        root = completion.model_config.model
+        cards = [p.ModelCard(id=name, root=root, max_model_len=completion.max_model_len,
+                             permission=[p.ModelPermission(id=f"modelperm-{name}")])
+                 for name in config.served_model_names]
+        return p.ModelList(data=cards)
+
+    @app.post("/v1/completions", response_model=p.CompletionResponse, responses={**_ERRORS, 200: _STREAM})
+    async def create_completion(request: p.CompletionRequest, raw_request: Request) -> Any:
+        return await completion.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+              responses={**_ERRORS, 200: _STREAM})
+    async def create_chat_completion(request: p.ChatCompletionRequest, raw_request: Request) -> Any:
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_ERRORS)
+    async def tokenize(request: p.TokenizeCompletionRequest | p.TokenizeChatRequest) -> p.TokenizeResponse:
+        return tokenization.tokenize(request)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(request: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        return tokenization.detokenize(request)
+
+    # --------------------------------------------------------------- middleware (last added runs first)
+    app.add_middleware(CORSMiddleware, allow_origins=config.extra.get("allowed_origins", ["*"]),
+                       allow_credentials=config.extra.get("allow_credentials", False),
+                       allow_methods=["*"], allow_headers=["*"])
+    if config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), 500), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422; OpenAI clients expect 400 with the offending field named
+        errors = exc.errors()
+        parts, param = [], None
+        for error in errors[:5]:
+            loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+            # a union (e.g. prompt) reports each alternative: keep the field path, drop the type names
+            field = ".".join(x for x in loc if not _is_type_tag(x))
+            param = param or field or None
+            parts.append(f"{field or 'body'}: {error.get('msg', 'invalid value')}")
+        message = "; ".join(dict.fromkeys(parts)) or "invalid request"
+        return JSONResponse(error_body(message, 400, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+
+def _is_type_tag(part: str) -> bool:
+    return part.startswith(("list[", "str", "int", "dict[", "function-")) or part in ("float", "bool")
+
+
+class AuthMiddleware:
+    """Every ``/v1`` route needs ``Authorization: Bearer <key>``; other routes (``/health``…) stay open."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        message = "missing API key" if not given else "invalid API key"
+        await JSONResponse(error_body(f"{message}: send the header 'Authorization: Bearer <key>'", 401),
+                           status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies larger than ``max_bytes`` with 413, declared or streamed."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            # a body sent without Content-Length (chunked) is counted as it arrives; the route's body reader
+            # passes HTTPException through, so the error handler answers 413
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"request body too large: the limit is {self.max_bytes} bytes"
+
+    async def _reject(self, scope, receive, send) -> None:
+        await JSONResponse(error_body(self._message(), 413), status_code=413)(scope, receive, send)
+
+
+async def _log_stats(engine: AsyncEngine, interval_s: float) -> None:
+    """Every ``interval_s``, one line of throughput and load while there is traffic."""
+    last = (time.monotonic(), 0, 0)
+    while True:
+        await asyncio.sleep(interval_s)
+        stats = engine.stats
+        if stats is None:
+            continue
+        now = time.monotonic()
+        prompt, generated = stats.prompt_tokens_total, stats.generation_tokens_total
+        elapsed = max(now - last[0], 1e-9)
+        if prompt != last[1] or generated != last[2] or stats.num_running or stats.num_waiting:
+            logger.info("throughput: prompt %.1f tokens/s, generation %.1f tokens/s; running %d, waiting %d; "
+                        "KV cache %.1f%% used", (prompt - last[1]) / elapsed, (generated - last[2]) / elapsed,
+                        stats.num_running, stats.num_waiting, 100.0 * stats.kv_cache_usage)
+        last = (now, prompt, generated)
+
+
+def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", shutdown_timeout: float = 30.0,
+               access_log: bool = True, root_path: str = "", ssl_keyfile: str | None = None,
+               ssl_certfile: str | None = None) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, then drain in-flight requests for up to ``shutdown_timeout`` seconds."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=shutdown_timeout, root_path=root_path,
+                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, timeout_keep_alive=5)
+    uvicorn.Server(config).run()

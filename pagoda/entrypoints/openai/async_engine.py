@@ -1,0 +1,295 @@
+"""``AsyncEngine``: one engine serving every connection of the server.
+
+The engine is synchronous and not thread-safe, so it lives on one dedicated thread that owns it completely:
+every ``add_request``, ``abort_request``, ``step`` and ``get_stats`` happens there. The event loop talks to it
+through a thread-safe inbox (commands) and gets results back through ``loop.call_soon_threadsafe`` — one call per
+engine step carrying every output of that step, so the hand-over costs microseconds whatever the batch size.
+
+Requests of all clients join the same steps (continuous batching). Each HTTP request owns a
+:class:`RequestGroup`: one asyncio queue that receives ``(index, RequestOutput)`` for each of its engine requests
+(a completions request with several prompts has several), in step order.
+
+Life of a request::
+
+    handler ── group.add(prompts) ──► inbox ──► engine thread: engine.add_request (ValueError → the handler)
+    handler ◄── queue ◄── call_soon_threadsafe ◄── engine thread: engine.step() outputs
+    handler exits early (client gone) ── group.abort() ──► inbox ──► engine.abort_request (frees KV blocks)
+
+If ``step()`` raises, the engine is dead: every open request gets an :class:`EngineDeadError`, ``/health`` turns
+503 and new requests are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.entrypoints.openai.metrics import ServerMetrics
+from pagoda.logger import init_logger
+
+logger = init_logger(__name__)
+
+_IDLE_WAIT_S = 0.5  # how long the idle engine thread sleeps on the inbox before refreshing stats
+_STATS_EVERY_S = 0.02  # at most this often get_stats() while the engine is busy
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; the server can't serve requests any more."""
+
+
+@dataclass
+class _Route:
+    """Where one engine request's outputs go, and its timing (engine thread only)."""
+
+    group: RequestGroup
+    index: int
+    arrival: float
+    last_token_time: float | None = None
+    num_tokens: int = 0
+
+
+class RequestGroup:
+    """The engine requests of one HTTP request, and the queue their outputs arrive on.
+
+    Iterate with ``async for index, output in group``; it ends once every request has finished. Always call
+    :meth:`abort` in a ``finally``: it aborts what hasn't finished (a no-op otherwise).
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request_ids: list[str] = []
+        self._unfinished: set[int] = set()
+        self.arrival = time.monotonic()
+
+    async def add(self, prompts: list[Any], params: Any) -> None:
+        """Add one engine request per prompt (ids ``<request_id>-<i>``); all or none are added.
+
+        Raises ``ValueError`` (the engine's message, e.g. a prompt too long) or :class:`EngineDeadError`.
+        """
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(prompts) == 1:
+            ids = [self.request_id]
+        else:
+            ids = [f"{self.request_id}-{i}" for i in range(len(prompts))]
+        self.request_ids = ids
+        self._unfinished = set(range(len(ids)))
+        future = asyncio.get_running_loop().create_future()
+        self.engine._submit(("add", self, list(zip(ids, prompts, params_list)), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abort()  # the engine may have added them after we stopped waiting
+            raise
+        except BaseException:
+            self._unfinished.clear()
+            raise
+
+    def __aiter__(self) -> RequestGroup:
+        return self
+
+    async def __anext__(self) -> tuple[int, Any]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished.clear()
+            raise item
+        index, output = item
+        if output.finished:
+            self._unfinished.discard(index)
+        return index, output
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def abort(self) -> None:
+        """Abort the requests that haven't finished; their KV blocks are freed on the engine's next turn."""
+        if self._unfinished:
+            ids = [self.request_ids[i] for i in sorted(self._unfinished)]
+            self._unfinished.clear()
+            self.engine._submit(("abort", ids), must=False)
+
+
+class AsyncEngine:
+    """Runs an ``LLMEngine`` on its own thread and serves asyncio callers (see the module docstring)."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.error: BaseException | None = None
+        self.stats: Any = None  # the latest EngineStats, refreshed by the engine thread
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}  # engine thread only
+        self._lock = threading.Lock()  # orders "dead" against new commands
+        self._dead = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._last_stats = 0.0
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._refresh_stats(force=True)
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    def new_group(self, request_id: str) -> RequestGroup:
+        if self._dead:
+            raise EngineDeadError(f"the engine can't serve requests: {self.error or 'it is shutting down'}")
+        return RequestGroup(self, request_id)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and not self._dead and self._thread is not None and self._thread.is_alive()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is left and stop the engine thread."""
+        if self._thread is None:
+            return
+        self._submit(("stop",), must=False)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+
+    def _submit(self, command: tuple, must: bool = True) -> None:
+        with self._lock:
+            if self._dead:
+                if must:
+                    raise EngineDeadError(f"the engine failed and can't serve requests: {self.error}")
+                return
+            self._inbox.put(command)
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                if not self._handle_commands(block=not busy):
+                    break
+                if engine.has_unfinished_requests():
+                    self._deliver(self._process(engine.step()))
+                self._refresh_stats(force=not engine.has_unfinished_requests())
+        except BaseException as exc:  # noqa: BLE001 - anything here kills the engine; report it everywhere
+            logger.exception("the engine loop failed; failing all requests")
+            self._close(exc, EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+            return
+        # stop: abort what's left so clients get their connection closed rather than hanging
+        if self._routes:
+            engine.abort_request(list(self._routes))
+        self._close(None, EngineDeadError("the server is shutting down"))
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Run queued commands; False when told to stop."""
+        try:
+            command = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        replies: list[tuple[Any, Any]] = []
+        while True:
+            kind = command[0]
+            if kind == "stop":
+                self._deliver(replies)
+                return False
+            if kind == "add":
+                replies.append(self._add(command[1], command[2], command[3]))
+            elif kind == "abort":
+                live = [rid for rid in command[1] if self._routes.pop(rid, None) is not None]
+                if live:
+                    self.engine.abort_request(live)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._deliver(replies)
+        return True
+
+    def _add(self, group: RequestGroup, items: list[tuple[str, Any, Any]], future: asyncio.Future):
+        added = []
+        try:
+            for request_id, prompt, params in items:
+                if request_id in self._routes:
+                    raise ValueError(f"request id {request_id!r} is already in use")
+                self.engine.add_request(request_id, prompt, params)
+                added.append(request_id)
+        except Exception as exc:  # noqa: BLE001 - the engine's validation errors go back to the handler
+            if added:
+                self.engine.abort_request(added)
+            return future, exc
+        for index, request_id in enumerate(added):
+            self._routes[request_id] = _Route(group, index, group.arrival)
+        return future, None
+
+    def _process(self, outputs: list[Any]) -> list[tuple[Any, Any]]:
+        """Route a step's outputs to their groups and record latency metrics."""
+        now = time.monotonic()
+        metrics = self.metrics
+        batch = []
+        for output in outputs:
+            route = self._routes.get(output.request_id)
+            if route is None:  # aborted meanwhile
+                continue
+            num_tokens = sum(len(c.token_ids) for c in output.outputs)
+            new_tokens = num_tokens - route.num_tokens
+            if metrics is not None and new_tokens > 0:
+                if route.last_token_time is None:
+                    metrics.time_to_first_token.observe(now - route.arrival)
+                else:
+                    metrics.time_per_output_token.observe((now - route.last_token_time) / new_tokens)
+            if new_tokens > 0:
+                route.last_token_time = now
+                route.num_tokens = num_tokens
+            if output.finished:
+                del self._routes[output.request_id]
+                if metrics is not None:
+                    metrics.request_finished(output, now - route.arrival)
+            batch.append((route.group, (route.index, output)))
+        return batch
+
+    def _deliver(self, batch: list[tuple[Any, Any]]) -> None:
+        if batch and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(_deliver_on_loop, batch)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
+
+    def _refresh_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_stats >= _STATS_EVERY_S:
+            self.stats = self.engine.get_stats()
+            self._last_stats = now
+
+    def _close(self, exc: BaseException | None, dead: EngineDeadError) -> None:
+        """Refuse new commands and fail every open request with ``dead``; ``exc`` marks the engine unhealthy."""
+        with self._lock:
+            self._dead = True
+            if exc is not None:
+                self.error = exc
+        replies: list[tuple[Any, Any]] = [(route.group, dead) for route in self._routes.values()]
+        self._routes.clear()
+        while True:  # commands that arrived before we were marked dead
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                replies.append((command[3], dead))
+        self._deliver(replies)
+
+
+def _deliver_on_loop(batch: list[tuple[Any, Any]]) -> None:
+    for target, item in batch:
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                if item is None:
+                    target.set_result(None)
+                else:
+                    target.set_exception(item)
+        else:
+            target.queue.put_nowait(item)

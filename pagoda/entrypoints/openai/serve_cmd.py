@@ -1,0 +1,107 @@
+"""``pagoda serve [MODEL] [engine flags] [server flags]``: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from pagoda import envs
+from pagoda.core.engine_args import EngineArgs
+from pagoda.logger import init_logger
+
+logger = init_logger(__name__)
+
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible server",
+        description="Serve a model over HTTP with OpenAI's completions and chat APIs (vLLM-compatible).")
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model directory, hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="the model, as an alternative to the positional MODEL")
+    add_server_args(parser)
+    EngineArgs.add_cli_args(parser, model_positional=True)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server arguments")
+    group.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer <key>' on every /v1 route (default: $VLLM_API_KEY)")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template (a file path or the template itself) replacing the model's")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="longest prompt text printed in the per-request log line (default: unlimited)")
+    group.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    group.add_argument("--uvicorn-log-level", default="info", choices=UVICORN_LOG_LEVELS,
+                       help="log level of uvicorn")
+    group.add_argument("--disable-uvicorn-access-log", action="store_true", help="no uvicorn access log")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests before cancelling them")
+    group.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024,
+                       help="largest request body accepted (larger: 413)")
+    group.add_argument("--log-stats-interval", type=float, default=10.0,
+                       help="seconds between throughput log lines (see also --disable-log-stats)")
+    group.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS allowed origins (JSON)")
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--root-path", default="", help="path prefix when behind a path-based proxy")
+    group.add_argument("--ssl-keyfile", default=None, help="TLS key file")
+    group.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{" not in value:
+        raise FileNotFoundError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from pagoda.core.engine import LLMEngine
+    from pagoda.entrypoints.openai.api_server import build_app, run_server
+    from pagoda.entrypoints.openai.async_engine import AsyncEngine
+    from pagoda.entrypoints.openai.metrics import ServerMetrics
+    from pagoda.entrypoints.openai.serving_engine import ServerConfig
+
+    if args.model and args.model_tag and args.model != args.model_tag:
+        raise ValueError(f"the model is given twice and differently: MODEL {args.model_tag!r} and --model "
+                         f"{args.model!r}")
+    args.model = args.model or args.model_tag
+    if args.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    if args.max_log_len is not None and args.max_log_len < 0:
+        raise ValueError(f"--max-log-len must be >= 0, got {args.max_log_len}")
+    chat_template = _read_chat_template(args.chat_template)
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = LLMEngine.from_engine_args(engine_args)
+
+    names = engine_args.served_model_name
+    if isinstance(names, str):
+        names = [names]
+    names = list(names or [engine.model_config.served_model_name])
+    async_engine = AsyncEngine(engine)
+    async_engine.metrics = ServerMetrics(names[0], lambda: async_engine.stats)
+    config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,
+                          log_requests=not args.disable_log_requests, api_key=args.api_key or envs.api_key(),
+                          max_request_body_bytes=args.max_request_body_bytes,
+                          extra={"allowed_origins": args.allowed_origins,
+                                 "allow_credentials": args.allow_credentials})
+    stats_interval = None if engine_args.disable_log_stats else args.log_stats_interval
+    app = build_app(async_engine, config, stats_interval_s=stats_interval)
+    logger.info("serving %s as %s on http://%s:%d (max_model_len %d)%s", engine.model_config.model,
+                ", ".join(names), args.host, args.port, engine.model_config.max_model_len,
+                "; API key required on /v1" if config.api_key else "")
+    run_server(app, args.host, args.port, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
+               access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
+               ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    return 0

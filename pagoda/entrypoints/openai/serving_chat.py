@@ -1,0 +1,154 @@
+"""``POST /v1/chat/completions``: messages → the chat template → the engine → OpenAI's chat format."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pagoda.entrypoints.chat_utils import apply_chat_template
+from pagoda.entrypoints.openai.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                                                ChatCompletionStreamResponse, ChatLogProbs, ChatResponseMessage,
+                                                ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage)
+from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, APIError,
+                                                      OpenAIServing, RequestContext, clamp_logprob, engine_error,
+                                                      run_unless_disconnected, sse, sse_error, token_text)
+
+
+class OpenAIServingChat(OpenAIServing):
+
+    def render_prompt(self, request: Any) -> tuple[str, list[int]]:
+        """The conversation as prompt text and token ids (the template carries the special tokens)."""
+        tokenizer = self.require_tokenizer()
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        try:
+            text = apply_chat_template(tokenizer, messages, chat_template=request.chat_template
+                                       or self.config.chat_template,
+                                       add_generation_prompt=request.add_generation_prompt,
+                                       continue_final_message=request.continue_final_message,
+                                       chat_template_kwargs=request.chat_template_kwargs)
+        except ValueError as exc:
+            raise APIError(str(exc), 400, "messages") from exc
+        except Exception as exc:  # noqa: BLE001 - a template error is the request's (or the template's) fault
+            raise APIError(f"the chat template failed to render these messages: {type(exc).__name__}: {exc}",
+                           400, "messages") from exc
+        return text, tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        start = time.monotonic()
+        model = self.check_model(request.model)
+        self.warn_unknown_fields(request)
+        if request.tools:
+            raise APIError("tools: tool calling is not supported", 400, "tools")
+        if request.response_format is not None and request.response_format.type != "text":
+            raise APIError(f"response_format: only 'text' is supported, got {request.response_format.type!r}",
+                           400, "response_format")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
+        text, prompt_ids = self.render_prompt(request)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        self.check_length(len(prompt_ids), max_tokens, "messages")
+        # max_tokens None: OpenAI's default, whatever room the context leaves (the engine works it out)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        group = self.engine.new_group(request_id)
+        try:
+            await group.add([{"prompt": text, "prompt_token_ids": prompt_ids}], params)
+        except ValueError as exc:
+            raise APIError(str(exc), 400) from exc
+        ctx = RequestContext(self, request, request_id, model, [prompt_ids], start, log_prompt=text)
+        if request.stream:
+            return AbortOnCloseStreamingResponse(self._stream(group, ctx), lambda: ctx.close(group))
+        try:
+            response = await run_unless_disconnected(raw_request, self._collect(group, ctx))
+        finally:
+            ctx.close(group)
+        if response is None:
+            return JSONResponse({}, status_code=499)
+        return response
+
+    async def _collect(self, group: Any, ctx: RequestContext) -> ChatCompletionResponse:
+        final = None
+        try:
+            async for index, output in group:
+                final = output
+                ctx.observe(index, output)
+        except Exception as exc:  # noqa: BLE001
+            ctx.status = "failed"
+            raise engine_error(exc) from exc
+        request = ctx.request
+        choices = []
+        for completion in final.outputs:
+            logprobs = self._logprobs(completion, 0, request.top_logprobs or 0) if request.logprobs else None
+            choices.append(ChatChoice(index=completion.index, message=ChatResponseMessage(content=completion.text),
+                                      logprobs=logprobs, finish_reason=completion.finish_reason,
+                                      stop_reason=completion.stop_reason))
+        ctx.status = "finished"
+        return ChatCompletionResponse(id=ctx.request_id, model=ctx.model, choices=choices, usage=ctx.usage())
+
+    async def _stream(self, group: Any, ctx: RequestContext) -> AsyncIterator[str]:
+        request = ctx.request
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        done: set[int] = set()
+        continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
+
+        def chunk(choice: ChatStreamChoice) -> str:
+            return sse(ChatCompletionStreamResponse(id=ctx.request_id, model=ctx.model, created=ctx.created,
+                                                    choices=[choice], usage=ctx.usage() if continuous else None))
+        try:
+            # OpenAI's first event per choice carries the role and no text
+            for i in range(request.n):
+                yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            async for index, output in group:
+                ctx.observe(index, output)
+                for completion in output.outputs:
+                    i = completion.index
+                    if i in done:
+                        continue
+                    start = sent_tokens.get(i, 0)
+                    text = completion.text[sent_text.get(i, 0):]
+                    finished = completion.finish_reason is not None
+                    if not text and len(completion.token_ids) == start and not finished:
+                        continue
+                    logprobs = (self._logprobs(completion, start, request.top_logprobs or 0)
+                                if request.logprobs else None)
+                    sent_text[i] = len(completion.text)
+                    sent_tokens[i] = len(completion.token_ids)
+                    if finished:
+                        done.add(i)
+                    yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(content=text), logprobs=logprobs,
+                                                 finish_reason=completion.finish_reason,
+                                                 stop_reason=completion.stop_reason))
+            ctx.status = "finished"
+            if request.stream_options and request.stream_options.include_usage:
+                yield sse(ChatCompletionStreamResponse(id=ctx.request_id, model=ctx.model, created=ctx.created,
+                                                       choices=[], usage=ctx.usage()))
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
+            ctx.status = "failed"
+            yield sse_error(engine_error(exc))
+        yield SSE_DONE
+
+    def _logprobs(self, completion: Any, start: int, top: int) -> ChatLogProbs:
+        content = []
+        for token_id, entry in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
+            chosen = entry.get(token_id)
+            token = token_text(self.tokenizer, token_id, chosen)
+            ranked = sorted(entry.items(), key=lambda item: _rank(item[1]))[:top]
+            tops = []
+            for tid, lp in ranked:
+                text = token_text(self.tokenizer, tid, lp)
+                tops.append(ChatTopLogprob(token=text, logprob=clamp_logprob(lp.logprob),
+                                           bytes=list(text.encode("utf-8"))))
+            content.append(ChatTokenLogprob(token=token, bytes=list(token.encode("utf-8")), top_logprobs=tops,
+                                            logprob=clamp_logprob(chosen.logprob) if chosen else -9999.0))
+        return ChatLogProbs(content=content)
+
+
+def _rank(logprob: Any) -> float:
+    rank = getattr(logprob, "rank", None)
+    return rank if rank is not None else -logprob.logprob

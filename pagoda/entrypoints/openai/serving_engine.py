@@ -1,0 +1,293 @@
+"""What the completion and chat handlers share: errors, model-name checks, request → ``SamplingParams``,
+client-disconnect handling, request logging and server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+
+from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError
+from pagoda.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+from pagoda.logger import init_logger
+
+logger = init_logger(__name__)
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                413: "RequestEntityTooLarge", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; clients get a very small finite number instead (as vLLM does)
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.status, self.param)
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    info = ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "Error"), param=param, code=status)
+    return ErrorResponse(error=info).model_dump()
+
+
+@dataclass
+class ServerConfig:
+    """Front-end settings of ``pagoda serve`` (the engine's are ``EngineArgs``)."""
+
+    served_model_names: list[str]
+    chat_template: str | None = None
+    max_log_len: int | None = None
+    log_requests: bool = True
+    api_key: str | None = None
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OpenAIServing:
+    """Base of the endpoint handlers: owns the engine handle and the checks every request goes through."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        llm_engine = engine.engine
+        self.tokenizer = llm_engine.tokenizer
+        self.model_config = llm_engine.model_config
+        self.max_model_len: int = llm_engine.model_config.max_model_len
+        self.vocab_size: int | None = _vocab_size(llm_engine)
+        self.default_params = llm_engine.get_default_sampling_params()
+
+    # ------------------------------------------------------------------ checks
+    def check_model(self, name: str | None) -> str:
+        """The served name to answer with; 404 for a name this server doesn't serve."""
+        names = self.config.served_model_names
+        if name is None or name == "" or name in names:
+            return name or names[0]
+        raise APIError(f"The model `{name}` does not exist; this server serves: {', '.join(names)}", 404, "model")
+
+    def warn_unknown_fields(self, request: SamplingFields | Any) -> None:
+        unknown = request.unknown_fields()
+        if unknown:
+            logger.warning("ignoring unknown request field(s): %s", ", ".join(unknown))
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        if self.vocab_size is None:
+            return
+        for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise APIError(f"{param}: token id {token_id} is out of range; the vocabulary has "
+                               f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1})", 400, param)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt") -> None:
+        """400 when the prompt, or the prompt plus max_tokens, doesn't fit in the context."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens; the prompt has "
+                           f"{num_prompt_tokens} tokens, which leaves no room to generate. Shorten the prompt.",
+                           400, param)
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+                           "for the completion). Reduce the length of the prompt or max_tokens.", 400, param)
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise APIError("this server was started with --skip-tokenizer-init: send token ids, not text", 400)
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, n: int,
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        best_of: int | None = None) -> Any:
+        """``SamplingParams`` from a request; unset fields take the model's generation-config defaults."""
+        from pagoda.sampling_params import SamplingParams
+
+        defaults = self.default_params
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(request, name)
+            return value if value is not None else getattr(defaults, name, fallback)
+
+        if request.stop_token_ids:
+            self.check_token_ids(request.stop_token_ids, "stop_token_ids")
+        logit_bias = None
+        if request.logit_bias:
+            try:
+                logit_bias = {int(k): float(v) for k, v in request.logit_bias.items()}
+            except ValueError:
+                raise APIError("logit_bias: keys must be token ids (integers as strings)", 400, "logit_bias")
+            self.check_token_ids(list(logit_bias), "logit_bias")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        kwargs = dict(
+            n=n, best_of=best_of, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
+            presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+            seed=request.seed, stop=stop, stop_token_ids=list(request.stop_token_ids or []),
+            ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+        )
+        if logit_bias:
+            kwargs["logit_bias"] = logit_bias
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise APIError(str(exc), 400) from exc
+
+    # ------------------------------------------------------------------ logging
+    def log_finished(self, request_id: str, prompt: Any, prompt_tokens: int, generated_tokens: int,
+                     start: float, status: str) -> None:
+        if not self.config.log_requests:
+            return
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        limit = self.config.max_log_len
+        if limit is not None and len(text) > limit:
+            text = text[:limit] + "…"
+        logger.info("%s %s: prompt %d tokens, generated %d tokens, %.3f s, prompt=%r", request_id, status,
+                    prompt_tokens, generated_tokens, time.monotonic() - start, text)
+
+
+class RequestContext:
+    """Per-request bookkeeping: token counts for usage and the log line."""
+
+    def __init__(self, serving: OpenAIServing, request: Any, request_id: str, model: str, prompts: list[Any],
+                 start: float, log_prompt: Any = None):
+        self.serving = serving
+        self.request = request
+        self.request_id = request_id
+        self.model = model
+        self.prompts = prompts
+        self.start = start
+        self.created = int(time.time())
+        self.prompt_tokens: dict[int, int] = {}
+        self.generated: dict[int, int] = {}
+        self.status = "aborted"
+        self.log_prompt = log_prompt if log_prompt is not None else prompts[0]
+        self._closed = False
+
+    def observe(self, index: int, output: Any) -> None:
+        self.prompt_tokens[index] = len(output.prompt_token_ids or [])
+        self.generated[index] = sum(len(c.token_ids) for c in output.outputs)
+
+    def prompt_text(self, index: int, output: Any) -> str:
+        prompt = self.prompts[index]
+        if isinstance(prompt, str):
+            return prompt
+        return output.prompt if output.prompt is not None else self.serving.require_tokenizer().decode(prompt)
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(self.prompt_tokens.values())
+        generated = sum(self.generated.values())
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+    def close(self, group: Any) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        group.abort()
+        self.serving.log_finished(self.request_id, self.log_prompt, sum(self.prompt_tokens.values()),
+                                  sum(self.generated.values()), self.start, self.status)
+
+
+def _vocab_size(llm_engine: Any) -> int | None:
+    size = getattr(llm_engine.model_config, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    return None
+
+
+def clamp_logprob(value: float) -> float:
+    return max(float(value), LOGPROB_FLOOR)
+
+
+def token_text(tokenizer: Any, token_id: int, logprob: Any | None) -> str:
+    """The text of one token as logprob entries show it."""
+    decoded = getattr(logprob, "decoded_token", None) if logprob is not None else None
+    if decoded is not None:
+        return decoded
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id])
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event; ``payload`` is a pydantic model or a dict."""
+    if hasattr(payload, "model_dump_json"):
+        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    status = exc.status if isinstance(exc, APIError) else 500
+    message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+    return sse(error_body(message, status))
+
+
+class AbortOnCloseStreamingResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` however it ends (finished, client gone, server stopping),
+    so an abandoned stream's engine requests are aborted at once rather than whenever the generator is
+    garbage-collected."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def run_unless_disconnected(raw_request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it if the client disconnects first (then ``None`` is returned).
+
+    Cancelling a handler runs its ``finally``, which aborts its engine requests and frees their KV blocks.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone; nobody reads the result
+        pass
+    return None
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """A failure of the engine as a 500 for the client."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), 500)
+    return APIError(f"internal error: {type(exc).__name__}: {exc}", 500)
