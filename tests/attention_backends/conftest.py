@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _MATRIX = "test_backend_matrix.py::test_backend_matrix"
-_results: dict[str, dict[str, object]] = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": defaultdict(int)})
+_results: dict[str, dict[str, object]] = defaultdict(lambda: {"passed": 0, "failed": 0, "skips": 0,
+                                                                   "skipped": defaultdict(int)})
 
 
 def pytest_runtest_logreport(report):
@@ -29,8 +30,10 @@ def pytest_runtest_logreport(report):
     elif report.failed:
         entry["failed"] += 1
     elif report.skipped:
+        entry["skips"] += 1
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        entry["skipped"][reason.removeprefix("Skipped: ")] += 1
+        for part in reason.removeprefix("Skipped: ").split("; "):
+            entry["skipped"][part] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -40,7 +43,6 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("attention backend matrix")
     for name in sorted(_results):
         entry = _results[name]
-        skipped = sum(entry["skipped"].values())
-        tr.write_line(f"{name}: {entry['passed']} passed, {entry['failed']} failed, {skipped} skipped")
+        tr.write_line(f"{name}: {entry['passed']} passed, {entry['failed']} failed, {entry['skips']} skipped")
         for reason, count in sorted(entry["skipped"].items(), key=lambda kv: -kv[1]):
-            tr.write_line(f"    skipped {count}x: {reason}")
+            tr.write_line(f"    {count:3d}x {reason}")

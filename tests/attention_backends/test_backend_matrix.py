@@ -14,20 +14,39 @@ from pagoda.attention_backends.interface import AttentionConfig
 from pagoda.platforms import resolve_platform
 from pagoda.plugins.registry import get_registry
 
-BACKENDS = sorted(get_registry().attention_backends)
+REGISTRY = get_registry()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = {"gqa": (8, 2), "mha": (4, 4)}
 
-# The full cross product over case x heads x block size x dtype at head size 64, then the other head sizes on
-# the case that exercises every path at once (mixed decode + prefill-with-context), and sliding windows.
-PARAMS = [(case, heads, 64, bs, dt, None) for case in CASES for heads in HEADS for bs in (16, 32) for dt in DTYPES]
-PARAMS += [("mixed", "gqa", hs, 16, dt, None) for hs in (80, 128, 256) for dt in ("fp32", "bf16")]
-PARAMS += [(case, "gqa", 64, 16, "fp32", 8) for case in ("chunked", "mixed")]
+
+def _block_sizes(backend) -> list[int]:
+    """16 and 32, or the backend's two smallest block sizes when it takes neither (flash-attn's paged kernel
+    wants multiples of 256), so every backend runs the full matrix somewhere."""
+    declared = backend.block_sizes
+    usual = [b for b in (16, 32) if declared is None or b in declared]
+    return usual or sorted(declared)[:2]
+
+
+def _params(backend) -> list[tuple]:
+    """The full cross product of case x heads x block size x dtype at head size 64 (or the backend's smallest),
+    then the other head sizes
+    on the case that exercises every path at once (decodes + prefills with context), then sliding windows."""
+    bsizes = _block_sizes(backend)
+    base = 64 if backend.head_sizes is None or 64 in backend.head_sizes else min(backend.head_sizes)
+    params = [(case, heads, base, bs, dt, None) for case in CASES for heads in HEADS for bs in bsizes
+              for dt in DTYPES]
+    params += [("mixed", "gqa", hs, bsizes[0], dt, None) for hs in (80, 128, 256) if hs != base
+               for dt in ("fp32", "bf16")]
+    params += [(case, "gqa", base, bsizes[0], "fp32", 8) for case in ("chunked", "mixed")]
+    return [(backend.name, *p) for p in params]
 
 
 def _id(p):
-    case, heads, hs, bs, dt, window = p
-    return f"{case}-{heads}-d{hs}-b{bs}-{dt}" + (f"-sw{window}" if window else "")
+    name, case, heads, hs, bs, dt, window = p
+    return f"{name}-{case}-{heads}-d{hs}-b{bs}-{dt}" + (f"-sw{window}" if window else "")
+
+
+PARAMS = [p for name in sorted(REGISTRY.attention_backends) for p in _params(REGISTRY.attention_backends[name])]
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +55,10 @@ def platform():
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=[_id(p) for p in PARAMS])
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_backend_matrix(backend_name, params, platform):
-    case, heads, head_size, block_size, dtype_name, window = params
+def test_backend_matrix(params, platform):
+    backend_name, case, heads, head_size, block_size, dtype_name, window = params
     num_heads, num_kv_heads = HEADS[heads]
-    backend = get_registry().attention_backends[backend_name]
+    backend = REGISTRY.attention_backends[backend_name]
     config = AttentionConfig(platform=platform.name, dtype=DTYPES[dtype_name], head_size=head_size,
                              num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=block_size,
                              sliding_window=window)

@@ -1,0 +1,150 @@
+"""FLASHINFER: FlashInfer's paged prefill and decode wrappers (built-in plugin, CUDA).
+
+Per step the builder ``plan``s two wrappers on FlashInfer's page-table form (CSR: ``indptr`` into a flat list
+of page ids, plus the fill of each request's last page): a ``BatchDecodeWithPagedKVCacheWrapper`` for the
+leading decodes and a ``BatchPrefillWithPagedKVCacheWrapper`` for the prefill chunks, whose causal mask
+FlashInfer aligns to the end of each request's keys (query ``i`` of a chunk with ``c`` cached tokens sees keys
+``0 .. c + i``). The plan needs the softmax scale, which belongs to the layers, so the first layer of a step
+plans with its scale and the others reuse that plan (a layer with a different scale re-plans). The page
+counts the plan reads on the host come from the common metadata's host copies.
+
+Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_size]``; the ``(kv_cache[0], kv_cache[1])`` tuple
+is FlashInfer's "NHD" paged cache. Install: ``pip install pagoda-llm[cuda]`` (``flashinfer-python``; its kernels
+are compiled on first use for the GPU at hand).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
+                                                 AttentionMetadataBuilder, CommonAttentionMetadata)
+from pagoda.plugins.hookspecs import hookimpl
+
+_WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+@dataclass
+class FlashInferMetadata:
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    decode_wrapper: Any
+    prefill_wrapper: Any
+    decode_plan: dict[str, Any] | None  # plan() arguments except sm_scale; None when there is no decode
+    prefill_plan: dict[str, Any] | None
+    planned_scale: float | None = None
+
+    def ensure_planned(self, scale: float) -> None:
+        if self.planned_scale == scale:
+            return
+        if self.decode_plan is not None:
+            self.decode_wrapper.plan(**self.decode_plan, sm_scale=scale)
+        if self.prefill_plan is not None:
+            self.prefill_wrapper.plan(**self.prefill_plan, sm_scale=scale)
+        self.planned_scale = scale
+
+
+class FlashInferMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, config: AttentionConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        import flashinfer
+
+        # One workspace serves both wrappers; they run one after the other within a layer.
+        workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+
+    def _page_table(self, common: CommonAttentionMetadata, start: int, end: int):
+        bs = self.config.block_size
+        seq_lens = common.seq_lens_cpu[start:end].to(torch.int32)
+        pages = (seq_lens + bs - 1) // bs
+        indptr = torch.zeros(end - start + 1, dtype=torch.int32)
+        torch.cumsum(pages, 0, out=indptr[1:])
+        used = torch.arange(common.block_table.shape[1])[None, :] < pages[:, None]
+        indices = common.block_table[start:end][used.to(common.block_table.device)].to(torch.int32)
+        last_page_len = seq_lens - (pages - 1) * bs
+        return indptr, indices, last_page_len
+
+    def build(self, common: CommonAttentionMetadata) -> FlashInferMetadata:
+        cfg = self.config
+        # FlashInfer's window_left counts the keys before the query's own position.
+        window_left = cfg.sliding_window - 1 if cfg.sliding_window is not None else -1
+        nd, n = common.num_decodes, common.num_reqs
+        decode_plan = prefill_plan = None
+        if nd:
+            indptr, indices, last = self._page_table(common, 0, nd)
+            decode_plan = dict(indptr=indptr, indices=indices, last_page_len=last, num_qo_heads=cfg.num_heads,
+                               num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_size, page_size=cfg.block_size,
+                               window_left=window_left, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
+        if n > nd:
+            indptr, indices, last = self._page_table(common, nd, n)
+            qo_indptr = (common.query_start_loc_cpu[nd:] - common.query_start_loc_cpu[nd]).to(torch.int32)
+            prefill_plan = dict(qo_indptr=qo_indptr, paged_kv_indptr=indptr, paged_kv_indices=indices,
+                                paged_kv_last_page_len=last, num_qo_heads=cfg.num_heads,
+                                num_kv_heads=cfg.num_kv_heads, head_dim_qk=cfg.head_size, page_size=cfg.block_size,
+                                causal=True, window_left=window_left, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
+        return FlashInferMetadata(common.slot_mapping, common.num_decode_tokens, self._decode, self._prefill,
+                                  decode_plan, prefill_plan)
+
+
+class FlashInferImpl(AttentionImpl):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor | None, metadata: FlashInferMetadata) -> torch.Tensor:
+        if kv_cache is None:
+            raise ValueError("FLASHINFER needs a KV cache (encoder attention is not supported)")
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        key_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, key)
+        value_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, value)
+        metadata.ensure_planned(self.scale)
+        out = torch.empty_like(query)
+        nd = metadata.num_decode_tokens
+        if metadata.decode_plan is not None:
+            out[:nd] = metadata.decode_wrapper.run(query[:nd], (key_cache, value_cache))
+        if metadata.prefill_plan is not None:
+            out[nd:] = metadata.prefill_wrapper.run(query[nd:], (key_cache, value_cache))
+        return out.view(query.shape[0], self.num_heads * self.head_size)
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "FLASHINFER"
+    platforms = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    head_sizes = (64, 128, 256)
+    block_sizes = (16, 32, 64)
+    kv_cache_layout = "NHD"
+    supports_sliding_window = True
+    supports_encoder = False
+    extra = "cuda"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("flashinfer") is None:
+            return "flashinfer is not installed: pip install pagoda-llm[cuda]"
+        return None
+
+    @classmethod
+    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
+        if config.num_heads % config.num_kv_heads:
+            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
+        return []
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def builder_cls(cls) -> type[AttentionMetadataBuilder]:
+        return FlashInferMetadataBuilder
+
+    @classmethod
+    def impl_cls(cls) -> type[AttentionImpl]:
+        return FlashInferImpl
+
+
+@hookimpl
+def pagoda_register_attention_backends():
+    return [FlashInferBackend]
