@@ -1,0 +1,98 @@
+"""The pool of KV-cache blocks: reference counts, the prefix-cache map and the LRU free queue.
+
+A block is free when its reference count is zero. A free block may still hold a cached prefix (it has a
+hash): it stays findable in ``cached`` until it is handed out again, and the free queue hands out the least
+recently freed block first, so cached prefixes are evicted in LRU order. All operations are O(1) per block.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class KVCacheBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None  # set once the block is full and its tokens are known
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+def hash_block_tokens(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
+    """The prefix-cache key of a full block: a hash chain over the parent block's key and this block's tokens,
+    so equal keys mean equal whole prefixes (up to 64-bit hash collisions)."""
+    return hash((parent_hash, tokens))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        # Free blocks by id, least recently freed first (OrderedDict gives O(1) removal from the middle).
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[int, KVCacheBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+        return self.cached.get(block_hash)
+
+    def allocate(self, num: int) -> list[KVCacheBlock]:
+        """Hand out ``num`` free blocks (evicting the cached prefixes they held)."""
+        if num > len(self.free_queue):
+            raise RuntimeError(f"asked for {num} blocks with only {len(self.free_queue)} free")
+        out = []
+        for _ in range(num):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Take a reference on blocks found in the prefix cache (or shared by a fork)."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+
+    def free(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Drop a reference; blocks reaching zero join the tail of the free queue. Callers pass a request's
+        blocks tail first so that a prefix's later blocks are evicted before its earlier ones."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt < 0:
+                raise RuntimeError(f"{block} freed more often than referenced")
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+
+    def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
+        """Make a full block findable by its prefix hash (the first block with a given hash wins)."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        self.cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; only possible when no block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        self.cached.clear()
+        for block in self.blocks:
+            block.block_hash = None
+        return True

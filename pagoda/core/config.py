@@ -1,0 +1,269 @@
+"""Resolved engine configuration: ``EngineArgs`` plus what the model files and the platform say.
+
+``EngineConfig.from_engine_args`` is the one place a user's arguments meet the checkpoint: it finds the model
+(local directory, GGUF file, hub cache, or the bundled default), reads its config, resolves dtype, context
+length, quantization, platform and attention backend, and hands each component only the sub-config it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagoda.attention_backends import AttentionConfig, select_attention_backend
+from pagoda.core.engine_args import EngineArgs
+from pagoda.core.model_files import resolve_model_path
+from pagoda.logger import init_logger
+from pagoda.platforms import Platform, resolve_platform
+from pagoda.plugins.registry import Registry, get_registry
+
+logger = init_logger(__name__)
+
+_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32,
+           "float32": torch.float32}
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass
+class ModelConfig:
+    model: str  # what the user named (or the bundled default's path)
+    path: str  # local directory or weight file
+    checkpoint_format: Any | None  # a CheckpointFormat class (GGUF) or None for Hugging Face directories
+    weight_file: str | None  # the single weight file of a CheckpointFormat
+    hf_config: Any
+    tokenizer: str | None
+    tokenizer_mode: str
+    trust_remote_code: bool
+    revision: str | None
+    tokenizer_revision: str | None
+    dtype: torch.dtype
+    max_model_len: int
+    sliding_window: int | None
+    quantization: str
+    quantization_config: dict[str, Any]
+    load_format: str
+    generation_config: str
+    override_generation_config: dict[str, Any]
+    served_model_name: str
+    task: str
+    skip_tokenizer_init: bool
+
+    @property
+    def text_config(self) -> Any:
+        return getattr(self.hf_config, "text_config", None) or self.hf_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        c = self.text_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int | None
+    num_blocks_override: int | None
+    cpu_kvcache_space_gib: float | None
+    num_blocks: int = 0  # set once the model is loaded and the budget known
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    platform: type[Platform]
+    attention_backend: type
+    attention: AttentionConfig
+    seed: int | None
+    cpu_offload_gb: float
+    enforce_eager: bool
+    max_logprobs: int
+    disable_log_stats: bool
+    registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
+        from pagoda import envs
+
+        registry = registry or get_registry()
+        platform = resolve_platform(args.device, registry)
+        model_config = _resolve_model_config(args, platform, registry)
+        if args.cpu_offload_gb and platform.uses_host_memory:
+            raise ValueError(f"cpu_offload_gb: weights already live in host memory on platform {platform.name}; "
+                             "offloading only applies to device platforms")
+        max_batched = args.max_num_batched_tokens
+        if max_batched is None:
+            max_batched = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            if not args.enable_chunked_prefill:
+                max_batched = max(max_batched, model_config.max_model_len)
+        elif not args.enable_chunked_prefill and max_batched < model_config.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len "
+                             f"({model_config.max_model_len}) with enable_chunked_prefill=False: a long prompt could "
+                             "never be scheduled; raise max_num_batched_tokens, lower max_model_len or enable "
+                             "chunked prefill")
+        attention = AttentionConfig(
+            platform=platform.name, dtype=model_config.dtype, head_size=model_config.head_size,
+            num_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads, block_size=args.block_size,
+            sliding_window=model_config.sliding_window,
+        )
+        backend = select_attention_backend(platform, attention, args.attention_backend, registry)
+        return cls(
+            model=model_config,
+            cache=CacheConfig(args.block_size, args.enable_prefix_caching, args.gpu_memory_utilization,
+                              args.kv_cache_memory_bytes, args.num_gpu_blocks_override,
+                              envs.cpu_kvcache_space_gib()),
+            scheduler=SchedulerConfig(args.max_num_seqs, max_batched, model_config.max_model_len,
+                                      args.enable_chunked_prefill),
+            platform=platform, attention_backend=backend, attention=attention, seed=args.seed,
+            cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
+            disable_log_stats=args.disable_log_stats, registry=registry,
+        )
+
+
+def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: Registry) -> ModelConfig:
+    from transformers import AutoConfig
+
+    model = args.model
+    path = resolve_model_path(model, args.revision, args.download_dir)
+    checkpoint_format, weight_file = _detect_checkpoint_format(path, args.load_format, registry)
+    if checkpoint_format is not None:
+        hf_config = checkpoint_format.load_hf_config(weight_file)
+        quantization = checkpoint_format_owner(checkpoint_format, registry)
+        quant_dict: dict[str, Any] = {}
+    else:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code,
+                                               revision=args.revision)
+        quant_dict = dict(getattr(hf_config, "quantization_config", None) or {})
+        quantization = quant_dict.get("quant_method", "none")
+    if args.quantization and args.quantization.lower() != quantization:
+        if quantization != "none":
+            raise ValueError(f"quantization: the checkpoint is {quantization}-quantized but {args.quantization!r} "
+                             "was requested")
+        quantization = args.quantization.lower()
+    method = registry.get_quantization_method(quantization)
+    reason = method.unavailable_reason(platform.name)
+    if reason:
+        raise ValueError(f"quantization {quantization} can't run on platform {platform.name}: {reason}")
+
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    dtype = _resolve_dtype(args.dtype, text_config, platform, method)
+    max_model_len = _resolve_max_model_len(args.max_model_len, text_config)
+    sliding_window = getattr(text_config, "sliding_window", None)
+    if getattr(text_config, "use_sliding_window", True) is False:
+        sliding_window = None
+    if sliding_window is not None and args.disable_sliding_window:
+        max_model_len = min(max_model_len, sliding_window)
+        sliding_window = None
+    if sliding_window is not None and sliding_window >= max_model_len:
+        sliding_window = None  # the window never bites: plain causal attention is the same thing
+    served = args.served_model_name
+    if isinstance(served, list):
+        served = served[0] if served else None
+    return ModelConfig(
+        model=model or path, path=path, checkpoint_format=checkpoint_format, weight_file=weight_file,
+        hf_config=hf_config, tokenizer=args.tokenizer, tokenizer_mode=args.tokenizer_mode,
+        trust_remote_code=args.trust_remote_code, revision=args.revision, tokenizer_revision=args.tokenizer_revision,
+        dtype=dtype, max_model_len=max_model_len, sliding_window=sliding_window, quantization=quantization,
+        quantization_config=quant_dict, load_format=args.load_format, generation_config=args.generation_config,
+        override_generation_config=dict(args.override_generation_config or {}),
+        served_model_name=served or (model or os.path.basename(path)), task=args.task,
+        skip_tokenizer_init=args.skip_tokenizer_init,
+    )
+
+
+def _detect_checkpoint_format(path: str, load_format: str, registry: Registry) -> tuple[Any | None, str | None]:
+    for method in registry.quantization_methods.values():
+        fmt = getattr(method, "checkpoint_format", None)
+        if fmt is None:
+            continue
+        weight_file = fmt.detect(path)
+        if weight_file is not None:
+            return fmt, weight_file
+    if load_format == "gguf":
+        raise ValueError(f"load_format=gguf but {path} is not a GGUF file or a directory holding one")
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a file but not a recognized weight format; pass a model directory or a "
+                         ".gguf file")
+    return None, None
+
+
+def checkpoint_format_owner(fmt: Any, registry: Registry) -> str:
+    for name, method in registry.quantization_methods.items():
+        if getattr(method, "checkpoint_format", None) is fmt:
+            return name
+    raise RuntimeError("checkpoint format without a quantization method")
+
+
+def _resolve_dtype(requested: str, text_config: Any, platform: type[Platform], method: type) -> torch.dtype:
+    if requested != "auto":
+        dtype = _DTYPES[requested]
+        if dtype not in platform.supported_dtypes:
+            raise ValueError(f"dtype: {requested} is not supported on platform {platform.name}; supported: "
+                             f"{[str(d).removeprefix('torch.') for d in platform.supported_dtypes]}")
+        return dtype
+    stored = getattr(text_config, "dtype", None) or getattr(text_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored, torch.float32)
+    dtype = platform.default_dtype(stored if isinstance(stored, torch.dtype) else torch.float32)
+    if dtype not in method.act_dtypes:
+        dtype = next(d for d in method.act_dtypes if d in platform.supported_dtypes)
+    return dtype
+
+
+def _resolve_max_model_len(requested: int | None, text_config: Any) -> int:
+    derived = getattr(text_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ValueError(f"max_model_len ({requested}) is larger than the model's context length ({derived}); "
+                         "leave it unset or lower it")
+    return requested
+
+
+def read_generation_config(model_config: ModelConfig) -> dict[str, Any]:
+    """The generation defaults per ``generation_config`` ("auto": the model's file, "vllm": none, or a folder)."""
+    choice = model_config.generation_config
+    if choice == "vllm":
+        values: dict[str, Any] = {}
+    else:
+        folder = model_config.path if choice == "auto" else choice
+        values = {}
+        file = os.path.join(folder, "generation_config.json") if os.path.isdir(folder) else None
+        if file and os.path.exists(file):
+            with open(file) as f:
+                values = json.load(f)
+        elif choice != "auto":
+            raise ValueError(f"generation_config: no generation_config.json in {choice!r}")
+    values.update(model_config.override_generation_config)
+    return values

@@ -1,0 +1,219 @@
+"""``LLMEngine``: requests in, outputs out, one ``step()`` at a time.
+
+A step is: schedule (which tokens of which requests run, within the token budget) → run the model on that
+flat batch and sample → record the tokens (forking ``n > 1`` requests) → detokenize, check stops, and emit
+``RequestOutput``s. The engine is synchronous and single-threaded; the server drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.core.config import EngineConfig, read_generation_config
+from pagoda.core.engine_args import EngineArgs
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.model_loader import load_model, model_bytes
+from pagoda.core.model_runner import ModelRunner
+from pagoda.core.output_processor import OutputProcessor
+from pagoda.core.request import Request, RequestStatus
+from pagoda.core.sampler import bad_words_to_token_ids
+from pagoda.core.scheduler import Scheduler
+from pagoda.core.tokenizer import load_tokenizer
+from pagoda.logger import init_logger
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+from pagoda.utils import cdiv
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model
+        platform = config.platform
+        platform.set_device(0)
+        platform.seed_everything(config.seed)
+        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model)
+        self.generation_config = read_generation_config(config.model)
+        self.eos_token_ids = self._eos_token_ids()
+        model = load_model(config)
+        num_blocks = self._num_kv_blocks(model_bytes(model))
+        config.cache.num_blocks = num_blocks
+        self.runner = ModelRunner(config, model, num_blocks, self.eos_token_ids,
+                                  (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
+                                  else None)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
+                    config.attention_backend.name, num_blocks, config.cache.block_size,
+                    num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(EngineConfig.from_engine_args(args))
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.generation_config.get("eos_token_id"),
+                       getattr(self.model_config.text_config, "eos_token_id", None),
+                       getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids
+
+    def _num_kv_blocks(self, weight_bytes: int) -> int:
+        cache = self.config.cache
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        per_block = ModelRunner.kv_bytes_per_block(self.config)
+        budget = cache.kv_cache_memory_bytes or self.config.platform.kv_cache_budget_bytes(
+            gpu_memory_utilization=cache.gpu_memory_utilization, cpu_kvcache_space_gib=cache.cpu_kvcache_space_gib,
+            model_bytes=weight_bytes)
+        # More blocks than every sequence at full length could use would only waste memory.
+        needed = self.config.scheduler.max_num_seqs * cdiv(self.model_config.max_model_len, cache.block_size)
+        num_blocks = min(budget // per_block, needed)
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise "
+                             "kv_cache_memory_bytes / VLLM_CPU_KVCACHE_SPACE or gpu_memory_utilization")
+        return int(num_blocks)
+
+    # ------------------------------------------------------------------ requests
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config)
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
+        """``(prompt text, prompt token ids)`` for a string, a list of ids, or ``{"prompt"|"prompt_token_ids"}``."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass prompt_token_ids with skip_tokenizer_init")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
+        self._validate(token_ids, params)
+        internal = params.clone()
+        if internal.max_tokens is None:
+            internal.max_tokens = self.model_config.max_model_len - len(token_ids)
+        if (internal.best_of or 1) > internal.n and internal.logprobs is None:
+            internal.logprobs = 0  # best_of ranks samples by cumulative logprob
+        request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids)
+        self.output_processor.add_request(request, text, params)
+        self.scheduler.add_request(request)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.model_config.max_model_len
+        if not token_ids:
+            raise ValueError("prompt: the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt: the prompt has {len(token_ids)} tokens, which leaves no room to generate "
+                             f"within the maximum model length of {max_len}")
+        blocks_needed = cdiv(len(token_ids) + 1, self.config.cache.block_size)
+        if blocks_needed > self.config.cache.num_blocks:
+            raise ValueError(f"prompt: {len(token_ids)} tokens need {blocks_needed} KV-cache blocks but the cache "
+                             f"has {self.config.cache.num_blocks}; give the KV cache more memory")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"{name}: {value} is more than max_logprobs ({self.config.max_logprobs}); raise "
+                                 "max_logprobs to allow it")
+        params.verify_token_ids(vocab)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            state = self.output_processor.remove(rid)
+            num = state.num_samples if state is not None else 1
+            ids = [rid] + [f"{i}_{rid}" for i in range(num)] if num > 1 else [rid]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.total_num_scheduled_tokens:
+            self.runner.execute(sched)  # still drops finished requests' state
+            return self._unschedulable()
+        runner_out = self.runner.execute(sched)
+        now = time.time()
+        for new in sched.new_requests:
+            state = self.output_processor.states.get(new.request_id)
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+        self.generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
+        results = self.scheduler.update_from_output(runner_out.sampled)
+        outputs, finishes = self.output_processor.process(results, runner_out)
+        for seq_id, status in finishes:
+            self.scheduler.finish_requests([seq_id], status)
+        return outputs
+
+    def _unschedulable(self) -> list[RequestOutput]:
+        """Nothing could run: if nothing is running either, the head request can never fit; end it."""
+        if self.scheduler.num_running or not self.scheduler.waiting:
+            return []
+        request = self.scheduler.waiting[0]
+        logger.warning("request %s needs more KV-cache blocks than the cache has; ending it with 'length'",
+                       request.request_id)
+        user_id = request.parent_id or request.request_id
+        self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_LENGTH)
+        state = self.output_processor.states.get(user_id)
+        if state is None:
+            return []
+        for sample in state.samples.values():
+            sample.finish_reason = sample.finish_reason or "length"
+        output = self.output_processor.abort(user_id)
+        if output is not None:
+            for completion in output.outputs:
+                completion.finish_reason = "length"
+        return [output] if output is not None else []
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.kv_cache.usage(), num_free_blocks=self.kv_cache.num_free_blocks,
+            num_total_blocks=self.config.cache.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions_total)

@@ -1,0 +1,78 @@
+"""Builds the model named by the config and fills it with weights.
+
+The model class comes from the registry (by ``architectures``), the per-layer weight storage from the
+quantization method, and the tensors from either a Hugging Face directory or a ``CheckpointFormat`` such as
+GGUF, which yields Hugging Face names so every model loads every format the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from pagoda.core.config import EngineConfig
+from pagoda.core.model_files import iter_hf_weights
+from pagoda.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def load_model(config: EngineConfig) -> nn.Module:
+    start = time.perf_counter()
+    mc = config.model
+    registry = config.registry
+    architectures = list(getattr(mc.hf_config, "architectures", None) or [])
+    if not architectures:
+        raise ValueError(f"{mc.path}: config has no 'architectures'; can't tell which model to build")
+    model_cls = registry.get_model_class(architectures)
+    quant_config = registry.get_quantization_method(mc.quantization).from_config(mc.quantization_config)
+    device = config.platform.device()
+    with torch.device("cpu"):
+        model = model_cls(model_config=mc, quant_config=quant_config, attn_backend=config.attention_backend,
+                          attn_config=config.attention)
+    if mc.load_format == "dummy":
+        _fill_dummy(model)
+    else:
+        weights = (mc.checkpoint_format.iter_weights(mc.weight_file, mc.hf_config) if mc.checkpoint_format
+                   else iter_hf_weights(mc.path, mc.load_format))
+        loaded = model.load_weights(weights)
+        _check_all_loaded(model, loaded, mc.path)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+    if config.cpu_offload_gb:
+        from pagoda.platforms.offload import offload_parameters  # device platforms only (checked in config)
+
+        offload_parameters(model, int(config.cpu_offload_gb * (1 << 30)), device)
+    model = model.to(device).eval()
+    logger.info("loaded %s (%s, %s, %s) in %.1f s", mc.model, architectures[0], str(mc.dtype).removeprefix("torch."),
+                mc.quantization, time.perf_counter() - start)
+    return model
+
+
+def _check_all_loaded(model: nn.Module, loaded: set[str], path: str) -> None:
+    expected = {name for name, p in model.named_parameters() if getattr(p, "weight_loader", None) is not None}
+    expected |= {name for name, b in model.named_buffers() if getattr(b, "weight_loader", None) is not None}
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint {path} lacks weights for: {shown}")
+
+
+@torch.no_grad()
+def _fill_dummy(model: nn.Module) -> None:
+    """Random weights for benchmarks (``load_format=dummy``): small values so activations stay finite."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if param.dtype.is_floating_point:
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-2, 1e-2, generator=generator))
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

@@ -1,0 +1,80 @@
+"""A request as the scheduler sees it: its tokens, how many are in the KV cache, and its status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from pagoda.core.block_pool import hash_block_tokens
+from pagoda.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    """Id of sample ``index`` of a request with ``n > 1`` (samples are scheduled as requests of their own)."""
+    return f"{index}_{parent_id}"
+
+
+class Request:
+    """One sequence being generated. A prompt with ``n > 1`` starts as one request (the prompt is computed once)
+    and forks into ``n`` child requests sharing its KV blocks once the first tokens are sampled."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float | None = None, eos_token_ids: set[int] | None = None,
+                 parent_id: str | None = None, index: int = 0, lora: Any = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.eos_token_ids = eos_token_ids or set()
+        self.parent_id = parent_id  # the user's request id for forked samples
+        self.index = index  # which of the n samples
+        self.all_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hits at first scheduling (-1: not yet scheduled)
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.block_hashes: list[int] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples still to fork into (``best_of`` or ``n``); 1 once forked or for plain requests."""
+        if self.parent_id is not None:
+            return 1
+        return max(self.params.n, self.params.best_of or 1)
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+
+    def update_block_hashes(self, block_size: int) -> list[int]:
+        """Extend the prefix hash chain over every block whose tokens are all known."""
+        hashes = self.block_hashes
+        tokens = self.all_token_ids
+        for i in range(len(hashes), len(tokens) // block_size):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        return hashes

@@ -1,0 +1,226 @@
+"""Continuous batching with one token budget per step.
+
+There is no prefill or decode phase: each request has ``num_computed_tokens`` (in the KV cache) and
+``num_tokens`` (prompt plus outputs), and a step gives each running request, then each waiting one, as many of
+its missing tokens as the budget allows — a decode is one token, a prompt may be cut into chunks, a prefix-cache
+hit skips tokens. When the cache runs out of blocks, the most recently admitted running request is preempted
+(its blocks freed, to be recomputed later) — first come, first served.
+
+The scheduler tells the model runner what to run with a small message (:class:`SchedulerOutput`): new
+requests in full, running ones only as what changed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagoda.core.config import SchedulerConfig
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.request import Request, RequestStatus, child_request_id
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the runner hasn't seen (or must rebuild after preemption or a fork)."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + outputs so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_samples: int  # > 1: the runner samples this many tokens from the last position (fork)
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    request_id: str
+    num_computed_tokens: int
+    block_ids: list[int] | None  # the full block list when it changed, else None
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    finished_request_ids: set[str] = field(default_factory=set)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()  # told to the runner with the next step
+        self._known_blocks: dict[str, int] = {}  # per running request: block count the runner knows
+        self.num_preemptions_total = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        finished = []
+        for rid in request_ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._known_blocks.pop(request.request_id, None)
+        self._finished_ids.add(request.request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = set()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the most recently admitted request
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+                out.num_scheduled_tokens[request.request_id] = num_new
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing after it can run either
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.kv.block_size
+            num_new = self._num_new_tokens(request, budget, num_cached)
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._known_blocks.pop(request.request_id, None)  # (re)sent in full
+            scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+
+        for request in scheduled:
+            rid = request.request_id
+            block_ids = self.kv.block_ids(rid)
+            if rid not in self._known_blocks:
+                out.new_requests.append(NewRequestData(
+                    rid, list(request.all_token_ids), request.num_prompt_tokens, request.params, block_ids,
+                    request.num_computed_tokens, request.num_samples))
+            else:
+                changed = len(block_ids) != self._known_blocks[rid] or self._last_block_copied(block_ids)
+                out.cached_requests.append(CachedRequestData(rid, request.num_computed_tokens,
+                                                             block_ids if changed else None))
+            self._known_blocks[rid] = len(block_ids)
+            request.num_computed_tokens += out.num_scheduled_tokens[rid]
+        out.block_copies = self.kv.take_pending_copies()
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _last_block_copied(self, block_ids: list[int]) -> bool:
+        return bool(self.kv.pending_copies) and any(dst == block_ids[-1] for _, dst in self.kv.pending_copies)
+
+    def _num_new_tokens(self, request: Request, budget: int, num_cached: int = 0) -> int:
+        num_new = request.num_tokens - request.num_computed_tokens - num_cached
+        if num_new > budget:
+            if not self.config.enable_chunked_prefill:
+                return 0
+            num_new = budget
+        return max(num_new, 0)
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks; it goes back to the front of the queue and is recomputed later."""
+        self.kv.free(request)
+        # Resent in full on resume; the runner keeps the request's sampling state (its seeded generator).
+        self._known_blocks.pop(request.request_id, None)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ after the step
+    def update_from_output(self, sampled: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
+        """Record sampled tokens. Returns ``(request, new_token_ids)`` pairs; a request with ``n > 1`` is replaced
+        by its samples here (each sharing the prompt's blocks), which are returned instead of it."""
+        results = []
+        for request in list(self.running):
+            self.kv.cache_computed_blocks(request)
+            tokens = sampled.get(request.request_id)
+            if not tokens:
+                continue
+            if len(tokens) == 1:
+                request.append_token(tokens[0])
+                results.append((request, tokens))
+            else:
+                for child in self._fork(request, tokens):
+                    results.append((child, child.output_token_ids[-1:]))
+        return results
+
+    def _fork(self, parent: Request, tokens: list[int]) -> list[Request]:
+        children = []
+        position = self.running.index(parent)
+        for index, token in enumerate(tokens):
+            params = parent.params.clone()
+            params.n, params.best_of = 1, None
+            if params.seed is not None:
+                params.seed += index  # distinct, still reproducible samples
+            child = Request(child_request_id(parent.request_id, index), parent.prompt_token_ids, params,
+                            parent.arrival_time, parent.eos_token_ids, parent_id=parent.request_id, index=index)
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            self.kv.fork(parent, child)
+            child.append_token(token)
+            self.requests[child.request_id] = child
+            children.append(child)
+        self.running[position:position + 1] = children
+        del self.requests[parent.request_id]
+        self._free(parent)
+        return children

@@ -1,0 +1,188 @@
+"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), Mistral, Qwen2/Qwen2.5 (qkv bias) and SmolLM
+(tied embeddings), with grouped-query attention. Registered as a built-in plugin.
+
+The model works on one flat batch of tokens (no padding): ``input_ids`` and ``positions`` are ``[num_tokens]``;
+attention reads and writes each layer's paged KV cache through the backend metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.layers import Attention, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding, silu_and_mul
+from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import QuantizationConfig
+from pagoda.quantization.unquantized import default_weight_loader
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
+                 dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
+                 qkv_bias: bool, o_bias: bool, max_positions: int, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_size
+        self.kv_size = self.num_kv_heads * self.head_size
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, quant_config,
+                               f"{prefix}.qkv_proj", dtype)
+        self.o_proj = Linear(self.q_size, [config.hidden_size], o_bias, quant_config, f"{prefix}.o_proj", dtype)
+        self.rotary = RotaryEmbedding(config, self.head_size, max_positions)
+        self.attn = Attention(self.num_heads, self.head_size, self.num_kv_heads, backend, attn_config, sliding_window)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor | None,
+                metadata: Any) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_size)
+        k = k.view(-1, self.num_kv_heads, self.head_size)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_size), kv_cache, metadata)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
+                 bias: bool) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported by the Llama implementation (only silu)")
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, quant_config, f"{prefix}.gate_up_proj",
+                                   dtype)
+        self.down_proj = Linear(inter, [config.hidden_size], bias, quant_config, f"{prefix}.down_proj", dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
+                 dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
+                 arch: dict[str, bool], max_positions: int, sliding_window: int | None) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, quant_config, f"{prefix}.self_attn", dtype, backend,
+                                        attn_config, arch["qkv_bias"], arch["o_bias"], max_positions,
+                                        sliding_window)
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, arch["mlp_bias"])
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig, arch: dict[str, bool],
+                 max_positions: int, sliding_window: int | None, prefix: str = "model") -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
+                                           f"{prefix}.embed_tokens", dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
+                              max_positions, sliding_window)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, kv_caches, metadata):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM. Subclasses only change which projections carry a bias."""
+
+    # checkpoint name → (our parameter, shard index)
+    stacked_params = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+                      ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+
+    def arch_flags(self, config: Any) -> dict[str, bool]:
+        bias = bool(getattr(config, "attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(getattr(config, "mlp_bias", False))}
+
+    def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
+                 attn_config: AttentionConfig) -> None:
+        super().__init__()
+        config = model_config.text_config
+        dtype = model_config.dtype
+        self.config = config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.model = LlamaModel(config, quant_config, dtype, attn_backend, attn_config, self.arch_flags(config),
+                                model_config.max_model_len, model_config.sliding_window)
+        self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
+                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
+                metadata: Any) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden_size]`` after the final norm."""
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size]."""
+        return self.lm_head.logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Load checkpoint tensors by Hugging Face name; returns the names of the parameters that were loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        params.update(dict(self.named_buffers()))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if not name.startswith(("model.", "lm_head.")):
+                name = "model." + name  # checkpoints saved from the bare model
+            shard_id = None
+            for merged, original, shard in self.stacked_params:
+                if f".{original}." in name:
+                    name, shard_id = name.replace(f".{original}.", f".{merged}."), shard
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
+                                 f"{type(self).__name__}")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+            loaded.add(name)
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    def arch_flags(self, config: Any) -> dict[str, bool]:
+        return {"qkv_bias": True, "o_bias": False, "mlp_bias": False}
+
+
+@hookimpl
+def pagoda_register_models():
+    return {
+        "LlamaForCausalLM": LlamaForCausalLM,
+        "MistralForCausalLM": MistralForCausalLM,
+        "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    }
