@@ -12,52 +12,52 @@ import torch
 _NEG_INF = float("-inf")
 
 
-def token_count_tensors(
-    token_id_rows: list[torch.Tensor], vocab_size: int, device: torch.device, *, counts: bool
-) -> torch.Tensor:
-    """Per-row occurrence counts (``counts=True``, float32) or presence mask (bool), shape ``[rows, vocab]``.
+def pad_token_ids(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged id rows into ``[rows, max_len]`` plus a ``valid`` mask.
 
-    Rows are padded with ``vocab_size``, which lands in an extra column that is then dropped, so one
-    ``scatter`` handles every row whatever its length.
+    Padding repeats the row's first id (0 for an empty row) instead of a sentinel, so that gathering and
+    scattering at padded positions touches only tokens the row really has (the penalties mask pads out).
     """
-    rows = len(token_id_rows)
-    padded = torch.nn.utils.rnn.pad_sequence(token_id_rows, batch_first=True, padding_value=vocab_size)
-    padded = padded.to(device, non_blocking=True)
-    if counts:
-        out = torch.zeros(rows, vocab_size + 1, dtype=torch.float32, device=device)
-        out.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    else:
-        out = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=device)
-        out.scatter_(1, padded, True)
-    return out[:, :vocab_size]
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0).to(device, non_blocking=True)
+    if padded.shape[1] == 0:
+        padded = torch.zeros(len(rows), 1, dtype=torch.int64, device=device)
+    valid = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.where(valid, padded, padded[:, :1]), valid
 
 
 def apply_penalties(
     logits: torch.Tensor,
-    output_counts: torch.Tensor,
-    prompt_mask: torch.Tensor | None,
+    prompt_ids: list[torch.Tensor] | None,
+    output_ids: list[torch.Tensor],
     repetition: torch.Tensor | None,
     frequency: torch.Tensor | None,
     presence: torch.Tensor | None,
-) -> torch.Tensor:
-    """vLLM's penalties; returns the penalised logits.
+) -> None:
+    """vLLM's penalties, in place, touching only the tokens each row has seen (not the whole vocabulary).
 
     * repetition (prompt and output tokens): positive logits are divided by the penalty, negative ones
       multiplied, so a penalty > 1 always makes a seen token less likely;
     * frequency (output tokens): subtract ``penalty * count``;
     * presence (output tokens): subtract ``penalty`` once if the token occurred.
-    Each penalty tensor is ``[rows]`` or None when no row uses it.
+    Each penalty tensor is ``[rows]`` or None when no row uses it; ``prompt_ids`` is needed for repetition.
+    A gather/scatter over the seen ids is exact even with repeated ids: every copy of an id reads the same
+    old value and writes the same new one.
     """
-    output_mask = output_counts > 0
+    device = logits.device
     if repetition is not None:
-        seen = output_mask if prompt_mask is None else (output_mask | prompt_mask)
-        penalty = torch.where(seen, repetition.unsqueeze(1), 1.0)
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+        seen, valid = pad_token_ids([torch.cat([p, o]) for p, o in zip(prompt_ids, output_ids)], device)
+        factor = torch.where(valid[:, :1], repetition.unsqueeze(1), 1.0)  # an empty row keeps factor 1
+        values = logits.gather(1, seen)
+        logits.scatter_(1, seen, torch.where(values > 0, values / factor, values * factor))
+    if frequency is None and presence is None:
+        return
+    out, valid = pad_token_ids(output_ids, device)
     if frequency is not None:
-        logits -= frequency.unsqueeze(1) * output_counts
+        logits.scatter_add_(1, out, torch.where(valid, -frequency.unsqueeze(1), 0.0))
     if presence is not None:
-        logits -= presence.unsqueeze(1) * output_mask
-    return logits
+        values = logits.gather(1, out)
+        logits.scatter_(1, out, values - torch.where(valid[:, :1], presence.unsqueeze(1), 0.0))
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -95,19 +95,51 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Sample one token per row from ``probs`` (modified in place) by an exponential race.
+def apply_top_p_candidates(logits: torch.Tensor, top_p: torch.Tensor, num_candidates: int = 256) -> None:
+    """Top-p (nucleus) filtering in place without sorting the whole vocabulary.
 
-    ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks token ``i`` with probability ``p_i`` and needs no
-    cumulative sum. Rows in ``generators`` draw their noise from their own generator, so a seeded request
-    samples the same tokens whatever else is in the batch.
+    A full sort of ``rows x vocab`` floats is slow on CPUs (hundreds of ms for 64 x 49152), while a real
+    model's nucleus usually holds a few dozen tokens. So the ``num_candidates`` most likely tokens are taken
+    with ``topk``; rows whose nucleus they cover are filtered with the probability threshold found there, and
+    only the other rows (flat distributions) fall back to the sort. Same result as :func:`apply_top_k_top_p`.
     """
-    noise = torch.empty_like(probs)
-    if len(generators) != probs.shape[0]:
-        noise.exponential_()
+    vocab_size = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)
+    cand_probs = probs.topk(min(num_candidates, vocab_size), dim=-1).values  # descending
+    cumulative = cand_probs.cumsum(dim=-1)
+    # A token is kept while the mass of the tokens more likely than it is still below top_p.
+    num_kept = ((cumulative - cand_probs) < top_p.unsqueeze(1)).sum(dim=-1)
+    covered = cumulative[:, -1] >= top_p
+    threshold = cand_probs.gather(1, (num_kept - 1).unsqueeze(1))
+    if bool(covered.all()):
+        logits.masked_fill_(probs < threshold, _NEG_INF)
+        return
+    # Uncovered rows: an unreachable threshold here, then the sort-based filter on just those rows.
+    threshold.masked_fill_(~covered.unsqueeze(1), 0.0)
+    logits.masked_fill_(probs < threshold, _NEG_INF)
+    rows = (~covered).nonzero().squeeze(1)
+    logits[rows] = apply_top_k_top_p(logits[rows], None, top_p[rows])
+
+
+def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Sample one token per row from ``softmax(logits)`` by inverting the cumulative distribution.
+
+    One uniform number per row (vLLM's exponential race needs one per vocabulary entry, which costs more
+    than everything else on a CPU). Rows in ``generators`` draw their number from their own generator, so a
+    seeded request samples the same tokens whatever else is in the batch.
+    """
+    rows = logits.shape[0]
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # masked (-inf) tokens get weight 0
+    cdf = weights.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    uniform = torch.empty(rows, 1, device=logits.device)
+    if len(generators) != rows:
+        uniform.uniform_()
     for row, generator in generators.items():
-        noise[row].exponential_(generator=generator)
-    return probs.div_(noise).argmax(dim=-1)
+        uniform[row].uniform_(generator=generator)
+    # Strictly below the total, so `right=True` lands on a token of non-zero weight.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def bad_words_positions(

@@ -56,8 +56,9 @@ class SamplingRequestState:
         self._num_buffered = 0
 
     def prompt_tensor(self) -> torch.Tensor:
+        """The distinct prompt ids (all the repetition penalty needs), computed once."""
         if self._prompt_tensor is None:
-            self._prompt_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.int64)
+            self._prompt_tensor = torch.unique(torch.tensor(self.prompt_token_ids, dtype=torch.int64))
         return self._prompt_tensor
 
     def output_tensor(self) -> torch.Tensor:
@@ -235,15 +236,11 @@ class Sampler:
         repetition = per_row([p.repetition_penalty for p in params], 1.0)
         frequency = per_row([p.frequency_penalty for p in params], 0.0)
         presence = per_row([p.presence_penalty for p in params], 0.0)
-        vocab_size = logits.shape[1]
-        counts = lp.token_count_tensors([states[i].output_tensor() for i in rows], vocab_size, device, counts=True)
-        prompt_mask = None
-        if repetition is not None:
-            prompt_mask = lp.token_count_tensors([states[i].prompt_tensor() for i in rows], vocab_size, device, counts=False)
-        sub = lp.apply_penalties(sub, counts, prompt_mask, repetition, frequency, presence)
-        if every_row:
-            return sub
-        logits.index_copy_(0, index, sub)
+        outputs = [states[i].output_tensor() for i in rows]
+        prompts = [states[i].prompt_tensor() for i in rows] if repetition is not None else None
+        lp.apply_penalties(sub, prompts, outputs, repetition, frequency, presence)
+        if not every_row:
+            logits.index_copy_(0, index, sub)
         return logits
 
     # --------------------------------------------------------------------------------- random sampling
@@ -251,7 +248,7 @@ class Sampler:
         """Sample rows that all use temperature > 0; ``logits`` holds exactly those rows."""
         logits = self.shape_random_logits(logits, states)
         generators = {i: s.generator for i, s in enumerate(states) if s.generator is not None}
-        return lp.random_sample(torch.softmax(logits, dim=-1), generators)
+        return lp.random_sample(logits, generators)
 
     @staticmethod
     def shape_random_logits(logits: torch.Tensor, states: list[SamplingRequestState]) -> torch.Tensor:
@@ -269,7 +266,15 @@ class Sampler:
         vocab_size = logits.shape[1]
         top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else 0 for p in params]
         top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-        if top_p_rows:
+        if top_p_rows and device.type == "cpu":
+            # Sorting the vocabulary is the dominant cost on a CPU: top-k by `topk`, top-p by candidates.
+            if any(top_k):
+                rows = [i for i, k in enumerate(top_k) if k]
+                k = _tensor([top_k[i] for i in rows], device, torch.int64)
+                _on_rows(logits, rows, lambda sub: lp.apply_top_k_only(sub, k, max(top_k)))
+            p = _tensor([params[i].top_p for i in top_p_rows], device)
+            _on_rows(logits, top_p_rows, lambda sub: lp.apply_top_p_candidates(sub, p))
+        elif top_p_rows:
             rows = [i for i in range(len(params)) if top_k[i] or params[i].top_p < 1.0]
             k = _tensor([top_k[i] for i in rows], device, torch.int64) if any(top_k[i] for i in rows) else None
             p = _tensor([params[i].top_p for i in rows], device)

@@ -43,6 +43,9 @@ def test_penalties_match_direct_computation():
         state(prompt=[1], output=[2, 2, 3, 40, 40, 40], frequency_penalty=0.7, presence_penalty=-0.4),
         state(prompt=[4, 9], output=[], repetition_penalty=0.8, presence_penalty=1.5),
         state(prompt=[0], output=[1, 1]),  # no penalty: untouched
+        state(prompt=[], output=[], repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=1.0),
+        state(prompt=[], output=[0, 0, 5], repetition_penalty=2.0, presence_penalty=1.0),
+        state(prompt=[0, 3], output=[], repetition_penalty=1.7, frequency_penalty=1.0),
         state(prompt=list(rng.integers(0, VOCAB, 30)), output=list(rng.integers(0, VOCAB, 50)),
               repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2),
     ]
