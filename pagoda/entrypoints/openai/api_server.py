@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import re
 import time
 from typing import Any
 
@@ -57,6 +58,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
     app.state.engine = engine
     app.state.config = config
     _install_error_handlers(app)
+    _openapi_without_422(app)
 
     # --------------------------------------------------------------- routes
     @app.get("/health", responses={503: {"model": p.ErrorResponse}})
@@ -141,8 +143,29 @@ def _install_error_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|set)\[.*\]|function-.*)$")
+
+
 def _is_type_tag(part: str) -> bool:
-    return part.startswith(("list[", "str", "int", "dict[", "function-")) or part in ("float", "bool")
+    return bool(_TYPE_TAG.match(part))
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Validation errors are answered 400 here (see the handler), so the schema must not promise FastAPI's 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class AuthMiddleware:

@@ -139,7 +139,8 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_chat_model_dir):
     """One server on the tiny model for the whole session, requiring ``API_KEY``."""
-    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--api-key", API_KEY, "--max-log-len", "40"])
+    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--api-key", API_KEY, "--max-log-len", "40",
+                            "--max-request-body-bytes", "1000000"])
     yield server
     server.stop()
 
