@@ -101,7 +101,8 @@ def _install_streaming_hooks(module: nn.Module, device: torch.device) -> None:
 
     def to_device(_module, _args):
         for param, host in zip(params, host_copies):
-            param.data = host.to(device, non_blocking=True)
+            # copy=True so the module never computes with (or could modify) the host copy itself.
+            param.data = host.to(device, non_blocking=True, copy=True)
 
     def back_to_host(_module, _args, _output):
         # Dropping the device copy frees it for the next module; the host copy was never modified.
