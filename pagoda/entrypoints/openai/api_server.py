@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import hmac
 import re
+import signal
+import threading
 import time
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -243,9 +246,34 @@ def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", s
                access_log: bool = True, root_path: str = "", ssl_keyfile: str | None = None,
                ssl_certfile: str | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain in-flight requests for up to ``shutdown_timeout`` seconds."""
-    import uvicorn
-
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=shutdown_timeout, root_path=root_path,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, timeout_keep_alive=5)
-    uvicorn.Server(config).run()
+    _Server(config, shutdown_timeout).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM/SIGINT that ended in a clean drain exits with status 0 (uvicorn
+    re-raises the signal after shutting down, so the process would die of it)."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_timeout: float):
+        super().__init__(config)
+        self.shutdown_timeout = shutdown_timeout
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            logger.info("%s received: no new connections; finishing in-flight requests (at most %.0f s)",
+                        signal.Signals(sig).name, self.shutdown_timeout)
+        super().handle_exit(sig, frame)

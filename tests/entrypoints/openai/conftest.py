@@ -118,12 +118,16 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` parsed with prometheus_client: ``{sample name: value}`` (labels dropped)."""
+        """``/metrics`` parsed with prometheus_client: ``{sample name: value}``, summed over label values."""
         from prometheus_client.parser import text_string_to_metric_families
 
         text = requests.get(self.url + "/metrics", timeout=5).text
-        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-                if s.name.startswith("vllm:") and "le" not in s.labels}
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("vllm:") and "le" not in sample.labels:
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value  # summed over labels
+        return values
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
