@@ -73,7 +73,7 @@ class TritonAttnBackend(AttentionBackend):
     platforms = ("cuda", "rocm", "cpu")
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     # Any head size works (the tile is padded to a power of two); these are the ones models use.
-    head_sizes = (32, 40, 64, 80, 96, 112, 128, 160, 192, 256)
+    head_sizes = (16, 32, 40, 64, 80, 96, 112, 128, 160, 192, 256)
     # One block is one key tile: a power of two, at least 16 for tl.dot.
     block_sizes = (16, 32, 64)
     kv_cache_layout = "NHD"

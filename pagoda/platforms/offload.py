@@ -53,12 +53,14 @@ def _not_embedding(name: str, module: nn.Module) -> bool:
     return not (isinstance(module, nn.Embedding) or name.endswith(("embed_tokens", "lm_head", "wte")))
 
 
-def offload_parameters(model: nn.Module, device: torch.device | str, offload_bytes: int,
+def offload_parameters(model: nn.Module, offload_bytes: int, device: torch.device | str,
                        pin_memory: bool | None = None,
                        may_offload: Callable[[str, nn.Module], bool] = _not_embedding) -> OffloadReport:
     """Move ``model`` to ``device`` except about ``offload_bytes`` of parameters, which stay on the host.
 
-    ``model`` is expected on the host. ``pin_memory`` defaults to "when ``device`` is not the CPU" (pinning
+    ``model`` is expected on the host, and this call replaces ``model.to(device)``: moving the model afterwards
+    would bring the offloaded parameters to the device too (and loading the whole model onto the device first is
+    what offloading exists to avoid). ``pin_memory`` defaults to "when ``device`` is not the CPU" (pinning
     needs an accelerator). ``may_offload(name, module)`` says which modules are candidates. Returns which
     modules and parameters were offloaded.
     """

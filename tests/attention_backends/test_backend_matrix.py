@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_cases import CASES, TOLERANCE, run_case
+from tests.attention_backends.attn_cases import CASES, TOLERANCE, run_case
 from pagoda.attention_backends.interface import AttentionConfig
 from pagoda.platforms import resolve_platform
 from pagoda.plugins.registry import get_registry

@@ -36,7 +36,7 @@ def _model() -> TinyModel:
 
 def test_offloads_whole_modules_in_order_until_the_budget():
     model = _model()
-    report = offload_parameters(model, "cpu", offload_bytes=LINEAR_BYTES + 1)
+    report = offload_parameters(model, device="cpu", offload_bytes=LINEAR_BYTES + 1)
     # The embedding is never a candidate; the first linear fits, the budget is then not yet met, so the next
     # module goes too (whole modules only).
     assert report.offloaded_modules == ["layers.0.0", "layers.0.2"]
@@ -48,7 +48,7 @@ def test_offloads_whole_modules_in_order_until_the_budget():
 
 
 def test_zero_budget_offloads_nothing():
-    report = offload_parameters(_model(), "cpu", offload_bytes=0)
+    report = offload_parameters(_model(), 0, "cpu")  # positional, as the model loader calls it
     assert report.offloaded_modules == [] and report.offloaded_bytes == 0
 
 
@@ -57,7 +57,7 @@ def test_outputs_unchanged_and_host_copies_restored():
     ids = torch.tensor([[1, 5, 7, 2]])
     expected = reference_model(ids)
     model = _model()
-    report = offload_parameters(model, "cpu", offload_bytes=10**9)
+    report = offload_parameters(model, device="cpu", offload_bytes=10**9)
     assert len(report.offloaded_modules) == 7  # 6 linears + the norm: everything but the embedding
     host_ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     seen_in_forward = {}
@@ -75,7 +75,7 @@ def test_outputs_unchanged_and_host_copies_restored():
 
 
 def test_custom_candidates():
-    report = offload_parameters(_model(), "cpu", offload_bytes=10**9,
+    report = offload_parameters(_model(), device="cpu", offload_bytes=10**9,
                                 may_offload=lambda name, module: isinstance(module, nn.LayerNorm))
     assert report.offloaded_modules == ["norm"]
 
@@ -96,7 +96,7 @@ def test_streams_to_cuda_from_pinned_memory():
     ids = torch.tensor([[1, 5, 7, 2]])
     expected = _model().cuda()(ids.cuda())
     model = _model()
-    report = offload_parameters(model, "cuda", offload_bytes=LINEAR_BYTES)
+    report = offload_parameters(model, device="cuda", offload_bytes=LINEAR_BYTES)
     assert model.layers[0][0].weight.is_pinned() and model.layers[0][2].weight.is_cuda
     torch.testing.assert_close(model(ids.cuda()), expected)
     assert report.offloaded_modules == ["layers.0.0"]

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagoda.attention_backends import AttentionConfig, select_attention_backend
 from pagoda.platforms import resolve_platform
-
-
-def _attn_cases():
-    path = Path(__file__).resolve().parents[1] / "attention_backends" / "attn_cases.py"
-    spec = importlib.util.spec_from_file_location("attn_cases_for_plugins", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from tests.attention_backends.attn_cases import CASES, TOLERANCE, run_case
 
 
 def _config(platform: str, dtype=torch.float32) -> AttentionConfig:
@@ -107,12 +97,11 @@ def test_vllm_plugins_excludes_a_plugin(load_registry, monkeypatch):
 @pytest.mark.parametrize("case", ["prefill", "prefix_hit", "chunked", "decode", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_example_attention_matches_reference(load_registry, case, dtype):
-    cases = _attn_cases()
     backend = load_registry().attention_backends["EXAMPLE_ATTN"]
     config = _config("cpu", dtype)
     assert backend.validate(config) == []
-    out, ref = cases.run_case(backend, config, cases.CASES[case], torch.device("cpu"))
-    assert (out.double() - ref).abs().max() <= cases.TOLERANCE[dtype]
+    out, ref = run_case(backend, config, CASES[case], torch.device("cpu"))
+    assert (out.double() - ref).abs().max() <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
