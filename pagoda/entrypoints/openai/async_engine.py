@@ -5,7 +5,8 @@ every ``add_request``, ``abort_request``, ``step`` and ``get_stats`` happens the
 through a thread-safe inbox (commands) and gets results back through ``loop.call_soon_threadsafe`` — one call per
 engine step carrying every output of that step, so the hand-over costs microseconds whatever the batch size.
 
-Requests of all clients join the same steps (continuous batching). Each HTTP request owns a
+Requests are submitted with ``RequestOutputKind.DELTA``: each output carries only what is new, so hand-over cost
+doesn't grow with the length of the text. Requests of all clients join the same steps (continuous batching). Each HTTP request owns a
 :class:`RequestGroup`: one asyncio queue that receives ``(index, RequestOutput)`` for each of its engine requests
 (a completions request with several prompts has several), in step order.
 
@@ -49,7 +50,6 @@ class _Route:
     index: int
     arrival: float
     last_token_time: float | None = None
-    num_tokens: int = 0
 
 
 class RequestGroup:
@@ -235,8 +235,7 @@ class AsyncEngine:
             route = self._routes.get(output.request_id)
             if route is None:  # aborted meanwhile
                 continue
-            num_tokens = sum(len(c.token_ids) for c in output.outputs)
-            new_tokens = num_tokens - route.num_tokens
+            new_tokens = sum(len(c.token_ids) for c in output.outputs)  # outputs are deltas
             if metrics is not None and new_tokens > 0:
                 if route.last_token_time is None:
                     metrics.time_to_first_token.observe(now - route.arrival)
@@ -244,7 +243,6 @@ class AsyncEngine:
                     metrics.time_per_output_token.observe((now - route.last_token_time) / new_tokens)
             if new_tokens > 0:
                 route.last_token_time = now
-                route.num_tokens = num_tokens
             if output.finished:
                 del self._routes[output.request_id]
                 if metrics is not None:

@@ -13,9 +13,10 @@ from pagoda.entrypoints.chat_utils import apply_chat_template
 from pagoda.entrypoints.openai.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatCompletionStreamResponse, ChatLogProbs, ChatResponseMessage,
                                                 ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage)
-from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, APIError,
-                                                      OpenAIServing, RequestContext, clamp_logprob, engine_error,
-                                                      run_unless_disconnected, sse, sse_error, token_text)
+from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
+                                                      APIError, OpenAIServing, RequestContext, clamp_logprob,
+                                                      engine_error, run_unless_disconnected, sse, sse_error,
+                                                      token_text)
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -72,28 +73,26 @@ class OpenAIServingChat(OpenAIServing):
         return response
 
     async def _collect(self, group: Any, ctx: RequestContext) -> ChatCompletionResponse:
-        final = None
+        choices: dict[int, Accumulated] = {}
         try:
             async for index, output in group:
-                final = output
                 ctx.observe(index, output)
+                for delta in output.outputs:
+                    choices.setdefault(delta.index, Accumulated(delta.index)).add(delta)
         except Exception as exc:  # noqa: BLE001
             ctx.status = "failed"
             raise engine_error(exc) from exc
         request = ctx.request
-        choices = []
-        for completion in final.outputs:
-            logprobs = self._logprobs(completion, 0, request.top_logprobs or 0) if request.logprobs else None
-            choices.append(ChatChoice(index=completion.index, message=ChatResponseMessage(content=completion.text),
-                                      logprobs=logprobs, finish_reason=completion.finish_reason,
-                                      stop_reason=completion.stop_reason))
+        result = []
+        for i, choice in sorted(choices.items()):
+            logprobs = self._logprobs(choice, request.top_logprobs or 0) if request.logprobs else None
+            result.append(ChatChoice(index=i, message=ChatResponseMessage(content=choice.text), logprobs=logprobs,
+                                     finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
         ctx.status = "finished"
-        return ChatCompletionResponse(id=ctx.request_id, model=ctx.model, choices=choices, usage=ctx.usage())
+        return ChatCompletionResponse(id=ctx.request_id, model=ctx.model, choices=result, usage=ctx.usage())
 
     async def _stream(self, group: Any, ctx: RequestContext) -> AsyncIterator[str]:
         request = ctx.request
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
         done: set[int] = set()
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
 
@@ -106,24 +105,16 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
             async for index, output in group:
                 ctx.observe(index, output)
-                for completion in output.outputs:
-                    i = completion.index
-                    if i in done:
+                for delta in output.outputs:
+                    i = delta.index
+                    finished = delta.finish_reason is not None
+                    if i in done or not (delta.text or delta.token_ids or finished):
                         continue
-                    start = sent_tokens.get(i, 0)
-                    text = completion.text[sent_text.get(i, 0):]
-                    finished = completion.finish_reason is not None
-                    if not text and len(completion.token_ids) == start and not finished:
-                        continue
-                    logprobs = (self._logprobs(completion, start, request.top_logprobs or 0)
-                                if request.logprobs else None)
-                    sent_text[i] = len(completion.text)
-                    sent_tokens[i] = len(completion.token_ids)
                     if finished:
                         done.add(i)
-                    yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(content=text), logprobs=logprobs,
-                                                 finish_reason=completion.finish_reason,
-                                                 stop_reason=completion.stop_reason))
+                    logprobs = self._logprobs(delta, request.top_logprobs or 0) if request.logprobs else None
+                    yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(content=delta.text), logprobs=logprobs,
+                                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
             ctx.status = "finished"
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(ChatCompletionStreamResponse(id=ctx.request_id, model=ctx.model, created=ctx.created,
@@ -133,9 +124,9 @@ class OpenAIServingChat(OpenAIServing):
             yield sse_error(engine_error(exc))
         yield SSE_DONE
 
-    def _logprobs(self, completion: Any, start: int, top: int) -> ChatLogProbs:
+    def _logprobs(self, completion: Any, top: int) -> ChatLogProbs:
         content = []
-        for token_id, entry in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
+        for token_id, entry in zip(completion.token_ids, completion.logprobs or []):
             chosen = entry.get(token_id)
             token = token_text(self.tokenizer, token_id, chosen)
             ranked = sorted(entry.items(), key=lambda item: _rank(item[1]))[:top]

@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse
 
 from pagoda.entrypoints.openai.protocol import (MAX_PROMPTS, CompletionChoice, CompletionLogProbs,
                                                 CompletionRequest, CompletionResponse, CompletionStreamResponse)
-from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, APIError,
-                                                      OpenAIServing, RequestContext, clamp_logprob, engine_error,
-                                                      run_unless_disconnected, sse, sse_error, token_text)
+from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
+                                                      APIError, OpenAIServing, RequestContext, clamp_logprob,
+                                                      engine_error, run_unless_disconnected, sse, sse_error,
+                                                      token_text)
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -84,63 +85,58 @@ class OpenAIServingCompletion(OpenAIServing):
         return response
 
     async def _collect(self, group: Any, ctx: RequestContext) -> CompletionResponse:
-        finals: dict[int, Any] = {}
+        choices: dict[tuple[int, int], Accumulated] = {}
+        last: dict[int, Any] = {}  # the latest output of each prompt (prompt text, prompt logprobs)
         try:
             async for index, output in group:
-                finals[index] = output
                 ctx.observe(index, output)
+                last[index] = output
+                for delta in output.outputs:
+                    choices.setdefault((index, delta.index), Accumulated(delta.index)).add(delta)
         except Exception as exc:  # noqa: BLE001
             ctx.status = "failed"
             raise engine_error(exc) from exc
         request = ctx.request
-        choices = []
-        for prompt_index in range(len(ctx.prompts)):
-            output = finals[prompt_index]
-            for j, completion in enumerate(output.outputs):
-                prefix = ctx.prompt_text(prompt_index, output) if request.echo else ""
-                logprobs = None
-                if request.logprobs is not None:
-                    logprobs = self._logprobs(output, completion, request.logprobs, prefix)
-                choices.append(CompletionChoice(index=prompt_index * request.n + j, text=prefix + completion.text,
-                                                logprobs=logprobs, finish_reason=completion.finish_reason,
-                                                stop_reason=completion.stop_reason))
+        result = []
+        for (prompt_index, j), choice in sorted(choices.items()):
+            output = last[prompt_index]
+            prefix = ctx.prompt_text(prompt_index, output) if request.echo else ""
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = self._logprobs(output, choice, request.logprobs, prefix)
+            result.append(CompletionChoice(index=prompt_index * request.n + j, text=prefix + choice.text,
+                                           logprobs=logprobs, finish_reason=choice.finish_reason,
+                                           stop_reason=choice.stop_reason))
         ctx.status = "finished"
-        return CompletionResponse(id=ctx.request_id, model=ctx.model, choices=choices, usage=ctx.usage())
+        return CompletionResponse(id=ctx.request_id, model=ctx.model, choices=result, usage=ctx.usage())
 
     async def _stream(self, group: Any, ctx: RequestContext) -> AsyncIterator[str]:
         request = ctx.request
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        started: set[int] = set()
         done: set[int] = set()
+        continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
         try:
             async for index, output in group:
                 ctx.observe(index, output)
-                for completion in output.outputs:
-                    choice = index * request.n + completion.index
-                    if choice in done:
+                for delta in output.outputs:
+                    choice = index * request.n + delta.index
+                    finished = delta.finish_reason is not None
+                    if choice in done or not (delta.text or delta.token_ids or finished):
                         continue
-                    text = completion.text[sent_text.get(choice, 0):]
-                    first = choice not in sent_text
-                    new_ids = completion.token_ids[sent_tokens.get(choice, 0):]
-                    finished = completion.finish_reason is not None
-                    if not text and not new_ids and not finished:
-                        continue
+                    first = choice not in started
+                    started.add(choice)
                     prefix = ctx.prompt_text(index, output) if request.echo and first else ""
                     logprobs = None
                     if request.logprobs is not None:
-                        logprobs = self._logprobs(output, completion, request.logprobs, prefix,
-                                                  start=sent_tokens.get(choice, 0), with_prompt=first)
-                    sent_text[choice] = len(completion.text)
-                    sent_tokens[choice] = len(completion.token_ids)
+                        logprobs = self._logprobs(output, delta, request.logprobs, prefix, with_prompt=first)
                     if finished:
                         done.add(choice)
                     chunk = CompletionStreamResponse(
                         id=ctx.request_id, model=ctx.model, created=ctx.created,
-                        choices=[CompletionChoice(index=choice, text=prefix + text, logprobs=logprobs,
-                                                  finish_reason=completion.finish_reason,
-                                                  stop_reason=completion.stop_reason)])
-                    if request.stream_options and request.stream_options.continuous_usage_stats:
-                        chunk.usage = ctx.usage()
+                        choices=[CompletionChoice(index=choice, text=prefix + delta.text, logprobs=logprobs,
+                                                  finish_reason=delta.finish_reason,
+                                                  stop_reason=delta.stop_reason)],
+                        usage=ctx.usage() if continuous else None)
                     yield sse(chunk)
             ctx.status = "finished"
             if request.stream_options and request.stream_options.include_usage:
@@ -151,9 +147,9 @@ class OpenAIServingCompletion(OpenAIServing):
             yield sse_error(engine_error(exc))
         yield SSE_DONE
 
-    def _logprobs(self, output: Any, completion: Any, top: int, prefix: str, start: int = 0,
+    def _logprobs(self, output: Any, completion: Any, top: int, prefix: str,
                   with_prompt: bool = True) -> CompletionLogProbs:
-        """Legacy-format log-probabilities of the tokens from ``start`` (and of the echoed prompt)."""
+        """Legacy-format log-probabilities of ``completion``'s tokens (and of the echoed prompt)."""
         result = CompletionLogProbs()
         offset = 0
         if prefix and with_prompt and output.prompt_logprobs is not None:
@@ -161,7 +157,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 _append_position(result, self.tokenizer, token_id, entry, offset)
                 offset += len(result.tokens[-1])
         offset = len(prefix)
-        for token_id, entry in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
+        for token_id, entry in zip(completion.token_ids, completion.logprobs or []):
             _append_position(result, self.tokenizer, token_id, entry, offset)
             offset += len(result.tokens[-1])
         return result

@@ -110,7 +110,7 @@ class OpenAIServing:
                         logprobs: int | None, prompt_logprobs: int | None = None,
                         best_of: int | None = None) -> Any:
         """``SamplingParams`` from a request; unset fields take the model's generation-config defaults."""
-        from pagoda.sampling_params import SamplingParams
+        from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
         defaults = self.default_params
         def pick(name: str, fallback: Any) -> Any:
@@ -136,6 +136,8 @@ class OpenAIServing:
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            # outputs carry only what is new since the previous step: no per-step copies of the whole text
+            output_kind=RequestOutputKind.DELTA,
         )
         if logit_bias:
             kwargs["logit_bias"] = logit_bias
@@ -176,8 +178,9 @@ class RequestContext:
         self._closed = False
 
     def observe(self, index: int, output: Any) -> None:
+        """Count a delta output's tokens."""
         self.prompt_tokens[index] = len(output.prompt_token_ids or [])
-        self.generated[index] = sum(len(c.token_ids) for c in output.outputs)
+        self.generated[index] = self.generated.get(index, 0) + sum(len(c.token_ids) for c in output.outputs)
 
     def prompt_text(self, index: int, output: Any) -> str:
         prompt = self.prompts[index]
@@ -197,6 +200,30 @@ class RequestContext:
         group.abort()
         self.serving.log_finished(self.request_id, self.log_prompt, sum(self.prompt_tokens.values()),
                                   sum(self.generated.values()), self.start, self.status)
+
+
+class Accumulated:
+    """One choice put together from delta outputs; reads like a ``CompletionOutput``."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self._texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def add(self, delta: Any) -> None:
+        self._texts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(delta.logprobs)
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self._texts)
 
 
 def _vocab_size(llm_engine: Any) -> int | None:
