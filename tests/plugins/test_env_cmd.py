@@ -1,0 +1,84 @@
+"""``pagoda env``: text and JSON reports of platforms, backends, quantization methods, plugins and packages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pagoda.entrypoints.cli import main
+from pagoda.platforms.cuda import CudaPlatform
+from pagoda.plugins.registry import reset_registry
+
+DEVICE_PLATFORMS = ("cuda", "rocm", "tpu", "xpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch):
+    for name in ("VLLM_PLUGINS", "VLLM_ATTENTION_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    reset_registry()
+    yield
+    reset_registry()
+
+
+def _json(capsys, *argv) -> dict:
+    assert main(["env", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_report(capsys):
+    facts = _json(capsys)
+    platforms = {p["name"]: p for p in facts["platforms"]}
+    assert {"cpu", *DEVICE_PLATFORMS} <= set(platforms)
+    assert platforms["cpu"]["status"] == "available" and platforms["cpu"]["plugin"] == "cpu"
+    for name in DEVICE_PLATFORMS:
+        p = platforms[name]
+        assert (p["status"] == "available") == (p["reason"] is None)
+    backends = {b["name"]: b for b in facts["attention_backends"]}
+    assert facts["attention_backend"] in backends and backends[facts["attention_backend"]]["status"] == "ok"
+    assert all(b["reasons"] for b in backends.values() if b["status"] == "unusable")
+    plugins = {p["name"]: p for p in facts["plugins"]}
+    assert plugins["triton_attn"] == {"name": "triton_attn", "value": "pagoda.attention_backends.triton_attn",
+                                      "distribution": "pagoda-llm", "version": plugins["triton_attn"]["version"],
+                                      "status": "loaded", "error": None, "provides": ["attention_backend:TRITON_ATTN"]}
+    assert facts["packages"]["torch"] == torch.__version__
+    assert "none" in {q["name"] for q in facts["quantization_methods"]}
+
+
+def test_backend_checks_follow_the_arguments(capsys):
+    facts = _json(capsys, "--device", "cpu", "--dtype", "float32", "--head-size", "64", "--block-size", "32")
+    assert facts["attention_config"] == {"platform": "cpu", "dtype": "float32", "head_size": 64, "num_heads": 32,
+                                         "num_kv_heads": 8, "block_size": 32}
+    assert facts["attention_backend"] == "TORCH_SDPA"
+    flash = next(b for b in facts["attention_backends"] if b["name"] == "FLASH_ATTN")
+    assert "block size 32 not in [256, 512]" in flash["reasons"]
+    assert "dtype float32 not in ['float16', 'bfloat16']" in flash["reasons"]
+
+
+def test_unavailable_device_is_reported_not_raised(capsys):
+    if CudaPlatform.is_available():
+        pytest.skip("CUDA is usable here")
+    facts = _json(capsys, "--device", "cuda")
+    assert facts["platform"] is None
+    assert facts["platform_error"].startswith("device 'cuda' was requested but platform 'cuda' cannot run here")
+
+
+def test_excluded_plugins_are_listed(capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "cpu,torch_sdpa,unquantized")
+    facts = _json(capsys)
+    statuses = {p["name"]: p["status"] for p in facts["plugins"]}
+    assert statuses["cpu"] == "loaded" and statuses["cuda"] == "excluded" and statuses["triton_attn"] == "excluded"
+    assert facts["plugin_allow_list"] == ["cpu", "torch_sdpa", "unquantized"]
+    assert [b["name"] for b in facts["attention_backends"]] == ["TORCH_SDPA"]
+
+
+def test_text_report(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "Platform: cpu" in out
+    assert "  cuda         priority  100  " in out
+    assert " *TORCH_SDPA   ok" in out
+    assert "  triton_attn    loaded   pagoda.attention_backends.triton_attn  [pagoda-llm " in out
+    assert "Packages:" in out and f"  torch                        {torch.__version__}" in out
