@@ -60,86 +60,144 @@ def apply_penalties(
         logits.scatter_(1, out, values - torch.where(valid[:, :1], presence.unsqueeze(1), 0.0))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
-    """Drop tokens whose probability is below ``min_p`` times the most likely token's (in place)."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    logits.masked_fill_(probs < threshold, _NEG_INF)
+def exp_weights(logits: torch.Tensor) -> torch.Tensor:
+    """Unnormalised probabilities ``exp(logit - max_logit)`` (masked -inf logits weigh 0)."""
+    return (logits - logits.amax(dim=-1, keepdim=True)).exp_()
 
 
-def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
-    """Keep each row's ``top_k`` largest logits (ties with the k-th kept), in place, without a full sort."""
-    kth_values = logits.topk(max_top_k, dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
-    logits.masked_fill_(logits < kth_values, _NEG_INF)
+def keep_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``logits >= threshold`` as float 0/1. Built arithmetically: on CPU, multiplying by a bool tensor
+    or ``masked_fill`` costs ~4x more than these float passes."""
+    finite = threshold.clamp(min=torch.finfo(logits.dtype).min)  # -inf - -inf would be NaN
+    return (logits - finite).sign_().add_(1.0).clamp_(max=1.0)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering with one ascending sort; returns the filtered logits.
+def filter_thresholds(
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    min_p: torch.Tensor | None,
+    top_k: torch.Tensor | None,
+    max_top_k: int,
+    top_p: torch.Tensor | None,
+    use_candidates: bool,
+) -> torch.Tensor:
+    """Per-row logit thresholds ``[rows, 1]`` that implement min_p, then top-k, then top-p.
 
-    ``top_k`` rows with value 0 are unfiltered; ``top_p`` rows with value 1 keep everything. Top-p keeps
-    the smallest set of most likely tokens whose probability reaches ``top_p`` (the most likely token
-    always survives, so a tiny ``top_p`` is greedy).
+    All three keep an upper set of tokens, so each is a threshold on the logit and the combination is the
+    largest of them; a token survives when ``logit >= threshold``:
+
+    * min_p: ``p >= min_p * p_max``  ⟺  ``logit >= max_logit + log(min_p)``;
+    * top-k (0 = off): the k-th largest logit (ties with it survive);
+    * top-p (1 = off): the smallest logit of the nucleus, i.e. the tokens whose more likely tokens (among
+      those min_p and top-k kept) have less than ``top_p`` of the probability; the most likely token
+      always survives, so a tiny top_p is greedy.
+
+    ``weights`` is :func:`exp_weights` of ``logits``. Sorting the whole vocabulary is slow on CPUs (hundreds of ms for 64 x 49152), while a real model's
+    nucleus usually holds a few dozen tokens. With ``use_candidates`` the nucleus is looked for among the
+    ``topk`` most likely tokens, and only rows whose nucleus they do not cover (flat distributions) sort.
+    Without it (accelerators, where sorting is cheap and a coverage test would sync) every top-p row sorts.
     """
-    vocab_size = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    rows, vocab_size = logits.shape
+    max_logit = logits.amax(dim=-1, keepdim=True)
+    threshold = torch.full((rows, 1), _NEG_INF, device=logits.device)
+    if min_p is not None:
+        threshold = torch.maximum(threshold, max_logit + min_p.log().unsqueeze(1))
+    num_candidates = min(vocab_size, max(max_top_k, 64 if (top_p is not None and use_candidates) else 0))
+    if num_candidates:
+        candidates = logits.topk(num_candidates, dim=-1).values  # descending
     if top_k is not None:
-        # The k-th largest sits at ascending index vocab - k; k == 0 means off and maps to index 0 (the minimum).
-        kth_index = torch.where(top_k > 0, vocab_size - top_k, 0).clamp_(0, vocab_size - 1)
-        kth_values = sorted_logits.gather(1, kth_index.unsqueeze(1))
-        sorted_logits.masked_fill_(sorted_logits < kth_values, _NEG_INF)
-    if top_p is not None:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
-        drop = cumulative <= (1.0 - top_p).unsqueeze(1)
-        drop[:, -1] = False
-        sorted_logits.masked_fill_(drop, _NEG_INF)
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def apply_top_p_candidates(logits: torch.Tensor, top_p: torch.Tensor, num_candidates: int = 256) -> None:
-    """Top-p (nucleus) filtering in place without sorting the whole vocabulary.
-
-    A full sort of ``rows x vocab`` floats is slow on CPUs (hundreds of ms for 64 x 49152), while a real
-    model's nucleus usually holds a few dozen tokens. So the ``num_candidates`` most likely tokens are taken
-    with ``topk``; rows whose nucleus they cover are filtered with the probability threshold found there, and
-    only the other rows (flat distributions) fall back to the sort. Same result as :func:`apply_top_k_top_p`.
-    """
-    vocab_size = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1)
-    cand_probs = probs.topk(min(num_candidates, vocab_size), dim=-1).values  # descending
+        kth = candidates.gather(1, (top_k - 1).clamp(min=0).unsqueeze(1))
+        threshold = torch.maximum(threshold, torch.where(top_k.unsqueeze(1) > 0, kth, _NEG_INF))
+    if top_p is None:
+        return threshold
+    if not use_candidates:
+        return torch.maximum(threshold, _sorted_top_p_threshold(logits, threshold, top_p))
+    total = (weights * keep_mask(logits, threshold)).sum(dim=-1, keepdim=True)
+    cand_probs = (candidates - max_logit).exp_().mul_(candidates >= threshold).div_(total)
     cumulative = cand_probs.cumsum(dim=-1)
-    # A token is kept while the mass of the tokens more likely than it is still below top_p.
-    num_kept = ((cumulative - cand_probs) < top_p.unsqueeze(1)).sum(dim=-1)
-    covered = cumulative[:, -1] >= top_p
-    threshold = cand_probs.gather(1, (num_kept - 1).unsqueeze(1))
-    if bool(covered.all()):
-        logits.masked_fill_(probs < threshold, _NEG_INF)
-        return
-    # Uncovered rows: an unreachable threshold here, then the sort-based filter on just those rows.
-    threshold.masked_fill_(~covered.unsqueeze(1), 0.0)
-    logits.masked_fill_(probs < threshold, _NEG_INF)
-    rows = (~covered).nonzero().squeeze(1)
-    logits[rows] = apply_top_k_top_p(logits[rows], None, top_p[rows])
+    num_kept = ((cumulative - cand_probs) < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    top_p_threshold = candidates.gather(1, num_kept - 1)
+    uncovered = (cumulative[:, -1] < top_p) & (top_p < 1.0)
+    if bool(uncovered.any()):
+        rows_index = uncovered.nonzero().squeeze(1)
+        top_p_threshold[rows_index] = _sorted_top_p_threshold(
+            logits[rows_index], threshold[rows_index], top_p[rows_index]
+        )
+    top_p_threshold.masked_fill_((top_p >= 1.0).unsqueeze(1), _NEG_INF)
+    return torch.maximum(threshold, top_p_threshold)
 
 
-def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Sample one token per row from ``softmax(logits)`` by inverting the cumulative distribution.
+def _sorted_top_p_threshold(logits: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p threshold from a full descending sort (of the tokens above ``threshold``)."""
+    ordered = logits.sort(dim=-1, descending=True).values
+    probs = (ordered - ordered[:, :1]).exp_().mul_(ordered >= threshold)
+    probs.div_(probs.sum(dim=-1, keepdim=True))
+    cumulative = probs.cumsum(dim=-1)
+    num_kept = ((cumulative - probs) < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    result = ordered.gather(1, num_kept - 1)
+    return result.masked_fill_((top_p >= 1.0).unsqueeze(1), _NEG_INF)
 
-    One uniform number per row (vLLM's exponential race needs one per vocabulary entry, which costs more
-    than everything else on a CPU). Rows in ``generators`` draw their number from their own generator, so a
-    seeded request samples the same tokens whatever else is in the batch.
+
+def _block_size(vocab_size: int) -> int:
+    """A block size dividing the vocabulary, for two-level reductions (1 when none fits)."""
+    return next((b for b in (256, 128, 64, 32) if vocab_size % b == 0 and vocab_size > b), 1)
+
+
+def fast_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (same first-maximum tie rule), via block maxima: CPU ``argmax`` is not
+    vectorised and is ~10x slower than ``amax`` over a 49152-entry vocabulary."""
+    rows, vocab_size = logits.shape
+    block = _block_size(vocab_size)
+    if block == 1 or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab_size // block, block)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows, device=logits.device), best_block]
+    return best_block * block + inner.argmax(dim=-1)
+
+
+def random_sample(
+    logits: torch.Tensor,
+    threshold: torch.Tensor | None,
+    generators: dict[int, torch.Generator],
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample one token per row from ``softmax(logits)`` restricted to ``logits >= threshold``.
+
+    ``weights``, :func:`exp_weights` of ``logits`` when the caller has it, is consumed (modified in place).
+
+    Inverse-CDF sampling with one uniform number per row (vLLM's exponential race needs one random number
+    per vocabulary entry, which is the most expensive step on a CPU). The CDF is taken in two levels, block
+    sums then one block, so no full-length cumulative sum is needed. Rows in ``generators`` draw their
+    number from their own generator, so a seeded request samples the same tokens whatever else is in the
+    batch.
     """
-    rows = logits.shape[0]
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # masked (-inf) tokens get weight 0
-    cdf = weights.cumsum_(dim=-1)
-    total = cdf[:, -1:]
+    rows, vocab_size = logits.shape
+    if weights is None:
+        weights = exp_weights(logits)
+    if threshold is not None:
+        weights.mul_(keep_mask(logits, threshold))
     uniform = torch.empty(rows, 1, device=logits.device)
     if len(generators) != rows:
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
-    # Strictly below the total, so `right=True` lands on a token of non-zero weight.
-    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    block = _block_size(vocab_size)
+    blocks = weights.view(rows, vocab_size // block, block)
+    block_sums = blocks.sum(dim=-1)
+    block_cdf = block_sums.cumsum(dim=-1)
+    target = _below(uniform * block_cdf[:, -1:], block_cdf[:, -1:])
+    # `right=True` skips zero-weight entries: the first cumulative value strictly above the target.
+    chosen_block = torch.searchsorted(block_cdf, target, right=True)
+    target = target - (block_cdf.gather(1, chosen_block) - block_sums.gather(1, chosen_block))
+    inner_cdf = blocks[torch.arange(rows, device=logits.device), chosen_block.squeeze(1)].cumsum(dim=-1)
+    target = _below(target.clamp_(min=0.0), inner_cdf[:, -1:])
+    return (chosen_block * block + torch.searchsorted(inner_cdf, target, right=True)).squeeze(1)
+
+
+def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``value`` pulled strictly below ``limit`` (rounding can put a fraction of a total at the total)."""
+    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))
 
 
 def bad_words_positions(

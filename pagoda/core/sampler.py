@@ -162,7 +162,7 @@ class Sampler:
         if len(random_rows) == len(states):
             sampled = self._sample_random(logits, states)
         else:
-            sampled = logits.argmax(dim=-1)
+            sampled = lp.fast_argmax(logits)
             if random_rows:
                 index = torch.tensor(random_rows, device=logits.device)
                 sub = logits.index_select(0, index)
@@ -246,62 +246,51 @@ class Sampler:
     # --------------------------------------------------------------------------------- random sampling
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingRequestState]) -> torch.Tensor:
         """Sample rows that all use temperature > 0; ``logits`` holds exactly those rows."""
-        logits = self.shape_random_logits(logits, states)
+        logits, threshold, weights = self._temperature_and_thresholds(logits, states)
         generators = {i: s.generator for i, s in enumerate(states) if s.generator is not None}
-        return lp.random_sample(logits, generators)
+        return lp.random_sample(logits, threshold, generators, weights)
+
+    @classmethod
+    def shape_random_logits(cls, logits: torch.Tensor, states: list[SamplingRequestState]) -> torch.Tensor:
+        """Temperature, min_p, then top-k/top-p on rows that all sample randomly: the logits random sampling
+        draws from, with filtered tokens at -inf (the sampler itself only uses the thresholds)."""
+        logits, threshold, _ = cls._temperature_and_thresholds(logits, states)
+        if threshold is None:
+            return logits
+        return logits.masked_fill_(logits < threshold, _NEG_INF)
 
     @staticmethod
-    def shape_random_logits(logits: torch.Tensor, states: list[SamplingRequestState]) -> torch.Tensor:
-        """Temperature, min_p, then top-k/top-p on rows that all sample randomly (in place)."""
+    def _temperature_and_thresholds(
+        logits: torch.Tensor, states: list[SamplingRequestState]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Temperature-scaled logits, the filter threshold per row and the exp weights (None when no
+        row filters)."""
         device = logits.device
         params = [s.params for s in states]
         temperatures = [p.temperature for p in params]
         if any(t != 1.0 for t in temperatures):
-            logits.div_(torch.tensor(temperatures, dtype=torch.float32, device=device).unsqueeze(1))
-
-        min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
-        if min_p_rows:
-            _on_rows(logits, min_p_rows, lambda sub: lp.apply_min_p(sub, _tensor([params[i].min_p for i in min_p_rows], device)))
-
+            logits.div_(_tensor(temperatures, device).unsqueeze(1))
         vocab_size = logits.shape[1]
         top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else 0 for p in params]
-        top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-        if top_p_rows and device.type == "cpu":
-            # Sorting the vocabulary is the dominant cost on a CPU: top-k by `topk`, top-p by candidates.
-            if any(top_k):
-                rows = [i for i, k in enumerate(top_k) if k]
-                k = _tensor([top_k[i] for i in rows], device, torch.int64)
-                _on_rows(logits, rows, lambda sub: lp.apply_top_k_only(sub, k, max(top_k)))
-            p = _tensor([params[i].top_p for i in top_p_rows], device)
-            _on_rows(logits, top_p_rows, lambda sub: lp.apply_top_p_candidates(sub, p))
-        elif top_p_rows:
-            rows = [i for i in range(len(params)) if top_k[i] or params[i].top_p < 1.0]
-            k = _tensor([top_k[i] for i in rows], device, torch.int64) if any(top_k[i] for i in rows) else None
-            p = _tensor([params[i].top_p for i in rows], device)
-            _on_rows(logits, rows, lambda sub: lp.apply_top_k_top_p(sub, k, p))
-        elif any(top_k):
-            rows = [i for i, k in enumerate(top_k) if k]
-            k = _tensor([top_k[i] for i in rows], device, torch.int64)
-            _on_rows(logits, rows, lambda sub: lp.apply_top_k_only(sub, k, max(top_k)))
-        return logits
+        use_min_p = any(p.min_p > 0.0 for p in params)
+        use_top_p = any(p.top_p < 1.0 for p in params)
+        if not (use_min_p or use_top_p or any(top_k)):
+            return logits, None, None
+        weights = lp.exp_weights(logits)
+        threshold = lp.filter_thresholds(
+            logits,
+            weights,
+            min_p=_tensor([p.min_p for p in params], device) if use_min_p else None,
+            top_k=_tensor(top_k, device, torch.int64) if any(top_k) else None,
+            max_top_k=max(top_k),
+            top_p=_tensor([p.top_p for p in params], device) if use_top_p else None,
+            use_candidates=device.type == "cpu",
+        )
+        return logits, threshold, weights
 
 
 def _tensor(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _on_rows(logits: torch.Tensor, rows: list[int], fn) -> None:
-    """Run ``fn`` on the given rows of ``logits`` and write the result back (in place when it is every row).
-    ``fn`` may modify its argument in place and/or return a new tensor."""
-    if len(rows) == logits.shape[0]:
-        result = fn(logits)
-        if result is not None and result is not logits:
-            logits.copy_(result)
-        return
-    index = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, index)
-    result = fn(sub)
-    logits.index_copy_(0, index, sub if result is None else result)
 
 
 def _max_logprobs(states: list[SamplingRequestState], vocab_size: int) -> int | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pagoda.core import logits_processing as lp
 from pagoda.core.sampler import (
     Sampler,
     SamplingRequestState,
@@ -110,37 +111,78 @@ def test_min_tokens_mask_lifts_after_enough_tokens():
 
 
 # ------------------------------------------------------------------------------ random-sampling stages
-def test_temperature_min_p_top_k_top_p_match_direct_computation():
+@pytest.mark.parametrize("vocab, scale", [(VOCAB, 3.0), (1000, 0.3), (1000, 6.0)])
+def test_temperature_min_p_top_k_top_p_match_direct_computation(vocab, scale):
+    """Small and flat (the candidate search falls back to sorting) or peaked (candidates suffice)."""
     configs = [
         dict(temperature=0.7),
         dict(temperature=1.3, min_p=0.05),
         dict(temperature=0.9, top_k=5),
         dict(temperature=1.0, top_p=0.8),
         dict(temperature=0.5, top_k=10, top_p=0.6, min_p=0.01),
-        dict(temperature=2.0, top_k=VOCAB + 10),  # larger than the vocabulary: no filtering
+        dict(temperature=2.0, top_k=vocab + 10),  # larger than the vocabulary: no filtering
+        dict(temperature=1.0, top_p=0.9, min_p=0.3),
+        dict(temperature=0.8, top_k=3, top_p=0.99),
     ]
     states = [state(**c) for c in configs]
-    logits = random_logits(len(states), seed=3)
+    logits = torch.randn(len(states), vocab, generator=torch.Generator().manual_seed(3)) * scale
     got = Sampler.shape_random_logits(logits.clone(), states).numpy()
     for row, c in enumerate(configs):
         x = logits[row].numpy().astype(np.float64) / c["temperature"]
         probs = np.exp(x - x.max())
         probs /= probs.sum()
-        keep = np.ones(VOCAB, dtype=bool)
+        keep = np.ones(vocab, dtype=bool)
         if c.get("min_p"):
             keep &= probs >= c["min_p"] * probs.max()
         order = np.argsort(-x)
-        if 0 < c.get("top_k", 0) < VOCAB:
+        if 0 < c.get("top_k", 0) < vocab:
             keep &= x >= x[order[c["top_k"] - 1]]
         if c.get("top_p", 1.0) < 1.0:
             kept_probs = np.where(keep, probs, 0.0)
             kept_probs /= kept_probs.sum()
             mass_before = np.cumsum(kept_probs[order]) - kept_probs[order]
-            nucleus = np.zeros(VOCAB, dtype=bool)
+            nucleus = np.zeros(vocab, dtype=bool)
             nucleus[order] = mass_before < c["top_p"]
             keep &= nucleus
         expected = np.where(keep, x, NEG_INF)
         np.testing.assert_allclose(got[row], expected, rtol=1e-5, err_msg=str(c))
+
+
+def test_candidate_and_sorted_thresholds_agree():
+    logits = torch.cat([torch.randn(8, 5000) * 0.2, torch.randn(8, 5000) * 8])  # flat and peaked rows
+    top_p = torch.linspace(0.05, 1.0, 16)
+    min_p = torch.tensor([0.0, 0.1] * 8)
+    top_k = torch.tensor([0, 7, 0, 100] * 4)
+    args = dict(min_p=min_p, top_k=top_k, max_top_k=100, top_p=top_p)
+    weights = lp.exp_weights(logits)
+    fast = lp.filter_thresholds(logits, weights, use_candidates=True, **args)
+    exact = lp.filter_thresholds(logits, weights, use_candidates=False, **args)
+    assert torch.equal(fast, exact)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_fast_argmax_equals_argmax(vocab):
+    rng = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (16, vocab), generator=rng).float()  # many ties: the first maximum wins
+    assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
+    logits = torch.randn(16, vocab, generator=rng)
+    assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
+
+
+def test_two_level_sampling_distribution():
+    """Few allowed tokens spread over different blocks of a 1024 vocabulary, seeded and unseeded rows."""
+    logits = torch.full((1, 1024), NEG_INF)
+    tokens = torch.tensor([3, 255, 256, 700, 1023])
+    logits[0, tokens] = torch.tensor([0.0, 1.0, -0.5, 2.0, 0.5])
+    expected = torch.softmax(logits[0, tokens], dim=0).numpy()
+    rows = 20000
+    batch = logits.repeat(rows, 1)
+    generators = {i: torch.Generator().manual_seed(i) for i in range(0, rows, 2)}
+    torch.manual_seed(1)
+    sampled = lp.random_sample(batch, None, generators)
+    assert set(sampled.tolist()) <= set(tokens.tolist())
+    freq = np.array([(sampled == t).float().mean().item() for t in tokens])
+    assert np.all(np.abs(freq - expected) <= 5 * np.sqrt(expected * (1 - expected) / rows)), (freq, expected)
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
