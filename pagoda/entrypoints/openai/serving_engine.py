@@ -174,7 +174,10 @@ class RequestContext:
         self.prompt_tokens: dict[int, int] = {}
         self.generated: dict[int, int] = {}
         self.status = "aborted"
-        self.log_prompt = log_prompt if log_prompt is not None else prompts[0]
+        first = prompts[0]
+        if isinstance(first, dict):
+            first = first.get("prompt") or first.get("prompt_token_ids")
+        self.log_prompt = log_prompt if log_prompt is not None else first
         self._closed = False
 
     def observe(self, index: int, output: Any) -> None:

@@ -164,3 +164,14 @@ def test_vllm_extra_sampling_fields(client, reference_llm, tiny_chat_model_dir):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == stop_id
     assert stopped.usage.completion_tokens == greedy.token_ids.index(stop_id) + 1
+
+
+def test_one_log_line_per_request_with_the_prompt_cut(client, tiny_server, tiny_chat_model_dir):
+    prompt = "A" * 30 + "B" * 10 + "C" * 60  # the test server cuts logged prompts at 40 characters
+    response = client.completions.create(model=tiny_chat_model_dir, prompt=prompt, max_tokens=3, temperature=0)
+    lines = [line for line in tiny_server.output().splitlines() if response.id in line]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "finished" in line and f"prompt {response.usage.prompt_tokens} tokens" in line
+    assert "generated 3 tokens" in line
+    assert "A" * 30 + "B" * 10 in line and "C" not in line.split("prompt=")[1]

@@ -135,14 +135,23 @@ def test_metrics_parse_and_count(client, tiny_server, tiny_chat_model_dir):
     assert families["vllm:generation_tokens"] == "counter"
     assert families["vllm:time_to_first_token_seconds"] == "histogram"
     assert families["vllm:time_per_output_token_seconds"] == "histogram"
+    deadline = time.monotonic() + 10
+    while "throughput: prompt" not in tiny_server.output():  # the periodic stats line (every 2 s here)
+        assert time.monotonic() < deadline, "no throughput line in the server log"
+        time.sleep(0.2)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
-    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60"],
-                           env={"VLLM_API_KEY": "env-key"})
+    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60", "--served-model-name",
+                            "alpha", "beta"], env={"VLLM_API_KEY": "env-key"})
     try:
         headers = {"Authorization": "Bearer env-key"}
         assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401  # the env key applies
+        models = requests.get(server.url + "/v1/models", headers=headers, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
+        answer = requests.post(server.url + "/v1/completions", headers=headers, timeout=30,
+                               json={"model": "beta", "prompt": "hi", "max_tokens": 2}).json()
+        assert answer["model"] == "beta"
         result = {}
 
         def long_request():
