@@ -1,8 +1,9 @@
-"""Batched logits transformations used by the sampler, each a function of tensors only.
+"""Batched logits operations used by the sampler, each a function of tensors only.
 
-Every function works on a ``[rows, vocab]`` float32 tensor in place (or returns the new tensor where an
-in-place form would cost an extra copy) and treats rows independently. They follow vLLM's definitions;
-the sampler decides which rows each one sees.
+Every function takes ``[rows, vocab]`` float32 logits and treats rows independently; the definitions are
+vLLM's. They are written for CPU speed as much as for accelerators: no full-vocabulary sort unless needed,
+no ``argmax``/``cumsum`` over the whole vocabulary, no bool-tensor arithmetic (all slow on CPU at 49152
+entries), while staying free of host syncs except the top-p candidate check on CPU.
 """
 
 from __future__ import annotations

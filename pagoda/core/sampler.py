@@ -7,11 +7,18 @@ Stages, in vLLM's order (each skipped entirely when no row of the batch uses it)
         ├─ allowed_token_ids mask ─ logit_bias ─ bad_words ─ min_tokens (ban EOS/stop ids)
         ├─ repetition / frequency / presence penalties
         ├─ greedy rows: argmax                      (temperature < 1e-5)
-        └─ random rows: temperature ─ min_p ─ top-k/top-p ─ exponential race (own generator when seeded)
+        └─ random rows: temperature ─ min_p ─ top-k ─ top-p ─ inverse-CDF draw (own generator when seeded)
 
 min_p comes before top-k/top-p as in vLLM v1 (it commutes with top-k; with top-p it changes which tokens
-the nucleus renormalises over). The logits tensor is modified in place: the runner hands over a fresh one
-each step, so no defensive copy of ``rows x vocab`` floats is made.
+the nucleus renormalises over). The three filters are applied as one logit threshold per row rather than by
+writing -inf into the logits (see :func:`~pagoda.core.logits_processing.filter_thresholds`).
+
+Differences from vLLM that do not change the distribution: one uniform number per row instead of an
+exponential race over the vocabulary, and on CPU top-p is searched among the most likely tokens before
+falling back to a full sort (a full sort of 64 x 49152 floats takes hundreds of ms on a CPU).
+
+The logits tensor is modified in place: the runner hands over a fresh one each step, so no defensive copy of
+``rows x vocab`` floats is made.
 """
 
 from __future__ import annotations
