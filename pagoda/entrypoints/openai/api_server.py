@@ -72,6 +72,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
         reason = engine.error or "the engine is not running"
         return JSONResponse(error_body(f"the engine is not running: {reason}", 503), status_code=503)
 
+    @app.api_route("/ping", methods=["GET", "POST"], responses={503: {"model": p.ErrorResponse}})
+    async def ping() -> Response:
+        """Same as ``/health`` (the liveness route some platforms probe)."""
+        return await health()
+
     @app.get("/version", response_model=p.VersionResponse)
     async def version() -> p.VersionResponse:
         return p.VersionResponse(version=__version__)
@@ -139,6 +144,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{field or 'body'}: {error.get('msg', 'invalid value')}")
         message = "; ".join(dict.fromkeys(parts)) or "invalid request"
         return JSONResponse(error_body(message, 400, param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error while handling a request")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", 500), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

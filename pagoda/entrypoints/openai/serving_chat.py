@@ -42,6 +42,7 @@ class OpenAIServingChat(OpenAIServing):
         start = time.monotonic()
         model = self.check_model(request.model)
         self.warn_unknown_fields(request)
+        self.check_stream_options(request)
         if request.tools:
             raise APIError("tools: tool calling is not supported", 400, "tools")
         if request.response_format is not None and request.response_format.type != "text":

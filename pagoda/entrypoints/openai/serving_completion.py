@@ -48,6 +48,7 @@ class OpenAIServingCompletion(OpenAIServing):
         start = time.monotonic()
         model = self.check_model(request.model)
         self.warn_unknown_fields(request)
+        self.check_stream_options(request)
         if request.suffix:
             raise APIError("suffix: not supported", 400, "suffix")
         n = request.n

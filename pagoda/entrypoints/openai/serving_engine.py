@@ -75,6 +75,10 @@ class OpenAIServing:
             return name or names[0]
         raise APIError(f"The model `{name}` does not exist; this server serves: {', '.join(names)}", 404, "model")
 
+    def check_stream_options(self, request: SamplingFields) -> None:
+        if request.stream_options is not None and not request.stream:
+            raise APIError("stream_options can only be given with stream=true", 400, "stream_options")
+
     def warn_unknown_fields(self, request: SamplingFields | Any) -> None:
         unknown = request.unknown_fields()
         if unknown:

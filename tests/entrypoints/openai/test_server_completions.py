@@ -164,6 +164,10 @@ def test_vllm_extra_sampling_fields(client, reference_llm, tiny_chat_model_dir):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == stop_id
     assert stopped.usage.completion_tokens == greedy.token_ids.index(stop_id) + 1
+    biased = client.completions.create(model=tiny_chat_model_dir, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       logit_bias={"1000": 100.0})
+    forced = reference(reference_llm, PROMPTS[0], max_tokens=4, logit_bias={1000: 100.0})[0].outputs[0]
+    assert forced.token_ids == [1000] * 4 and biased.choices[0].text == forced.text
 
 
 def test_one_log_line_per_request_with_the_prompt_cut(client, tiny_server, tiny_chat_model_dir):

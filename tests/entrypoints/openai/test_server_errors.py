@@ -35,7 +35,7 @@ def test_auth_required_on_v1_only(tiny_server):
     assert_error(wrong, 401, contains="invalid API key")
     assert_error(post(tiny_server, "/v1/completions", {"prompt": "x"}, headers={}), 401)
     assert requests.get(tiny_server.url + "/v1/models", headers=AUTH, timeout=10).status_code == 200
-    for open_path in ("/health", "/metrics", "/version"):
+    for open_path in ("/health", "/ping", "/metrics", "/version"):
         assert requests.get(tiny_server.url + open_path, timeout=10).status_code == 200
     bad_client = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -63,7 +63,8 @@ COMPLETION_CASES = [
     ({"prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids", "out of range"),
     ({"prompt": "x", "logit_bias": {"abc": 1.0}}, 400, "logit_bias", "token ids"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
-    ({"prompt": "x", "stream_options": {"bogus": 1}}, 400, "stream_options.bogus", ""),
+    ({"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, 400, "stream_options.bogus", ""),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"prompt": "x", "model": "no-such-model"}, 404, "model", "does not exist"),
 ]
 

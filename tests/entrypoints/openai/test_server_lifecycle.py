@@ -142,8 +142,9 @@ def test_metrics_parse_and_count(client, tiny_server, tiny_chat_model_dir):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
+    template = "{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}"
     server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60", "--served-model-name",
-                            "alpha", "beta"], env={"VLLM_API_KEY": "env-key"})
+                            "alpha", "beta", "--chat-template", template], env={"VLLM_API_KEY": "env-key"})
     try:
         headers = {"Authorization": "Bearer env-key"}
         assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401  # the env key applies
@@ -152,6 +153,10 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
         answer = requests.post(server.url + "/v1/completions", headers=headers, timeout=30,
                                json={"model": "beta", "prompt": "hi", "max_tokens": 2}).json()
         assert answer["model"] == "beta"
+        tokens = requests.post(server.url + "/tokenize", timeout=10,
+                               json={"messages": [{"role": "user", "content": "hey"}]}).json()["tokens"]
+        detok = requests.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=10).json()
+        assert detok["prompt"] == "<<user>>hey"  # --chat-template replaced the model's
         result = {}
 
         def long_request():
