@@ -21,6 +21,8 @@ CASES: dict[str, list[tuple[int, int]]] = {
     "chunked": [(13, 6), (37, 11)],
     "decode": [(5, 1), (16, 1), (40, 1)],
     "mixed": [(9, 1), (31, 1), (0, 6), (20, 12)],
+    # Several query tiles per request and contexts over many blocks.
+    "long": [(70, 1), (0, 70), (40, 33)],
 }
 
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}

@@ -16,7 +16,8 @@ from pagoda.plugins.registry import get_registry
 
 REGISTRY = get_registry()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HEADS = {"gqa": (8, 2), "mha": (4, 4)}
+HEADS = {"gqa": (8, 2), "mha": (4, 4), "mqa": (32, 1)}
+MAIN_CASES = [c for c in CASES if c != "long"]
 
 
 def _block_sizes(backend) -> list[int]:
@@ -28,16 +29,17 @@ def _block_sizes(backend) -> list[int]:
 
 
 def _params(backend) -> list[tuple]:
-    """The full cross product of case x heads x block size x dtype at head size 64 (or the backend's smallest),
-    then the other head sizes
-    on the case that exercises every path at once (decodes + prefills with context), then sliding windows."""
+    """The full cross product of case x heads x block size x dtype at head size 64 (or the backend's smallest);
+    then the other head sizes on the case that exercises every path at once (decodes + prefills with context);
+    then sliding windows, long sequences (several query tiles), and 32 query heads on one KV head."""
     bsizes = _block_sizes(backend)
     base = 64 if backend.head_sizes is None or 64 in backend.head_sizes else min(backend.head_sizes)
-    params = [(case, heads, base, bs, dt, None) for case in CASES for heads in HEADS for bs in bsizes
+    params = [(case, heads, base, bs, dt, None) for case in MAIN_CASES for heads in ("gqa", "mha") for bs in bsizes
               for dt in DTYPES]
     params += [("mixed", "gqa", hs, bsizes[0], dt, None) for hs in (80, 128, 256) if hs != base
                for dt in ("fp32", "bf16")]
     params += [(case, "gqa", base, bsizes[0], "fp32", 8) for case in ("chunked", "mixed")]
+    params += [("long", "gqa", base, bsizes[0], "bf16", None), ("mixed", "mqa", base, bsizes[0], "fp16", None)]
     return [(backend.name, *p) for p in params]
 
 
