@@ -296,3 +296,12 @@ def position_logprobs(
         text = tokenizer.decode([token_id]) if tokenizer is not None else None
         result[token_id] = Logprob(logprobs[column], rank if column == 0 else column, text)
     return result
+
+
+def prompt_logprobs_list(
+    rows: list[tuple[list[int], list[float], int]], num_logprobs: int, tokenizer: Any | None
+) -> list[dict[int, Logprob] | None]:
+    """A request's ``prompt_logprobs`` from the rows of
+    :func:`~pagoda.core.sampler.compute_prompt_logprobs` (row ``i`` scores prompt token ``i + 1``): ``None``
+    for the first prompt token, which nothing predicts, then one dict per following token."""
+    return [None] + [position_logprobs(ids, values, rank, num_logprobs, tokenizer) for ids, values, rank in rows]

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from pagoda.core.detokenizer import (
@@ -19,8 +20,9 @@ from pagoda.core.detokenizer import (
     check_stop,
     find_stop_string,
     position_logprobs,
+    prompt_logprobs_list,
 )
-from pagoda.core.sampler import bad_words_to_token_ids
+from pagoda.core.sampler import bad_words_to_token_ids, compute_prompt_logprobs
 from pagoda.sampling_params import SamplingParams
 
 TEXTS = [
@@ -288,6 +290,18 @@ def test_position_logprobs_dict(smollm_tokenizer):
     assert (result[42].rank, result[42].logprob, result[17].rank) == (5, -3.0, 1)
     assert result[17].decoded_token == smollm_tokenizer.decode([17])
     assert list(position_logprobs([42, 17, 9], [-3.0, -0.5, -4.0], 3, -1, None)) == [42, 17, 9]
+
+
+def test_prompt_logprobs_list_starts_with_none(smollm_tokenizer):
+    prompt = smollm_tokenizer.encode("The capital of France")
+    logits = torch.randn(len(prompt) - 1, len(smollm_tokenizer), generator=torch.Generator().manual_seed(0))
+    rows = list(zip(*compute_prompt_logprobs(logits, prompt[1:], 2).tolists()))
+    result = prompt_logprobs_list(rows, 2, smollm_tokenizer)
+    assert len(result) == len(prompt) and result[0] is None
+    for position, entry in enumerate(result[1:], start=1):
+        assert prompt[position] in entry and len(entry) in (2, 3)
+        expected = torch.log_softmax(logits[position - 1], dim=-1)[prompt[position]].item()
+        assert abs(entry[prompt[position]].logprob - expected) < 1e-5
 
 
 def test_bad_words_tokenized_with_and_without_leading_space(tokenizer):
