@@ -77,7 +77,8 @@ class CudaPlatform(Platform):
         if cls.unavailable_reason() is None:
             props = torch.cuda.get_device_properties(0)
             facts.update(device_name=props.name, device_count=torch.cuda.device_count(),
-                         capability=f"{props.major}.{props.minor}", total_memory_gib=round(props.total_memory / 2**30, 1))
+                         capability=f"{props.major}.{props.minor}",
+                         total_memory_gib=round(props.total_memory / 2**30, 1))
         return facts
 
 
