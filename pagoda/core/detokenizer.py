@@ -168,13 +168,13 @@ class IncrementalDetokenizer:
         ``stop_terminated``: the last token is the EOS/stop token that ended the sequence; its text is left
         out unless ``include_stop_str_in_output``.
         """
+        num_before = len(self.token_ids)
         self.token_ids.extend(new_token_ids)
         if not self.enabled:
             return ""
         if stop_terminated and not self.params.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
         start = len(self.output_text)
-        num_before = len(self.token_ids) - len(new_token_ids)
         for offset, token_id in enumerate(new_token_ids):
             self.output_text += self._decode_next(token_id)
             # Text produced within min_tokens may not end the sequence (vLLM does the same).
