@@ -81,8 +81,8 @@ class FlashAttnBackend(AttentionBackend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if importlib.util.find_spec("flash_attn") is None:
-            return ("flash-attn is not installed: pip install flash-attn --no-build-isolation (it builds against "
-                    "the installed CUDA torch; see docs/plugins.md)")
+            return ("flash-attn is not installed: pip install flash-attn --no-build-isolation (it compiles against "
+                    "the installed CUDA torch, see docs/plugins.md)")
         return None
 
     @classmethod
