@@ -154,7 +154,8 @@ class AttentionBackend(ABC):
     @staticmethod
     @abstractmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        """Shape of one layer's KV cache tensor (keys and values together)."""
+        """Shape of one layer's KV cache tensor (keys and values together). Dimension 1 indexes the blocks:
+        the engine copies blocks (copy-on-write of shared prefix blocks) as ``cache[:, dst] = cache[:, src]``."""
 
     @classmethod
     @abstractmethod

@@ -4,8 +4,9 @@
 ``cu_q_lens``, per-request ``kv_lens`` and ``page_indices``), with its causal mask aligned to the end of each
 request's keys, so prefix hits, chunks and decodes need no separate paths.
 
-Cache layout (the kernel's): ``[num_blocks, block_size, 2 * num_kv_heads, head_size]`` with keys and values
-interleaved per head (``k0, v0, k1, v1, ...``). Install: ``pip install pagoda-llm[tpu]``.
+Cache layout: ``[1, num_blocks, block_size, 2 * num_kv_heads, head_size]``; ``kv_cache[0]`` is the kernel's
+page array, keys and values interleaved per head (``k0, v0, k1, v1, ...``). The leading 1 keeps blocks on
+dimension 1, as for every backend, so the engine copies blocks the same way whatever the backend. Install: ``pip install pagoda-llm[tpu]``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class PallasImpl(AttentionImpl):
         kvh, d = self.num_kv_heads, self.head_size
         # [tokens, kvh, 2, d] -> [tokens, 2*kvh, d] interleaves k and v per head, as the kernel expects.
         kv = torch.stack([key, value], dim=2).view(-1, 2 * kvh, d)
-        kv_cache.view(-1, 2 * kvh, d).index_copy_(0, metadata.slot_mapping, kv)
+        pages = kv_cache[0]
+        pages.view(-1, 2 * kvh, d).index_copy_(0, metadata.slot_mapping, kv)
         out = torch.ops.xla.ragged_paged_attention(
-            query, kv_cache, metadata.seq_lens, metadata.block_table, metadata.query_start_loc, metadata.num_seqs,
+            query, pages, metadata.seq_lens, metadata.block_table, metadata.query_start_loc, metadata.num_seqs,
             sm_scale=self.scale, sliding_window=self.sliding_window)
         return out.reshape(query.shape[0], self.num_heads * d)
 
@@ -62,7 +64,7 @@ class PallasBackend(AttentionBackend):
     # The kernel tiles the head dimension by the TPU lane width.
     head_sizes = (128, 256)
     block_sizes = (16, 32, 64, 128)
-    kv_cache_layout = "NH2D"
+    kv_cache_layout = "NHD, K/V interleaved"
     supports_sliding_window = True
     supports_encoder = False
     extra = "tpu"
@@ -81,7 +83,7 @@ class PallasBackend(AttentionBackend):
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (num_blocks, block_size, 2 * num_kv_heads, head_size)
+        return (1, num_blocks, block_size, 2 * num_kv_heads, head_size)
 
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:

@@ -109,3 +109,4 @@ def test_describe_and_cache_shape(registry, name):
     assert facts["name"] == name
     shape = backend.kv_cache_shape(10, 16, 4, 64)
     assert torch.Size(shape).numel() == 2 * 10 * 16 * 4 * 64  # keys and values of every slot, nothing more
+    assert shape[1] == 10  # blocks on dimension 1: the engine copies blocks as cache[:, dst] = cache[:, src]
