@@ -8,6 +8,7 @@ entries), while staying free of host syncs except the top-p candidate check on C
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _NEG_INF = float("-inf")
@@ -129,13 +130,20 @@ def filter_thresholds(
 
 
 def _sorted_top_p_threshold(logits: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """The top-p threshold from a full descending sort (of the tokens above ``threshold``)."""
-    ordered = logits.sort(dim=-1, descending=True).values
-    probs = (ordered - ordered[:, :1]).exp_().mul_(ordered >= threshold)
-    probs.div_(probs.sum(dim=-1, keepdim=True))
-    cumulative = probs.cumsum(dim=-1)
-    num_kept = ((cumulative - probs) < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
-    result = ordered.gather(1, num_kept - 1)
+    """The top-p threshold from a full sort (of the tokens above ``threshold``).
+
+    In ascending order a token is kept when the cumulative mass up to and including it exceeds
+    ``1 - top_p`` (vLLM's formulation; the same as "the more likely tokens hold less than top_p").
+    """
+    if logits.device.type == "cpu":
+        # numpy's vectorised sort of the values alone is ~5x faster than torch.sort on CPU.
+        ordered = torch.from_numpy(np.sort(logits.detach().numpy(), axis=-1))
+    else:
+        ordered = logits.sort(dim=-1).values
+    weights = exp_weights(ordered).mul_(keep_mask(ordered, threshold))
+    cumulative = weights.cumsum_(dim=-1)
+    num_kept = (cumulative > cumulative[:, -1:] * (1.0 - top_p).unsqueeze(1)).sum(dim=-1, keepdim=True)
+    result = ordered.gather(1, ordered.shape[1] - num_kept)
     return result.masked_fill_((top_p >= 1.0).unsqueeze(1), _NEG_INF)
 
 
