@@ -100,7 +100,7 @@ class FlashInferImpl(AttentionImpl):
         key_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, key)
         value_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, value)
         metadata.ensure_planned(self.scale)
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, whatever query is
         nd = metadata.num_decode_tokens
         if metadata.decode_plan is not None:
             out[:nd] = metadata.decode_wrapper.run(query[:nd], (key_cache, value_cache))

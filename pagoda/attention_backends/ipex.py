@@ -55,7 +55,7 @@ class IpexImpl(AttentionImpl):
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         key_cache[metadata.slot_block, :, metadata.slot_offset] = key
         value_cache[metadata.slot_block, :, metadata.slot_offset] = value
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, whatever query is
         self._paged.flash_attn_varlen_func(out, query.contiguous(), key_cache, value_cache,
                                            metadata.query_start_loc, metadata.cu_seqlens_kv, metadata.max_query_len,
                                            metadata.max_seq_len, self.scale, True, metadata.block_table, None)

@@ -56,7 +56,7 @@ class TritonAttnImpl(AttentionImpl):
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         key_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, key)
         value_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, value)
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, whatever query is
         nd = metadata.num_decodes
         if nd:
             self._kernels.paged_decode(out, query, key_cache, value_cache, metadata.block_table,
