@@ -1,0 +1,162 @@
+"""Compact in-memory forms of GGUF weights and the CPU matmuls over them.
+
+Each kernel holds one weight ``W`` [N, K] and computes ``x @ W.T`` for ``x`` [M, K] in ``x``'s dtype, and can
+gather dequantized rows (for embedding tables). Which form a type gets:
+
+- **Int4Kernel** (Q4_0, Q4_1, Q4_K): torch's int4 weight-only matmul with one (scale, zero) per 32 values —
+  exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per weight plus the
+  scales, the same size as the file. Scales are rounded to the activation dtype.
+- **Int8Kernel** (Q8_0, Q6_K): signed int8 codes with one float scale per 32 (Q8_0) or 16 (Q6_K) values,
+  stored group-major ``[K/g, N, g]``. Decode-sized batches run one ``_weight_int8pack_mm`` per group (reads
+  each weight byte once: memory-bound like a dense matmul, at half the bytes of bf16); larger batches
+  dequantize chunks of rows to the activation dtype and use a dense matmul (compute-bound anyway).
+- **DenseKernel** (F32, F16, BF16): the tensor itself.
+- **RawKernel** (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K): the file's bytes; dequantized chunk by chunk on each call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType as T
+
+from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_blocks
+
+INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
+INT8_TYPES = (T.Q8_0, T.Q6_K)
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+# Rows dequantized at a time by the chunked paths: bounds the temporary to ~16 MB at K = 1024 in float32.
+_CHUNK_ROWS = 4096
+# Batches up to this size take the per-group int8 path; above it, dequantize + dense matmul wins.
+_INT8_DECODE_MAX_M = 4
+
+
+class Kernel:
+    """A weight ``[out_features, in_features]`` in a compact form."""
+
+    out_features: int
+    in_features: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, in_features] → ``x @ W.T`` [M, out_features] in ``x.dtype``."""
+        raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``W[ids]`` dequantized to ``dtype``."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.__dict__.values() if isinstance(t, torch.Tensor))
+
+
+class DenseKernel(Kernel):
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != x.dtype:
+            # A model runs in one dtype: convert once and keep only the converted copy.
+            self.weight = self.weight.to(x.dtype)
+        return F.linear(x, self.weight)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(dtype)
+
+
+class RawKernel(Kernel):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+        self.raw = raw.contiguous()
+        self.ggml_type = ggml_type
+        self.out_features, self.in_features = raw.shape[0], in_features
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features <= _CHUNK_ROWS:
+            return F.linear(x, dequantize(self.raw, self.ggml_type, x.dtype))
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        for start in range(0, self.out_features, _CHUNK_ROWS):
+            chunk = self.raw[start:start + _CHUNK_ROWS]
+            out[:, start:start + chunk.shape[0]] = F.linear(x, dequantize(chunk, self.ggml_type, x.dtype))
+        return out
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantize(self.raw.index_select(0, flat), self.ggml_type, dtype).reshape(*ids.shape, -1)
+
+
+class Int4Kernel(Kernel):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+        codes, scale, zero = int4_affine(raw, ggml_type)
+        self.out_features, self.in_features = codes.shape
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # [K/32, N, 2]: the layout the kernel reads; kept in float32, cast per activation dtype on first use.
+        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self._cast.get(x.dtype)
+        if sz is None:
+            sz = self._cast[x.dtype] = self.scale_zero.to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, 32, sz)
+
+
+class Int8Kernel(Kernel):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+        codes, scale, self.group = int8_blocks(raw, ggml_type)
+        self.out_features, self.in_features = codes.shape
+        groups = self.in_features // self.group
+        self.codes = codes.reshape(self.out_features, groups, self.group).transpose(0, 1).contiguous()  # [G, N, g]
+        # Q8_0 scales are fp16 values: store them as such (exact); Q6_K's d·sc products need float32.
+        exact16 = ggml_type == T.Q8_0
+        self.scale = scale.t().contiguous().to(torch.float16 if exact16 else torch.float32)  # [G, N]
+        self._ones: dict[torch.dtype, torch.Tensor] = {}
+
+    def _dequant(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = self.codes[:, start:stop]
+        w = codes.to(torch.float32) * self.scale[:, start:stop, None].to(torch.float32)
+        return w.transpose(0, 1).reshape(stop - start, self.in_features).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= _INT8_DECODE_MAX_M:
+            return self._matmul_grouped(x)
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        for start in range(0, self.out_features, _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, self.out_features)
+            out[:, start:stop] = F.linear(x, self._dequant(start, stop, x.dtype))
+        return out
+
+    def _matmul_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        ones = self._ones.get(x.dtype)
+        if ones is None:
+            ones = self._ones[x.dtype] = torch.ones(self.out_features, dtype=x.dtype)
+        # Accumulate in float32: partial sums of up to K/g groups would lose bits in bf16.
+        xg = x.reshape(x.shape[0], -1, self.group)
+        scale = self.scale.to(torch.float32)
+        out = torch.zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        for g in range(self.codes.shape[0]):
+            part = torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), self.codes[g], ones)
+            out.addcmul_(part.float(), scale[g])
+        return out.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = self.codes.index_select(1, flat).to(torch.float32)  # [G, n, g]
+        w = codes * self.scale.index_select(1, flat)[..., None].to(torch.float32)
+        return w.transpose(0, 1).reshape(*ids.shape, self.in_features).to(dtype)
+
+
+def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Kernel:
+    """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor)."""
+    ggml_type = T(ggml_type)
+    n, k = shape
+    if ggml_type in FLOAT_TYPES:
+        return DenseKernel(dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
+                                                        T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k))
+    if ggml_type in INT4_TYPES:
+        try:
+            return Int4Kernel(data, ggml_type, k)
+        except RuntimeError:
+            pass  # a shape the int4 kernel does not take: fall back to dequantizing on the fly
+    if ggml_type in INT8_TYPES:
+        return Int8Kernel(data, ggml_type, k)
+    return RawKernel(data, ggml_type, k)

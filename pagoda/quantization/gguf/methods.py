@@ -1,0 +1,169 @@
+"""GGUF linear and embedding methods: weights loaded as :class:`GGUFWeight` records, kept compact.
+
+A layer's ``weight`` parameter is a placeholder (an empty uint8 tensor) carrying the ``weight_loader`` the
+model's ``load_weights`` calls; the loader keeps the record per shard and ``process_weights_after_loading``
+turns the shards into kernels (:mod:`pagoda.quantization.gguf.kernels`). Shards of a merged layer (qkv,
+gate_up) that share a type are concatenated into one kernel, since blocks never cross rows; shards of mixed
+types (Q4_K_M files store v_proj as Q6_K next to Q4_K q/k) keep one kernel each and their outputs are
+concatenated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gguf.constants import GGMLQuantizationType as T
+from torch import nn
+
+from pagoda.quantization.gguf.checkpoint import GGUFWeight
+from pagoda.quantization.gguf.kernels import INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel
+from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
+
+
+def _as_record(value: Any, prefix: str) -> GGUFWeight:
+    if isinstance(value, GGUFWeight):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.is_floating_point():
+        # A dense tensor (a checkpoint mixing formats, or a test): store it as an F32 record.
+        data = value.detach().to(torch.float32).contiguous().view(torch.uint8)
+        return GGUFWeight(prefix, data, T.F32, (value.shape[0], value.shape[1]))
+    raise TypeError(f"{prefix}: GGUF layers load GGUFWeight records or 2-D float tensors, got {type(value).__name__}")
+
+
+def _placeholder(loader) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def _bias_loader(output_sizes: list[int]):
+    offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        target = param.data if shard_id is None else param.data.narrow(0, offsets[shard_id], output_sizes[shard_id])
+        if target.shape != loaded.shape:
+            raise ValueError(f"bias shape mismatch for shard {shard_id}: parameter {tuple(target.shape)} vs "
+                             f"checkpoint {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+    return load
+
+
+class GGUFLinearMethod(LinearMethod):
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool,
+                       params_dtype: torch.dtype) -> None:
+        layer.gguf_input_size = input_size
+        layer.gguf_output_sizes = list(output_sizes)
+        layer.gguf_shards = [None] * len(output_sizes)
+        layer.gguf_kernels = None
+        prefix = self.prefix
+
+        def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
+            record = _as_record(loaded, prefix)
+            index = 0 if shard_id is None else shard_id
+            expected = (sum(output_sizes), input_size) if shard_id is None else (output_sizes[index], input_size)
+            if shard_id is None and len(output_sizes) > 1 and record.shape != expected:
+                raise ValueError(f"{prefix}: a merged layer needs a shard_id for {record.name}")
+            if record.shape != expected:
+                raise ValueError(f"{prefix}: shape mismatch for shard {shard_id}: layer expects {expected}, "
+                                 f"{record.name} is {record.shape}")
+            if shard_id is None:
+                layer.gguf_shards = [record]
+            else:
+                layer.gguf_shards[index] = record
+
+        layer.register_parameter("weight", _placeholder(load))
+        if bias:
+            b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
+            b.weight_loader = _bias_loader(output_sizes)
+            layer.register_parameter("bias", b)
+        else:
+            layer.bias = None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        shards = layer.gguf_shards
+        missing = [i for i, s in enumerate(shards) if s is None]
+        if missing:
+            raise ValueError(f"{self.prefix}: no weights were loaded for shard(s) {missing}")
+        types = {s.ggml_type for s in shards}
+        k = layer.gguf_input_size
+        if len(types) == 1:
+            data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
+            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k))]
+        else:
+            layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape) for s in shards]
+        layer.gguf_shards = None  # drop the views of the file
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kernels = layer.gguf_kernels
+        if kernels is None:
+            self.process_weights_after_loading(layer)
+            kernels = layer.gguf_kernels
+        if len(kernels) == 1:
+            out = kernels[0].matmul(x)
+        else:
+            out = torch.cat([kernel.matmul(x) for kernel in kernels], dim=-1)
+        if layer.bias is not None:
+            out = out + layer.bias.to(out.dtype)
+        return out
+
+
+class GGUFEmbeddingMethod(EmbeddingMethod):
+    """The table keeps a form that gathers rows cheaply (int8 codes for Q8_0/Q6_K, the file's bytes
+    otherwise); ``logits`` uses that same form for Q8_0/Q6_K/float tables, and builds an int4 copy on
+    first use for Q4 tables (its packed layout cannot be gathered)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def create_weights(self, layer: nn.Module, num_embeddings: int, embedding_dim: int,
+                       params_dtype: torch.dtype) -> None:
+        layer.gguf_shape = (num_embeddings, embedding_dim)
+        layer.gguf_dtype = params_dtype
+        layer.gguf_record = None
+        layer.gguf_table = None
+        layer.gguf_head = None
+        prefix = self.prefix
+
+        def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
+            record = _as_record(loaded, prefix)
+            if record.shape != layer.gguf_shape:
+                raise ValueError(f"{prefix}: shape mismatch: layer expects {layer.gguf_shape}, "
+                                 f"{record.name} is {record.shape}")
+            layer.gguf_record = record
+
+        layer.register_parameter("weight", _placeholder(load))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        record = layer.gguf_record
+        if record is None:
+            raise ValueError(f"{self.prefix}: no embedding table was loaded")
+        if record.ggml_type in INT4_TYPES:
+            layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
+        else:
+            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape)
+        layer.gguf_record = None
+
+    def _table(self, layer: nn.Module) -> Kernel:
+        if layer.gguf_table is None:
+            self.process_weights_after_loading(layer)
+        return layer.gguf_table
+
+    def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._table(layer).rows(token_ids, layer.gguf_dtype)
+
+    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        table = self._table(layer)
+        if layer.gguf_head is None:
+            if isinstance(table, RawKernel) and table.ggml_type in INT4_TYPES:
+                layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape)
+            else:
+                layer.gguf_head = table
+        return layer.gguf_head.matmul(hidden).float()
+
+
+__all__ = ["GGUFLinearMethod", "GGUFEmbeddingMethod", "INT8_TYPES"]
