@@ -156,7 +156,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, states: list[SamplingRequestState]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits must be [num_rows={len(states)}, vocab], got shape {tuple(logits.shape)}.")
-        logits = logits.float()  # a no-op for float32 logits
+        logits = logits.float().contiguous()  # no-ops for the usual contiguous float32 logits
         vocab_size = logits.shape[1]
 
         raw_logprobs = None
