@@ -38,6 +38,10 @@ class BlockPool:
         # Free blocks by id, least recently freed first (OrderedDict gives O(1) removal from the middle).
         self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, KVCacheBlock] = {}
+        # The cache tensors start uninitialized (zero-filling gigabytes up front is slow); a block is zeroed the
+        # first time it is handed out, so padding positions attention masks out never hold NaN garbage.
+        self._never_used = [True] * num_blocks
+        self.fresh_block_ids: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,6 +65,9 @@ class BlockPool:
                     del self.cached[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
+            if self._never_used[block.block_id]:
+                self._never_used[block.block_id] = False
+                self.fresh_block_ids.append(block.block_id)
             out.append(block)
         return out
 

@@ -108,3 +108,8 @@ class KVCacheManager:
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def take_fresh_blocks(self) -> list[int]:
+        """Blocks handed out for the first time since the cache was created; the runner zeroes them."""
+        fresh, self.pool.fresh_block_ids = self.pool.fresh_block_ids, []
+        return fresh

@@ -54,7 +54,10 @@ class ModelRunner:
         self.bad_words_encoder = bad_words_encoder
         mc = config.model
         shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads, mc.head_size)
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
+        self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        for cache in self.kv_caches:
+            cache[:, 0] = 0  # block tables are padded with block 0
         self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
@@ -103,6 +106,10 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.block_ids is not None:
                 state.block_ids = list(cached.block_ids)
+        if sched.blocks_to_zero:
+            fresh = torch.tensor(sched.blocks_to_zero, device=self.device)
+            for cache in self.kv_caches:
+                cache[:, fresh] = 0
         if sched.block_copies:
             src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
             dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)

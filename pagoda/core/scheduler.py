@@ -50,6 +50,7 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     finished_request_ids: set[str] = field(default_factory=set)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    blocks_to_zero: list[int] = field(default_factory=list)  # first use of a block of the uninitialized cache
 
 
 class Scheduler:
@@ -160,6 +161,7 @@ class Scheduler:
             self._known_blocks[rid] = len(block_ids)
             request.num_computed_tokens += out.num_scheduled_tokens[rid]
         out.block_copies = self.kv.take_pending_copies()
+        out.blocks_to_zero = self.kv.take_fresh_blocks()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
 
