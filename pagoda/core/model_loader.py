@@ -46,8 +46,11 @@ def load_model(config: EngineConfig) -> nn.Module:
     if config.cpu_offload_gb:
         from pagoda.platforms.offload import offload_parameters  # device platforms only (checked in config)
 
+        # Places the model itself: everything on the device except the offloaded modules' weights.
         offload_parameters(model, int(config.cpu_offload_gb * (1 << 30)), device)
-    model = model.to(device).eval()
+    else:
+        model = model.to(device)
+    model.eval()
     logger.info("loaded %s (%s, %s, %s) in %.1f s", mc.model, architectures[0], str(mc.dtype).removeprefix("torch."),
                 mc.quantization, time.perf_counter() - start)
     return model
