@@ -83,7 +83,7 @@ def random_blocks(qtype, rows: int, cols: int, seed: int = 0):
         raw = quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     except NotImplementedError:
         raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
-        fp16_fields = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]
+        fp16_fields = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}.get(qtype, ())
         for offset in fp16_fields:
             scales = rng.uniform(0.001, 0.05, raw.shape[0]).astype(np.float16)
             raw[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
@@ -93,7 +93,7 @@ def random_blocks(qtype, rows: int, cols: int, seed: int = 0):
 @pytest.fixture
 def write_gguf(tmp_path):
     """Write a small GGUF: ``write_gguf(name, arch, metadata={key: value}, tensors={name: (qtype, rows, cols)
-    or float ndarray})`` → path. Metadata values are typed by Python type (int → u32, float → f32)."""
+    (random), (qtype, quantized ndarray) or float ndarray})`` → path. Metadata values are typed by Python type (int → u32, float → f32)."""
     import numpy as np
     import gguf
 
@@ -114,6 +114,8 @@ def write_gguf(tmp_path):
         for i, (tname, spec) in enumerate(tensors.items()):
             if isinstance(spec, np.ndarray):
                 writer.add_tensor(tname, spec)
+            elif len(spec) == 2:  # (qtype, already quantized rows)
+                writer.add_tensor(tname, spec[1], raw_dtype=spec[0])
             else:
                 qtype, rows, cols = spec
                 writer.add_tensor(tname, random_blocks(qtype, rows, cols, seed=i), raw_dtype=qtype)

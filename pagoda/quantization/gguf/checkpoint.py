@@ -134,7 +134,8 @@ class GGUFCheckpoint(CheckpointFormat):
         head_dim = int(_meta(f, f"{arch}.attention.key_length", hidden // heads))
         rope_theta = float(_meta(f, f"{arch}.rope.freq_base", 10000.0))
         embed = f.tensors.get("token_embd.weight")
-        vocab = embed.shape[0] if embed is not None else len(_meta(f, "tokenizer.ggml.tokens", required=True))
+        vocab = (embed.shape[0] if embed is not None else _meta(f, f"{arch}.vocab_size")
+                 or len(_meta(f, "tokenizer.ggml.tokens", required=True)))
         dtype = _model_dtype(f)
         kwargs: dict[str, Any] = dict(
             architectures=[architecture],
@@ -167,7 +168,6 @@ class GGUFCheckpoint(CheckpointFormat):
         config = AutoConfig.for_model(model_type, rope_parameters=rope_parameters, **kwargs)
         # transformers 5 keeps rope_theta inside rope_parameters; older readers look for the attribute.
         config.rope_theta = rope_theta
-        config.torch_dtype = dtype
         return config
 
     @classmethod
