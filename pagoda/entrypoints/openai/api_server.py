@@ -106,7 +106,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
 
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_ERRORS)
     async def tokenize(request: p.TokenizeCompletionRequest | p.TokenizeChatRequest) -> p.TokenizeResponse:
-        return tokenization.tokenize(request)
+        return await tokenization.tokenize(request)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
     async def detokenize(request: p.DetokenizeRequest) -> p.DetokenizeResponse:
@@ -189,7 +189,11 @@ class AuthMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith("/v1"):
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # behind --root-path the scope's path carries the prefix
+            path = path[len(root):]
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not path.startswith("/v1"):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):

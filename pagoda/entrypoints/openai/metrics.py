@@ -49,7 +49,9 @@ class _EngineStatsCollector:
             yield family
         for name, attr, text in (("prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),
                                  ("generation_tokens", "generation_tokens_total",
-                                  "Number of generation tokens processed.")):
+                                  "Number of generation tokens processed."),
+                                 ("num_preemptions", "num_preemptions_total",
+                                  "Cumulative number of preemptions from the engine.")):
             family = CounterMetricFamily(f"vllm:{name}", text, labels=labels)
             family.add_metric([self.model_name], float(getattr(stats, attr, 0)))
             yield family

@@ -21,7 +21,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
 
 class OpenAIServingChat(OpenAIServing):
 
-    def render_prompt(self, request: Any) -> tuple[str, list[int]]:
+    async def render_prompt(self, request: Any) -> tuple[str, list[int]]:
         """The conversation as prompt text and token ids (the template carries the special tokens)."""
         tokenizer = self.require_tokenizer()
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
@@ -36,7 +36,7 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as exc:  # noqa: BLE001 - a template error is the request's (or the template's) fault
             raise APIError(f"the chat template failed to render these messages: {type(exc).__name__}: {exc}",
                            400, "messages") from exc
-        return text, tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
+        return text, await self.encode(text, request.add_special_tokens)
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         start = time.monotonic()
@@ -50,7 +50,7 @@ class OpenAIServingChat(OpenAIServing):
                            400, "response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
-        text, prompt_ids = self.render_prompt(request)
+        text, prompt_ids = await self.render_prompt(request)
         max_tokens = request.max_completion_tokens or request.max_tokens
         self.check_length(len(prompt_ids), max_tokens, "messages")
         # max_tokens None: OpenAI's default, whatever room the context leaves (the engine works it out)

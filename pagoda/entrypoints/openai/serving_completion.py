@@ -19,7 +19,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
 
 class OpenAIServingCompletion(OpenAIServing):
 
-    def _prompts(self, request: CompletionRequest) -> list[str | list[int]]:
+    async def _prompts(self, request: CompletionRequest) -> list[dict[str, Any] | list[int]]:
         prompt = request.prompt
         if isinstance(prompt, str):
             prompts: list[Any] = [prompt]
@@ -36,7 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
         for p in prompts:
             if isinstance(p, str):
                 # tokenized here (as the engine would) to check the length against max_tokens up front
-                ids = self.require_tokenizer().encode(p, add_special_tokens=request.add_special_tokens)
+                ids = await self.encode(p, request.add_special_tokens)
                 out.append({"prompt": p, "prompt_token_ids": ids})
             else:
                 self.check_token_ids(p, "prompt")
@@ -57,7 +57,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(f"best_of ({best_of}) must be >= n ({n})", 400, "best_of")
         if best_of is not None and best_of > n and request.stream:
             raise APIError("best_of > n can't be used with stream", 400, "best_of")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         num_seqs = (best_of or n) * len(prompts)
         if num_seqs > MAX_PROMPTS:
             raise APIError(f"this request asks for {num_seqs} sequences (prompts × {'best_of' if best_of else 'n'}); "

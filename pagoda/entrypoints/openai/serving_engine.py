@@ -20,6 +20,7 @@ logger = init_logger(__name__)
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 413: "RequestEntityTooLarge", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+_INLINE_TOKENIZE_CHARS = 8192  # below this, tokenizing takes well under a millisecond: not worth a thread hop
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; clients get a very small finite number instead (as vLLM does)
 
 
@@ -103,6 +104,13 @@ class OpenAIServing:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
                            "for the completion). Reduce the length of the prompt or max_tokens.", 400, param)
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``; a long text is tokenized on a worker thread so other requests keep flowing."""
+        tokenizer = self.require_tokenizer()
+        if len(text) < _INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -13,13 +13,13 @@ from pagoda.entrypoints.openai.serving_engine import APIError
 class OpenAIServingTokenization(OpenAIServingChat):
     """Tokenizes a prompt, or a conversation through the chat template, exactly as generation would."""
 
-    def tokenize(self, request: Any) -> TokenizeResponse:
+    async def tokenize(self, request: Any) -> TokenizeResponse:
         self.check_model(request.model)
         tokenizer = self.require_tokenizer()
         if isinstance(request, TokenizeChatRequest):
-            _, ids = self.render_prompt(request)
+            _, ids = await self.render_prompt(request)
         else:
-            ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            ids = await self.encode(request.prompt, request.add_special_tokens)
         token_strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=token_strs)
 

@@ -133,6 +133,7 @@ def test_metrics_parse_and_count(client, tiny_server, tiny_chat_model_dir):
     assert families["vllm:kv_cache_usage_perc"] == "gauge"
     assert families["vllm:prompt_tokens"] == "counter"
     assert families["vllm:generation_tokens"] == "counter"
+    assert families["vllm:num_preemptions"] == "counter"
     assert families["vllm:time_to_first_token_seconds"] == "histogram"
     assert families["vllm:time_per_output_token_seconds"] == "histogram"
     deadline = time.monotonic() + 10
@@ -144,10 +145,12 @@ def test_metrics_parse_and_count(client, tiny_server, tiny_chat_model_dir):
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
     template = "{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}"
     server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60", "--served-model-name",
-                            "alpha", "beta", "--chat-template", template], env={"VLLM_API_KEY": "env-key"})
+                            "alpha", "beta", "--chat-template", template, "--root-path", "/api"],
+                           env={"VLLM_API_KEY": "env-key"})
     try:
         headers = {"Authorization": "Bearer env-key"}
-        assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401  # the env key applies
+        # the env key applies (and with --root-path, where the ASGI path carries the prefix)
+        assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401
         models = requests.get(server.url + "/v1/models", headers=headers, timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
         answer = requests.post(server.url + "/v1/completions", headers=headers, timeout=30,
