@@ -179,3 +179,17 @@ def test_one_log_line_per_request_with_the_prompt_cut(client, tiny_server, tiny_
     assert "finished" in line and f"prompt {response.usage.prompt_tokens} tokens" in line
     assert "generated 3 tokens" in line
     assert "A" * 30 + "B" * 10 in line and "C" not in line.split("prompt=")[1]
+
+
+def test_streamed_echo_and_logprobs_match_the_full_response(client, tiny_chat_model_dir):
+    kwargs = dict(model=tiny_chat_model_dir, prompt=PROMPTS[2], max_tokens=6, temperature=0, echo=True, logprobs=2)
+    full = client.completions.create(**kwargs).choices[0]
+    chunks = [c for c in client.completions.create(**kwargs, stream=True,
+                                                   stream_options={"include_usage": True,
+                                                                   "continuous_usage_stats": True})]
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in choices) == full.text
+    assert [t for c in choices for t in c.logprobs.tokens] == full.logprobs.tokens
+    assert [v for c in choices for v in c.logprobs.token_logprobs] == full.logprobs.token_logprobs
+    usages = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert usages == sorted(usages) and usages[-1] == 6  # continuous usage counts up
