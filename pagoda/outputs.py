@@ -8,6 +8,7 @@ logprobs are a list with ``None`` for the first prompt token, which nothing pred
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -89,3 +90,22 @@ class RequestOutput:
             f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
             f"outputs={self.outputs}, finished={self.finished}, metrics={self.metrics})"
         )
+
+
+@dataclass
+class PoolingOutput:
+    """The pooled result of one prompt: an embedding, class probabilities, a score … (``data``, float32)."""
+
+    data: Any
+
+    def __repr__(self) -> str:
+        return f"PoolingOutput(data={self.data!r})"
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: str | None = None

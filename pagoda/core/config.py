@@ -49,8 +49,9 @@ class ModelConfig:
     generation_config: str
     override_generation_config: dict[str, Any]
     served_model_name: str
-    task: str
+    task: str  # resolved: "generate", "embed", "classify", "score", "reward"
     skip_tokenizer_init: bool
+    is_encoder_only: bool  # bidirectional attention and no KV cache (BERT-style encoders)
 
     @property
     def text_config(self) -> Any:
@@ -135,7 +136,7 @@ class EngineConfig:
         attention = AttentionConfig(
             platform=platform.name, dtype=model_config.dtype, head_size=model_config.head_size,
             num_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads, block_size=args.block_size,
-            sliding_window=model_config.sliding_window,
+            sliding_window=model_config.sliding_window, is_encoder=model_config.is_encoder_only,
         )
         backend = select_attention_backend(platform, attention, args.attention_backend, registry)
         return cls(
@@ -187,6 +188,7 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         sliding_window = None
     if sliding_window is not None and sliding_window >= max_model_len:
         sliding_window = None  # the window never bites: plain causal attention is the same thing
+    task, is_encoder_only = _resolve_task(args.task, hf_config, registry)
     served = args.served_model_name
     if isinstance(served, list):
         served = served[0] if served else None
@@ -197,9 +199,23 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         dtype=dtype, max_model_len=max_model_len, sliding_window=sliding_window, quantization=quantization,
         quantization_config=quant_dict, load_format=args.load_format, generation_config=args.generation_config,
         override_generation_config=dict(args.override_generation_config or {}),
-        served_model_name=served or (model or os.path.basename(path)), task=args.task,
-        skip_tokenizer_init=args.skip_tokenizer_init,
+        served_model_name=served or (model or os.path.basename(path)), task=task,
+        skip_tokenizer_init=args.skip_tokenizer_init, is_encoder_only=is_encoder_only,
     )
+
+
+def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[str, bool]:
+    """The task the model runs (``auto``: the model class's first supported task) and whether it is an
+    encoder-only model. A task the model can't do is an error naming the ones it can."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not architectures:
+        raise ValueError("the model config has no 'architectures'; can't tell which model to build")
+    model_cls = registry.get_model_class(architectures)
+    supported = tuple(getattr(model_cls, "supported_tasks", ("generate",)))
+    task = supported[0] if requested == "auto" else requested
+    if task not in supported:
+        raise ValueError(f"task: {architectures[0]} can't do {requested!r}; it supports {', '.join(supported)}")
+    return task, bool(getattr(model_cls, "is_encoder_only", False))
 
 
 def _detect_checkpoint_format(path: str, load_format: str, registry: Registry) -> tuple[Any | None, str | None]:

@@ -23,7 +23,8 @@ from pagoda.core.sampler import bad_words_to_token_ids
 from pagoda.core.scheduler import Scheduler
 from pagoda.core.tokenizer import load_tokenizer
 from pagoda.logger import init_logger
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 from pagoda.utils import cdiv
 
@@ -63,6 +64,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._pooling: dict[str, tuple[str | None, list[int]]] = {}  # pooling request id → (prompt, token ids)
         logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
                     config.attention_backend.name, num_blocks, config.cache.block_size,
                     num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
@@ -87,12 +89,14 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_blocks_override is not None:
             return cache.num_blocks_override
+        # More blocks than every sequence at full length could use would only waste memory.
+        needed = self.config.scheduler.max_num_seqs * cdiv(self.model_config.max_model_len, cache.block_size)
         per_block = ModelRunner.kv_bytes_per_block(self.config)
+        if per_block == 0:  # encoder-only: blocks are bookkeeping only, no memory behind them
+            return needed
         budget = cache.kv_cache_memory_bytes or self.config.platform.kv_cache_budget_bytes(
             gpu_memory_utilization=cache.gpu_memory_utilization, cpu_kvcache_space_gib=cache.cpu_kvcache_space_gib,
             model_bytes=weight_bytes)
-        # More blocks than every sequence at full length could use would only waste memory.
-        needed = self.config.scheduler.max_num_seqs * cdiv(self.model_config.max_model_len, cache.block_size)
         num_blocks = min(budget // per_block, needed)
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise "
@@ -120,13 +124,19 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
-        if request_id in self.output_processor.states:
+    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
+                    params: SamplingParams | PoolingParams, arrival_time: float | None = None) -> None:
+        if request_id in self.output_processor.states or request_id in self._pooling:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
+        if isinstance(params, PoolingParams):
+            self._add_pooling_request(request_id, text, token_ids, params, prompt, arrival_time)
+            return
+        if self.model_config.task != "generate":
+            raise ValueError(f"this model serves the {self.model_config.task!r} task, not text generation; use "
+                             f"LLM.{self.model_config.task}() / PoolingParams")
         self._validate(token_ids, params)
         internal = params.clone()
         if internal.max_tokens is None:
@@ -138,20 +148,42 @@ class LLMEngine:
         self.scheduler.add_request(request)
         self.prompt_tokens_total += len(token_ids)
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _add_pooling_request(self, request_id: str, text: str | None, token_ids: list[int], params: PoolingParams,
+                             prompt: Any, arrival_time: float | None) -> None:
+        task = self.model_config.task
+        if task == "generate":
+            raise ValueError("this model serves text generation, not pooling; load it with task='embed', "
+                             "'classify' or 'score' if it supports one")
+        self._validate(token_ids, None)
+        budget = self.config.scheduler.max_num_batched_tokens
+        if len(token_ids) > budget:
+            raise ValueError(f"prompt: {len(token_ids)} tokens don't fit the step budget of {budget} tokens that a "
+                             "pooling request must run in; raise max_num_batched_tokens")
+        type_ids = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+        request = Request(request_id, token_ids, params, arrival_time,
+                          token_type_ids=list(type_ids) if type_ids is not None else None)
+        self._pooling[request_id] = (text, token_ids)
+        self.scheduler.add_request(request)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams | None) -> None:
         max_len = self.model_config.max_model_len
         if not token_ids:
             raise ValueError("prompt: the prompt is empty")
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt: token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
-        if len(token_ids) >= max_len:
-            raise ValueError(f"prompt: the prompt has {len(token_ids)} tokens, which leaves no room to generate "
-                             f"within the maximum model length of {max_len}")
-        blocks_needed = cdiv(len(token_ids) + 1, self.config.cache.block_size)
+        generating = params is not None
+        if len(token_ids) > max_len or (generating and len(token_ids) == max_len):
+            room = ", which leaves no room to generate" if generating else ""
+            raise ValueError(f"prompt: the prompt has {len(token_ids)} tokens{room}; the maximum model length is "
+                             f"{max_len}")
+        blocks_needed = cdiv(len(token_ids) + int(generating), self.config.cache.block_size)
         if blocks_needed > self.config.cache.num_blocks:
             raise ValueError(f"prompt: {len(token_ids)} tokens need {blocks_needed} KV-cache blocks but the cache "
                              f"has {self.config.cache.num_blocks}; give the KV cache more memory")
+        if params is None:
+            return
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
@@ -163,6 +195,7 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for rid in request_ids:
+            self._pooling.pop(rid, None)
             state = self.output_processor.remove(rid)
             num = state.num_samples if state is not None else 1
             ids = [rid] + [f"{i}_{rid}" for i in range(num)] if num > 1 else [rid]
@@ -188,6 +221,15 @@ class LLMEngine:
         outputs, finishes = self.output_processor.process(results, runner_out)
         for seq_id, status in finishes:
             self.scheduler.finish_requests([seq_id], status)
+        return outputs + self._pooling_outputs(runner_out.pooled)
+
+    def _pooling_outputs(self, pooled: dict[str, Any]) -> list[PoolingRequestOutput]:
+        outputs = []
+        for rid, data in pooled.items():
+            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
+            entry = self._pooling.pop(rid, None)
+            if entry is not None:
+                outputs.append(PoolingRequestOutput(rid, PoolingOutput(data), entry[1], True, entry[0]))
         return outputs
 
     def _unschedulable(self) -> list[RequestOutput]:

@@ -32,8 +32,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[KVCacheBlock]:
         """Leading full blocks of the request found in the prefix cache. The last token is always recomputed
-        (its logits are needed), and requests asking for prompt logprobs bypass the cache."""
-        if not self.enable_caching or request.params.prompt_logprobs is not None:
+        (its logits are needed); prompt-logprob and pooling requests bypass the cache."""
+        if not self.enable_caching or request.needs_all_prompt_states:
             return []
         hashes = request.update_block_hashes(self.block_size)
         max_blocks = (request.num_tokens - 1) // self.block_size

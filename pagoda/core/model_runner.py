@@ -19,6 +19,7 @@ from pagoda.core.request import child_request_id
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
 
@@ -27,10 +28,11 @@ class RunnerRequestState:
     request_id: str
     token_ids: list[int]
     num_prompt_tokens: int
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     block_ids: list[int]
     num_computed_tokens: int
-    sampling: list[SamplingRequestState]  # one per sample: several only for a request about to fork
+    sampling: list[SamplingRequestState]  # one per sample: several only for a request about to fork; none to pool
+    token_type_ids: list[int] | None = None
 
 
 @dataclass
@@ -41,6 +43,8 @@ class RunnerOutput:
     logprobs: dict[str, tuple[list[int], list[float], int]] = field(default_factory=dict)
     #: request id → prompt logprobs of this step's prompt positions, in order
     prompt_logprobs: dict[str, list[tuple[list[int], list[float], int]]] = field(default_factory=dict)
+    #: request id → pooled output (float32, on the host) of a pooling request
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -53,11 +57,18 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.bad_words_encoder = bad_words_encoder
         mc = config.model
-        shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads, mc.head_size)
-        # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
-        self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
-        for cache in self.kv_caches:
-            cache[:, 0] = 0  # block tables are padded with block 0
+        self.causal = not mc.is_encoder_only
+        self.kv_caches: list[torch.Tensor | None]
+        if mc.is_encoder_only:  # encoders attend within the step's tokens only: no cache at all
+            self.kv_caches = [None] * mc.num_layers
+        else:
+            shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads,
+                                                            mc.head_size)
+            # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
+            self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+            for cache in self.kv_caches:
+                cache[:, 0] = 0  # block tables are padded with block 0
+        self.uses_token_type_ids = bool(getattr(model, "uses_token_type_ids", False))
         self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
@@ -65,6 +76,8 @@ class ModelRunner:
     @staticmethod
     def kv_bytes_per_block(config: EngineConfig) -> int:
         mc = config.model
+        if mc.is_encoder_only:
+            return 0
         per_token = 2 * mc.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
         return per_token * config.cache.block_size * mc.num_layers
 
@@ -82,7 +95,9 @@ class ModelRunner:
             state.block_ids = list(new.block_ids)
             state.num_computed_tokens = new.num_computed_tokens
             return
-        if new.num_samples > 1:
+        if isinstance(new.params, PoolingParams):
+            sampling = []
+        elif new.num_samples > 1:
             sampling = []
             for index in range(new.num_samples):
                 params = new.params.clone()
@@ -94,7 +109,7 @@ class ModelRunner:
             sampling = [self._sampling_state(new.params, prompt, outputs)]
         self.states[new.request_id] = RunnerRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens,
                                                          new.params, list(new.block_ids), new.num_computed_tokens,
-                                                         sampling)
+                                                         sampling, new.token_type_ids)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:
@@ -106,11 +121,11 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.block_ids is not None:
                 state.block_ids = list(cached.block_ids)
-        if sched.blocks_to_zero:
+        if sched.blocks_to_zero and self.causal:
             fresh = torch.tensor(sched.blocks_to_zero, device=self.device)
             for cache in self.kv_caches:
                 cache[:, fresh] = 0
-        if sched.block_copies:
+        if sched.block_copies and self.causal:
             src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
             dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)
             for cache in self.kv_caches:
@@ -130,7 +145,9 @@ class ModelRunner:
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(order))
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
-        hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"])
+        extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
+        hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
+        self._pool(out, hidden, states, ends, batch["query_start_loc"])
 
         # Rows that sample: every scheduled token of the request is now computed.
         sample_rows, sample_states, owners = [], [], []
@@ -169,10 +186,23 @@ class ModelRunner:
             else:
                 state.token_ids.append(out.sampled[state.request_id][-1])
 
+    def _pool(self, out: RunnerOutput, hidden: torch.Tensor, states: list[RunnerRequestState], ends: np.ndarray,
+              query_start_loc: np.ndarray) -> None:
+        """Pooling requests (scheduled whole, never chunked) hand their prompt's hidden states to the model's
+        pooler."""
+        pooling = [i for i, s in enumerate(states) if not s.sampling and ends[i] == len(s.token_ids)]
+        if not pooling:
+            return
+        slices = [hidden[int(query_start_loc[i]):int(query_start_loc[i + 1])] for i in pooling]
+        results = self.model.pooler(slices, [states[i].params for i in pooling],
+                                    [states[i].token_ids for i in pooling])
+        for i, result in zip(pooling, results):
+            out.pooled[states[i].request_id] = result.float().cpu()
+
     def _prompt_logprobs(self, out, hidden, states, starts, ends, query_start_loc) -> None:
         for i, state in enumerate(states):
             num = state.params.prompt_logprobs
-            if num is None or starts[i] >= state.num_prompt_tokens - 1:
+            if num is None or not state.sampling or starts[i] >= state.num_prompt_tokens - 1:
                 continue
             # Position p predicts prompt token p + 1.
             last = min(int(ends[i]), state.num_prompt_tokens - 1)
@@ -192,9 +222,12 @@ class ModelRunner:
         input_ids = np.empty(num_tokens, dtype=np.int64)
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+        token_type_ids = np.zeros(num_tokens, dtype=np.int64) if self.uses_token_type_ids else None
         for i, state in enumerate(states):
             input_ids[query_start_loc[i]:query_start_loc[i + 1]] = state.token_ids[starts[i]:ends[i]]
             block_table[i, :len(state.block_ids)] = state.block_ids
+            if token_type_ids is not None and state.token_type_ids:
+                token_type_ids[query_start_loc[i]:query_start_loc[i + 1]] = state.token_type_ids[starts[i]:ends[i]]
         # Per-token request index and position, without a Python loop over tokens.
         req_index = np.repeat(np.arange(num_reqs), counts)
         positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts)
@@ -211,10 +244,12 @@ class ModelRunner:
             seq_lens=seq_lens_cpu.to(dev), seq_lens_cpu=seq_lens_cpu,
             num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
             block_table=torch.from_numpy(block_table).to(dev), slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            causal=self.causal,
         )
         return {
             "input_ids": torch.from_numpy(input_ids).to(dev),
             "positions": torch.from_numpy(positions).to(dev),
             "attn_metadata": self.attn_builder.build(metadata),
             "query_start_loc": query_start_loc,
+            "token_type_ids": torch.from_numpy(token_type_ids).to(dev) if token_type_ids is not None else None,
         }

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any
-
 from pagoda.core.block_pool import hash_block_tokens
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
 
@@ -32,9 +31,9 @@ class Request:
     """One sequence being generated. A prompt with ``n > 1`` starts as one request (the prompt is computed once)
     and forks into ``n`` child requests sharing its KV blocks once the first tokens are sampled."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                  arrival_time: float | None = None, eos_token_ids: set[int] | None = None,
-                 parent_id: str | None = None, index: int = 0, lora: Any = None) -> None:
+                 parent_id: str | None = None, index: int = 0, token_type_ids: list[int] | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -50,6 +49,17 @@ class Request:
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
+        self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)
+
+    @property
+    def is_pooling(self) -> bool:
+        """Pooling requests run their whole prompt in one step and produce no tokens."""
+        return isinstance(self.params, PoolingParams)
+
+    @property
+    def needs_all_prompt_states(self) -> bool:
+        """Prompt logprobs and pooling need every prompt position computed, so they skip the prefix cache."""
+        return self.is_pooling or self.params.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:

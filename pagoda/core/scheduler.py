@@ -33,6 +33,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     num_samples: int  # > 1: the runner samples this many tokens from the last position (fork)
+    token_type_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Scheduler:
             if rid not in self._known_blocks:
                 out.new_requests.append(NewRequestData(
                     rid, list(request.all_token_ids), request.num_prompt_tokens, request.params, block_ids,
-                    request.num_computed_tokens, request.num_samples))
+                    request.num_computed_tokens, request.num_samples, request.token_type_ids))
             else:
                 changed = len(block_ids) != self._known_blocks[rid] or self._last_block_copied(block_ids)
                 out.cached_requests.append(CachedRequestData(rid, request.num_computed_tokens,
@@ -171,7 +172,7 @@ class Scheduler:
     def _num_new_tokens(self, request: Request, budget: int, num_cached: int = 0) -> int:
         num_new = request.num_tokens - request.num_computed_tokens - num_cached
         if num_new > budget:
-            if not self.config.enable_chunked_prefill:
+            if not self.config.enable_chunked_prefill or request.is_pooling:  # poolers need the whole prompt
                 return 0
             num_new = budget
         return max(num_new, 0)

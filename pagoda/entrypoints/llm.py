@@ -9,13 +9,14 @@ from typing import Any
 from pagoda.core.engine import LLMEngine
 from pagoda.core.engine_args import EngineArgs
 from pagoda.entrypoints.chat_utils import apply_chat_template
+from pagoda.entrypoints.llm_pooling import LLMPoolingMixin
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any] | list[int]
 
 
-class LLM:
+class LLM(LLMPoolingMixin):
     """A model loaded for offline generation.
 
     ``LLM(model=...)`` takes every :class:`~pagoda.core.engine_args.EngineArgs` field as a keyword; with no
@@ -97,17 +98,19 @@ class LLM:
                              "prompt")
         return params
 
-    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool
-             ) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params_list: list[Any], use_tqdm: bool) -> list[Any]:
+        """Add every prompt, step until all are finished, return the final outputs in input order (sampling or
+        pooling requests alike)."""
         engine = self.llm_engine
         ids = []
         for prompt, params in zip(prompts, params_list):
             params = params.clone()
-            params.output_kind = RequestOutputKind.FINAL_ONLY
+            if isinstance(params, SamplingParams):
+                params.output_kind = RequestOutputKind.FINAL_ONLY
             request_id = str(next(self._counter))
             engine.add_request(request_id, prompt, params)
             ids.append(request_id)
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, Any] = {}
         bar = _progress_bar(len(ids)) if use_tqdm else None
         try:
             while engine.has_unfinished_requests():
@@ -135,9 +138,10 @@ def _progress_bar(total: int) -> Any:
     return bar
 
 
-def _show_speed(bar: Any, output: RequestOutput) -> None:
+def _show_speed(bar: Any, output: Any) -> None:
     bar.pagoda_tokens[0] += len(output.prompt_token_ids or ())
-    bar.pagoda_tokens[1] += sum(len(o.token_ids) for o in output.outputs)
+    if isinstance(output, RequestOutput):
+        bar.pagoda_tokens[1] += sum(len(o.token_ids) for o in output.outputs)
     elapsed = bar.format_dict.get("elapsed") or 1e-9
     bar.postfix = (f"est. speed input: {bar.pagoda_tokens[0] / elapsed:.2f} toks/s, "
                    f"output: {bar.pagoda_tokens[1] / elapsed:.2f} toks/s")

@@ -62,7 +62,7 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(llm):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(ValueError, match="token ids must be in"):
         llm.generate({"prompt_token_ids": [10 ** 7]}, use_tqdm=False)
-    with pytest.raises(ValueError, match="maximum model length of 512"):
+    with pytest.raises(ValueError, match="maximum model length is 512"):
         llm.generate({"prompt_token_ids": [5] * 600}, use_tqdm=False)
     with pytest.raises(ValueError, match="logprobs: 50 is more than max_logprobs"):
         llm.generate("hi", SamplingParams(logprobs=50), use_tqdm=False)
