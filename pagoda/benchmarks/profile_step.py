@@ -1,0 +1,136 @@
+"""``pagoda bench step-overhead``: what an engine step costs besides the model.
+
+``--num-requests`` requests (64 by default, W1's shape) are admitted and prefilled; then every decode step with all
+of them running is timed, and inside it the model's ``forward`` and ``compute_logits`` and the engine's stages
+(scheduling, batch preparation, sampling, scheduler update, detokenization and output processing) are timed by
+wrapping those methods on the live objects. The engine overhead of a step is the step's time minus the model's
+(``forward`` + ``compute_logits``). ``--cprofile`` also prints the functions where the overhead goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import pstats
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from pagoda.benchmarks.common import greedy_params, make_llm, summarize, write_json
+from pagoda.benchmarks.datasets import random_requests
+
+MODEL_STAGES = ("model.forward", "model.compute_logits")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    from pagoda.core.engine_args import EngineArgs
+
+    parser.add_argument("--num-requests", type=int, default=64, help="requests running in every timed step")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
+    parser.add_argument("--num-steps", type=int, default=64, help="decode steps to time")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--cprofile", action="store_true", help="print the top functions of the timed steps")
+    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
+    EngineArgs.add_cli_args(parser)
+
+
+class StageTimer:
+    """Accumulates wall time per named stage for the current step."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner: object, attr: str, name: str) -> None:
+        """Replace ``owner.attr`` (a method or callable attribute) by a timed version of itself."""
+        inner = getattr(owner, attr)
+        current = self.current
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                current[name] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        values = dict(self.current)
+        self.current.clear()
+        return values
+
+
+def instrument(engine) -> StageTimer:
+    """Wrap the model and the engine's stages with timers (instance attributes: nothing global is patched)."""
+    timer = StageTimer()
+    runner = engine.runner
+    timer.wrap(runner.model, "forward", "model.forward")
+    timer.wrap(runner.model, "compute_logits", "model.compute_logits")
+    timer.wrap(engine.scheduler, "schedule", "scheduler.schedule")
+    timer.wrap(runner, "_update_states", "runner.update_states")
+    timer.wrap(runner, "_build_batch", "runner.build_batch")
+    timer.wrap(runner, "sampler", "runner.sampler")
+    timer.wrap(runner, "_record_samples", "runner.record_samples")
+    timer.wrap(engine.scheduler, "update_from_output", "scheduler.update_from_output")
+    timer.wrap(engine.output_processor, "process", "output_processor.process")
+    return timer
+
+
+def main(args: argparse.Namespace) -> dict:
+    for name in ("num_requests", "input_len", "num_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
+    llm = make_llm(args)
+    engine = llm.llm_engine
+    vocab = engine.model_config.vocab_size
+    # Enough output that nobody finishes during the timed steps (+ a few steps of prefill and warm-up).
+    params = greedy_params(args.num_steps + 16, args.temperature)
+    for i, request in enumerate(random_requests(args.num_requests, args.input_len, 1, vocab_size=vocab,
+                                                seed=(args.seed or 0) + 17)):
+        engine.add_request(f"overhead-{i}", {"prompt_token_ids": request.prompt_token_ids}, params)
+    # Prefill (possibly over several steps), then a few decode steps untimed.
+    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    if engine.scheduler.num_running != args.num_requests:
+        raise RuntimeError(f"only {engine.scheduler.num_running} of {args.num_requests} requests are running; give "
+                           "the KV cache more memory (--kv-cache-memory-bytes) or raise --max-num-seqs")
+    timer = instrument(engine)
+    profiler = cProfile.Profile() if args.cprofile else None
+    steps, stages = [], defaultdict(list)
+    for _ in range(args.num_steps):
+        if profiler is not None:
+            profiler.enable()
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+        if profiler is not None:
+            profiler.disable()
+        for name, value in timer.take().items():
+            stages[name].append(value)
+    model = np.sum([np.asarray(stages[name]) for name in MODEL_STAGES if name in stages], axis=0)
+    overhead = np.asarray(steps) - model
+    result = {"num_requests": args.num_requests, "num_steps": args.num_steps,
+              "step_ms": summarize(steps), "model_ms": summarize(model), "overhead_ms": summarize(overhead),
+              "stages_ms": {name: summarize(values) for name, values in sorted(stages.items())}}
+    print(f"Decode steps with {args.num_requests} running requests ({args.num_steps} timed), median ms per step:")
+    print(f"  {'step (total)':<34} {result['step_ms']['median']:9.3f}")
+    print(f"  {'model (forward + logits)':<34} {result['model_ms']['median']:9.3f}")
+    print(f"  {'engine overhead (step - model)':<34} {result['overhead_ms']['median']:9.3f}"
+          f"   (mean {result['overhead_ms']['mean']:.3f}, p99 {result['overhead_ms']['p99']:.3f})")
+    print("  of which, timed stages (median ms):")
+    for name, values in result["stages_ms"].items():
+        if name not in MODEL_STAGES:
+            print(f"    {name:<32} {values['median']:9.3f}")
+    if profiler is not None:
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
+        print(stream.getvalue())
+    engine.abort_request([f"overhead-{i}" for i in range(args.num_requests)])
+    write_json(args.output_json, result)
+    return result

@@ -1,0 +1,76 @@
+"""``pagoda bench ...`` end to end on a tiny model: the commands run, count tokens right and write valid JSON.
+
+Nothing here asserts a speed; the checks are on what the figures must satisfy whatever the machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagoda.entrypoints.cli import main as cli_main
+
+ENGINE = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20)]
+
+
+def _run(args: list[str], tmp_path) -> dict:
+    out = tmp_path / "result.json"
+    assert cli_main(["bench", *args, "--output-json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_throughput_counts_every_token(tiny_chat_model_dir, tmp_path, capsys):
+    result = _run(["throughput", "--model", tiny_chat_model_dir, *ENGINE, "--dataset-name", "random",
+                   "--input-len", "12", "--output-len", "5", "--num-prompts", "3", "--num-iters", "2"], tmp_path)
+    assert result["num_requests"] == 3
+    assert result["num_prompt_tokens"] == 36 and result["num_output_tokens"] == 15  # ignore_eos: exact lengths
+    assert result["total_num_tokens"] == 51
+    assert len(result["all_elapsed_times"]) == 2 and result["elapsed_time"] in result["all_elapsed_times"]
+    assert result["output_tokens_per_second"] == pytest.approx(15 / result["elapsed_time"])
+    assert result["tokens_per_second"] == pytest.approx(51 / result["elapsed_time"])
+    assert "Throughput:" in capsys.readouterr().out
+
+
+def test_throughput_random_flags_and_range_ratio(tiny_chat_model_dir, tmp_path):
+    result = _run(["throughput", "--model", tiny_chat_model_dir, *ENGINE, "--random-input-len", "20",
+                   "--random-output-len", "6", "--random-range-ratio", "0.5", "--num-prompts", "3", "--seed", "5",
+                   "--no-warmup"], tmp_path)
+    assert 3 * 10 <= result["num_prompt_tokens"] <= 3 * 30
+    assert 3 * 3 <= result["num_output_tokens"] <= 3 * 9
+
+
+def test_latency_reports_ttft_within_latency(tiny_chat_model_dir, tmp_path, capsys):
+    result = _run(["latency", "--model", tiny_chat_model_dir, *ENGINE, "--input-len", "8", "--output-len", "6",
+                   "--batch-size", "2", "--num-iters-warmup", "1", "--num-iters", "2"], tmp_path)
+    assert len(result["latencies"]) == 2 and len(result["ttfts"]) == 2
+    assert all(0 < t < lat for t, lat in zip(result["ttfts"], result["latencies"]))
+    assert result["avg_latency"] == pytest.approx(sum(result["latencies"]) / 2)
+    assert set(result["percentiles"]) == {"10", "25", "50", "75", "90", "99"}
+    assert result["median_decode_tokens_per_second"] > 0
+    assert "Avg latency:" in capsys.readouterr().out
+
+
+def test_step_overhead_splits_model_from_engine(tiny_chat_model_dir, tmp_path, capsys):
+    result = _run(["step-overhead", "--model", tiny_chat_model_dir, *ENGINE, "--load-format", "dummy",
+                   "--num-requests", "3", "--input-len", "8", "--num-steps", "4"], tmp_path)
+    assert result["num_requests"] == 3 and result["num_steps"] == 4
+    stages = result["stages_ms"]
+    for name in ("model.forward", "model.compute_logits", "scheduler.schedule", "runner.build_batch",
+                 "runner.sampler", "output_processor.process"):
+        assert stages[name]["mean"] > 0, name
+    # The parts can't exceed the whole: the model and each stage lie inside the step.
+    assert result["model_ms"]["mean"] < result["step_ms"]["mean"]
+    assert result["overhead_ms"]["mean"] == pytest.approx(result["step_ms"]["mean"] - result["model_ms"]["mean"])
+    assert stages["runner.sampler"]["mean"] < result["overhead_ms"]["mean"]
+    assert "engine overhead" in capsys.readouterr().out
+
+
+def test_bench_without_a_benchmark_prints_help(capsys):
+    assert cli_main(["bench"]) == 2
+    assert "step-overhead" in capsys.readouterr().out
+
+
+def test_bad_flag_value_is_a_one_line_error(tiny_chat_model_dir, capsys):
+    assert cli_main(["bench", "latency", "--model", tiny_chat_model_dir, *ENGINE, "--batch-size", "0"]) == 1
+    assert "batch_size: must be >= 1" in capsys.readouterr().err
