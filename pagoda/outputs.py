@@ -109,3 +109,89 @@ class PoolingRequestOutput:
     prompt_token_ids: list[int]
     finished: bool = True
     prompt: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class EmbeddingOutput:
+    """An embedding vector (``LLM.embed``)."""
+
+    embedding: list[float]
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> EmbeddingOutput:
+        data = pooling_output.data
+        if data.ndim != 1:
+            raise ValueError(f"an embedding must be a 1-D vector; the pooler returned shape {tuple(data.shape)}")
+        return EmbeddingOutput(data.tolist())
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    outputs: EmbeddingOutput  # type: ignore[assignment]
+
+    @staticmethod
+    def from_base(request_output: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return EmbeddingRequestOutput(request_output.request_id, EmbeddingOutput.from_base(request_output.outputs),
+                                      request_output.prompt_token_ids, request_output.finished, request_output.prompt)
+
+
+@dataclass
+class ClassificationOutput:
+    """Class probabilities (``LLM.classify``; raw logits when the request turned the activation off)."""
+
+    probs: list[float]
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> ClassificationOutput:
+        data = pooling_output.data
+        if data.ndim != 1:
+            raise ValueError(f"class probabilities must be a 1-D vector; the pooler returned shape "
+                             f"{tuple(data.shape)}")
+        return ClassificationOutput(data.tolist())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput(PoolingRequestOutput):
+    outputs: ClassificationOutput  # type: ignore[assignment]
+
+    @staticmethod
+    def from_base(request_output: PoolingRequestOutput) -> ClassificationRequestOutput:
+        return ClassificationRequestOutput(
+            request_output.request_id, ClassificationOutput.from_base(request_output.outputs),
+            request_output.prompt_token_ids, request_output.finished, request_output.prompt)
+
+
+@dataclass
+class ScoringOutput:
+    """The relevance score of one text pair (``LLM.score``)."""
+
+    score: float
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> ScoringOutput:
+        data = pooling_output.data
+        if data.numel() != 1:
+            raise ValueError(f"a score must be a single number; the pooler returned shape {tuple(data.shape)}")
+        return ScoringOutput(float(data.reshape(())))
+
+
+@dataclass
+class ScoringRequestOutput(PoolingRequestOutput):
+    outputs: ScoringOutput  # type: ignore[assignment]
+
+    @staticmethod
+    def from_base(request_output: PoolingRequestOutput) -> ScoringRequestOutput:
+        return ScoringRequestOutput(request_output.request_id, ScoringOutput.from_base(request_output.outputs),
+                                    request_output.prompt_token_ids, request_output.finished, request_output.prompt)

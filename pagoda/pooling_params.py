@@ -43,3 +43,24 @@ class PoolingParams:
         import copy
 
         return copy.deepcopy(self)
+
+    def verify(self, task: str) -> None:
+        """Check that every option set applies to ``task`` ("embed": dimensions, normalize; "classify" and
+        "score": activation; "encode": any); raise ``ValueError`` naming the ones that don't."""
+        allowed = _TASK_OPTIONS.get(task)
+        if allowed is None:
+            raise ValueError(f"task must be one of {', '.join(POOLING_TASKS)}, got {task!r}")
+        given = {name for name in ("dimensions", "normalize", "activation") if getattr(self, name) is not None}
+        bad = sorted(given - allowed)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not an option of the {task!r} task; it takes "
+                             f"{', '.join(sorted(allowed)) or 'no options'}")
+
+
+_TASK_OPTIONS = {
+    "encode": {"dimensions", "normalize", "activation"},
+    "embed": {"dimensions", "normalize"},
+    "classify": {"activation"},
+    "score": {"activation"},
+    "reward": set(),
+}

@@ -52,6 +52,7 @@ class ModelConfig:
     task: str  # resolved: "generate", "embed", "classify", "score", "reward"
     skip_tokenizer_init: bool
     is_encoder_only: bool  # bidirectional attention and no KV cache (BERT-style encoders)
+    override_pooler_config: dict[str, Any] = field(default_factory=dict)  # read by pooling models' poolers
 
     @property
     def text_config(self) -> Any:
@@ -201,6 +202,7 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         override_generation_config=dict(args.override_generation_config or {}),
         served_model_name=served or (model or os.path.basename(path)), task=task,
         skip_tokenizer_init=args.skip_tokenizer_init, is_encoder_only=is_encoder_only,
+        override_pooler_config=dict(args.override_pooler_config or {}),
     )
 
 
