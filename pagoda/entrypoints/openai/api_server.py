@@ -29,6 +29,7 @@ from pagoda.entrypoints.openai.metrics import CONTENT_TYPE
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig, error_body
+from pagoda.entrypoints.openai.serving_pooling import register_pooling_routes
 from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagoda.logger import init_logger
 from pagoda.version import __version__
@@ -111,6 +112,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
     @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
     async def detokenize(request: p.DetokenizeRequest) -> p.DetokenizeResponse:
         return tokenization.detokenize(request)
+
+    register_pooling_routes(app, engine, config)  # /v1/embeddings, /score, /rerank, /classify, /pooling
 
     # --------------------------------------------------------------- middleware (last added runs first)
     app.add_middleware(CORSMiddleware, allow_origins=config.extra.get("allowed_origins", ["*"]),

@@ -235,7 +235,8 @@ class AsyncEngine:
             route = self._routes.get(output.request_id)
             if route is None:  # aborted meanwhile
                 continue
-            new_tokens = sum(len(c.token_ids) for c in output.outputs)  # outputs are deltas
+            pooled = not isinstance(output.outputs, list)  # a PoolingRequestOutput: no tokens, one output
+            new_tokens = 0 if pooled else sum(len(c.token_ids) for c in output.outputs)  # outputs are deltas
             if metrics is not None and new_tokens > 0:
                 if route.last_token_time is None:
                     metrics.time_to_first_token.observe(now - route.arrival)
@@ -245,7 +246,7 @@ class AsyncEngine:
                 route.last_token_time = now
             if output.finished:
                 del self._routes[output.request_id]
-                if metrics is not None:
+                if metrics is not None and not pooled:
                     metrics.request_finished(output, now - route.arrival)
             batch.append((route.group, (route.index, output)))
         return batch
