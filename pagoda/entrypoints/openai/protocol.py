@@ -10,14 +10,19 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128  # caps n and best_of so one request can't occupy the whole batch
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN and ±Infinity (which Python's JSON parser accepts) would reach the sampler's arithmetic
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -94,7 +99,7 @@ class SamplingFields(OpenAIBaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
     # vLLM extras
     top_k: int | None = Field(default=None, ge=-1)
@@ -106,6 +111,28 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+
+    @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty")
+    @classmethod
+    def _float32_value(cls, value: float | None) -> float | None:
+        return _check_float32(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _float32_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for bias in (value or {}).values():
+            _check_float32(bias)
+        return value
+
+
+def _check_float32(value: float | None) -> float | None:
+    """Sampling runs in 32-bit floats: a value that becomes 0 or inf there (1e-300, 1e300) would turn the
+    logits into NaN, so it is refused here rather than left to fail inside the shared engine step."""
+    if value is not None and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{value} is not representable as a 32-bit float (magnitude must be 0 or within "
+                         f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}])")
+    return value
 
 
 # ---------------------------------------------------------------------------- /v1/completions

@@ -63,10 +63,28 @@ COMPLETION_CASES = [
     ({"prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids", "out of range"),
     ({"prompt": "x", "logit_bias": {"abc": 1.0}}, 400, "logit_bias", "token ids"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    ({"prompt": "x", "seed": 2**70}, 400, "seed", ""),
+    ({"prompt": "x", "stop": [""]}, 400, None, "non-empty"),
+    ({"prompt": "x", "top_p": 1e-300}, 400, "top_p", "32-bit"),  # 0 in float32: nothing would be kept
+    ({"prompt": "x", "repetition_penalty": 1e-300}, 400, "repetition_penalty", "32-bit"),
+    ({"prompt": "x", "logit_bias": {"5": 1e300}}, 400, "logit_bias", "32-bit"),
     ({"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, 400, "stream_options.bogus", ""),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"prompt": "x", "model": "no-such-model"}, 404, "model", "does not exist"),
 ]
+
+
+# Python's JSON parser accepts these literals; none may reach the sampler
+NON_FINITE = ['{"prompt": "x", "temperature": NaN}', '{"prompt": "x", "logit_bias": {"5": Infinity}}',
+              '{"prompt": "x", "repetition_penalty": Infinity}', '{"prompt": "x", "top_p": NaN}']
+
+
+@pytest.mark.parametrize("raw", NON_FINITE)
+def test_non_finite_numbers_are_refused(tiny_server, raw):
+    response = requests.post(tiny_server.url + "/v1/completions", data=raw, timeout=10,
+                             headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(response, 400, contains="finite")
+    assert requests.get(tiny_server.url + "/health", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("body,status,param,contains", COMPLETION_CASES,
