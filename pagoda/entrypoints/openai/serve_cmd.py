@@ -36,6 +36,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="require 'Authorization: Bearer <key>' on every /v1 route (default: $VLLM_API_KEY)")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template (a file path or the template itself) replacing the model's")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests carry their own chat_template (Jinja text run by the server)")
     group.add_argument("--max-log-len", type=int, default=None,
                        help="longest prompt text printed in the per-request log line (default: unlimited)")
     group.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,
                           log_requests=not args.disable_log_requests, api_key=args.api_key or envs.api_key(),
                           max_request_body_bytes=args.max_request_body_bytes,
+                          trust_request_chat_template=args.trust_request_chat_template,
                           extra={"allowed_origins": args.allowed_origins,
                                  "allow_credentials": args.allow_credentials})
     stats_interval = None if engine_args.disable_log_stats else args.log_stats_interval

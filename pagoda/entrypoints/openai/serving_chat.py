@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -25,18 +26,31 @@ class OpenAIServingChat(OpenAIServing):
         """The conversation as prompt text and token ids (the template carries the special tokens)."""
         tokenizer = self.require_tokenizer()
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        template = self._request_template(request.chat_template) or self.config.chat_template
         try:
-            text = apply_chat_template(tokenizer, messages, chat_template=request.chat_template
-                                       or self.config.chat_template,
-                                       add_generation_prompt=request.add_generation_prompt,
-                                       continue_final_message=request.continue_final_message,
-                                       chat_template_kwargs=request.chat_template_kwargs)
+            # on a worker thread: a long conversation or a heavy template must not stall other requests
+            text = await asyncio.to_thread(apply_chat_template, tokenizer, messages, chat_template=template,
+                                           add_generation_prompt=request.add_generation_prompt,
+                                           continue_final_message=request.continue_final_message,
+                                           chat_template_kwargs=request.chat_template_kwargs)
         except ValueError as exc:
             raise APIError(str(exc), 400, "messages") from exc
         except Exception as exc:  # noqa: BLE001 - a template error is the request's (or the template's) fault
             raise APIError(f"the chat template failed to render these messages: {type(exc).__name__}: {exc}",
                            400, "messages") from exc
         return text, await self.encode(text, request.add_special_tokens)
+
+    def _request_template(self, template: str | None) -> str | None:
+        """A chat template sent in a request: only with --trust-request-chat-template, and only as template
+        text (a file path would let a client read the server's files)."""
+        if template is None:
+            return None
+        if not self.config.trust_request_chat_template:
+            raise APIError("chat_template: this server doesn't accept chat templates in requests (start it with "
+                           "--trust-request-chat-template to allow them)", 400, "chat_template")
+        if "{" not in template:
+            raise APIError("chat_template: must be Jinja template text, not a file name", 400, "chat_template")
+        return template
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         start = time.monotonic()

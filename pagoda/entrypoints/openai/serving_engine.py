@@ -52,6 +52,7 @@ class ServerConfig:
     log_requests: bool = True
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
+    trust_request_chat_template: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 

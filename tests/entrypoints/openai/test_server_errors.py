@@ -104,6 +104,7 @@ CHAT_CASES = [
     ({"messages": CHAT, "max_completion_tokens": 5000}, 400, "messages", "maximum context length"),
     ({"messages": CHAT, "continue_final_message": True}, 400, "messages", "continue_final_message"),
     ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "gpt-4"),
+    ({"messages": CHAT, "chat_template": "{{ messages }}"}, 400, "chat_template", "--trust-request-chat-template"),
 ]
 
 

@@ -145,7 +145,8 @@ def test_metrics_parse_and_count(client, tiny_server, tiny_chat_model_dir):
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
     template = "{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}"
     server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60", "--served-model-name",
-                            "alpha", "beta", "--chat-template", template, "--root-path", "/api"],
+                            "alpha", "beta", "--chat-template", template, "--root-path", "/api",
+                            "--trust-request-chat-template"],
                            env={"VLLM_API_KEY": "env-key"})
     try:
         headers = {"Authorization": "Bearer env-key"}
@@ -160,6 +161,13 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
                                json={"messages": [{"role": "user", "content": "hey"}]}).json()["tokens"]
         detok = requests.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=10).json()
         assert detok["prompt"] == "<<user>>hey"  # --chat-template replaced the model's
+        own = requests.post(server.url + "/tokenize", timeout=10, json={
+            "messages": [{"role": "user", "content": "hey"}], "chat_template": "[{{ messages[0].content }}]"})
+        assert own.json()["tokens"] == requests.post(server.url + "/tokenize", json={"prompt": "[hey]"},
+                                                     timeout=10).json()["tokens"]
+        path = requests.post(server.url + "/tokenize", timeout=10, json={
+            "messages": [{"role": "user", "content": "hey"}], "chat_template": "/etc/hostname.txt"})
+        assert path.status_code == 400 and path.json()["error"]["param"] == "chat_template"
         result = {}
 
         def long_request():
