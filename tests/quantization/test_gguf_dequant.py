@@ -11,13 +11,15 @@ from torch import nn
 
 from pagoda.quantization.gguf import GGUFConfig, GGUFWeight
 from pagoda.quantization.gguf.dequant import dequantize
-from pagoda.quantization.gguf.kernels import Int4Kernel, Int8Kernel, RawKernel, DenseKernel
+from pagoda.quantization.gguf.kernels import DenseKernel, Int4DequantKernel, Int4Kernel, Int8Kernel, RawKernel
 
 from .conftest import random_blocks
 
 TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, T.Q8_0: Int8Kernel,
                    T.Q6_K: Int8Kernel, T.F32: DenseKernel, T.F16: DenseKernel, T.BF16: DenseKernel}
+EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int4DequantKernel, T.Q4_1: Int4DequantKernel,
+                       T.Q4_K: Int4DequantKernel}
 # Relative to sum_k |x_k| |w_nk| (the bound on any rounding error of the dot product):
 # float32: the reference is float64 of the same dequantized weights; float32 accumulation over K=512 and
 #   (int4 path) the (q-8)*scale+zero rewrite of the affine formats stay below 1e-5.
@@ -55,6 +57,7 @@ def _linear(output_sizes, input_size, weights, bias=None, dtype=torch.float32):
 
 
 def _check(out, x, w64, bias64, dtype):
+    """``out`` against float64 math on the same (dequantized) weights, relative to the error bound."""
     x64 = x.double()
     ref = x64 @ w64.T + (0 if bias64 is None else bias64)
     bound = x64.abs() @ w64.abs().T + (0 if bias64 is None else bias64.abs())
@@ -69,24 +72,26 @@ def _check(out, x, w64, bias64, dtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_linear_matches_float64_reference(qtype, batch, dtype):
     w = _weight(qtype, 96, 512)
-    layer, method = _linear([96], 512, [w])
-    assert isinstance(layer.gguf_kernels[0], EXPECTED_KERNEL.get(qtype, RawKernel))
+    layer, method = _linear([96], 512, [w], dtype=dtype)  # the model computes in the activations' dtype
+    expected = EXPECTED_KERNEL_F32 if dtype == torch.float32 else EXPECTED_KERNEL
+    assert isinstance(layer.gguf_kernels[0], expected.get(qtype, RawKernel))
     x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
     _check(method.apply(layer, x), x, w.dequantize().double(), None, dtype)
 
 
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K, T.Q4_K), (T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0, T.F16)],
                          ids=lambda ts: "-".join(t.name for t in ts))
-def test_merged_qkv_with_shards_of_any_types(types):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merged_qkv_with_shards_of_any_types(types, dtype):
     sizes = [128, 64, 64]
     ws = [_weight(t, n, 256, seed=i) for i, (t, n) in enumerate(zip(types, sizes))]
     bias = torch.randn(sum(sizes))
-    layer, method = _linear(sizes, 256, ws, bias=bias)
+    layer, method = _linear(sizes, 256, ws, bias=bias.to(dtype), dtype=dtype)
     assert len(layer.gguf_kernels) == (1 if len(set(types)) == 1 else 3)
     w64 = torch.cat([w.dequantize().double() for w in ws])
     for batch in (1, 9):
-        x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(batch))
-        _check(method.apply(layer, x), x, w64, bias.double(), torch.float32)
+        x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(batch)).to(dtype)
+        _check(method.apply(layer, x), x, w64, bias.to(dtype).double(), dtype)
 
 
 def test_merged_layer_rejects_wrong_shard_shape():
@@ -97,29 +102,33 @@ def test_merged_layer_rejects_wrong_shard_shape():
         layer.weight.weight_loader(layer.weight, _weight(T.Q8_0, 64, 256), 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0, T.Q5_K, T.F16], ids=lambda t: t.name)
-def test_embedding_gathers_rows_and_computes_tied_logits(qtype):
+def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype):
     vocab, dim = 4200, 256  # more rows than one dequantization chunk (4096)
     w = _weight(qtype, vocab, dim)
     layer = nn.Module()
     method = GGUFConfig().get_embedding_method("model.embed_tokens")
-    method.create_weights(layer, vocab, dim, torch.float32)
+    method.create_weights(layer, vocab, dim, dtype)
     layer.weight.weight_loader(layer.weight, w)
     method.process_weights_after_loading(layer)
     full = w.dequantize()
     ids = torch.tensor([[0, 4199, 17], [4096, 5, 5]])
-    torch.testing.assert_close(method.embed(layer, ids), full[ids], rtol=0, atol=0)
+    embedded = method.embed(layer, ids)
+    assert embedded.dtype == dtype
+    torch.testing.assert_close(embedded, full[ids].to(dtype), rtol=0, atol=0)  # exact up to the final cast
     for batch in (1, 6):
-        hidden = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch))
+        hidden = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)).to(dtype)
         logits = method.logits(layer, hidden)
         assert logits.dtype == torch.float32
-        _check(logits, hidden, full.double(), None, torch.float32)
+        _check(logits.to(dtype), hidden, full.double(), None, dtype)
 
 
 def test_weights_stay_compact():
     """Bytes held per weight after repacking, vs the file's bytes per weight."""
     for qtype, limit in [(T.Q4_0, 0.75), (T.Q4_1, 0.75), (T.Q4_K, 0.75), (T.Q8_0, 1.07), (T.Q6_K, 1.26),
                          (T.Q5_K, 0.69), (T.Q2_K, 0.33)]:
-        layer, _ = _linear([256], 512, [_weight(qtype, 256, 512)])
-        per_weight = layer.gguf_kernels[0].nbytes() / (256 * 512)
-        assert per_weight <= limit, (qtype.name, per_weight)
+        for dtype in (torch.float32, torch.bfloat16):
+            layer, _ = _linear([256], 512, [_weight(qtype, 256, 512)], dtype=dtype)
+            per_weight = layer.gguf_kernels[0].nbytes() / (256 * 512)
+            assert per_weight <= limit, (qtype.name, dtype, per_weight)

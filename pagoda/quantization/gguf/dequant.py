@@ -179,12 +179,11 @@ def dequantize(raw: torch.Tensor, ggml_type: int, dtype: torch.dtype = torch.flo
 
 
 def int4_affine(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 / Q4_K rows as 4-bit codes with one (scale, zero) per 32 values, the form
-    ``_weight_int4pack_mm`` takes: ``w = (code - 8) * scale + zero``.
+    """Q4_0 / Q4_1 / Q4_K rows as 4-bit codes with one (scale, offset) per 32 values: ``w = code*scale + offset``.
 
-    Returns ``codes`` [N, K] int32 in 0..15, ``scale`` and ``zero`` [N, K/32] float32.
-    Q4_0: w = d(q-8) → (d, 0). Q4_1: w = dq + m → (d, m + 8d). Q4_K sub-block j: w = d·sc_j·q − dmin·m_j
-    → (d·sc_j, 8·d·sc_j − dmin·m_j).
+    Returns ``codes`` [N, K] uint8 in 0..15, ``scale`` and ``offset`` [N, K/32] float32.
+    Q4_0: w = d(q-8) → (d, -8d). Q4_1: w = dq + m → (d, m). Q4_K sub-block j: w = d·sc_j·q − dmin·m_j
+    → (d·sc_j, −dmin·m_j).
     """
     ggml_type = T(ggml_type)
     n = raw.shape[0]
@@ -194,14 +193,14 @@ def int4_affine(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.
         off = 2 if ggml_type == T.Q4_0 else 4
         codes = _nibbles(b[:, off:], 1).reshape(n, -1)
         d = _f16(b, 0)
-        zero = torch.zeros_like(d) if ggml_type == T.Q4_0 else _f16(b, 2) + 8 * d
-        return codes.to(torch.int32), d.reshape(n, -1), zero.reshape(n, -1)
+        offset = -8 * d if ggml_type == T.Q4_0 else _f16(b, 2)
+        return codes, d.reshape(n, -1), offset.reshape(n, -1)
     if ggml_type == T.Q4_K:
         sc, mn = k_scale_min(b[:, 4:16])
         scale = _f16(b, 0) * sc.float()
-        zero = 8 * scale - _f16(b, 2) * mn.float()
+        offset = -(_f16(b, 2) * mn.float())
         codes = _nibbles(b[:, 16:], 4).reshape(n, -1)
-        return codes.to(torch.int32), scale.reshape(n, -1), zero.reshape(n, -1)
+        return codes, scale.reshape(n, -1), offset.reshape(n, -1)
     raise ValueError(f"{ggml_type.name} has no 4-bit affine form")
 
 

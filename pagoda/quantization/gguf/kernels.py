@@ -3,9 +3,10 @@
 Each kernel holds one weight ``W`` [N, K] and computes ``x @ W.T`` for ``x`` [M, K] in ``x``'s dtype, and can
 gather dequantized rows (for embedding tables). Which form a type gets:
 
-- **Int4Kernel** (Q4_0, Q4_1, Q4_K): torch's int4 weight-only matmul with one (scale, zero) per 32 values —
-  exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per weight plus the
-  scales, the same size as the file. Scales are rounded to the activation dtype.
+- **Int4Kernel** (Q4_0, Q4_1, Q4_K; bf16/fp16 models): torch's int4 weight-only matmul with one (scale, zero)
+  per 32 values — exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per
+  weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
+- **Int4DequantKernel** (the same types, float32 models): the same codes and scales, dequantized per call.
 - **Int8Kernel** (Q8_0, Q6_K): signed int8 codes with one float scale per 32 (Q8_0) or 16 (Q6_K) values,
   stored group-major ``[K/g, N, g]``. Decode-sized batches run one ``_weight_int8pack_mm`` per group (reads
   each weight byte once: memory-bound like a dense matmul, at half the bytes of bf16); larger batches
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_blocks
 
@@ -85,12 +86,14 @@ class RawKernel(Kernel):
 
 
 class Int4Kernel(Kernel):
+    """Q4 formats for bf16/fp16 activations: torch's int4 weight-only matmul, ``w = (q - 8)·scale + zero``."""
+
     def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
-        codes, scale, zero = int4_affine(raw, ggml_type)
+        codes, scale, offset = int4_affine(raw, ggml_type)
         self.out_features, self.in_features = codes.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         # [K/32, N, 2]: the layout the kernel reads; kept in float32, cast per activation dtype on first use.
-        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+        self.scale_zero = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).contiguous()
         self._cast: dict[torch.dtype, torch.Tensor] = {}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +101,36 @@ class Int4Kernel(Kernel):
         if sz is None:
             sz = self._cast[x.dtype] = self.scale_zero.to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, 32, sz)
+
+
+class Int4DequantKernel(Kernel):
+    """Q4 formats for float32 activations. torch's int4 matmul has no fast float32 path on CPU (it costs as much
+    per row at batch 128 as at batch 1), so the codes are kept two per byte with float32 scales and offsets and
+    dequantized per call — one pass over 0.75 byte per weight — before a dense float32 matmul."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+        codes, scale, offset = int4_affine(raw, ggml_type)
+        self.out_features, self.in_features = codes.shape
+        groups = codes.reshape(self.out_features, -1, 32)
+        self.packed = (groups[..., :16] | (groups[..., 16:] << 4)).contiguous()  # [N, K/32, 16]
+        self.scale = scale.unsqueeze(-1).contiguous()
+        self.offset = offset.unsqueeze(-1).contiguous()
+
+    def _dequant(self, rows: slice | None = None) -> torch.Tensor:
+        packed, scale, offset = self.packed, self.scale, self.offset
+        if rows is not None:
+            packed, scale, offset = packed[rows], scale[rows], offset[rows]
+        codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+        return torch.addcmul(offset, codes, scale).reshape(packed.shape[0], self.in_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features <= _CHUNK_ROWS:
+            return F.linear(x, self._dequant().to(x.dtype))
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        for start in range(0, self.out_features, _CHUNK_ROWS):
+            rows = slice(start, min(start + _CHUNK_ROWS, self.out_features))
+            out[:, rows] = F.linear(x, self._dequant(rows).to(x.dtype))
+        return out
 
 
 class Int8Kernel(Kernel):
@@ -145,13 +178,40 @@ class Int8Kernel(Kernel):
         return w.transpose(0, 1).reshape(*ids.shape, self.in_features).to(dtype)
 
 
-def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Kernel:
-    """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor)."""
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Repacking frees large temporaries (int32 codes: 4 bytes per
+    weight); after the first few, glibc raises its mmap threshold and keeps later ones on the heap, which would
+    leave resident memory at ~2.5x the file size after loading instead of ~1.1x."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
+                act_dtype: torch.dtype = torch.bfloat16) -> Kernel:
+    """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor), for a
+    model computing in ``act_dtype`` (any dtype still works; this picks the fast form)."""
     ggml_type = T(ggml_type)
     n, k = shape
+    block_size = GGML_QUANT_SIZES[ggml_type][0]
+    if k % block_size:
+        raise ValueError(f"{ggml_type.name} weights need rows of a multiple of {block_size} values, got {k}")
     if ggml_type in FLOAT_TYPES:
         return DenseKernel(dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
                                                         T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k))
+    if ggml_type in INT4_TYPES and act_dtype == torch.float32:
+        return Int4DequantKernel(data, ggml_type, k)
     if ggml_type in INT4_TYPES:
         try:
             return Int4Kernel(data, ggml_type, k)

@@ -17,7 +17,8 @@ from gguf.constants import GGMLQuantizationType as T
 from torch import nn
 
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel
+from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel,
+                                              release_freed_memory)
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -60,6 +61,7 @@ class GGUFLinearMethod(LinearMethod):
         layer.gguf_output_sizes = list(output_sizes)
         layer.gguf_shards = [None] * len(output_sizes)
         layer.gguf_kernels = None
+        layer.gguf_dtype = params_dtype
         prefix = self.prefix
 
         def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
@@ -93,10 +95,11 @@ class GGUFLinearMethod(LinearMethod):
         k = layer.gguf_input_size
         if len(types) == 1:
             data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
-            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k))]
+            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k), layer.gguf_dtype)]
         else:
-            layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape) for s in shards]
+            layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape, layer.gguf_dtype) for s in shards]
         layer.gguf_shards = None  # drop the views of the file
+        release_freed_memory()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kernels = layer.gguf_kernels
@@ -145,8 +148,9 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         if record.ggml_type in INT4_TYPES:
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
         else:
-            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape)
+            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype)
         layer.gguf_record = None
+        release_freed_memory()
 
     def _table(self, layer: nn.Module) -> Kernel:
         if layer.gguf_table is None:
@@ -160,7 +164,7 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         table = self._table(layer)
         if layer.gguf_head is None:
             if isinstance(table, RawKernel) and table.ggml_type in INT4_TYPES:
-                layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape)
+                layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape, layer.gguf_dtype)
             else:
                 layer.gguf_head = table
         return layer.gguf_head.matmul(hidden).float()

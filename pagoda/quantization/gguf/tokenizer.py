@@ -15,18 +15,22 @@ from pagoda.quantization.gguf.reader import GGUFError, open_gguf
 
 
 def load_gguf_tokenizer(file: str) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     f = open_gguf(file)  # precise errors for a missing or corrupt file before transformers sees it
     model = f.metadata.get("tokenizer.ggml.model")
     if model is None:
         raise GGUFError(f"{file}: the file carries no tokenizer (metadata key tokenizer.ggml.model is missing)")
+    folder, name = os.path.dirname(os.path.abspath(file)), os.path.basename(file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)),
-                                                  gguf_file=os.path.basename(file))
-    except ValueError as e:
-        raise GGUFError(f"{file}: cannot build the tokenizer (tokenizer.ggml.model = {model!r}, "
-                        f"tokenizer.ggml.pre = {f.metadata.get('tokenizer.ggml.pre')!r}): {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception:  # noqa: BLE001 - AutoTokenizer also parses the model config, which may be unsupported
+        # The vocabulary does not depend on the architecture: build the generic fast tokenizer instead.
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+        except ValueError as e:
+            raise GGUFError(f"{file}: cannot build the tokenizer (tokenizer.ggml.model = {model!r}, "
+                            f"tokenizer.ggml.pre = {f.metadata.get('tokenizer.ggml.pre')!r}): {e}") from None
     _match_llama_cpp(tokenizer, f.metadata)
     template = f.metadata.get("tokenizer.chat_template")
     if template and not getattr(tokenizer, "chat_template", None):
