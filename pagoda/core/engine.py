@@ -160,8 +160,14 @@ class LLMEngine:
             raise ValueError(f"prompt: {len(token_ids)} tokens don't fit the step budget of {budget} tokens that a "
                              "pooling request must run in; raise max_num_batched_tokens")
         type_ids = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
-        request = Request(request_id, token_ids, params, arrival_time,
-                          token_type_ids=list(type_ids) if type_ids is not None else None)
+        if type_ids is not None:
+            type_ids = list(type_ids)
+            if params.truncate_prompt_tokens is not None:  # truncated like the token ids: the last ones stay
+                type_ids = type_ids[-params.truncate_prompt_tokens:]
+            if len(type_ids) != len(token_ids):
+                raise ValueError(f"token_type_ids: {len(type_ids)} ids for a prompt of {len(token_ids)} tokens; "
+                                 "give one per token")
+        request = Request(request_id, token_ids, params, arrival_time, token_type_ids=type_ids)
         self._pooling[request_id] = (text, token_ids)
         self.scheduler.add_request(request)
         self.prompt_tokens_total += len(token_ids)

@@ -10,7 +10,6 @@ torch. Checkpoints load from the bare model (``embeddings.*``, ``encoder.*``) or
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.logger import init_logger
 from pagoda.models.layers import Attention, Linear, VocabEmbedding
 from pagoda.models.pooler import ClassifierPooler, EmbeddingPooler, resolve_pooler_config
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}

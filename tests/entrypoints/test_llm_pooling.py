@@ -93,3 +93,19 @@ def test_classifier_calls_and_options(pooling_model_dir):  # noqa: F811 (fixture
         llm.classify("one", PoolingParams(dimensions=2))
     with pytest.raises(ValueError, match="pooling_params: got 2 for 1 prompts"):
         llm.classify(["one"], [PoolingParams(), PoolingParams()])
+
+
+def test_token_type_ids_follow_truncation_and_must_match_the_prompt(pooling_model_dir):  # noqa: F811 (fixture)
+    llm = make_llm(pooling_model_dir("bert"))
+    tokenizer = llm.get_tokenizer()
+    encoded = tokenizer("a question", text_pair="an answer with several words")
+    prompt = {"prompt_token_ids": encoded["input_ids"], "token_type_ids": encoded["token_type_ids"]}
+    truncated = llm.classify(prompt, truncate_prompt_tokens=4, use_tqdm=False)[0]
+    want = llm.classify({"prompt_token_ids": encoded["input_ids"][-4:],
+                         "token_type_ids": encoded["token_type_ids"][-4:]}, use_tqdm=False)[0]
+    assert truncated.outputs.probs == pytest.approx(want.outputs.probs, abs=1e-6)
+    without_types = llm.classify({"prompt_token_ids": encoded["input_ids"][-4:]}, use_tqdm=False)[0]
+    assert without_types.outputs.probs != pytest.approx(want.outputs.probs, abs=1e-4)  # the types matter
+    with pytest.raises(ValueError, match="token_type_ids: 3 ids for a prompt of"):
+        llm.classify({"prompt_token_ids": encoded["input_ids"], "token_type_ids": [0, 0, 1]})
+    assert_all_blocks_free(llm)

@@ -54,7 +54,7 @@ class PoolingRequest(EmbeddingRequest):
 
 
 class ClassificationRequest(PoolingFields):
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Input
     add_special_tokens: bool = True
     activation: bool | None = None
 
