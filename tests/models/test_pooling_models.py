@@ -239,3 +239,33 @@ def test_mistral_embedder_last_token_normalized(pooling_model_dir):
     embeddings = torch.tensor([o.outputs.embedding for o in got])
     want = F.cosine_similarity(embeddings[:1], embeddings[1:], dim=-1)
     assert [s.outputs.score for s in scores] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_sentence_transformers_pooling_files(tmp_path):
+    import json
+
+    from pagoda.models.pooler import sentence_transformers_pooling
+
+    assert sentence_transformers_pooling(str(tmp_path)) is None  # not a sentence-transformers model
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    pooling_file = tmp_path / "1_Pooling" / "config.json"
+    pooling_file.write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    assert sentence_transformers_pooling(str(tmp_path)) == {"pooling_type": "LAST", "normalize": False}
+    pooling_file.write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling pooling_mode_max_tokens is not supported"):
+        sentence_transformers_pooling(str(tmp_path))
+
+
+def test_override_pooler_config_turns_the_classifier_activation_off(pooling_model_dir):
+    path = pooling_model_dir("qwen2-cls")
+    tokenizer, hf = _hf_classifier(path)
+    llm = make_llm(path, override_pooler_config={"softmax": False})
+    with torch.no_grad():
+        logits = hf(**tokenizer(MIXED[0], return_tensors="pt")).logits[0]
+    got = llm.classify(MIXED[0], use_tqdm=False)[0].outputs.probs
+    torch.testing.assert_close(torch.tensor(got), logits, atol=ATOL, rtol=1e-4)
+    with pytest.raises(ValueError, match="pooling_type: 'MAX' is not supported"):
+        make_llm(path, override_pooler_config={"pooling_type": "MAX"})
