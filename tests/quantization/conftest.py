@@ -57,14 +57,25 @@ def vocab_dir() -> Path:
     return extracted
 
 
-@pytest.fixture(scope="session")
-def smollm_hf_state(smollm_gguf):
-    """transformers' own reading of the bundled GGUF: its dequantized float32 state dict and config."""
+def hf_gguf_model(path: str):
+    """transformers' own reading of a GGUF file: dequantized to a float32 model."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm_gguf),
-                                                 gguf_file=os.path.basename(smollm_gguf))
-    return model.state_dict(), model.config
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_hf_model(smollm_gguf):
+    return hf_gguf_model(smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm_hf_state(smollm_hf_model):
+    """The float32 state dict and config transformers reads from the bundled GGUF."""
+    return smollm_hf_model.state_dict(), smollm_hf_model.config
 
 
 def random_blocks(qtype, rows: int, cols: int, seed: int = 0):
