@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagoda.entrypoints.openai import protocol as p
-from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError
+from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError, EngineStoppedError
 from pagoda.entrypoints.openai.metrics import CONTENT_TYPE
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -37,7 +37,8 @@ from pagoda.version import __version__
 logger = init_logger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 500)}
+    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+_DRAIN_GRACE_S = 2.0  # after ending unfinished requests, time for their handlers to answer before uvicorn cancels
 _STREAM = {"content": {"text/event-stream": {}}, "description": "the response, or server-sent events with stream"}
 
 
@@ -132,7 +133,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), 500), status_code=500)
+        status = 503 if isinstance(exc, EngineStoppedError) else 500
+        return JSONResponse(error_body(str(exc), status), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -262,20 +264,25 @@ async def _log_stats(engine: AsyncEngine, interval_s: float) -> None:
 def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", shutdown_timeout: float = 30.0,
                access_log: bool = True, root_path: str = "", ssl_keyfile: str | None = None,
                ssl_certfile: str | None = None) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT, then drain in-flight requests for up to ``shutdown_timeout`` seconds."""
+    """Serve ``app`` until SIGTERM/SIGINT, then drain in-flight requests for up to ``shutdown_timeout`` seconds.
+
+    Requests still unfinished at the deadline are ended by the engine, so their clients get a 503 (or an error
+    event on a stream) rather than a dropped connection.
+    """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=shutdown_timeout, root_path=root_path,
+                            timeout_graceful_shutdown=shutdown_timeout + _DRAIN_GRACE_S, root_path=root_path,
                             ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, timeout_keep_alive=5)
-    _Server(config, shutdown_timeout).run()
+    _Server(config, shutdown_timeout, app.state.engine).run()
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM/SIGINT that ended in a clean drain exits with status 0 (uvicorn
     re-raises the signal after shutting down, so the process would die of it)."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, shutdown_timeout: float, engine: AsyncEngine):
         super().__init__(config)
         self.shutdown_timeout = shutdown_timeout
+        self.engine = engine
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -293,4 +300,7 @@ class _Server(uvicorn.Server):
         if not self.should_exit:
             logger.info("%s received: no new connections; finishing in-flight requests (at most %.0f s)",
                         signal.Signals(sig).name, self.shutdown_timeout)
+            loop = self.engine.loop
+            if loop is not None:  # a signal handler may only hand work to the loop thread-safely
+                loop.call_soon_threadsafe(loop.call_later, self.shutdown_timeout, self.engine.request_stop)
         super().handle_exit(sig, frame)

@@ -42,6 +42,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; the server can't serve requests any more."""
 
 
+class EngineStoppedError(EngineDeadError):
+    """The server is shutting down and ended the request."""
+
+
 @dataclass
 class _Route:
     """Where one engine request's outputs go, and its timing (engine thread only)."""
@@ -141,6 +145,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the engine delivers to (None before :meth:`start`)."""
+        return self._loop
+
     def new_group(self, request_id: str) -> RequestGroup:
         if self._dead:
             raise EngineDeadError(f"the engine can't serve requests: {self.error or 'it is shutting down'}")
@@ -150,11 +159,15 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self.error is None and not self._dead and self._thread is not None and self._thread.is_alive()
 
+    def request_stop(self) -> None:
+        """Abort whatever is left (its clients get :class:`EngineStoppedError`) and end the engine thread."""
+        self._submit(("stop",), must=False)
+
     async def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is left and stop the engine thread."""
+        """:meth:`request_stop`, then wait for the engine thread."""
         if self._thread is None:
             return
-        self._submit(("stop",), must=False)
+        self.request_stop()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
     def _submit(self, command: tuple, must: bool = True) -> None:
@@ -183,7 +196,7 @@ class AsyncEngine:
         # stop: abort what's left so clients get their connection closed rather than hanging
         if self._routes:
             engine.abort_request(list(self._routes))
-        self._close(None, EngineDeadError("the server is shutting down"))
+        self._close(None, EngineStoppedError("the server is shutting down; the request was not completed"))
 
     def _handle_commands(self, block: bool) -> bool:
         """Run queued commands; False when told to stop."""

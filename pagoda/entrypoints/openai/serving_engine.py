@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
-from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError
+from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError, EngineStoppedError
 from pagoda.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 from pagoda.logger import init_logger
 
@@ -331,6 +331,8 @@ def engine_error(exc: BaseException) -> APIError:
     """A failure of the engine as a 500 for the client."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineStoppedError):
+        return APIError(str(exc), 503)
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), 500)
     return APIError(f"internal error: {type(exc).__name__}: {exc}", 500)

@@ -189,3 +189,40 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_model_dir):
         assert server.proc.wait(60) == 0
     finally:
         server.stop()
+
+
+def test_requests_left_at_the_shutdown_deadline_end_with_503(tiny_chat_model_dir):
+    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "0.5"])
+    try:
+        result = {}
+        body = {"prompt": "Never ends", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+
+        def plain():
+            result["plain"] = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+
+        def streamed():
+            with requests.post(server.url + "/v1/completions", json={**body, "stream": True}, stream=True,
+                               timeout=60) as response:
+                result["events"] = [line.decode() for line in response.iter_lines() if line]
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while server.metrics()["vllm:num_requests_running"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - start < 10
+        plain_response = result["plain"]
+        assert plain_response.status_code == 503
+        assert "shutting down" in plain_response.json()["error"]["message"]
+        events = result["events"]
+        assert events[-1] == "data: [DONE]"
+        assert '"code": 503' in events[-2] and "shutting down" in events[-2]
+    finally:
+        server.stop()
