@@ -4,7 +4,8 @@
 of them running is timed, and inside it the model's ``forward`` and ``compute_logits`` and the engine's stages
 (scheduling, batch preparation, sampling, scheduler update, detokenization and output processing) are timed by
 wrapping those methods on the live objects. The engine overhead of a step is the step's time minus the model's
-(``forward`` + ``compute_logits``). ``--cprofile`` also prints the functions where the overhead goes.
+(``forward`` + ``compute_logits``). ``--cprofile`` also prints the functions where the time goes (the profiler
+slows Python code several times over: read its figures as shares, not as costs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--num-steps", type=int, default=64, help="decode steps to time")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--output-kind", default="final_only", choices=("final_only", "delta", "cumulative"),
+                        help="what each step emits: final_only as LLM.generate, delta as the streaming server")
     parser.add_argument("--cprofile", action="store_true", help="print the top functions of the timed steps")
     parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
     EngineArgs.add_cli_args(parser)
@@ -88,7 +91,10 @@ def main(args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     vocab = engine.model_config.vocab_size
     # Enough output that nobody finishes during the timed steps (+ a few steps of prefill and warm-up).
+    from pagoda.sampling_params import RequestOutputKind
+
     params = greedy_params(args.num_steps + 16, args.temperature)
+    params.output_kind = RequestOutputKind[args.output_kind.upper()]
     for i, request in enumerate(random_requests(args.num_requests, args.input_len, 1, vocab_size=vocab,
                                                 seed=(args.seed or 0) + 17)):
         engine.add_request(f"overhead-{i}", {"prompt_token_ids": request.prompt_token_ids}, params)
@@ -115,10 +121,11 @@ def main(args: argparse.Namespace) -> dict:
             stages[name].append(value)
     model = np.sum([np.asarray(stages[name]) for name in MODEL_STAGES if name in stages], axis=0)
     overhead = np.asarray(steps) - model
-    result = {"num_requests": args.num_requests, "num_steps": args.num_steps,
+    result = {"num_requests": args.num_requests, "num_steps": args.num_steps, "output_kind": args.output_kind,
               "step_ms": summarize(steps), "model_ms": summarize(model), "overhead_ms": summarize(overhead),
               "stages_ms": {name: summarize(values) for name, values in sorted(stages.items())}}
-    print(f"Decode steps with {args.num_requests} running requests ({args.num_steps} timed), median ms per step:")
+    print(f"Decode steps with {args.num_requests} running requests ({args.num_steps} timed, output kind "
+          f"{args.output_kind}), median ms per step:")
     print(f"  {'step (total)':<34} {result['step_ms']['median']:9.3f}")
     print(f"  {'model (forward + logits)':<34} {result['model_ms']['median']:9.3f}")
     print(f"  {'engine overhead (step - model)':<34} {result['overhead_ms']['median']:9.3f}"
