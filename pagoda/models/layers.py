@@ -58,11 +58,12 @@ class VocabEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 like the reference implementations, with an optional fused residual add."""
+    """RMSNorm (torch's fused kernel, which accumulates in float32), with an optional fused residual add."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
+        self.shape = (hidden_size,)
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
@@ -70,18 +71,20 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(x.dtype)
+        out = F.rms_norm(x, self.shape, self.weight, self.eps)
         return out if residual is None else (out, residual)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout) with a precomputed cos/sin table indexed by position."""
+    """Rotary position embedding (rotate-half layout) with a precomputed cos/sin table indexed by position.
+
+    One instance serves every layer: ``lookup(positions)`` gathers the step's cos/sin rows once, and each layer's
+    ``forward`` applies them. The rotation runs in the model dtype, as the reference implementation does.
+    """
 
     SUPPORTED = ("default", "linear", "llama3", "yarn")
 
-    def __init__(self, config: Any, head_size: int, max_positions: int) -> None:
+    def __init__(self, config: Any, head_size: int, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
@@ -101,21 +104,29 @@ class RotaryEmbedding(nn.Module):
         max_positions = max(max_positions, int(params.get("original_max_position_embeddings") or 0))
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
         self.rotary_dim = rotary_dim
-        self.register_buffer("cos", (freqs.cos() * scaling), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * scaling), persistent=False)
+        # sin carries rotate-half's sign: x*cos + rotate_half(x)*sin == x*cos + cat(x2, x1)*sin_signed.
+        sin = (emb.sin() * scaling)
+        sin[:, : rotary_dim // 2] *= -1
+        self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated copies."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin rows of a step's positions, shaped to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated copies, with ``rope = lookup(positions)``."""
+        cos, sin = rope
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
-        x1, x2 = rot.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+        if self.rotary_dim != x.shape[-1]:
+            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+            return torch.cat((self._rotate(rot, cos, sin), rest), dim=-1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ from pagoda.quantization.unquantized import default_weight_loader
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
-                 qkv_bias: bool, o_bias: bool, max_positions: int, sliding_window: int | None) -> None:
+                 qkv_bias: bool, o_bias: bool, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -33,16 +33,16 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, quant_config,
                                f"{prefix}.qkv_proj", dtype)
         self.o_proj = Linear(self.q_size, [config.hidden_size], o_bias, quant_config, f"{prefix}.o_proj", dtype)
-        self.rotary = RotaryEmbedding(config, self.head_size, max_positions)
+        self.rotary = rotary  # shared by all layers
         self.attn = Attention(self.num_heads, self.head_size, self.num_kv_heads, backend, attn_config, sliding_window)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor | None,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: torch.Tensor | None,
                 metadata: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_size)
         k = k.view(-1, self.num_kv_heads, self.head_size)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(rope, q, k)
         out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_size), kv_cache, metadata)
         return self.o_proj(out)
 
@@ -66,22 +66,21 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
-                 arch: dict[str, bool], max_positions: int, sliding_window: int | None) -> None:
+                 arch: dict[str, bool], rotary: RotaryEmbedding, sliding_window: int | None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, quant_config, f"{prefix}.self_attn", dtype, backend,
-                                        attn_config, arch["qkv_bias"], arch["o_bias"], max_positions,
-                                        sliding_window)
+                                        attn_config, arch["qkv_bias"], arch["o_bias"], rotary, sliding_window)
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, arch["mlp_bias"])
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions, hidden, residual, kv_cache, metadata):
+    def forward(self, rope, hidden, residual, kv_cache, metadata):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden = self.self_attn(rope, hidden, kv_cache, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -93,17 +92,20 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
                                            f"{prefix}.embed_tokens", dtype)
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = RotaryEmbedding(config, head_size, max_positions, dtype)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
-                              max_positions, sliding_window)
+                              self.rotary, sliding_window)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         hidden = self.embed_tokens(input_ids)
         residual = None
+        rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
