@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from pagoda.entrypoints.llm_pooling import pair_prompt
-from pagoda.entrypoints.openai.protocol import MAX_PROMPTS, OpenAIBaseModel, UsageInfo
+from pagoda.entrypoints.openai.protocol import MAX_PROMPTS, ErrorResponse, OpenAIBaseModel, UsageInfo
 from pagoda.entrypoints.openai.serving_engine import (APIError, OpenAIServing, engine_error, error_body,
                                                       run_unless_disconnected)
 from pagoda.pooling_params import PoolingParams
@@ -104,6 +104,22 @@ class PoolingData(BaseModel):
     index: int
     object: str = "pooling"
     data: Any
+
+
+class EmbeddingResponse(ListResponse):
+    data: list[EmbeddingData]
+
+
+class ScoreResponse(ListResponse):
+    data: list[ScoreData]
+
+
+class ClassificationResponse(ListResponse):
+    data: list[ClassificationData]
+
+
+class PoolingResponse(ListResponse):
+    data: list[PoolingData]
 
 
 class RerankDocument(BaseModel):
@@ -267,9 +283,9 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
     serving = OpenAIServingPooling(engine, config)
     if serving.task != "generate":
         app.add_middleware(_GenerationRoutesGuard, task=serving.task)
-    errors: dict[int | str, dict[str, Any]] = {400: {}, 404: {}, 500: {}}
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500)}
 
-    @app.post("/v1/embeddings", responses=errors)
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors)
     async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Any:
         """OpenAI's embeddings API: one embedding per input (floats, or base64 of little-endian float32)."""
         serving.check_task("embed", "/v1/embeddings")
@@ -280,9 +296,9 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
         outputs = await serving.pool(raw_request, "embd", prompts, params)
         data = [EmbeddingData(index=i, embedding=_encode_vector(o.outputs.data, request.encoding_format))
                 for i, o in enumerate(outputs)]
-        return ListResponse(id=f"embd-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
+        return EmbeddingResponse(id=f"embd-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
 
-    @app.post("/pooling", responses=errors)
+    @app.post("/pooling", response_model=PoolingResponse, responses=errors)
     async def create_pooling(request: PoolingRequest, raw_request: Request) -> Any:
         """The pooler's raw output per input."""
         serving.check_task("pooling", "/pooling")
@@ -293,9 +309,9 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
         outputs = await serving.pool(raw_request, "pool", prompts, params)
         data = [PoolingData(index=i, data=_encode_vector(o.outputs.data, request.encoding_format))
                 for i, o in enumerate(outputs)]
-        return ListResponse(id=f"pool-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
+        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
 
-    @app.post("/classify", responses=errors)
+    @app.post("/classify", response_model=ClassificationResponse, responses=errors)
     async def create_classify(request: ClassificationRequest, raw_request: Request) -> Any:
         """Class probabilities and the most likely label per input."""
         serving.check_task("classify", "/classify")
@@ -309,7 +325,7 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
             probs = o.outputs.data.tolist()
             best = int(np.argmax(probs))
             data.append(ClassificationData(index=i, label=labels.get(best), probs=probs, num_classes=len(probs)))
-        return ListResponse(id=f"classify-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
+        return ClassificationResponse(id=f"classify-{uuid.uuid4().hex}", model=model, data=data, usage=_usage(outputs))
 
     async def score(request: ScoreRequest, raw_request: Request) -> Any:
         """A score per (text_1, text_2) pair, paired 1:1, 1:N or N:N."""
@@ -319,7 +335,7 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
         texts_2 = [request.text_2] if isinstance(request.text_2, str) else request.text_2
         scores, tokens = await serving.scores(raw_request, texts_1, texts_2, request.truncate_prompt_tokens,
                                               request.activation)
-        return ListResponse(id=f"score-{uuid.uuid4().hex}", model=model,
+        return ScoreResponse(id=f"score-{uuid.uuid4().hex}", model=model,
                             data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
                             usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
 
@@ -338,6 +354,6 @@ def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
                               results=results)
 
     for path in ("/score", "/v1/score"):
-        app.post(path, responses=errors)(score)
+        app.post(path, response_model=ScoreResponse, responses=errors)(score)
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.post(path, response_model=RerankResponse, responses=errors)(rerank)
