@@ -57,3 +57,18 @@ def hf_hub_offline() -> bool:
 def debug_tracebacks() -> bool:
     """PAGODA_DEBUG: show full tracebacks from the command line instead of a one-line error."""
     return _get("PAGODA_DEBUG", "0") not in ("0", "false", "False")
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET: Triton's own switch to run kernels in its interpreter (TRITON_ATTN on the CPU, tests)."""
+    return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def openai_api_key() -> str | None:
+    """OPENAI_API_KEY: the key ``pagoda bench serve`` sends to the server it loads."""
+    return _get("OPENAI_API_KEY")
+
+
+def snapshot(names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The variables among ``names`` that are set (for ``pagoda env``)."""
+    return {name: os.environ[name] for name in names if name in os.environ}

@@ -9,11 +9,11 @@ on first use so that registering this backend never imports Triton.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
+from pagoda import envs
 from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
                                                  AttentionMetadataBuilder, CommonAttentionMetadata)
 from pagoda.plugins.hookspecs import hookimpl
@@ -94,7 +94,7 @@ class TritonAttnBackend(AttentionBackend):
             reasons.append(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
         if config.platform == "cpu":
             # Triton's own switch, read by Triton itself when the kernels are defined.
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            if not envs.triton_interpret():
                 reasons.append("on cpu only through Triton's interpreter (set TRITON_INTERPRET=1; for testing)")
         return reasons
 

@@ -18,11 +18,11 @@ first (``UPCAST``); on a GPU the dots take bf16/fp16 operands with a float32 acc
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from pagoda import envs
 
 LOG2E = 1.4426950408889634
 
@@ -147,7 +147,7 @@ def _decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, se
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.triton_interpret()
 
 
 def _common(query: torch.Tensor, k_cache: torch.Tensor, scale: float, sliding_window: int | None):

@@ -61,7 +61,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                    "torch_build": {"cuda": torch.version.cuda, "hip": torch.version.hip,
                                    "xpu": getattr(torch.version, "xpu", None)}},
         "packages": {name: _version(name) for name in PACKAGES},
-        "env": {name: os.environ[name] for name in ENV_VARS if name in os.environ},
+        "env": envs.snapshot(ENV_VARS),
     }
     platforms = []
     for name, cls in sorted(registry.platforms.items()):
