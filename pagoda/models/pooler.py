@@ -167,7 +167,8 @@ class ClassifierPooler(nn.Module):
 
     def forward(self, hidden_slices: list[torch.Tensor], params: list[PoolingParams],
                 token_ids: list[list[int]]) -> list[torch.Tensor]:
-        pooled = self.pool(hidden_slices, self.config.pooling_type)
+        # MEAN pools in float32; the head runs in the model dtype
+        pooled = self.pool(hidden_slices, self.config.pooling_type).to(hidden_slices[0].dtype)
         logits = self.head(pooled).float()  # [num_requests, num_labels]
         activate = torch.tensor([self.config.activation if p.activation is None else p.activation for p in params],
                                 device=logits.device)
