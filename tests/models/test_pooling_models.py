@@ -269,3 +269,10 @@ def test_override_pooler_config_turns_the_classifier_activation_off(pooling_mode
     torch.testing.assert_close(torch.tensor(got), logits, atol=ATOL, rtol=1e-4)
     with pytest.raises(ValueError, match="pooling_type: 'MAX' is not supported"):
         make_llm(path, override_pooler_config={"pooling_type": "MAX"})
+
+
+def test_minilm_in_the_default_dtype(minilm_hf):
+    llm = LLM(minilm_dir(), kv_cache_memory_bytes=1 << 24)  # auto dtype: bfloat16 on the CPU platform
+    for text, output in zip(MIXED, llm.embed(MIXED, use_tqdm=False)):
+        want = F.normalize(hf_hidden(minilm_hf, text).mean(0), dim=-1)
+        assert F.cosine_similarity(torch.tensor(output.outputs.embedding), want, dim=0).item() >= 0.999
