@@ -2,21 +2,33 @@
 
 from pagoda.version import __version__
 
-__all__ = ["__version__", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs"]
+# Public names → the module that defines them. Imported lazily so that `import pagoda` (the CLI's --help, plugin
+# discovery) doesn't import torch.
+_EXPORTS = {
+    "LLM": "pagoda.entrypoints.llm",
+    "EngineArgs": "pagoda.core.engine_args",
+    "SamplingParams": "pagoda.sampling_params",
+    "RequestOutputKind": "pagoda.sampling_params",
+    "PoolingParams": "pagoda.pooling_params",
+    "RequestOutput": "pagoda.outputs",
+    "CompletionOutput": "pagoda.outputs",
+    "PoolingOutput": "pagoda.outputs",
+    "PoolingRequestOutput": "pagoda.outputs",
+    "EmbeddingOutput": "pagoda.outputs",
+    "EmbeddingRequestOutput": "pagoda.outputs",
+    "ClassificationOutput": "pagoda.outputs",
+    "ClassificationRequestOutput": "pagoda.outputs",
+    "ScoringOutput": "pagoda.outputs",
+    "ScoringRequestOutput": "pagoda.outputs",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    # Lazy so that `import pagoda` (e.g. for the CLI's --help or plugin discovery) doesn't import torch.
-    if name == "LLM":
-        from pagoda.entrypoints.llm import LLM
-        return LLM
-    if name == "SamplingParams":
-        from pagoda.sampling_params import SamplingParams
-        return SamplingParams
-    if name in ("RequestOutput", "CompletionOutput"):
-        from pagoda import outputs
-        return getattr(outputs, name)
-    if name == "EngineArgs":
-        from pagoda.core.engine_args import EngineArgs
-        return EngineArgs
-    raise AttributeError(f"module 'pagoda' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pagoda' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

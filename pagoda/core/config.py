@@ -180,7 +180,8 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
 
     text_config = getattr(hf_config, "text_config", None) or hf_config
     dtype = _resolve_dtype(args.dtype, text_config, platform, method)
-    max_model_len = _resolve_max_model_len(args.max_model_len, text_config)
+    task, model_cls = _resolve_task(args.task, hf_config, registry)
+    max_model_len = _resolve_max_model_len(args.max_model_len, text_config, model_cls, path)
     sliding_window = getattr(text_config, "sliding_window", None)
     if getattr(text_config, "use_sliding_window", True) is False:
         sliding_window = None
@@ -189,7 +190,6 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         sliding_window = None
     if sliding_window is not None and sliding_window >= max_model_len:
         sliding_window = None  # the window never bites: plain causal attention is the same thing
-    task, is_encoder_only = _resolve_task(args.task, hf_config, registry)
     served = args.served_model_name
     if isinstance(served, list):
         served = served[0] if served else None
@@ -201,14 +201,15 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         quantization_config=quant_dict, load_format=args.load_format, generation_config=args.generation_config,
         override_generation_config=dict(args.override_generation_config or {}),
         served_model_name=served or (model or os.path.basename(path)), task=task,
-        skip_tokenizer_init=args.skip_tokenizer_init, is_encoder_only=is_encoder_only,
+        skip_tokenizer_init=args.skip_tokenizer_init,
+        is_encoder_only=bool(getattr(model_cls, "is_encoder_only", False)),
         override_pooler_config=dict(args.override_pooler_config or {}),
     )
 
 
-def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[str, bool]:
-    """The task the model runs (``auto``: the model class's first supported task) and whether it is an
-    encoder-only model. A task the model can't do is an error naming the ones it can."""
+def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[str, type]:
+    """The task the model runs (``auto``: the model class's first supported task) and the model class. A task
+    the model can't do is an error naming the ones it can."""
     architectures = list(getattr(hf_config, "architectures", None) or [])
     if not architectures:
         raise ValueError("the model config has no 'architectures'; can't tell which model to build")
@@ -217,7 +218,7 @@ def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[s
     task = supported[0] if requested == "auto" else requested
     if task not in supported:
         raise ValueError(f"task: {architectures[0]} can't do {requested!r}; it supports {', '.join(supported)}")
-    return task, bool(getattr(model_cls, "is_encoder_only", False))
+    return task, model_cls
 
 
 def _detect_checkpoint_format(path: str, load_format: str, registry: Registry) -> tuple[Any | None, str | None]:
@@ -259,8 +260,17 @@ def _resolve_dtype(requested: str, text_config: Any, platform: type[Platform], m
     return dtype
 
 
-def _resolve_max_model_len(requested: int | None, text_config: Any) -> int:
+def _resolve_max_model_len(requested: int | None, text_config: Any, model_cls: type, path: str) -> int:
+    """The context length: the model's, capped by what its class can take and by a sentence-transformers
+    ``max_seq_length``; a larger request is an error."""
     derived = getattr(text_config, "max_position_embeddings", None) or 2048
+    limit = getattr(model_cls, "max_model_len_limit", None)
+    if limit is not None:
+        derived = min(derived, limit(text_config))
+    st_config = os.path.join(path, "sentence_bert_config.json") if os.path.isdir(path) else None
+    if st_config and os.path.exists(st_config):
+        with open(st_config) as f:
+            derived = min(derived, int(json.load(f).get("max_seq_length") or derived))
     if requested is None:
         return derived
     if requested > derived:

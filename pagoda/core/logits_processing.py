@@ -117,7 +117,8 @@ def filter_thresholds(
     total = (weights * keep_mask(logits, threshold)).sum(dim=-1, keepdim=True)
     cand_probs = (candidates - max_logit).exp_().mul_(candidates >= threshold).div_(total)
     cumulative = cand_probs.cumsum(dim=-1)
-    num_kept = ((cumulative - cand_probs) < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    # At least the most likely token, also when top_p rounds to 0 in float32.
+    num_kept = ((cumulative - cand_probs) < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(min=1)
     top_p_threshold = candidates.gather(1, num_kept - 1)
     uncovered = (cumulative[:, -1] < top_p) & (top_p < 1.0)
     if bool(uncovered.any()):
@@ -142,7 +143,7 @@ def _sorted_top_p_threshold(logits: torch.Tensor, threshold: torch.Tensor, top_p
         ordered = logits.sort(dim=-1).values
     weights = exp_weights(ordered).mul_(keep_mask(ordered, threshold))
     cumulative = weights.cumsum_(dim=-1)
-    num_kept = (cumulative > cumulative[:, -1:] * (1.0 - top_p).unsqueeze(1)).sum(dim=-1, keepdim=True)
+    num_kept = (cumulative > cumulative[:, -1:] * (1.0 - top_p).unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(min=1)
     result = ordered.gather(1, ordered.shape[1] - num_kept)
     return result.masked_fill_((top_p >= 1.0).unsqueeze(1), _NEG_INF)
 

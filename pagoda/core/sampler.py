@@ -107,7 +107,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % (1 << 64))  # any Python int is a valid seed; torch takes 64 bits
     return generator
 
 
@@ -246,6 +246,9 @@ class Sampler:
         outputs = [states[i].output_tensor() for i in rows]
         prompts = [states[i].prompt_tensor() for i in rows] if repetition is not None else None
         lp.apply_penalties(sub, prompts, outputs, repetition, frequency, presence)
+        # Extreme (valid) penalties can overflow a logit to inf; keep the row's order without inf - inf = NaN.
+        finite = torch.finfo(sub.dtype).max
+        sub.nan_to_num_(nan=float("-inf"), posinf=finite, neginf=-finite)
         if not every_row:
             logits.index_copy_(0, index, sub)
         return logits

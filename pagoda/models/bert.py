@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
-from pagoda.logger import init_logger
 from pagoda.models.layers import Attention, Linear, VocabEmbedding
 from pagoda.models.pooler import ClassifierPooler, EmbeddingPooler, resolve_pooler_config
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
 
-logger = init_logger(__name__)
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -167,18 +165,19 @@ class BertEmbeddingModel(nn.Module):
         config = model_config.hf_config
         self.config = config
         offset = self.get_position_offset(config)
-        usable = config.max_position_embeddings - offset
-        if model_config.max_model_len > usable:
-            # RoBERTa-style position ids start after the padding index, so fewer positions are usable.
-            logger.info("max_model_len lowered from %d to %d: the model has %d usable positions",
-                        model_config.max_model_len, usable, usable)
-            model_config.max_model_len = usable
         self.model = BertEncoder(config, quant_config, model_config.dtype, attn_backend, attn_config,
                                  self.checkpoint_prefixes[0].rstrip("."), offset)
         self.pooler = self.build_pooler(model_config, quant_config)
 
-    def get_position_offset(self, config: Any) -> int:
-        return self.position_offset
+    @classmethod
+    def get_position_offset(cls, config: Any) -> int:
+        return cls.position_offset
+
+    @classmethod
+    def max_model_len_limit(cls, config: Any) -> int:
+        """Positions the model can take (the engine caps ``max_model_len`` at it): RoBERTa-style position ids
+        start after the padding index, so fewer than ``max_position_embeddings`` are usable."""
+        return config.max_position_embeddings - cls.get_position_offset(config)
 
     def build_pooler(self, model_config: Any, quant_config: QuantizationConfig) -> nn.Module:
         pooling = resolve_pooler_config(model_config, pooling_type="CLS", normalize=True)

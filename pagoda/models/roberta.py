@@ -23,7 +23,8 @@ class XLMRobertaModel(BertEmbeddingModel):
     uses_token_type_ids = False  # a single token type: the embedding of type 0 is added to every token
     checkpoint_prefixes = ("roberta.", "model.")
 
-    def get_position_offset(self, config: Any) -> int:
+    @classmethod
+    def get_position_offset(cls, config: Any) -> int:
         pad = getattr(config, "pad_token_id", None)
         return (1 if pad is None else int(pad)) + 1
 

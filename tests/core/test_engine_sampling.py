@@ -132,3 +132,16 @@ def test_abort_frees_blocks(llm):
     engine.abort_request("gone")
     engine.step()
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_p=1e-300, max_tokens=3),  # rounds to 0 in float32
+    SamplingParams(repetition_penalty=1e-300, max_tokens=3),  # overflows logits to inf
+    SamplingParams(repetition_penalty=1e-300, top_p=0.5, seed=3, max_tokens=3),
+    SamplingParams(seed=2 ** 70, max_tokens=3),
+    SamplingParams(seed=-5, n=2, temperature=1.0, max_tokens=3),
+], ids=["tiny_top_p", "huge_penalty", "huge_penalty_top_p", "big_seed", "negative_seed"])
+def test_extreme_valid_values_do_not_break_the_engine(llm, params):
+    out = _gen(llm, PROMPTS[1:2], params)[0]
+    assert all(len(c.token_ids) == 3 for c in out.outputs)
+    assert_all_blocks_free(llm)
