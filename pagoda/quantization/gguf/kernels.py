@@ -6,7 +6,7 @@ gather dequantized rows (for embedding tables). Which form a type gets:
 - **Int4Kernel** (Q4_0, Q4_1, Q4_K; bf16/fp16 models): torch's int4 weight-only matmul with one (scale, zero)
   per 32 values — exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
-- **Int4DequantKernel** (the same types, float32 models): the same codes and scales, dequantized per call.
+- **Int4AsInt8Kernel** (the same types, float32 models): codes widened to int8, run like Int8Kernel.
 - **Int8Kernel** (Q8_0, Q6_K): signed int8 codes with one float scale per 32 (Q8_0) or 16 (Q6_K) values,
   stored group-major ``[K/g, N, g]``. Decode-sized batches run one ``_weight_int8pack_mm`` per group (reads
   each weight byte once: memory-bound like a dense matmul, at half the bytes of bf16); larger batches
@@ -86,67 +86,42 @@ class RawKernel(Kernel):
 
 
 class Int4Kernel(Kernel):
-    """Q4 formats for bf16/fp16 activations: torch's int4 weight-only matmul, ``w = (q - 8)·scale + zero``."""
+    """Q4 formats for bf16/fp16 models: torch's int4 weight-only matmul, ``w = (q - 8)·scale + zero``."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int, act_dtype: torch.dtype):
         codes, scale, offset = int4_affine(raw, ggml_type)
         self.out_features, self.in_features = codes.shape
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        # [K/32, N, 2]: the layout the kernel reads; kept in float32, cast per activation dtype on first use.
-        self.scale_zero = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).contiguous()
-        self._cast: dict[torch.dtype, torch.Tensor] = {}
+        # [K/32, N, 2] in the model's dtype (the kernel wants the activation dtype): 0.125 byte per weight in bf16.
+        self.scale_zero = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(act_dtype).contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        sz = self._cast.get(x.dtype)
-        if sz is None:
-            sz = self._cast[x.dtype] = self.scale_zero.to(x.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, 32, sz)
-
-
-class Int4DequantKernel(Kernel):
-    """Q4 formats for float32 activations. torch's int4 matmul has no fast float32 path on CPU (it costs as much
-    per row at batch 128 as at batch 1), so the codes are kept two per byte with float32 scales and offsets and
-    dequantized per call — one pass over 0.75 byte per weight — before a dense float32 matmul."""
-
-    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
-        codes, scale, offset = int4_affine(raw, ggml_type)
-        self.out_features, self.in_features = codes.shape
-        groups = codes.reshape(self.out_features, -1, 32)
-        self.packed = (groups[..., :16] | (groups[..., 16:] << 4)).contiguous()  # [N, K/32, 16]
-        self.scale = scale.unsqueeze(-1).contiguous()
-        self.offset = offset.unsqueeze(-1).contiguous()
-
-    def _dequant(self, rows: slice | None = None) -> torch.Tensor:
-        packed, scale, offset = self.packed, self.scale, self.offset
-        if rows is not None:
-            packed, scale, offset = packed[rows], scale[rows], offset[rows]
-        codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
-        return torch.addcmul(offset, codes, scale).reshape(packed.shape[0], self.in_features)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features <= _CHUNK_ROWS:
-            return F.linear(x, self._dequant().to(x.dtype))
-        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        for start in range(0, self.out_features, _CHUNK_ROWS):
-            rows = slice(start, min(start + _CHUNK_ROWS, self.out_features))
-            out[:, rows] = F.linear(x, self._dequant(rows).to(x.dtype))
-        return out
+        if self.scale_zero.dtype != x.dtype:
+            self.scale_zero = self.scale_zero.to(x.dtype)  # a model runs in one dtype: convert once
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, 32, self.scale_zero)
 
 
 class Int8Kernel(Kernel):
+    """``w = code·scale (+ offset)`` per group of ``g`` values, int8 codes stored group-major [K/g, N, g]."""
+
     def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
-        codes, scale, self.group = int8_blocks(raw, ggml_type)
-        self.out_features, self.in_features = codes.shape
-        groups = self.in_features // self.group
-        self.codes = codes.reshape(self.out_features, groups, self.group).transpose(0, 1).contiguous()  # [G, N, g]
+        codes, scale, group = int8_blocks(raw, ggml_type)
         # Q8_0 scales are fp16 values: store them as such (exact); Q6_K's d·sc products need float32.
-        exact16 = ggml_type == T.Q8_0
-        self.scale = scale.t().contiguous().to(torch.float16 if exact16 else torch.float32)  # [G, N]
+        self._setup(codes, scale, group, None, torch.float16 if ggml_type == T.Q8_0 else torch.float32)
+
+    def _setup(self, codes, scale, group, offset, scale_dtype) -> None:
+        self.group = group
+        self.out_features, self.in_features = codes.shape
+        groups = self.in_features // group
+        self.codes = codes.reshape(self.out_features, groups, group).transpose(0, 1).contiguous()  # [G, N, g]
+        self.scale = scale.t().contiguous().to(scale_dtype)  # [G, N]
+        self.offset = None if offset is None else offset.t().contiguous()  # [G, N] float32
         self._ones: dict[torch.dtype, torch.Tensor] = {}
 
     def _dequant(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        codes = self.codes[:, start:stop]
-        w = codes.to(torch.float32) * self.scale[:, start:stop, None].to(torch.float32)
+        codes = self.codes[:, start:stop].to(torch.float32)
+        scale = self.scale[:, start:stop, None].to(torch.float32)
+        w = codes * scale if self.offset is None else torch.addcmul(self.offset[:, start:stop, None], codes, scale)
         return w.transpose(0, 1).reshape(stop - start, self.in_features).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,13 +144,28 @@ class Int8Kernel(Kernel):
         for g in range(self.codes.shape[0]):
             part = torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), self.codes[g], ones)
             out.addcmul_(part.float(), scale[g])
+        if self.offset is not None:
+            # sum_g offset[g, n] * sum(x in group g): the constant part of each group's weights
+            out.addmm_(xg.float().sum(-1), self.offset)
         return out.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
         codes = self.codes.index_select(1, flat).to(torch.float32)  # [G, n, g]
-        w = codes * self.scale.index_select(1, flat)[..., None].to(torch.float32)
+        scale = self.scale.index_select(1, flat)[..., None].to(torch.float32)
+        w = codes * scale if self.offset is None else torch.addcmul(self.offset.index_select(1, flat)[..., None],
+                                                                   codes, scale)
         return w.transpose(0, 1).reshape(*ids.shape, self.in_features).to(dtype)
+
+
+class Int4AsInt8Kernel(Int8Kernel):
+    """Q4 formats for float32 models. torch's int4 matmul has no fast float32 path on CPU (batch 128 costs 128×
+    batch 1), so the 4-bit codes are widened to int8 with float32 scale and offset per 32 values (1.25 bytes per
+    weight instead of 0.625): the per-group int8 matmul at decode, dequantize + float32 matmul above."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: int, in_features: int):
+        codes, scale, offset = int4_affine(raw, ggml_type)
+        self._setup(codes.to(torch.int8), scale, 32, offset, torch.float32)
 
 
 def _load_malloc_trim():
@@ -211,10 +201,10 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
         return DenseKernel(dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
                                                         T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k))
     if ggml_type in INT4_TYPES and act_dtype == torch.float32:
-        return Int4DequantKernel(data, ggml_type, k)
+        return Int4AsInt8Kernel(data, ggml_type, k)
     if ggml_type in INT4_TYPES:
         try:
-            return Int4Kernel(data, ggml_type, k)
+            return Int4Kernel(data, ggml_type, k, act_dtype)
         except RuntimeError:
             pass  # a shape the int4 kernel does not take: fall back to dequantizing on the fly
     if ggml_type in INT8_TYPES:
