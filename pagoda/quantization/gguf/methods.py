@@ -87,6 +87,8 @@ class GGUFLinearMethod(LinearMethod):
             layer.bias = None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.gguf_kernels is not None:
+            return  # already built (apply() builds on first use if the loader did not call this)
         shards = layer.gguf_shards
         missing = [i for i, s in enumerate(shards) if s is None]
         if missing:
@@ -142,6 +144,8 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         layer.register_parameter("weight", _placeholder(load))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.gguf_table is not None:
+            return
         record = layer.gguf_record
         if record is None:
             raise ValueError(f"{self.prefix}: no embedding table was loaded")
