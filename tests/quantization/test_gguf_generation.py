@@ -75,10 +75,12 @@ def test_smollm_greedy_equals_transformers(smollm_llm, smollm_hf_model):
 
 
 @pytest.mark.slow
-def test_smollm_chat_answers_paris(smollm_llm):
-    from pagoda import SamplingParams
+def test_smollm_chat_answers_paris(smollm_gguf):
+    """The default configuration (the platform's dtype: bfloat16 on CPU, so the int4 kernels)."""
+    from pagoda import LLM, SamplingParams
 
-    out = smollm_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    llm = LLM(model=smollm_gguf, kv_cache_memory_bytes=1 << 26, max_model_len=512)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                           SamplingParams(temperature=0.0, max_tokens=30))
     assert "Paris" in out[0].outputs[0].text
 
