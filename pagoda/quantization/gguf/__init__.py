@@ -23,6 +23,9 @@ class GGUFConfig(QuantizationConfig):
     """Weights as stored in a GGUF file; selected by the file format rather than a ``quantization_config``."""
 
     name = "gguf"
+    # The kernels call torch's CPU int4/int8 weight-only matmuls and keep their tensors outside the module's
+    # parameters (they do not follow ``model.to(device)``).
+    platforms = ("cpu",)
     checkpoint_format = GGUFCheckpoint
 
     @classmethod
