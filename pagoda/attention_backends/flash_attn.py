@@ -88,15 +88,9 @@ class FlashAttnBackend(AttentionBackend):
     @classmethod
     def extra_reasons(cls, config: AttentionConfig) -> list[str]:
         reasons = []
-        if config.num_heads % config.num_kv_heads:
-            reasons.append(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
         if config.platform == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
             reasons.append("flash-attn 2 needs compute capability 8.0 or newer (Ampere)")
         return reasons
-
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:

@@ -127,16 +127,6 @@ class FlashInferBackend(AttentionBackend):
         return None
 
     @classmethod
-    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
-        if config.num_heads % config.num_kv_heads:
-            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
-        return []
-
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
-
-    @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:
         return FlashInferMetadataBuilder
 

@@ -143,6 +143,8 @@ class AttentionBackend(ABC):
             reasons.append("sliding-window attention is not supported")
         if config.is_encoder and not cls.supports_encoder:
             reasons.append("encoder (bidirectional) attention is not supported")
+        if config.num_heads % config.num_kv_heads:
+            reasons.append(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
         reasons.extend(cls.extra_reasons(config))
         return reasons
 
@@ -152,10 +154,10 @@ class AttentionBackend(ABC):
         return []
 
     @staticmethod
-    @abstractmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        """Shape of one layer's KV cache tensor (keys and values together). Dimension 1 indexes the blocks:
-        the engine copies blocks (copy-on-write of shared prefix blocks) as ``cache[:, dst] = cache[:, src]``."""
+        """Shape of one layer's KV cache tensor (keys and values together); dimension 1 indexes the blocks (the
+        runner copies and zeroes blocks along it). The default is ``[2, blocks, block_size, kv_heads, head]``."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     @abstractmethod

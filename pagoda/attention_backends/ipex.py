@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
+from pagoda.attention_backends.interface import (AttentionBackend, AttentionImpl,
                                                  AttentionMetadataBuilder, CommonAttentionMetadata)
 from pagoda.plugins.hookspecs import hookimpl
 
@@ -78,12 +78,6 @@ class IpexBackend(AttentionBackend):
         if importlib.util.find_spec("intel_extension_for_pytorch") is None:
             return "intel-extension-for-pytorch is not installed: pip install pagoda-llm[xpu]"
         return None
-
-    @classmethod
-    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
-        if config.num_heads % config.num_kv_heads:
-            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
-        return []
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:

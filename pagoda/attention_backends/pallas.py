@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
+from pagoda.attention_backends.interface import (AttentionBackend, AttentionImpl,
                                                  AttentionMetadataBuilder, CommonAttentionMetadata)
 from pagoda.plugins.hookspecs import hookimpl
 
@@ -74,12 +74,6 @@ class PallasBackend(AttentionBackend):
         if importlib.util.find_spec("torch_xla") is None:
             return "torch_xla is not installed: pip install pagoda-llm[tpu]"
         return None
-
-    @classmethod
-    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
-        if config.num_heads % config.num_kv_heads:
-            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
-        return []
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:

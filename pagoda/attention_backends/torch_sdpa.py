@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagoda.attention_backends.interface import (AttentionBackend, AttentionConfig, AttentionImpl,
+from pagoda.attention_backends.interface import (AttentionBackend, AttentionImpl,
                                                  AttentionMetadataBuilder, CommonAttentionMetadata)
 from pagoda.plugins.hookspecs import hookimpl
 
@@ -136,10 +136,6 @@ class TorchSdpaBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = True
 
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
-
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:
         return SdpaMetadataBuilder
@@ -147,12 +143,6 @@ class TorchSdpaBackend(AttentionBackend):
     @classmethod
     def impl_cls(cls) -> type[AttentionImpl]:
         return SdpaImpl
-
-    @classmethod
-    def extra_reasons(cls, config: AttentionConfig) -> list[str]:
-        if config.num_heads % config.num_kv_heads:
-            return [f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"]
-        return []
 
 
 @hookimpl

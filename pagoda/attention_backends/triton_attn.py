@@ -90,17 +90,11 @@ class TritonAttnBackend(AttentionBackend):
     @classmethod
     def extra_reasons(cls, config: AttentionConfig) -> list[str]:
         reasons = []
-        if config.num_heads % config.num_kv_heads:
-            reasons.append(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
         if config.platform == "cpu":
             # Triton's own switch, read by Triton itself when the kernels are defined.
             if not envs.triton_interpret():
                 reasons.append("on cpu only through Triton's interpreter (set TRITON_INTERPRET=1; for testing)")
         return reasons
-
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:

@@ -98,13 +98,7 @@ class XformersBackend(AttentionBackend):
         reasons = []
         if config.head_size % 8 or config.head_size > 256:
             reasons.append(f"head size {config.head_size} is not a multiple of 8 up to 256")
-        if config.num_heads % config.num_kv_heads:
-            reasons.append(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
         return reasons
-
-    @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:

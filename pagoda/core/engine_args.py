@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, get_args
+from dataclasses import dataclass
+from typing import Any
 
 TASKS = ("auto", "generate", "embed", "classify", "score", "reward")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -185,4 +185,3 @@ _HELP = {
 }
 
 assert set(_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}, "every engine argument needs help text"
-del get_args
