@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Re-run the figures of docs/benchmarks.md: W1, W2, W3, the engine-overhead profile and the concurrency plot.
-# Usage: docs/plots/run_benchmarks.sh [STEP...]   (steps: w1 w2 hf w3 overhead sweep plot; default: all)
+# Usage: docs/plots/run_benchmarks.sh [STEP...]   (steps: w1 w2 hf w3 overhead sweep sweep-gguf plot;
+# default: all)
 # HF_DIR is the HF-format SmolLM2-135M-Instruct copy (tests/conftest.py's smollm2_hf_dir builds it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,7 +12,7 @@ DATA=${DATA:-docs/plots/data}
 RUNS=${RUNS:-3}
 mkdir -p "$DATA"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(w1 w2 hf w3 overhead sweep plot)
+[ ${#steps[@]} -eq 0 ] && steps=(w1 w2 hf w3 overhead sweep sweep-gguf plot)
 # name: label → engine flags (GGUF = the bundled default model, no --model)
 declare -A MODEL=([bf16]="--model $HF_DIR --dtype bfloat16" [gguf]="")
 W1="--dataset-name random --input-len 128 --output-len 128 --num-prompts 64"
@@ -41,12 +42,12 @@ for step in "${steps[@]}"; do
             --output-json "$DATA/overhead-$m.json"; done ;;
     sweep) load "sweep-bf16"
            $PY -m pagoda.benchmarks.plot run --label "pagoda, bf16 safetensors" --json "$DATA/sweep-bf16.json" \
-             --concurrency 1 4 16 64 ${MODEL[bf16]}
-           load "sweep-gguf"
+             --concurrency 1 4 16 64 ${MODEL[bf16]} ;;
+    sweep-gguf) load "sweep-gguf"
            $PY -m pagoda.benchmarks.plot run --label "pagoda, Q4_1 GGUF" --json "$DATA/sweep-gguf.json" \
              --concurrency 1 4 16 64 ;;
     plot) $PY -m pagoda.benchmarks.plot draw "$DATA"/sweep-*.json --out docs/plots/throughput_vs_concurrency.png \
-            --title "pagoda on 2 Zen 4 cores: 128-token prompts, 128 output tokens (vLLM CPU not measured here)" ;;
-    *) echo "unknown step $step (w1 w2 hf w3 overhead sweep plot)" >&2; exit 2 ;;
+            --title "${PLOT_TITLE:-pagoda, SmolLM2-135M: 128-token prompts, 128 output tokens}" ;;
+    *) echo "unknown step $step (w1 w2 hf w3 overhead sweep sweep-gguf plot)" >&2; exit 2 ;;
   esac
 done
