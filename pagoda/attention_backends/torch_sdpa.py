@@ -39,7 +39,7 @@ class PrefillSpan:
 class SdpaMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_block_table: torch.Tensor | None  # [num_decodes, blocks]
+    decode_block_ids: torch.Tensor | None  # [num_decodes * blocks]: the decodes' block tables, flattened
     decode_mask: torch.Tensor | None  # bool [num_decodes, 1, 1, blocks * block_size]
     prefills: list[PrefillSpan]
     causal: bool
@@ -49,12 +49,12 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
     def build(self, common: CommonAttentionMetadata) -> SdpaMetadata:
         block_size = self.config.block_size
         nd = common.num_decodes
-        decode_table = decode_mask = None
+        decode_ids = decode_mask = None
         if nd and common.causal:
             seq_lens = common.seq_lens[:nd]
             max_len = int(common.seq_lens_cpu[:nd].max())
             num_blocks = -(-max_len // block_size)
-            decode_table = common.block_table[:nd, :num_blocks]
+            decode_ids = common.block_table[:nd, :num_blocks].flatten()
             positions = torch.arange(num_blocks * block_size, device=seq_lens.device)
             mask = positions[None, :] < seq_lens[:, None]
             if self.config.sliding_window is not None:
@@ -70,7 +70,7 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
             if computed[i] > 0 and common.causal:
                 block_ids = common.block_table[i, : -(-seq_lens_cpu[i] // block_size)]
             prefills.append(PrefillSpan(qsl[i], qsl[i + 1], computed[i], seq_lens_cpu[i], block_ids))
-        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_table, decode_mask, prefills,
+        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_ids, decode_mask, prefills,
                             common.causal)
 
 
@@ -94,10 +94,11 @@ class SdpaImpl(AttentionImpl):
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: SdpaMetadata) -> torch.Tensor:
         nd = query.shape[0]
         group = self.num_heads // self.num_kv_heads
-        table = metadata.decode_block_table
-        # [nd, blocks, block_size, kvh, d] -> [nd, kvh, blocks*block_size, d]
-        keys = kv_cache[0][table].flatten(1, 2).transpose(1, 2)
-        values = kv_cache[1][table].flatten(1, 2).transpose(1, 2)
+        ids = metadata.decode_block_ids
+        # index_select (several times faster than advanced indexing) → [nd, blocks*block_size, kvh, d]
+        # → [nd, kvh, blocks*block_size, d]
+        keys = kv_cache[0].index_select(0, ids).view(nd, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
+        values = kv_cache[1].index_select(0, ids).view(nd, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
         q = query.view(nd, self.num_kv_heads, group, self.head_size)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=metadata.decode_mask, scale=self.scale)
         return o.reshape(nd, self.num_heads, self.head_size)
@@ -114,8 +115,8 @@ class SdpaImpl(AttentionImpl):
                                                is_causal=causal and mask is None, scale=self.scale,
                                                enable_gqa=self.num_heads != self.num_kv_heads)
             return o[0].transpose(0, 1)
-        k = kv_cache[0][span.block_ids].flatten(0, 1)[: span.seq_len].transpose(0, 1)
-        v = kv_cache[1][span.block_ids].flatten(0, 1)[: span.seq_len].transpose(0, 1)
+        k = kv_cache[0].index_select(0, span.block_ids).flatten(0, 1)[: span.seq_len].transpose(0, 1)
+        v = kv_cache[1].index_select(0, span.block_ids).flatten(0, 1)[: span.seq_len].transpose(0, 1)
         mask = self._mask(e - s, span.num_computed, span.seq_len, q.device)
         o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
