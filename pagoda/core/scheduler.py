@@ -148,26 +148,26 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
+        copied = {dst for _, dst in self.kv.pending_copies}
         for request in scheduled:
             rid = request.request_id
-            block_ids = self.kv.block_ids(rid)
+            blocks = self.kv.req_blocks[rid]
             if rid not in self._known_blocks:
                 out.new_requests.append(NewRequestData(
-                    rid, list(request.all_token_ids), request.num_prompt_tokens, request.params, block_ids,
-                    request.num_computed_tokens, request.num_samples, request.token_type_ids))
+                    rid, list(request.all_token_ids), request.num_prompt_tokens, request.params,
+                    [b.block_id for b in blocks], request.num_computed_tokens, request.num_samples,
+                    request.token_type_ids))
             else:
-                changed = len(block_ids) != self._known_blocks[rid] or self._last_block_copied(block_ids)
+                # The block list is only sent when it changed: a block was added, or copied on write.
+                changed = len(blocks) != self._known_blocks[rid] or blocks[-1].block_id in copied
                 out.cached_requests.append(CachedRequestData(rid, request.num_computed_tokens,
-                                                             block_ids if changed else None))
-            self._known_blocks[rid] = len(block_ids)
+                                                             [b.block_id for b in blocks] if changed else None))
+            self._known_blocks[rid] = len(blocks)
             request.num_computed_tokens += out.num_scheduled_tokens[rid]
         out.block_copies = self.kv.take_pending_copies()
         out.blocks_to_zero = self.kv.take_fresh_blocks()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
-
-    def _last_block_copied(self, block_ids: list[int]) -> bool:
-        return bool(self.kv.pending_copies) and any(dst == block_ids[-1] for _, dst in self.kv.pending_copies)
 
     def _num_new_tokens(self, request: Request, budget: int, num_cached: int = 0) -> int:
         num_new = request.num_tokens - request.num_computed_tokens - num_cached
