@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pagoda import envs
 from pagoda.benchmarks.common import summarize, write_json
 from pagoda.benchmarks.datasets import BenchRequest, add_dataset_args, requests_from_args
 
@@ -141,8 +142,7 @@ async def benchmark(args: argparse.Namespace, requests: list[BenchRequest], toke
     headers = {}
     api_key = args.api_key
     if api_key is None:
-        import os
-        api_key = os.environ.get("OPENAI_API_KEY")
+        api_key = envs.openai_api_key()
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
