@@ -137,7 +137,10 @@ async def _arrivals(count: int, rate: float, burstiness: float, seed: int):
 
 async def benchmark(args: argparse.Namespace, requests: list[BenchRequest], tokenizer=None) -> dict:
     """Send ``requests`` as the flags say and return the metrics (also printed)."""
-    import aiohttp
+    try:
+        import aiohttp
+    except ModuleNotFoundError:
+        raise RuntimeError("pagoda bench serve needs aiohttp: pip install 'pagoda-llm[bench]'") from None
 
     headers = {}
     api_key = args.api_key
