@@ -16,7 +16,6 @@ Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_size]``; ``kv_cac
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -77,13 +76,8 @@ class FlashAttnBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = False
     extra = "cuda"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("flash_attn") is None:
-            return ("flash-attn is not installed: pip install flash-attn --no-build-isolation (it compiles against "
-                    "the installed CUDA torch, see docs/plugins.md)")
-        return None
+    requires = ("flash_attn", "flash-attn", "pip install flash-attn --no-build-isolation (it compiles against the "
+                "installed CUDA torch, see docs/plugins.md)")
 
     @classmethod
     def extra_reasons(cls, config: AttentionConfig) -> list[str]:

@@ -15,7 +15,6 @@ are compiled on first use for the GPU at hand).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,12 +118,7 @@ class FlashInferBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = False
     extra = "cuda"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("flashinfer") is None:
-            return "flashinfer is not installed: pip install pagoda-llm[cuda]"
-        return None
+    requires = ("flashinfer", "flashinfer", "pip install pagoda-llm[cuda]")
 
     @classmethod
     def builder_cls(cls) -> type[AttentionMetadataBuilder]:

@@ -24,6 +24,7 @@ Requests whose query length is 1 (decodes) come first, ``num_decodes`` of them.
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -117,10 +118,15 @@ class AttentionBackend(ABC):
     supports_encoder: ClassVar[bool] = False
     #: The pip extra that installs what this backend needs, named in "not installed" reasons.
     extra: ClassVar[str | None] = None
+    #: The kernel library as (import name, package name, how to install it); probed without importing it.
+    requires: ClassVar[tuple[str, str, str] | None] = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """``None`` when the kernel library can be imported; otherwise why not (import lazily here)."""
+        """``None`` when the kernel library can be imported; otherwise why not. The default checks ``requires``
+        without importing the library (backends import it lazily, when they run)."""
+        if cls.requires is not None and importlib.util.find_spec(cls.requires[0]) is None:
+            return f"{cls.requires[1]} is not installed: {cls.requires[2]}"
         return None
 
     @classmethod

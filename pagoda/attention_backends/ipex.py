@@ -11,7 +11,6 @@ read). This step's keys and values are written with one indexed assignment per t
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +71,7 @@ class IpexBackend(AttentionBackend):
     supports_sliding_window = False
     supports_encoder = False
     extra = "xpu"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("intel_extension_for_pytorch") is None:
-            return "intel-extension-for-pytorch is not installed: pip install pagoda-llm[xpu]"
-        return None
+    requires = ("intel_extension_for_pytorch", "intel-extension-for-pytorch", "pip install pagoda-llm[xpu]")
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:

@@ -11,7 +11,6 @@ dimension 1, as for every backend, so the engine copies blocks the same way what
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +67,7 @@ class PallasBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = False
     extra = "tpu"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("torch_xla") is None:
-            return "torch_xla is not installed: pip install pagoda-llm[tpu]"
-        return None
+    requires = ("torch_xla", "torch_xla", "pip install pagoda-llm[tpu]")
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:

@@ -8,7 +8,6 @@ on first use so that registering this backend never imports Triton.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +79,7 @@ class TritonAttnBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = False
     extra = "cuda"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed: pip install pagoda-llm[cuda]"
-        return None
+    requires = ("triton", "triton", "pip install pagoda-llm[cuda]")
 
     @classmethod
     def extra_reasons(cls, config: AttentionConfig) -> list[str]:

@@ -12,7 +12,6 @@ Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_size]``. Install:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +85,7 @@ class XformersBackend(AttentionBackend):
     supports_sliding_window = True
     supports_encoder = False
     extra = "cuda"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("xformers") is None:
-            return "xformers is not installed: pip install pagoda-llm[cuda]"
-        return None
+    requires = ("xformers", "xformers", "pip install pagoda-llm[cuda]")
 
     @classmethod
     def extra_reasons(cls, config: AttentionConfig) -> list[str]:
