@@ -18,7 +18,7 @@ from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.model_loader import load_model, model_bytes
 from pagoda.core.model_runner import ModelRunner
 from pagoda.core.output_processor import OutputProcessor
-from pagoda.core.request import Request, RequestStatus
+from pagoda.core.request import Request, RequestStatus, child_request_id
 from pagoda.core.sampler import bad_words_to_token_ids
 from pagoda.core.scheduler import Scheduler
 from pagoda.core.tokenizer import load_tokenizer
@@ -204,7 +204,7 @@ class LLMEngine:
             self._pooling.pop(rid, None)
             state = self.output_processor.remove(rid)
             num = state.num_samples if state is not None else 1
-            ids = [rid] + [f"{i}_{rid}" for i in range(num)] if num > 1 else [rid]
+            ids = [rid] + [child_request_id(rid, i) for i in range(num)] if num > 1 else [rid]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -247,15 +247,7 @@ class LLMEngine:
                        request.request_id)
         user_id = request.parent_id or request.request_id
         self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_LENGTH)
-        state = self.output_processor.states.get(user_id)
-        if state is None:
-            return []
-        for sample in state.samples.values():
-            sample.finish_reason = sample.finish_reason or "length"
-        output = self.output_processor.abort(user_id)
-        if output is not None:
-            for completion in output.outputs:
-                completion.finish_reason = "length"
+        output = self.output_processor.abort(user_id, finish_reason="length")
         return [output] if output is not None else []
 
     def get_stats(self) -> EngineStats:

@@ -15,7 +15,7 @@ import torch
 
 from pagoda.attention_backends.interface import CommonAttentionMetadata
 from pagoda.core.config import EngineConfig
-from pagoda.core.request import child_request_id
+from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
@@ -98,13 +98,8 @@ class ModelRunner:
         if isinstance(new.params, PoolingParams):
             sampling = []
         elif new.num_samples > 1:
-            sampling = []
-            for index in range(new.num_samples):
-                params = new.params.clone()
-                params.n, params.best_of = 1, None
-                if params.seed is not None:
-                    params.seed += index  # as the scheduler does for the forked samples
-                sampling.append(self._sampling_state(params, prompt, outputs))
+            sampling = [self._sampling_state(sample_params(new.params, index), prompt, outputs)
+                        for index in range(new.num_samples)]
         else:
             sampling = [self._sampling_state(new.params, prompt, outputs)]
         self.states[new.request_id] = RunnerRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens,

@@ -65,12 +65,13 @@ class OutputProcessor:
     def remove(self, request_id: str) -> RequestState | None:
         return self.states.pop(request_id, None)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, finish_reason: str = "abort") -> RequestOutput | None:
+        """End a request early: unfinished samples get ``finish_reason``; returns its final output."""
         state = self.states.pop(request_id, None)
         if state is None:
             return None
         for sample in state.samples.values():
-            sample.finish_reason = sample.finish_reason or "abort"
+            sample.finish_reason = sample.finish_reason or finish_reason
         return self._make_output(state, finished=True, force=True)
 
     def process(self, results: list[tuple[Request, list[int]]], runner_out: RunnerOutput,

@@ -27,6 +27,17 @@ def child_request_id(parent_id: str, index: int) -> str:
     return f"{index}_{parent_id}"
 
 
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The sampling parameters of sample ``index`` of a forked request: one sample each, and a seed of its own
+    (distinct, still reproducible) when the request is seeded. The scheduler and the runner both use this, so
+    the forked requests and the generators that sample their first tokens agree."""
+    params = params.clone()
+    params.n, params.best_of = 1, None
+    if params.seed is not None:
+        params.seed += index
+    return params
+
+
 class Request:
     """One sequence being generated. A prompt with ``n > 1`` starts as one request (the prompt is computed once)
     and forks into ``n`` child requests sharing its KV blocks once the first tokens are sampled."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
-from pagoda.core.request import Request, RequestStatus, child_request_id
+from pagoda.core.request import Request, RequestStatus, child_request_id, sample_params
 from pagoda.sampling_params import SamplingParams
 
 
@@ -210,11 +210,8 @@ class Scheduler:
         children = []
         position = self.running.index(parent)
         for index, token in enumerate(tokens):
-            params = parent.params.clone()
-            params.n, params.best_of = 1, None
-            if params.seed is not None:
-                params.seed += index  # distinct, still reproducible samples
-            child = Request(child_request_id(parent.request_id, index), parent.prompt_token_ids, params,
+            child = Request(child_request_id(parent.request_id, index), parent.prompt_token_ids,
+                            sample_params(parent.params, index),
                             parent.arrival_time, parent.eos_token_ids, parent_id=parent.request_id, index=index)
             child.num_cached_tokens = parent.num_cached_tokens
             child.num_computed_tokens = parent.num_computed_tokens
