@@ -58,6 +58,9 @@ class SamplingRequestState:
         self.needs_masking = bool(
             p.allowed_token_ids or p.logit_bias or self.bad_words_token_ids or (p.min_tokens and self.min_tokens_banned)
         )
+        # Greedy with nothing that could change the choice and no logprobs: the sampler's argmax-only path.
+        self.is_plain_greedy = (self.is_greedy and not self.needs_masking and not self.has_penalties
+                                and p.logprobs is None)
         self._prompt_tensor: torch.Tensor | None = None
         self._output_buffer = torch.empty(0, dtype=torch.int64)
         self._num_buffered = 0
@@ -157,6 +160,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits must be [num_rows={len(states)}, vocab], got shape {tuple(logits.shape)}.")
         logits = logits.float().contiguous()  # no-ops for the usual contiguous float32 logits
+        if all(s.is_plain_greedy for s in states):  # the common case: one argmax, nothing else
+            return SamplerOutput(sampled_token_ids=lp.fast_argmax(logits), logprobs=None)
         vocab_size = logits.shape[1]
 
         raw_logprobs = None

@@ -167,6 +167,11 @@ def test_fast_argmax_equals_argmax(vocab):
     assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
     logits = torch.randn(16, vocab, generator=rng)
     assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
+    logits[3, vocab // 2] = logits[3, vocab // 3] = float("nan")  # NaN counts as the maximum, the first one wins
+    logits[5] = float("-inf")
+    assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
+    for dtype in (torch.float16, torch.bfloat16):  # numpy's argmax, and torch's where numpy has no such dtype
+        assert torch.equal(lp.fast_argmax(logits.to(dtype)), logits.to(dtype).argmax(dim=-1))
 
 
 def test_two_level_sampling_distribution():
