@@ -13,6 +13,14 @@ While the decoded window ends in U+FFFD (an incomplete UTF-8 sequence) nothing i
 slides forward, so the cost per token stays constant. The window starts in the last prompt tokens, so the
 first generated token gets the leading space it has in context (" Paris", as vLLM returns it).
 
+When only the final text is wanted (``RequestOutputKind.FINAL_ONLY``) and there are no stop strings to look
+for, a detokenizer can be *deferred*: it only collects ids, and the text is produced when it is read. With a
+byte-level BPE decoder (GPT-2, Llama 3, Qwen, SmolLM) the window is then decoded in one call: its decoding is the
+UTF-8 of the tokens' bytes joined, so when the decoded window holds no U+FFFD every token boundary where the
+step-by-step decoding emits text is a character boundary, and the deltas it would have emitted join up to the
+single call's text. When that check fails (invalid or incomplete UTF-8, byte-fallback tokens, joined added
+tokens, other decoders) the ids are fed through the step-by-step path instead, so the text is the same either way.
+
 Stopping follows vLLM v1: :func:`check_stop` decides on token ids (length first, then EOS, then
 ``stop_token_ids``) and the detokenizer then looks for stop strings in the text. The text of a stop token
 is left out unless ``include_stop_str_in_output``; the final text otherwise equals
@@ -25,6 +33,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from tokenizers import decoders
 
 from pagoda.outputs import Logprob
 from pagoda.sampling_params import SamplingParams
@@ -98,9 +108,14 @@ class IncrementalDetokenizer:
 
     ``output_text`` is the text so far (stop strings already cut); ``token_ids`` all output ids.
     With ``params.detokenize`` False (or no tokenizer) only the ids are kept.
+
+    ``defer``: the text is only read once the sequence has finished (see the module docstring); ignored when
+    ``params`` has stop strings, which need the text of every step. A deferred detokenizer's ``output_text``
+    is only up to date after :meth:`flush` or :meth:`get_next_output_text`.
     """
 
-    def __init__(self, tokenizer: Any | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any | None, prompt_token_ids: list[int], params: SamplingParams,
+                 defer: bool = False) -> None:
         self.params = params
         self.token_ids: list[int] = []
         self.output_text = ""
@@ -109,6 +124,7 @@ class IncrementalDetokenizer:
             params.max_stop_str_len - 1 if params.stop and not params.include_stop_str_in_output else 0
         )
         self._last_output_offset = 0
+        self._deferred = False
         if not self.enabled:
             return
         self.skip_special_tokens = params.skip_special_tokens
@@ -126,6 +142,9 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._prefix_text = self._decode(context)
         self._stop_check_offset = 0
+        self._deferred = defer and not params.stop
+        self._pending: list[int] = []  # deferred ids not decoded yet (skipped special ids already left out)
+        self._one_call_decode = info.byte_level and not self._join_added_tokens
 
     # ------------------------------------------------------------------------------------ detokenizing
     def _skipped(self, token_id: int) -> bool:
@@ -174,6 +193,12 @@ class IncrementalDetokenizer:
             return ""
         if stop_terminated and not self.params.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
+        if self._deferred:
+            if self.skip_special_tokens:
+                self._pending.extend(t for t in new_token_ids if t not in self._special_ids)
+            else:
+                self._pending.extend(new_token_ids)
+            return ""
         start = len(self.output_text)
         for offset, token_id in enumerate(new_token_ids):
             self.output_text += self._decode_next(token_id)
@@ -182,9 +207,33 @@ class IncrementalDetokenizer:
                 self._stop_check_offset = len(self.output_text)
         return self.output_text[start:]
 
+    def _catch_up(self) -> None:
+        """Decode a deferred detokenizer's pending ids (in one call where that gives the same text) and stop
+        deferring: ids appended later are decoded step by step."""
+        pending, self._pending = self._pending, []
+        self._deferred = False
+        if not pending:
+            return
+        if self._one_call_decode and self._byte_ids.isdisjoint(pending):
+            window = self._ids[self._prefix_offset :]
+            window.extend(pending)
+            text = self._decode(window)
+            if "\ufffd" not in text and len(text) >= len(self._prefix_text):
+                # Valid UTF-8 throughout: the step-by-step deltas would join up to exactly this.
+                delta = text[len(self._prefix_text) :]
+                self._ids.extend(pending)
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                self._prefix_text = delta
+                self.output_text += delta
+                return
+        for token_id in pending:
+            self.output_text += self._decode_next(token_id)
+
     def flush(self) -> str:
         """Emit tokens held back as an incomplete character (at the end of the sequence), as U+FFFD like
         ``decode`` does."""
+        if self._deferred:
+            self._catch_up()
         if not self.enabled or self._read_offset == len(self._ids):
             return ""
         text = self._decode(self._ids[self._prefix_offset :])
@@ -201,6 +250,13 @@ class IncrementalDetokenizer:
         ``token_stop`` is :func:`check_stop`'s decision for these tokens. A stop string found in the new
         text ends the sequence (even one that also hit its length limit) and cuts the text there.
         """
+        if token_stop is None and self._deferred:  # only collect the ids (update's deferred branch, inlined)
+            self.token_ids.extend(new_token_ids)
+            if self.skip_special_tokens:
+                self._pending.extend(t for t in new_token_ids if t not in self._special_ids)
+            else:
+                self._pending.extend(new_token_ids)
+            return None
         stop_terminated = token_stop is not None and token_stop.finish_reason == "stop"
         self.update(new_token_ids, stop_terminated)
         if token_stop is not None:
@@ -225,6 +281,8 @@ class IncrementalDetokenizer:
         Until the sequence finishes, the last ``len(longest stop string) - 1`` characters are held back,
         since they could be the start of a stop string that would be cut from the output.
         """
+        if self._deferred:
+            self._catch_up()
         hold = 0 if finished else self._stop_buffer_length
         end = max(0, len(self.output_text) - hold)
         if not delta:
@@ -242,6 +300,7 @@ class _TokenizerInfo:
     special_ids: frozenset[int]
     added_tokens: dict[int, str]
     byte_fallback_ids: frozenset[int]
+    byte_level: bool  # the decoder is byte-level BPE's: text = UTF-8 of the tokens' bytes joined
 
 
 _TOKENIZER_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -263,6 +322,7 @@ def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
             byte_fallback_ids=frozenset(
                 i for i in (backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None
             ),
+            byte_level=isinstance(backend.decoder, decoders.ByteLevel),
         )
     else:
         def decode(ids: list[int], skip_special_tokens: bool) -> str:
@@ -273,6 +333,7 @@ def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
             special_ids=frozenset(tokenizer.all_special_ids),
             added_tokens={i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()},
             byte_fallback_ids=frozenset(),
+            byte_level=False,
         )
     try:
         _TOKENIZER_INFO[tokenizer] = info

@@ -86,39 +86,50 @@ class OutputProcessor:
                 num = state.params.prompt_logprobs
                 state.prompt_logprobs.extend(position_logprobs(ids, lps, rank, num, self.tokenizer)
                                              for ids, lps, rank in entries[:room])
+        decided: set[str] = set()  # user requests with a sample that finished this step
+        states, max_model_len = self.states, self.max_model_len
         for request, new_tokens in results:
             user_id = request.parent_id or request.request_id
-            state = self.states.get(user_id)
+            state = states.get(user_id)
             if state is None:
                 continue
             sample = state.samples.get(request.index)
             if sample is None:
+                # Only the final text is returned: decode once at the end (same text; see the detokenizer).
+                defer = state.params.output_kind == RequestOutputKind.FINAL_ONLY
                 sample = state.samples[request.index] = SampleState(
-                    request.index, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params),
+                    request.index,
+                    IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params, defer=defer),
                     [] if request.params.logprobs is not None else None,
                     0.0 if request.params.logprobs is not None else None)
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
+            metrics = state.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
                 state.num_cached_tokens = max(request.num_cached_tokens, 0)
-            state.metrics.last_token_time = now
-            lp = runner_out.logprobs.get(request.request_id)
-            if lp is not None and sample.logprobs is not None:
-                ids, lps, rank = lp
-                sample.logprobs.append(position_logprobs(ids, lps, rank, request.params.logprobs, self.tokenizer))
-                sample.cumulative_logprob += lps[0]
+            metrics.last_token_time = now
+            if sample.logprobs is not None:
+                lp = runner_out.logprobs.get(request.request_id)
+                if lp is not None:
+                    ids, lps, rank = lp
+                    sample.logprobs.append(position_logprobs(ids, lps, rank, request.params.logprobs,
+                                                             self.tokenizer))
+                    sample.cumulative_logprob += lps[0]
             token_stop = check_stop(request.params, request.output_token_ids, request.eos_token_ids,
-                                    num_prompt_tokens=request.num_prompt_tokens, max_model_len=self.max_model_len)
+                                    num_prompt_tokens=request.num_prompt_tokens, max_model_len=max_model_len)
             decision: StopDecision | None = sample.detokenizer.process(new_tokens, token_stop)
             if decision is not None:
                 sample.finish_reason, sample.stop_reason = decision.finish_reason, decision.stop_reason
                 finishes.append((request.request_id, _STATUS[decision.finish_reason]))
+                decided.add(user_id)
             touched[user_id] = state
         outputs = []
         for user_id, state in touched.items():
-            finished = state.finished
+            finished = user_id in decided and state.finished  # finishing takes a decision in this step
             if finished:
                 state.metrics.finished_time = now
-                del self.states[user_id]
+                del states[user_id]
+            elif state.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue  # nothing to say until it finishes
             output = self._make_output(state, finished)
             if output is not None:
                 outputs.append(output)

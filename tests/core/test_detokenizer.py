@@ -309,3 +309,82 @@ def test_bad_words_tokenized_with_and_without_leading_space(tokenizer):
     texts = [tokenizer.decode(v) for v in variants]
     assert {t.strip() for t in texts} == {"Paris", "hello world"}
     assert len(variants) >= 2
+
+
+# --------------------------------------------------------------------------------- deferred detokenization
+def _run(detok: IncrementalDetokenizer, ids: list[int], stop: StopDecision | None) -> tuple[str, StopDecision | None]:
+    """Output processing of ``ids`` one step at a time, ``stop`` deciding on the last one; the final text."""
+    decision = None
+    for i, token in enumerate(ids):
+        decision = detok.process([token], stop if i == len(ids) - 1 else None)
+    return detok.get_next_output_text(True, False), decision
+
+
+def _counting(detok: IncrementalDetokenizer) -> list[int]:
+    """Count the decode calls of ``detok`` (wraps its decode function; the tokenizer still decodes)."""
+    calls = [0]
+    inner = detok._decode_fn
+
+    def decode(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    detok._decode_fn = decode
+    return calls
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("spaces_between_special_tokens", [True, False])
+@pytest.mark.parametrize("include_stop_str_in_output", [True, False])
+def test_deferred_text_equals_incremental(any_tokenizer, skip_special_tokens, spaces_between_special_tokens,
+                                          include_stop_str_in_output):
+    """A deferred detokenizer (final text only) gives exactly the step-by-step text: valid text, split
+    multi-byte characters, special tokens, random ids, with and without a prompt, ended by EOS or length."""
+    tokenizer = any_tokenizer
+    rng = random.Random(4321)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens,
+                            spaces_between_special_tokens=spaces_between_special_tokens,
+                            include_stop_str_in_output=include_stop_str_in_output)
+    special = sorted(tokenizer.backend_tokenizer.get_added_tokens_decoder())
+    for trial in range(60):
+        prompt = tokenizer.encode(rng.choice(TEXTS), add_special_tokens=True) if trial % 3 else []
+        if trial % 2:
+            ids = random_output(tokenizer, rng, length=rng.randint(1, 30))
+        else:  # valid text, as a model mostly produces: the one-call path
+            ids = tokenizer.encode(rng.choice(TEXTS), add_special_tokens=False) + [rng.choice(special)]
+        stop = StopDecision("stop") if trial % 4 < 2 else StopDecision("length")
+        expected = _run(IncrementalDetokenizer(tokenizer, prompt, params), ids, stop)
+        deferred = IncrementalDetokenizer(tokenizer, prompt, params, defer=True)
+        assert _run(deferred, ids, stop) == expected, (prompt, ids)
+        assert deferred.token_ids == ids
+
+
+def test_deferred_detokenizer_decodes_valid_text_in_one_call(smollm_tokenizer):
+    tokenizer = smollm_tokenizer
+    prompt = tokenizer.encode("Say something:")
+    ids = tokenizer.encode(" Emoji: 🙂🚀👍🏽 and 中文字符 with words", add_special_tokens=False)
+    deferred = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(), defer=True)
+    calls = _counting(deferred)
+    text, _ = _run(deferred, ids, StopDecision("length"))
+    assert calls[0] == 1 and text == " Emoji: 🙂🚀👍🏽 and 中文字符 with words"
+    # Invalid UTF-8 (a lone continuation byte token) falls back to the step-by-step path: same text.
+    lone = tokenizer.convert_tokens_to_ids("\u0122")  # byte 0x80 in byte-level BPE's alphabet
+    ids = ids + [lone] + ids
+    step_by_step = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+    deferred = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(), defer=True)
+    calls = _counting(deferred)
+    assert _run(deferred, ids, StopDecision("length")) == _run(step_by_step, ids, StopDecision("length"))
+    assert calls[0] > len(ids) and "\ufffd" in deferred.output_text
+
+
+def test_stop_strings_are_never_deferred(smollm_tokenizer):
+    params = SamplingParams(stop=["Paris"])
+    detok = IncrementalDetokenizer(smollm_tokenizer, [], params, defer=True)
+    ids = smollm_tokenizer.encode("The capital of France is Paris. Yes.", add_special_tokens=False)
+    decision = None
+    for token in ids:
+        decision = detok.process([token], None)
+        if decision is not None:
+            break
+    assert decision == StopDecision("stop", "Paris")
+    assert detok.output_text == "The capital of France is "
