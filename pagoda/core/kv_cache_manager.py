@@ -52,6 +52,13 @@ class KVCacheManager:
         Returns False, changing nothing, when the pool can't provide it. A last block shared with a sibling
         sample (after a fork) that is about to be written gets copied first (copy-on-write).
         """
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks and not computed_blocks:
+            # The steady state of a running request: its blocks already have room and its last block is its own.
+            num_computed = request.num_computed_tokens
+            if (num_computed + num_new_tokens <= len(blocks) * self.block_size
+                    and (num_computed % self.block_size == 0 or blocks[-1].ref_cnt == 1)):
+                return True
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

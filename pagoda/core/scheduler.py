@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -36,8 +37,10 @@ class NewRequestData:
     token_type_ids: list[int] | None = None
 
 
-@dataclass(frozen=True)
-class CachedRequestData:
+class CachedRequestData(NamedTuple):
+    """A running request the runner already has: only what changed (a named tuple: one is built per running
+    request per step)."""
+
     request_id: str
     num_computed_tokens: int
     block_ids: list[int] | None  # the full block list when it changed, else None
@@ -112,7 +115,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._num_new_tokens(request, budget)
+            num_new = len(request.all_token_ids) - request.num_computed_tokens
+            if num_new > budget or num_new <= 0:  # the common case, a decode, needs none of the chunking rules
+                num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -149,21 +154,24 @@ class Scheduler:
             budget -= num_new
 
         copied = {dst for _, dst in self.kv.pending_copies}
+        req_blocks, known_blocks, num_scheduled = self.kv.req_blocks, self._known_blocks, out.num_scheduled_tokens
+        cached_requests = out.cached_requests
         for request in scheduled:
             rid = request.request_id
-            blocks = self.kv.req_blocks[rid]
-            if rid not in self._known_blocks:
+            blocks = req_blocks[rid]
+            known = known_blocks.get(rid)
+            if known is None:
                 out.new_requests.append(NewRequestData(
                     rid, list(request.all_token_ids), request.num_prompt_tokens, request.params,
                     [b.block_id for b in blocks], request.num_computed_tokens, request.num_samples,
                     request.token_type_ids))
             else:
                 # The block list is only sent when it changed: a block was added, or copied on write.
-                changed = len(blocks) != self._known_blocks[rid] or blocks[-1].block_id in copied
-                out.cached_requests.append(CachedRequestData(rid, request.num_computed_tokens,
-                                                             [b.block_id for b in blocks] if changed else None))
-            self._known_blocks[rid] = len(blocks)
-            request.num_computed_tokens += out.num_scheduled_tokens[rid]
+                changed = len(blocks) != known or (copied and blocks[-1].block_id in copied)
+                cached_requests.append(CachedRequestData(rid, request.num_computed_tokens,
+                                                         [b.block_id for b in blocks] if changed else None))
+            known_blocks[rid] = len(blocks)
+            request.num_computed_tokens += num_scheduled[rid]
         out.block_copies = self.kv.take_pending_copies()
         out.blocks_to_zero = self.kv.take_fresh_blocks()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
