@@ -144,6 +144,7 @@ class IncrementalDetokenizer:
         self._stop_check_offset = 0
         self._deferred = defer and not params.stop
         self._pending: list[int] = []  # deferred ids not decoded yet (skipped special ids already left out)
+        self._byte_level = info.byte_level
         self._one_call_decode = info.byte_level and not self._join_added_tokens
 
     # ------------------------------------------------------------------------------------ detokenizing
@@ -156,27 +157,33 @@ class IncrementalDetokenizer:
         return self._decode_fn(ids, skip_special_tokens=False) if ids else ""
 
     def _decode_next(self, token_id: int) -> str:
-        if self._skipped(token_id):
+        if self.skip_special_tokens and token_id in self._special_ids:
             return ""
-        self._ids.append(token_id)
+        ids = self._ids
+        ids.append(token_id)
         if token_id in self._byte_ids:
             # SentencePiece byte fallback decodes a run of byte tokens as a whole (all of it U+FFFD if any
             # part is invalid), so nothing is emitted while the run may still grow.
             return ""
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith("\ufffd"):
+        prefix_text = self._prefix_text
+        new_text = self._decode_fn(ids[self._prefix_offset :], skip_special_tokens=False)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             # Nothing new yet, or a character still incomplete: keep the tokens pending.
             return ""
-        delta = new_text[len(self._prefix_text) :]
+        delta = raw = new_text[len(prefix_text) :]
         if self._join_added_tokens:
             is_added = token_id in self._added_tokens
             if is_added and self._last_was_added:
                 delta = self._added_tokens[token_id]
             self._last_was_added = is_added
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        if self._byte_level and "\ufffd" not in new_text:
+            # Valid UTF-8 of joined token bytes: the new window's text is what the old window's text gained.
+            self._prefix_text = raw
+        else:
+            self._prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
         if self._prefix_offset > _COMPACT_AFTER:
-            del self._ids[: self._prefix_offset]
+            del ids[: self._prefix_offset]
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
         return delta

@@ -140,7 +140,9 @@ class OutputProcessor:
         if (kind == RequestOutputKind.FINAL_ONLY or state.num_samples > state.params.n) and not finished and not force:
             return None
         delta = kind == RequestOutputKind.DELTA
-        samples = sorted(state.samples.values(), key=lambda s: s.index)
+        samples = list(state.samples.values())
+        if len(samples) > 1:
+            samples.sort(key=lambda s: s.index)
         if state.num_samples > state.params.n:  # best_of: keep the n most likely samples
             samples = sorted(samples, key=lambda s: -(s.cumulative_logprob or 0.0))[:state.params.n]
         completions = []

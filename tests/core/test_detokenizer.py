@@ -388,3 +388,16 @@ def test_stop_strings_are_never_deferred(smollm_tokenizer):
             break
     assert decision == StopDecision("stop", "Paris")
     assert detok.output_text == "The capital of France is "
+
+
+def test_step_by_step_decodes_valid_byte_level_text_once_per_token(smollm_tokenizer):
+    """Byte-level BPE, valid UTF-8: the text of the emitted window is what the window's text gained, so each
+    token costs one decode call; the text equals the tokenizer's decode of the continuation."""
+    tokenizer = smollm_tokenizer
+    prompt = tokenizer.encode("Say something:")
+    text = " Emoji: 🙂🚀👍🏽 and 中文字符 with <|im_end|> words"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(skip_special_tokens=False))
+    calls = _counting(detok)
+    deltas = [detok.update([t]) for t in ids]
+    assert "".join(deltas) == text and calls[0] == len(ids)
