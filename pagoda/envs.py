@@ -44,6 +44,21 @@ def cpu_omp_threads() -> int | None:
     return int(value) if value is not None else None
 
 
+def cpu_kernels_enabled() -> bool:
+    """PAGODA_CPU_KERNELS: build and use pagoda's native CPU kernels (default 1; 0 keeps torch's ops)."""
+    return _get("PAGODA_CPU_KERNELS", "1") not in ("0", "false", "False")
+
+
+def cache_root() -> str:
+    """PAGODA_CACHE_ROOT: where compiled kernels are kept (default ``~/.cache/pagoda``)."""
+    return _get("PAGODA_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "pagoda")
+
+
+def cxx_compiler() -> str | None:
+    """CXX: the C++ compiler that builds the native CPU kernels (default: the first of c++, g++, clang++)."""
+    return _get("CXX")
+
+
 def logging_level() -> str:
     """VLLM_LOGGING_LEVEL: the log level of the `pagoda` logger."""
     return (_get("VLLM_LOGGING_LEVEL", "INFO") or "INFO").upper()

@@ -3,9 +3,11 @@
 Runs on any platform torch runs on. The KV cache of a layer is one tensor
 ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (keys, then values).
 
-* Decodes (one query token each) are batched into a single SDPA call: their blocks are gathered with one
-  index op into ``[num_decodes, num_kv_heads, max_len, head_size]`` and a padding mask hides the tail of
-  shorter contexts. Grouped-query heads are folded into the query length (``[n, kv_heads, group, d]``) so no
+* Decodes (one query token each) on the CPU in float32/bfloat16 run pagoda's native paged-decode kernel
+  (:mod:`pagoda.kernels.cpu`), which reads the blocks in place through the block table. Elsewhere (or with
+  ``PAGODA_CPU_KERNELS=0``) they are batched into a single SDPA call: their blocks are gathered with one index
+  op into ``[num_decodes, num_kv_heads, max_len, head_size]`` and a padding mask hides the tail of shorter
+  contexts. Grouped-query heads are folded into the query length (``[n, kv_heads, group, d]``) so no
   key/value head is ever repeated.
 * Prefill chunks attend to their request's cached context (prefix-cache hits and earlier chunks) plus their
   own tokens, causally; a prefill with nothing cached uses the fresh keys directly with ``is_causal``.
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 from pagoda.attention_backends.interface import (AttentionBackend, AttentionImpl,
                                                  AttentionMetadataBuilder, CommonAttentionMetadata)
+from pagoda.kernels import cpu as cpu_kernels
+from pagoda.kernels import cpu_ops
 from pagoda.plugins.hookspecs import hookimpl
 
 
@@ -39,18 +43,34 @@ class PrefillSpan:
 class SdpaMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
+    # Native kernel: the decodes' block-table rows and context lengths, read in place.
+    decode_block_table: torch.Tensor | None  # int32 [num_decodes, max_blocks]
+    decode_seq_lens: torch.Tensor | None  # int32 [num_decodes]
+    # SDPA path: the decodes' blocks gathered and masked.
     decode_block_ids: torch.Tensor | None  # [num_decodes * blocks]: the decodes' block tables, flattened
     decode_mask: torch.Tensor | None  # bool [num_decodes, 1, 1, blocks * block_size]
     prefills: list[PrefillSpan]
     causal: bool
 
 
+def native_decode_available(config, device: torch.device) -> bool:
+    """Whether decodes of this model run on the native CPU kernel."""
+    return (device.type == "cpu" and config.dtype in cpu_kernels.DTYPE_CODES and config.kv_cache_dtype == "auto"
+            and cpu_kernels.kernels() is not None)
+
+
 class SdpaMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, config, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.native_decode = native_decode_available(config, device)
+
     def build(self, common: CommonAttentionMetadata) -> SdpaMetadata:
         block_size = self.config.block_size
         nd = common.num_decodes
-        decode_ids = decode_mask = None
-        if nd and common.causal:
+        decode_ids = decode_mask = decode_table = decode_lens = None
+        if nd and common.causal and self.native_decode:
+            decode_table, decode_lens = common.block_table[:nd], common.seq_lens[:nd]
+        elif nd and common.causal:
             seq_lens = common.seq_lens[:nd]
             max_len = int(common.seq_lens_cpu[:nd].max())
             num_blocks = -(-max_len // block_size)
@@ -70,8 +90,8 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
             if computed[i] > 0 and common.causal:
                 block_ids = common.block_table[i, : -(-seq_lens_cpu[i] // block_size)]
             prefills.append(PrefillSpan(qsl[i], qsl[i + 1], computed[i], seq_lens_cpu[i], block_ids))
-        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_ids, decode_mask, prefills,
-                            common.causal)
+        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_table, decode_lens, decode_ids,
+                            decode_mask, prefills, common.causal)
 
 
 class SdpaImpl(AttentionImpl):
@@ -92,6 +112,13 @@ class SdpaImpl(AttentionImpl):
         return out.view(num_tokens, self.num_heads * self.head_size)
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: SdpaMetadata) -> torch.Tensor:
+        if metadata.decode_block_table is not None:
+            out = cpu_ops.decode_attention(query, kv_cache[0], kv_cache[1], metadata.decode_block_table,
+                                           metadata.decode_seq_lens, self.scale, self.sliding_window)
+            if out is None:
+                raise RuntimeError("the native decode kernel rejected tensors its builder accepted: "
+                                   f"query {query.dtype} {tuple(query.shape)}, cache {kv_cache.dtype}")
+            return out
         nd = query.shape[0]
         group = self.num_heads // self.num_kv_heads
         ids = metadata.decode_block_ids

@@ -24,7 +24,7 @@ PACKAGES = ("pagoda-llm", "torch", "transformers", "tokenizers", "safetensors", 
             "flash-attn", "flashinfer-python", "xformers", "torch-xla", "intel-extension-for-pytorch", "fastapi",
             "openai")
 ENV_VARS = ("VLLM_PLUGINS", "VLLM_ATTENTION_BACKEND", "VLLM_CPU_KVCACHE_SPACE", "PAGODA_CPU_THREADS",
-            "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK")
+            "PAGODA_CPU_KERNELS", "PAGODA_CACHE_ROOT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK")
 DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

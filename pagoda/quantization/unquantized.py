@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.kernels import cpu_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 
@@ -34,6 +35,22 @@ def _sharded_loader(output_sizes: list[int]):
     return load
 
 
+def _packed(layer: nn.Module, x: torch.Tensor) -> cpu_ops.PackedWeight | None:
+    """The layer's weight packed for the native bf16 CPU GEMM, packing it on first use.
+
+    Packing waits for the first forward because only then is the weight where it will run (the loader processes
+    weights before the model moves to its device). The plain weight is dropped once packed, so the packed copy
+    costs no memory.
+    """
+    packed = getattr(layer, "packed_weight", None)
+    if packed is None and x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_ops.can_pack(layer.weight):
+        packed = layer.packed_weight = cpu_ops.pack_weight(layer.weight, getattr(layer, "bias", None))
+        layer.weight = None
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = None
+    return packed
+
+
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:
@@ -48,6 +65,9 @@ class UnquantizedLinearMethod(LinearMethod):
             layer.bias = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        packed = _packed(layer, x)
+        if packed is not None:
+            return cpu_ops.packed_linear(x, packed)
         return F.linear(x, layer.weight, layer.bias)
 
 
@@ -59,9 +79,15 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
         layer.register_parameter("weight", weight)
 
     def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        packed = getattr(layer, "packed_weight", None)
+        if packed is not None:  # an LM head packed for the logits also serves the lookups
+            return packed.rows(token_ids)
         return F.embedding(token_ids, layer.weight)
 
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        packed = _packed(layer, hidden)
+        if packed is not None:
+            return cpu_ops.packed_linear(hidden, packed, float_output=True)
         return F.linear(hidden, layer.weight).float()
 
 

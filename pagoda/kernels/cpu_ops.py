@@ -1,0 +1,114 @@
+"""Tensor-level entry points to the native CPU kernels (see :mod:`pagoda.kernels.cpu`).
+
+Callers check applicability first (:func:`can_pack`, or ``None`` from :func:`decode_attention`) and keep their
+torch path for everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.kernels.cpu import DTYPE_CODES, kernels
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     sliding_window: int | None) -> torch.Tensor | None:
+    """Paged decode attention reading the cache in place.
+
+    ``query`` [n, heads, d]; ``key_cache``/``value_cache`` [blocks, block_size, kv_heads, d] (token rows
+    contiguous); ``block_table`` int32 [n, max_blocks] (rows may be strided); ``seq_lens`` int32 [n].
+    Returns ``[n, heads, d]`` in the query's dtype, or None when the kernel does not apply.
+    """
+    lib = kernels()
+    code = DTYPE_CODES.get(query.dtype)
+    if lib is None or code is None or query.device.type != "cpu" or key_cache.dtype != query.dtype:
+        return None
+    n, heads, d = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    if (key_cache.stride(2) != d or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride()
+            or block_table.dtype != torch.int32 or block_table.stride(1) != 1 or seq_lens.dtype != torch.int32):
+        return None
+    query = query.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty_like(query)
+    rc = lib.decode_attention(code, out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                              block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(), n, heads,
+                              kv_heads, d, block_size, key_cache.stride(0), key_cache.stride(1), scale,
+                              sliding_window or 0, _threads())
+    if rc != 0:
+        raise RuntimeError(f"pagoda_decode_attention failed with code {rc}")
+    return out
+
+
+class PackedWeight:
+    """A bf16 weight ``[n, k]`` repacked for :func:`packed_linear`, with its bias in float32.
+
+    Layout: tiles of 16 output rows; inside a tile, pairs of consecutive ``k`` interleaved per row
+    (``[n / 16][k / 2][16][2]``, zero-padded), the order AVX512-BF16's pairwise dot product reads.
+    """
+
+    __slots__ = ("data", "n", "k", "bias")
+
+    def __init__(self, data: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
+        self.data, self.n, self.k, self.bias = data, n, k, bias
+
+    def _tiles(self) -> torch.Tensor:
+        return self.data.view(-1, -(-self.k // 2), 16, 2)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the original weight (an embedding lookup on a tied LM head)."""
+        flat = index.reshape(-1)
+        picked = self._tiles()[flat // 16, :, flat % 16, :]  # [len, k / 2, 2]
+        return picked.reshape(flat.numel(), -1)[:, : self.k].reshape(*index.shape, self.k)
+
+    def unpack(self) -> torch.Tensor:
+        """The original ``[n, k]`` weight."""
+        return self._tiles().permute(0, 2, 1, 3).reshape(-1, self._tiles().shape[1] * 2)[: self.n, : self.k]
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def can_pack(weight: torch.Tensor | None) -> bool:
+    """Whether :func:`pack_weight` applies: a 2-D bf16 CPU weight and a build with the packed kernel."""
+    if weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    lib = kernels()
+    return lib is not None and lib.has_packed_bf16
+
+
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
+    """Repack a bf16 ``[n, k]`` weight (check :func:`can_pack` first)."""
+    lib = kernels()
+    n, k = weight.shape
+    data = torch.empty(-(-n // 16) * 16 * (-(-k // 2)) * 2, dtype=torch.bfloat16)
+    weight = weight.contiguous()
+    lib.pack_bf16(data.data_ptr(), weight.data_ptr(), n, k)
+    return PackedWeight(data, n, k, bias.float().contiguous() if bias is not None else None)
+
+
+def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = False) -> torch.Tensor:
+    """``x @ W.T + b`` for bf16 ``x [..., k]`` against a packed weight; float32 out when ``float_output``."""
+    lib = kernels()
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"packed_linear takes bfloat16 inputs, got {x.dtype}")
+    rows = x.numel() // weight.k
+    x2 = x.reshape(rows, weight.k).contiguous()
+    dtype = torch.float32 if float_output else torch.bfloat16
+    # Output rows a multiple of 4 KiB apart map to the same cache sets, and the kernel writes a strip of columns
+    # across many rows at a time: one cache line of padding per row spreads them. The result is then a view with
+    # a row stride of n + pad.
+    pad = 64 // dtype.itemsize if rows > 8 and (weight.n * dtype.itemsize) % 4096 == 0 else 0
+    out = torch.empty(rows, weight.n + pad, dtype=dtype)
+    if rows:
+        bias_ptr = weight.bias.data_ptr() if weight.bias is not None else None
+        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n + pad, x2.data_ptr(),
+                             weight.data.data_ptr(), bias_ptr, rows, weight.n, weight.k, _threads())
+        if rc != 0:
+            raise RuntimeError(f"pagoda_gemm_packed failed with code {rc}")
+    return out[:, : weight.n].unflatten(0, x.shape[:-1])

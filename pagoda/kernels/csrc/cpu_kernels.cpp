@@ -1,0 +1,366 @@
+// Native CPU kernels for pagoda, compiled on first use (see pagoda/kernels/cpu_build.py) and called through
+// ctypes with raw pointers: no torch headers, so a build takes about a second.
+//
+// Threads come from OpenMP. torch ships its own libgomp with the same soname, so once torch is imported this
+// library binds to torch's runtime and shares its thread pool instead of starting a second one.
+//
+// dtype codes: 0 = float32, 1 = bfloat16. Math is float32 throughout; bf16 results are rounded once at the end.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef uint16_t bf16_t;
+
+inline float bf16_to_f32(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16_t f32_to_bf16(float f) {  // round to nearest even, like torch
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+template <typename T> inline float load(const T* p, int64_t i);
+template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float load<bf16_t>(const bf16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+template <typename T> inline void store(T* p, int64_t i, float v);
+template <> inline void store<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void store<bf16_t>(bf16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+#if defined(__AVX512F__)
+// exp(x) for 16 lanes: 2^(x log2 e) split into an integer power (applied exactly by scalef) and a degree-6
+// polynomial on [-0.5, 0.5] (relative error ~1e-7, float32's own). libm's scalar expf dominated the kernel.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // below this expf is 0 anyway
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));  // f ln2, |.| <= 0.35
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// In-place softmax of s[0..n); float32.
+inline void softmax(float* s, int64_t n) {
+  float m = -INFINITY;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+  m = _mm512_reduce_max_ps(mv);
+#endif
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  float sum = 0.f;
+  j = 0;
+#if defined(__AVX512F__)
+  __m512 sv = _mm512_setzero_ps();
+  const __m512 mm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mm));
+    _mm512_storeu_ps(s + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  sum = _mm512_reduce_add_ps(sv);
+#endif
+  for (; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+  const float inv = 1.f / sum;
+  for (j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// dot(q, k) over d elements; q is float32, k in the cache dtype.
+template <typename T> inline float dot(const float* q, const T* k, int64_t d) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < d; ++i) s += q[i] * load(k, i);
+  return s;
+}
+
+// acc += w * v over d elements.
+template <typename T> inline void axpy(float* acc, float w, const T* v, int64_t d) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 wv = _mm512_set1_ps(w);
+  for (; i + 16 <= d; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < d; ++i) acc[i] += w * load(v, i);
+}
+
+// One sequence of a decode batch: every query head attends to the sequence's cached tokens, read in place from
+// the paged cache through the block table. A token's keys (and values) for all kv heads are one contiguous row,
+// so the sequence is read as a few long runs with the next rows prefetched: the kernel is bound by how fast the
+// cache streams in, and per-head passes over the same rows left the prefetcher idle.
+template <typename T>
+void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
+                int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
+                int64_t token_stride, float scale, int64_t window, std::vector<float>& scratch) {
+  const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
+  const int64_t n = seq_len - start;
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t row_bytes = num_kv_heads * head_size * static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kAhead = 4;  // tokens prefetched ahead
+  scratch.resize(static_cast<size_t>(num_heads * (n + 2 * head_size)));
+  float* scores = scratch.data();            // [heads, n]
+  float* qf = scores + num_heads * n;        // [heads, head_size], pre-scaled
+  float* acc = qf + num_heads * head_size;   // [heads, head_size]
+  for (int64_t i = 0; i < num_heads * head_size; ++i) qf[i] = load(q, i) * scale;
+  auto row = [&](const T* cache, int64_t t) {
+    return cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride;
+  };
+  auto prefetch = [&](const T* cache, int64_t t) {
+    if (t >= seq_len) return;
+    const char* p = reinterpret_cast<const char*>(row(cache, t));
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+  };
+  for (int64_t t = start; t < start + kAhead; ++t) prefetch(k_cache, t);
+  for (int64_t t = start; t < seq_len; ++t) {
+    prefetch(k_cache, t + kAhead);
+    const T* k = row(k_cache, t);
+    for (int64_t h = 0; h < num_heads; ++h)
+      scores[h * n + (t - start)] = dot(qf + h * head_size, k + (h / group) * head_size, head_size);
+  }
+  for (int64_t h = 0; h < num_heads; ++h) softmax(scores + h * n, n);
+  std::memset(acc, 0, sizeof(float) * num_heads * head_size);
+  for (int64_t t = start; t < start + kAhead; ++t) prefetch(v_cache, t);
+  for (int64_t t = start; t < seq_len; ++t) {
+    prefetch(v_cache, t + kAhead);
+    const T* v = row(v_cache, t);
+    for (int64_t h = 0; h < num_heads; ++h)
+      axpy(acc + h * head_size, scores[h * n + (t - start)], v + (h / group) * head_size, head_size);
+  }
+  for (int64_t i = 0; i < num_heads * head_size; ++i) store(out, i, acc[i]);
+}
+
+template <typename T>
+void decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
+                      int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
+                      int64_t token_stride, float scale, int64_t window, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < num_seqs; ++s)
+      decode_one<T>(static_cast<T*>(out) + s * num_heads * head_size,
+                    static_cast<const T*>(q) + s * num_heads * head_size, static_cast<const T*>(k_cache),
+                    static_cast<const T*>(v_cache), block_table + s * table_stride, seq_lens[s], num_heads,
+                    num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, scratch);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// ---- bf16 GEMM on packed weights ---------------------------------------------------------------------------------
+// Weights are packed once after loading into tiles of 16 output columns in the pair-interleaved order vdpbf16ps
+// consumes: packed[tile][k / 2][column][k % 2], zero-padded to whole tiles and an even K. One instruction then
+// multiplies a broadcast pair x[m, k:k+2] by a tile's 16 columns and accumulates 16 float32 outputs.
+constexpr int64_t kTile = 16;
+constexpr int64_t kBlockM = 128;  // rows of x kept hot in L2 while a group of tiles streams past them
+constexpr int kNT = 4;            // tiles per micro-kernel (64 output columns)
+constexpr int kMR = 6;            // rows per micro-kernel: 6 x 4 accumulators + 4 weight vectors fit 32 registers
+
+inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
+
+// ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while this pass
+// computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an LM
+// head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps
+// the number in flight small enough not to be dropped.
+template <int MR, int NT, bool F32Out>
+inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
+                         int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes) {
+  const int64_t k2 = packed_k2(k), full = k / 2;
+  const int64_t tile_elems = k2 * kTile * 2;
+  const int64_t ahead_lines = ahead_bytes / 64, lines_per_step = (ahead_lines + k2 - 1) / k2;
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const bf16_t* w0 = wp + tile0 * tile_elems;
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh b[NT];
+    for (int t = 0; t < NT; ++t)
+      b[t] = (__m512bh)_mm512_loadu_si512(w0 + t * tile_elems + p * kTile * 2);
+    for (int64_t l = p * lines_per_step; l < (p + 1) * lines_per_step && l < ahead_lines; ++l)
+      _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      if (p < full) {
+        std::memcpy(&pair, x + r * k + 2 * p, 4);
+      } else {
+        pair = x[r * k + 2 * p];  // odd K: the last element pairs with the packed zero
+      }
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const int64_t col = (tile0 + t) * kTile;
+    const int64_t valid = n - col < kTile ? n - col : kTile;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = _mm512_add_ps(acc[r][t], bv);
+      if constexpr (F32Out) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
+      } else {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, h);
+      }
+    }
+  }
+}
+
+template <int NT, bool F32Out>
+inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp,
+                        int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead) {
+  const int64_t esz = F32Out ? 4 : 2;
+  const int64_t passes = (rows + kMR - 1) / kMR;
+  const int64_t group_bytes = NT * packed_k2(k) * kTile * 2 * 2;
+  const int64_t slice = ((group_bytes / passes) + 63) / 64 * 64;
+  int64_t r = 0, pass = 0;
+  auto ahead_at = [&](int64_t i) { return ahead ? reinterpret_cast<const char*>(ahead) + i * slice : nullptr; };
+  auto ahead_len = [&](int64_t i) {
+    const int64_t left = group_bytes - i * slice;
+    return ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : 0;
+  };
+  for (; r + kMR <= rows; r += kMR, ++pass)
+    micro_kernel<kMR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
+                                  ahead_at(pass), ahead_len(pass));
+  char* yr = static_cast<char*>(y) + r * ldy * esz;
+  const bf16_t* xr = x + r * k;
+  const char* pa = ahead_at(pass);
+  const int64_t pl = ahead_len(pass);
+  switch (rows - r) {
+    case 1: micro_kernel<1, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 2: micro_kernel<2, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    default: break;
+  }
+}
+
+template <bool F32Out>
+void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const float* bias, int64_t m, int64_t n,
+                 int64_t k, int num_threads) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t groups = (tiles + kNT - 1) / kNT;
+  const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
+  const int64_t esz = F32Out ? 4 : 2;
+  // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
+  // of rows at a time.
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < mblocks * groups; ++task) {
+    const int64_t mb = task / groups, g = task % groups;
+    const int64_t r0 = mb * kBlockM, rows = (m - r0) < kBlockM ? (m - r0) : kBlockM;
+    const int64_t tile0 = g * kNT, nt = (tiles - tile0) < kNT ? (tiles - tile0) : kNT;
+    void* yb = static_cast<char*>(y) + r0 * ldy * esz;
+    const bf16_t* xb = x + r0 * k;
+    // With a static schedule this thread's next task is usually the next group: prefetch its weights (a full
+    // group of kNT tiles is valid memory whenever a next group exists).
+    const bf16_t* ahead = g + 1 < groups ? wp + (tile0 + kNT) * packed_k2(k) * kTile * 2 : nullptr;
+    switch (nt) {
+      case 4: rows_kernel<4, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      case 3: rows_kernel<3, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      case 2: rows_kernel<2, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      default: rows_kernel<1, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
+}  // namespace
+
+extern "C" {
+
+int pagoda_kernels_abi_version() { return 3; }
+
+// Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
+// addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
+int pagoda_decode_attention(int dtype, void* out, const void* q, const void* k_cache, const void* v_cache,
+                            const int32_t* block_table, int64_t table_stride, const int32_t* seq_lens,
+                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
+                            int64_t block_size, int64_t block_stride, int64_t token_stride, float scale,
+                            int64_t window, int num_threads) {
+  if (dtype == 0)
+    decode_attention<float>(out, q, k_cache, v_cache, block_table, table_stride, seq_lens, num_seqs, num_heads,
+                            num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, num_threads);
+  else if (dtype == 1)
+    decode_attention<bf16_t>(out, q, k_cache, v_cache, block_table, table_stride, seq_lens, num_seqs, num_heads,
+                             num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window,
+                             num_threads);
+  else
+    return -1;
+  return 0;
+}
+
+// 1 when this build has the packed bf16 GEMM (the CPU has AVX512-BF16), else 0.
+int pagoda_has_packed_bf16() {
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Packs w [n, k] bf16 into dst [ceil(n/16)][ceil(k/2)][16][2] (zero padding), the layout pagoda_gemm_packed reads.
+void pagoda_pack_bf16(uint16_t* dst, const uint16_t* w, int64_t n, int64_t k) {
+  const int64_t tiles = (n + 15) / 16, k2 = (k + 1) / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t p = 0; p < k2; ++p)
+      for (int64_t c = 0; c < 16; ++c)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t row = t * 16 + c, col = 2 * p + e;
+          dst[((t * k2 + p) * 16 + c) * 2 + e] = (row < n && col < k) ? w[row * k + col] : 0;
+        }
+}
+
+// y [m, n] (rows ldy elements apart) = x [m, k] @ W^T + bias with W packed by pagoda_pack_bf16; bias is float32
+// (or null); y is float32 when out_f32 else bf16. Returns -1 when this build lacks the kernel.
+int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const void* wp, const float* bias, int64_t m,
+                       int64_t n, int64_t k, int num_threads) {
+#if defined(__AVX512BF16__)
+  const bf16_t* xb = static_cast<const bf16_t*>(x);
+  const bf16_t* wb = static_cast<const bf16_t*>(wp);
+  if (out_f32) gemm_packed<true>(y, ldy, xb, wb, bias, m, n, k, num_threads);
+  else gemm_packed<false>(y, ldy, xb, wb, bias, m, n, k, num_threads);
+  return 0;
+#else
+  (void)out_f32; (void)y; (void)ldy; (void)x; (void)wp; (void)bias; (void)m; (void)n; (void)k; (void)num_threads;
+  return -1;
+#endif
+}
+
+}  // extern "C"

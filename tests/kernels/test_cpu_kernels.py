@@ -1,0 +1,147 @@
+"""The native CPU kernels against direct float64 computations of the same maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagoda.kernels import cpu, cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"native CPU kernels: {cpu.unavailable_reason()}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+packed = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
+                            reason="this CPU has no AVX512-BF16: the packed bf16 GEMM is not built")
+
+
+@packed
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 131])
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 70), (5, 9), (4096, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_float64(rows, n, k, with_bias):
+    g = torch.Generator().manual_seed(n * 100 + k + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    ref = F.linear(x.double(), w.double(), b.double() if b is not None else None)
+    weight = cpu_ops.pack_weight(w, b)
+    out = cpu_ops.packed_linear(x, weight)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    # Products of bf16 values are exact in float32; what differs from float64 is the float32 sum and, for the
+    # bf16 output, one final rounding (relative 2^-8).
+    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-3 * k ** 0.5)
+    logits = cpu_ops.packed_linear(x, weight, float_output=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@packed
+def test_packed_weight_round_trips_and_serves_embedding_rows():
+    w = torch.randn(37, 33).bfloat16()
+    weight = cpu_ops.pack_weight(w)
+    assert torch.equal(weight.unpack(), w)
+    ids = torch.tensor([[0, 5, 36], [17, 16, 15]])
+    assert torch.equal(weight.rows(ids), w[ids])
+
+
+@packed
+def test_packed_linear_keeps_leading_dims():
+    weight = cpu_ops.pack_weight(torch.randn(48, 64).bfloat16())
+    x = torch.randn(2, 3, 64).bfloat16()
+    out = cpu_ops.packed_linear(x, weight)
+    assert out.shape == (2, 3, 48)
+    torch.testing.assert_close(out, cpu_ops.packed_linear(x.view(6, 64), weight).view(2, 3, 48))
+    with pytest.raises(TypeError, match="bfloat16"):
+        cpu_ops.packed_linear(x.float(), weight)
+
+
+def test_can_pack_only_bf16_matrices():
+    assert not cpu_ops.can_pack(torch.randn(4, 4))
+    assert not cpu_ops.can_pack(torch.randn(4).bfloat16())
+    assert not cpu_ops.can_pack(None)
+
+
+def reference_decode(q, key_cache, value_cache, block_table, seq_lens, scale, window):
+    """One sequence at a time, float64, keys/values gathered token by token through the block table."""
+    n, heads, d = q.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.empty(n, heads, d, dtype=torch.float64)
+    for i in range(n):
+        length = int(seq_lens[i])
+        pos = torch.arange(length)
+        if window:
+            pos = pos[pos >= length - window]
+        blocks = block_table[i, pos // block_size].long()
+        k = key_cache[blocks, pos % block_size].double()  # [t, kv_heads, d]
+        v = value_cache[blocks, pos % block_size].double()
+        for h in range(heads):
+            s = (k[:, h // group] @ q[i, h].double()) * scale
+            out[i, h] = torch.softmax(s, 0) @ v[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 40), (8, 1, 128)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_attention_reads_paged_cache(dtype, heads, kv_heads, d, window):
+    g = torch.Generator().manual_seed(heads * 1000 + d)
+    block_size, num_blocks = 16, 40
+    # The kernel receives kv_cache[0] / kv_cache[1] of a [2, blocks, block_size, kv_heads, d] cache.
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
+    seq_lens = torch.tensor([1, 5, 16, 17, 70, 129], dtype=torch.int32)
+    max_blocks = 12
+    table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).to(torch.int32)  # scattered, never block 0
+    used = 0
+    for i, length in enumerate(seq_lens.tolist()):
+        nb = -(-length // block_size)
+        table[i, :nb] = perm[used:used + nb]
+        used += nb
+    q = torch.randn(len(seq_lens), heads, d, generator=g).to(dtype)
+    scale = d ** -0.5
+    out = cpu_ops.decode_attention(q, kv_cache[0], kv_cache[1], table, seq_lens, scale, window)
+    ref = reference_decode(q, kv_cache[0], kv_cache[1], table, seq_lens, scale, window)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_decode_attention_with_strided_query_and_table_rows():
+    """The runner hands over a slice of the batch's block table and a query split from a fused QKV output."""
+    kv_cache = torch.randn(2, 8, 4, 2, 16)
+    table = torch.arange(1, 9, dtype=torch.int32).view(2, 4)[:, :3]  # rows strided by 4
+    seq_lens = torch.tensor([9, 12], dtype=torch.int32)
+    qkv = torch.randn(2, 4 * 16 + 2 * 2 * 16)
+    q = qkv[:, :64].view(2, 4, 16)  # not contiguous
+    out = cpu_ops.decode_attention(q, kv_cache[0], kv_cache[1], table, seq_lens, 0.25, None)
+    ref = reference_decode(q, kv_cache[0], kv_cache[1], table, seq_lens, 0.25, None)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_compiler_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGODA_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu.reset_for_tests()
+    try:
+        assert cpu.kernels() is None
+        assert "no-such-compiler" in cpu.unavailable_reason()
+        assert not cpu_ops.can_pack(torch.randn(4, 8).bfloat16())
+    finally:
+        monkeypatch.undo()
+        cpu.reset_for_tests()
+    assert cpu.kernels() is not None
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
+    cpu.reset_for_tests()
+    try:
+        assert cpu.kernels() is None
+        assert cpu.unavailable_reason() == "disabled by PAGODA_CPU_KERNELS=0"
+    finally:
+        monkeypatch.undo()
+        cpu.reset_for_tests()
