@@ -170,6 +170,9 @@ def test_fast_argmax_equals_argmax(vocab):
     logits[3, vocab // 2] = logits[3, vocab // 3] = float("nan")  # NaN counts as the maximum, the first one wins
     logits[5] = float("-inf")
     assert torch.equal(lp.fast_argmax(logits), logits.argmax(dim=-1))
+    padded = torch.zeros(16, vocab + 16)  # rows padded as some LM-head kernels return them
+    padded[:, :vocab] = logits
+    assert torch.equal(lp.fast_argmax(padded[:, :vocab]), logits.argmax(dim=-1))
     for dtype in (torch.float16, torch.bfloat16):  # numpy's argmax, and torch's where numpy has no such dtype
         assert torch.equal(lp.fast_argmax(logits.to(dtype)), logits.to(dtype).argmax(dim=-1))
 
