@@ -100,15 +100,11 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = Fa
     rows = x.numel() // weight.k
     x2 = x.reshape(rows, weight.k).contiguous()
     dtype = torch.float32 if float_output else torch.bfloat16
-    # Output rows a multiple of 4 KiB apart map to the same cache sets, and the kernel writes a strip of columns
-    # across many rows at a time: one cache line of padding per row spreads them. The result is then a view with
-    # a row stride of n + pad.
-    pad = 64 // dtype.itemsize if rows > 8 and (weight.n * dtype.itemsize) % 4096 == 0 else 0
-    out = torch.empty(rows, weight.n + pad, dtype=dtype)
+    out = torch.empty(rows, weight.n, dtype=dtype)
     if rows:
         bias_ptr = weight.bias.data_ptr() if weight.bias is not None else None
-        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n + pad, x2.data_ptr(),
-                             weight.data.data_ptr(), bias_ptr, rows, weight.n, weight.k, _threads())
+        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.data.data_ptr(),
+                             bias_ptr, rows, weight.n, weight.k, _threads())
         if rc != 0:
             raise RuntimeError(f"pagoda_gemm_packed failed with code {rc}")
-    return out[:, : weight.n].unflatten(0, x.shape[:-1])
+    return out.unflatten(0, x.shape[:-1])
