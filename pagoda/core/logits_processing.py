@@ -2,8 +2,9 @@
 
 Every function takes ``[rows, vocab]`` float32 logits and treats rows independently; the definitions are
 vLLM's. They are written for CPU speed as much as for accelerators: no full-vocabulary sort unless needed,
-no ``argmax``/``cumsum`` over the whole vocabulary, no bool-tensor arithmetic (all slow on CPU at 49152
-entries), while staying free of host syncs except the top-p candidate check on CPU.
+no torch ``argmax``/``cumsum`` over the whole vocabulary on CPU (greedy argmax goes through numpy's vectorised
+one), no bool-tensor arithmetic (all slow on CPU at 49152 entries), while staying free of host syncs except the
+top-p candidate check on CPU.
 """
 
 from __future__ import annotations
