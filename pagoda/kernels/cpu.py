@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -53,6 +53,17 @@ class CpuKernels:
         lib.pagoda_gemm_packed.restype = c_int
         lib.pagoda_gemm_packed.argtypes = [c_int, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
                                            c_int64, c_int]
+        lib.pagoda_rms_norm.restype = c_int
+        lib.pagoda_rms_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
+                                        c_float, c_int]
+        lib.pagoda_silu_and_mul.restype = c_int
+        lib.pagoda_silu_and_mul.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int]
+        lib.pagoda_rope.restype = c_int
+        lib.pagoda_rope.argtypes = [c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int64,
+                                    c_int]
+        self.rms_norm = lib.pagoda_rms_norm
+        self.silu_and_mul = lib.pagoda_silu_and_mul
+        self.rope = lib.pagoda_rope
         self.decode_attention = lib.pagoda_decode_attention
         self.pack_bf16 = lib.pagoda_pack_bf16
         self.gemm_packed = lib.pagoda_gemm_packed

@@ -45,6 +45,54 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     return out
 
 
+def native_elementwise(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels (RMSNorm, SiLU-and-mul, rotary) run for ``x``: bf16 on the CPU, where
+    torch's kernels are slowest (float32 keeps torch's ops, bit-compatible with the reference implementation)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` [rows, hidden]; with ``residual``, of ``x + residual``, returning ``(out, x + residual)``.
+    Check :func:`native_elementwise` first."""
+    lib = kernels()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    residual_out = None
+    if residual is not None:
+        residual = residual.contiguous()
+        residual_out = torch.empty_like(x)
+    rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+    lib.rms_norm(DTYPE_CODES[x.dtype], out.data_ptr(), residual_out.data_ptr() if residual_out is not None else None,
+                 x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), rows, hidden,
+                 eps, _threads())
+    return out if residual_out is None else (out, residual_out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]. Check :func:`native_elementwise` first."""
+    lib = kernels()
+    x = x.contiguous()
+    inter = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
+    lib.silu_and_mul(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter, _threads())
+    return out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of ``x`` [tokens, heads, head_size] in place (heads contiguous, rows may be
+    strided, as views of a fused QKV output are); ``cos``/``sin`` [tokens, rotary_dim] with rotate-half's sign in
+    ``sin``. Check :func:`native_elementwise` first."""
+    lib = kernels()
+    tokens, heads, head_size = x.shape
+    if x.stride(2) != 1 or x.stride(1) != head_size:
+        raise ValueError(f"rotary_ needs contiguous heads, got strides {x.stride()}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    lib.rope(DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), tokens, heads, head_size, cos.data_ptr(),
+             sin.data_ptr(), cos.shape[-1], _threads())
+    return x
+
+
 class PackedWeight:
     """A bf16 weight ``[n, k]`` repacked for :func:`packed_linear`, with its bias in float32.
 

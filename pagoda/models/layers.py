@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.kernels import cpu_ops
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
 
@@ -68,6 +69,8 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if cpu_ops.native_elementwise(x):  # fused add + norm in one pass
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -119,6 +122,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated copies, with ``rope = lookup(positions)``."""
         cos, sin = rope
+        if cpu_ops.native_elementwise(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            # In place: q and k are views of this layer's fresh QKV output.
+            return cpu_ops.rotary_(q, cos[:, 0], sin[:, 0]), cpu_ops.rotary_(k, cos[:, 0], sin[:, 0])
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -144,5 +150,7 @@ class Attention(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if cpu_ops.native_elementwise(x):
+        return cpu_ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -145,3 +145,49 @@ def test_disabled_by_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu.reset_for_tests()
+
+
+BF16_ROUNDING = dict(rtol=2 ** -7, atol=1e-2)  # one bf16 rounding of the result (and of the inputs' sum)
+
+
+@pytest.mark.parametrize("hidden", [576, 70])
+def test_rms_norm_with_and_without_residual(hidden):
+    g = torch.Generator().manual_seed(hidden)
+    x, residual = (torch.randn(9, hidden, generator=g).bfloat16() for _ in range(2))
+    weight = torch.randn(hidden, generator=g).bfloat16()
+
+    def ref(v):
+        v = v.double()
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+
+    torch.testing.assert_close(cpu_ops.rms_norm(x, weight, 1e-5).double(), ref(x), **BF16_ROUNDING)
+    out, summed = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(summed, x + residual)  # the residual stream is exactly torch's bf16 add
+    torch.testing.assert_close(out.double(), ref(summed), **BF16_ROUNDING)
+
+
+@pytest.mark.parametrize("inter", [1536, 40])
+def test_silu_and_mul(inter):
+    x = (torch.randn(5, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).bfloat16()
+    gate, up = x.double().chunk(2, -1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x).double(), F.silu(gate) * up, **BF16_ROUNDING)
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rotary_in_place_on_a_fused_qkv_view(rotary_dim):
+    from transformers import LlamaConfig
+
+    from pagoda.models.layers import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, partial_rotary_factor=rotary_dim / 64)
+    rope = RotaryEmbedding(config, 64, 128, torch.bfloat16)
+    positions = torch.tensor([0, 5, 17, 127])
+    qkv = torch.randn(4, (4 + 2 * 2) * 64).bfloat16()
+    q = qkv[:, :256].view(4, 4, 64)
+    cos, sin = rope.lookup(positions)
+    expected = rope._rotate(q.double(), cos.double(), sin.double())  # the torch path's maths, in float64
+    untouched = qkv[:, 256:].clone()
+    out = cpu_ops.rotary_(q, cos[:, 0], sin[:, 0])
+    assert out.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(q.double(), expected, **BF16_ROUNDING)
+    assert torch.equal(qkv[:, 256:], untouched)

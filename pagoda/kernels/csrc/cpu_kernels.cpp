@@ -181,6 +181,112 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
   }
 }
 
+
+// ---- Elementwise layers ------------------------------------------------------------------------------------------
+// torch's bf16 CPU kernels for these run at a few hundred million elements per second; at prefill sizes they cost
+// more than the attention. Each is one pass, float32 inside, one rounding on output.
+
+#if defined(__AVX512F__)
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16_t* p, __m512 v) {
+  // Round to nearest even (as f32_to_bf16), without relying on AVX512-BF16.
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+#endif
+
+// residual_out = x + residual (rounded to T, as torch's add); out = residual_out * rsqrt(mean(sq) + eps) * weight.
+// Without a residual: out = rms_norm(x).
+template <typename T>
+void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows, int64_t hidden,
+              float eps, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(hidden);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * hidden;
+      float sq = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) {
+        float v = load(xr, i);
+        if (residual) {
+          v += load(residual + r * hidden, i);
+          store(residual_out + r * hidden, i, v);
+          v = load(residual_out + r * hidden, i);  // the rounded sum, which the next layer also sees
+        }
+        buf[i] = v;
+        sq += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sq / static_cast<float>(hidden) + eps);
+      T* o = out + r * hidden;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (; i + 16 <= hidden; i += 16)
+        store16(o + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv), load16(weight + i)));
+#endif
+      for (; i < hidden; ++i) store(o, i, buf[i] * inv * load(weight, i));
+    }
+  }
+}
+
+// out [rows, inter] = silu(x[:, :inter]) * x[:, inter:]
+template <typename T>
+void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = x + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= inter; i += 16) {
+      const __m512 gv = load16(g + i);
+      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      store16(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), load16(u + i)));
+    }
+#endif
+    for (; i < inter; ++i) {
+      const float gv = load(g, i);
+      store(o, i, gv / (1.f + std::exp(-gv)) * load(u, i));
+    }
+  }
+}
+
+// Rotate-half rotary embedding in place on x [tokens, heads, head_size] (rows row_stride apart), first rot_dim
+// dims of each head: x1' = x1 cos1 + x2 sin1, x2' = x2 cos2 + x1 sin2, where sin carries rotate-half's sign.
+template <typename T>
+void rope(T* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_size, const T* cos, const T* sin,
+          int64_t rot_dim, int num_threads) {
+  const int64_t half = rot_dim / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* c = cos + t * rot_dim;
+    const T* s = sin + t * rot_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* v = x + t * row_stride + h * head_size;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= half; i += 16) {
+        const __m512 a = load16(v + i), b = load16(v + half + i);
+        store16(v + i, _mm512_fmadd_ps(a, load16(c + i), _mm512_mul_ps(b, load16(s + i))));
+        store16(v + half + i, _mm512_fmadd_ps(b, load16(c + half + i), _mm512_mul_ps(a, load16(s + half + i))));
+      }
+#endif
+      for (; i < half; ++i) {
+        const float a = load(v, i), b = load(v, half + i);
+        store(v, i, a * load(c, i) + b * load(s, i));
+        store(v, half + i, b * load(c, half + i) + a * load(s, half + i));
+      }
+    }
+  }
+}
+
 #if defined(__AVX512BF16__)
 // ---- bf16 GEMM on packed weights ---------------------------------------------------------------------------------
 // Weights are packed once after loading into tiles of 16 output columns in the pair-interleaved order vdpbf16ps
@@ -304,7 +410,7 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 3; }
+int pagoda_kernels_abi_version() { return 4; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -322,6 +428,41 @@ int pagoda_decode_attention(int dtype, void* out, const void* q, const void* k_c
                              num_threads);
   else
     return -1;
+  return 0;
+}
+
+int pagoda_rms_norm(int dtype, void* out, void* residual_out, const void* x, const void* residual, const void* weight,
+                    int64_t rows, int64_t hidden, float eps, int num_threads) {
+  if (dtype == 0)
+    rms_norm<float>(static_cast<float*>(out), static_cast<float*>(residual_out), static_cast<const float*>(x),
+                    static_cast<const float*>(residual), static_cast<const float*>(weight), rows, hidden, eps,
+                    num_threads);
+  else if (dtype == 1)
+    rms_norm<bf16_t>(static_cast<bf16_t*>(out), static_cast<bf16_t*>(residual_out), static_cast<const bf16_t*>(x),
+                     static_cast<const bf16_t*>(residual), static_cast<const bf16_t*>(weight), rows, hidden, eps,
+                     num_threads);
+  else
+    return -1;
+  return 0;
+}
+
+int pagoda_silu_and_mul(int dtype, void* out, const void* x, int64_t rows, int64_t inter, int num_threads) {
+  if (dtype == 0) silu_and_mul<float>(static_cast<float*>(out), static_cast<const float*>(x), rows, inter, num_threads);
+  else if (dtype == 1)
+    silu_and_mul<bf16_t>(static_cast<bf16_t*>(out), static_cast<const bf16_t*>(x), rows, inter, num_threads);
+  else return -1;
+  return 0;
+}
+
+int pagoda_rope(int dtype, void* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_size,
+                const void* cos, const void* sin, int64_t rot_dim, int num_threads) {
+  if (dtype == 0)
+    rope<float>(static_cast<float*>(x), row_stride, tokens, heads, head_size, static_cast<const float*>(cos),
+                static_cast<const float*>(sin), rot_dim, num_threads);
+  else if (dtype == 1)
+    rope<bf16_t>(static_cast<bf16_t*>(x), row_stride, tokens, heads, head_size, static_cast<const bf16_t*>(cos),
+                 static_cast<const bf16_t*>(sin), rot_dim, num_threads);
+  else return -1;
   return 0;
 }
 
