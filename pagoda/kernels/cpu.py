@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -61,6 +61,9 @@ class CpuKernels:
         lib.pagoda_rope.restype = c_int
         lib.pagoda_rope.argtypes = [c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int64,
                                     c_int]
+        lib.pagoda_quant_gemm.restype = c_int
+        lib.pagoda_quant_gemm.argtypes = [c_int, c_int, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int]
+        self.quant_gemm = lib.pagoda_quant_gemm
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope

@@ -156,3 +156,84 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = Fa
         if rc != 0:
             raise RuntimeError(f"pagoda_gemm_packed failed with code {rc}")
     return out.unflatten(0, x.shape[:-1])
+
+
+class PackedQuant:
+    """A block-quantized weight ``w = code * scale + offset`` (one scale and offset per 32 consecutive inputs)
+    packed for :func:`quant_linear`: per tile of 16 outputs and group of 32 inputs, the codes (4-bit pairs in a
+    byte, or int8), then 16 float32 scales, then 16 float32 offsets."""
+
+    __slots__ = ("data", "n", "k", "bits")
+
+    def __init__(self, data: torch.Tensor, n: int, k: int, bits: int) -> None:
+        self.data, self.n, self.k, self.bits = data, n, k, bits
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` of the weight, dequantized to ``dtype`` (embedding lookups)."""
+        flat = index.reshape(-1)
+        groups = self.k // 32
+        code_bytes = 256 if self.bits == 4 else 512
+        blocks = self.data[flat // 16]  # [T, G, block bytes]
+        col = (flat % 16)[:, None, None]
+        if self.bits == 4:
+            packed = blocks[..., :code_bytes].reshape(-1, groups, 16, 16)  # [T, G, pair, col]
+            byte = packed.gather(3, col.unsqueeze(-1).expand(-1, groups, 16, 1)).squeeze(-1)
+            codes = torch.stack([byte & 0xF, byte >> 4], dim=-1).reshape(-1, groups, 32).float()
+        else:
+            packed = blocks[..., :code_bytes].reshape(-1, groups, 32, 16).view(torch.int8)  # [T, G, k, col]
+            codes = packed.gather(3, col.unsqueeze(-1).expand(-1, groups, 32, 1)).squeeze(-1).float()
+        params = blocks[..., code_bytes:].contiguous().view(torch.float32).reshape(-1, groups, 2, 16)
+        scale = params[:, :, 0].gather(2, col.expand(-1, groups, 1))
+        offset = params[:, :, 1].gather(2, col.expand(-1, groups, 1))
+        w = codes * scale + offset
+        return w.reshape(*index.shape, self.k).to(dtype)
+
+
+def can_quant(k: int) -> bool:
+    """Whether :func:`pack_quantized` applies to rows of ``k`` inputs on this machine."""
+    lib = kernels()
+    return lib is not None and lib.has_packed_bf16 and k % 32 == 0
+
+
+def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:
+    """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with float32 ``scale``/``offset``
+    [n, k / 32]. Check :func:`can_quant` first."""
+    n, k = codes.shape
+    groups = k // 32
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    if pad:  # whole tiles; padded rows have zero scale and offset
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+        offset = None if offset is None else torch.cat([offset, offset.new_zeros(pad, groups)])
+    c = codes.reshape(tiles, 16, groups, 16, 2)  # [tile, col, group, pair, element]
+    if bits == 4:
+        c = c.to(torch.uint8).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, element]
+        code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, 256)
+    elif bits == 8:
+        code_bytes = c.to(torch.int8).permute(0, 2, 3, 4, 1).reshape(tiles, groups, 512).view(torch.uint8)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        return values.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    off = per_tile(offset if offset is not None else torch.zeros_like(scale))
+    data = torch.cat([code_bytes, per_tile(scale), off], dim=-1).contiguous()
+    return PackedQuant(data, n, k, bits)
+
+
+def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x [..., k]`` and a packed block-quantized ``W``; float32 out when ``float_output``."""
+    lib = kernels()
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"quant_linear takes bfloat16 inputs, got {x.dtype}")
+    rows = x.numel() // weight.k
+    x2 = x.reshape(rows, weight.k).contiguous()
+    out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
+    if rows:
+        rc = lib.quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.data.data_ptr(),
+                            rows, weight.n, weight.k, _threads())
+        if rc != 0:
+            raise RuntimeError(f"pagoda_quant_gemm failed with code {rc}")
+    return out.unflatten(0, x.shape[:-1])

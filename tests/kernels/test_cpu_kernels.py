@@ -191,3 +191,28 @@ def test_rotary_in_place_on_a_fused_qkv_view(rotary_dim):
     assert out.data_ptr() == q.data_ptr()
     torch.testing.assert_close(q.double(), expected, **BF16_ROUNDING)
     assert torch.equal(qkv[:, 256:], untouched)
+
+
+@packed
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,rows", [(37, 64, 3), (576, 576, 1), (1536, 576, 9), (64, 96, 64)])
+def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
+    g = torch.Generator().manual_seed(bits * 1000 + n + k + rows)
+    if bits == 4:
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        offset = torch.randn(n, k // 32, generator=g) * 0.01
+    else:
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        offset = None
+    scale = torch.rand(n, k // 32, generator=g) * 0.01
+    weight = codes.double() * scale.double().repeat_interleave(32, 1)
+    if offset is not None:
+        weight += offset.double().repeat_interleave(32, 1)
+    packed_weight = cpu_ops.pack_quantized(codes, scale, offset, bits)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    ref = x.double() @ weight.T
+    out = cpu_ops.quant_linear(x, packed_weight, float_output=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(cpu_ops.quant_linear(x, packed_weight).double(), ref, **BF16_ROUNDING)
+    ids = torch.tensor([[0, n - 1], [n // 2, 1]])
+    torch.testing.assert_close(packed_weight.rows(ids, torch.float64), weight[ids], rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
-"""bfloat16 on the CPU runs pagoda's native kernels (packed bf16 GEMM, paged decode attention): their results
-must be as close to a float32 reference as transformers' own bfloat16 forward is."""
+"""bfloat16 on the CPU runs pagoda's native kernels (packed bf16 GEMM or block-quantized GEMM for GGUF, paged
+decode attention, fused norms): their results must be as close to a float32 reference as transformers' own
+bfloat16 forward is. The reference for the bundled GGUF is its exact float32 dequantization (``smollm2_hf_dir``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.kernels import cpu
-from tests.conftest import assert_all_blocks_free
+from pagoda.quantization.gguf.kernels import NativeQuantKernel
+from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "List three colors:", "1, 2, 3, 4,"]
@@ -29,14 +31,19 @@ def teacher_forced_logprobs(model_dir: str, dtype: torch.dtype, prompt: list[int
 @pytest.mark.slow
 @pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                     reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
-def test_bf16_kernels_match_float32_reference_as_closely_as_transformers_bf16(smollm2_hf_dir):
-    llm = LLM(smollm2_hf_dir, dtype="bfloat16", kv_cache_memory_bytes=1 << 27)
+@pytest.mark.parametrize("checkpoint", ["safetensors", "gguf"])
+def test_bf16_kernels_match_float32_reference_as_closely_as_transformers_bf16(smollm2_hf_dir, checkpoint):
+    model = smollm2_hf_dir if checkpoint == "safetensors" else bundled_gguf_path()
+    llm = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=1 << 27)
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     layer = llm.llm_engine.runner.model.model.layers[0].mlp.down_proj
-    assert getattr(layer, "packed_weight", None) is not None, "the bf16 linear did not run on the packed kernel"
+    if checkpoint == "safetensors":
+        assert getattr(layer, "packed_weight", None) is not None, "the bf16 linear did not run on the packed kernel"
+    else:
+        assert isinstance(layer.gguf_kernels[0], NativeQuantKernel), type(layer.gguf_kernels[0])
     assert_all_blocks_free(llm)
     ours, ref32, ref16 = [], [], []
     for prompt, out in zip(prompts, outputs):

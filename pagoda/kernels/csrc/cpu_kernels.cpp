@@ -404,13 +404,122 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
     }
   }
 }
+
+// ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0) with bf16 activations ------------------------------
+// w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k. Codes (0..15, or -128..127)
+// are exact in bf16, so the pairwise bf16 dot product of codes and activations is exact too; each group's partial
+// sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
+// Packed per (tile of 16 rows n, group): 16 pair steps of codes, then 16 float32 scales, then 16 float32 offsets.
+//   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1          -> 256 bytes of codes
+//   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed)          -> 512 bytes of codes
+constexpr int64_t kGroup = 32;
+constexpr int kQMR = 8;
+
+template <int Bits> struct QLayout {
+  static constexpr int64_t code_bytes = Bits == 4 ? 256 : 512;
+  static constexpr int64_t block_bytes = code_bytes + 2 * 16 * 4;
+};
+
+// The 16 (pair of codes) lanes of pair step p as bf16 pairs.
+template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, __m512i table);
+template <> inline __m512i decode_pairs<4>(const uint8_t* codes, int64_t p, __m512i table) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 16)));
+  const __m512i pairs = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
+                                        _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
+  return _mm512_permutexvar_epi16(pairs, table);  // 0..15 -> their bf16 encodings
+}
+template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, __m512i) {
+  const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
+  // int8 -> float32 is exact; a float32 with at most 8 significant bits is its own bf16 in the high half.
+  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
+  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
+  return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
+}
+
+template <int Bits, int MR, bool F32Out>
+inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum, int64_t k, const uint8_t* tile,
+                       int64_t col, int64_t n) {
+  const int64_t groups = k / kGroup;
+  __m512i table = _mm512_setzero_si512();
+  if constexpr (Bits == 4) {
+    alignas(64) uint16_t t[32];
+    for (int i = 0; i < 32; ++i) t[i] = f32_to_bf16(static_cast<float>(i));
+    table = _mm512_load_si512(t);
+  }
+  __m512 out[MR];
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
+    __m512 part[MR];
+    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kGroup / 2; ++p) {
+      const __m512bh w = (__m512bh)decode_pairs<Bits>(blk, p, table);
+      for (int r = 0; r < MR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * k + g * kGroup + 2 * p, 4);
+        part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), w);
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + QLayout<Bits>::code_bytes));
+    const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + QLayout<Bits>::code_bytes + 64));
+    for (int r = 0; r < MR; ++r)
+      out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+  }
+  const int64_t valid = n - col < 16 ? n - col : 16;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int r = 0; r < MR; ++r) {
+    if constexpr (F32Out) {
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, out[r]);
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(out[r]));
+    }
+  }
+}
+
+template <int Bits, bool F32Out>
+void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads) {
+  const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
+  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t esz = F32Out ? 4 : 2;
+  std::vector<float> xsum(static_cast<size_t>(m * groups));  // sum of x per (row, group), for the offsets
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t i = 0; i < kGroup; ++i) s += bf16_to_f32(x[r * k + g * kGroup + i]);
+      xsum[r * groups + g] = s;
+    }
+  const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < mblocks * tiles; ++task) {
+    const int64_t mb = task / tiles, t = task % tiles;
+    const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
+    const uint8_t* tile = packed + t * tile_bytes;
+    int64_t r = mb * kBlockM;
+    for (; r + kQMR <= r_end; r += kQMR)
+      quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum.data() + r * groups,
+                                     k, tile, t * 16, n);
+    char* yr = static_cast<char*>(y) + r * n * esz;
+    const bf16_t* xr = x + r * k;
+    const float* sr = xsum.data() + r * groups;
+    switch (r_end - r) {
+      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      default: break;
+    }
+  }
+}
 #endif  // __AVX512BF16__
 
 }  // namespace
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 4; }
+int pagoda_kernels_abi_version() { return 5; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -500,6 +609,26 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
   return 0;
 #else
   (void)out_f32; (void)y; (void)ldy; (void)x; (void)wp; (void)bias; (void)m; (void)n; (void)k; (void)num_threads;
+  return -1;
+#endif
+}
+
+// y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits 4 or 8, k a multiple of
+// 32); y float32 when out_f32 else bf16. Returns -1 when this build lacks AVX512-BF16 or bits is not 4 or 8.
+int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,
+                      int64_t k, int num_threads) {
+#if defined(__AVX512BF16__)
+  const bf16_t* xb = static_cast<const bf16_t*>(x);
+  const uint8_t* pb = static_cast<const uint8_t*>(packed);
+  if (k % kGroup) return -1;
+  if (bits == 4 && out_f32) quant_gemm<4, true>(y, xb, pb, m, n, k, num_threads);
+  else if (bits == 4) quant_gemm<4, false>(y, xb, pb, m, n, k, num_threads);
+  else if (bits == 8 && out_f32) quant_gemm<8, true>(y, xb, pb, m, n, k, num_threads);
+  else if (bits == 8) quant_gemm<8, false>(y, xb, pb, m, n, k, num_threads);
+  else return -1;
+  return 0;
+#else
+  (void)bits; (void)out_f32; (void)y; (void)x; (void)packed; (void)m; (void)n; (void)k; (void)num_threads;
   return -1;
 #endif
 }

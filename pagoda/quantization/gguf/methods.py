@@ -16,9 +16,10 @@ import torch
 from gguf.constants import GGMLQuantizationType as T
 from torch import nn
 
+from pagoda.kernels import cpu_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel,
-                                              release_freed_memory)
+from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, NativeQuantKernel, RawKernel,
+                                              make_kernel, release_freed_memory)
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -120,7 +121,8 @@ class GGUFLinearMethod(LinearMethod):
 class GGUFEmbeddingMethod(EmbeddingMethod):
     """The table keeps a form that gathers rows cheaply (int8 codes for Q8_0/Q6_K, the file's bytes
     otherwise); ``logits`` uses that same form for Q8_0/Q6_K/float tables, and builds an int4 copy on
-    first use for Q4 tables (its packed layout cannot be gathered)."""
+    first use for Q4 tables (torch's int4 layout cannot be gathered). On the native bf16 CPU kernel one packed
+    form serves both."""
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
@@ -149,7 +151,8 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         record = layer.gguf_record
         if record is None:
             raise ValueError(f"{self.prefix}: no embedding table was loaded")
-        if record.ggml_type in INT4_TYPES:
+        native = layer.gguf_dtype == torch.bfloat16 and cpu_ops.can_quant(record.shape[1])
+        if record.ggml_type in INT4_TYPES and not native:
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
         else:
             layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype)
@@ -171,6 +174,8 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
                 layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape, layer.gguf_dtype)
             else:
                 layer.gguf_head = table
+        if isinstance(layer.gguf_head, NativeQuantKernel):
+            return layer.gguf_head.matmul_float(hidden)
         return layer.gguf_head.matmul(hidden).float()
 
 
