@@ -160,8 +160,8 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = Fa
 
 class PackedQuant:
     """A block-quantized weight ``w = code * scale + offset`` (one scale and offset per 32 consecutive inputs)
-    packed for :func:`quant_linear`: per tile of 16 outputs and group of 32 inputs, the codes (4-bit pairs in a
-    byte, or int8), then 16 float32 scales, then 16 float32 offsets."""
+    packed for :func:`quant_linear`: per tile of 16 outputs and group of 32 inputs, the codes, then the scales —
+    4-bit pairs in a byte with float32 scales and offsets, or int8 codes with float16 scales and no offset."""
 
     __slots__ = ("data", "n", "k", "bits")
 
@@ -182,10 +182,13 @@ class PackedQuant:
         else:
             packed = blocks[..., :code_bytes].reshape(-1, groups, 32, 16).view(torch.int8)  # [T, G, k, col]
             codes = packed.gather(3, col.unsqueeze(-1).expand(-1, groups, 32, 1)).squeeze(-1).float()
-        params = blocks[..., code_bytes:].contiguous().view(torch.float32).reshape(-1, groups, 2, 16)
-        scale = params[:, :, 0].gather(2, col.expand(-1, groups, 1))
-        offset = params[:, :, 1].gather(2, col.expand(-1, groups, 1))
-        w = codes * scale + offset
+        if self.bits == 4:
+            params = blocks[..., code_bytes:].contiguous().view(torch.float32).reshape(-1, groups, 2, 16)
+            scale = params[:, :, 0].gather(2, col.expand(-1, groups, 1))
+            w = codes * scale + params[:, :, 1].gather(2, col.expand(-1, groups, 1))
+        else:
+            params = blocks[..., code_bytes:].contiguous().view(torch.float16).reshape(-1, groups, 16).float()
+            w = codes * params.gather(2, col.expand(-1, groups, 1))
         return w.reshape(*index.shape, self.k).to(dtype)
 
 
@@ -196,8 +199,8 @@ def can_quant(k: int) -> bool:
 
 
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:
-    """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with float32 ``scale``/``offset``
-    [n, k / 32]. Check :func:`can_quant` first."""
+    """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with ``scale``/``offset``
+    [n, k / 32] (8-bit: float16-exact scales, no offset, as Q8_0). Check :func:`can_quant` first."""
     n, k = codes.shape
     groups = k // 32
     tiles = -(-n // 16)
@@ -211,15 +214,20 @@ def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
         c = c.to(torch.uint8).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, element]
         code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, 256)
     elif bits == 8:
+        if offset is not None:
+            raise ValueError("8-bit codes take no offset")
         code_bytes = c.to(torch.int8).permute(0, 2, 3, 4, 1).reshape(tiles, groups, 512).view(torch.uint8)
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
 
-    def per_tile(values: torch.Tensor) -> torch.Tensor:
-        return values.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+    def per_tile(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return values.to(dtype).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
 
-    off = per_tile(offset if offset is not None else torch.zeros_like(scale))
-    data = torch.cat([code_bytes, per_tile(scale), off], dim=-1).contiguous()
+    if bits == 4:
+        params = [per_tile(scale, torch.float32), per_tile(offset, torch.float32)]
+    else:
+        params = [per_tile(scale, torch.float16)]
+    data = torch.cat([code_bytes, *params], dim=-1).contiguous()
     return PackedQuant(data, n, k, bits)
 
 

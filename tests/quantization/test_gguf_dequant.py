@@ -11,7 +11,9 @@ from torch import nn
 
 from pagoda.quantization.gguf import GGUFConfig, GGUFWeight
 from pagoda.quantization.gguf.dequant import dequantize
-from pagoda.quantization.gguf.kernels import DenseKernel, Int4AsInt8Kernel, Int4Kernel, Int8Kernel, RawKernel
+from pagoda.kernels import cpu
+from pagoda.quantization.gguf.kernels import (DenseKernel, Int4AsInt8Kernel, Int4Kernel, Int8Kernel, NativeQuantKernel,
+                                              RawKernel)
 
 from .conftest import random_blocks
 
@@ -20,6 +22,23 @@ EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, T
                    T.Q6_K: Int8Kernel, T.F32: DenseKernel, T.F16: DenseKernel, T.BF16: DenseKernel}
 EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int4AsInt8Kernel, T.Q4_1: Int4AsInt8Kernel,
                        T.Q4_K: Int4AsInt8Kernel}
+# bf16 with pagoda's native CPU kernels (a CPU with AVX512-BF16).
+EXPECTED_KERNEL_NATIVE = {**EXPECTED_KERNEL, T.Q4_0: NativeQuantKernel, T.Q4_1: NativeQuantKernel,
+                          T.Q4_K: NativeQuantKernel, T.Q8_0: NativeQuantKernel}
+HAS_NATIVE = bool(cpu.kernels() and cpu.kernels().has_packed_bf16)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """bf16 weights run on pagoda's native kernels where the CPU allows, else on torch's: test both."""
+    if request.param == "native" and not HAS_NATIVE:
+        pytest.skip(f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
+    if request.param == "torch":
+        monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
+    cpu.reset_for_tests()
+    yield request.param
+    monkeypatch.undo()
+    cpu.reset_for_tests()
 # Relative to sum_k |x_k| |w_nk| (the bound on any rounding error of the dot product):
 # float32: the reference is float64 of the same dequantized weights; float32 accumulation over K=512 and
 #   (int4 path) the (q-8)*scale+zero rewrite of the affine formats stay below 1e-5.
@@ -70,10 +89,11 @@ def _check(out, x, w64, bias64, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [1, 3, 64])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_linear_matches_float64_reference(qtype, batch, dtype):
+def test_linear_matches_float64_reference(qtype, batch, dtype, kernel_path):
     w = _weight(qtype, 96, 512)
     layer, method = _linear([96], 512, [w], dtype=dtype)  # the model computes in the activations' dtype
-    expected = EXPECTED_KERNEL_F32 if dtype == torch.float32 else EXPECTED_KERNEL
+    expected = (EXPECTED_KERNEL_F32 if dtype == torch.float32 else
+                EXPECTED_KERNEL_NATIVE if kernel_path == "native" else EXPECTED_KERNEL)
     assert isinstance(layer.gguf_kernels[0], expected.get(qtype, RawKernel))
     x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
     _check(method.apply(layer, x), x, w.dequantize().double(), None, dtype)
@@ -82,7 +102,7 @@ def test_linear_matches_float64_reference(qtype, batch, dtype):
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K, T.Q4_K), (T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_0, T.F16)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_merged_qkv_with_shards_of_any_types(types, dtype):
+def test_merged_qkv_with_shards_of_any_types(types, dtype, kernel_path):
     sizes = [128, 64, 64]
     ws = [_weight(t, n, 256, seed=i) for i, (t, n) in enumerate(zip(types, sizes))]
     bias = torch.randn(sum(sizes))
@@ -104,7 +124,7 @@ def test_merged_layer_rejects_wrong_shard_shape():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0, T.Q5_K, T.F16], ids=lambda t: t.name)
-def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype):
+def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype, kernel_path):
     vocab, dim = 4200, 256  # more rows than one dequantization chunk (4096)
     w = _weight(qtype, vocab, dim)
     layer = nn.Module()
@@ -124,7 +144,7 @@ def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype):
         _check(logits.to(dtype), hidden, full.double(), None, dtype)
 
 
-def test_weights_stay_compact():
+def test_weights_stay_compact(kernel_path):
     """Bytes held per weight after repacking, vs the file's bytes per weight."""
     for qtype, limit in [(T.Q4_0, 0.75), (T.Q4_1, 0.75), (T.Q4_K, 0.75), (T.Q8_0, 1.07), (T.Q6_K, 1.26),
                          (T.Q5_K, 0.69), (T.Q2_K, 0.33)]:

@@ -508,15 +508,17 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
 // w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k. Codes (0..15, or -128..127)
 // are exact in bf16, so the pairwise bf16 dot product of codes and activations is exact too; each group's partial
 // sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
-// Packed per (tile of 16 rows n, group): 16 pair steps of codes, then 16 float32 scales, then 16 float32 offsets.
-//   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1          -> 256 bytes of codes
-//   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed)          -> 512 bytes of codes
+// Packed per (tile of 16 rows n, group): 16 pair steps of codes, then the 16 rows' scales (and offsets):
+//   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1; float32 scales and offsets
+//         (Q4_K's products of scales are not exact in float16)                          -> 384 bytes
+//   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
+//         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
 constexpr int64_t kGroup = 32;
 constexpr int kQMR = 8;
 
 template <int Bits> struct QLayout {
   static constexpr int64_t code_bytes = Bits == 4 ? 256 : 512;
-  static constexpr int64_t block_bytes = code_bytes + 2 * 16 * 4;
+  static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : 16 * 2);
 };
 
 // The 16 (pair of codes) lanes of pair step p as bf16 pairs.
@@ -559,10 +561,16 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
         part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), w);
       }
     }
-    const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + QLayout<Bits>::code_bytes));
-    const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + QLayout<Bits>::code_bytes + 64));
-    for (int r = 0; r < MR; ++r)
-      out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+    const uint8_t* params = blk + QLayout<Bits>::code_bytes;
+    if constexpr (Bits == 4) {
+      const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
+      const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
+      for (int r = 0; r < MR; ++r)
+        out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+    } else {
+      const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+      for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
+    }
   }
   const int64_t valid = n - col < 16 ? n - col : 16;
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);

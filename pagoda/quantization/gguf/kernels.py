@@ -5,7 +5,8 @@ gather dequantized rows (for embedding tables). Which form a type gets:
 
 - **NativeQuantKernel** (Q4_0, Q4_1, Q4_K, Q8_0; bf16 models on a CPU with AVX512-BF16): pagoda's own kernel
   (:func:`pagoda.kernels.cpu_ops.quant_linear`), exact products of codes and bf16 activations summed in float32
-  per group of 32, then scaled. 0.75 byte per 4-bit weight, 1.25 per 8-bit one (float32 scale and offset per 32).
+  per group of 32, then scaled. 0.75 byte per 4-bit weight (float32 scale and offset per 32), 1.0625 per
+  8-bit one (the file's float16 scale).
 - **Int4Kernel** (Q4_0, Q4_1, Q4_K; other bf16/fp16 models): torch's int4 weight-only matmul with one (scale, zero)
   per 32 values — exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
