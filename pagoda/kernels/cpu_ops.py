@@ -100,10 +100,12 @@ class PackedWeight:
     (``[n / 16][k / 2][16][2]``, zero-padded), the order AVX512-BF16's pairwise dot product reads.
     """
 
-    __slots__ = ("data", "n", "k", "bias")
+    __slots__ = ("data", "n", "k", "bias", "ptrs")
 
     def __init__(self, data: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
         self.data, self.n, self.k, self.bias = data, n, k, bias
+        # Looked up once: a decode step makes ~120 of these calls, each on the critical path.
+        self.ptrs = (data.data_ptr(), bias.data_ptr() if bias is not None else None)
 
     def _tiles(self) -> torch.Tensor:
         return self.data.view(-1, -(-self.k // 2), 16, 2)
@@ -147,15 +149,13 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = Fa
         raise TypeError(f"packed_linear takes bfloat16 inputs, got {x.dtype}")
     rows = x.numel() // weight.k
     x2 = x.reshape(rows, weight.k).contiguous()
-    dtype = torch.float32 if float_output else torch.bfloat16
-    out = torch.empty(rows, weight.n, dtype=dtype)
+    out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
-        bias_ptr = weight.bias.data_ptr() if weight.bias is not None else None
-        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.data.data_ptr(),
-                             bias_ptr, rows, weight.n, weight.k, _threads())
+        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.ptrs[0],
+                             weight.ptrs[1], rows, weight.n, weight.k, _threads())
         if rc != 0:
             raise RuntimeError(f"pagoda_gemm_packed failed with code {rc}")
-    return out.unflatten(0, x.shape[:-1])
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
 class PackedQuant:
@@ -163,10 +163,11 @@ class PackedQuant:
     packed for :func:`quant_linear`: per tile of 16 outputs and group of 32 inputs, the codes, then the scales —
     4-bit pairs in a byte with float32 scales and offsets, or int8 codes with float16 scales and no offset."""
 
-    __slots__ = ("data", "n", "k", "bits")
+    __slots__ = ("data", "n", "k", "bits", "ptr")
 
     def __init__(self, data: torch.Tensor, n: int, k: int, bits: int) -> None:
         self.data, self.n, self.k, self.bits = data, n, k, bits
+        self.ptr = data.data_ptr()
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` of the weight, dequantized to ``dtype`` (embedding lookups)."""
@@ -240,8 +241,8 @@ def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = Fals
     x2 = x.reshape(rows, weight.k).contiguous()
     out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
-        rc = lib.quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.data.data_ptr(),
-                            rows, weight.n, weight.k, _threads())
+        rc = lib.quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, rows,
+                            weight.n, weight.k, _threads())
         if rc != 0:
             raise RuntimeError(f"pagoda_quant_gemm failed with code {rc}")
-    return out.unflatten(0, x.shape[:-1])
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])

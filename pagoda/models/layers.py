@@ -123,8 +123,14 @@ class RotaryEmbedding(nn.Module):
         """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated copies, with ``rope = lookup(positions)``."""
         cos, sin = rope
         if cpu_ops.native_elementwise(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
-            # In place: q and k are views of this layer's fresh QKV output.
-            return cpu_ops.rotary_(q, cos[:, 0], sin[:, 0]), cpu_ops.rotary_(k, cos[:, 0], sin[:, 0])
+            # In place: q and k are views of this layer's fresh QKV output. Side by side in each row (as a fused
+            # QKV projection leaves them), both are rotated in one call.
+            cos, sin = cos[:, 0], sin[:, 0]
+            heads, d = q.shape[1], q.shape[2]
+            if k.stride(0) == q.stride(0) and k.data_ptr() == q.data_ptr() + heads * d * q.element_size():
+                cpu_ops.rotary_(q.as_strided((q.shape[0], heads + k.shape[1], d), q.stride()), cos, sin)
+                return q, k
+            return cpu_ops.rotary_(q, cos, sin), cpu_ops.rotary_(k, cos, sin)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

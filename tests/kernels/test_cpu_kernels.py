@@ -218,3 +218,23 @@ def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
     torch.testing.assert_close(cpu_ops.quant_linear(x, packed_weight).double(), ref, **BF16_ROUNDING)
     ids = torch.tensor([[0, n - 1], [n // 2, 1]])
     torch.testing.assert_close(packed_weight.rows(ids, torch.float64), weight[ids], rtol=1e-6, atol=1e-7)
+
+
+def test_rotary_embedding_rotates_adjacent_q_and_k_in_one_pass():
+    """``RotaryEmbedding.forward`` on q/k views of a fused QKV output (the model's case) equals the torch path."""
+    from transformers import LlamaConfig
+
+    from pagoda.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(LlamaConfig(hidden_size=576, num_attention_heads=9), 64, 256, torch.bfloat16)
+    qkv = torch.randn(5, (9 + 2 * 3) * 64).bfloat16()
+    q, k, v = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    q, k = q.view(5, 9, 64), k.view(5, 3, 64)
+    cos, sin = rope.lookup(torch.tensor([0, 1, 7, 100, 255]))
+    expected_q = rope._rotate(q.double(), cos.double(), sin.double())
+    expected_k = rope._rotate(k.double(), cos.double(), sin.double())
+    v_before = v.clone()
+    out_q, out_k = rope((cos, sin), q, k)
+    torch.testing.assert_close(out_q.double(), expected_q, **BF16_ROUNDING)
+    torch.testing.assert_close(out_k.double(), expected_k, **BF16_ROUNDING)
+    assert torch.equal(v, v_before)
