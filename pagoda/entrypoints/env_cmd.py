@@ -110,7 +110,19 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                          "status": p.status, "error": p.error, "provides": list(p.provides)} for p in registry.plugins]
     facts["plugin_allow_list"] = envs.plugins_allow_list()
     facts["models"] = sorted(registry.models)
+    facts["cpu_kernels"] = _cpu_kernels()
     return facts
+
+
+def _cpu_kernels() -> dict[str, Any]:
+    """The native CPU kernels: built (and which) or why not. Building them here is what a first model run does."""
+    from pagoda.kernels import cpu
+
+    lib = cpu.kernels()
+    if lib is None:
+        return {"status": "unavailable", "reason": cpu.unavailable_reason(), "library": None}
+    return {"status": "available", "reason": None, "library": lib.lib._name,
+            "packed_bf16_gemm": lib.has_packed_bf16}
 
 
 def format_text(facts: dict[str, Any]) -> str:
@@ -136,6 +148,12 @@ def format_text(facts: dict[str, Any]) -> str:
     for b in facts["attention_backends"]:
         mark = "*" if b["name"] == facts.get("attention_backend") else " "
         add(f" {mark}{b['name']:<12} {b['status']}" + (f": {'; '.join(b['reasons'])}" if b["reasons"] else ""))
+    kern = facts["cpu_kernels"]
+    if kern["status"] == "available":
+        gemm = "with" if kern["packed_bf16_gemm"] else "without (no AVX512-BF16)"
+        add(f"Native CPU kernels: available, {gemm} the bf16/GGUF matmuls  ({kern['library']})")
+    else:
+        add(f"Native CPU kernels: unavailable: {kern['reason']}")
     add("")
     add("Quantization methods:")
     for q in facts["quantization_methods"]:

@@ -82,3 +82,21 @@ def test_text_report(capsys):
     assert " *TORCH_SDPA   ok" in out
     assert "  triton_attn    loaded   pagoda.attention_backends.triton_attn  [pagoda-llm " in out
     assert "Packages:" in out and f"  torch                        {torch.__version__}" in out
+
+
+def test_native_cpu_kernels_are_reported(capsys, monkeypatch):
+    from pagoda.kernels import cpu
+
+    facts = _json(capsys)
+    kern = facts["cpu_kernels"]
+    assert (kern["status"] == "available") == (cpu.kernels() is not None)
+    if kern["status"] == "available":
+        assert kern["library"].endswith("libpagoda_cpu.so")
+    monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
+    cpu.reset_for_tests()
+    try:
+        assert main(["env"]) == 0
+        assert "Native CPU kernels: unavailable: disabled by PAGODA_CPU_KERNELS=0" in capsys.readouterr().out
+    finally:
+        monkeypatch.undo()
+        cpu.reset_for_tests()
