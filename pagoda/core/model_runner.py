@@ -129,6 +129,9 @@ class ModelRunner:
         self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
+        # Requests that are not plain one-sample generation (pooling, prompt logprobs, about to fork): while there
+        # are none, a step skips the passes over the batch that look for them.
+        self._unusual: set[str] = set()
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
 
@@ -161,6 +164,8 @@ class ModelRunner:
                         for index in range(new.num_samples)]
         else:
             sampling = [self._sampling_state(new.params, prompt, outputs)]
+        if len(sampling) != 1 or new.params.prompt_logprobs is not None:
+            self._unusual.add(new.request_id)
         self.states[new.request_id] = RunnerRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens,
                                                          new.params, list(new.block_ids), new.num_computed_tokens,
                                                          sampling, new.token_type_ids,
@@ -173,6 +178,7 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:
             state = self.states.pop(rid, None)
+            self._unusual.discard(rid)
             if state is not None:
                 self.block_rows.release(state.block_row)
         for new in sched.new_requests:
@@ -214,13 +220,15 @@ class ModelRunner:
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
         hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
-        self._pool(out, hidden, states, ends, batch["query_start_loc"])
+        usual = not self._unusual
+        if not usual:
+            self._pool(out, hidden, states, ends, batch["query_start_loc"])
 
         # Rows that sample: every scheduled token of the request is now computed.
         lengths = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
         sampling_reqs = ends == lengths
         last_token_index = batch["query_start_loc"][1:] - 1
-        if sampling_reqs.all() and all(len(s.sampling) == 1 for s in states):
+        if sampling_reqs.all() and (usual or all(len(s.sampling) == 1 for s in states)):
             sample_states = [s.sampling[0] for s in states]
             owners = states
             # Decodes only: the hidden states are already the sampling rows, in order.
@@ -240,7 +248,8 @@ class ModelRunner:
             logits = self.model.compute_logits(sample_hidden)
             result = self.sampler(logits, sample_states)
             self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
-        self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
+        if not usual:
+            self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
         return out
 
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
