@@ -481,14 +481,18 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
                  int64_t k, int num_threads) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t groups = (tiles + kNT - 1) / kNT;
-  const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
+  // Row blocks of kBlockM, halved (down to 2 micro-kernels) while there are too few tasks to balance the
+  // threads: a 576-wide layer has 9 tile groups, and 5 + 4 of them on two threads wastes a tenth of the step.
+  int64_t block_m = kBlockM;
+  while (block_m > 2 * kMR && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
+  const int64_t mblocks = (m + block_m - 1) / block_m;
   const int64_t esz = F32Out ? 4 : 2;
   // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
   // of rows at a time.
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t task = 0; task < mblocks * groups; ++task) {
     const int64_t mb = task / groups, g = task % groups;
-    const int64_t r0 = mb * kBlockM, rows = (m - r0) < kBlockM ? (m - r0) : kBlockM;
+    const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
     const int64_t tile0 = g * kNT, nt = (tiles - tile0) < kNT ? (tiles - tile0) : kNT;
     void* yb = static_cast<char*>(y) + r0 * ldy * esz;
     const bf16_t* xb = x + r0 * k;
