@@ -98,13 +98,15 @@ class SdpaImpl(AttentionImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor | None, metadata: SdpaMetadata) -> torch.Tensor:
         num_tokens = query.shape[0]
-        out = torch.empty(num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         if kv_cache is not None:
             key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)
             value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
             key_cache.index_copy_(0, metadata.slot_mapping, key)
             value_cache.index_copy_(0, metadata.slot_mapping, value)
         nd = metadata.num_decodes
+        if nd and nd == num_tokens:  # a decode-only step: the decode output is the whole output
+            return self._decode(query, kv_cache, metadata).view(num_tokens, self.num_heads * self.head_size)
+        out = torch.empty(num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         if nd:
             out[:nd] = self._decode(query[:nd], kv_cache, metadata)
         for span in metadata.prefills:
