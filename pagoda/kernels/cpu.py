@@ -30,9 +30,11 @@ from pagoda import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
+HEADERS = [CSRC / "cpu_kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -64,6 +66,10 @@ class CpuKernels:
         lib.pagoda_quant_gemm.restype = c_int
         lib.pagoda_quant_gemm.argtypes = [c_int, c_int, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int]
         self.quant_gemm = lib.pagoda_quant_gemm
+        lib.pagoda_llama_decode.restype = c_int
+        lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+                                            c_void_p, c_int64, c_void_p, c_void_p, c_int]
+        self.llama_decode = lib.pagoda_llama_decode
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope
@@ -98,8 +104,8 @@ def _find_compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    texts = [path.read_bytes() for path in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*texts, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = Path(envs.cache_root()) / "kernels" / key / "libpagoda_cpu.so"
     if target.exists():
@@ -109,7 +115,7 @@ def _build(compiler: str) -> Path:
     # half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
+    cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)

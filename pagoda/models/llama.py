@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.cpu_decode import FusedDecode, fused_decode_for
 from pagoda.models.layers import Attention, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding, silu_and_mul
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -99,9 +100,18 @@ class LlamaModel(nn.Module):
                               self.rotary, sliding_window)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # Decode steps may run the whole layer stack in one native call (see cpu_decode.py); off for tests that
+        # compare against the per-op path.
+        self.fused_steps = True
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         hidden = self.embed_tokens(input_ids)
+        if self.fused_steps and FusedDecode.applies(metadata, hidden.shape[0]):
+            fused = fused_decode_for(self, kv_caches, hidden)
+            if fused is not None:
+                hidden, residual = fused.run(hidden, positions, metadata)
+                hidden, _ = self.norm(hidden, residual)
+                return hidden
         residual = None
         rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):

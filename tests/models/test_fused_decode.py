@@ -1,0 +1,37 @@
+"""Fused CPU decode steps compute exactly what the per-op path computes (same kernels, same order)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda import LLM, SamplingParams
+from pagoda.kernels import cpu
+from tests.conftest import assert_all_blocks_free, bundled_gguf_path
+
+pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
+                                reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
+
+PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7, 7, 7, 9]]
+
+
+def _run(llm: LLM, fused: bool):
+    model = llm.llm_engine.runner.model.model
+    model.fused_steps = fused
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert_all_blocks_free(llm)
+    return ([o.outputs[0].token_ids for o in outs],
+            [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf"])
+def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
+    # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop).
+    model = bundled_gguf_path() if kind == "gguf" else tiny_model_dir(kind)
+    llm = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
+              skip_tokenizer_init=kind != "gguf")
+    per_op = _run(llm, fused=False)
+    fused = _run(llm, fused=True)
+    plan = llm.llm_engine.runner.model.model.__dict__.get("_fused_decode")
+    assert plan is not None and plan[1] is not None, "decode steps were not fused"
+    assert fused == per_op
