@@ -81,12 +81,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of ``x`` [tokens, heads, head_size] in place (heads contiguous, rows may be
-    strided, as views of a fused QKV output are); ``cos``/``sin`` [tokens, rotary_dim] with rotate-half's sign in
-    ``sin``. Check :func:`native_elementwise` first."""
+    strided, as views of a fused QKV output are); ``cos``/``sin`` float32 [tokens, rotary_dim] with rotate-half's
+    sign in ``sin``. Check :func:`native_elementwise` first."""
     lib = kernels()
     tokens, heads, head_size = x.shape
     if x.stride(2) != 1 or x.stride(1) != head_size:
         raise ValueError(f"rotary_ needs contiguous heads, got strides {x.stride()}")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise TypeError(f"rotary_ takes float32 cos/sin rows, got {cos.dtype}/{sin.dtype}")
     cos, sin = cos.contiguous(), sin.contiguous()
     lib.rope(DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), tokens, heads, head_size, cos.data_ptr(),
              sin.data_ptr(), cos.shape[-1], _threads())

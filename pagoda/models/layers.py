@@ -114,15 +114,24 @@ class RotaryEmbedding(nn.Module):
         sin[:, : rotary_dim // 2] *= -1
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
+        # The native kernel rotates with float32 sines (exact angles); the torch path with the model dtype's, as
+        # the reference implementation does.
+        self.native = dtype == torch.bfloat16
+        if self.native:
+            self.register_buffer("cos32", emb.cos() * scaling, persistent=False)
+            self.register_buffer("sin32", sin, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cos/sin rows of a step's positions, shaped to broadcast over heads."""
+        """The cos/sin rows of a step's positions, shaped to broadcast over heads (float32 for the native
+        kernel)."""
+        if self.native and cpu_ops.native_elementwise(self.cos):
+            return self.cos32[positions].unsqueeze(1), self.sin32[positions].unsqueeze(1)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated copies, with ``rope = lookup(positions)``."""
         cos, sin = rope
-        if cpu_ops.native_elementwise(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        if cos.dtype == torch.float32 and cpu_ops.native_elementwise(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
             # In place: q and k are views of this layer's fresh QKV output. Side by side in each row (as a fused
             # QKV projection leaves them), both are rotated in one call.
             cos, sin = cos[:, 0], sin[:, 0]
@@ -131,6 +140,7 @@ class RotaryEmbedding(nn.Module):
                 cpu_ops.rotary_(q.as_strided((q.shape[0], heads + k.shape[1], d), q.stride()), cos, sin)
                 return q, k
             return cpu_ops.rotary_(q, cos, sin), cpu_ops.rotary_(k, cos, sin)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

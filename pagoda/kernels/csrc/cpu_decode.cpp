@@ -52,7 +52,7 @@ extern "C" {
 
 // Runs every layer for `tokens` decode tokens (one per sequence). hidden [tokens, hidden]: the embeddings in,
 // the last layer's output out (before the final norm); residual [tokens, hidden]: the residual stream out.
-// cos/sin [tokens, rot_dim]; slot_mapping int64 [tokens]; block_table int32 rows of table_stride; seq_lens int32.
+// cos/sin float32 [tokens, rot_dim]; slot_mapping int64 [tokens]; block_table int32 rows of table_stride; seq_lens int32.
 // scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). Returns -1 without AVX512-BF16.
 int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
                         const void* sin, const int64_t* slot_mapping, const int32_t* block_table,
@@ -78,8 +78,8 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
     }
     linear(L.qkv, qkv, normed, tokens, num_threads);
     // q and k heads sit side by side in each row: one rotary pass over both.
-    rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const bf16_t*>(cos),
-                 static_cast<const bf16_t*>(sin), p.rot_dim, num_threads);
+    rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
+                 static_cast<const float*>(sin), p.rot_dim, num_threads);
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t slot = slot_mapping[t];
       const int64_t at = (slot / p.block_size) * p.block_stride + (slot % p.block_size) * p.token_stride;

@@ -58,10 +58,10 @@ int pagoda_rope(int dtype, void* x, int64_t row_stride, int64_t tokens, int64_t 
                 const void* cos, const void* sin, int64_t rot_dim, int num_threads) {
   if (dtype == 0)
     rope<float>(static_cast<float*>(x), row_stride, tokens, heads, head_size, static_cast<const float*>(cos),
-                static_cast<const float*>(sin), rot_dim, num_threads);
+                static_cast<const float*>(sin), rot_dim, num_threads);  // cos/sin are float32 for both dtypes
   else if (dtype == 1)
-    rope<bf16_t>(static_cast<bf16_t*>(x), row_stride, tokens, heads, head_size, static_cast<const bf16_t*>(cos),
-                 static_cast<const bf16_t*>(sin), rot_dim, num_threads);
+    rope<bf16_t>(static_cast<bf16_t*>(x), row_stride, tokens, heads, head_size, static_cast<const float*>(cos),
+                 static_cast<const float*>(sin), rot_dim, num_threads);
   else return -1;
   return 0;
 }
