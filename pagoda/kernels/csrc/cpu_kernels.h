@@ -295,8 +295,22 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
 // more than the attention. Each is one pass, float32 inside, one rounding on output.
 
 
-// residual_out = x + residual (rounded to T, as torch's add); out = residual_out * rsqrt(mean(sq) + eps) * weight.
-// Without a residual: out = rms_norm(x).
+// The value as the reference implementation holds it between two bf16 operations (identity for float32).
+template <typename T> inline float load_rounded(float v) { return v; }
+template <> inline float load_rounded<bf16_t>(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+#if defined(__AVX512F__)
+template <typename T> inline __m512 round_like(__m512 v) { return v; }
+template <> inline __m512 round_like<bf16_t>(__m512 v) {
+  alignas(64) bf16_t tmp[16];
+  store16(tmp, v);
+  return load16(tmp);
+}
+#endif
+
+// residual_out = x + residual (rounded to T, as torch's add); out = residual_out * rsqrt(mean(sq) + eps) * weight,
+// with the normalised value rounded to T before the weight multiplies it, where the reference implementation
+// (transformers' LlamaRMSNorm: weight * hidden.to(input_dtype)) rounds it: bf16 models are tuned to those
+// rounding points, and greedy choices at near-ties followed them. Without a residual: out = rms_norm(x).
 template <typename T>
 void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows, int64_t hidden,
               float eps, int num_threads) {
@@ -323,9 +337,10 @@ void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* w
 #if defined(__AVX512F__)
       const __m512 iv = _mm512_set1_ps(inv);
       for (; i + 16 <= hidden; i += 16)
-        store16(o + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv), load16(weight + i)));
+        store16(o + i, _mm512_mul_ps(round_like<T>(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv)),
+                                     load16(weight + i)));
 #endif
-      for (; i < hidden; ++i) store(o, i, buf[i] * inv * load(weight, i));
+      for (; i < hidden; ++i) store(o, i, load_rounded<T>(buf[i] * inv) * load(weight, i));
     }
   }
 }
