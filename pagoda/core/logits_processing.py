@@ -3,7 +3,7 @@
 Every function takes ``[rows, vocab]`` float32 logits and treats rows independently; the definitions are
 vLLM's. They are written for CPU speed as much as for accelerators: no full-vocabulary sort unless needed,
 no torch ``argmax``/``cumsum`` over the whole vocabulary on CPU (greedy argmax goes through numpy's vectorised
-one), no bool-tensor arithmetic (all slow on CPU at 49152 entries), while staying free of host syncs except the
+one; random sampling runs on pagoda's native kernel when it is built), no bool-tensor arithmetic (all slow on CPU at 49152 entries), while staying free of host syncs except the
 top-p candidate check on CPU.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from pagoda.kernels import cpu_ops
 
 _NEG_INF = float("-inf")
 
@@ -158,8 +160,8 @@ def fast_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` (same first-maximum tie rule; a NaN counts as the maximum, as in torch).
 
     On CPU, torch's ``argmax`` is not vectorised (~10x slower than ``amax`` over a 49152-entry vocabulary),
-    while numpy's is SIMD and runs on one thread, which also spares the OpenMP barrier of a two-thread region
-    when the cores are shared. Other dtypes and devices use torch's ``argmax``.
+    while numpy's is SIMD in one pass (0.21 ms for 64 x 49152 here, against 0.43 ms for a two-thread native
+    kernel that needs a second pass for the position). Other dtypes and devices use torch's ``argmax``.
     """
     if logits.device.type == "cpu" and logits.dtype in _NUMPY_DTYPES:
         return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1))
@@ -186,15 +188,18 @@ def random_sample(
     batch.
     """
     rows, vocab_size = logits.shape
-    if weights is None:
-        weights = exp_weights(logits)
-    if threshold is not None:
-        weights.mul_(keep_mask(logits, threshold))
     uniform = torch.empty(rows, 1, device=logits.device)
     if len(generators) != rows:
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
+    native = cpu_ops.sample_rows(logits, uniform, threshold)  # the same draw, one vectorised pass per row
+    if native is not None:
+        return native
+    if weights is None:
+        weights = exp_weights(logits)
+    if threshold is not None:
+        weights.mul_(keep_mask(logits, threshold))
     block = _block_size(vocab_size)
     blocks = weights.view(rows, vocab_size // block, block)
     block_sums = blocks.sum(dim=-1)

@@ -31,7 +31,7 @@ from pagoda import envs
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
+SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp", CSRC / "cpu_sampling.cpp"]
 HEADERS = [CSRC / "cpu_kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 6
@@ -70,6 +70,12 @@ class CpuKernels:
         lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                             c_void_p, c_int64, c_void_p, c_void_p, c_int]
         self.llama_decode = lib.pagoda_llama_decode
+        lib.pagoda_argmax_rows.restype = None
+        lib.pagoda_argmax_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
+        lib.pagoda_sample_rows.restype = None
+        lib.pagoda_sample_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
+        self.argmax_rows = lib.pagoda_argmax_rows
+        self.sample_rows = lib.pagoda_sample_rows
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope
