@@ -70,11 +70,8 @@ class CpuKernels:
         lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                             c_void_p, c_int64, c_void_p, c_void_p, c_int]
         self.llama_decode = lib.pagoda_llama_decode
-        lib.pagoda_argmax_rows.restype = None
-        lib.pagoda_argmax_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
         lib.pagoda_sample_rows.restype = None
         lib.pagoda_sample_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
-        self.argmax_rows = lib.pagoda_argmax_rows
         self.sample_rows = lib.pagoda_sample_rows
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul

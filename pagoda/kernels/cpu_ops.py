@@ -95,18 +95,6 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
-    """``logits.argmax(-1)`` for float32 CPU rows [rows, vocab] (torch's tie and NaN rules), or None."""
-    lib = kernels()
-    if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 \
-            or logits.stride(1) != 1 or logits.shape[1] == 0:
-        return None
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
-                    _threads())
-    return out
-
-
 def sample_rows(logits: torch.Tensor, uniform: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor | None:
     """One sample per row of ``softmax(logits)`` over the entries ``>= threshold[row]``, by inverse CDF with
     ``uniform[row]`` in [0, 1); float32 CPU rows, or None."""
