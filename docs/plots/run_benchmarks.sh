@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 PAGODA=(${PY} -m pagoda.entrypoints.cli)
 HF_DIR=${HF_DIR:-.cache/smollm2-135m-instruct-hf}
-DATA=${DATA:-docs/plots/data}
+DATA=${DATA:-docs/plots/data/pagoda}
 RUNS=${RUNS:-3}
 mkdir -p "$DATA"
 steps=("$@")
