@@ -1,10 +1,11 @@
 """``pagoda bench step-overhead``: what an engine step costs besides the model.
 
 ``--num-requests`` requests (64 by default, W1's shape) are admitted and prefilled; then every decode step with all
-of them running is timed, and inside it the model's ``forward`` and ``compute_logits`` and the engine's stages
+of them running is timed, and inside it the model's ``forward`` and LM head (``compute_logits``, or
+``compute_greedy`` when every row is plain greedy) and the engine's stages
 (scheduling, batch preparation, sampling, scheduler update, detokenization and output processing) are timed by
 wrapping those methods on the live objects. The engine overhead of a step is the step's time minus the model's
-(``forward`` + ``compute_logits``). ``--cprofile`` also prints the functions where the time goes (the profiler
+(``forward`` + LM head). ``--cprofile`` also prints the functions where the time goes (the profiler
 slows Python code several times over: read its figures as shares, not as costs).
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from pagoda.benchmarks.common import greedy_params, make_llm, summarize, write_json
 from pagoda.benchmarks.datasets import random_requests
 
-MODEL_STAGES = ("model.forward", "model.compute_logits")
+MODEL_STAGES = ("model.forward", "model.compute_logits", "model.compute_greedy")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,8 @@ def instrument(engine) -> StageTimer:
     runner = engine.runner
     timer.wrap(runner.model, "forward", "model.forward")
     timer.wrap(runner.model, "compute_logits", "model.compute_logits")
+    if hasattr(runner.model, "compute_greedy"):  # the LM head of all-greedy steps (argmax without logits)
+        timer.wrap(runner.model, "compute_greedy", "model.compute_greedy")
     timer.wrap(engine.scheduler, "schedule", "scheduler.schedule")
     timer.wrap(runner, "_update_states", "runner.update_states")
     timer.wrap(runner, "_build_batch", "runner.build_batch")
@@ -117,7 +120,10 @@ def main(args: argparse.Namespace) -> dict:
         steps.append(time.perf_counter() - start)
         if profiler is not None:
             profiler.disable()
-        for name, value in timer.take().items():
+        taken = timer.take()
+        for name in MODEL_STAGES:  # a step runs compute_logits or compute_greedy: count the other as 0
+            taken.setdefault(name, 0.0)
+        for name, value in taken.items():
             stages[name].append(value)
     model = np.sum([np.asarray(stages[name]) for name in MODEL_STAGES if name in stages], axis=0)
     overhead = np.asarray(steps) - model

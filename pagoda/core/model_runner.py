@@ -109,6 +109,7 @@ class ModelRunner:
                  bad_words_encoder: Any = None) -> None:
         self.config = config
         self.model = model
+        self.greedy_head = hasattr(model, "compute_greedy")  # models that can argmax without full logits
         self.device = config.platform.device()
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
@@ -245,9 +246,14 @@ class ModelRunner:
             rows = np.asarray(rows_list, dtype=np.int64)
         if sample_states:
             sample_hidden = hidden if rows is None else hidden[torch.from_numpy(rows).to(self.device)]
-            logits = self.model.compute_logits(sample_hidden)
-            result = self.sampler(logits, sample_states)
-            self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
+            if self.greedy_head and all(s.is_plain_greedy for s in sample_states):
+                # Only the argmax is needed: the LM head finds it without writing the logits out.
+                tokens = self.model.compute_greedy(sample_hidden).tolist()
+                self._record_samples(out, tokens, None, sample_states, owners)
+            else:
+                logits = self.model.compute_logits(sample_hidden)
+                result = self.sampler(logits, sample_states)
+                self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
         if not usual:
             self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
         return out

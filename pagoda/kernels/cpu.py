@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp", CSRC / "cpu_sampling.cpp"]
 HEADERS = [CSRC / "cpu_kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -73,6 +73,9 @@ class CpuKernels:
         lib.pagoda_sample_rows.restype = None
         lib.pagoda_sample_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
         self.sample_rows = lib.pagoda_sample_rows
+        lib.pagoda_linear_argmax.restype = c_int
+        lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
+        self.linear_argmax = lib.pagoda_linear_argmax
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope

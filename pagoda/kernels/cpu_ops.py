@@ -265,3 +265,24 @@ def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = Fals
         if rc != 0:
             raise RuntimeError(f"pagoda_quant_gemm failed with code {rc}")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+
+
+def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant) -> torch.Tensor:
+    """``(x @ W.T).argmax(-1)`` for bf16 ``x`` [rows, k] and a packed weight, without writing the logits out
+    (torch's rules: the first maximum, a NaN wins). A greedy LM head."""
+    lib = kernels()
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"linear_argmax takes bfloat16 inputs, got {x.dtype}")
+    x2 = x.reshape(-1, weight.k).contiguous()
+    out = torch.empty(x2.shape[0], dtype=torch.int64)
+    if isinstance(weight, PackedWeight):
+        kind, ptr = 0, weight.ptrs[0]
+        if weight.bias is not None:
+            raise ValueError("linear_argmax takes weights without bias")
+    else:
+        kind, ptr = weight.bits, weight.ptr
+    if x2.shape[0]:
+        rc = lib.linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(), _threads())
+        if rc != 0:
+            raise RuntimeError(f"pagoda_linear_argmax failed with code {rc}")
+    return out

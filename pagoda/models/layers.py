@@ -57,6 +57,10 @@ class VocabEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.quant_method.logits(self, hidden)
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The argmax of :meth:`logits` per row."""
+        return self.quant_method.greedy(self, hidden)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm (torch's fused kernel, which accumulates in float32), with an optional fused residual add."""

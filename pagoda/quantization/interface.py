@@ -51,6 +51,11 @@ class EmbeddingMethod(ABC):
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, embedding_dim] → [n, num_embeddings] in float32."""
 
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``logits(hidden).argmax(-1)`` (int64 [n]); methods with a kernel that finds it without writing the
+        logits out override this."""
+        return self.logits(layer, hidden).argmax(dim=-1)
+
 
 class QuantizationConfig(ABC):
     #: The name users pass as ``--quantization`` and checkpoints give as ``quant_method``.

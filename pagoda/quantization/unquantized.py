@@ -90,6 +90,12 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
             return cpu_ops.packed_linear(hidden, packed, float_output=True)
         return F.linear(hidden, layer.weight).float()
 
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        packed = _packed(layer, hidden)
+        if packed is not None and packed.bias is None:
+            return cpu_ops.linear_argmax(hidden, packed)
+        return super().greedy(layer, hidden)
+
 
 class UnquantizedConfig(QuantizationConfig):
     name = "none"

@@ -261,3 +261,31 @@ def test_sample_rows_respects_thresholds_and_rows():
         assert (logits.gather(1, picked[:, None])[:, 0] >= threshold).all()
     assert torch.equal(cpu_ops.sample_rows(logits, torch.zeros(8), None),
                        cpu_ops.sample_rows(logits, torch.zeros(8), None))
+
+
+@packed
+@pytest.mark.parametrize("form", ["bf16", "q4", "q8"])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
+    g = torch.Generator().manual_seed(rows)
+    n, k = 5000, 96  # several 2048-column chunks and a partial one
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    if form == "bf16":
+        weight = cpu_ops.pack_weight(torch.randn(n, k, generator=g).bfloat16())
+        logits = cpu_ops.packed_linear(x, weight, float_output=True)
+    else:
+        bits = 4 if form == "q4" else 8
+        codes = (torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8) if bits == 4
+                 else torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
+        scale = (torch.rand(n, k // 32, generator=g) * 0.01).half().float()
+        offset = torch.randn(n, k // 32, generator=g) * 0.01 if bits == 4 else None
+        weight = cpu_ops.pack_quantized(codes, scale, offset, bits)
+        logits = cpu_ops.quant_linear(x, weight, float_output=True)
+    assert torch.equal(cpu_ops.linear_argmax(x, weight), logits.argmax(-1))
+    # a tie across chunks: the first maximum wins
+    if form == "bf16":
+        w = torch.zeros(n, k).bfloat16()
+        w[[3000, 100, 4500], 0] = 1.0
+        tied = cpu_ops.pack_weight(w)
+        ones = torch.ones(rows, k).bfloat16()
+        assert (cpu_ops.linear_argmax(ones, tied) == 100).all()

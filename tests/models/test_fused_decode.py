@@ -35,3 +35,23 @@ def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     plan = llm.llm_engine.runner.model.model.__dict__.get("_fused_decode")
     assert plan is not None and plan[1] is not None, "decode steps were not fused"
     assert fused == per_op
+
+
+@pytest.mark.parametrize("kind", ["llama", "gguf"])
+def test_greedy_lm_head_picks_what_the_sampler_picks(tiny_model_dir, kind):
+    """All-greedy steps take the argmax inside the LM-head kernel; the tokens equal the sampler's over logits."""
+    model = bundled_gguf_path() if kind == "gguf" else tiny_model_dir(kind)
+    llm = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
+              skip_tokenizer_init=kind != "gguf")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
+    model_obj = llm.llm_engine.runner.model
+    calls, inner = [], model_obj.compute_greedy
+    model_obj.compute_greedy = lambda hidden: (calls.append(hidden.shape[0]), inner(hidden))[1]
+    runs = []
+    for greedy_head in (True, False):
+        llm.llm_engine.runner.greedy_head = greedy_head
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+        assert bool(calls) == greedy_head
+        calls.clear()
+    assert runs[0] == runs[1]

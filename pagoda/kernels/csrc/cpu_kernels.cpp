@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 6; }
+int pagoda_kernels_abi_version() { return 7; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -120,6 +120,49 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
   return 0;
 #else
   (void)bits; (void)out_f32; (void)y; (void)x; (void)packed; (void)m; (void)n; (void)k; (void)num_threads;
+  return -1;
+#endif
+}
+
+// out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out: columns are computed 2048 at a time
+// into a buffer that stays in cache, and each row keeps its first maximum (a NaN wins, as in torch's argmax).
+// kind 0: W packed by pagoda_pack_bf16; 4 / 8: block-quantized as for pagoda_quant_gemm. -1 if not built.
+int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t* out,
+                         int num_threads) {
+#if defined(__AVX512BF16__)
+  constexpr int64_t kChunk = 2048;  // 64 rows x 2048 float32 = 512 KiB
+  std::vector<float> buf(static_cast<size_t>(m * kChunk));
+  std::vector<float> best(static_cast<size_t>(m), -INFINITY);
+  std::vector<int64_t> where(static_cast<size_t>(m), -1);
+  const bf16_t* xb = static_cast<const bf16_t*>(x);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t cols = n - c0 < kChunk ? n - c0 : kChunk;
+    const int64_t tile0 = c0 / 16;
+    if (kind == 0) {
+      const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
+      gemm_packed<true>(buf.data(), cols, xb, wb, nullptr, m, cols, k, num_threads);
+    } else {
+      const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
+      const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * (k / kGroup) * block;
+      if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, num_threads);
+      else if (kind == 8) quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, num_threads);
+      else return -1;
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      if (where[r] >= 0 && best[r] != best[r]) continue;  // already a NaN: it stays
+      const float* row = buf.data() + r * cols;
+      const int64_t i = argmax_f32(row, cols);
+      const bool nan = row[i] != row[i];
+      if (where[r] < 0 || nan || row[i] > best[r]) {
+        best[r] = row[i];
+        where[r] = c0 + i;
+      }
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) out[r] = where[r] < 0 ? 0 : where[r];
+  return 0;
+#else
+  (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads;
   return -1;
 #endif
 }

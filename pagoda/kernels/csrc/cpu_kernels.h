@@ -639,4 +639,38 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
 }
 #endif  // __AVX512BF16__
 
+// First index of the row's maximum; NaN counts as the maximum (torch's rule).
+inline int64_t argmax_f32(const float* x, int64_t n) {
+#if defined(__AVX512F__)
+  // Find the maximum value vectorised, then its first position (a second, short scan).
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {  // a NaN: the first one wins
+      for (int64_t k = j; k < j + 16; ++k)
+        if (x[k] != x[k]) return k;
+    }
+    mv = _mm512_max_ps(mv, v);
+  }
+  float m = _mm512_reduce_max_ps(mv);
+  for (int64_t k = j; k < n; ++k) {
+    if (x[k] != x[k]) return k;
+    if (x[k] > m) m = x[k];
+  }
+  for (int64_t k = 0; k < n; ++k)
+    if (x[k] == m) return k;
+  return 0;
+#else
+  int64_t best = 0;
+  float best_v = x[0];
+  if (best_v != best_v) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (x[i] != x[i]) return i;
+    if (x[i] > best_v) { best_v = x[i]; best = i; }
+  }
+  return best;
+#endif
+}
+
 }  // namespace

@@ -6,40 +6,6 @@
 
 namespace {
 
-// First index of the row's maximum; NaN counts as the maximum (torch's rule).
-int64_t argmax_row(const float* x, int64_t n) {
-#if defined(__AVX512F__)
-  // Find the maximum value vectorised, then its first position (a second, short scan).
-  __m512 mv = _mm512_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 v = _mm512_loadu_ps(x + j);
-    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {  // a NaN: the first one wins
-      for (int64_t k = j; k < j + 16; ++k)
-        if (x[k] != x[k]) return k;
-    }
-    mv = _mm512_max_ps(mv, v);
-  }
-  float m = _mm512_reduce_max_ps(mv);
-  for (int64_t k = j; k < n; ++k) {
-    if (x[k] != x[k]) return k;
-    if (x[k] > m) m = x[k];
-  }
-  for (int64_t k = 0; k < n; ++k)
-    if (x[k] == m) return k;
-  return 0;
-#else
-  int64_t best = 0;
-  float best_v = x[0];
-  if (best_v != best_v) return 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (x[i] != x[i]) return i;
-    if (x[i] > best_v) { best_v = x[i]; best = i; }
-  }
-  return best;
-#endif
-}
-
 // Inverse-CDF sample of softmax(x) over entries with x >= threshold, with the uniform number u in [0, 1).
 int64_t sample_row(const float* x, int64_t n, float u, float threshold, std::vector<float>& w) {
   w.resize(static_cast<size_t>(n));
@@ -51,7 +17,7 @@ int64_t sample_row(const float* x, int64_t n, float u, float threshold, std::vec
   m = _mm512_reduce_max_ps(mv);
 #endif
   for (; j < n; ++j) m = x[j] > m ? x[j] : m;
-  if (!(m > -INFINITY)) return argmax_row(x, n);  // nothing to sample from: the torch path's choice
+  if (!(m > -INFINITY)) return argmax_f32(x, n);  // nothing to sample from: the torch path's choice
   float sum = 0.f;
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -94,7 +60,7 @@ int64_t sample_row(const float* x, int64_t n, float u, float threshold, std::vec
   // Rounding left the target at the total: the last entry with weight.
   for (int64_t k = n - 1; k >= 0; --k)
     if (w[k] > 0.f) return k;
-  return argmax_row(x, n);
+  return argmax_f32(x, n);
 }
 
 }  // namespace
