@@ -3,7 +3,7 @@
 Every function takes ``[rows, vocab]`` float32 logits and treats rows independently; the definitions are
 vLLM's. They are written for CPU speed as much as for accelerators: no full-vocabulary sort unless needed,
 no torch ``argmax``/``cumsum`` over the whole vocabulary on CPU (greedy argmax goes through numpy's vectorised
-one; random sampling runs on pagoda's native kernel when it is built), no bool-tensor arithmetic (all slow on CPU at 49152 entries), while staying free of host syncs except the
+one), no bool-tensor arithmetic (all slow on CPU at 49152 entries), while staying free of host syncs except the
 top-p candidate check on CPU.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from pagoda.kernels import cpu_ops
 
 _NEG_INF = float("-inf")
 
@@ -193,9 +191,6 @@ def random_sample(
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
-    native = cpu_ops.sample_rows(logits, uniform, threshold)  # the same draw, one vectorised pass per row
-    if native is not None:
-        return native
     if weights is None:
         weights = exp_weights(logits)
     if threshold is not None:

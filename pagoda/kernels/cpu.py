@@ -31,7 +31,7 @@ from pagoda import envs
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp", CSRC / "cpu_sampling.cpp"]
+SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = [CSRC / "cpu_kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 7
@@ -70,9 +70,6 @@ class CpuKernels:
         lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                             c_void_p, c_int64, c_void_p, c_void_p, c_int]
         self.llama_decode = lib.pagoda_llama_decode
-        lib.pagoda_sample_rows.restype = None
-        lib.pagoda_sample_rows.argtypes = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
-        self.sample_rows = lib.pagoda_sample_rows
         lib.pagoda_linear_argmax.restype = c_int
         lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
         self.linear_argmax = lib.pagoda_linear_argmax

@@ -95,23 +95,6 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x
 
 
-def sample_rows(logits: torch.Tensor, uniform: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor | None:
-    """One sample per row of ``softmax(logits)`` over the entries ``>= threshold[row]``, by inverse CDF with
-    ``uniform[row]`` in [0, 1); float32 CPU rows, or None."""
-    lib = kernels()
-    if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 \
-            or logits.stride(1) != 1 or logits.shape[1] == 0:
-        return None
-    rows = logits.shape[0]
-    uniform = uniform.reshape(rows).float().contiguous()
-    if threshold is not None:
-        threshold = threshold.reshape(rows).float().contiguous()
-    out = torch.empty(rows, dtype=torch.int64)
-    lib.sample_rows(logits.data_ptr(), rows, logits.shape[1], logits.stride(0), uniform.data_ptr(),
-                    threshold.data_ptr() if threshold is not None else None, out.data_ptr(), _threads())
-    return out
-
-
 class PackedWeight:
     """A bf16 weight ``[n, k]`` repacked for :func:`packed_linear`, with its bias in float32.
 

@@ -240,29 +240,6 @@ def test_rotary_embedding_rotates_adjacent_q_and_k_in_one_pass():
     assert torch.equal(v, v_before)
 
 
-def test_sample_rows_is_the_inverse_cdf_of_the_softmax():
-    """With a grid of uniform numbers, each token is drawn as many times as its probability says (±1)."""
-    logits = torch.randn(1, 37, generator=torch.Generator().manual_seed(5)) * 3
-    n = 20000
-    uniform = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-    draws = torch.cat([cpu_ops.sample_rows(logits, u.view(1), None) for u in uniform.split(1)])
-    counts = torch.bincount(draws, minlength=37).double()
-    expected = torch.softmax(logits[0].double(), -1) * n
-    assert (counts - expected).abs().max() <= 2
-
-
-def test_sample_rows_respects_thresholds_and_rows():
-    g = torch.Generator().manual_seed(9)
-    logits = torch.randn(8, 49152, generator=g)
-    threshold = logits.topk(5, dim=-1).values[:, -1]  # top-5 per row
-    for trial in range(20):
-        uniform = torch.rand(8, generator=g)
-        picked = cpu_ops.sample_rows(logits, uniform, threshold)
-        assert (logits.gather(1, picked[:, None])[:, 0] >= threshold).all()
-    assert torch.equal(cpu_ops.sample_rows(logits, torch.zeros(8), None),
-                       cpu_ops.sample_rows(logits, torch.zeros(8), None))
-
-
 @packed
 @pytest.mark.parametrize("form", ["bf16", "q4", "q8"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
