@@ -246,10 +246,12 @@ class ModelRunner:
             rows = np.asarray(rows_list, dtype=np.int64)
         if sample_states:
             sample_hidden = hidden if rows is None else hidden[torch.from_numpy(rows).to(self.device)]
+            greedy = None
             if self.greedy_head and all(s.is_plain_greedy for s in sample_states):
-                # Only the argmax is needed: the LM head finds it without writing the logits out.
-                tokens = self.model.compute_greedy(sample_hidden).tolist()
-                self._record_samples(out, tokens, None, sample_states, owners)
+                # Only the argmax is needed: the LM head may find it without writing the logits out.
+                greedy = self.model.compute_greedy(sample_hidden)
+            if greedy is not None:
+                self._record_samples(out, greedy.tolist(), None, sample_states, owners)
             else:
                 logits = self.model.compute_logits(sample_hidden)
                 result = self.sampler(logits, sample_states)

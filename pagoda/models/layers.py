@@ -57,8 +57,8 @@ class VocabEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.quant_method.logits(self, hidden)
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The argmax of :meth:`logits` per row."""
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of :meth:`logits` per row, or None when only :meth:`logits` can give it."""
         return self.quant_method.greedy(self, hidden)
 
 

@@ -152,8 +152,9 @@ class LlamaForCausalLM(nn.Module):
         """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size]."""
         return self.lm_head.logits(hidden)
 
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``compute_logits(hidden).argmax(-1)``, without the logits where the LM head's kernel allows."""
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel allows (else
+        None)."""
         return self.lm_head.greedy(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:

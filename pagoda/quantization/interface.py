@@ -51,10 +51,10 @@ class EmbeddingMethod(ABC):
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, embedding_dim] → [n, num_embeddings] in float32."""
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``logits(hidden).argmax(-1)`` (int64 [n]); methods with a kernel that finds it without writing the
-        logits out override this."""
-        return self.logits(layer, hidden).argmax(dim=-1)
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``logits(hidden).argmax(-1)`` (int64 [n]) when a kernel finds it without writing the logits out;
+        None (the default) when it can't, and the caller samples from :meth:`logits` as usual."""
+        return None
 
 
 class QuantizationConfig(ABC):

@@ -90,11 +90,11 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
             return cpu_ops.packed_linear(hidden, packed, float_output=True)
         return F.linear(hidden, layer.weight).float()
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
         packed = _packed(layer, hidden)
         if packed is not None and packed.bias is None:
             return cpu_ops.linear_argmax(hidden, packed)
-        return super().greedy(layer, hidden)
+        return None
 
 
 class UnquantizedConfig(QuantizationConfig):

@@ -178,11 +178,13 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
             return layer.gguf_head.matmul_float(hidden)
         return layer.gguf_head.matmul(hidden).float()
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        if hidden.dtype != torch.bfloat16:
+            return None
         self.logits(layer, hidden[:0])  # builds the head on first use
-        if isinstance(layer.gguf_head, NativeQuantKernel) and hidden.dtype == torch.bfloat16:
+        if isinstance(layer.gguf_head, NativeQuantKernel):
             return cpu_ops.linear_argmax(hidden, layer.gguf_head.weight)
-        return super().greedy(layer, hidden)
+        return None
 
 
 __all__ = ["GGUFLinearMethod", "GGUFEmbeddingMethod", "INT8_TYPES"]
