@@ -186,15 +186,15 @@ def random_sample(
     batch.
     """
     rows, vocab_size = logits.shape
+    if weights is None:
+        weights = exp_weights(logits)
+    if threshold is not None:
+        weights.mul_(keep_mask(logits, threshold))
     uniform = torch.empty(rows, 1, device=logits.device)
     if len(generators) != rows:
         uniform.uniform_()
     for row, generator in generators.items():
         uniform[row].uniform_(generator=generator)
-    if weights is None:
-        weights = exp_weights(logits)
-    if threshold is not None:
-        weights.mul_(keep_mask(logits, threshold))
     block = _block_size(vocab_size)
     blocks = weights.view(rows, vocab_size // block, block)
     block_sums = blocks.sum(dim=-1)

@@ -160,7 +160,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits must be [num_rows={len(states)}, vocab], got shape {tuple(logits.shape)}.")
         if all(s.is_plain_greedy for s in states):  # the common case: one argmax, nothing else
-            # No contiguous copy: argmax reads rows in place (LM-head kernels may return padded rows).
+            # No contiguous copy: argmax reads the rows where they are.
             return SamplerOutput(sampled_token_ids=lp.fast_argmax(logits.float()), logprobs=None)
         logits = logits.float().contiguous()  # no-ops for the usual contiguous float32 logits
         vocab_size = logits.shape[1]

@@ -144,19 +144,26 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
     return PackedWeight(data, n, k, bias.float().contiguous() if bias is not None else None)
 
 
+def _bf16_rows(x: torch.Tensor, k: int, op: str) -> torch.Tensor:
+    """``x [..., k]`` as contiguous bf16 rows ``[rows, k]`` for the matmul kernels, which read bf16 only."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"{op} takes bfloat16 inputs, got {x.dtype}")
+    return x.reshape(-1, k).contiguous()
+
+
+def _check(rc: int, kernel: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{kernel} failed with code {rc}")
+
+
 def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = False) -> torch.Tensor:
     """``x @ W.T + b`` for bf16 ``x [..., k]`` against a packed weight; float32 out when ``float_output``."""
-    lib = kernels()
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"packed_linear takes bfloat16 inputs, got {x.dtype}")
-    rows = x.numel() // weight.k
-    x2 = x.reshape(rows, weight.k).contiguous()
+    x2 = _bf16_rows(x, weight.k, "packed_linear")
+    rows = x2.shape[0]
     out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
-        rc = lib.gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.ptrs[0],
-                             weight.ptrs[1], rows, weight.n, weight.k, _threads())
-        if rc != 0:
-            raise RuntimeError(f"pagoda_gemm_packed failed with code {rc}")
+        _check(kernels().gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.ptrs[0],
+                                     weight.ptrs[1], rows, weight.n, weight.k, _threads()), "pagoda_gemm_packed")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
@@ -236,27 +243,19 @@ def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
 
 def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = False) -> torch.Tensor:
     """``x @ W.T`` for bf16 ``x [..., k]`` and a packed block-quantized ``W``; float32 out when ``float_output``."""
-    lib = kernels()
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"quant_linear takes bfloat16 inputs, got {x.dtype}")
-    rows = x.numel() // weight.k
-    x2 = x.reshape(rows, weight.k).contiguous()
+    x2 = _bf16_rows(x, weight.k, "quant_linear")
+    rows = x2.shape[0]
     out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
-        rc = lib.quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, rows,
-                            weight.n, weight.k, _threads())
-        if rc != 0:
-            raise RuntimeError(f"pagoda_quant_gemm failed with code {rc}")
+        _check(kernels().quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, rows,
+                                    weight.n, weight.k, _threads()), "pagoda_quant_gemm")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
 def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant) -> torch.Tensor:
     """``(x @ W.T).argmax(-1)`` for bf16 ``x`` [rows, k] and a packed weight, without writing the logits out
     (torch's rules: the first maximum, a NaN wins). A greedy LM head."""
-    lib = kernels()
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"linear_argmax takes bfloat16 inputs, got {x.dtype}")
-    x2 = x.reshape(-1, weight.k).contiguous()
+    x2 = _bf16_rows(x, weight.k, "linear_argmax")
     out = torch.empty(x2.shape[0], dtype=torch.int64)
     if isinstance(weight, PackedWeight):
         kind, ptr = 0, weight.ptrs[0]
@@ -265,7 +264,6 @@ def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant) -> torch.
     else:
         kind, ptr = weight.bits, weight.ptr
     if x2.shape[0]:
-        rc = lib.linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(), _threads())
-        if rc != 0:
-            raise RuntimeError(f"pagoda_linear_argmax failed with code {rc}")
+        _check(kernels().linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(),
+                                       _threads()), "pagoda_linear_argmax")
     return out

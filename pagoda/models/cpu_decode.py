@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pagoda.attention_backends.torch_sdpa import SdpaImpl
 from pagoda.kernels import cpu
 from pagoda.kernels.cpu_ops import PackedQuant, PackedWeight
 
@@ -71,7 +72,7 @@ class FusedDecode:
         first = model.layers[0]
         attn = first.self_attn
         impl = attn.attn.impl
-        if type(impl).__name__ != "SdpaImpl":
+        if not isinstance(impl, SdpaImpl):
             raise NotFusable(f"attention implementation {type(impl).__name__}")
         windows = {layer.self_attn.attn.impl.sliding_window for layer in model.layers}
         if len(windows) != 1:

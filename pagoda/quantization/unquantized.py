@@ -91,10 +91,8 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
         return F.linear(hidden, layer.weight).float()
 
     def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        packed = _packed(layer, hidden)
-        if packed is not None and packed.bias is None:
-            return cpu_ops.linear_argmax(hidden, packed)
-        return None
+        packed = _packed(layer, hidden)  # an embedding table has no bias
+        return cpu_ops.linear_argmax(hidden, packed) if packed is not None else None
 
 
 class UnquantizedConfig(QuantizationConfig):

@@ -192,16 +192,18 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
   auto at = [&](const T* cache, int64_t t, int64_t kvh) {
     return cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * D;
   };
+  auto prefetch = [&](const T* cache, int64_t t, int64_t kvh) {
+    if (t >= seq_len) return;
+    const char* p = reinterpret_cast<const char*>(at(cache, t, kvh));
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  };
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
     __m512 qv[G][NC];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < NC; ++c)
         qv[g][c] = _mm512_mul_ps(load16(q + (kvh * G + g) * D + 16 * c), _mm512_set1_ps(scale));
     for (int64_t t = start; t < seq_len; ++t) {
-      if (t + kAhead < seq_len) {
-        const char* p = reinterpret_cast<const char*>(at(k_cache, t + kAhead, kvh));
-        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-      }
+      prefetch(k_cache, t + kAhead, kvh);
       const T* k = at(k_cache, t, kvh);
       __m512 kv[NC];
       for (int c = 0; c < NC; ++c) kv[c] = load16(k + 16 * c);
@@ -216,10 +218,7 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
     for (int64_t t = start; t < seq_len; ++t) {
-      if (t + kAhead < seq_len) {
-        const char* p = reinterpret_cast<const char*>(at(v_cache, t + kAhead, kvh));
-        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-      }
+      prefetch(v_cache, t + kAhead, kvh);
       const T* v = at(v_cache, t, kvh);
       __m512 vv[NC];
       for (int c = 0; c < NC; ++c) vv[c] = load16(v + 16 * c);

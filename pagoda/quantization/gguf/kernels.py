@@ -51,6 +51,14 @@ class Kernel:
         """Rows ``W[ids]`` dequantized to ``dtype``."""
         raise NotImplementedError
 
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in float32 (logits); kernels that can skip the round trip through ``x.dtype`` override it."""
+        return self.matmul(x).float()
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(x @ W.T).argmax(-1)`` without writing the product out, where the kernel can (else None)."""
+        return None
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.__dict__.values() if isinstance(t, torch.Tensor))
 
@@ -109,8 +117,10 @@ class NativeQuantKernel(Kernel):
         return cpu_ops.quant_linear(x, self.weight)
 
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in float32 without a bf16 round trip (logits)."""
-        return cpu_ops.quant_linear(x, self.weight, float_output=True)
+        return cpu_ops.quant_linear(x, self.weight, float_output=True)  # no bf16 round trip
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_ops.linear_argmax(x, self.weight) if x.dtype == torch.bfloat16 else None
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.rows(ids, dtype)

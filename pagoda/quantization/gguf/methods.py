@@ -18,8 +18,8 @@ from torch import nn
 
 from pagoda.kernels import cpu_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, NativeQuantKernel, RawKernel,
-                                              make_kernel, release_freed_memory)
+from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel,
+                                              release_freed_memory)
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -167,24 +167,22 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
     def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
         return self._table(layer).rows(token_ids, layer.gguf_dtype)
 
-    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        table = self._table(layer)
+    def _head(self, layer: nn.Module) -> Kernel:
+        """The kernel that computes logits: the table itself, or an int4 copy built on first use for a Q4 table
+        kept as raw bytes."""
         if layer.gguf_head is None:
+            table = self._table(layer)
             if isinstance(table, RawKernel) and table.ggml_type in INT4_TYPES:
                 layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape, layer.gguf_dtype)
             else:
                 layer.gguf_head = table
-        if isinstance(layer.gguf_head, NativeQuantKernel):
-            return layer.gguf_head.matmul_float(hidden)
-        return layer.gguf_head.matmul(hidden).float()
+        return layer.gguf_head
+
+    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head(layer).matmul_float(hidden)
 
     def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        if hidden.dtype != torch.bfloat16:
-            return None
-        self.logits(layer, hidden[:0])  # builds the head on first use
-        if isinstance(layer.gguf_head, NativeQuantKernel):
-            return cpu_ops.linear_argmax(hidden, layer.gguf_head.weight)
-        return None
+        return self._head(layer).argmax(hidden)
 
 
 __all__ = ["GGUFLinearMethod", "GGUFEmbeddingMethod", "INT8_TYPES"]
