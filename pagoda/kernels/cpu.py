@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
-HEADERS = [CSRC / "cpu_kernels.h"]
+HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 7
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}

@@ -1,0 +1,134 @@
+// Helpers shared by the kernel headers: bf16 conversion, 16-lane loads and stores, exp, softmax, dot.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef uint16_t bf16_t;
+
+inline float bf16_to_f32(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16_t f32_to_bf16(float f) {  // round to nearest even, like torch
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+template <typename T> inline float load(const T* p, int64_t i);
+template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float load<bf16_t>(const bf16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+template <typename T> inline void store(T* p, int64_t i, float v);
+template <> inline void store<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void store<bf16_t>(bf16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+#if defined(__AVX512F__)
+// v rounded to the nearest bf16 (ties to even, NaN kept quiet), as the float32 holding it: the same rounding as
+// f32_to_bf16, without relying on AVX512-BF16.
+inline __m512i bf16_bits_hi(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits_hi(v), 16)));
+}
+#endif
+
+#if defined(__AVX512F__)
+// exp(x) for 16 lanes: 2^(x log2 e) split into an integer power (applied exactly by scalef) and a degree-6
+// polynomial on [-0.5, 0.5] (relative error ~1e-7, float32's own). libm's scalar expf dominated the kernel.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // below this expf is 0 anyway
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));  // f ln2, |.| <= 0.35
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// In-place softmax of s[0..n); float32.
+inline void softmax(float* s, int64_t n) {
+  float m = -INFINITY;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+  m = _mm512_reduce_max_ps(mv);
+#endif
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  float sum = 0.f;
+  j = 0;
+#if defined(__AVX512F__)
+  __m512 sv = _mm512_setzero_ps();
+  const __m512 mm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mm));
+    _mm512_storeu_ps(s + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  sum = _mm512_reduce_add_ps(sv);
+#endif
+  for (; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+  const float inv = 1.f / sum;
+  for (j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// dot(q, k) over d elements; q is float32, k in the cache dtype.
+template <typename T> inline float dot(const float* q, const T* k, int64_t d) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < d; ++i) s += q[i] * load(k, i);
+  return s;
+}
+
+// acc += w * v over d elements.
+template <typename T> inline void axpy(float* acc, float w, const T* v, int64_t d) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 wv = _mm512_set1_ps(w);
+  for (; i + 16 <= d; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < d; ++i) acc[i] += w * load(v, i);
+}
+
+}  // namespace

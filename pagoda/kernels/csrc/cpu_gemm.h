@@ -1,0 +1,282 @@
+// GEMMs on weights packed once after loading: bf16, and block-quantized GGUF codes; the row argmax.
+#pragma once
+
+#include "cpu_common.h"
+
+namespace {
+
+#if defined(__AVX512BF16__)
+// ---- bf16 GEMM on packed weights ---------------------------------------------------------------------------------
+// Weights are packed once after loading into tiles of 16 output columns in the pair-interleaved order vdpbf16ps
+// consumes: packed[tile][k / 2][column][k % 2], zero-padded to whole tiles and an even K. One instruction then
+// multiplies a broadcast pair x[m, k:k+2] by a tile's 16 columns and accumulates 16 float32 outputs.
+constexpr int64_t kTile = 16;
+constexpr int64_t kBlockM = 128;  // rows of x kept hot in L2 while a group of tiles streams past them
+constexpr int kNT = 4;            // tiles per micro-kernel (64 output columns)
+constexpr int kMR = 6;            // rows per micro-kernel: 6 x 4 accumulators + 4 weight vectors fit 32 registers
+
+inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
+
+// ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while this pass
+// computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an LM
+// head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps
+// the number in flight small enough not to be dropped.
+template <int MR, int NT, bool F32Out>
+inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
+                         int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes) {
+  const int64_t k2 = packed_k2(k), full = k / 2;
+  const int64_t tile_elems = k2 * kTile * 2;
+  const int64_t ahead_lines = ahead_bytes / 64, lines_per_step = (ahead_lines + k2 - 1) / k2;
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const bf16_t* w0 = wp + tile0 * tile_elems;
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh b[NT];
+    for (int t = 0; t < NT; ++t)
+      b[t] = (__m512bh)_mm512_loadu_si512(w0 + t * tile_elems + p * kTile * 2);
+    for (int64_t l = p * lines_per_step; l < (p + 1) * lines_per_step && l < ahead_lines; ++l)
+      _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      if (p < full) {
+        std::memcpy(&pair, x + r * k + 2 * p, 4);
+      } else {
+        pair = x[r * k + 2 * p];  // odd K: the last element pairs with the packed zero
+      }
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const int64_t col = (tile0 + t) * kTile;
+    const int64_t valid = n - col < kTile ? n - col : kTile;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = _mm512_add_ps(acc[r][t], bv);
+      if constexpr (F32Out) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
+      } else {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, h);
+      }
+    }
+  }
+}
+
+template <int NT, bool F32Out>
+inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp,
+                        int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead) {
+  const int64_t esz = F32Out ? 4 : 2;
+  const int64_t passes = (rows + kMR - 1) / kMR;
+  const int64_t group_bytes = NT * packed_k2(k) * kTile * 2 * 2;
+  const int64_t slice = ((group_bytes / passes) + 63) / 64 * 64;
+  int64_t r = 0, pass = 0;
+  auto ahead_at = [&](int64_t i) { return ahead ? reinterpret_cast<const char*>(ahead) + i * slice : nullptr; };
+  auto ahead_len = [&](int64_t i) {
+    const int64_t left = group_bytes - i * slice;
+    return ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : 0;
+  };
+  for (; r + kMR <= rows; r += kMR, ++pass)
+    micro_kernel<kMR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
+                                  ahead_at(pass), ahead_len(pass));
+  char* yr = static_cast<char*>(y) + r * ldy * esz;
+  const bf16_t* xr = x + r * k;
+  const char* pa = ahead_at(pass);
+  const int64_t pl = ahead_len(pass);
+  switch (rows - r) {
+    case 1: micro_kernel<1, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 2: micro_kernel<2, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    default: break;
+  }
+}
+
+template <bool F32Out>
+void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const float* bias, int64_t m, int64_t n,
+                 int64_t k, int num_threads) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t groups = (tiles + kNT - 1) / kNT;
+  // Row blocks of kBlockM, halved (down to 2 micro-kernels) while there are too few tasks to balance the
+  // threads: a 576-wide layer has 9 tile groups, and 5 + 4 of them on two threads wastes a tenth of the step.
+  int64_t block_m = kBlockM;
+  while (block_m > 2 * kMR && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
+  const int64_t mblocks = (m + block_m - 1) / block_m;
+  const int64_t esz = F32Out ? 4 : 2;
+  // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
+  // of rows at a time.
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < mblocks * groups; ++task) {
+    const int64_t mb = task / groups, g = task % groups;
+    const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
+    const int64_t tile0 = g * kNT, nt = (tiles - tile0) < kNT ? (tiles - tile0) : kNT;
+    void* yb = static_cast<char*>(y) + r0 * ldy * esz;
+    const bf16_t* xb = x + r0 * k;
+    // With a static schedule this thread's next task is usually the next group: prefetch its weights (a full
+    // group of kNT tiles is valid memory whenever a next group exists).
+    const bf16_t* ahead = g + 1 < groups ? wp + (tile0 + kNT) * packed_k2(k) * kTile * 2 : nullptr;
+    switch (nt) {
+      case 4: rows_kernel<4, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      case 3: rows_kernel<3, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      case 2: rows_kernel<2, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+      default: rows_kernel<1, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
+    }
+  }
+}
+
+// ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0) with bf16 activations ------------------------------
+// w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k. Codes (0..15, or -128..127)
+// are exact in bf16, so the pairwise bf16 dot product of codes and activations is exact too; each group's partial
+// sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
+// Packed per (tile of 16 rows n, group): 16 pair steps of codes, then the 16 rows' scales (and offsets):
+//   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1; float32 scales and offsets
+//         (Q4_K's products of scales are not exact in float16)                          -> 384 bytes
+//   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
+//         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
+constexpr int64_t kGroup = 32;
+constexpr int kQMR = 8;
+
+template <int Bits> struct QLayout {
+  static constexpr int64_t code_bytes = Bits == 4 ? 256 : 512;
+  static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : 16 * 2);
+};
+
+// The 16 (pair of codes) lanes of pair step p as bf16 pairs.
+template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, __m512i table);
+template <> inline __m512i decode_pairs<4>(const uint8_t* codes, int64_t p, __m512i table) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 16)));
+  const __m512i pairs = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
+                                        _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
+  return _mm512_permutexvar_epi16(pairs, table);  // 0..15 -> their bf16 encodings
+}
+template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, __m512i) {
+  const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
+  // int8 -> float32 is exact; a float32 with at most 8 significant bits is its own bf16 in the high half.
+  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
+  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
+  return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
+}
+
+template <int Bits, int MR, bool F32Out>
+inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum, int64_t k, const uint8_t* tile,
+                       int64_t col, int64_t n) {
+  const int64_t groups = k / kGroup;
+  __m512i table = _mm512_setzero_si512();
+  if constexpr (Bits == 4) {
+    alignas(64) uint16_t t[32];
+    for (int i = 0; i < 32; ++i) t[i] = f32_to_bf16(static_cast<float>(i));
+    table = _mm512_load_si512(t);
+  }
+  __m512 out[MR];
+  for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
+    __m512 part[MR];
+    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kGroup / 2; ++p) {
+      const __m512bh w = (__m512bh)decode_pairs<Bits>(blk, p, table);
+      for (int r = 0; r < MR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * k + g * kGroup + 2 * p, 4);
+        part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), w);
+      }
+    }
+    const uint8_t* params = blk + QLayout<Bits>::code_bytes;
+    if constexpr (Bits == 4) {
+      const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
+      const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
+      for (int r = 0; r < MR; ++r)
+        out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+    } else {
+      const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+      for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
+    }
+  }
+  const int64_t valid = n - col < 16 ? n - col : 16;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int r = 0; r < MR; ++r) {
+    if constexpr (F32Out) {
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, out[r]);
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(out[r]));
+    }
+  }
+}
+
+template <int Bits, bool F32Out>
+void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads) {
+  const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
+  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t esz = F32Out ? 4 : 2;
+  std::vector<float> xsum(static_cast<size_t>(m * groups));  // sum of x per (row, group), for the offsets
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t i = 0; i < kGroup; ++i) s += bf16_to_f32(x[r * k + g * kGroup + i]);
+      xsum[r * groups + g] = s;
+    }
+  const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < mblocks * tiles; ++task) {
+    const int64_t mb = task / tiles, t = task % tiles;
+    const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
+    const uint8_t* tile = packed + t * tile_bytes;
+    int64_t r = mb * kBlockM;
+    for (; r + kQMR <= r_end; r += kQMR)
+      quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum.data() + r * groups,
+                                     k, tile, t * 16, n);
+    char* yr = static_cast<char*>(y) + r * n * esz;
+    const bf16_t* xr = x + r * k;
+    const float* sr = xsum.data() + r * groups;
+    switch (r_end - r) {
+      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      default: break;
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
+// First index of the row's maximum; NaN counts as the maximum (torch's rule).
+inline int64_t argmax_f32(const float* x, int64_t n) {
+#if defined(__AVX512F__)
+  // Find the maximum value vectorised, then its first position (a second, short scan).
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {  // a NaN: the first one wins
+      for (int64_t k = j; k < j + 16; ++k)
+        if (x[k] != x[k]) return k;
+    }
+    mv = _mm512_max_ps(mv, v);
+  }
+  float m = _mm512_reduce_max_ps(mv);
+  for (int64_t k = j; k < n; ++k) {
+    if (x[k] != x[k]) return k;
+    if (x[k] > m) m = x[k];
+  }
+  for (int64_t k = 0; k < n; ++k)
+    if (x[k] == m) return k;
+  return 0;
+#else
+  int64_t best = 0;
+  float best_v = x[0];
+  if (best_v != best_v) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (x[i] != x[i]) return i;
+    if (x[i] > best_v) { best_v = x[i]; best = i; }
+  }
+  return best;
+#endif
+}
+
+}  // namespace
