@@ -1,5 +1,7 @@
-// Paged attention over the KV cache: decode (one query row per sequence).
+// Paged attention over the KV cache, read in place through the block table: decode (one query row per sequence).
 #pragma once
+
+#include <type_traits>
 
 #include "cpu_common.h"
 
@@ -51,11 +53,96 @@ void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const in
 }
 
 
+#if defined(__AVX512BF16__)
+// Sixteen vectors to one: lane j of the result is the sum of x[j]'s lanes (a transposing add tree, 15 adds and
+// 30 shuffles where sixteen horizontal sums would take ~130 operations).
+inline __m512 reduce16(const __m512* x) {
+  __m512 c[8], d[4];
+  for (int i = 0; i < 8; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(c[2 * i]), b = _mm512_castps_pd(c[2 * i + 1]);
+    d[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(d[2], d[3], 0x88), _mm512_shuffle_f32x4(d[2], d[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+// bf16 decode scores: scores[h * ns + i] = scale * q_h . k_(start + i) for every head h, ns = n rounded up to 16.
+// Sixteen tokens at a time, all kv heads of a token together (the cache streams in order, the next sixteen rows
+// prefetched): each (token, head) dot product is NC / 2 vdpbf16ps on the raw
+// bf16 rows, and reduce16 turns sixteen tokens' partial sums into one vector of scores.
+template <int NC, int G, typename RowFn>
+void decode_scores_bf16(float* scores, int64_t ns, const bf16_t* q, int64_t start, int64_t seq_len,
+                        int64_t num_kv_heads, float scale, RowFn row) {
+  constexpr int64_t D = 16 * NC;
+  constexpr int NB = NC / 2;  // 32 bf16 per vector
+  const int64_t row_bytes = num_kv_heads * D * 2;
+  const __m512 sv = _mm512_set1_ps(scale);
+  auto prefetch_row = [&](const bf16_t* r) {
+    const char* p = reinterpret_cast<const char*>(r);
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  };
+  for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
+    const bf16_t* k[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t t = t0 + j < seq_len ? t0 + j : seq_len - 1;  // past the end: a repeat, its lanes unused
+      k[j] = row(0, t);
+      if (t0 + 16 + j < seq_len) prefetch_row(row(0, t0 + 16 + j));
+    }
+    for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+      for (int g = 0; g < G; ++g) {
+        const bf16_t* qh = q + (kvh * G + g) * D;
+        __m512bh qv[NB];
+        for (int b = 0; b < NB; ++b) qv[b] = (__m512bh)_mm512_loadu_si512(qh + 32 * b);
+        __m512 x[16];
+        for (int j = 0; j < 16; ++j) {
+          const bf16_t* kr = k[j] + kvh * D;
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(kr), qv[0]);
+          for (int b = 1; b < NB; ++b) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * b), qv[b]);
+          x[j] = a;
+        }
+        _mm512_storeu_ps(scores + (kvh * G + g) * ns + (t0 - start), _mm512_mul_ps(reduce16(x), sv));
+      }
+    }
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
+// float32 decode scores of kv head kvh's G query heads: scores[g * ns + i] = scale * q_g . k_(start + i), with the
+// query rows held in registers and each key row loaded (and widened) once for the group.
+template <typename T, int NC, int G, typename RowFn>
+void decode_scores_f32(float* scores, int64_t ns, const T* q, int64_t start, int64_t seq_len, int64_t kvh,
+                       float scale, RowFn at) {
+  constexpr int64_t D = 16 * NC;
+  constexpr int64_t kAhead = 6;
+  __m512 qv[G][NC];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NC; ++c)
+      qv[g][c] = _mm512_mul_ps(load16(q + (kvh * G + g) * D + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t t = start; t < seq_len; ++t) {
+    if (t + kAhead < seq_len) {
+      const char* p = reinterpret_cast<const char*>(at(0, t + kAhead) + kvh * D);
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    }
+    const T* k = at(0, t) + kvh * D;
+    __m512 kv[NC];
+    for (int c = 0; c < NC; ++c) kv[c] = load16(k + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
+      scores[g * ns + (t - start)] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
 // The same computation for head_size = 16 * NC and groups of G query heads per kv head, with a kv head's query
 // rows and output accumulators held in registers: each cached row of a kv head is loaded (and widened) once for
-// the whole group, and nothing round-trips through memory per token. Rows are walked one kv head at a time, so
-// the next rows of that head are prefetched.
+// the whole group, and nothing round-trips through memory per token. bf16 scores every head in one pass over the
+// keys (decode_scores_bf16); float32 per kv head. The values are then walked one kv head at a time, the first
+// head's pass prefetching whole rows so that the later passes find them in L2.
 template <typename T, int NC, int G>
 void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                      int64_t num_kv_heads, int64_t block_size, int64_t block_stride, int64_t token_stride,
@@ -64,43 +151,43 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
   constexpr int64_t kAhead = 6;
   const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
   const int64_t n = seq_len - start;
-  scratch.resize(static_cast<size_t>(G * n));
-  float* scores = scratch.data();  // [G, n], reused per kv head
-  auto at = [&](const T* cache, int64_t t, int64_t kvh) {
-    return cache + blocks[t / block_size] * block_stride + (t % block_size) * token_stride + kvh * D;
+  const int64_t ns = (n + 15) / 16 * 16;
+  const int64_t row_bytes = num_kv_heads * D * static_cast<int64_t>(sizeof(T));
+  // Row t of the keys (which = 0) or values (1), all kv heads.
+  auto at = [&](int which, int64_t t) {
+    return (which ? v_cache : k_cache) + blocks[t / block_size] * block_stride + (t % block_size) * token_stride;
   };
-  auto prefetch = [&](const T* cache, int64_t t, int64_t kvh) {
-    if (t >= seq_len) return;
-    const char* p = reinterpret_cast<const char*>(at(cache, t, kvh));
-    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-  };
+#if defined(__AVX512BF16__)
+  constexpr bool all_heads_first = std::is_same_v<T, bf16_t>;
+#else
+  constexpr bool all_heads_first = false;
+#endif
+  scratch.resize(static_cast<size_t>((all_heads_first ? num_kv_heads * G : G) * ns));
+#if defined(__AVX512BF16__)
+  if constexpr (all_heads_first) {
+    decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at);
+    for (int64_t h = 0; h < num_kv_heads * G; ++h) softmax(scratch.data() + h * ns, n);
+  }
+#endif
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
-    __m512 qv[G][NC];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < NC; ++c)
-        qv[g][c] = _mm512_mul_ps(load16(q + (kvh * G + g) * D + 16 * c), _mm512_set1_ps(scale));
-    for (int64_t t = start; t < seq_len; ++t) {
-      prefetch(k_cache, t + kAhead, kvh);
-      const T* k = at(k_cache, t, kvh);
-      __m512 kv[NC];
-      for (int c = 0; c < NC; ++c) kv[c] = load16(k + 16 * c);
-      for (int g = 0; g < G; ++g) {
-        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
-        scores[g * n + (t - start)] = _mm512_reduce_add_ps(a);
-      }
+    float* scores = scratch.data() + (all_heads_first ? kvh * G * ns : 0);  // [G, ns]
+    if constexpr (!all_heads_first) {
+      decode_scores_f32<T, NC, G>(scores, ns, q, start, seq_len, kvh, scale, at);
+      for (int g = 0; g < G; ++g) softmax(scores + g * ns, n);
     }
-    for (int g = 0; g < G; ++g) softmax(scores + g * n, n);
     __m512 acc[G][NC];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
     for (int64_t t = start; t < seq_len; ++t) {
-      prefetch(v_cache, t + kAhead, kvh);
-      const T* v = at(v_cache, t, kvh);
+      if (kvh == 0 && t + kAhead < seq_len) {
+        const char* p = reinterpret_cast<const char*>(at(1, t + kAhead));
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      }
+      const T* v = at(1, t) + kvh * D;
       __m512 vv[NC];
       for (int c = 0; c < NC; ++c) vv[c] = load16(v + 16 * c);
       for (int g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * n + (t - start)]);
+        const __m512 w = _mm512_set1_ps(scores[g * ns + (t - start)]);
         for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
       }
     }
