@@ -10,7 +10,11 @@ Runs on any platform torch runs on. The KV cache of a layer is one tensor
   contexts. Grouped-query heads are folded into the query length (``[n, kv_heads, group, d]``) so no
   key/value head is ever repeated.
 * Prefill chunks attend to their request's cached context (prefix-cache hits and earlier chunks) plus their
-  own tokens, causally; a prefill with nothing cached uses the fresh keys directly with ``is_causal``.
+  own tokens, causally. In bf16 on the CPU all of a step's chunks go to pagoda's native prefill kernel in one
+  call, reading the keys and values in place from the cache; elsewhere each chunk is one SDPA call, and a
+  prefill with nothing cached uses the fresh keys directly with ``is_causal``.
+* New keys and values are written to the cache by a native row copy where the kernels are built
+  (``index_copy_`` otherwise).
 * Encoder (bidirectional, no cache) batches run one SDPA call per sequence.
 """
 
@@ -51,6 +55,10 @@ class SdpaMetadata:
     decode_mask: torch.Tensor | None  # bool [num_decodes, 1, 1, blocks * block_size]
     prefills: list[PrefillSpan]
     causal: bool
+    # Native kernel: all prefill chunks in one call (decodes come first; the prefills' rows of the batch).
+    prefill_table: torch.Tensor | None = None  # int32 [num_prefills, max_blocks]
+    prefill_query_start_loc: torch.Tensor | None = None  # int32 [num_prefills + 1], from the first prefill token
+    prefill_seq_lens: torch.Tensor | None = None  # int32 [num_prefills]
 
 
 def native_decode_available(config, device: torch.device) -> bool:
@@ -90,15 +98,20 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
             if computed[i] > 0 and common.causal:
                 block_ids = common.block_table[i, : -(-seq_lens_cpu[i] // block_size)]
             prefills.append(PrefillSpan(qsl[i], qsl[i + 1], computed[i], seq_lens_cpu[i], block_ids))
-        return SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_table, decode_lens, decode_ids,
+        meta = SdpaMetadata(common.slot_mapping, nd if common.causal else 0, decode_table, decode_lens, decode_ids,
                             decode_mask, prefills, common.causal)
+        if prefills and common.causal and self.native_decode and self.config.dtype == torch.bfloat16:
+            meta.prefill_table = common.block_table[nd:]
+            meta.prefill_query_start_loc = common.query_start_loc[nd:] - common.query_start_loc[nd]
+            meta.prefill_seq_lens = common.seq_lens[nd:]
+        return meta
 
 
 class SdpaImpl(AttentionImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor | None, metadata: SdpaMetadata) -> torch.Tensor:
         num_tokens = query.shape[0]
-        if kv_cache is not None:
+        if kv_cache is not None and not cpu_ops.write_kv(kv_cache[0], kv_cache[1], key, value, metadata.slot_mapping):
             key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)
             value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
             key_cache.index_copy_(0, metadata.slot_mapping, key)
@@ -106,11 +119,22 @@ class SdpaImpl(AttentionImpl):
         nd = metadata.num_decodes
         if nd and nd == num_tokens:  # a decode-only step: the decode output is the whole output
             return self._decode(query, kv_cache, metadata).view(num_tokens, self.num_heads * self.head_size)
+        prefilled = None
+        if metadata.prefill_table is not None:  # every prefill chunk in one native call, reading the cache
+            prefilled = cpu_ops.prefill_attention(query[nd:], kv_cache[0], kv_cache[1], metadata.prefill_table,
+                                                  metadata.prefill_query_start_loc, metadata.prefill_seq_lens,
+                                                  self.scale, self.sliding_window)
+            if prefilled is not None and not nd:
+                return prefilled.view(num_tokens, self.num_heads * self.head_size)
         out = torch.empty(num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         if nd:
             out[:nd] = self._decode(query[:nd], kv_cache, metadata)
-        for span in metadata.prefills:
-            out[span.token_start:span.token_end] = self._prefill(query, key, value, kv_cache, span, metadata.causal)
+        if prefilled is not None:
+            out[nd:] = prefilled
+        else:
+            for span in metadata.prefills:
+                out[span.token_start:span.token_end] = self._prefill(query, key, value, kv_cache, span,
+                                                                     metadata.causal)
         return out.view(num_tokens, self.num_heads * self.head_size)
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: SdpaMetadata) -> torch.Tensor:

@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -73,6 +73,15 @@ class CpuKernels:
         lib.pagoda_linear_argmax.restype = c_int
         lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
         self.linear_argmax = lib.pagoda_linear_argmax
+        lib.pagoda_prefill_attention.restype = c_int
+        lib.pagoda_prefill_attention.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64,
+                                                 c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int64, c_int64,
+                                                 c_int64, c_int64, c_float, c_int64, c_int]
+        self.prefill_attention = lib.pagoda_prefill_attention
+        lib.pagoda_write_kv.restype = None
+        lib.pagoda_write_kv.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_int64,
+                                        c_int64, c_int64, c_int64, c_int64, c_int]
+        self.write_kv = lib.pagoda_write_kv
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope

@@ -45,6 +45,61 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     return out
 
 
+def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                      sliding_window: int | None) -> torch.Tensor | None:
+    """Causal attention of prefill chunks whose keys and values are already in the paged cache (bf16).
+
+    ``query`` [tokens, heads, d] (token rows may be strided); sequence ``i`` owns query rows
+    ``query_start_loc[i]:query_start_loc[i + 1]``, the last positions of its ``seq_lens[i]`` cached tokens, and
+    reads its context through ``block_table[i]``. Returns ``[tokens, heads, d]``, or None when the kernel does
+    not apply (another dtype, head size or layout, or no AVX512-BF16).
+    """
+    lib = kernels()
+    if (lib is None or query.dtype != torch.bfloat16 or key_cache.dtype != torch.bfloat16
+            or query.device.type != "cpu"):
+        return None
+    tokens, heads, d = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    if (query.stride(2) != 1 or query.stride(1) != d or key_cache.stride(2) != d or key_cache.stride(3) != 1
+            or value_cache.stride() != key_cache.stride() or block_table.dtype != torch.int32
+            or block_table.stride(1) != 1 or query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32):
+        return None
+    query_start_loc = query_start_loc.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty(tokens, heads, d, dtype=query.dtype)
+    rc = lib.prefill_attention(out.data_ptr(), query.data_ptr(), query.stride(0), key_cache.data_ptr(),
+                               value_cache.data_ptr(), block_table.data_ptr(), block_table.stride(0),
+                               query_start_loc.data_ptr(), seq_lens.data_ptr(), seq_lens.shape[0], heads, kv_heads, d,
+                               block_size, key_cache.stride(0), key_cache.stride(1), scale, sliding_window or 0,
+                               _threads())
+    return out if rc == 0 else None
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """Store ``key``/``value`` [tokens, kv_heads, d] in the paged caches [blocks, block_size, kv_heads, d] at
+    ``slot_mapping`` (int64): ``index_copy_``'s result without its per-element indexing. False when the layouts
+    don't allow it (the caller copies with torch)."""
+    lib = kernels()
+    if (lib is None or key.device.type != "cpu" or key.dtype != key_cache.dtype or value.dtype != key.dtype
+            or slot_mapping.dtype != torch.int64):
+        return False
+    tokens, kv_heads, d = key.shape
+    row = kv_heads * d
+    for t in (key, value):
+        if t.stride(2) != 1 or t.stride(1) != d:
+            return False
+    if key_cache.stride(2) != d or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
+        return False
+    slot_mapping = slot_mapping.contiguous()
+    esz = key.element_size()
+    lib.write_kv(key_cache.data_ptr(), value_cache.data_ptr(), key.data_ptr(), key.stride(0) * esz,
+                 value.data_ptr(), value.stride(0) * esz, slot_mapping.data_ptr(), tokens, row * esz,
+                 key_cache.shape[1], key_cache.stride(0) * esz, key_cache.stride(1) * esz, _threads())
+    return True
+
+
 def native_elementwise(x: torch.Tensor) -> bool:
     """Whether the fused elementwise kernels (RMSNorm, SiLU-and-mul, rotary) run for ``x``: bf16 on the CPU, where
     torch's kernels are slowest (float32 keeps torch's ops, bit-compatible with the reference implementation)."""

@@ -127,6 +127,20 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
   }
 }
 
+// y [m, n] = x [m, k] . packed weights, on the calling thread (for kernels that parallelise over other work).
+template <bool F32Out>
+void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  for (int64_t tile0 = 0; tile0 < tiles; tile0 += kNT) {
+    switch (tiles - tile0 < kNT ? tiles - tile0 : kNT) {
+      case 4: rows_kernel<4, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+    }
+  }
+}
+
 // ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0) with bf16 activations ------------------------------
 // w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k. Codes (0..15, or -128..127)
 // are exact in bf16, so the pairwise bf16 dot product of codes and activations is exact too; each group's partial

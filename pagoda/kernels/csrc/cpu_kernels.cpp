@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 7; }
+int pagoda_kernels_abi_version() { return 8; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -29,6 +29,33 @@ int pagoda_decode_attention(int dtype, void* out, const void* q, const void* k_c
   else
     return -1;
   return 0;
+}
+
+// Causal prefill attention (bf16): see prefill_attention in cpu_attention.h. query_start_loc int32 [num_seqs + 1]
+// (tokens of q and out), seq_lens int32 [num_seqs]. Returns -1 where the kernel does not apply.
+int pagoda_prefill_attention(void* out, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                             const int32_t* block_table, int64_t table_stride, const int32_t* query_start_loc,
+                             const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                             int64_t head_size, int64_t block_size, int64_t block_stride, int64_t token_stride,
+                             float scale, int64_t window, int num_threads) {
+  return prefill_attention(out, q, q_stride, k_cache, v_cache, block_table, table_stride, query_start_loc, seq_lens,
+                           num_seqs, num_heads, num_kv_heads, head_size, block_size, block_stride, token_stride, scale,
+                           window, num_threads) ? 0 : -1;
+}
+
+// Writes token t's key and value rows (row_bytes each, rows key_stride / value_stride bytes apart) to the cache
+// slot slot_mapping[t]: slot s is row s % block_size of block s / block_size (strides in bytes).
+void pagoda_write_kv(void* k_cache, void* v_cache, const void* key, int64_t key_stride, const void* value,
+                     int64_t value_stride, const int64_t* slot_mapping, int64_t tokens, int64_t row_bytes,
+                     int64_t block_size, int64_t block_stride, int64_t token_stride, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 64)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;  // padding
+    const int64_t at = (slot / block_size) * block_stride + (slot % block_size) * token_stride;
+    std::memcpy(static_cast<char*>(k_cache) + at, static_cast<const char*>(key) + t * key_stride, row_bytes);
+    std::memcpy(static_cast<char*>(v_cache) + at, static_cast<const char*>(value) + t * value_stride, row_bytes);
+  }
 }
 
 int pagoda_rms_norm(int dtype, void* out, void* residual_out, const void* x, const void* residual, const void* weight,
