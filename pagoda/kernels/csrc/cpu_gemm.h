@@ -12,8 +12,9 @@ namespace {
 // multiplies a broadcast pair x[m, k:k+2] by a tile's 16 columns and accumulates 16 float32 outputs.
 constexpr int64_t kTile = 16;
 constexpr int64_t kBlockM = 128;  // rows of x kept hot in L2 while a group of tiles streams past them
-constexpr int kNT = 4;            // tiles per micro-kernel (64 output columns)
-constexpr int kMR = 6;            // rows per micro-kernel: 6 x 4 accumulators + 4 weight vectors fit 32 registers
+constexpr int kNT = 3;            // tiles per micro-kernel (48 output columns)
+constexpr int kMR = 8;            // rows per micro-kernel: 8 x 3 accumulators + 3 weight vectors fit 32 registers,
+                                  // and a 64-row decode batch is 8 whole passes
 
 inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
 
@@ -91,6 +92,8 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
     case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
     case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
     case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 6: micro_kernel<6, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 7: micro_kernel<7, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
     default: break;
   }
 }
@@ -101,7 +104,7 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t groups = (tiles + kNT - 1) / kNT;
   // Row blocks of kBlockM, halved (down to 2 micro-kernels) while there are too few tasks to balance the
-  // threads: a 576-wide layer has 9 tile groups, and 5 + 4 of them on two threads wastes a tenth of the step.
+  // threads (an uneven split, 5 + 4 tasks on two threads, wastes a tenth of the step).
   int64_t block_m = kBlockM;
   while (block_m > 2 * kMR && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
   const int64_t mblocks = (m + block_m - 1) / block_m;
