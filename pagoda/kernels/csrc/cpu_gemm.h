@@ -131,15 +131,19 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
 }
 
 // y [m, n] = x [m, k] . packed weights, on the calling thread (for kernels that parallelise over other work).
+// With wp_end (the end of the packed matrix wp points into), each tile group prefetches the next group's weights.
 template <bool F32Out>
-void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m, int64_t n, int64_t k) {
+void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m, int64_t n, int64_t k,
+                        const bf16_t* wp_end = nullptr) {
   const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t group_elems = kNT * packed_k2(k) * kTile * 2;
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kNT) {
+    const bf16_t* next = wp + (tile0 + kNT) * packed_k2(k) * kTile * 2;
+    const bf16_t* ahead = wp_end && next + group_elems <= wp_end ? next : nullptr;
     switch (tiles - tile0 < kNT ? tiles - tile0 : kNT) {
-      case 4: rows_kernel<4, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
+      case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
+      default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
     }
   }
 }

@@ -151,42 +151,63 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
 #endif
 }
 
-// out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out: columns are computed 2048 at a time
-// into a buffer that stays in cache, and each row keeps its first maximum (a NaN wins, as in torch's argmax).
+// out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out. Each thread takes a contiguous range
+// of columns and computes it 240 columns at a time into a buffer that stays in cache, keeping each row's first
+// maximum (a NaN wins, as in torch's argmax); the threads' winners are merged at the end.
 // kind 0: W packed by pagoda_pack_bf16; 4 / 8: block-quantized as for pagoda_quant_gemm. -1 if not built.
 int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t* out,
                          int num_threads) {
 #if defined(__AVX512BF16__)
-  constexpr int64_t kChunk = 2048;  // 64 rows x 2048 float32 = 512 KiB
-  std::vector<float> buf(static_cast<size_t>(m * kChunk));
-  std::vector<float> best(static_cast<size_t>(m), -INFINITY);
-  std::vector<int64_t> where(static_cast<size_t>(m), -1);
+  if (kind != 0 && kind != 4 && kind != 8) return -1;
+  constexpr int64_t kCols = 5 * kNT * kTile;  // 240 columns: whole micro-kernel tile groups
+  const int64_t slices = (n + kCols - 1) / kCols;
+  std::vector<float> best(static_cast<size_t>(num_threads * m), -INFINITY);
+  std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t cols = n - c0 < kChunk ? n - c0 : kChunk;
-    const int64_t tile0 = c0 / 16;
-    if (kind == 0) {
-      const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
-      gemm_packed<true>(buf.data(), cols, xb, wb, nullptr, m, cols, k, num_threads);
-    } else {
-      const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
-      const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * (k / kGroup) * block;
-      if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, num_threads);
-      else if (kind == 8) quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, num_threads);
-      else return -1;
-    }
-    for (int64_t r = 0; r < m; ++r) {
-      if (where[r] >= 0 && best[r] != best[r]) continue;  // already a NaN: it stays
-      const float* row = buf.data() + r * cols;
-      const int64_t i = argmax_f32(row, cols);
-      const bool nan = row[i] != row[i];
-      if (where[r] < 0 || nan || row[i] > best[r]) {
-        best[r] = row[i];
-        where[r] = c0 + i;
+  const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(static_cast<size_t>(m * kCols));
+    float* tb = best.data() + omp_get_thread_num() * m;
+    int64_t* tw = where.data() + omp_get_thread_num() * m;
+#pragma omp for schedule(static)
+    for (int64_t sl = 0; sl < slices; ++sl) {
+      const int64_t c0 = sl * kCols, cols = n - c0 < kCols ? n - c0 : kCols, tile0 = c0 / kTile;
+      if (kind == 0) {
+        const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
+        gemm_packed_serial<true>(buf.data(), cols, xb, wb, m, cols, k, w_end);
+      } else {
+        const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
+        const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * (k / kGroup) * block;
+        if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1);
+        else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        if (tw[r] >= 0 && tb[r] != tb[r]) continue;  // already a NaN: it stays
+        const float* row = buf.data() + r * cols;
+        const int64_t i = argmax_f32(row, cols);
+        if (tw[r] < 0 || row[i] != row[i] || row[i] > tb[r]) {
+          tb[r] = row[i];
+          tw[r] = c0 + i;
+        }
       }
     }
   }
-  for (int64_t r = 0; r < m; ++r) out[r] = where[r] < 0 ? 0 : where[r];
+  for (int64_t r = 0; r < m; ++r) {  // first NaN, else the largest value at its first index
+    int64_t at = -1;
+    float v = 0.f;
+    for (int t = 0; t < num_threads; ++t) {
+      const int64_t i = where[t * m + r];
+      if (i < 0) continue;
+      const float b = best[t * m + r];
+      const bool nan = b != b, cur_nan = at >= 0 && v != v;
+      if (at < 0 || (nan && (!cur_nan || i < at)) || (!nan && !cur_nan && (b > v || (b == v && i < at)))) {
+        at = i;
+        v = b;
+      }
+    }
+    out[r] = at < 0 ? 0 : at;
+  }
   return 0;
 #else
   (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads;
