@@ -1,4 +1,5 @@
-"""The native prefill attention and KV-cache write against float64 maths and torch's own bf16 SDPA."""
+"""The native prefill attention and KV-cache write against float64 maths and torch's own bf16 SDPA; the
+kernels' dynamic scheduling."""
 
 from __future__ import annotations
 
@@ -100,3 +101,25 @@ def test_write_kv_equals_index_copy(dtype):
     expected[0].view(-1, 3, 64).index_copy_(0, slots, key)
     expected[1].view(-1, 3, 64).index_copy_(0, slots, value)
     assert torch.equal(key_cache, expected)
+
+
+def test_dynamic_schedule_gives_the_same_numbers():
+    """The server hands kernel tasks out dynamically; every task computes the same numbers either way."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 576, generator=g).bfloat16()
+    weight = cpu_ops.pack_weight(torch.randn(1000, 576, generator=g).bfloat16())
+    norm_weight = torch.randn(576, generator=g).bfloat16()
+
+    def run():
+        return (cpu_ops.packed_linear(x, weight), cpu_ops.linear_argmax(x, weight),
+                cpu_ops.rms_norm(x, norm_weight, 1e-5, x), cpu_ops.silu_and_mul(x))
+
+    static = run()
+    cpu.set_dynamic_schedule(True)
+    try:
+        dynamic = run()
+    finally:
+        cpu.set_dynamic_schedule(False)
+    for a, b in zip(static, dynamic):
+        for ta, tb in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(ta, tb)

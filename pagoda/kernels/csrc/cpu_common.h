@@ -15,6 +15,22 @@ namespace {
 
 typedef uint16_t bf16_t;
 
+}  // namespace
+
+// Work-sharing loops over independent tasks use schedule(runtime), set by use_schedule() at each kernel entry
+// (dynamic_chunk: iterations claimed at a time, enough to outweigh the claim itself):
+// static (a fixed share per thread, the fastest on idle cores) unless pagoda_set_dynamic_schedule(1) was called.
+// A server's HTTP threads share the cores with the compute threads; there a thread preempted in the middle of a
+// static loop holds up the whole step, while with dynamic scheduling the others take its remaining tasks.
+extern "C" int pagoda_dynamic_schedule;
+
+namespace {
+
+inline void use_schedule(int dynamic_chunk = 1) {
+  if (pagoda_dynamic_schedule) omp_set_schedule(omp_sched_dynamic, dynamic_chunk);
+  else omp_set_schedule(omp_sched_static, 0);
+}
+
 inline float bf16_to_f32(bf16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;

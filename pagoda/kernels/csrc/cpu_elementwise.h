@@ -25,10 +25,11 @@ template <> inline __m512 round_like<bf16_t>(__m512 v) { return _mm512_castsi512
 template <typename T>
 void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows, int64_t hidden,
               float eps, int num_threads) {
+  use_schedule(8);
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> buf(hidden);
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * hidden;
       float sq = 0.f;
@@ -73,7 +74,8 @@ void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* w
 // out [rows, inter] = silu(x[:, :inter]) * x[:, inter:]
 template <typename T>
 void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  use_schedule(8);
+#pragma omp parallel for num_threads(num_threads) schedule(runtime)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = x + r * 2 * inter;
     const T* u = g + inter;
@@ -101,7 +103,8 @@ template <typename T>
 void rope(T* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_size, const float* cos, const float* sin,
           int64_t rot_dim, int num_threads) {
   const int64_t half = rot_dim / 2;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  use_schedule(8);
+#pragma omp parallel for num_threads(num_threads) schedule(runtime)
   for (int64_t t = 0; t < tokens; ++t) {
     const float* c = cos + t * rot_dim;
     const float* s = sin + t * rot_dim;

@@ -111,7 +111,8 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
   const int64_t esz = F32Out ? 4 : 2;
   // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
   // of rows at a time.
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  use_schedule();
+#pragma omp parallel for num_threads(num_threads) schedule(runtime)
   for (int64_t task = 0; task < mblocks * groups; ++task) {
     const int64_t mb = task / groups, g = task % groups;
     const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
@@ -240,7 +241,8 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
       xsum[r * groups + g] = s;
     }
   const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  use_schedule();
+#pragma omp parallel for num_threads(num_threads) schedule(runtime)
   for (int64_t task = 0; task < mblocks * tiles; ++task) {
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;

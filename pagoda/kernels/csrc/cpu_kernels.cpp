@@ -10,6 +10,11 @@
 
 extern "C" {
 
+int pagoda_dynamic_schedule = 0;
+
+// 1: kernels share their tasks out dynamically (see use_schedule); 0: statically (the default).
+void pagoda_set_dynamic_schedule(int on) { pagoda_dynamic_schedule = on ? 1 : 0; }
+
 int pagoda_kernels_abi_version() { return 8; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
@@ -165,12 +170,13 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
+  use_schedule();
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> buf(static_cast<size_t>(m * kCols));
     float* tb = best.data() + omp_get_thread_num() * m;
     int64_t* tw = where.data() + omp_get_thread_num() * m;
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
     for (int64_t sl = 0; sl < slices; ++sl) {
       const int64_t c0 = sl * kCols, cols = n - c0 < kCols ? n - c0 : kCols, tile0 = c0 / kTile;
       if (kind == 0) {
@@ -183,10 +189,11 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
         else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1);
       }
       for (int64_t r = 0; r < m; ++r) {
-        if (tw[r] >= 0 && tb[r] != tb[r]) continue;  // already a NaN: it stays
+        if (tw[r] >= 0 && tb[r] != tb[r] && tw[r] < c0) continue;  // a NaN in an earlier column: it stays
         const float* row = buf.data() + r * cols;
         const int64_t i = argmax_f32(row, cols);
-        if (tw[r] < 0 || row[i] != row[i] || row[i] > tb[r]) {
+        // Slices may come in any order (dynamic schedule): ties go to the lower column.
+        if (tw[r] < 0 || row[i] != row[i] || row[i] > tb[r] || (row[i] == tb[r] && c0 + i < tw[r])) {
           tb[r] = row[i];
           tw[r] = c0 + i;
         }
