@@ -202,7 +202,10 @@ class IncrementalDetokenizer:
             new_token_ids = new_token_ids[:-1]
         if self._deferred:
             if self.skip_special_tokens:
-                self._pending.extend(t for t in new_token_ids if t not in self._special_ids)
+                special = self._special_ids
+                for t in new_token_ids:  # usually one token: a loop is cheaper than a generator here
+                    if t not in special:
+                        self._pending.append(t)
             else:
                 self._pending.extend(new_token_ids)
             return ""

@@ -133,6 +133,9 @@ class ModelRunner:
         # Requests that are not plain one-sample generation (pooling, prompt logprobs, about to fork): while there
         # are none, a step skips the passes over the batch that look for them.
         self._unusual: set[str] = set()
+        # Requests whose sampling is not plain greedy (see SamplingRequestState.is_plain_greedy): while there are
+        # none, a step needs no pass over the batch to know that the LM head's argmax is all it needs.
+        self._not_plain_greedy: set[str] = set()
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
 
@@ -167,6 +170,8 @@ class ModelRunner:
             sampling = [self._sampling_state(new.params, prompt, outputs)]
         if len(sampling) != 1 or new.params.prompt_logprobs is not None:
             self._unusual.add(new.request_id)
+        if not all(s.is_plain_greedy for s in sampling):
+            self._not_plain_greedy.add(new.request_id)
         self.states[new.request_id] = RunnerRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens,
                                                          new.params, list(new.block_ids), new.num_computed_tokens,
                                                          sampling, new.token_type_ids,
@@ -180,6 +185,7 @@ class ModelRunner:
         for rid in sched.finished_request_ids:
             state = self.states.pop(rid, None)
             self._unusual.discard(rid)
+            self._not_plain_greedy.discard(rid)
             if state is not None:
                 self.block_rows.release(state.block_row)
         for new in sched.new_requests:
@@ -247,7 +253,8 @@ class ModelRunner:
         if sample_states:
             sample_hidden = hidden if rows is None else hidden[torch.from_numpy(rows).to(self.device)]
             greedy = None
-            if self.greedy_head and all(s.is_plain_greedy for s in sample_states):
+            if self.greedy_head and ((usual and not self._not_plain_greedy)
+                                     or all(s.is_plain_greedy for s in sample_states)):
                 # Only the argmax is needed: the LM head may find it without writing the logits out.
                 greedy = self.model.compute_greedy(sample_hidden)
             if greedy is not None:
@@ -286,6 +293,8 @@ class ModelRunner:
             if len(state.sampling) > 1:  # forked: each sample becomes a request of its own
                 for index, sampling in enumerate(state.sampling):
                     child_id = child_request_id(state.request_id, index)
+                    if not sampling.is_plain_greedy:
+                        self._not_plain_greedy.add(child_id)
                     self.states[child_id] = RunnerRequestState(
                         child_id, state.token_ids + [sampling.output_token_ids[-1]], state.num_prompt_tokens,
                         sampling.params, list(state.block_ids), state.num_computed_tokens, [sampling],

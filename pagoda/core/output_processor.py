@@ -121,7 +121,9 @@ class OutputProcessor:
                 sample.finish_reason, sample.stop_reason = decision.finish_reason, decision.stop_reason
                 finishes.append((request.request_id, _STATUS[decision.finish_reason]))
                 decided.add(user_id)
-            touched[user_id] = state
+                touched[user_id] = state
+            elif state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                touched[user_id] = state  # final-only requests have nothing to say until a sample finishes
         outputs = []
         for user_id, state in touched.items():
             finished = user_id in decided and state.finished  # finishing takes a decision in this step
@@ -129,7 +131,7 @@ class OutputProcessor:
                 state.metrics.finished_time = now
                 del states[user_id]
             elif state.params.output_kind == RequestOutputKind.FINAL_ONLY:
-                continue  # nothing to say until it finishes
+                continue  # another sample is still running
             output = self._make_output(state, finished)
             if output is not None:
                 outputs.append(output)
