@@ -314,7 +314,7 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
                             _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
     }
-    gemm_packed_serial<true>(w.s.data(), kChunk, w.q.data(), w.kp.data(), R, nk, D);
+    gemm_packed_serial_f32_by4(w.s.data(), kChunk, w.q.data(), w.kp.data(), R, nk, D);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t pos = pos0 + q0 + r / G;
       const int64_t hi = std::min<int64_t>(nk, pos - c0 + 1);
@@ -323,12 +323,17 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
       std::memset(pr, 0, nk2 * sizeof(bf16_t));
       if (hi <= lo) continue;  // nothing visible to this row in this chunk
       float* sr = w.s.data() + r * kChunk;
-      float mx = -INFINITY;
-      for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, sr[j] * scale);
+      // Row maximum (of the scaled scores) over the visible columns.
+      __m512 mxv = _mm512_set1_ps(-INFINITY);
+      int64_t j = lo;
+      for (; j + 16 <= hi; j += 16) mxv = _mm512_max_ps(mxv, _mm512_loadu_ps(sr + j));
+      float mx = _mm512_reduce_max_ps(mxv);
+      for (; j < hi; ++j) mx = std::max(mx, sr[j]);
+      mx *= scale;  // scale > 0: the maximum of the scaled scores
       const float mnew = std::max(w.m[r], mx);
       const float alpha = std::exp(w.m[r] - mnew);  // 0 for the first visible chunk (m = -inf)
       float sum = 0.f;
-      int64_t j = lo;
+      j = lo;
       const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(mnew);
       __m512 acc = _mm512_setzero_ps();
       for (; j + 16 <= hi; j += 16) {
@@ -345,10 +350,13 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
       w.l[r] = w.l[r] * alpha + sum;
       w.m[r] = mnew;
       if (alpha != 1.f)
-        for (int64_t d = 0; d < D; ++d) w.o[r * D + d] *= alpha;
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(w.o.data() + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(w.o.data() + r * D + d),
+                                                                  _mm512_set1_ps(alpha)));
     }
-    gemm_packed_serial<true>(w.tmp.data(), D, w.p.data(), w.vp.data(), R, D, nk2);
-    for (int64_t i = 0; i < R * D; ++i) w.o[i] += w.tmp[i];
+    gemm_packed_serial_f32_by4(w.tmp.data(), D, w.p.data(), w.vp.data(), R, D, nk2);
+    for (int64_t i = 0; i < R * D; i += 16)
+      _mm512_storeu_ps(w.o.data() + i, _mm512_add_ps(_mm512_loadu_ps(w.o.data() + i), _mm512_loadu_ps(w.tmp.data() + i)));
   }
   for (int64_t r = 0; r < R; ++r) {
     bf16_t* o = out + (q0 + r / G) * num_heads * D + (kvh * G + r % G) * D;

@@ -66,11 +66,12 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
   }
 }
 
-template <int NT, bool F32Out>
+// Rows of x in passes of MR (kMR, or 6 with groups of 4 tiles: 24 accumulators either way).
+template <int NT, bool F32Out, int MR = kMR>
 inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp,
                         int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead) {
   const int64_t esz = F32Out ? 4 : 2;
-  const int64_t passes = (rows + kMR - 1) / kMR;
+  const int64_t passes = (rows + MR - 1) / MR;
   const int64_t group_bytes = NT * packed_k2(k) * kTile * 2 * 2;
   const int64_t slice = ((group_bytes / passes) + 63) / 64 * 64;
   int64_t r = 0, pass = 0;
@@ -79,8 +80,8 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
     const int64_t left = group_bytes - i * slice;
     return ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : 0;
   };
-  for (; r + kMR <= rows; r += kMR, ++pass)
-    micro_kernel<kMR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
+  for (; r + MR <= rows; r += MR, ++pass)
+    micro_kernel<MR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
                                   ahead_at(pass), ahead_len(pass));
   char* yr = static_cast<char*>(y) + r * ldy * esz;
   const bf16_t* xr = x + r * k;
@@ -145,6 +146,21 @@ void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp,
       case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
       case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
       default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
+    }
+  }
+}
+
+// The same for small operands whose column count is usually a multiple of 64 (attention: head sizes, chunks of
+// keys): groups of 4 tiles in passes of 6 rows, so no group is left with a lone, broadcast-bound tile.
+inline void gemm_packed_serial_f32_by4(float* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m,
+                                       int64_t n, int64_t k) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  for (int64_t tile0 = 0; tile0 < tiles; tile0 += 4) {
+    switch (tiles - tile0 < 4 ? tiles - tile0 : 4) {
+      case 4: rows_kernel<4, true, 6>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      case 3: rows_kernel<3, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      case 2: rows_kernel<2, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
+      default: rows_kernel<1, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
     }
   }
 }
