@@ -5,3 +5,4 @@
 #include "cpu_attention.h"
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
+#include "cpu_prefill_attention.h"
