@@ -15,6 +15,18 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _paged_cache_rows(key_cache: torch.Tensor, value_cache: torch.Tensor, head_size: int) -> bool:
+    """Whether the paged caches [blocks, block_size, kv_heads, d] keep each token's heads in one contiguous row,
+    with the same strides for keys and values: the layout the native attention kernels address."""
+    return (key_cache.stride(2) == head_size and key_cache.stride(3) == 1
+            and value_cache.stride() == key_cache.stride())
+
+
+def _table_ok(block_table: torch.Tensor) -> bool:
+    """An int32 block table whose rows may be strided but hold their entries contiguously."""
+    return block_table.dtype == torch.int32 and block_table.stride(1) == 1
+
+
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      sliding_window: int | None) -> torch.Tensor | None:
@@ -30,8 +42,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         return None
     n, heads, d = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
-    if (key_cache.stride(2) != d or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride()
-            or block_table.dtype != torch.int32 or block_table.stride(1) != 1 or seq_lens.dtype != torch.int32):
+    if not (_paged_cache_rows(key_cache, value_cache, d) and _table_ok(block_table) and seq_lens.dtype == torch.int32):
         return None
     query = query.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -40,8 +51,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                               block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(), n, heads,
                               kv_heads, d, block_size, key_cache.stride(0), key_cache.stride(1), scale,
                               sliding_window or 0, _threads())
-    if rc != 0:
-        raise RuntimeError(f"pagoda_decode_attention failed with code {rc}")
+    _check(rc, "pagoda_decode_attention")
     return out
 
 
@@ -61,9 +71,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         return None
     tokens, heads, d = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
-    if (query.stride(2) != 1 or query.stride(1) != d or key_cache.stride(2) != d or key_cache.stride(3) != 1
-            or value_cache.stride() != key_cache.stride() or block_table.dtype != torch.int32
-            or block_table.stride(1) != 1 or query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32):
+    if (query.stride(2) != 1 or query.stride(1) != d or not _paged_cache_rows(key_cache, value_cache, d)
+            or not _table_ok(block_table) or query_start_loc.dtype != torch.int32 or seq_lens.dtype != torch.int32):
         return None
     query_start_loc = query_start_loc.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -90,7 +99,7 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     for t in (key, value):
         if t.stride(2) != 1 or t.stride(1) != d:
             return False
-    if key_cache.stride(2) != d or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
+    if not _paged_cache_rows(key_cache, value_cache, d):
         return False
     slot_mapping = slot_mapping.contiguous()
     esz = key.element_size()

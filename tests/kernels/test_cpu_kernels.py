@@ -266,3 +266,9 @@ def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
         tied = cpu_ops.pack_weight(w)
         ones = torch.ones(rows, k).bfloat16()
         assert (cpu_ops.linear_argmax(ones, tied) == 100).all()
+        # NaN columns win over any number, the first NaN among them (torch's argmax)
+        w[[4500, 3000], 1] = float("nan")
+        with_nan = cpu_ops.pack_weight(w)
+        assert (cpu_ops.linear_argmax(ones, with_nan) == 3000).all()
+        assert torch.equal(cpu_ops.packed_linear(ones, with_nan, float_output=True).argmax(-1),
+                           cpu_ops.linear_argmax(ones, with_nan))

@@ -7,6 +7,21 @@
 
 namespace {
 
+// Stores token t's key and value rows (row_bytes each, rows key_stride / value_stride bytes apart) in cache slot
+// slot_mapping[t]: row s % block_size of block s / block_size (block_stride, token_stride: bytes).
+inline void write_kv_rows(void* k_cache, void* v_cache, const void* key, int64_t key_stride, const void* value,
+                          int64_t value_stride, const int64_t* slot_mapping, int64_t tokens, int64_t row_bytes,
+                          int64_t block_size, int64_t block_stride, int64_t token_stride, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 64)
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;  // padding
+    const int64_t at = (slot / block_size) * block_stride + (slot % block_size) * token_stride;
+    std::memcpy(static_cast<char*>(k_cache) + at, static_cast<const char*>(key) + t * key_stride, row_bytes);
+    std::memcpy(static_cast<char*>(v_cache) + at, static_cast<const char*>(value) + t * value_stride, row_bytes);
+  }
+}
+
 // One sequence of a decode batch: every query head attends to the sequence's cached tokens, read in place from
 // the paged cache through the block table. A token's keys (and values) for all kv heads are one contiguous row,
 // so the sequence is read as a few long runs with the next rows prefetched: the kernel is bound by how fast the

@@ -80,12 +80,9 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
     // q and k heads sit side by side in each row: one rotary pass over both.
     rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
                  static_cast<const float*>(sin), p.rot_dim, num_threads);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t slot = slot_mapping[t];
-      const int64_t at = (slot / p.block_size) * p.block_stride + (slot % p.block_size) * p.token_stride;
-      std::memcpy(L.k_cache + at, qkv + t * qkv_n + q_size, sizeof(bf16_t) * kv_size);
-      std::memcpy(L.v_cache + at, qkv + t * qkv_n + q_size + kv_size, sizeof(bf16_t) * kv_size);
-    }
+    const int64_t e = sizeof(bf16_t);
+    write_kv_rows(L.k_cache, L.v_cache, qkv + q_size, qkv_n * e, qkv + q_size + kv_size, qkv_n * e, slot_mapping,
+                  tokens, kv_size * e, p.block_size, p.block_stride * e, p.token_stride * e, num_threads);
     decode_attention<bf16_t>(attn, qkv, L.k_cache, L.v_cache, block_table, table_stride, seq_lens, tokens,
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
                              p.token_stride, p.scale, p.window, num_threads, qkv_n);

@@ -132,35 +132,25 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
   }
 }
 
-// y [m, n] = x [m, k] . packed weights, on the calling thread (for kernels that parallelise over other work).
-// With wp_end (the end of the packed matrix wp points into), each tile group prefetches the next group's weights.
-template <bool F32Out>
+// y [m, n] = x [m, k] . packed weights, on the calling thread (for kernels that parallelise over other work), in
+// column groups of GroupTiles tiles: kNT (8-row passes), or 4 (6-row passes) for small operands whose column count
+// is usually a multiple of 64 (attention: head sizes, chunks of keys), so no group is left with a lone,
+// broadcast-bound tile. With wp_end (the end of the packed matrix wp points into), each tile group prefetches the
+// next group's weights.
+template <bool F32Out, int GroupTiles = kNT>
 void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m, int64_t n, int64_t k,
                         const bf16_t* wp_end = nullptr) {
+  static_assert(GroupTiles >= 1 && GroupTiles <= 4, "micro-kernels exist for 1 to 4 tiles");
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t group_elems = kNT * packed_k2(k) * kTile * 2;
-  for (int64_t tile0 = 0; tile0 < tiles; tile0 += kNT) {
-    const bf16_t* next = wp + (tile0 + kNT) * packed_k2(k) * kTile * 2;
+  const int64_t group_elems = GroupTiles * packed_k2(k) * kTile * 2;
+  for (int64_t tile0 = 0; tile0 < tiles; tile0 += GroupTiles) {
+    const bf16_t* next = wp + (tile0 + GroupTiles) * packed_k2(k) * kTile * 2;
     const bf16_t* ahead = wp_end && next + group_elems <= wp_end ? next : nullptr;
-    switch (tiles - tile0 < kNT ? tiles - tile0 : kNT) {
+    switch (tiles - tile0 < GroupTiles ? tiles - tile0 : GroupTiles) {
+      case 4: rows_kernel<4, F32Out, 6>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
       case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
       case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
       default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
-    }
-  }
-}
-
-// The same for small operands whose column count is usually a multiple of 64 (attention: head sizes, chunks of
-// keys): groups of 4 tiles in passes of 6 rows, so no group is left with a lone, broadcast-bound tile.
-inline void gemm_packed_serial_f32_by4(float* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m,
-                                       int64_t n, int64_t k) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  for (int64_t tile0 = 0; tile0 < tiles; tile0 += 4) {
-    switch (tiles - tile0 < 4 ? tiles - tile0 : 4) {
-      case 4: rows_kernel<4, true, 6>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      case 3: rows_kernel<3, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      case 2: rows_kernel<2, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
-      default: rows_kernel<1, true, 8>(m, y, ldy, x, k, wp, tile0, n, nullptr, nullptr); break;
     }
   }
 }
@@ -283,6 +273,16 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
   }
 }
 #endif  // __AVX512BF16__
+
+// Whether the value v at index i comes before (best, at) in torch's argmax order: a NaN before any number, the
+// lower index among NaNs and among equal values, else the larger value. at < 0: nothing yet.
+inline bool argmax_before(float v, int64_t i, float best, int64_t at) {
+  if (at < 0) return true;
+  const bool nan = v != v, best_nan = best != best;
+  if (nan != best_nan) return nan;
+  if (nan || v == best) return i < at;
+  return v > best;
+}
 
 // First index of the row's maximum; NaN counts as the maximum (torch's rule).
 inline int64_t argmax_f32(const float* x, int64_t n) {

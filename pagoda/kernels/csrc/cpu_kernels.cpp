@@ -49,18 +49,12 @@ int pagoda_prefill_attention(void* out, const void* q, int64_t q_stride, const v
 }
 
 // Writes token t's key and value rows (row_bytes each, rows key_stride / value_stride bytes apart) to the cache
-// slot slot_mapping[t]: slot s is row s % block_size of block s / block_size (strides in bytes).
+// slot slot_mapping[t]: see write_kv_rows.
 void pagoda_write_kv(void* k_cache, void* v_cache, const void* key, int64_t key_stride, const void* value,
                      int64_t value_stride, const int64_t* slot_mapping, int64_t tokens, int64_t row_bytes,
                      int64_t block_size, int64_t block_stride, int64_t token_stride, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 64)
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;  // padding
-    const int64_t at = (slot / block_size) * block_stride + (slot % block_size) * token_stride;
-    std::memcpy(static_cast<char*>(k_cache) + at, static_cast<const char*>(key) + t * key_stride, row_bytes);
-    std::memcpy(static_cast<char*>(v_cache) + at, static_cast<const char*>(value) + t * value_stride, row_bytes);
-  }
+  write_kv_rows(k_cache, v_cache, key, key_stride, value, value_stride, slot_mapping, tokens, row_bytes, block_size,
+                block_stride, token_stride, num_threads);
 }
 
 int pagoda_rms_norm(int dtype, void* out, void* residual_out, const void* x, const void* residual, const void* weight,
@@ -188,29 +182,24 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
         if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1);
         else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1);
       }
-      for (int64_t r = 0; r < m; ++r) {
-        if (tw[r] >= 0 && tb[r] != tb[r] && tw[r] < c0) continue;  // a NaN in an earlier column: it stays
+      for (int64_t r = 0; r < m; ++r) {  // slices may come in any order (dynamic schedule)
         const float* row = buf.data() + r * cols;
         const int64_t i = argmax_f32(row, cols);
-        // Slices may come in any order (dynamic schedule): ties go to the lower column.
-        if (tw[r] < 0 || row[i] != row[i] || row[i] > tb[r] || (row[i] == tb[r] && c0 + i < tw[r])) {
+        if (argmax_before(row[i], c0 + i, tb[r], tw[r])) {
           tb[r] = row[i];
           tw[r] = c0 + i;
         }
       }
     }
   }
-  for (int64_t r = 0; r < m; ++r) {  // first NaN, else the largest value at its first index
+  for (int64_t r = 0; r < m; ++r) {  // the threads' winners, in the same order
     int64_t at = -1;
     float v = 0.f;
     for (int t = 0; t < num_threads; ++t) {
       const int64_t i = where[t * m + r];
-      if (i < 0) continue;
-      const float b = best[t * m + r];
-      const bool nan = b != b, cur_nan = at >= 0 && v != v;
-      if (at < 0 || (nan && (!cur_nan || i < at)) || (!nan && !cur_nan && (b > v || (b == v && i < at)))) {
+      if (i >= 0 && argmax_before(best[t * m + r], i, v, at)) {
         at = i;
-        v = b;
+        v = best[t * m + r];
       }
     }
     out[r] = at < 0 ? 0 : at;

@@ -67,7 +67,7 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
                             _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
     }
-    gemm_packed_serial_f32_by4(w.s.data(), kChunk, w.q.data(), w.kp.data(), R, nk, D);
+    gemm_packed_serial<true, 4>(w.s.data(), kChunk, w.q.data(), w.kp.data(), R, nk, D);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t pos = pos0 + q0 + r / G;
       const int64_t hi = std::min<int64_t>(nk, pos - c0 + 1);
@@ -107,7 +107,7 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
           _mm512_storeu_ps(w.o.data() + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(w.o.data() + r * D + d),
                                                                   _mm512_set1_ps(alpha)));
     }
-    gemm_packed_serial_f32_by4(w.tmp.data(), D, w.p.data(), w.vp.data(), R, D, nk2);
+    gemm_packed_serial<true, 4>(w.tmp.data(), D, w.p.data(), w.vp.data(), R, D, nk2);
     for (int64_t i = 0; i < R * D; i += 16)
       _mm512_storeu_ps(w.o.data() + i, _mm512_add_ps(_mm512_loadu_ps(w.o.data() + i), _mm512_loadu_ps(w.tmp.data() + i)));
   }
