@@ -1,4 +1,5 @@
-// Paged decode attention (one query row per sequence) over the KV cache, read in place through the block table.
+// Paged attention over the KV cache, read in place through the block table: decode (one query row per sequence), and
+// the writes of new key and value rows.
 #pragma once
 
 #include <type_traits>
