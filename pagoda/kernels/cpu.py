@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 8
+ABI_VERSION = 9
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -82,9 +82,6 @@ class CpuKernels:
         lib.pagoda_write_kv.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_int64,
                                         c_int64, c_int64, c_int64, c_int64, c_int]
         self.write_kv = lib.pagoda_write_kv
-        lib.pagoda_set_dynamic_schedule.restype = None
-        lib.pagoda_set_dynamic_schedule.argtypes = [c_int]
-        self.set_dynamic_schedule = lib.pagoda_set_dynamic_schedule
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope
@@ -154,14 +151,6 @@ def kernels() -> CpuKernels | None:
 def unavailable_reason() -> str | None:
     kernels()
     return _state.get("reason")  # type: ignore[return-value]
-
-
-def set_dynamic_schedule(on: bool) -> None:
-    """Have the kernels hand their tasks to threads as they come free (``on``) instead of a fixed share each:
-    slower by a little on idle cores, much faster when other processes or threads take turns on them."""
-    lib = kernels()
-    if lib is not None:
-        lib.set_dynamic_schedule(1 if on else 0)
 
 
 def _load() -> tuple[CpuKernels | None, str | None]:

@@ -49,14 +49,6 @@ class CpuPlatform(Platform):
         if threads:
             torch.set_num_threads(threads)
 
-    @classmethod
-    def prepare_for_serving(cls) -> None:
-        # The event loop and the clients take turns on the compute threads' cores: a statically scheduled kernel
-        # waits for whichever thread was preempted, so the native kernels hand their tasks out dynamically.
-        from pagoda.kernels import cpu
-
-        cpu.set_dynamic_schedule(True)
-
 
 @hookimpl
 def pagoda_register_platforms():

@@ -80,11 +80,6 @@ class Platform(ABC):
         """Make ``index`` the current device of this process."""
 
     @classmethod
-    def prepare_for_serving(cls) -> None:
-        """Called once by the API server before its engine starts: from then on the HTTP threads (and, often,
-        the clients) share the host with the engine."""
-
-    @classmethod
     def seed_everything(cls, seed: int | None) -> None:
         """Seed every random generator the platform uses."""
         if seed is not None:

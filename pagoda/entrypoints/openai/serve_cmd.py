@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(names, str):
         names = [names]
     names = list(names or [engine.model_config.served_model_name])
-    engine.config.platform.prepare_for_serving()
     async_engine = AsyncEngine(engine)
     async_engine.metrics = ServerMetrics(names[0], lambda: async_engine.stats)
     config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,

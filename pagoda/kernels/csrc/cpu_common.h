@@ -1,6 +1,8 @@
-// Helpers shared by the kernel headers: bf16 conversion, 16-lane loads and stores, exp, softmax, dot.
+// Helpers shared by the kernel headers: work sharing between threads, bf16 conversion, 16-lane loads and stores,
+// exp, softmax, dot.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -15,20 +17,71 @@ namespace {
 
 typedef uint16_t bf16_t;
 
-}  // namespace
+// Work sharing for loops over independent tasks: each thread of the team owns a contiguous share of the tasks (the
+// split of OpenMP's static schedule) and runs it in order, so a kernel can prefetch the data of its own next task;
+// a thread whose share is done then takes the others' remaining tasks, one at a time from the end of their shares.
+// On idle cores that is a static schedule; where a server's HTTP threads preempt a compute thread, the others finish
+// its share instead of waiting for it at the end of the loop.
+class TaskShares {
+ public:
+  TaskShares(int64_t tasks, int parts) : parts_(parts > 0 ? parts : 1), shares_(new Share[parts_]) {
+    const int64_t q = tasks / parts_, r = tasks % parts_;
+    int64_t begin = 0;
+    for (int t = 0; t < parts_; ++t) {
+      const int64_t end = begin + q + (t < r ? 1 : 0);
+      shares_[t].range.store(pack(begin, end), std::memory_order_relaxed);
+      begin = end;
+    }
+  }
+  ~TaskShares() { delete[] shares_; }
+  TaskShares(const TaskShares&) = delete;
+  TaskShares& operator=(const TaskShares&) = delete;
 
-// Work-sharing loops over independent tasks use schedule(runtime), set by use_schedule() at each kernel entry
-// (dynamic_chunk: iterations claimed at a time, enough to outweigh the claim itself):
-// static (a fixed share per thread, the fastest on idle cores) unless pagoda_set_dynamic_schedule(1) was called.
-// A server's HTTP threads share the cores with the compute threads; there a thread preempted in the middle of a
-// static loop holds up the whole step, while with dynamic scheduling the others take its remaining tasks.
-extern "C" int pagoda_dynamic_schedule;
+  // The next task for thread t (its own share first, then the others'), or -1 when none is left.
+  int64_t next(int t) {
+    if (t < parts_) {
+      const int64_t own = claim(t, true);
+      if (own >= 0) return own;
+    }
+    for (int i = 1; i <= parts_; ++i) {
+      const int64_t stolen = claim((t + i) % parts_, false);
+      if (stolen >= 0) return stolen;
+    }
+    return -1;
+  }
 
-namespace {
+ private:
+  // [begin, end) in one word, so the owner (from the front) and the others (from the back) claim with one CAS.
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+  };
+  static uint64_t pack(int64_t begin, int64_t end) {
+    return static_cast<uint64_t>(begin) | (static_cast<uint64_t>(end) << 32);
+  }
+  int64_t claim(int s, bool front) {
+    uint64_t cur = shares_[s].range.load(std::memory_order_relaxed);
+    while (true) {
+      const int64_t begin = static_cast<int64_t>(cur & 0xffffffffu), end = static_cast<int64_t>(cur >> 32);
+      if (begin >= end) return -1;
+      const uint64_t want = front ? pack(begin + 1, end) : pack(begin, end - 1);
+      if (shares_[s].range.compare_exchange_weak(cur, want, std::memory_order_relaxed)) return front ? begin : end - 1;
+    }
+  }
+  int parts_;
+  Share* shares_;
+};
 
-inline void use_schedule(int dynamic_chunk = 1) {
-  if (pagoda_dynamic_schedule) omp_set_schedule(omp_sched_dynamic, dynamic_chunk);
-  else omp_set_schedule(omp_sched_static, 0);
+// body(task) for every task in [0, tasks) on num_threads threads, shared out as TaskShares describes.
+template <class Body>
+inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
+  if (tasks <= 0) return;
+  if (num_threads > tasks) num_threads = static_cast<int>(tasks);
+  TaskShares shares(tasks, num_threads);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    for (int64_t task; (task = shares.next(t)) >= 0;) body(task);
+  }
 }
 
 inline float bf16_to_f32(bf16_t v) {

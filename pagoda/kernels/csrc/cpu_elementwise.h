@@ -7,8 +7,18 @@ namespace {
 
 // ---- Elementwise layers ------------------------------------------------------------------------------------------
 // torch's bf16 CPU kernels for these run at a few hundred million elements per second; at prefill sizes they cost
-// more than the attention. Each is one pass, float32 inside, one rounding on output.
+// more than the attention. Each is one pass, float32 inside, one rounding on output, with the rows shared out
+// between the threads kRowChunk at a time (enough to outweigh claiming them).
+constexpr int64_t kRowChunk = 8;
 
+// body(r) for every row r in [0, rows).
+template <class Body>
+inline void share_rows(int64_t rows, int num_threads, const Body& body) {
+  share_tasks((rows + kRowChunk - 1) / kRowChunk, num_threads, [&](int64_t chunk) {
+    const int64_t end = (chunk + 1) * kRowChunk < rows ? (chunk + 1) * kRowChunk : rows;
+    for (int64_t r = chunk * kRowChunk; r < end; ++r) body(r);
+  });
+}
 
 // The value as the reference implementation holds it between two bf16 operations (identity for float32).
 template <typename T> inline float load_rounded(float v) { return v; }
@@ -25,12 +35,10 @@ template <> inline __m512 round_like<bf16_t>(__m512 v) { return _mm512_castsi512
 template <typename T>
 void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows, int64_t hidden,
               float eps, int num_threads) {
-  use_schedule(8);
-#pragma omp parallel num_threads(num_threads)
-  {
+  share_tasks((rows + kRowChunk - 1) / kRowChunk, num_threads, [&](int64_t chunk) {
     std::vector<float> buf(hidden);
-#pragma omp for schedule(runtime)
-    for (int64_t r = 0; r < rows; ++r) {
+    const int64_t end = (chunk + 1) * kRowChunk < rows ? (chunk + 1) * kRowChunk : rows;
+    for (int64_t r = chunk * kRowChunk; r < end; ++r) {
       const T* xr = x + r * hidden;
       float sq = 0.f;
       int64_t i = 0;
@@ -68,15 +76,13 @@ void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* w
 #endif
       for (; i < hidden; ++i) store(o, i, load_rounded<T>(buf[i] * inv) * load(weight, i));
     }
-  }
+  });
 }
 
 // out [rows, inter] = silu(x[:, :inter]) * x[:, inter:]
 template <typename T>
 void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threads) {
-  use_schedule(8);
-#pragma omp parallel for num_threads(num_threads) schedule(runtime)
-  for (int64_t r = 0; r < rows; ++r) {
+  share_rows(rows, num_threads, [&](int64_t r) {
     const T* g = x + r * 2 * inter;
     const T* u = g + inter;
     T* o = out + r * inter;
@@ -93,7 +99,7 @@ void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threa
       const float gv = load(g, i);
       store(o, i, gv / (1.f + std::exp(-gv)) * load(u, i));
     }
-  }
+  });
 }
 
 // Rotate-half rotary embedding in place on x [tokens, heads, head_size] (rows row_stride apart), first rot_dim
@@ -103,9 +109,7 @@ template <typename T>
 void rope(T* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_size, const float* cos, const float* sin,
           int64_t rot_dim, int num_threads) {
   const int64_t half = rot_dim / 2;
-  use_schedule(8);
-#pragma omp parallel for num_threads(num_threads) schedule(runtime)
-  for (int64_t t = 0; t < tokens; ++t) {
+  share_rows(tokens, num_threads, [&](int64_t t) {
     const float* c = cos + t * rot_dim;
     const float* s = sin + t * rot_dim;
     for (int64_t h = 0; h < heads; ++h) {
@@ -124,7 +128,7 @@ void rope(T* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_
         store(v, half + i, b * load(c, half + i) + a * load(s, half + i));
       }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -112,15 +112,13 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
   const int64_t esz = F32Out ? 4 : 2;
   // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
   // of rows at a time.
-  use_schedule();
-#pragma omp parallel for num_threads(num_threads) schedule(runtime)
-  for (int64_t task = 0; task < mblocks * groups; ++task) {
+  share_tasks(mblocks * groups, num_threads, [&](int64_t task) {
     const int64_t mb = task / groups, g = task % groups;
     const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
     const int64_t tile0 = g * kNT, nt = (tiles - tile0) < kNT ? (tiles - tile0) : kNT;
     void* yb = static_cast<char*>(y) + r0 * ldy * esz;
     const bf16_t* xb = x + r0 * k;
-    // With a static schedule this thread's next task is usually the next group: prefetch its weights (a full
+    // This thread's next task is usually the next one of its share, the next group: prefetch its weights (a full
     // group of kNT tiles is valid memory whenever a next group exists).
     const bf16_t* ahead = g + 1 < groups ? wp + (tile0 + kNT) * packed_k2(k) * kTile * 2 : nullptr;
     switch (nt) {
@@ -129,7 +127,7 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
       case 2: rows_kernel<2, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
       default: rows_kernel<1, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
     }
-  }
+  });
 }
 
 // y [m, n] = x [m, k] . packed weights, on the calling thread (for kernels that parallelise over other work), in
@@ -247,9 +245,7 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
       xsum[r * groups + g] = s;
     }
   const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
-  use_schedule();
-#pragma omp parallel for num_threads(num_threads) schedule(runtime)
-  for (int64_t task = 0; task < mblocks * tiles; ++task) {
+  share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
     const uint8_t* tile = packed + t * tile_bytes;
@@ -270,7 +266,7 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
       case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
       default: break;
     }
-  }
+  });
 }
 #endif  // __AVX512BF16__
 

@@ -10,12 +10,7 @@
 
 extern "C" {
 
-int pagoda_dynamic_schedule = 0;
-
-// 1: kernels share their tasks out dynamically (see use_schedule); 0: statically (the default).
-void pagoda_set_dynamic_schedule(int on) { pagoda_dynamic_schedule = on ? 1 : 0; }
-
-int pagoda_kernels_abi_version() { return 8; }
+int pagoda_kernels_abi_version() { return 9; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -164,14 +159,14 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
-  use_schedule();
+  TaskShares shares(slices, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
+    const int t = omp_get_thread_num();
     std::vector<float> buf(static_cast<size_t>(m * kCols));
-    float* tb = best.data() + omp_get_thread_num() * m;
-    int64_t* tw = where.data() + omp_get_thread_num() * m;
-#pragma omp for schedule(runtime)
-    for (int64_t sl = 0; sl < slices; ++sl) {
+    float* tb = best.data() + t * m;
+    int64_t* tw = where.data() + t * m;
+    for (int64_t sl; (sl = shares.next(t)) >= 0;) {
       const int64_t c0 = sl * kCols, cols = n - c0 < kCols ? n - c0 : kCols, tile0 = c0 / kTile;
       if (kind == 0) {
         const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
@@ -182,7 +177,7 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
         if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1);
         else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1);
       }
-      for (int64_t r = 0; r < m; ++r) {  // slices may come in any order (dynamic schedule)
+      for (int64_t r = 0; r < m; ++r) {  // a thread may also take slices of others' shares
         const float* row = buf.data() + r * cols;
         const int64_t i = argmax_f32(row, cols);
         if (argmax_before(row[i], c0 + i, tb[r], tw[r])) {
