@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-log-len must be >= 0, got {args.max_log_len}")
     chat_template = _read_chat_template(args.chat_template)
     engine_args = EngineArgs.from_cli_args(args)
-    engine = LLMEngine.from_engine_args(engine_args)
+    async_engine = AsyncEngine.build(lambda: LLMEngine.from_engine_args(engine_args))
+    engine = async_engine.engine
 
     names = engine_args.served_model_name
     if isinstance(names, str):
         names = [names]
     names = list(names or [engine.model_config.served_model_name])
-    async_engine = AsyncEngine(engine)
     async_engine.metrics = ServerMetrics(names[0], lambda: async_engine.stats)
     config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,
                           log_requests=not args.disable_log_requests, api_key=args.api_key or envs.api_key(),
