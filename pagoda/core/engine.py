@@ -207,6 +207,24 @@ class LLMEngine:
             ids = [rid] + [child_request_id(rid, i) for i in range(num)] if num > 1 else [rid]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
+    def warm_up(self, prompt_len: int = 128) -> None:
+        """Generate two tokens for one prompt of ``prompt_len`` token ids and forget it (prefix cache and counters
+        included), so that the first user request does not pay the one-time costs of the first step: first kernel
+        calls, buffers and their page faults (on the CPU, a first 128-token step took 270 ms instead of 90).
+        The server calls it on its engine thread before accepting requests; pooling models skip it."""
+        if self.model_config.task != "generate" or self.has_unfinished_requests():
+            return
+        length = max(1, min(prompt_len, self.model_config.max_model_len - 2,
+                            self.config.scheduler.max_num_batched_tokens))
+        vocab = max(self.model_config.vocab_size, 2)
+        counters = self.prompt_tokens_total, self.generation_tokens_total
+        self.add_request("pagoda-warm-up", {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(length)]},
+                         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.kv_cache.pool.reset_prefix_cache()
+        self.prompt_tokens_total, self.generation_tokens_total = counters
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
