@@ -75,6 +75,10 @@ class TaskShares {
 template <class Body>
 inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
   if (tasks <= 0) return;
+  if (num_threads <= 1) {  // e.g. a kernel run per task inside another's parallel loop: no team, no shares
+    for (int64_t task = 0; task < tasks; ++task) body(task);
+    return;
+  }
   if (num_threads > tasks) num_threads = static_cast<int>(tasks);
   TaskShares shares(tasks, num_threads);
 #pragma omp parallel num_threads(num_threads)

@@ -232,18 +232,32 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   }
 }
 
-template <int Bits, bool F32Out>
-void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads) {
-  const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
-  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
-  const int64_t esz = F32Out ? 4 : 2;
-  std::vector<float> xsum(static_cast<size_t>(m * groups));  // sum of x per (row, group), for the offsets
+// The sum of x [m, k] over each group of kGroup columns, per row ([m, k / kGroup]): what the offsets multiply.
+inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k) {
+  const int64_t groups = k / kGroup;
+  std::vector<float> xsum(static_cast<size_t>(m * groups));
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
       for (int64_t i = 0; i < kGroup; ++i) s += bf16_to_f32(x[r * k + g * kGroup + i]);
       xsum[r * groups + g] = s;
     }
+  return xsum;
+}
+
+// y [m, n] = x . W^T for W packed as above; xsum: group_sums(x, m, k), for callers that run several column ranges
+// of one x (computed here when null).
+template <int Bits, bool F32Out>
+void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads,
+                const float* xsum = nullptr) {
+  const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
+  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t esz = F32Out ? 4 : 2;
+  std::vector<float> own;
+  if (xsum == nullptr) {
+    own = group_sums(x, m, k);
+    xsum = own.data();
+  }
   const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
   share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
     const int64_t mb = task / tiles, t = task % tiles;
@@ -251,11 +265,11 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     const uint8_t* tile = packed + t * tile_bytes;
     int64_t r = mb * kBlockM;
     for (; r + kQMR <= r_end; r += kQMR)
-      quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum.data() + r * groups,
+      quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum + r * groups,
                                      k, tile, t * 16, n);
     char* yr = static_cast<char*>(y) + r * n * esz;
     const bf16_t* xr = x + r * k;
-    const float* sr = xsum.data() + r * groups;
+    const float* sr = xsum + r * groups;
     switch (r_end - r) {
       case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
       case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;

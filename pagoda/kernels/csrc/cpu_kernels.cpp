@@ -159,6 +159,7 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
+  const std::vector<float> xsum = kind == 0 ? std::vector<float>() : group_sums(xb, m, k);  // once, not per slice
   TaskShares shares(slices, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
@@ -174,8 +175,8 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
       } else {
         const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
         const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * (k / kGroup) * block;
-        if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1);
-        else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1);
+        if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1, xsum.data());
+        else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1, xsum.data());
       }
       for (int64_t r = 0; r < m; ++r) {  // a thread may also take slices of others' shares
         const float* row = buf.data() + r * cols;
