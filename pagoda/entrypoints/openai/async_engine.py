@@ -148,28 +148,28 @@ class AsyncEngine:
     def build(cls, make_engine: Callable[[], Any], metrics: ServerMetrics | None = None) -> AsyncEngine:
         """Call ``make_engine()`` on a new engine thread, which then waits for :meth:`start` to run the engine
         there (see the module docstring for why); its exceptions are raised here."""
-        self = cls(None, metrics)
+        async_engine = cls(None, metrics)
         built = threading.Event()
-        self._go = threading.Event()
+        async_engine._go = threading.Event()
         failure: list[BaseException] = []
 
         def main() -> None:
             try:
-                self.engine = make_engine()
+                async_engine.engine = make_engine()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 failure.append(exc)
                 return
             finally:
                 built.set()
-            self._go.wait()
-            self._run()
+            async_engine._go.wait()
+            async_engine._run()
 
-        self._thread = threading.Thread(target=main, name="pagoda-engine", daemon=True)
-        self._thread.start()
+        async_engine._thread = threading.Thread(target=main, name="pagoda-engine", daemon=True)
+        async_engine._thread.start()
         built.wait()
         if failure:
             raise failure[0]
-        return self
+        return async_engine
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:

@@ -31,7 +31,7 @@ int pagoda_decode_attention(int dtype, void* out, const void* q, const void* k_c
   return 0;
 }
 
-// Causal prefill attention (bf16): see prefill_attention in cpu_attention.h. query_start_loc int32 [num_seqs + 1]
+// Causal prefill attention (bf16): see prefill_attention in cpu_prefill_attention.h. query_start_loc int32 [num_seqs + 1]
 // (tokens of q and out), seq_lens int32 [num_seqs]. Returns -1 where the kernel does not apply.
 int pagoda_prefill_attention(void* out, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
                              const int32_t* block_table, int64_t table_stride, const int32_t* query_start_loc,
