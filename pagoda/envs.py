@@ -49,6 +49,11 @@ def cpu_kernels_enabled() -> bool:
     return _get("PAGODA_CPU_KERNELS", "1") not in ("0", "false", "False")
 
 
+def op_impl() -> str | None:
+    """PAGODA_OP_IMPL: forced op implementations, ``op=impl[|impl...],...`` (``--op-impl`` overrides it per op)."""
+    return _get("PAGODA_OP_IMPL")
+
+
 def cache_root() -> str:
     """PAGODA_CACHE_ROOT: where compiled kernels are kept (default ``~/.cache/pagoda``)."""
     return _get("PAGODA_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "pagoda")

@@ -18,6 +18,8 @@ from pagoda.attention_backends import AttentionConfig, select_attention_backend
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.model_files import resolve_model_path
 from pagoda.logger import init_logger
+from pagoda.models.interface import PagodaModel
+from pagoda.ops import OpSet, select_ops
 from pagoda.platforms import Platform, resolve_platform
 from pagoda.plugins.registry import Registry, get_registry
 
@@ -113,6 +115,7 @@ class EngineConfig:
     max_logprobs: int
     disable_log_stats: bool
     registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
+    ops: OpSet = field(repr=False, default=None)  # type: ignore[assignment]  # one implementation per op
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
@@ -140,6 +143,7 @@ class EngineConfig:
             sliding_window=model_config.sliding_window, is_encoder=model_config.is_encoder_only,
         )
         backend = select_attention_backend(platform, attention, args.attention_backend, registry)
+        ops = select_ops(platform, model_config.dtype, args.op_impl, registry)
         return cls(
             model=model_config,
             cache=CacheConfig(args.block_size, args.enable_prefix_caching, args.gpu_memory_utilization,
@@ -149,7 +153,7 @@ class EngineConfig:
                                       args.enable_chunked_prefill),
             platform=platform, attention_backend=backend, attention=attention, seed=args.seed,
             cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
-            disable_log_stats=args.disable_log_stats, registry=registry,
+            disable_log_stats=args.disable_log_stats, registry=registry, ops=ops,
         )
 
 
@@ -202,7 +206,7 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         override_generation_config=dict(args.override_generation_config or {}),
         served_model_name=served or (model or os.path.basename(path)), task=task,
         skip_tokenizer_init=args.skip_tokenizer_init,
-        is_encoder_only=bool(getattr(model_cls, "is_encoder_only", False)),
+        is_encoder_only=model_cls.is_encoder_only,
         override_pooler_config=dict(args.override_pooler_config or {}),
     )
 
@@ -214,7 +218,10 @@ def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[s
     if not architectures:
         raise ValueError("the model config has no 'architectures'; can't tell which model to build")
     model_cls = registry.get_model_class(architectures)
-    supported = tuple(getattr(model_cls, "supported_tasks", ("generate",)))
+    if not (isinstance(model_cls, type) and issubclass(model_cls, PagodaModel)):
+        raise TypeError(f"model class {model_cls!r} for {architectures[0]} must derive from "
+                        "pagoda.models.interface.PagodaModel")
+    supported = tuple(model_cls.supported_tasks)
     task = supported[0] if requested == "auto" else requested
     if task not in supported:
         raise ValueError(f"task: {architectures[0]} can't do {requested!r}; it supports {', '.join(supported)}")
@@ -264,9 +271,9 @@ def _resolve_max_model_len(requested: int | None, text_config: Any, model_cls: t
     """The context length: the model's, capped by what its class can take and by a sentence-transformers
     ``max_seq_length``; a larger request is an error."""
     derived = getattr(text_config, "max_position_embeddings", None) or 2048
-    limit = getattr(model_cls, "max_model_len_limit", None)
+    limit = model_cls.max_model_len_limit(text_config)
     if limit is not None:
-        derived = min(derived, limit(text_config))
+        derived = min(derived, limit)
     st_config = os.path.join(path, "sentence_bert_config.json") if os.path.isdir(path) else None
     if st_config and os.path.exists(st_config):
         with open(st_config) as f:

@@ -69,6 +69,12 @@ class LLMEngine:
                     config.attention_backend.name, num_blocks, config.cache.block_size,
                     num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
 
+    @property
+    def pooler(self) -> Any:
+        """The model's pooling head (``check(params, task)`` validates a request for it); None for generative
+        models."""
+        return self.runner.model.get_pooler()
+
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(EngineConfig.from_engine_args(args))

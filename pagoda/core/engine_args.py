@@ -43,6 +43,7 @@ class EngineArgs:
     cpu_offload_gb: float = 0
     device: str = "auto"
     attention_backend: str | None = None
+    op_impl: str | None = None
     quantization: str | None = None
     enforce_eager: bool = False
     generation_config: str = "auto"
@@ -66,6 +67,10 @@ class EngineArgs:
         def bad(name: str, message: str) -> None:
             raise ValueError(f"{name}: {message}")
 
+        if self.op_impl is not None:
+            from pagoda.ops import parse_op_impl
+
+            parse_op_impl(self.op_impl)  # malformed entries are an error naming the field
         if self.task not in TASKS:
             bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
@@ -169,6 +174,8 @@ _HELP = {
     "cpu_offload_gb": "GiB of weights kept in host memory and streamed to the device each forward pass",
     "device": "platform to run on (auto = the available one with the highest priority)",
     "attention_backend": "attention backend name (overrides VLLM_ATTENTION_BACKEND)",
+    "op_impl": "op implementations to use, OP=IMPL[|IMPL...],... in priority order (overrides PAGODA_OP_IMPL op "
+               "by op; `pagoda env` lists ops and implementations)",
     "quantization": "weight quantization method (default: from the checkpoint)",
     "enforce_eager": "never capture graphs or compile",
     "generation_config": GENERATION_CONFIG_HELP,

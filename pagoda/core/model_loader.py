@@ -3,6 +3,11 @@
 The model class comes from the registry (by ``architectures``), the per-layer weight storage from the
 quantization method, and the tensors from either a Hugging Face directory or a ``CheckpointFormat`` such as
 GGUF, which yields Hugging Face names so every model loads every format the same way.
+
+The model is built on the device it runs on, so weights are created where they will live and loaded straight
+into place; only then does each quantization method's ``process_weights_after_loading`` run — on that device —
+handing the weights to the engine's ops (a GPU format repacks on its GPU, the CPU GEMMs repack in host memory).
+With ``--cpu-offload-gb`` the model is built in host memory and placed by the offloader before that step.
 """
 
 from __future__ import annotations
@@ -15,11 +20,17 @@ from torch import nn
 from pagoda.core.config import EngineConfig
 from pagoda.core.model_files import iter_hf_weights
 from pagoda.logger import init_logger
+from pagoda.ops import current_ops, use_ops
 
 logger = init_logger(__name__)
 
 
 def load_model(config: EngineConfig) -> nn.Module:
+    with use_ops(config.ops or current_ops()):  # layers and quantization methods take their ops from it
+        return _load_model(config)
+
+
+def _load_model(config: EngineConfig) -> nn.Module:
     start = time.perf_counter()
     mc = config.model
     registry = config.registry
@@ -29,7 +40,8 @@ def load_model(config: EngineConfig) -> nn.Module:
     model_cls = registry.get_model_class(architectures)
     quant_config = registry.get_quantization_method(mc.quantization).from_config(mc.quantization_config)
     device = config.platform.device()
-    with torch.device("cpu"):
+    build_device = torch.device("cpu") if config.cpu_offload_gb else device
+    with torch.device(build_device):
         model = model_cls(model_config=mc, quant_config=quant_config, attn_backend=config.attention_backend,
                           attn_config=config.attention)
     if mc.load_format == "dummy":
@@ -39,17 +51,15 @@ def load_model(config: EngineConfig) -> nn.Module:
                    else iter_hf_weights(mc.path, mc.load_format))
         loaded = model.load_weights(weights)
         _check_all_loaded(model, loaded, mc.path)
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None:
-            method.process_weights_after_loading(module)
     if config.cpu_offload_gb:
         from pagoda.platforms.offload import offload_parameters  # device platforms only (checked in config)
 
         # Places the model itself: everything on the device except the offloaded modules' weights.
         offload_parameters(model, int(config.cpu_offload_gb * (1 << 30)), device)
-    else:
-        model = model.to(device)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     model.eval()
     logger.info("loaded %s (%s, %s, %s) in %.1f s", mc.model, architectures[0], str(mc.dtype).removeprefix("torch."),
                 mc.quantization, time.perf_counter() - start)

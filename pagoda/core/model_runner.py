@@ -19,6 +19,8 @@ from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
+from pagoda.models.interface import PagodaModel
+from pagoda.ops import current_ops, use_ops
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
@@ -105,11 +107,11 @@ class BlockTableRows:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: Any, num_blocks: int, eos_token_ids: set[int],
+    def __init__(self, config: EngineConfig, model: PagodaModel, num_blocks: int, eos_token_ids: set[int],
                  bad_words_encoder: Any = None) -> None:
         self.config = config
         self.model = model
-        self.greedy_head = hasattr(model, "compute_greedy")  # models that can argmax without full logits
+        self.greedy_head = True  # all-greedy steps ask the model's compute_greedy first (tests switch it off)
         self.device = config.platform.device()
         self.block_size = config.cache.block_size
         self.eos_token_ids = eos_token_ids
@@ -126,8 +128,14 @@ class ModelRunner:
             self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
             for cache in self.kv_caches:
                 cache[:, 0] = 0  # block tables are padded with block 0
-        self.uses_token_type_ids = bool(getattr(model, "uses_token_type_ids", False))
-        self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
+        self.uses_token_type_ids = model.uses_token_type_ids
+        with use_ops(config.ops or current_ops()):
+            self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
+        # The platform may take over whole decode steps (the CPU's counterpart of CUDA-graph capture).
+        stack = None if mc.is_encoder_only else model.decoder_stack()
+        self.fused_decode = (config.platform.fused_decode(stack, config.ops, self.kv_caches)
+                             if stack is not None and config.ops is not None else None)
+        model.use_fused_decode(self.fused_decode)
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
         # Requests that are not plain one-sample generation (pooling, prompt logprobs, about to fork): while there
@@ -310,7 +318,7 @@ class ModelRunner:
         if not pooling:
             return
         slices = [hidden[int(query_start_loc[i]):int(query_start_loc[i + 1])] for i in pooling]
-        results = self.model.pooler(slices, [states[i].params for i in pooling],
+        results = self.model.get_pooler()(slices, [states[i].params for i in pooling],
                                     [states[i].token_ids for i in pooling])
         for i, result in zip(pooling, results):
             out.pooled[states[i].request_id] = result.float().cpu()

@@ -24,7 +24,7 @@ PACKAGES = ("pagoda-llm", "torch", "transformers", "tokenizers", "safetensors", 
             "flash-attn", "flashinfer-python", "xformers", "torch-xla", "intel-extension-for-pytorch", "fastapi",
             "openai")
 ENV_VARS = ("VLLM_PLUGINS", "VLLM_ATTENTION_BACKEND", "VLLM_CPU_KVCACHE_SPACE", "PAGODA_CPU_THREADS",
-            "PAGODA_CPU_KERNELS", "PAGODA_CACHE_ROOT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK")
+            "PAGODA_CPU_KERNELS", "PAGODA_OP_IMPL", "PAGODA_CACHE_ROOT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK")
 DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-heads", type=int, default=32, help="query heads for backend checks (default: 32)")
     parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads for backend checks (default: 8)")
     parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size for backend checks")
+    parser.add_argument("--op-impl", default=None,
+                        help="op implementations to force, OP=IMPL[|IMPL...],... (as the engine flag)")
     parser.set_defaults(func=run)
 
 
@@ -110,19 +112,27 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                          "status": p.status, "error": p.error, "provides": list(p.provides)} for p in registry.plugins]
     facts["plugin_allow_list"] = envs.plugins_allow_list()
     facts["models"] = sorted(registry.models)
-    facts["cpu_kernels"] = _cpu_kernels()
+    facts["ops"] = _ops(chosen, DTYPE_NAMES[args.dtype] or (chosen.default_dtype(torch.bfloat16) if chosen else None),
+                        args.op_impl, registry)
     return facts
 
 
-def _cpu_kernels() -> dict[str, Any]:
-    """The native CPU kernels: built (and which) or why not. Building them here is what a first model run does."""
-    from pagoda.kernels import cpu
+def _ops(platform, dtype, forced: str | None, registry) -> dict[str, Any]:
+    """Each op's chosen implementation for ``platform`` and ``dtype``, and why every other one was passed over.
+    Probing an implementation is what a first model run does (the CPU kernels are built here if they must be)."""
+    from pagoda.ops import select_ops
 
-    lib = cpu.kernels()
-    if lib is None:
-        return {"status": "unavailable", "reason": cpu.unavailable_reason(), "library": None}
-    return {"status": "available", "reason": None, "library": lib.lib._name,
-            "packed_bf16_gemm": lib.has_packed_bf16}
+    if platform is None:
+        return {"dtype": None, "choices": [], "error": "no platform"}
+    name = str(dtype).removeprefix("torch.")
+    try:
+        ops = select_ops(platform, dtype, forced, registry)
+    except (ValueError, RuntimeError) as exc:
+        return {"dtype": name, "choices": [], "error": str(exc)}
+    choices = [{"op": c.op, "chosen": c.chosen, "forced": c.forced,
+                "passed_over": [{"impl": impl, "reason": why} for impl, why in c.passed_over],
+                "plugin": registry.owner_of(f"op:{c.op}", c.chosen)} for c in ops.choices.values()]
+    return {"dtype": name, "choices": choices, "error": None}
 
 
 def format_text(facts: dict[str, Any]) -> str:
@@ -137,6 +147,10 @@ def format_text(facts: dict[str, Any]) -> str:
     for p in facts["platforms"]:
         status = p["status"] if p["reason"] is None else f"{p['status']}: {p['reason']}"
         add(f"  {p['name']:<12} priority {p['priority']:>4}  {status}")
+        if p.get("cpu"):
+            add(f"  {'':<12} {p['cpu']}; {' '.join(p.get('isa') or []) or 'no AVX-512/AMX'}")
+        if p.get("native_kernels"):
+            add(f"  {'':<12} native kernels: {p['native_kernels']}")
     add("")
     cfg = facts.get("attention_config")
     if cfg:
@@ -148,12 +162,15 @@ def format_text(facts: dict[str, Any]) -> str:
     for b in facts["attention_backends"]:
         mark = "*" if b["name"] == facts.get("attention_backend") else " "
         add(f" {mark}{b['name']:<12} {b['status']}" + (f": {'; '.join(b['reasons'])}" if b["reasons"] else ""))
-    kern = facts["cpu_kernels"]
-    if kern["status"] == "available":
-        gemm = "with" if kern["packed_bf16_gemm"] else "without (no AVX512-BF16)"
-        add(f"Native CPU kernels: available, {gemm} the bf16/GGUF matmuls  ({kern['library']})")
-    else:
-        add(f"Native CPU kernels: unavailable: {kern['reason']}")
+    add("")
+    ops = facts["ops"]
+    add(f"Ops (for {ops['dtype']}; force with --op-impl / PAGODA_OP_IMPL):")
+    if ops["error"]:
+        add(f"  error: {ops['error']}")
+    for c in ops["choices"]:
+        add(f"  {c['op']:<24} {c['chosen']}" + ("  (forced)" if c["forced"] else ""))
+        for other in c["passed_over"]:
+            add(f"  {'':<24}   not {other['impl']}: {other['reason']}")
     add("")
     add("Quantization methods:")
     for q in facts["quantization_methods"]:

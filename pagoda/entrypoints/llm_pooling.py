@@ -91,7 +91,7 @@ class LLMPoolingMixin:
             if len(given) != len(prompt_list):
                 raise ValueError(f"pooling_params: got {len(given)} for {len(prompt_list)} prompts; give one, or "
                                  "one per prompt")
-        pooler = self.llm_engine.runner.model.pooler
+        pooler = self.llm_engine.pooler
         params_list = []
         for params in given:
             params = params.clone()

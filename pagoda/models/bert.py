@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.interface import PagodaModel
 from pagoda.models.layers import Attention, Linear, VocabEmbedding
 from pagoda.models.pooler import ClassifierPooler, EmbeddingPooler, resolve_pooler_config
 from pagoda.quantization.interface import QuantizationConfig
@@ -149,7 +150,7 @@ class TanhClassificationHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(pooled)))
 
 
-class BertEmbeddingModel(nn.Module):
+class BertEmbeddingModel(PagodaModel):
     """``BertModel`` as an embedding model: CLS pooling + normalization unless its sentence-transformers
     config says otherwise (vLLM's defaults)."""
 

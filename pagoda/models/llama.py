@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
-from pagoda.models.cpu_decode import FusedDecode, fused_decode_for
-from pagoda.models.layers import Attention, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding, silu_and_mul
+from pagoda.models.interface import DecoderLayerSpec, DecoderStack, PagodaModel
+from pagoda.models.layers import Attention, GatedActivation, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
@@ -52,16 +53,14 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
                  bias: bool) -> None:
         super().__init__()
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported by the Llama implementation (only silu)")
+        self.act = GatedActivation(getattr(config, "hidden_act", "silu"))
         inter = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, quant_config, f"{prefix}.gate_up_proj",
                                    dtype)
         self.down_proj = Linear(inter, [config.hidden_size], bias, quant_config, f"{prefix}.down_proj", dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -100,18 +99,38 @@ class LlamaModel(nn.Module):
                               self.rotary, sliding_window)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        # Decode steps may run the whole layer stack in one native call (see cpu_decode.py); off for tests that
-        # compare against the per-op path.
-        self.fused_steps = True
+        self.attn_backend = backend.name
+        # A platform's fused decode step (Platform.fused_decode), set by the runner once the KV caches exist.
+        self.fused_decode = None
+
+    def decoder_stack(self) -> DecoderStack | None:
+        """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
+        layers = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [m.quant_method.kernel(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                          mlp.down_proj)]
+            if any(k is None for k in linears):
+                return None
+            layers.append(DecoderLayerSpec(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                           *linears, attn.attn.impl.sliding_window))
+        first = self.layers[0]
+        attn = first.self_attn
+        epsilons = {n.eps for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
+        if len(epsilons) != 1:
+            return None
+        return DecoderStack("llama", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,
+                            attn.head_size, first.mlp.gate_up_proj.output_sizes[0], self.rotary.rotary_dim,
+                            epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend,
+                            self.rotary.lookup, current_ops())
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         hidden = self.embed_tokens(input_ids)
-        if self.fused_steps and FusedDecode.applies(metadata, hidden.shape[0]):
-            fused = fused_decode_for(self, kv_caches, hidden)
-            if fused is not None:
-                hidden, residual = fused.run(hidden, positions, metadata)
-                hidden, _ = self.norm(hidden, residual)
-                return hidden
+        fused = self.fused_decode
+        if fused is not None and fused.applies(metadata, hidden.shape[0]):
+            hidden, residual = fused.run(hidden, positions, metadata)
+            hidden, _ = self.norm(hidden, residual)
+            return hidden
         residual = None
         rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -120,7 +139,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(PagodaModel):
     """Llama-family causal LM. Subclasses only change which projections carry a bias."""
 
     # checkpoint name → (our parameter, shard index)
@@ -142,6 +161,7 @@ class LlamaForCausalLM(nn.Module):
                                 model_config.max_model_len, model_config.sliding_window)
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
                         VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
+        self.lm_head.use_as_lm_head()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any) -> torch.Tensor:
@@ -156,6 +176,12 @@ class LlamaForCausalLM(nn.Module):
         """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel allows (else
         None)."""
         return self.lm_head.greedy(hidden)
+
+    def decoder_stack(self) -> DecoderStack | None:
+        return self.model.decoder_stack()
+
+    def use_fused_decode(self, step) -> None:
+        self.model.fused_decode = step
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name; returns the names of the parameters that were loaded."""

@@ -9,7 +9,7 @@ priority order, the KV-cache budget and device set-up.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,6 +74,23 @@ class Platform(ABC):
             return int((cpu_kvcache_space_gib if cpu_kvcache_space_gib is not None else 4.0) * (1 << 30))
         budget = int(cls.total_memory_bytes() * gpu_memory_utilization) - model_bytes
         return max(budget, 0)
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        """What op implementations may require of this platform (CPU ISA flags, a GPU's ``sm_XY``, …)."""
+        return frozenset()
+
+    @classmethod
+    def fused_decode(cls, stack: Any, ops: Any, kv_caches: list[Any]) -> Any | None:
+        """A fused decode step for a model's declared layer stack, or ``None`` to decline.
+
+        ``stack`` is the model's :class:`~pagoda.models.interface.DecoderStack` (weights as the chosen ops' handles,
+        norms, rotary table), ``ops`` the engine's :class:`~pagoda.ops.OpSet`. The returned object has
+        ``applies(metadata, num_tokens)`` and ``run(hidden, positions, metadata) -> (hidden, residual)`` and takes
+        the whole layer loop of the steps it applies to — what CUDA-graph capture is on a GPU. Called once the
+        KV caches exist; the default declines.
+        """
+        return None
 
     @classmethod
     def set_device(cls, index: int = 0) -> None:

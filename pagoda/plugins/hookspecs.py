@@ -20,6 +20,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from pagoda.attention_backends.interface import AttentionBackend
+    from pagoda.ops.interface import OpImpl
     from pagoda.platforms.interface import Platform
     from pagoda.quantization.interface import QuantizationConfig
 
@@ -56,6 +57,17 @@ def pagoda_register_quantization_methods() -> list[type[QuantizationConfig]]:
 
     The config's ``name`` is what users pass as ``--quantization`` and what checkpoints name in
     ``quantization_config.quant_method``.
+    """
+
+
+@hookspec
+def pagoda_register_ops() -> list[type[OpImpl]]:
+    """Return :class:`~pagoda.ops.interface.OpImpl` subclasses: implementations of named ops (``rms_norm``,
+    ``linear_dense``, ``paged_decode_attention``, …; :data:`pagoda.ops.interface.OPS`).
+
+    Each declares the op, its own name, the platforms and capabilities it needs and a priority; the engine picks
+    one per op for the resolved platform (``pagoda env`` shows the choice). Import kernel libraries lazily, from
+    the implementation's methods or its ``check``, so registering never fails because one is missing.
     """
 
 

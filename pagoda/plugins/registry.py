@@ -44,6 +44,7 @@ class Registry:
         self.attention_backends: dict[str, type] = {}
         self.quantization_methods: dict[str, type] = {}
         self.models: dict[str, type] = {}
+        self.ops: dict[str, dict[str, type]] = {}  # op name → implementation name → class
         self._owner: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ loading
@@ -98,6 +99,7 @@ class Registry:
                 "attention_backend": pm.hook.pagoda_register_attention_backends(),
                 "quantization_method": pm.hook.pagoda_register_quantization_methods(),
                 "model": pm.hook.pagoda_register_models(),
+                "op": pm.hook.pagoda_register_ops(),
             }
         except Exception as exc:
             self._fail(record, exc)
@@ -107,6 +109,9 @@ class Registry:
                 if kind == "model":
                     for arch, model_cls in dict(contributed).items():
                         self._add(record, kind, self.models, arch, model_cls)
+                elif kind == "op":
+                    for impl in contributed:
+                        self._add(record, f"op:{impl.op}", self.ops.setdefault(impl.op, {}), impl.name, impl)
                 else:
                     for item in contributed:
                         self._add(record, kind, self._table(kind), item.name, item)

@@ -4,8 +4,10 @@ A :class:`QuantizationConfig` (one per format, registered by ``pagoda_register_q
 built from a checkpoint's ``quantization_config`` (or from the file format, for GGUF) and hands each layer of
 the model its method. A :class:`LinearMethod` owns a linear layer's parameters: ``create_weights`` registers
 them on the layer, each with a ``weight_loader(param, loaded, shard_id)`` attribute the model's
-``load_weights`` calls; ``process_weights_after_loading`` repacks them for the kernel; ``apply`` computes
-``x @ W.T + b``. Linear layers never look inside.
+``load_weights`` calls; ``process_weights_after_loading`` (called once the weights are on the device they run on) hands them to the op
+that multiplies by them (``linear_dense``, ``linear_block_quant``, … from :func:`pagoda.ops.current_ops`);
+``apply`` computes ``x @ W.T + b``; ``kernel`` exposes the op and its weight handle so a platform can fuse the
+layer into a decode step (:meth:`Platform.fused_decode`). Linear layers never look inside.
 
 Merged layers (q/k/v → qkv, gate/up → gate_up) have several output shards, ``output_sizes``; the checkpoint
 holds them separately and ``shard_id`` (0, 1, 2 …) says which one a loaded tensor is.
@@ -27,11 +29,16 @@ class LinearMethod(ABC):
         """Register the layer's parameters (each with a ``weight_loader`` attribute)."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Repack loaded weights for the kernel (transpose, pack, cast …)."""
+        """Repack loaded weights for the kernel (transpose, pack, cast …), on the device they run on."""
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x`` [num_tokens, input_size] → [num_tokens, sum(output_sizes)], bias included."""
+
+    def kernel(self, layer: nn.Module) -> Any | None:
+        """The layer as a :class:`~pagoda.models.interface.LinearKernel` (op implementation, weight handle, bias)
+        when one op call computes :meth:`apply`; ``None`` when it doesn't (the layer can't be fused)."""
+        return None
 
 
 class EmbeddingMethod(ABC):

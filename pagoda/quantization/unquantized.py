@@ -1,14 +1,19 @@
-"""Plain dense weights in the model dtype (built-in plugin)."""
+"""Plain dense weights in the model dtype (built-in plugin).
+
+The arithmetic is the ``linear_dense`` op's: after loading, on the weight's device, the op's chosen
+implementation prepares its form of each weight (a repacked copy for pagoda's CPU GEMMs, oneDNN's blocked layout
+on AMX CPUs, the parameter itself for the torch reference) and every call multiplies by that.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pagoda.kernels import cpu_ops
+from pagoda.models.interface import LinearKernel
+from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 
@@ -35,20 +40,15 @@ def _sharded_loader(output_sizes: list[int]):
     return load
 
 
-def _packed(layer: nn.Module, x: torch.Tensor) -> cpu_ops.PackedWeight | None:
-    """The layer's weight packed for the native bf16 CPU GEMM, packing it on first use.
-
-    Packing waits for the first forward because only then is the weight where it will run (the loader processes
-    weights before the model moves to its device). The plain weight is dropped once packed, so the packed copy
-    costs no memory.
-    """
-    packed = getattr(layer, "packed_weight", None)
-    if packed is None and x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_ops.can_pack(layer.weight):
-        packed = layer.packed_weight = cpu_ops.pack_weight(layer.weight, getattr(layer, "bias", None))
+def _prepare(layer: nn.Module, bias: torch.Tensor | None) -> None:
+    """Hand the loaded weight to the ``linear_dense`` op; drop the parameters when the op made its own copy."""
+    op = current_ops().linear_dense
+    layer.dense_op = op
+    layer.dense_handle = op.prepare(layer.weight, bias)
+    if not op.keeps_weight:
         layer.weight = None
-        if getattr(layer, "bias", None) is not None:
+        if bias is not None:
             layer.bias = None
-    return packed
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -64,35 +64,40 @@ class UnquantizedLinearMethod(LinearMethod):
         else:
             layer.bias = None
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _prepare(layer, layer.bias)
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        packed = _packed(layer, x)
-        if packed is not None:
-            return cpu_ops.packed_linear(x, packed)
-        return F.linear(x, layer.weight, layer.bias)
+        return layer.dense_op.apply(layer.dense_handle, x)
+
+    def kernel(self, layer: nn.Module) -> LinearKernel | None:
+        return LinearKernel(layer.dense_op, layer.dense_handle)
 
 
 class UnquantizedEmbeddingMethod(EmbeddingMethod):
+    """An embedding table; when it also serves as the LM head (``layer.serves_logits``), the ``linear_dense`` op
+    holds it and serves the lookups too."""
+
     def create_weights(self, layer: nn.Module, num_embeddings: int, embedding_dim: int,
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=params_dtype), requires_grad=False)
         weight.weight_loader = default_weight_loader
         layer.register_parameter("weight", weight)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if getattr(layer, "serves_logits", False):
+            _prepare(layer, None)
+
     def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
-        packed = getattr(layer, "packed_weight", None)
-        if packed is not None:  # an LM head packed for the logits also serves the lookups
-            return packed.rows(token_ids)
-        return F.embedding(token_ids, layer.weight)
+        if hasattr(layer, "dense_handle"):
+            return layer.dense_op.rows(layer.dense_handle, token_ids)
+        return torch.nn.functional.embedding(token_ids, layer.weight)
 
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        packed = _packed(layer, hidden)
-        if packed is not None:
-            return cpu_ops.packed_linear(hidden, packed, float_output=True)
-        return F.linear(hidden, layer.weight).float()
+        return layer.dense_op.logits(layer.dense_handle, hidden)
 
     def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        packed = _packed(layer, hidden)  # an embedding table has no bias
-        return cpu_ops.linear_argmax(hidden, packed) if packed is not None else None
+        return layer.dense_op.greedy(layer.dense_handle, hidden)
 
 
 class UnquantizedConfig(QuantizationConfig):

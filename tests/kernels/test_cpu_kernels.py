@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.kernels import cpu, cpu_ops
+from pagoda.ops.reference import rotate
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"native CPU kernels: {cpu.unavailable_reason()}")
 
@@ -185,9 +186,9 @@ def test_rotary_in_place_on_a_fused_qkv_view(rotary_dim):
     qkv = torch.randn(4, (4 + 2 * 2) * 64).bfloat16()
     q = qkv[:, :256].view(4, 4, 64)
     cos, sin = rope.lookup(positions)
-    expected = rope._rotate(q.double(), cos.double(), sin.double())  # the torch path's maths, in float64
+    expected = rotate(q.double(), cos[:, None].double(), sin[:, None].double())  # the reference maths, in float64
     untouched = qkv[:, 256:].clone()
-    out = cpu_ops.rotary_(q, cos[:, 0], sin[:, 0])
+    out = cpu_ops.rotary_(q, cos, sin)
     assert out.data_ptr() == q.data_ptr()
     torch.testing.assert_close(q.double(), expected, **BF16_ROUNDING)
     assert torch.equal(qkv[:, 256:], untouched)
@@ -221,20 +222,22 @@ def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
 
 
 def test_rotary_embedding_rotates_adjacent_q_and_k_in_one_pass():
-    """``RotaryEmbedding.forward`` on q/k views of a fused QKV output (the model's case) equals the torch path."""
+    """The native rotary op on q/k views of a fused QKV output (the model's case) equals the reference maths."""
     from transformers import LlamaConfig
 
     from pagoda.models.layers import RotaryEmbedding
+    from pagoda.platforms.cpu.ops import NativeRotary
 
     rope = RotaryEmbedding(LlamaConfig(hidden_size=576, num_attention_heads=9), 64, 256, torch.bfloat16)
     qkv = torch.randn(5, (9 + 2 * 3) * 64).bfloat16()
     q, k, v = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
     q, k = q.view(5, 9, 64), k.view(5, 3, 64)
     cos, sin = rope.lookup(torch.tensor([0, 1, 7, 100, 255]))
-    expected_q = rope._rotate(q.double(), cos.double(), sin.double())
-    expected_k = rope._rotate(k.double(), cos.double(), sin.double())
+    expected_q = rotate(q.double(), cos[:, None].double(), sin[:, None].double())
+    expected_k = rotate(k.double(), cos[:, None].double(), sin[:, None].double())
     v_before = v.clone()
-    out_q, out_k = rope((cos, sin), q, k)
+    out_q, out_k = NativeRotary()(q, k, cos, sin)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()  # in place, in one call
     torch.testing.assert_close(out_q.double(), expected_q, **BF16_ROUNDING)
     torch.testing.assert_close(out_k.double(), expected_k, **BF16_ROUNDING)
     assert torch.equal(v, v_before)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                                 reason="this CPU has no AVX512-BF16: the native prefill attention is not built")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
-from pagoda.kernels import cpu
-from pagoda.quantization.gguf.kernels import NativeQuantKernel
+from pagoda.platforms.cpu.kernels import cpu
+from pagoda.quantization.gguf.kernels import BlockQuantKernel
 from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -41,9 +41,9 @@ def test_bf16_kernels_match_float32_reference_as_closely_as_transformers_bf16(sm
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     layer = llm.llm_engine.runner.model.model.layers[0].mlp.down_proj
     if checkpoint == "safetensors":
-        assert getattr(layer, "packed_weight", None) is not None, "the bf16 linear did not run on the packed kernel"
+        assert not layer.dense_op.is_reference, "the bf16 linear did not run on a native kernel"
     else:
-        assert isinstance(layer.gguf_kernels[0], NativeQuantKernel), type(layer.gguf_kernels[0])
+        assert isinstance(layer.gguf_kernels[0], BlockQuantKernel), type(layer.gguf_kernels[0])
     assert_all_blocks_free(llm)
     ours, ref32, ref16 = [], [], []
     for prompt, out in zip(prompts, outputs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
-from pagoda.kernels import cpu
+from pagoda.platforms.cpu.kernels import cpu
 from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
@@ -15,8 +15,8 @@ PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7,
 
 
 def _run(llm: LLM, fused: bool):
-    model = llm.llm_engine.runner.model.model
-    model.fused_steps = fused
+    runner = llm.llm_engine.runner
+    runner.model.use_fused_decode(runner.fused_decode if fused else None)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert_all_blocks_free(llm)
@@ -32,8 +32,7 @@ def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
               skip_tokenizer_init=kind != "gguf")
     per_op = _run(llm, fused=False)
     fused = _run(llm, fused=True)
-    plan = llm.llm_engine.runner.model.model.__dict__.get("_fused_decode")
-    assert plan is not None and plan[1] is not None, "decode steps were not fused"
+    assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
     assert fused == per_op
 
 

@@ -11,8 +11,10 @@ from torch import nn
 
 from pagoda.quantization.gguf import GGUFConfig, GGUFWeight
 from pagoda.quantization.gguf.dequant import dequantize
-from pagoda.kernels import cpu
-from pagoda.quantization.gguf.kernels import (DenseKernel, Int4AsInt8Kernel, Int4Kernel, Int8Kernel, NativeQuantKernel,
+from pagoda.ops import reference_ops, select_ops, use_ops
+from pagoda.platforms import resolve_platform
+from pagoda.platforms.cpu.kernels import cpu
+from pagoda.quantization.gguf.kernels import (DenseKernel, Int4AsInt8Kernel, Int4Kernel, Int8Kernel, BlockQuantKernel,
                                               RawKernel)
 
 from .conftest import random_blocks
@@ -23,22 +25,20 @@ EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, T
 EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int4AsInt8Kernel, T.Q4_1: Int4AsInt8Kernel,
                        T.Q4_K: Int4AsInt8Kernel}
 # bf16 with pagoda's native CPU kernels (a CPU with AVX512-BF16).
-EXPECTED_KERNEL_NATIVE = {**EXPECTED_KERNEL, T.Q4_0: NativeQuantKernel, T.Q4_1: NativeQuantKernel,
-                          T.Q4_K: NativeQuantKernel, T.Q8_0: NativeQuantKernel}
+EXPECTED_KERNEL_NATIVE = {**EXPECTED_KERNEL, T.Q4_0: BlockQuantKernel, T.Q4_1: BlockQuantKernel,
+                          T.Q4_K: BlockQuantKernel, T.Q8_0: BlockQuantKernel}
 HAS_NATIVE = bool(cpu.kernels() and cpu.kernels().has_packed_bf16)
 
 
 @pytest.fixture(params=["native", "torch"])
-def kernel_path(request, monkeypatch):
-    """bf16 weights run on pagoda's native kernels where the CPU allows, else on torch's: test both."""
+def kernel_path(request):
+    """bf16 weights run on the engine's linear_block_quant op where it has a native implementation for this CPU
+    (pagoda's AVX512-BF16 kernel), else on GGUF's torch forms: test both."""
     if request.param == "native" and not HAS_NATIVE:
         pytest.skip(f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
-    if request.param == "torch":
-        monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
-    cpu.reset_for_tests()
-    yield request.param
-    monkeypatch.undo()
-    cpu.reset_for_tests()
+    ops = select_ops(resolve_platform("cpu"), torch.bfloat16) if request.param == "native" else reference_ops()
+    with use_ops(ops):
+        yield request.param
 # Relative to sum_k |x_k| |w_nk| (the bound on any rounding error of the dot product):
 # float32: the reference is float64 of the same dequantized weights; float32 accumulation over K=512 and
 #   (int4 path) the (q-8)*scale+zero rewrite of the affine formats stay below 1e-5.

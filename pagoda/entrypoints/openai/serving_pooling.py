@@ -150,7 +150,7 @@ class OpenAIServingPooling(OpenAIServing):
     def __init__(self, engine: Any, config: Any) -> None:
         super().__init__(engine, config)
         self.task: str = self.model_config.task
-        self.pooler = getattr(engine.engine.runner.model, "pooler", None)
+        self.pooler = engine.engine.pooler
 
     def check_task(self, route: str, path: str) -> None:
         if self.task in _ROUTE_TASKS[route]:

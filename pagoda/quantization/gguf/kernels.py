@@ -3,10 +3,9 @@
 Each kernel holds one weight ``W`` [N, K] and computes ``x @ W.T`` for ``x`` [M, K] in ``x``'s dtype, and can
 gather dequantized rows (for embedding tables). Which form a type gets:
 
-- **NativeQuantKernel** (Q4_0, Q4_1, Q4_K, Q8_0; bf16 models on a CPU with AVX512-BF16): pagoda's own kernel
-  (:func:`pagoda.kernels.cpu_ops.quant_linear`), exact products of codes and bf16 activations summed in float32
-  per group of 32, then scaled. 0.75 byte per 4-bit weight (float32 scale and offset per 32), 1.0625 per
-  8-bit one (the file's float16 scale).
+- **BlockQuantKernel** (Q4_0, Q4_1, Q4_K, Q8_0, where the engine's ``linear_block_quant`` op has an
+  implementation faster than its reference for the model's dtype — pagoda's AVX512-BF16 kernel for bf16 models on
+  the CPU): the op's form of the codes with a scale (and offset) per 32 values.
 - **Int4Kernel** (Q4_0, Q4_1, Q4_K; other bf16/fp16 models): torch's int4 weight-only matmul with one (scale, zero)
   per 32 values — exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from pagoda.kernels import cpu_ops
 from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_blocks
 
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
@@ -98,35 +96,42 @@ class RawKernel(Kernel):
         return dequantize(self.raw.index_select(0, flat), self.ggml_type, dtype).reshape(*ids.shape, -1)
 
 
-class NativeQuantKernel(Kernel):
-    """4-bit (Q4_0/Q4_1/Q4_K) or 8-bit (Q8_0) codes with a float32 scale and offset per 32 values, on pagoda's
-    native bf16 CPU kernel."""
+class BlockQuantKernel(Kernel):
+    """4-bit (Q4_0/Q4_1/Q4_K) or 8-bit (Q8_0) codes with a scale (and offset) per 32 values, multiplied by the
+    ``linear_block_quant`` op."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: int):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, op):
         if ggml_type in INT4_TYPES:
             codes, scale, offset = int4_affine(raw, ggml_type)
-            self.weight = cpu_ops.pack_quantized(codes, scale, offset, 4)
+            self.handle = op.prepare(codes, scale, offset, 4)
         else:
             codes, scale, _ = int8_blocks(raw, ggml_type)
-            self.weight = cpu_ops.pack_quantized(codes, scale, None, 8)
+            self.handle = op.prepare(codes, scale, None, 8)
+        self.op = op
         self.out_features, self.in_features = codes.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"this GGUF weight was packed for bfloat16 activations, got {x.dtype}")
-        return cpu_ops.quant_linear(x, self.weight)
+        return self.op.apply(self.handle, x)
 
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_ops.quant_linear(x, self.weight, float_output=True)  # no bf16 round trip
+        return self.op.logits(self.handle, x)  # no round trip through the activation dtype
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        return cpu_ops.linear_argmax(x, self.weight) if x.dtype == torch.bfloat16 else None
+        return self.op.greedy(self.handle, x)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.rows(ids, dtype)
+        return self.op.rows(self.handle, ids, dtype)
 
     def nbytes(self) -> int:
-        return self.weight.data.numel()
+        return self.op.nbytes(self.handle)
+
+
+def block_quant_op_for(op, in_features: int, act_dtype: torch.dtype):
+    """``op`` (the engine's ``linear_block_quant``) when it is a faster implementation than the reference that takes
+    these weights; None when GGUF's own torch forms below serve better."""
+    if op is None or op.is_reference or not op.accepts(in_features, act_dtype):
+        return None
+    return op
 
 
 class Int4Kernel(Kernel):
@@ -233,9 +238,10 @@ def release_freed_memory() -> None:
 
 
 def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
-                act_dtype: torch.dtype = torch.bfloat16) -> Kernel:
+                act_dtype: torch.dtype = torch.bfloat16, block_quant_op=None) -> Kernel:
     """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor), for a
-    model computing in ``act_dtype`` (any dtype still works; this picks the fast form)."""
+    model computing in ``act_dtype`` (any dtype still works; this picks the fast form). ``block_quant_op`` is the
+    engine's ``linear_block_quant`` implementation (see :func:`block_quant_op_for`)."""
     ggml_type = T(ggml_type)
     n, k = shape
     block_size = GGML_QUANT_SIZES[ggml_type][0]
@@ -244,8 +250,9 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
     if ggml_type in FLOAT_TYPES:
         return DenseKernel(dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
                                                         T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k))
-    if (ggml_type in INT4_TYPES or ggml_type == T.Q8_0) and act_dtype == torch.bfloat16 and cpu_ops.can_quant(k):
-        return NativeQuantKernel(data, ggml_type)
+    op = block_quant_op_for(block_quant_op, k, act_dtype)
+    if (ggml_type in INT4_TYPES or ggml_type == T.Q8_0) and op is not None:
+        return BlockQuantKernel(data, ggml_type, op)
     if ggml_type in INT4_TYPES and act_dtype == torch.float32:
         return Int4AsInt8Kernel(data, ggml_type, k)
     if ggml_type in INT4_TYPES:

@@ -16,9 +16,11 @@ import torch
 from gguf.constants import GGMLQuantizationType as T
 from torch import nn
 
-from pagoda.kernels import cpu_ops
+from pagoda.models.interface import LinearKernel
+from pagoda.ops import current_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, Kernel, RawKernel, make_kernel,
+from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel, RawKernel,
+                                              block_quant_op_for, make_kernel,
                                               release_freed_memory)
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
@@ -96,11 +98,12 @@ class GGUFLinearMethod(LinearMethod):
             raise ValueError(f"{self.prefix}: no weights were loaded for shard(s) {missing}")
         types = {s.ggml_type for s in shards}
         k = layer.gguf_input_size
+        op = current_ops().linear_block_quant
         if len(types) == 1:
             data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
-            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k), layer.gguf_dtype)]
+            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k), layer.gguf_dtype, op)]
         else:
-            layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape, layer.gguf_dtype) for s in shards]
+            layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape, layer.gguf_dtype, op) for s in shards]
         layer.gguf_shards = None  # drop the views of the file
         release_freed_memory()
 
@@ -116,6 +119,12 @@ class GGUFLinearMethod(LinearMethod):
         if layer.bias is not None:
             out = out + layer.bias.to(out.dtype)
         return out
+
+    def kernel(self, layer: nn.Module) -> LinearKernel | None:
+        kernels = layer.gguf_kernels
+        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], BlockQuantKernel):
+            return None
+        return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
 
 
 class GGUFEmbeddingMethod(EmbeddingMethod):
@@ -151,11 +160,11 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         record = layer.gguf_record
         if record is None:
             raise ValueError(f"{self.prefix}: no embedding table was loaded")
-        native = layer.gguf_dtype == torch.bfloat16 and cpu_ops.can_quant(record.shape[1])
-        if record.ggml_type in INT4_TYPES and not native:
+        op = block_quant_op_for(current_ops().linear_block_quant, record.shape[1], layer.gguf_dtype)
+        if record.ggml_type in INT4_TYPES and op is None:
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
         else:
-            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype)
+            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, op)
         layer.gguf_record = None
         release_freed_memory()
 
@@ -173,7 +182,8 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         if layer.gguf_head is None:
             table = self._table(layer)
             if isinstance(table, RawKernel) and table.ggml_type in INT4_TYPES:
-                layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape, layer.gguf_dtype)
+                layer.gguf_head = make_kernel(table.raw, table.ggml_type, layer.gguf_shape, layer.gguf_dtype,
+                                              current_ops().linear_block_quant)
             else:
                 layer.gguf_head = table
         return layer.gguf_head

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.kernels.cpu import DTYPE_CODES, kernels
+from pagoda.platforms.cpu.kernels.cpu import DTYPE_CODES, kernels
 
 
 def _threads() -> int:

@@ -1,0 +1,105 @@
+"""The model interface: what the engine may ask of a model, and how a model describes its layer stack.
+
+Every registered model class derives from :class:`PagodaModel`. The engine calls nothing else on a model:
+
+* class attributes ``supported_tasks``, ``is_encoder_only``, ``uses_token_type_ids`` and the classmethod
+  ``max_model_len_limit(text_config)`` — read while the configuration is resolved, before the model exists;
+* ``forward(input_ids, positions, kv_caches, metadata, **inputs)`` → hidden states ``[num_tokens, hidden]``;
+* ``compute_logits(hidden)`` → float32 logits, ``compute_greedy(hidden)`` → their argmax or ``None``;
+* ``get_pooler()`` — the pooling head of a pooling model (``None`` for generative ones);
+* ``load_weights(weights)`` → the names of the parameters it loaded;
+* ``decoder_stack()`` → a :class:`DecoderStack` a platform may fuse (:meth:`Platform.fused_decode`), or ``None``;
+  ``use_fused_decode(step)`` hands the model what the platform returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LinearKernel:
+    """A linear layer as the op implementation that multiplies by it and that implementation's weight handle
+    (what a quantization method's ``kernel(layer)`` exposes), with a bias the handle does not hold."""
+
+    op: Any  # an OpImpl instance
+    handle: Any
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class DecoderLayerSpec:
+    """One pre-norm decoder layer: RMSNorm → attention (fused QKV, rotary) → RMSNorm (+residual) → gated MLP."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: LinearKernel
+    o: LinearKernel
+    gate_up: LinearKernel
+    down: LinearKernel
+    sliding_window: int | None
+
+
+@dataclass
+class DecoderStack:
+    """A declarative description of a decoder-only model's layer stack, enough to run its decode steps.
+
+    ``kind`` names the layer recipe (``"llama"``: rotate-half rotary on a fused QKV projection, RMSNorm with the
+    residual added in the next norm, ``activation``-and-mul MLP on a fused gate/up projection)."""
+
+    kind: str
+    layers: list[DecoderLayerSpec]
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    intermediate_size: int
+    rotary_dim: int
+    norm_eps: float
+    attention_scale: float
+    activation: str
+    attention_backend: str
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions → float32 cos/sin rows
+    ops: Any  # the OpSet the layers were built with
+
+
+class PagodaModel(nn.Module):
+    """Base class of every model pagoda runs (see the module docstring for the contract)."""
+
+    supported_tasks: ClassVar[tuple[str, ...]] = ("generate",)
+    is_encoder_only: ClassVar[bool] = False
+    uses_token_type_ids: ClassVar[bool] = False
+
+    @classmethod
+    def max_model_len_limit(cls, text_config: Any) -> int | None:
+        """The longest context this class can take for ``text_config``, when lower than the config says."""
+        return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
+                metadata: Any, **inputs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no language-model head")
+
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel can (else None)."""
+        return None
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        raise NotImplementedError
+
+    def get_pooler(self) -> nn.Module | None:
+        """The pooling head (a submodule named ``pooler``) of a pooling model; None for generative models."""
+        return self._modules.get("pooler")
+
+    def decoder_stack(self) -> DecoderStack | None:
+        return None
+
+    def use_fused_decode(self, step: Any | None) -> None:
+        """Run the decode steps ``step.applies`` to through ``step`` (``None``: every step layer by layer)."""

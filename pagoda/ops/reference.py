@@ -1,0 +1,187 @@
+"""Plain-torch reference implementations of every op (built-in plugin).
+
+They run on any platform torch runs on and define each op's numbers: the elementwise ops compute exactly as
+transformers does, so float32 models stay token-for-token equal to it. Faster implementations elsewhere (the CPU
+platform's native kernels, a third party's) are held to these by the op tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.ops.interface import OpImpl
+from pagoda.ops.reference_attention import PagedDecodeAttention, PrefillAttention
+from pagoda.plugins.hookspecs import hookimpl
+
+
+class RmsNorm(OpImpl):
+    op, name, is_reference = "rms_norm", "torch", True
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return out if residual is None else (out, residual)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary of ``x`` [T, heads, d] by ``cos``/``sin`` [T, 1, rotary_dim] (sign folded into sin)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim != x.shape[-1]:
+        rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat((rotate(rot, cos, sin), rest), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
+
+
+class RotaryEmbedding(OpImpl):
+    op, name, is_reference = "rotary_embedding", "torch", True
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``q`` [T, heads, d], ``k`` [T, kv_heads, d]; ``cos``/``sin`` float32 [T, rotary_dim] with rotate-half's
+        sign folded into ``sin``. Returns the rotated ``(q, k)`` (an implementation may rotate in place). The
+        rotation runs in the activations' dtype, as the reference model implementations do."""
+        cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+class SiluAndMul(OpImpl):
+    op, name, is_reference = "silu_and_mul", "torch", True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class GeluAndMul(OpImpl):
+    op, name, is_reference = "gelu_and_mul", "torch", True
+
+    def __call__(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=approximate) * up
+
+
+@dataclass
+class DenseWeight:
+    weight: torch.Tensor  # [n, k]
+    bias: torch.Tensor | None
+
+
+class LinearDense(OpImpl):
+    """A dense weight, prepared once after loading (on its device) and multiplied by each call."""
+
+    op, name, is_reference = "linear_dense", "torch", True
+    #: Whether the handle is the caller's own parameters, read at every call (so the caller keeps them registered:
+    #: weight streaming and state dicts see them); otherwise the caller drops them once prepared.
+    keeps_weight = True
+
+    def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> DenseWeight:
+        """The implementation's form of ``weight`` [n, k] (and ``bias`` [n]), made once after loading, on the
+        weight's device."""
+        return DenseWeight(weight, bias)
+
+    def apply(self, handle: DenseWeight, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` in ``x``'s dtype."""
+        return F.linear(x, handle.weight, handle.bias)
+
+    def logits(self, handle: DenseWeight, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` as float32 (an LM head)."""
+        return F.linear(x, handle.weight, handle.bias).float()
+
+    def greedy(self, handle: DenseWeight, x: torch.Tensor) -> torch.Tensor | None:
+        """``logits(x).argmax(-1)`` without writing the logits out, or None where this implementation can't (the
+        caller then samples from :meth:`logits`; torch's own argmax is no faster than the sampler's)."""
+        return None
+
+    def rows(self, handle: DenseWeight, ids: torch.Tensor) -> torch.Tensor:
+        """``W[ids]`` (embedding lookups on a weight that also serves as the LM head)."""
+        return F.embedding(ids, handle.weight)
+
+    def nbytes(self, handle: DenseWeight) -> int:
+        return sum(t.numel() * t.element_size() for t in (handle.weight, handle.bias) if t is not None)
+
+
+@dataclass
+class BlockQuantWeight:
+    codes: torch.Tensor  # [n, k]: uint8 0..15 (4-bit) or int8
+    scale: torch.Tensor  # float32 [n, k / 32]
+    offset: torch.Tensor | None  # float32 [n, k / 32], 4-bit only
+    bits: int
+
+
+class LinearBlockQuant(OpImpl):
+    """``w = code * scale + offset`` per group of 32 inputs. The reference dequantizes on every call: exact, and
+    slow. Callers with a faster torch form of their own (GGUF's int4/int8 paths) keep it where only the
+    reference was chosen."""
+
+    op, name, is_reference = "linear_block_quant", "torch", True
+    keeps_weight = False
+
+    def accepts(self, in_features: int, act_dtype: torch.dtype) -> bool:
+        """Whether :meth:`prepare` takes weights of ``in_features`` for activations of ``act_dtype``."""
+        return in_features % 32 == 0
+
+    def prepare(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                bits: int) -> BlockQuantWeight:
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if bits == 8 and offset is not None:
+            raise ValueError("8-bit codes take no offset")
+        # 8-bit scales are float16 values (as Q8_0 stores them); rounding here keeps every implementation equal.
+        scale = scale.float() if bits == 4 else scale.to(torch.float16).float()
+        return BlockQuantWeight(codes, scale, None if offset is None else offset.float(), bits)
+
+    def _dequant(self, handle: BlockQuantWeight, codes: torch.Tensor, scale: torch.Tensor,
+                 offset: torch.Tensor | None) -> torch.Tensor:
+        w = codes.float().unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)
+        if offset is not None:
+            w = w + offset.unsqueeze(-1)
+        return w.flatten(-2)
+
+    def weight(self, handle: BlockQuantWeight) -> torch.Tensor:
+        """The dequantized float32 weight [n, k]."""
+        return self._dequant(handle, handle.codes, handle.scale, handle.offset)
+
+    def apply(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(handle).to(x.dtype))
+
+    def logits(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight(handle))
+
+    def greedy(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def rows(self, handle: BlockQuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        offset = None if handle.offset is None else handle.offset[flat]
+        w = self._dequant(handle, handle.codes[flat], handle.scale[flat], offset)
+        return w.reshape(*ids.shape, -1).to(dtype)
+
+    def nbytes(self, handle: BlockQuantWeight) -> int:
+        return sum(t.numel() * t.element_size() for t in (handle.codes, handle.scale, handle.offset)
+                   if t is not None)
+
+
+class WriteKV(OpImpl):
+    op, name, is_reference = "write_kv", "torch", True
+
+    def __call__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Store ``key``/``value`` [tokens, kv_heads, d] into the caches [blocks, block_size, kv_heads, d] at the
+        flat slots ``slot_mapping`` (int64)."""
+        kv_heads, d = key.shape[1], key.shape[2]
+        key_cache.view(-1, kv_heads, d).index_copy_(0, slot_mapping, key)
+        value_cache.view(-1, kv_heads, d).index_copy_(0, slot_mapping, value)
+
+
+REFERENCE_IMPLS = [RmsNorm, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense, LinearBlockQuant, WriteKV,
+                   PagedDecodeAttention, PrefillAttention]
+
+
+@hookimpl
+def pagoda_register_ops():
+    return REFERENCE_IMPLS

@@ -1,0 +1,87 @@
+"""The CPU platform (built-in plugin): the platform, its op implementations and its fused decode step.
+
+Everything that touches pagoda's native CPU kernels (``kernels/``) lives in this package; the rest of pagoda
+reaches them only through the op registry (:mod:`pagoda.platforms.cpu.ops`) and :meth:`CpuPlatform.fused_decode`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagoda import envs
+from pagoda.platforms.cpu import features
+from pagoda.platforms.interface import Platform
+from pagoda.plugins.hookspecs import hookimpl
+
+
+def _cpu_supports_bf16() -> bool:
+    flags = features.cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    dispatch_key = "CPU"
+    priority = 0
+    supported_dtypes = ((torch.bfloat16, torch.float32, torch.float16) if _cpu_supports_bf16()
+                        else (torch.float32, torch.bfloat16, torch.float16))
+    attention_backends = ("TORCH_SDPA", "IPEX")
+    dist_backend = "gloo"
+    uses_host_memory = True
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        return features.capabilities()
+
+    @classmethod
+    def fused_decode(cls, stack, ops, kv_caches):
+        from pagoda.platforms.cpu.fused_decode import build_fused_decode
+
+        return build_fused_decode(stack, ops, kv_caches)
+
+    @classmethod
+    def total_memory_bytes(cls) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @classmethod
+    def free_memory_bytes(cls) -> int:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+    @classmethod
+    def set_device(cls, index: int = 0) -> None:
+        threads = envs.cpu_omp_threads()
+        if threads:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def describe(cls) -> dict[str, object]:
+        from pagoda.platforms.cpu.kernels import cpu
+
+        isa = sorted(f for f in features.capabilities() if f.startswith(("avx512", "amx", "avx2", "avx_vnni")))
+        lib = cpu.kernels()
+        native = (f"unavailable: {cpu.unavailable_reason()}" if lib is None else
+                  f"built ({lib.lib._name}), {'with' if lib.has_packed_bf16 else 'without'} the AVX512-BF16 GEMMs")
+        facts = {**super().describe(), "cpu": features.cpu_model_name(), "isa": isa, "native_kernels": native}
+        refusal = features.amx_refusal()
+        if "amx_tile" in features.cpu_flags() and refusal:
+            facts["amx"] = f"not usable: {refusal}"
+        return facts
+
+
+@hookimpl
+def pagoda_register_platforms():
+    return [CpuPlatform]
+
+
+@hookimpl
+def pagoda_register_ops():
+    from pagoda.platforms.cpu.ops import CPU_OP_IMPLS
+
+    return CPU_OP_IMPLS

@@ -1,0 +1,152 @@
+"""Fused decode steps on the CPU: a declared Llama-style layer stack run by one native call per step.
+
+At small batches a decode step is ~10 ms of weight streaming, and issuing ~12 kernels per layer from Python
+costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :class:`DecoderStack` (the layers'
+weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
+native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
+``pagoda_llama_decode`` (``kernels/csrc/cpu_decode.cpp``). That calls the same kernels in the same order, so its
+numbers are those of the per-op path. It plays the part CUDA graphs play on a GPU. Where the linear op runs
+oneDNN above a few rows (AMX CPUs), only the steps small enough for the packed GEMM are fused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from ctypes import c_float, c_int64, c_void_p
+from typing import Any
+
+import torch
+
+from pagoda.ops.reference_attention import DecodePlan
+from pagoda.platforms.cpu import ops as cpu_op_impls
+from pagoda.platforms.cpu.kernels import cpu
+from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
+
+logger = logging.getLogger(__name__)
+
+#: The ops whose native kernels the fused step calls: fusing is only exact when the per-op path calls them too.
+_NATIVE_OPS = {"rms_norm": cpu_op_impls.NativeRmsNorm, "rotary_embedding": cpu_op_impls.NativeRotary,
+               "silu_and_mul": cpu_op_impls.NativeSiluAndMul, "write_kv": cpu_op_impls.NativeWriteKV,
+               "paged_decode_attention": cpu_op_impls.NativeDecodeAttention}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", c_int64), ("data", c_void_p), ("bias", c_void_p), ("n", c_int64), ("k", c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p), ("v_cache", c_void_p)]
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = [(name, c_int64) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_size",
+                                             "inter", "rot_dim", "block_size", "block_stride", "token_stride",
+                                             "window")] + [("eps", c_float), ("scale", c_float),
+                                                           ("layers", ctypes.POINTER(_Layer))]
+
+
+class NotFusable(Exception):
+    """Why a model's decode steps can't be fused (kept for the log)."""
+
+
+def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
+    """The native GEMM descriptor of a layer's kernel, and the most rows it may take fused (None: any)."""
+    handle, limit = kernel.handle, None
+    if isinstance(kernel.op, cpu_op_impls.AmxDense):
+        handle, limit = handle.packed, cpu_op_impls.SMALL_BATCH  # above that the per-op path runs oneDNN
+    if isinstance(handle, PackedWeight) and kernel.bias is None:
+        return _Linear(0, handle.ptrs[0], handle.ptrs[1], handle.n, handle.k), limit
+    if isinstance(handle, PackedQuant):
+        bias_ptr = None
+        if kernel.bias is not None:
+            bias = kernel.bias.detach().float().contiguous()
+            keep.append(bias)
+            bias_ptr = bias.data_ptr()
+        return _Linear(handle.bits, handle.ptr, bias_ptr, handle.n, handle.k), limit
+    raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
+
+
+class FusedDecode:
+    """A model's decode-step plan: pointers to every layer's weights and KV cache, built once."""
+
+    def __init__(self, stack: Any, ops: Any, kv_caches: list[torch.Tensor]) -> None:
+        lib = cpu.kernels()
+        if lib is None or not lib.has_packed_bf16:
+            raise NotFusable("no native bf16 kernels")
+        if stack.kind != "llama" or stack.activation != "silu":
+            raise NotFusable(f"a {stack.kind} stack with {stack.activation}")
+        if stack.attention_backend != "TORCH_SDPA":
+            raise NotFusable(f"attention backend {stack.attention_backend}")
+        for op, impl in _NATIVE_OPS.items():
+            if not isinstance(getattr(ops, op), impl):
+                raise NotFusable(f"op {op} runs {type(getattr(ops, op)).name}, not the native kernel")
+        windows = {layer.sliding_window for layer in stack.layers}
+        if len(windows) != 1:
+            raise NotFusable("layers with different sliding windows")
+        cache = kv_caches[0]
+        if cache.dtype != torch.bfloat16 or cache.dim() != 5 or not cache.is_contiguous():
+            raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
+        self.lib, self.stack, self.keep = lib, stack, []
+        self.max_tokens: int | None = None
+        layers = (_Layer * len(stack.layers))()
+        for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
+            if any(w.dtype != torch.bfloat16 for w in (layer.input_norm, layer.post_attention_norm)):
+                raise NotFusable("norm weights are not bfloat16")
+            if kv.shape != cache.shape or kv.dtype != cache.dtype or not kv.is_contiguous():
+                raise NotFusable("KV caches of different layouts")
+            linears = []
+            for kernel in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                linear, limit = _linear(kernel, self.keep)
+                linears.append(linear)
+                if limit is not None:
+                    self.max_tokens = min(limit, self.max_tokens or limit)
+            layers[i] = _Layer(layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr(), *linears,
+                               kv[0].data_ptr(), kv[1].data_ptr())
+        self.layers = layers
+        _, _, block_size, kv_heads, head_size = cache.shape
+        self.hidden, self.inter = stack.hidden_size, stack.intermediate_size
+        self.qkv_n = (stack.num_heads + 2 * stack.num_kv_heads) * stack.head_size
+        self.q_size = stack.num_heads * stack.head_size
+        self.plan = _Plan(len(stack.layers), self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size,
+                          self.inter, stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
+                          windows.pop() or 0, stack.norm_eps, stack.attention_scale,
+                          ctypes.cast(layers, ctypes.POINTER(_Layer)))
+
+    def applies(self, metadata: Any, num_tokens: int) -> bool:
+        """A decode-only step, small enough where the linear op changes kernels with the batch size."""
+        plan = getattr(metadata, "decode_plan", None)
+        return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
+                and (self.max_tokens is None or num_tokens <= self.max_tokens))
+
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer for this step: ``hidden`` (embeddings) → (last layer output, residual), before the final
+        norm."""
+        tokens = hidden.shape[0]
+        hidden = hidden.contiguous()
+        residual = torch.empty_like(hidden)
+        cos, sin = self.stack.rope(positions)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        scratch = torch.empty(tokens * (self.hidden + self.qkv_n + self.q_size + 3 * self.inter), dtype=torch.bfloat16)
+        plan = metadata.decode_plan
+        table, seq_lens = plan.block_table, plan.seq_lens.contiguous()
+        slots = metadata.slot_mapping.contiguous()
+        rc = self.lib.llama_decode(ctypes.byref(self.plan), tokens, hidden.data_ptr(), residual.data_ptr(),
+                                   cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(), table.stride(0),
+                                   seq_lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"pagoda_llama_decode failed with code {rc}")
+        return hidden, residual
+
+
+def build_fused_decode(stack: Any, ops: Any, kv_caches: list[torch.Tensor]) -> FusedDecode | None:
+    """The fused decode step of ``stack``, or None (the reason logged) when the platform declines."""
+    try:
+        fused = FusedDecode(stack, ops, kv_caches)
+    except NotFusable as exc:
+        logger.info("decode steps not fused: %s", exc)
+        return None
+    limit = f" of up to {fused.max_tokens} sequences" if fused.max_tokens else ""
+    logger.info("decode steps%s run fused on the native CPU kernels", limit)
+    return fused

@@ -1,0 +1,245 @@
+"""The CPU platform's op implementations: pagoda's native kernels, and oneDNN through torch where it is faster.
+
+Each declares the CPU capabilities it needs and its priority, ranked by what was measured (the op table in
+``docs/benchmarks.md``):
+
+* ``linear_dense``: ``cpu_amx`` on CPUs with AMX-BF16 — torch's oneDNN matmul on a prepacked weight (AMX tiles,
+  2-6x the AVX512-BF16 GEMM from 16 rows up) with the AVX512-BF16 packed copy kept for batches of up to
+  :data:`SMALL_BATCH` rows, where streaming the weight once beats oneDNN; ``cpu_avx512_bf16`` (the packed GEMM
+  alone) elsewhere.
+* ``prefill_attention``: the native kernel ranks below torch's SDPA on AMX CPUs (whose flash attention runs on
+  AMX) and above it elsewhere.
+* The elementwise ops take bf16 only: float32 keeps torch's kernels, which match the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.ops import reference
+from pagoda.ops.interface import OpImpl
+from pagoda.ops.reference_attention import DecodePlan, PrefillPlan
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+
+#: Rows up to which a linear layer streams the packed weight (one pass over it for all rows) instead of oneDNN.
+SMALL_BATCH = 4
+
+
+class _Native(OpImpl):
+    platforms = ("cpu",)
+    requires = ("avx512f",)
+    priority = 10
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        if cpu.kernels() is None:
+            return f"native CPU kernels unavailable: {cpu.unavailable_reason()}"
+        return None
+
+
+class _NativeBf16Gemm(_Native):
+    requires = ("avx512_bf16",)
+    dtypes = (torch.bfloat16,)
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        reason = super().check(platform)
+        if reason is None and not cpu.kernels().has_packed_bf16:
+            return "the native library was built without AVX512-BF16"
+        return reason
+
+
+class NativeRmsNorm(_Native):
+    op, name, dtypes = "rms_norm", "cpu_native", (torch.bfloat16,)
+
+    def __call__(self, x, weight, eps, residual=None):
+        return cpu_ops.rms_norm(x, weight, eps, residual)
+
+
+class NativeRotary(_Native):
+    op, name, dtypes = "rotary_embedding", "cpu_native", (torch.bfloat16,)
+
+    def __call__(self, q, k, cos, sin):
+        """In place: ``q`` and ``k`` are views of a layer's fresh QKV output. Side by side in each row (as a fused
+        QKV projection leaves them), both are rotated in one call."""
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            return reference.RotaryEmbedding()(q, k, cos, sin)
+        heads, d = q.shape[1], q.shape[2]
+        if k.stride(0) == q.stride(0) and k.data_ptr() == q.data_ptr() + heads * d * q.element_size():
+            cpu_ops.rotary_(q.as_strided((q.shape[0], heads + k.shape[1], d), q.stride()), cos, sin)
+            return q, k
+        return cpu_ops.rotary_(q, cos, sin), cpu_ops.rotary_(k, cos, sin)
+
+
+class NativeSiluAndMul(_Native):
+    op, name, dtypes = "silu_and_mul", "cpu_native", (torch.bfloat16,)
+
+    def __call__(self, x):
+        return cpu_ops.silu_and_mul(x)
+
+
+class PackedDense(_NativeBf16Gemm):
+    """bf16 weights repacked for AVX512-BF16's pairwise dot product (:class:`cpu_ops.PackedWeight`)."""
+
+    op, name = "linear_dense", "cpu_avx512_bf16"
+
+    def prepare(self, weight, bias):
+        return cpu_ops.pack_weight(weight, bias)
+
+    def apply(self, handle, x):
+        return cpu_ops.packed_linear(x, handle)
+
+    def logits(self, handle, x):
+        return cpu_ops.packed_linear(x, handle, float_output=True)
+
+    def greedy(self, handle, x):
+        return cpu_ops.linear_argmax(x, handle) if handle.bias is None else None
+
+    def rows(self, handle, ids):
+        return handle.rows(ids)
+
+    def nbytes(self, handle):
+        return handle.nbytes()
+
+
+@dataclass
+class AmxWeight:
+    packed: cpu_ops.PackedWeight  # for batches of up to SMALL_BATCH rows, the greedy head and fused decode
+    onednn: torch.Tensor  # oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight)
+    bias: torch.Tensor | None  # bf16, for oneDNN
+    k: int
+
+
+class AmxDense(_NativeBf16Gemm):
+    """oneDNN's AMX matmul on a prepacked weight, and the packed AVX512-BF16 GEMM for small batches. Keeps both
+    forms (twice the weight memory) because neither wins at every batch size."""
+
+    op, name, priority = "linear_dense", "cpu_amx", 20
+    requires = ("amx_bf16", "avx512_bf16")
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        reason = super().check(platform)
+        if reason is None and not torch.backends.mkldnn.is_available():
+            return "this torch build has no oneDNN (mkldnn)"
+        return reason
+
+    def prepare(self, weight, bias):
+        weight = weight.contiguous()
+        onednn = torch.ops.mkldnn._reorder_linear_weight(weight)
+        return AmxWeight(cpu_ops.pack_weight(weight, bias), onednn, None if bias is None else bias.detach(),
+                         weight.shape[1])
+
+    def _onednn(self, handle, x):
+        x2 = x.reshape(-1, handle.k)
+        out = torch.ops.mkldnn._linear_pointwise(x2, handle.onednn, handle.bias, "none", [], "")
+        return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+
+    def apply(self, handle, x):
+        if x.numel() <= SMALL_BATCH * handle.k:
+            return cpu_ops.packed_linear(x, handle.packed)
+        return self._onednn(handle, x)
+
+    def logits(self, handle, x):
+        if x.numel() <= SMALL_BATCH * handle.k:
+            return cpu_ops.packed_linear(x, handle.packed, float_output=True)
+        return self._onednn(handle, x).float()
+
+    def greedy(self, handle, x):
+        # Above a few rows, oneDNN's logits and the sampler's argmax beat the packed argmax kernel.
+        if x.shape[0] <= SMALL_BATCH and handle.bias is None:
+            return cpu_ops.linear_argmax(x, handle.packed)
+        return None
+
+    def rows(self, handle, ids):
+        return handle.packed.rows(ids)
+
+    def nbytes(self, handle):
+        return handle.packed.nbytes() + handle.onednn.numel() * handle.onednn.element_size()
+
+
+class PackedBlockQuant(_NativeBf16Gemm):
+    """4-bit codes (float32 scale and offset) or 8-bit codes (float16 scale) per 32 inputs, multiplied exactly
+    with bf16 activations (:class:`cpu_ops.PackedQuant`)."""
+
+    op, name = "linear_block_quant", "cpu_avx512_bf16"
+
+    def accepts(self, in_features, act_dtype):
+        return in_features % 32 == 0 and act_dtype == torch.bfloat16
+
+    def prepare(self, codes, scale, offset, bits):
+        return cpu_ops.pack_quantized(codes, scale, offset, bits)
+
+    def apply(self, handle, x):
+        return cpu_ops.quant_linear(x, handle)
+
+    def logits(self, handle, x):
+        return cpu_ops.quant_linear(x, handle, float_output=True)
+
+    def greedy(self, handle, x):
+        return cpu_ops.linear_argmax(x, handle)
+
+    def rows(self, handle, ids, dtype):
+        return handle.rows(ids, dtype)
+
+    def nbytes(self, handle):
+        return handle.data.numel()
+
+
+class NativeWriteKV(_Native):
+    op, name = "write_kv", "cpu_native"
+
+    def __call__(self, key_cache, value_cache, key, value, slot_mapping):
+        if not cpu_ops.write_kv(key_cache, value_cache, key, value, slot_mapping):
+            reference.WriteKV()(key_cache, value_cache, key, value, slot_mapping)  # a layout the row copy can't take
+
+
+class NativeDecodeAttention(_Native):
+    """Reads the paged cache in place through the block table: no gather, no mask."""
+
+    op, name, dtypes = "paged_decode_attention", "cpu_native", tuple(cpu.DTYPE_CODES)
+
+    def plan(self, block_table, seq_lens, seq_lens_cpu, block_size, sliding_window):
+        return DecodePlan(block_table, seq_lens, sliding_window)
+
+    def run(self, query, key_cache, value_cache, plan, scale):
+        out = cpu_ops.decode_attention(query, key_cache, value_cache, plan.block_table, plan.seq_lens, scale,
+                                       plan.sliding_window)
+        if out is None:
+            raise RuntimeError(f"the native decode kernel rejected query {query.dtype} {tuple(query.shape)}, cache "
+                               f"{key_cache.dtype} {tuple(key_cache.shape)} strides {key_cache.stride()}")
+        return out
+
+
+class NativePrefillAttention(_NativeBf16Gemm):
+    """Every prefill chunk of a step in one call, reading keys and values in place from the cache."""
+
+    op, name = "prefill_attention", "cpu_avx512_bf16"
+
+    @classmethod
+    def rank(cls, platform) -> int:
+        return -10 if "amx_bf16" in platform.capabilities() else cls.priority
+
+    @classmethod
+    def rank_note(cls, platform) -> str | None:
+        if "amx_bf16" in platform.capabilities():
+            return "on AMX CPUs torch's SDPA (flash attention on AMX tiles) measured 1.5-2x faster"
+        return None
+
+    def plan(self, block_table, query_start_loc, seq_lens, query_start_loc_cpu, seq_lens_cpu, num_computed_cpu,
+             block_size, sliding_window):
+        return reference.PrefillAttention().plan(block_table, query_start_loc, seq_lens, query_start_loc_cpu,
+                                                 seq_lens_cpu, num_computed_cpu, block_size, sliding_window)
+
+    def run(self, query, key, value, key_cache, value_cache, plan: PrefillPlan, scale):
+        out = cpu_ops.prefill_attention(query, key_cache, value_cache, plan.block_table, plan.query_start_loc,
+                                        plan.seq_lens, scale, plan.sliding_window)
+        if out is None:  # a head size or layout the kernel doesn't take
+            return reference.PrefillAttention().run(query, key, value, key_cache, value_cache, plan, scale)
+        return out
+
+
+CPU_OP_IMPLS = [NativeRmsNorm, NativeRotary, NativeSiluAndMul, PackedDense, AmxDense, PackedBlockQuant,
+                NativeWriteKV, NativeDecodeAttention, NativePrefillAttention]
