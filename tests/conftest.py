@@ -96,10 +96,11 @@ def assert_all_blocks_free(llm_or_engine) -> None:
     assert not engine.kv_cache.req_blocks
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Reference greedy continuations from transformers (float32, one prompt at a time, EOS not special —
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int,
+              dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    """Reference greedy continuations from transformers (in ``dtype``, one prompt at a time, EOS not special —
     as with ``ignore_eos``): argmax of the HF forward pass, step by step with its own KV cache."""
-    model = _hf_model(model_dir)
+    model = _hf_model(model_dir, dtype)
     outs = []
     with torch.no_grad():
         for prompt in prompts:
@@ -113,12 +114,13 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list
     return outs
 
 
-_HF_MODELS: dict[str, object] = {}
+_HF_MODELS: dict[str, object] = {}  # keyed by directory and dtype
 
 
-def _hf_model(model_dir: str):
+def _hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    if model_dir not in _HF_MODELS:
-        _HF_MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return _HF_MODELS[model_dir]
+    key = f"{model_dir}:{dtype}"
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return _HF_MODELS[key]

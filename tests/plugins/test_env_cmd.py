@@ -84,19 +84,27 @@ def test_text_report(capsys):
     assert "Packages:" in out and f"  torch                        {torch.__version__}" in out
 
 
-def test_native_cpu_kernels_are_reported(capsys, monkeypatch):
-    from pagoda.kernels import cpu
+def test_native_cpu_kernels_and_op_choices_are_reported(capsys, monkeypatch):
+    from pagoda.platforms.cpu.kernels import cpu
 
     facts = _json(capsys)
-    kern = facts["cpu_kernels"]
-    assert (kern["status"] == "available") == (cpu.kernels() is not None)
-    if kern["status"] == "available":
-        assert kern["library"].endswith("libpagoda_cpu.so")
+    cpu_platform = next(p for p in facts["platforms"] if p["name"] == "cpu")
+    assert cpu_platform["native_kernels"].startswith("built" if cpu.kernels() is not None else "unavailable")
+    choices = {c["op"]: c for c in facts["ops"]["choices"]}
+    assert set(choices) >= {"rms_norm", "linear_dense", "paged_decode_attention", "prefill_attention", "write_kv"}
+    for choice in choices.values():  # every implementation is either chosen or passed over with a reason
+        assert all(other["reason"] for other in choice["passed_over"])
     monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
     cpu.reset_for_tests()
     try:
         assert main(["env"]) == 0
-        assert "Native CPU kernels: unavailable: disabled by PAGODA_CPU_KERNELS=0" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "native kernels: unavailable: disabled by PAGODA_CPU_KERNELS=0" in out
+        assert "  rms_norm                 torch" in out
+        assert "not cpu_native: native CPU kernels unavailable: disabled by PAGODA_CPU_KERNELS=0" in out
+        # A forced implementation that can't run is an error with its reason, in the report too.
+        assert main(["env", "--op-impl", "rms_norm=cpu_native"]) == 0
+        assert "op_impl: rms_norm=cpu_native can't run on platform cpu" in capsys.readouterr().out
     finally:
         monkeypatch.undo()
         cpu.reset_for_tests()

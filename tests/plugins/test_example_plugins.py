@@ -26,7 +26,7 @@ def test_discovered_with_distribution_and_contributions(load_registry):
     example = records["example_accelerator"]
     assert (example.status, example.distribution, example.version) == ("loaded", "pagoda-example-accelerator", "0.1.0")
     assert example.provides == ["platform:example", "attention_backend:EXAMPLE_ATTN",
-                                "quantization_method:example_int8"]
+                                "quantization_method:example_int8", "op:rms_norm:example_rms_norm"]
     assert records["example_npu"].provides == ["platform:example_npu"]
     assert registry.owner_of("attention_backend", "EXAMPLE_ATTN") == "example_accelerator"
 
@@ -146,7 +146,8 @@ def test_pagoda_env_reports_every_plugin(with_plugins):
     assert plugins["broken_example"]["status"] == "failed"
     assert plugins["broken_example"]["distribution"] == "pagoda-broken-plugin"
     assert plugins["example_accelerator"]["provides"] == ["platform:example", "attention_backend:EXAMPLE_ATTN",
-                                                          "quantization_method:example_int8"]
+                                                          "quantization_method:example_int8",
+                                                          "op:rms_norm:example_rms_norm"]
     backends = {b["name"]: b for b in facts["attention_backends"]}
     assert backends["EXAMPLE_ATTN"]["status"] == "ok" and facts["attention_backend"] == "TORCH_SDPA"
     quant = {q["name"]: q for q in facts["quantization_methods"]}

@@ -7,6 +7,7 @@ and must not touch a device.
 from pagoda.plugins.hookspecs import hookimpl
 
 from pagoda_example_accelerator.attention import ExampleAttentionBackend
+from pagoda_example_accelerator.ops import ExampleRmsNorm
 from pagoda_example_accelerator.platform import ExamplePlatform
 from pagoda_example_accelerator.quantization import ExampleInt8Config
 
@@ -24,3 +25,8 @@ def pagoda_register_attention_backends():
 @hookimpl
 def pagoda_register_quantization_methods():
     return [ExampleInt8Config]
+
+
+@hookimpl
+def pagoda_register_ops():
+    return [ExampleRmsNorm]

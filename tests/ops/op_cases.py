@@ -1,0 +1,201 @@
+"""Shape matrices for the op tests: each case runs an implementation and the reference on the same inputs.
+
+Tolerances: float32 implementations may sum in another order (relative 1e-5); bf16 ones may round once more
+than the reference (one bf16 step, 2^-8 relative, of the result).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=2e-2)}
+
+
+def _gen(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) % (1 << 31))
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: {out.shape}/{out.dtype} vs {ref.shape}/{ref.dtype}"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=what)
+
+
+def rms_norm(impl, ref, dtype):
+    for rows, hidden in ((1, 64), (9, 576), (33, 70)):
+        g = _gen(rows, hidden)
+        x, residual = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
+        weight = torch.randn(hidden, generator=g).to(dtype)
+        _close(impl(x, weight, 1e-5), ref(x, weight, 1e-5), dtype, f"rms_norm {rows}x{hidden}")
+        out, summed = impl(x, weight, 1e-5, residual)
+        ref_out, ref_summed = ref(x, weight, 1e-5, residual)
+        assert torch.equal(summed, ref_summed), "the residual stream must be exactly the dtype's add"
+        _close(out, ref_out, dtype, f"rms_norm+residual {rows}x{hidden}")
+
+
+def rotary_embedding(impl, ref, dtype):
+    for tokens, heads, kv_heads, d, rot in ((4, 4, 2, 64, 64), (5, 9, 3, 64, 64), (3, 4, 4, 64, 32),
+                                            (7, 2, 1, 128, 128)):
+        g = _gen(tokens, heads, d, rot)
+        angle = torch.rand(tokens, rot // 2, generator=g) * 100
+        cos = torch.cat([angle.cos()] * 2, -1)
+        sin = torch.cat([-angle.sin(), angle.sin()], -1)
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+        for adjacent in (True, False):  # views of a fused QKV output, and separate tensors
+            base = qkv.clone()
+            if adjacent:
+                q = base[:, : heads * d].view(tokens, heads, d)
+                k = base[:, heads * d: (heads + kv_heads) * d].view(tokens, kv_heads, d)
+            else:
+                q = base[:, : heads * d].reshape(tokens, heads, d).clone()
+                k = base[:, heads * d: (heads + kv_heads) * d].reshape(tokens, kv_heads, d).clone()
+            ref_q, ref_k = ref(q.clone(), k.clone(), cos, sin)
+            v_before = base[:, (heads + kv_heads) * d:].clone()
+            out_q, out_k = impl(q, k, cos, sin)
+            _close(out_q, ref_q, dtype, f"rotary q {tokens}x{heads}x{d} rot {rot} adjacent={adjacent}")
+            _close(out_k, ref_k, dtype, f"rotary k {tokens}x{kv_heads}x{d} rot {rot} adjacent={adjacent}")
+            assert torch.equal(base[:, (heads + kv_heads) * d:], v_before), "values must be left alone"
+
+
+def silu_and_mul(impl, ref, dtype):
+    for rows, inter in ((1, 40), (5, 1536), (64, 96)):
+        x = (torch.randn(rows, 2 * inter, generator=_gen(rows, inter)) * 4).to(dtype)
+        _close(impl(x), ref(x), dtype, f"silu_and_mul {rows}x{inter}")
+
+
+def gelu_and_mul(impl, ref, dtype):
+    for approximate in ("none", "tanh"):
+        x = (torch.randn(7, 2 * 80, generator=_gen(7, 80)) * 3).to(dtype)
+        _close(impl(x, approximate), ref(x, approximate), dtype, f"gelu_and_mul {approximate}")
+
+
+def linear_dense(impl, ref, dtype):
+    for n, k in ((960, 576), (37, 70), (3072, 64)):
+        for with_bias in (False, True):
+            g = _gen(n, k, with_bias)
+            w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+            b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+            handle, ref_handle = impl.prepare(w.clone(), None if b is None else b.clone()), ref.prepare(w, b)
+            for rows in (1, 4, 5, 64, 131):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                what = f"linear_dense {rows}x{k}->{n} bias={with_bias}"
+                _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what)
+                logits, ref_logits = impl.logits(handle, x), ref.logits(ref_handle, x)
+                assert logits.dtype == torch.float32
+                _close(logits.to(dtype), ref_logits.to(dtype), dtype, what + " logits")
+                greedy = impl.greedy(handle, x) if b is None else None
+                if greedy is not None:
+                    _check_argmax(greedy, x.double() @ w.double().T, what)
+            ids = torch.tensor([[0, n - 1], [n // 2, 1]])
+            assert torch.equal(impl.rows(handle, ids), w[ids]), "rows must be the weight's rows exactly"
+
+
+def _check_argmax(greedy: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """The chosen column is a maximum of the exact product up to rounding (ties may go either way)."""
+    top = exact.max(-1).values
+    picked = exact.gather(1, greedy[:, None])[:, 0]
+    assert (top - picked <= 1e-2 * top.abs().clamp(min=1)).all(), f"{what}: greedy picked a non-maximum"
+
+
+def _block_quant_weights(bits: int, n: int, k: int, g: torch.Generator):
+    if bits == 4:
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        offset = torch.randn(n, k // 32, generator=g) * 0.01
+    else:
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        offset = None
+    scale = torch.rand(n, k // 32, generator=g) * 0.01
+    return codes, scale, offset
+
+
+def linear_block_quant(impl, ref, dtype):
+    for bits in (4, 8):
+        for n, k in ((37, 64), (576, 576), (64, 96)):
+            if not impl.accepts(k, dtype):
+                continue
+            g = _gen(bits, n, k)
+            codes, scale, offset = _block_quant_weights(bits, n, k, g)
+            handle, ref_handle = impl.prepare(codes, scale, offset, bits), ref.prepare(codes, scale, offset, bits)
+            exact = ref.weight(ref_handle).double()
+            for rows in (1, 9, 64):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                what = f"linear_block_quant q{bits} {rows}x{k}->{n}"
+                scale_of = (x.double() @ exact.T).abs().max().item()
+                _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+                torch.testing.assert_close(impl.logits(handle, x).double(), x.double() @ exact.T, rtol=1e-5,
+                                           atol=1e-5 * scale_of, msg=what + " logits (float32 sums of exact products)")
+                greedy = impl.greedy(handle, x)
+                if greedy is not None:
+                    _check_argmax(greedy, x.double() @ exact.T, what)
+            ids = torch.tensor([[0, n - 1], [n // 2, 1]])
+            torch.testing.assert_close(impl.rows(handle, ids, torch.float64), exact[ids], rtol=1e-6, atol=1e-7)
+
+
+def _paged_cache(num_blocks, block_size, kv_heads, d, dtype, g):
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
+    return cache[0], cache[1]
+
+
+def write_kv(impl, ref, dtype):
+    for tokens, kv_heads, d, block_size in ((1, 2, 64, 16), (37, 3, 64, 16), (20, 1, 128, 32)):
+        g = _gen(tokens, kv_heads, d)
+        kc, vc = _paged_cache(8, block_size, kv_heads, d, dtype, g)
+        kv = torch.randn(tokens, 2 * kv_heads * d, generator=g).to(dtype)  # strided views, as a fused QKV leaves
+        key, value = kv[:, : kv_heads * d].view(tokens, kv_heads, d), kv[:, kv_heads * d:].view(tokens, kv_heads, d)
+        slots = torch.randperm(8 * block_size, generator=g)[:tokens]
+        ours, theirs = (kc.clone(), vc.clone()), (kc.clone(), vc.clone())
+        impl(*ours, key, value, slots)
+        ref(*theirs, key, value, slots)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), "write_kv must copy exactly"
+
+
+def paged_decode_attention(impl, ref, dtype):
+    for heads, kv_heads, d, block_size, window in ((4, 2, 64, 16, None), (9, 3, 64, 16, None),
+                                                   (8, 1, 128, 32, None), (4, 4, 64, 16, 7)):
+        g = _gen(heads, kv_heads, d, block_size, window or 0)
+        kc, vc = _paged_cache(40, block_size, kv_heads, d, dtype, g)
+        seq_lens = torch.tensor([1, 17, 40, 95, 3], dtype=torch.int32)
+        n, max_blocks = len(seq_lens), -(-int(seq_lens.max()) // block_size)
+        table = torch.randperm(40, generator=g)[: n * (max_blocks + 1)].view(n, -1).to(torch.int32)[:, :max_blocks]
+        query = torch.randn(n, heads, d, generator=g).to(dtype)
+        scale = d ** -0.5
+        out = impl.run(query, kc, vc, impl.plan(table, seq_lens, seq_lens, block_size, window), scale)
+        expected = ref.run(query, kc, vc, ref.plan(table, seq_lens, seq_lens, block_size, window), scale)
+        _close(out, expected, dtype, f"decode {heads}/{kv_heads}x{d} block {block_size} window {window}")
+
+
+def prefill_attention(impl, ref, dtype):
+    for heads, kv_heads, d, block_size, window in ((4, 2, 64, 16, None), (9, 3, 64, 16, None),
+                                                   (8, 8, 128, 32, None), (4, 2, 64, 16, 9)):
+        g = _gen(heads, kv_heads, d, block_size, window or 1)
+        # (tokens cached before, chunk length): a fresh prompt, a prefix-cache hit, a later chunk, a long one
+        spans = [(0, 5), (16, 11), (37, 1), (0, 70)]
+        kc, vc = _paged_cache(64, block_size, kv_heads, d, dtype, g)
+        blocks = torch.randperm(64, generator=g).to(torch.int32)
+        max_blocks = max(-(-(c + q) // block_size) for c, q in spans)
+        table = torch.zeros(len(spans), max_blocks, dtype=torch.int32)
+        keys, values, qsl, used = [], [], [0], 0
+        for i, (computed, q_len) in enumerate(spans):
+            n_blocks = -(-(computed + q_len) // block_size)
+            table[i, :n_blocks] = blocks[used:used + n_blocks]
+            used += n_blocks
+            positions = torch.arange(computed, computed + q_len)
+            slot_blocks = table[i].long()[positions // block_size]
+            keys.append(kc[slot_blocks, positions % block_size])  # this chunk's keys, already in the cache
+            values.append(vc[slot_blocks, positions % block_size])
+            qsl.append(qsl[-1] + q_len)
+        key, value = torch.cat(keys), torch.cat(values)
+        query = torch.randn(qsl[-1], heads, d, generator=g).to(dtype)
+        seq_lens = [c + q for c, q in spans]
+        args = (table, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), qsl,
+                seq_lens, [c for c, _ in spans], block_size, window)
+        scale = d ** -0.5
+        out = impl.run(query, key, value, kc, vc, impl.plan(*args), scale)
+        expected = ref.run(query, key, value, kc, vc, ref.plan(*args), scale)
+        _close(out, expected, dtype, f"prefill {heads}/{kv_heads}x{d} block {block_size} window {window}")
+
+
+CASES = {"rms_norm": [rms_norm], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
+         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant],
+         "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
+         "prefill_attention": [prefill_attention]}
