@@ -1,4 +1,4 @@
-"""``pagoda bench throughput|latency|serve|step-overhead``: benchmarks with ``vllm bench``'s flags.
+"""``pagoda bench throughput|latency|serve|step-overhead|ops``: benchmarks with ``vllm bench``'s flags.
 
 The benchmark modules (``pagoda.benchmarks.*``) are imported only when their command runs.
 """
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "serve": ("pagoda.benchmarks.serve", "load a running OpenAI-compatible server and report its speed"),
     "step-overhead": ("pagoda.benchmarks.profile_step",
                       "per-step engine time besides the model, at a given number of running requests"),
+    "ops": ("pagoda.benchmarks.ops", "each chosen op implementation at the W1 and W2 shapes, against the ceilings"),
 }
 
 

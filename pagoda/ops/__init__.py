@@ -58,8 +58,9 @@ class OpSet:
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not set
         raise AttributeError(f"no op named {name!r}; ops: {', '.join(sorted(self._impls))}")
 
-    def impl_names(self) -> dict[str, str]:
-        return {op: type(impl).name for op, impl in self._impls.items()}
+    def implementations(self) -> dict[str, OpImpl]:
+        """op name → the chosen implementation."""
+        return dict(self._impls)
 
 
 def parse_op_impl(spec: str | None) -> dict[str, list[str]]:

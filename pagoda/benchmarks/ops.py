@@ -1,0 +1,158 @@
+"""``pagoda bench ops``: each chosen op implementation at the W1 and W2 shapes, against the machine's ceilings.
+
+The op set is the one an engine would choose here (platform ``--device``, dtype ``--dtype``, ``--op-impl``);
+``--all-impls`` times every runnable implementation instead. Shapes are SmolLM2-135M's (hidden 576, 9/3 heads of
+64, FFN 1536, vocab 49152): W1 is 64 decoding sequences at 192 cached tokens and 16 prompts of 128 tokens per
+prefill step, W2 one sequence. Linear ops report GFLOP/s, the rest GB/s of the tensors they must read and write.
+The ceilings: torch's bf16 matmul at 2048³ and a read of 512 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from pagoda.benchmarks.common import write_json
+
+HIDDEN, HEADS, KV_HEADS, D, FFN, VOCAB = 576, 9, 3, 64, 1536, 49152
+LINEARS = {"qkv": (HEADS * D + 2 * KV_HEADS * D, HIDDEN), "o": (HIDDEN, HEADS * D), "gate_up": (2 * FFN, HIDDEN),
+           "down": (HIDDEN, FFN)}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="platform (default: the resolved one)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--op-impl", default=None, help="forced implementations, as the engine flag")
+    parser.add_argument("--all-impls", action="store_true", help="time every runnable implementation of each op")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per figure (median reported)")
+    parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
+
+
+def _median_s(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
+    """(workload, shape, time, rate) rows for one implementation."""
+    op, out = impl.op, []
+    esz = torch.finfo(dtype).bits // 8
+
+    def add(workload: str, shape: str, seconds: float, *, flops: float = 0.0, nbytes: float = 0.0) -> None:
+        rate = f"{flops / seconds / 1e9:.0f} GFLOP/s" if flops else f"{nbytes / seconds / 1e9:.1f} GB/s"
+        out.append({"op": op, "impl": impl.name, "workload": workload, "shape": shape, "ms": seconds * 1e3,
+                    "rate": rate})
+
+    if op == "linear_dense":
+        for name, (n, k) in {**LINEARS, "lm_head": (VOCAB, HIDDEN)}.items():
+            handle = impl.prepare((torch.randn(n, k) / k ** 0.5).to(dtype), None)
+            for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+                if name == "lm_head" and m > 64:
+                    continue
+                x = torch.randn(m, k).to(dtype)
+                fn = (lambda: impl.greedy(handle, x)) if name == "lm_head" else (lambda: impl.apply(handle, x))
+                add(workload, f"{name} {m}x{k}->{n}" + (" (greedy)" if name == "lm_head" else ""),
+                    _median_s(fn, iters), flops=2.0 * m * n * k)
+    elif op == "linear_block_quant":
+        for name, (n, k) in LINEARS.items():
+            if not impl.accepts(k, dtype):
+                continue
+            handle = impl.prepare(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32) * 0.01,
+                                  torch.randn(n, k // 32) * 0.01, 4)
+            for workload, m in (("W2 (Q4)", 1), ("W1 decode (Q4)", 64)):
+                x = torch.randn(m, k).to(dtype)
+                add(workload, f"{name} {m}x{k}->{n}", _median_s(lambda: impl.apply(handle, x), iters),
+                    flops=2.0 * m * n * k)
+    elif op in ("rms_norm", "silu_and_mul", "gelu_and_mul"):
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            if op == "rms_norm":
+                x, res, w = torch.randn(m, HIDDEN).to(dtype), torch.randn(m, HIDDEN).to(dtype), torch.ones(HIDDEN, dtype=dtype)
+                fn, moved, shape = (lambda: impl(x, w, 1e-5, res)), 4 * m * HIDDEN * esz, f"{m}x{HIDDEN} +residual"
+            else:
+                x = torch.randn(m, 2 * FFN).to(dtype)
+                fn, moved, shape = (lambda: impl(x)), 3 * m * FFN * esz, f"{m}x{2 * FFN}"
+            add(workload, shape, _median_s(fn, iters), nbytes=moved)
+    elif op == "rotary_embedding":
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * D).to(dtype)
+            q, k = qkv[:, : HEADS * D].view(m, HEADS, D), qkv[:, HEADS * D: (HEADS + KV_HEADS) * D].view(m, KV_HEADS, D)
+            cos, sin = torch.rand(m, D), torch.rand(m, D)
+            add(workload, f"{m} tokens", _median_s(lambda: impl(q, k, cos, sin), iters),
+                nbytes=2 * m * (HEADS + KV_HEADS) * D * esz)
+    elif op == "write_kv":
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            cache = torch.zeros(2, 512, 16, KV_HEADS, D, dtype=dtype)
+            kv = torch.randn(m, 2, KV_HEADS, D).to(dtype)
+            slots = torch.randperm(512 * 16)[:m]
+            add(workload, f"{m} tokens", _median_s(lambda: impl(cache[0], cache[1], kv[:, 0], kv[:, 1], slots), iters),
+                nbytes=4 * m * KV_HEADS * D * esz)
+    elif op == "paged_decode_attention":
+        for workload, n in (("W2", 1), ("W1 decode", 64)):
+            ctx, block = 192, 16
+            blocks_per = ctx // block
+            cache = torch.randn(2, n * blocks_per + 8, block, KV_HEADS, D).to(dtype)
+            table = torch.randperm(n * blocks_per + 8)[: n * blocks_per].view(n, blocks_per).to(torch.int32)
+            lens = torch.full((n,), ctx, dtype=torch.int32)
+            plan = impl.plan(table, lens, lens, block, None)
+            q = torch.randn(n, HEADS, D).to(dtype)
+            add(workload, f"{n} x {ctx} tokens", _median_s(lambda: impl.run(q, cache[0], cache[1], plan, D ** -0.5), iters),
+                nbytes=2 * n * ctx * KV_HEADS * D * esz)
+    elif op == "prefill_attention":
+        n, length, block = 16, 128, 16
+        blocks_per = length // block
+        cache = torch.randn(2, n * blocks_per, block, KV_HEADS, D).to(dtype)
+        table = torch.arange(n * blocks_per, dtype=torch.int32).view(n, blocks_per)
+        qsl = [i * length for i in range(n + 1)]
+        plan = impl.plan(table, torch.tensor(qsl, dtype=torch.int32), torch.full((n,), length, dtype=torch.int32),
+                         qsl, [length] * n, [0] * n, block, None)
+        q = torch.randn(n * length, HEADS, D).to(dtype)
+        k, v = (cache[i].view(-1, KV_HEADS, D) for i in (0, 1))
+        flops = 2 * 2 * n * HEADS * D * length * (length + 1) / 2  # causal: QK^T and PV over half the square
+        add("W1 prefill", f"{n} x {length} tokens", _median_s(lambda: impl.run(q, k, v, cache[0], cache[1], plan,
+                                                                                 D ** -0.5), iters), flops=flops)
+    return out
+
+
+def ceilings(iters: int) -> dict[str, str]:
+    a, b = torch.randn(2048, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
+    matmul = _median_s(lambda: a @ b, max(iters // 4, 3))
+    big = torch.ones(512 * (1 << 20) // 4)
+    read = _median_s(lambda: big.sum(), max(iters // 4, 3))
+    return {"bf16 matmul 2048^3": f"{2 * 2048 ** 3 / matmul / 1e9:.0f} GFLOP/s",
+            "memory read (sum over 512 MiB)": f"{big.numel() * 4 / read / 1e9:.1f} GB/s"}
+
+
+def main(args: argparse.Namespace) -> dict:
+    from pagoda.ops import select_ops
+    from pagoda.platforms import resolve_platform
+    from pagoda.plugins.registry import get_registry
+
+    dtype = getattr(torch, args.dtype)
+    platform = resolve_platform(args.device)
+    registry = get_registry()
+    if args.all_impls:
+        impls = [cls() for op in sorted(registry.ops) for cls in registry.ops[op].values()
+                 if cls.unavailable_reason(platform, dtype) is None]
+    else:
+        impls = list(select_ops(platform, dtype, args.op_impl).implementations().values())
+    describe = platform.describe()
+    rows = [row for impl in impls for row in _rows(impl, dtype, args.iters)]
+    result = {"platform": platform.name, "cpu": describe.get("cpu"), "isa": describe.get("isa"),
+              "dtype": args.dtype, "threads": torch.get_num_threads(), "ceilings": ceilings(args.iters), "ops": rows}
+    print(f"platform {platform.name} ({result['cpu'] or '-'}), {args.dtype}, {result['threads']} threads")
+    for name, value in result["ceilings"].items():
+        print(f"  ceiling: {name}: {value}")
+    print(f"{'op':<24}{'implementation':<18}{'workload':<16}{'shape':<34}{'ms':>9}  rate")
+    for r in rows:
+        print(f"{r['op']:<24}{r['impl']:<18}{r['workload']:<16}{r['shape']:<34}{r['ms']:>9.3f}  {r['rate']}")
+    write_json(args.output_json, result)
+    return result
