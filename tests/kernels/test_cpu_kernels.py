@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops.reference import rotate
+from pagoda.platforms.cpu import features
 from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"native CPU kernels: {cpu.unavailable_reason()}")
@@ -19,23 +20,28 @@ packed = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16
                             reason="this CPU has no AVX512-BF16: the packed bf16 GEMM is not built")
 
 
+# The AMX tile path wherever this CPU and process can run it (tiles from 8 rows when K is a multiple of 32).
+AMX = [False] + ([True] if cpu.kernels() and cpu.kernels().has_amx and features.amx_refusal() is None else [])
+
+
 @packed
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 131])
-@pytest.mark.parametrize("n,k", [(960, 576), (37, 70), (5, 9), (4096, 64)])
+@pytest.mark.parametrize("amx", AMX, ids=[f"amx={a}" for a in AMX])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 16, 17, 33, 64, 65, 131])
+@pytest.mark.parametrize("n,k", [(960, 576), (37, 70), (5, 9), (4096, 64), (40, 96)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_float64(rows, n, k, with_bias):
+def test_packed_linear_matches_float64(rows, n, k, with_bias, amx):
     g = torch.Generator().manual_seed(n * 100 + k + rows)
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if with_bias else None
     ref = F.linear(x.double(), w.double(), b.double() if b is not None else None)
     weight = cpu_ops.pack_weight(w, b)
-    out = cpu_ops.packed_linear(x, weight)
+    out = cpu_ops.packed_linear(x, weight, amx=amx)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
     # Products of bf16 values are exact in float32; what differs from float64 is the float32 sum and, for the
     # bf16 output, one final rounding (relative 2^-8).
     torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-3 * k ** 0.5)
-    logits = cpu_ops.packed_linear(x, weight, float_output=True)
+    logits = cpu_ops.packed_linear(x, weight, float_output=True, amx=amx)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-4)
 

@@ -76,7 +76,8 @@ def linear_dense(impl, ref, dtype):
             w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
             b = torch.randn(n, generator=g).to(dtype) if with_bias else None
             handle, ref_handle = impl.prepare(w.clone(), None if b is None else b.clone()), ref.prepare(w, b)
-            for rows in (1, 4, 5, 64, 131):
+            # Row counts around the implementations' switch points (AVX512 below 8 rows, AMX tiles, oneDNN from 256).
+            for rows in (1, 4, 5, 8, 17, 64, 131, 300):
                 x = torch.randn(rows, k, generator=g).to(dtype)
                 what = f"linear_dense {rows}x{k}->{n} bias={with_bias}"
                 _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what)

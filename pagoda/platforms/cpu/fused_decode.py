@@ -5,8 +5,9 @@ costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :clas
 weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
 ``pagoda_llama_decode`` (``kernels/csrc/cpu_decode.cpp``). That calls the same kernels in the same order, so its
-numbers are those of the per-op path. It plays the part CUDA graphs play on a GPU. Where the linear op runs
-oneDNN above a few rows (AMX CPUs), only the steps small enough for the packed GEMM are fused.
+numbers are those of the per-op path. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run
+on AMX tiles as the AMX linear op runs them, and only steps small enough for its packed-weight kernels are fused
+(it hands prefill-sized batches to oneDNN).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class _Layer(ctypes.Structure):
 class _Plan(ctypes.Structure):
     _fields_ = [(name, c_int64) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_size",
                                              "inter", "rot_dim", "block_size", "block_stride", "token_stride",
-                                             "window")] + [("eps", c_float), ("scale", c_float),
+                                             "window", "amx")] + [("eps", c_float), ("scale", c_float),
                                                            ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -55,7 +56,8 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     """The native GEMM descriptor of a layer's kernel, and the most rows it may take fused (None: any)."""
     handle, limit = kernel.handle, None
     if isinstance(kernel.op, cpu_op_impls.AmxDense):
-        handle, limit = handle.packed, cpu_op_impls.SMALL_BATCH  # above that the per-op path runs oneDNN
+        # The per-op path hands larger batches to oneDNN: fuse only what it runs on the packed weight.
+        handle, limit = handle.packed, cpu_op_impls.ONEDNN_MIN_ROWS - 1
     if isinstance(handle, PackedWeight) and kernel.bias is None:
         return _Linear(0, handle.ptrs[0], handle.ptrs[1], handle.n, handle.k), limit
     if isinstance(handle, PackedQuant):
@@ -90,6 +92,8 @@ class FusedDecode:
             raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
         self.lib, self.stack, self.keep = lib, stack, []
         self.max_tokens: int | None = None
+        # AMX tiles for the bf16 GEMMs exactly where the per-op path takes them (the AMX linear op).
+        self.amx = isinstance(ops.linear_dense, cpu_op_impls.AmxDense)
         layers = (_Layer * len(stack.layers))()
         for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
             if any(w.dtype != torch.bfloat16 for w in (layer.input_norm, layer.post_attention_norm)):
@@ -111,7 +115,7 @@ class FusedDecode:
         self.q_size = stack.num_heads * stack.head_size
         self.plan = _Plan(len(stack.layers), self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size,
                           self.inter, stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
-                          windows.pop() or 0, stack.norm_eps, stack.attention_scale,
+                          windows.pop() or 0, int(self.amx), stack.norm_eps, stack.attention_scale,
                           ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:

@@ -3,10 +3,9 @@
 Each declares the CPU capabilities it needs and its priority, ranked by what was measured (the op table in
 ``docs/benchmarks.md``):
 
-* ``linear_dense``: ``cpu_amx`` on CPUs with AMX-BF16 — torch's oneDNN matmul on a prepacked weight (AMX tiles,
-  2-6x the AVX512-BF16 GEMM from 16 rows up) with the AVX512-BF16 packed copy kept for batches of up to
-  :data:`SMALL_BATCH` rows, where streaming the weight once beats oneDNN; ``cpu_avx512_bf16`` (the packed GEMM
-  alone) elsewhere.
+* ``linear_dense``: ``cpu_amx`` on CPUs with AMX-BF16 — pagoda's AMX tile GEMM on the packed weight for
+  decode-sized batches (4-6x the AVX512-BF16 GEMM from 16 rows), oneDNN's AMX matmul on a prepacked copy for
+  prefill-sized ones; ``cpu_avx512_bf16`` (the packed AVX512-BF16 GEMM alone) elsewhere.
 * ``prefill_attention``: the native kernel ranks below torch's SDPA on AMX CPUs (whose flash attention runs on
   AMX) and above it elsewhere.
 * The elementwise ops take bf16 only: float32 keeps torch's kernels, which match the reference bit for bit.
@@ -23,8 +22,11 @@ from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import DecodePlan, PrefillPlan
 from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 
-#: Rows up to which a linear layer streams the packed weight (one pass over it for all rows) instead of oneDNN.
+#: Rows up to which the greedy LM head takes the AVX512-BF16 argmax kernel (one pass over the weight, no logits).
 SMALL_BATCH = 4
+#: Rows from which the AMX linear op hands the product to oneDNN (measured on a Xeon with AMX: oneDNN 1.8-2.6
+#: TFLOP/s at 512-2048 rows against 1.1-1.8 for pagoda's tile kernel, which leads up to 64 rows).
+ONEDNN_MIN_ROWS = 256
 
 
 class _Native(OpImpl):
@@ -106,15 +108,16 @@ class PackedDense(_NativeBf16Gemm):
 
 @dataclass
 class AmxWeight:
-    packed: cpu_ops.PackedWeight  # for batches of up to SMALL_BATCH rows, the greedy head and fused decode
-    onednn: torch.Tensor  # oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight)
+    packed: cpu_ops.PackedWeight  # AMX tiles from AMX_MIN_ROWS rows, AVX512-BF16 below; fused decode reads it
+    onednn: torch.Tensor  # oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight), from ONEDNN_MIN_ROWS
     bias: torch.Tensor | None  # bf16, for oneDNN
     k: int
 
 
 class AmxDense(_NativeBf16Gemm):
-    """oneDNN's AMX matmul on a prepacked weight, and the packed AVX512-BF16 GEMM for small batches. Keeps both
-    forms (twice the weight memory) because neither wins at every batch size."""
+    """AMX-BF16 CPUs: pagoda's AMX tile GEMM on the packed weight for decode-sized batches (it reads the layout the
+    AVX512-BF16 kernel reads, which also serves up to a few rows), and oneDNN's AMX matmul on its own prepacked copy
+    from ONEDNN_MIN_ROWS rows (prefill), where oneDNN's blocking wins. Keeps both forms: twice the weight memory."""
 
     op, name, priority = "linear_dense", "cpu_amx", 20
     requires = ("amx_bf16", "avx512_bf16")
@@ -122,6 +125,8 @@ class AmxDense(_NativeBf16Gemm):
     @classmethod
     def check(cls, platform) -> str | None:
         reason = super().check(platform)
+        if reason is None and not cpu.kernels().has_amx:
+            return "the native library was built without AMX (its compiler did not target AMX-BF16)"
         if reason is None and not torch.backends.mkldnn.is_available():
             return "this torch build has no oneDNN (mkldnn)"
         return reason
@@ -138,21 +143,21 @@ class AmxDense(_NativeBf16Gemm):
         return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
     def apply(self, handle, x):
-        if x.numel() <= SMALL_BATCH * handle.k:
-            return cpu_ops.packed_linear(x, handle.packed)
-        return self._onednn(handle, x)
+        if x.numel() >= ONEDNN_MIN_ROWS * handle.k:
+            return self._onednn(handle, x)
+        return cpu_ops.packed_linear(x, handle.packed, amx=True)
 
     def logits(self, handle, x):
-        if x.numel() <= SMALL_BATCH * handle.k:
-            return cpu_ops.packed_linear(x, handle.packed, float_output=True)
-        return self._onednn(handle, x).float()
+        if x.numel() >= ONEDNN_MIN_ROWS * handle.k:
+            return self._onednn(handle, x).float()
+        return cpu_ops.packed_linear(x, handle.packed, float_output=True, amx=True)
 
     def greedy(self, handle, x):
         if x.shape[0] <= SMALL_BATCH and handle.bias is None:
             return cpu_ops.linear_argmax(x, handle.packed)
-        # Above a few rows oneDNN's product beats the packed argmax kernel 6x (64 x 49152 x 576: 2.2 vs 18.7 ms);
-        # numpy's argmax over float32 rows is 5x torch's over bf16 (first maximum, a NaN wins: torch's rules).
-        return torch.from_numpy(self._onednn(handle, x).float().numpy().argmax(-1))
+        # Above a few rows the AMX product (float32 out) and numpy's argmax (5x torch's over bf16; first maximum, a
+        # NaN wins: torch's rules) beat the AVX512 argmax kernel 6x at 64 x 49152 x 576.
+        return torch.from_numpy(self.logits(handle, x).numpy().argmax(-1))
 
     def rows(self, handle, ids):
         return handle.packed.rows(ids)

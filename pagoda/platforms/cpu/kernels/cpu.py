@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 9
+ABI_VERSION = 10
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -54,7 +54,7 @@ class CpuKernels:
         lib.pagoda_pack_bf16.argtypes = [c_void_p, c_void_p, c_int64, c_int64]
         lib.pagoda_gemm_packed.restype = c_int
         lib.pagoda_gemm_packed.argtypes = [c_int, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
-                                           c_int64, c_int]
+                                           c_int64, c_int, c_int]
         lib.pagoda_rms_norm.restype = c_int
         lib.pagoda_rms_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
                                         c_float, c_int]
@@ -90,6 +90,9 @@ class CpuKernels:
         self.gemm_packed = lib.pagoda_gemm_packed
         # The packed bf16 GEMM needs AVX512-BF16 at build time (-march=native on a CPU that has it).
         self.has_packed_bf16 = bool(lib.pagoda_has_packed_bf16())
+        # The AMX GEMM is built where the compiler targets a CPU with AMX-BF16; it runs only where Linux granted
+        # the process the tile state (the caller checks).
+        self.has_amx = bool(lib.pagoda_has_amx())
 
 
 def _cpu_signature() -> str:

@@ -220,14 +220,17 @@ def _check(rc: int, kernel: str) -> None:
         raise RuntimeError(f"{kernel} failed with code {rc}")
 
 
-def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = False) -> torch.Tensor:
-    """``x @ W.T + b`` for bf16 ``x [..., k]`` against a packed weight; float32 out when ``float_output``."""
+def packed_linear(x: torch.Tensor, weight: PackedWeight, float_output: bool = False,
+                  amx: bool = False) -> torch.Tensor:
+    """``x @ W.T + b`` for bf16 ``x [..., k]`` against a packed weight; float32 out when ``float_output``. With
+    ``amx`` (only where the process may use AMX tiles), batches of 8 rows and more run on AMX tiles."""
     x2 = _bf16_rows(x, weight.k, "packed_linear")
     rows = x2.shape[0]
     out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
         _check(kernels().gemm_packed(int(float_output), out.data_ptr(), weight.n, x2.data_ptr(), weight.ptrs[0],
-                                     weight.ptrs[1], rows, weight.n, weight.k, _threads()), "pagoda_gemm_packed")
+                                     weight.ptrs[1], rows, weight.n, weight.k, _threads(), int(amx)),
+               "pagoda_gemm_packed")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 

@@ -25,15 +25,15 @@ struct Layer {
 
 struct Plan {
   int64_t num_layers, hidden, num_heads, num_kv_heads, head_size, inter, rot_dim;
-  int64_t block_size, block_stride, token_stride, window;
+  int64_t block_size, block_stride, token_stride, window, amx;  // amx: bf16 GEMMs may use AMX tiles
   float eps, scale;
   const Layer* layers;
 };
 
 #if defined(__AVX512BF16__)
-void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt) {
+void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool amx) {
   if (w.kind == 0) {
-    gemm_packed<false>(y, w.n, x, static_cast<const bf16_t*>(w.data), w.bias, m, w.n, w.k, nt);
+    gemm_packed<false>(y, w.n, x, static_cast<const bf16_t*>(w.data), w.bias, m, w.n, w.k, nt, amx);
     return;
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
@@ -76,7 +76,7 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
     } else {
       rms_norm<bf16_t>(normed, residual, hidden, residual, L.input_norm, tokens, p.hidden, p.eps, num_threads);
     }
-    linear(L.qkv, qkv, normed, tokens, num_threads);
+    linear(L.qkv, qkv, normed, tokens, num_threads, p.amx != 0);
     // q and k heads sit side by side in each row: one rotary pass over both.
     rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
                  static_cast<const float*>(sin), p.rot_dim, num_threads);
@@ -86,11 +86,11 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
     decode_attention<bf16_t>(attn, qkv, L.k_cache, L.v_cache, block_table, table_stride, seq_lens, tokens,
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
                              p.token_stride, p.scale, p.window, num_threads, qkv_n);
-    linear(L.o, hidden, attn, tokens, num_threads);
+    linear(L.o, hidden, attn, tokens, num_threads, p.amx != 0);
     rms_norm<bf16_t>(normed, residual, hidden, residual, L.post_norm, tokens, p.hidden, p.eps, num_threads);
-    linear(L.gate_up, gate_up, normed, tokens, num_threads);
+    linear(L.gate_up, gate_up, normed, tokens, num_threads, p.amx != 0);
     silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
-    linear(L.down, hidden, act, tokens, num_threads);
+    linear(L.down, hidden, act, tokens, num_threads, p.amx != 0);
   }
   return 0;
 #else

@@ -1,6 +1,7 @@
 // GEMMs on weights packed once after loading: bf16, and block-quantized GGUF codes; the row argmax.
 #pragma once
 
+#include "cpu_amx.h"
 #include "cpu_common.h"
 
 namespace {
@@ -99,9 +100,18 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
   }
 }
 
+// ``amx``: take AMX tiles where they apply (the caller has AMX's permission; k a multiple of 32, enough rows).
 template <bool F32Out>
 void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const float* bias, int64_t m, int64_t n,
-                 int64_t k, int num_threads) {
+                 int64_t k, int num_threads, bool amx = false) {
+#if defined(PAGODA_HAS_AMX)
+  if (amx && m >= kAmxMinRows && k % 32 == 0) {
+    gemm_packed_amx<F32Out>(y, ldy, x, wp, bias, m, n, k, num_threads);
+    return;
+  }
+#else
+  (void)amx;
+#endif
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t groups = (tiles + kNT - 1) / kNT;
   // Row blocks of kBlockM, halved (down to 2 micro-kernels) while there are too few tasks to balance the

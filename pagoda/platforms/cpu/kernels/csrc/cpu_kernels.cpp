@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 9; }
+int pagoda_kernels_abi_version() { return 10; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -88,6 +88,15 @@ int pagoda_rope(int dtype, void* x, int64_t row_stride, int64_t tokens, int64_t 
 }
 
 // 1 when this build has the packed bf16 GEMM (the CPU has AVX512-BF16), else 0.
+// Whether this build has the AMX GEMM (compiled for a CPU with AMX-BF16).
+int pagoda_has_amx() {
+#if defined(PAGODA_HAS_AMX)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int pagoda_has_packed_bf16() {
 #if defined(__AVX512BF16__)
   return 1;
@@ -112,15 +121,16 @@ void pagoda_pack_bf16(uint16_t* dst, const uint16_t* w, int64_t n, int64_t k) {
 // y [m, n] (rows ldy elements apart) = x [m, k] @ W^T + bias with W packed by pagoda_pack_bf16; bias is float32
 // (or null); y is float32 when out_f32 else bf16. Returns -1 when this build lacks the kernel.
 int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const void* wp, const float* bias, int64_t m,
-                       int64_t n, int64_t k, int num_threads) {
+                       int64_t n, int64_t k, int num_threads, int amx) {
 #if defined(__AVX512BF16__)
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* wb = static_cast<const bf16_t*>(wp);
-  if (out_f32) gemm_packed<true>(y, ldy, xb, wb, bias, m, n, k, num_threads);
-  else gemm_packed<false>(y, ldy, xb, wb, bias, m, n, k, num_threads);
+  if (out_f32) gemm_packed<true>(y, ldy, xb, wb, bias, m, n, k, num_threads, amx != 0);
+  else gemm_packed<false>(y, ldy, xb, wb, bias, m, n, k, num_threads, amx != 0);
   return 0;
 #else
   (void)out_f32; (void)y; (void)ldy; (void)x; (void)wp; (void)bias; (void)m; (void)n; (void)k; (void)num_threads;
+  (void)amx;
   return -1;
 #endif
 }
