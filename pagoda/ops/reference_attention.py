@@ -95,10 +95,30 @@ class PrefillAttention(OpImpl):
         """``query`` [tokens, heads, d] and this step's ``key``/``value`` [tokens, kv_heads, d] (already in the
         cache) → ``[tokens, heads, d]``."""
         out = torch.empty_like(query)
-        for span in plan.spans:
-            out[span.token_start:span.token_end] = self.attend_span(query, key, value, key_cache, value_cache, span,
-                                                                    scale, plan.sliding_window)
+        spans = plan.spans
+        i = 0
+        while i < len(spans):
+            # Consecutive fresh prompts of one length (a burst of new requests) attend in one batched call.
+            j = i
+            while (j + 1 < len(spans) and spans[j + 1].block_ids is None and spans[i].block_ids is None
+                   and plan.sliding_window is None and spans[j + 1].token_start == spans[j].token_end
+                   and spans[j + 1].token_end - spans[j + 1].token_start == spans[i].token_end - spans[i].token_start):
+                j += 1
+            if j > i:
+                s, e, n = spans[i].token_start, spans[j].token_end, j - i + 1
+                out[s:e] = self.attend_batch(query[s:e], key[s:e], value[s:e], n, scale)
+            else:
+                out[spans[i].token_start:spans[i].token_end] = self.attend_span(
+                    query, key, value, key_cache, value_cache, spans[i], scale, plan.sliding_window)
+            i = j + 1
         return out
+
+    @staticmethod
+    def attend_batch(query, key, value, n: int, scale: float) -> torch.Tensor:
+        """Causal attention of ``n`` equal-length fresh prompts laid end to end: one SDPA call on [n, H, L, d]."""
+        q, k, v = (t.unflatten(0, (n, -1)).transpose(1, 2) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(1, 2).flatten(0, 1)
 
     @staticmethod
     def attend_span(query, key, value, key_cache, value_cache, span: PrefillSpan, scale: float,

@@ -250,15 +250,17 @@ def test_rotary_embedding_rotates_adjacent_q_and_k_in_one_pass():
 
 
 @packed
-@pytest.mark.parametrize("form", ["bf16", "q4", "q8"])
+@pytest.mark.parametrize("form", ["bf16", "q4", "q8"] + (["bf16-amx"] if True in AMX else []))
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
     g = torch.Generator().manual_seed(rows)
     n, k = 5000, 96  # several 2048-column chunks and a partial one
     x = torch.randn(rows, k, generator=g).bfloat16()
+    amx = form.endswith("-amx")
+    form = form.removesuffix("-amx")
     if form == "bf16":
         weight = cpu_ops.pack_weight(torch.randn(n, k, generator=g).bfloat16())
-        logits = cpu_ops.packed_linear(x, weight, float_output=True)
+        logits = cpu_ops.packed_linear(x, weight, float_output=True, amx=amx)
     else:
         bits = 4 if form == "q4" else 8
         codes = (torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8) if bits == 4
@@ -267,17 +269,17 @@ def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
         offset = torch.randn(n, k // 32, generator=g) * 0.01 if bits == 4 else None
         weight = cpu_ops.pack_quantized(codes, scale, offset, bits)
         logits = cpu_ops.quant_linear(x, weight, float_output=True)
-    assert torch.equal(cpu_ops.linear_argmax(x, weight), logits.argmax(-1))
+    assert torch.equal(cpu_ops.linear_argmax(x, weight, amx=amx), logits.argmax(-1))
     # a tie across chunks: the first maximum wins
     if form == "bf16":
         w = torch.zeros(n, k).bfloat16()
         w[[3000, 100, 4500], 0] = 1.0
         tied = cpu_ops.pack_weight(w)
         ones = torch.ones(rows, k).bfloat16()
-        assert (cpu_ops.linear_argmax(ones, tied) == 100).all()
+        assert (cpu_ops.linear_argmax(ones, tied, amx=amx) == 100).all()
         # NaN columns win over any number, the first NaN among them (torch's argmax)
         w[[4500, 3000], 1] = float("nan")
         with_nan = cpu_ops.pack_weight(w)
-        assert (cpu_ops.linear_argmax(ones, with_nan) == 3000).all()
-        assert torch.equal(cpu_ops.packed_linear(ones, with_nan, float_output=True).argmax(-1),
-                           cpu_ops.linear_argmax(ones, with_nan))
+        assert (cpu_ops.linear_argmax(ones, with_nan, amx=amx) == 3000).all()
+        assert torch.equal(cpu_ops.packed_linear(ones, with_nan, float_output=True, amx=amx).argmax(-1),
+                           cpu_ops.linear_argmax(ones, with_nan, amx=amx))

@@ -170,7 +170,7 @@ def prefill_attention(impl, ref, dtype):
                                                    (8, 8, 128, 32, None), (4, 2, 64, 16, 9)):
         g = _gen(heads, kv_heads, d, block_size, window or 1)
         # (tokens cached before, chunk length): a fresh prompt, a prefix-cache hit, a later chunk, a long one
-        spans = [(0, 5), (16, 11), (37, 1), (0, 70)]
+        spans = [(0, 9), (0, 9), (0, 5), (16, 11), (37, 1), (0, 70)]
         kc, vc = _paged_cache(64, block_size, kv_heads, d, dtype, g)
         blocks = torch.randperm(64, generator=g).to(torch.int32)
         max_blocks = max(-(-(c + q) // block_size) for c, q in spans)

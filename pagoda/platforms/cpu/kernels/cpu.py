@@ -71,7 +71,8 @@ class CpuKernels:
                                             c_void_p, c_int64, c_void_p, c_void_p, c_int]
         self.llama_decode = lib.pagoda_llama_decode
         lib.pagoda_linear_argmax.restype = c_int
-        lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int]
+        lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int,
+                                             c_int]
         self.linear_argmax = lib.pagoda_linear_argmax
         lib.pagoda_prefill_attention.restype = c_int
         lib.pagoda_prefill_attention.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64,

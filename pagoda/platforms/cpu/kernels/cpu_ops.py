@@ -319,9 +319,10 @@ def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = Fals
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 
-def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant) -> torch.Tensor:
+def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant, amx: bool = False) -> torch.Tensor:
     """``(x @ W.T).argmax(-1)`` for bf16 ``x`` [rows, k] and a packed weight, without writing the logits out
-    (torch's rules: the first maximum, a NaN wins). A greedy LM head."""
+    (torch's rules: the first maximum, a NaN wins). A greedy LM head. ``amx``: bf16 weights on AMX tiles from 8
+    rows (only where the process may use them)."""
     x2 = _bf16_rows(x, weight.k, "linear_argmax")
     out = torch.empty(x2.shape[0], dtype=torch.int64)
     if isinstance(weight, PackedWeight):
@@ -332,5 +333,5 @@ def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant) -> torch.
         kind, ptr = weight.bits, weight.ptr
     if x2.shape[0]:
         _check(kernels().linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(),
-                                       _threads()), "pagoda_linear_argmax")
+                                       _threads(), int(amx)), "pagoda_linear_argmax")
     return out

@@ -160,7 +160,7 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
 // maximum (a NaN wins, as in torch's argmax); the threads' winners are merged at the end.
 // kind 0: W packed by pagoda_pack_bf16; 4 / 8: block-quantized as for pagoda_quant_gemm. -1 if not built.
 int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t* out,
-                         int num_threads) {
+                         int num_threads, int amx) {
 #if defined(__AVX512BF16__)
   if (kind != 0 && kind != 4 && kind != 8) return -1;
   constexpr int64_t kCols = 5 * kNT * kTile;  // 240 columns: whole micro-kernel tile groups
@@ -181,6 +181,10 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
       const int64_t c0 = sl * kCols, cols = n - c0 < kCols ? n - c0 : kCols, tile0 = c0 / kTile;
       if (kind == 0) {
         const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
+#if defined(PAGODA_HAS_AMX)
+        if (amx && m >= kAmxMinRows && k % 32 == 0) gemm_packed_amx<true>(buf.data(), cols, xb, wb, nullptr, m, cols, k, 1);
+        else
+#endif
         gemm_packed_serial<true>(buf.data(), cols, xb, wb, m, cols, k, w_end);
       } else {
         const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
@@ -212,7 +216,7 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   }
   return 0;
 #else
-  (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads;
+  (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads; (void)amx;
   return -1;
 #endif
 }
