@@ -11,7 +11,9 @@ from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                                 reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
 
-PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7, 7, 7, 9]]
+# Ten sequences: decode steps of 10 rows take the AMX tile GEMMs where the CPU has them (8 rows and more).
+PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7, 7, 7, 9]] + [
+    [1, 40 + i, 300 + 7 * i, 12] for i in range(6)]
 
 
 def _run(llm: LLM, fused: bool):
