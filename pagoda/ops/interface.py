@@ -96,9 +96,3 @@ class OpImpl:
     def check(cls, platform: type[Platform]) -> str | None:
         """Further probes beyond ``requires`` (a kernel library that must build, …): ``None`` or the reason."""
         return None
-
-    @classmethod
-    def describe(cls) -> str:
-        where = ", ".join(cls.platforms) if cls.platforms else "any platform"
-        needs = f"; needs {', '.join(cls.requires)}" if cls.requires else ""
-        return f"{cls.name} ({where}{needs}; priority {cls.priority})"

@@ -66,12 +66,6 @@ def test_packed_linear_keeps_leading_dims():
         cpu_ops.packed_linear(x.float(), weight)
 
 
-def test_can_pack_only_bf16_matrices():
-    assert not cpu_ops.can_pack(torch.randn(4, 4))
-    assert not cpu_ops.can_pack(torch.randn(4).bfloat16())
-    assert not cpu_ops.can_pack(None)
-
-
 def reference_decode(q, key_cache, value_cache, block_table, seq_lens, scale, window):
     """One sequence at a time, float64, keys/values gathered token by token through the block table."""
     n, heads, d = q.shape
@@ -136,7 +130,13 @@ def test_unavailable_compiler_is_reported(monkeypatch, tmp_path):
     try:
         assert cpu.kernels() is None
         assert "no-such-compiler" in cpu.unavailable_reason()
-        assert not cpu_ops.can_pack(torch.randn(4, 8).bfloat16())
+        # Every native op implementation then reports itself unavailable, with that reason.
+        from pagoda.ops import select_ops
+        from pagoda.platforms import resolve_platform
+
+        choice = select_ops(resolve_platform("cpu"), torch.bfloat16).choices["rms_norm"]
+        assert choice.chosen == "torch"
+        assert any(name == "cpu_native" and "no-such-compiler" in why for name, why in choice.passed_over)
     finally:
         monkeypatch.undo()
         cpu.reset_for_tests()

@@ -1,7 +1,7 @@
 """Tensor-level entry points to the native CPU kernels (see :mod:`pagoda.kernels.cpu`).
 
-Callers check applicability first (:func:`can_pack`, or ``None`` from :func:`decode_attention`) and keep their
-torch path for everything else.
+The CPU platform's op implementations (:mod:`pagoda.platforms.cpu.ops`) call these; each entry point checks
+the layouts it addresses (``None`` or ``False`` where it doesn't apply).
 """
 
 from __future__ import annotations
@@ -109,16 +109,10 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     return True
 
 
-def native_elementwise(x: torch.Tensor) -> bool:
-    """Whether the fused elementwise kernels (RMSNorm, SiLU-and-mul, rotary) run for ``x``: bf16 on the CPU, where
-    torch's kernels are slowest (float32 keeps torch's ops, bit-compatible with the reference implementation)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels() is not None
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of ``x`` [rows, hidden]; with ``residual``, of ``x + residual``, returning ``(out, x + residual)``.
-    Check :func:`native_elementwise` first."""
+   """
     lib = kernels()
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -134,7 +128,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]. Check :func:`native_elementwise` first."""
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]."""
     lib = kernels()
     x = x.contiguous()
     inter = x.shape[-1] // 2
@@ -146,7 +140,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of ``x`` [tokens, heads, head_size] in place (heads contiguous, rows may be
     strided, as views of a fused QKV output are); ``cos``/``sin`` float32 [tokens, rotary_dim] with rotate-half's
-    sign in ``sin``. Check :func:`native_elementwise` first."""
+    sign in ``sin``."""
     lib = kernels()
     tokens, heads, head_size = x.shape
     if x.stride(2) != 1 or x.stride(1) != head_size:
@@ -190,16 +184,8 @@ class PackedWeight:
         return self.data.numel() * self.data.element_size()
 
 
-def can_pack(weight: torch.Tensor | None) -> bool:
-    """Whether :func:`pack_weight` applies: a 2-D bf16 CPU weight and a build with the packed kernel."""
-    if weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
-        return False
-    lib = kernels()
-    return lib is not None and lib.has_packed_bf16
-
-
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
-    """Repack a bf16 ``[n, k]`` weight (check :func:`can_pack` first)."""
+    """Repack a bf16 ``[n, k]`` weight (the library must have the packed GEMM: ``kernels().has_packed_bf16``)."""
     lib = kernels()
     n, k = weight.shape
     data = torch.empty(-(-n // 16) * 16 * (-(-k // 2)) * 2, dtype=torch.bfloat16)
@@ -269,15 +255,9 @@ class PackedQuant:
         return w.reshape(*index.shape, self.k).to(dtype)
 
 
-def can_quant(k: int) -> bool:
-    """Whether :func:`pack_quantized` applies to rows of ``k`` inputs on this machine."""
-    lib = kernels()
-    return lib is not None and lib.has_packed_bf16 and k % 32 == 0
-
-
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:
     """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with ``scale``/``offset``
-    [n, k / 32] (8-bit: float16-exact scales, no offset, as Q8_0). Check :func:`can_quant` first."""
+    [n, k / 32] (8-bit: float16-exact scales, no offset, as Q8_0); ``k`` a multiple of 32."""
     n, k = codes.shape
     groups = k // 32
     tiles = -(-n // 16)
