@@ -59,6 +59,7 @@ class CpuPlatform(Platform):
         threads = envs.cpu_omp_threads()
         if threads:
             torch.set_num_threads(threads)
+        features.keep_activation_memory()
 
     @classmethod
     def describe(cls) -> dict[str, object]:
