@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.ops.reference import rotate
+from tests.ops.op_cases import block_quant_weights
 from pagoda.platforms.cpu import features
 from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 
@@ -205,13 +206,7 @@ def test_rotary_in_place_on_a_fused_qkv_view(rotary_dim):
 @pytest.mark.parametrize("n,k,rows", [(37, 64, 3), (576, 576, 1), (1536, 576, 9), (64, 96, 64)])
 def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
     g = torch.Generator().manual_seed(bits * 1000 + n + k + rows)
-    if bits == 4:
-        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-        offset = torch.randn(n, k // 32, generator=g) * 0.01
-    else:
-        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        offset = None
-    scale = torch.rand(n, k // 32, generator=g) * 0.01
+    codes, scale, offset = block_quant_weights(bits, n, k, g)
     if bits == 8:
         scale = scale.half().float()  # 8-bit weights keep Q8_0's float16 scales
     weight = codes.double() * scale.double().repeat_interleave(32, 1)

@@ -98,7 +98,7 @@ def _check_argmax(greedy: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     assert (top - picked <= 1e-2 * top.abs().clamp(min=1)).all(), f"{what}: greedy picked a non-maximum"
 
 
-def _block_quant_weights(bits: int, n: int, k: int, g: torch.Generator):
+def block_quant_weights(bits: int, n: int, k: int, g: torch.Generator):
     if bits == 4:
         codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
         offset = torch.randn(n, k // 32, generator=g) * 0.01
@@ -115,7 +115,7 @@ def linear_block_quant(impl, ref, dtype):
             if not impl.accepts(k, dtype):
                 continue
             g = _gen(bits, n, k)
-            codes, scale, offset = _block_quant_weights(bits, n, k, g)
+            codes, scale, offset = block_quant_weights(bits, n, k, g)
             handle, ref_handle = impl.prepare(codes, scale, offset, bits), ref.prepare(codes, scale, offset, bits)
             exact = ref.weight(ref_handle).double()
             for rows in (1, 9, 64):
