@@ -33,6 +33,15 @@ json.dump({k: v for k, v in r.items() if isinstance(v, (int, float, str))}, open
     --max-concurrency 64 --ignore-eos --temperature 0 --percentile-metrics ttft,tpot,itl,e2el \
     --metric-percentiles 50,99
 }
+serve_round() {  # NAME PORT ROUND SERVER-COMMAND...: start the server, load it with vLLM's client, stop it
+  local name=$1 port=$2 round=$3
+  shift 3
+  log "w3 $name round $round"
+  "$@" > "$DATA/w3-$name-server-round$round.log" 2>&1 &
+  local server=$!
+  wait_health "$port" && serve_client "$port" "$DATA/w3-$name-round$round.json" >> "$DATA/w3-client.log" 2>&1
+  kill "$server"; wait "$server" || true
+}
 
 for step in "${steps[@]}"; do
   case $step in
@@ -62,18 +71,10 @@ p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))
             --output-json "$DATA/w2-llamacpp-round$r.json" 2>>"$DATA/stderr.log"
         done ;;
     w3) for r in $(seq "$ROUNDS"); do
-          log "w3 pagoda round $r"
-          "${PAGODA[@]}" serve "$HF_DIR" --dtype bfloat16 --served-model-name smollm2-135m --host 127.0.0.1 \
-            --port 8731 --disable-log-requests > "$DATA/w3-pagoda-server-round$r.log" 2>&1 &
-          server=$!
-          wait_health 8731 && serve_client 8731 "$DATA/w3-pagoda-round$r.json" >> "$DATA/w3-client.log" 2>&1
-          kill "$server"; wait "$server" || true
-          log "w3 vllm round $r"
-          "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --served-model-name smollm2-135m \
-            --dtype bfloat16 --host 127.0.0.1 --port 8100 > "$DATA/w3-vllm-server-round$r.log" 2>&1 &
-          server=$!
-          wait_health 8100 && serve_client 8100 "$DATA/w3-vllm-round$r.json" >> "$DATA/w3-client.log" 2>&1
-          kill "$server"; wait "$server" || true
+          serve_round pagoda 8731 "$r" "${PAGODA[@]}" serve "$HF_DIR" --dtype bfloat16 \
+            --served-model-name smollm2-135m --host 127.0.0.1 --port 8731 --disable-log-requests
+          serve_round vllm 8100 "$r" "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" \
+            --served-model-name smollm2-135m --dtype bfloat16 --host 127.0.0.1 --port 8100
         done ;;
     overhead) log "overhead bf16"
           "${PAGODA[@]}" bench step-overhead --model "$HF_DIR" --dtype bfloat16 --num-requests 64 --input-len 128 \

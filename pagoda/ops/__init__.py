@@ -24,14 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagoda import envs
-from pagoda.logger import init_logger
 from pagoda.ops.interface import OPS, OpImpl
 
 if TYPE_CHECKING:
     from pagoda.platforms.interface import Platform
     from pagoda.plugins.registry import Registry
-
-logger = init_logger(__name__)
 
 __all__ = ["OPS", "OpImpl", "OpChoice", "OpSet", "select_ops", "parse_op_impl", "current_ops", "use_ops",
            "reference_ops"]

@@ -135,8 +135,8 @@ class LinearBlockQuant(OpImpl):
         scale = scale.float() if bits == 4 else scale.to(torch.float16).float()
         return BlockQuantWeight(codes, scale, None if offset is None else offset.float(), bits)
 
-    def _dequant(self, handle: BlockQuantWeight, codes: torch.Tensor, scale: torch.Tensor,
-                 offset: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _dequant(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         w = codes.float().unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)
         if offset is not None:
             w = w + offset.unsqueeze(-1)
@@ -144,7 +144,7 @@ class LinearBlockQuant(OpImpl):
 
     def weight(self, handle: BlockQuantWeight) -> torch.Tensor:
         """The dequantized float32 weight [n, k]."""
-        return self._dequant(handle, handle.codes, handle.scale, handle.offset)
+        return self._dequant(handle.codes, handle.scale, handle.offset)
 
     def apply(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(handle).to(x.dtype))
@@ -158,7 +158,7 @@ class LinearBlockQuant(OpImpl):
     def rows(self, handle: BlockQuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
         offset = None if handle.offset is None else handle.offset[flat]
-        w = self._dequant(handle, handle.codes[flat], handle.scale[flat], offset)
+        w = self._dequant(handle.codes[flat], handle.scale[flat], offset)
         return w.reshape(*ids.shape, -1).to(dtype)
 
     def nbytes(self, handle: BlockQuantWeight) -> int:

@@ -26,6 +26,11 @@ from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 #: TFLOP/s at 512-2048 rows against 1.1-1.8 for pagoda's tile kernel, which leads up to 64 rows).
 ONEDNN_MIN_ROWS = 256
 
+# The reference implementations the native ones hand the inputs their kernels don't take (layouts, head sizes).
+_REFERENCE_ROTARY = reference.RotaryEmbedding()
+_REFERENCE_WRITE_KV = reference.WriteKV()
+_REFERENCE_PREFILL = reference.PrefillAttention()
+
 
 class _Native(OpImpl):
     platforms = ("cpu",)
@@ -65,7 +70,7 @@ class NativeRotary(_Native):
         """In place: ``q`` and ``k`` are views of a layer's fresh QKV output. Side by side in each row (as a fused
         QKV projection leaves them), both are rotated in one call."""
         if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return reference.RotaryEmbedding()(q, k, cos, sin)
+            return _REFERENCE_ROTARY(q, k, cos, sin)
         heads, d = q.shape[1], q.shape[2]
         if k.stride(0) == q.stride(0) and k.data_ptr() == q.data_ptr() + heads * d * q.element_size():
             cpu_ops.rotary_(q.as_strided((q.shape[0], heads + k.shape[1], d), q.stride()), cos, sin)
@@ -106,10 +111,9 @@ class PackedDense(_NativeBf16Gemm):
 
 @dataclass
 class AmxWeight:
-    packed: cpu_ops.PackedWeight  # AMX tiles from AMX_MIN_ROWS rows, AVX512-BF16 below; fused decode reads it
+    packed: cpu_ops.PackedWeight  # AMX tiles from 8 rows, AVX512-BF16 below; fused decode reads it
     onednn: torch.Tensor  # oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight), from ONEDNN_MIN_ROWS
     bias: torch.Tensor | None  # bf16, for oneDNN
-    k: int
 
 
 class AmxDense(_NativeBf16Gemm):
@@ -132,22 +136,27 @@ class AmxDense(_NativeBf16Gemm):
     def prepare(self, weight, bias):
         weight = weight.contiguous()
         onednn = torch.ops.mkldnn._reorder_linear_weight(weight)
-        return AmxWeight(cpu_ops.pack_weight(weight, bias), onednn, None if bias is None else bias.detach(),
-                         weight.shape[1])
+        return AmxWeight(cpu_ops.pack_weight(weight, bias), onednn, None if bias is None else bias.detach())
 
-    def _onednn(self, handle, x):
-        x2 = x.reshape(-1, handle.k)
-        out = torch.ops.mkldnn._linear_pointwise(x2, handle.onednn, handle.bias, "none", [], "")
+    @staticmethod
+    def _onednn(handle, x):
+        """oneDNN's product for a prefill-sized ``x``, else None (the packed weight's kernels take it)."""
+        k = handle.packed.k
+        if x.numel() < ONEDNN_MIN_ROWS * k:
+            return None
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), handle.onednn, handle.bias, "none", [], "")
         return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
     def apply(self, handle, x):
-        if x.numel() >= ONEDNN_MIN_ROWS * handle.k:
-            return self._onednn(handle, x)
+        out = self._onednn(handle, x)
+        if out is not None:
+            return out
         return cpu_ops.packed_linear(x, handle.packed, amx=True)
 
     def logits(self, handle, x):
-        if x.numel() >= ONEDNN_MIN_ROWS * handle.k:
-            return self._onednn(handle, x).float()
+        out = self._onednn(handle, x)
+        if out is not None:
+            return out.float()
         return cpu_ops.packed_linear(x, handle.packed, float_output=True, amx=True)
 
     def greedy(self, handle, x):
@@ -196,7 +205,7 @@ class NativeWriteKV(_Native):
 
     def __call__(self, key_cache, value_cache, key, value, slot_mapping):
         if not cpu_ops.write_kv(key_cache, value_cache, key, value, slot_mapping):
-            reference.WriteKV()(key_cache, value_cache, key, value, slot_mapping)  # a layout the row copy can't take
+            _REFERENCE_WRITE_KV(key_cache, value_cache, key, value, slot_mapping)  # a layout the row copy can't take
 
 
 class NativeDecodeAttention(_Native):
@@ -233,14 +242,14 @@ class NativePrefillAttention(_NativeBf16Gemm):
 
     def plan(self, block_table, query_start_loc, seq_lens, query_start_loc_cpu, seq_lens_cpu, num_computed_cpu,
              block_size, sliding_window):
-        return reference.PrefillAttention().plan(block_table, query_start_loc, seq_lens, query_start_loc_cpu,
-                                                 seq_lens_cpu, num_computed_cpu, block_size, sliding_window)
+        return _REFERENCE_PREFILL.plan(block_table, query_start_loc, seq_lens, query_start_loc_cpu, seq_lens_cpu,
+                                       num_computed_cpu, block_size, sliding_window)
 
     def run(self, query, key, value, key_cache, value_cache, plan: PrefillPlan, scale):
         out = cpu_ops.prefill_attention(query, key_cache, value_cache, plan.block_table, plan.query_start_loc,
                                         plan.seq_lens, scale, plan.sliding_window)
         if out is None:  # a head size or layout the kernel doesn't take
-            return reference.PrefillAttention().run(query, key, value, key_cache, value_cache, plan, scale)
+            return _REFERENCE_PREFILL.run(query, key, value, key_cache, value_cache, plan, scale)
         return out
 
 
