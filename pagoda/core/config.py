@@ -170,15 +170,15 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
     else:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code,
                                                revision=args.revision)
-        quant_dict = dict(getattr(hf_config, "quantization_config", None) or {})
-        quantization = quant_dict.get("quant_method", "none")
+        quant_dict = read_quantization_config(path, hf_config)
+        quantization = str(quant_dict.get("quant_method", "none")).lower()
     if args.quantization and args.quantization.lower() != quantization:
         if quantization != "none":
             raise ValueError(f"quantization: the checkpoint is {quantization}-quantized but {args.quantization!r} "
                              "was requested")
         quantization = args.quantization.lower()
     method = registry.get_quantization_method(quantization)
-    reason = method.unavailable_reason(platform.name)
+    reason = method.reason_unavailable_on(platform)
     if reason:
         raise ValueError(f"quantization {quantization} can't run on platform {platform.name}: {reason}")
 
@@ -209,6 +209,33 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         is_encoder_only=model_cls.is_encoder_only,
         override_pooler_config=dict(args.override_pooler_config or {}),
     )
+
+
+# Files the quantization tools write beside (or instead of) config.json's quantization_config.
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
+
+
+def read_quantization_config(path: str, hf_config: Any) -> dict[str, Any]:
+    """The checkpoint's quantization config: ``quantization_config`` in config.json, else the first of
+    :data:`QUANT_CONFIG_FILES` in the directory (AutoGPTQ and old AutoAWQ files), its method inferred from its keys
+    when it doesn't name one. Empty for a dense checkpoint."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config:
+        return dict(config if isinstance(config, dict) else config.to_dict())
+    for name in QUANT_CONFIG_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                config = json.load(f)
+            if "quant_method" not in config:
+                if "w_bit" in config or "q_group_size" in config:
+                    config["quant_method"] = "awq"
+                elif "bits" in config and "group_size" in config:
+                    config["quant_method"] = "gptq"
+                else:
+                    raise ValueError(f"{file}: can't tell the quantization method (no quant_method)")
+            return config
+    return {}
 
 
 def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[str, type]:

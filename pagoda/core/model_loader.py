@@ -67,7 +67,8 @@ def _load_model(config: EngineConfig) -> nn.Module:
 
 
 def _check_all_loaded(model: nn.Module, loaded: set[str], path: str) -> None:
-    expected = {name for name, p in model.named_parameters() if getattr(p, "weight_loader", None) is not None}
+    expected = {name for name, p in model.named_parameters()
+                if getattr(p, "weight_loader", None) is not None and not getattr(p, "optional_weight", False)}
     expected |= {name for name, b in model.named_buffers() if getattr(b, "weight_loader", None) is not None}
     missing = sorted(expected - loaded)
     if missing:

@@ -101,10 +101,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
     quant = []
     for name, cls in sorted(registry.quantization_methods.items()):
-        reason = cls.unavailable_reason(chosen.name) if chosen is not None else None
-        if reason is None and chosen is not None and chosen.supported_quantization is not None \
-                and name not in chosen.supported_quantization:
-            reason = f"platform {chosen.name} does not list it"
+        reason = cls.reason_unavailable_on(chosen) if chosen is not None else None
         quant.append({"name": name, "status": "ok" if reason is None else "unusable", "reason": reason,
                       "plugin": registry.owner_of("quantization_method", name)})
     facts["quantization_methods"] = quant

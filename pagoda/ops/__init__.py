@@ -135,7 +135,7 @@ def reference_ops() -> OpSet:
     """The plain-torch reference implementation of every op."""
     from pagoda.ops import reference
 
-    impls = {cls.op: cls() for cls in reference.REFERENCE_IMPLS}
+    impls = {cls.op: cls() for cls in reference.REFERENCE_IMPLS + reference.QUANT_REFERENCE_IMPLS}
     return OpSet(impls, {op: OpChoice(op, "torch", False) for op in impls})
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import PagedDecodeAttention, PrefillAttention
+from pagoda.ops.reference_quant import QUANT_REFERENCE_IMPLS
 from pagoda.plugins.hookspecs import hookimpl
 
 
@@ -184,4 +185,4 @@ REFERENCE_IMPLS = [RmsNorm, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense
 
 @hookimpl
 def pagoda_register_ops():
-    return REFERENCE_IMPLS
+    return REFERENCE_IMPLS + QUANT_REFERENCE_IMPLS

@@ -84,6 +84,17 @@ class QuantizationConfig(ABC):
             return f"quantization {cls.name} runs on {', '.join(cls.platforms)}, not {platform_name}"
         return None
 
+    @classmethod
+    def reason_unavailable_on(cls, platform: Any) -> str | None:
+        """``None`` if the method can run on the resolved ``platform`` (the method's own check, and the platform's
+        ``supported_quantization`` list), else why not."""
+        reason = cls.unavailable_reason(platform.name)
+        if reason is None and platform.supported_quantization is not None \
+                and cls.name not in platform.supported_quantization:
+            reason = (f"platform {platform.name} supports {', '.join(platform.supported_quantization)} only, "
+                      f"not {cls.name}")
+        return reason
+
     @abstractmethod
     def get_linear_method(self, prefix: str) -> LinearMethod:
         """The method for the linear layer at ``prefix`` (e.g. ``model.layers.0.self_attn.qkv_proj``)."""

@@ -200,3 +200,4 @@ CASES = {"rms_norm": [rms_norm], "rotary_embedding": [rotary_embedding], "silu_a
          "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
          "prefill_attention": [prefill_attention]}
+

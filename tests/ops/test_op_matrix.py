@@ -15,11 +15,12 @@ from pagoda.ops import OPS
 from pagoda.ops.reference import rotate
 from pagoda.platforms import resolve_platform
 from pagoda.plugins.registry import get_registry
-from tests.ops import op_cases
+from tests.ops import op_cases, quant_op_cases
 
 REGISTRY = get_registry()
 PLATFORM = resolve_platform("auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CASES = {**op_cases.CASES, **quant_op_cases.CASES}
 IMPLS = [(op, name) for op in sorted(REGISTRY.ops) for name in sorted(REGISTRY.ops[op])]
 
 
@@ -42,7 +43,7 @@ def test_every_op_has_a_reference_and_only_known_ops_are_registered():
 @pytest.mark.parametrize("op,name", IMPLS, ids=[f"{op}-{name}" for op, name in IMPLS])
 def test_op_matches_reference(op, name, dtype):
     impl, ref = _impl(op, name, DTYPES[dtype])
-    for case in op_cases.CASES[op]:
+    for case in CASES[op]:
         case(impl, ref, DTYPES[dtype])
 
 
@@ -72,3 +73,4 @@ def test_references_match_float64_maths(dtype):
     q1, q2 = q.chunk(2, -1)
     c, s = angle.cos()[:, None], angle.sin()[:, None]
     torch.testing.assert_close(rotate(q, cos[:, None], sin[:, None]), torch.cat([q1 * c - q2 * s, q2 * c + q1 * s], -1))
+    quant_op_cases.references_match_float64(ops, dt)

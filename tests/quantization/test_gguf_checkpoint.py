@@ -214,7 +214,7 @@ print(json.dumps({"delta": rss() - before}))
 
 # Bounds on the resident-memory growth, in file sizes. bfloat16 (the CPU default): Q4_1 linears repack to
 # 0.625 byte/weight (int4 + bf16 scale/zero per 32, as in the file), the Q8_0 embedding stays at 1.06 byte:
-# ~1.1x measured. float32: Q4 codes are widened to int8 (1.25 byte/weight, see Int4AsInt8Kernel): ~1.8x
+# ~1.1x measured. float32: Q4 codes are widened to int8 (1.25 byte/weight, see int_kernels.Int8Kernel): ~1.8x
 # measured. Dequantized float copies would be 2.7x (bf16) / 5.5x (float32).
 RSS_BOUND = {"bfloat16": 1.5, "float32": 2.2}
 

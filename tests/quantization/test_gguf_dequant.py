@@ -14,7 +14,7 @@ from pagoda.quantization.gguf.dequant import dequantize
 from pagoda.ops import reference_ops, select_ops, use_ops
 from pagoda.platforms import resolve_platform
 from pagoda.platforms.cpu.kernels import cpu
-from pagoda.quantization.gguf.kernels import (DenseKernel, Int4AsInt8Kernel, Int4Kernel, Int8Kernel, BlockQuantKernel,
+from pagoda.quantization.gguf.kernels import (DenseKernel, Int4Kernel, Int8Kernel, BlockQuantKernel,
                                               RawKernel)
 
 from .conftest import random_blocks
@@ -22,8 +22,8 @@ from .conftest import random_blocks
 TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, T.Q8_0: Int8Kernel,
                    T.Q6_K: Int8Kernel, T.F32: DenseKernel, T.F16: DenseKernel, T.BF16: DenseKernel}
-EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int4AsInt8Kernel, T.Q4_1: Int4AsInt8Kernel,
-                       T.Q4_K: Int4AsInt8Kernel}
+EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int8Kernel, T.Q4_1: Int8Kernel,
+                       T.Q4_K: Int8Kernel}
 # bf16 with pagoda's native CPU kernels (a CPU with AVX512-BF16).
 EXPECTED_KERNEL_NATIVE = {**EXPECTED_KERNEL, T.Q4_0: BlockQuantKernel, T.Q4_1: BlockQuantKernel,
                           T.Q4_K: BlockQuantKernel, T.Q8_0: BlockQuantKernel}
@@ -150,7 +150,7 @@ def test_weights_stay_compact(kernel_path):
                          (T.Q5_K, 0.69), (T.Q2_K, 0.33)]:
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.float32 and qtype in (T.Q4_0, T.Q4_1, T.Q4_K):
-                limit = 1.26  # widened to int8 codes for float32 models (see Int4AsInt8Kernel)
+                limit = 1.26  # widened to int8 codes for float32 models (see int_kernels.Int8Kernel)
             layer, _ = _linear([256], 512, [_weight(qtype, 256, 512)], dtype=dtype)
             per_weight = layer.gguf_kernels[0].nbytes() / (256 * 512)
             assert per_weight <= limit, (qtype.name, dtype, per_weight)

@@ -1,0 +1,96 @@
+"""AQLM checkpoints (additive quantization of language models), as the last vLLM releases that had ``aqlm``.
+
+Per linear layer: ``codes`` [N/og, K/ig, M] (int8 for codebooks of up to 256 entries, int16 up to 65536, stored
+signed: take them modulo 2^nbits), ``codebooks`` [M, 2^nbits, og, ig], ``scales`` [N/og, 1, 1, 1]. Each
+``og × ig`` tile of the weight is the sum over the M codebooks of the entry its code picks, times the tile row's
+scale. The ``linear_codebook`` op multiplies by the codes; shards of a merged layer keep a kernel each (their
+codebooks differ).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.ops import current_ops
+from pagoda.quantization.checkpoint_linear import CheckpointLinearMethod, expect_shape, matches_module
+from pagoda.quantization.int_kernels import Kernel
+from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
+from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
+
+
+class CodebookKernel(Kernel):
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, n: int, k: int):
+        self.op = current_ops().linear_codebook
+        self.handle = self.op.prepare(codes, codebooks, scales)
+        self.out_features, self.in_features = n, k
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.apply(self.handle, x)
+
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.logits(self.handle, x)
+
+    def nbytes(self) -> int:
+        return self.op.nbytes(self.handle)
+
+
+class AQLMLinearMethod(CheckpointLinearMethod):
+    def __init__(self, prefix: str, in_group: int, out_group: int, num_codebooks: int, nbits: int):
+        super().__init__(prefix)
+        self.in_group, self.out_group, self.num_codebooks, self.nbits = in_group, out_group, num_codebooks, nbits
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return ("codes", "codebooks", "scales")
+
+    def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
+        k, ig, og, m = layer.input_size, self.in_group, self.out_group, self.num_codebooks
+        if k % ig:
+            raise ValueError(f"{self.prefix}: in_group_size {ig} does not divide the input size {k}")
+        kernels = []
+        for n, tensors in zip(layer.output_sizes, shards):
+            if n % og:
+                raise ValueError(f"{self.prefix}: out_group_size {og} does not divide the output size {n}")
+            codes, codebooks, scales = tensors["codes"], tensors["codebooks"], tensors["scales"]
+            expect_shape(self.prefix, "codes", codes, (n // og, k // ig, m), "out / og, in / ig, codebooks")
+            expect_shape(self.prefix, "codebooks", codebooks, (m, 1 << self.nbits, og, ig),
+                         "codebooks, 2^nbits, og, ig")
+            expect_shape(self.prefix, "scales", scales, (n // og, 1, 1, 1))
+            unsigned = codes.to(torch.int64) % (1 << self.nbits)  # stored signed
+            kernels.append(CodebookKernel(unsigned, codebooks, scales, n, k))
+        return kernels
+
+
+class AQLMConfig(QuantizationConfig):
+    name = "aqlm"
+
+    def __init__(self, in_group: int, out_group: int, num_codebooks: int, nbits: int, skip: list[str]):
+        self.in_group, self.out_group, self.num_codebooks, self.nbits = in_group, out_group, num_codebooks, nbits
+        self.skip = skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> AQLMConfig:
+        try:
+            in_group, out_group = int(config["in_group_size"]), int(config["out_group_size"])
+            num_codebooks, nbits = int(config["num_codebooks"]), int(config["nbits_per_codebook"])
+        except KeyError as e:
+            raise ValueError(f"quantization_config.{e.args[0]} is required for AQLM") from None
+        if not 1 <= nbits <= 16:
+            raise ValueError(f"quantization_config.nbits_per_codebook: {nbits} is not supported; supported: 1 to 16")
+        return cls(in_group, out_group, num_codebooks, nbits, list(config.get("linear_weights_not_to_quantize") or []))
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        if matches_module(prefix, self.skip):
+            return UnquantizedLinearMethod()
+        return AQLMLinearMethod(prefix, self.in_group, self.out_group, self.num_codebooks, self.nbits)
+
+    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
+        return UnquantizedEmbeddingMethod()
+
+
+@hookimpl
+def pagoda_register_quantization_methods():
+    return [AQLMConfig]

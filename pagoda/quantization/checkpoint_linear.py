@@ -1,0 +1,244 @@
+"""The shared shape of the checkpoint-quantized linear methods (AWQ, GPTQ, FP8, compressed-tensors, AQLM).
+
+A format names the tensors each linear layer has in its checkpoint (``qweight``, ``scales`` …). The method
+registers one placeholder parameter per name whose ``weight_loader`` keeps what the checkpoint gives, per shard of
+a merged layer (q/k/v, gate/up); after loading, the format's :meth:`CheckpointLinearMethod.build` turns the
+shards into compact kernels (:mod:`pagoda.quantization.int_kernels` and the format's own), and the loaded tensors
+are dropped. Shards of one kind concatenate into one kernel (one matmul for the merged layer); shards that can't
+(different input orders, say) keep a kernel each and their outputs are concatenated.
+
+Shapes are checked when the kernel is built, so a bad checkpoint fails at load with the layer, the tensor and
+what was expected (:func:`expect_shape`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.models.interface import LinearKernel
+from pagoda.ops import current_ops
+from pagoda.quantization.int_kernels import (BlockQuantKernel, Kernel, PermutedKernel, affine_kernel,
+                                             release_freed_memory)
+from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
+
+
+def expect_shape(prefix: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...], why: str = "") -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{prefix}.{name}: expected shape {tuple(shape)}{' (' + why + ')' if why else ''}, "
+                         f"the checkpoint has {tuple(tensor.shape)}")
+
+
+def expect_dtype(prefix: str, name: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> None:
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{prefix}.{name}: expected dtype {allowed}, the checkpoint has "
+                         f"{str(tensor.dtype).removeprefix('torch.')}")
+
+
+# Merged layers of pagoda's models and the checkpoint layers they hold.
+MERGED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _names(prefix: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], prefix) is not None
+    name = pattern.removesuffix(".weight")
+    return prefix == name or prefix.endswith("." + name) or name.endswith("." + prefix) or \
+        f".{name}." in f".{prefix}."
+
+
+def matches_module(prefix: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
+    """Whether the layer at ``prefix`` is named by one of ``patterns``: a module name or a dotted suffix of it
+    (``down_proj``, ``model.layers.0.mlp``), a checkpoint tensor name (``lm_head.weight``), or ``re:REGEX``. A
+    merged layer (``qkv_proj``) matches when all of its checkpoint layers do; some but not all is an error."""
+    patterns = list(patterns or ())
+    if not patterns:
+        return False
+    if any(_names(prefix, p) for p in patterns):
+        return True
+    head, _, last = prefix.rpartition(".")
+    parts = MERGED_LAYERS.get(last)
+    if not parts:
+        return False
+    hits = [any(_names(f"{head}.{part}" if head else part, p) for p in patterns) for part in parts]
+    if any(hits) and not all(hits):
+        raise ValueError(f"{prefix}: the checkpoint leaves {[p for p, h in zip(parts, hits) if h]} unquantized "
+                         f"but not {[p for p, h in zip(parts, hits) if not h]}; pagoda runs them as one layer")
+    return all(hits)
+
+
+@dataclass
+class AffineWeight:
+    """A shard decoded to ``w = codes * scale + offset`` per group of ``group`` inputs, its inputs in the order
+    ``perm`` when not None (act-order: groups are contiguous after permuting)."""
+
+    codes: torch.Tensor  # [N, K] uint8 0..15 (4-bit) or int8 (8-bit)
+    scale: torch.Tensor  # [N, K / group] float32
+    offset: torch.Tensor | None  # [N, K / group] float32
+    group: int
+    bits: int
+    perm: torch.Tensor | None = None
+
+
+def affine_kernels(shards: list[AffineWeight], act_dtype: torch.dtype) -> list[Kernel]:
+    """Kernels for the decoded shards of one layer: one kernel over all shards when they share the group, bits and
+    input order, else one per shard."""
+    op = current_ops().linear_block_quant
+    first = shards[0]
+    same = all(s.group == first.group and s.bits == first.bits and (s.offset is None) == (first.offset is None)
+               and _same_perm(s.perm, first.perm) for s in shards)
+    groups = [shards] if same else [[s] for s in shards]
+    kernels: list[Kernel] = []
+    for part in groups:
+        codes = torch.cat([s.codes for s in part]) if len(part) > 1 else part[0].codes
+        scale = torch.cat([s.scale for s in part]) if len(part) > 1 else part[0].scale
+        offset = None
+        if part[0].offset is not None:
+            offset = torch.cat([s.offset for s in part]) if len(part) > 1 else part[0].offset
+        kernel = affine_kernel(codes, scale, offset, part[0].group, part[0].bits, act_dtype, op)
+        if part[0].perm is not None:
+            kernel = PermutedKernel(kernel, part[0].perm)
+        kernels.append(kernel)
+    return kernels
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
+
+
+def group_order(g_idx: torch.Tensor, group: int, prefix: str) -> torch.Tensor | None:
+    """The input order that makes each group's inputs contiguous (act-order checkpoints), or None when they
+    already are. ``g_idx[k]`` is the group of input ``k``."""
+    k = g_idx.numel()
+    natural = torch.arange(k, device=g_idx.device) // group
+    g_idx = g_idx.to(torch.int64)
+    if torch.equal(g_idx, natural):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], natural):
+        raise ValueError(f"{prefix}.g_idx: every group must hold exactly {group} inputs; this g_idx doesn't "
+                         "(static-group checkpoints with uneven groups are not supported)")
+    return perm
+
+
+class CheckpointLinearMethod(LinearMethod):
+    """Base for formats whose linear layers load a fixed set of tensors; subclasses give :meth:`tensor_names` and
+    :meth:`build`."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def tensor_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def optional_tensor_names(self) -> tuple[str, ...]:
+        """Tensors a checkpoint may leave out (``g_idx`` of old GPTQ files, say); :meth:`build` sees them only
+        when loaded."""
+        return ()
+
+    def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]) -> list[Kernel]:
+        """Kernels computing the layer from the loaded tensors of each shard (in output order)."""
+        raise NotImplementedError
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool,
+                       params_dtype: torch.dtype) -> None:
+        layer.input_size = input_size
+        layer.output_sizes = list(output_sizes)
+        layer.params_dtype = params_dtype
+        layer.loaded_shards = [{} for _ in output_sizes]
+        layer.quant_kernels = None
+        optional = self.optional_tensor_names()
+        for name in self.tensor_names() + optional:
+            param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            param.weight_loader = self._loader(layer, name)
+            param.optional_weight = name in optional  # the loader's completeness check skips it
+            layer.register_parameter(name, param)
+        if bias:
+            b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
+            b.weight_loader = _bias_loader(output_sizes)
+            layer.register_parameter("bias", b)
+        else:
+            layer.bias = None
+
+    def _loader(self, layer: nn.Module, name: str):
+        prefix = self.prefix
+
+        def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
+            if shard_id is None and len(layer.output_sizes) > 1:
+                raise ValueError(f"{prefix}.{name}: a merged layer loads its tensors shard by shard")
+            layer.loaded_shards[shard_id or 0][name] = loaded
+
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.quant_kernels is not None:
+            return
+        device = next(iter(layer.parameters())).device
+        shards = []
+        for index, loaded in enumerate(layer.loaded_shards):
+            missing = [n for n in self.tensor_names() if n not in loaded]
+            if missing:
+                shard = f" (shard {index})" if len(layer.loaded_shards) > 1 else ""
+                raise ValueError(f"{self.prefix}{shard}: the checkpoint lacks {', '.join(missing)}")
+            shards.append({n: t.to(device) for n, t in loaded.items()})
+        layer.loaded_shards = None  # drop the checkpoint's tensors once built
+        layer.quant_kernels = self.build(layer, shards)
+        release_freed_memory()
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kernels = layer.quant_kernels
+        out = kernels[0].matmul(x) if len(kernels) == 1 else torch.cat([k.matmul(x) for k in kernels], dim=-1)
+        if layer.bias is not None:
+            out = out + layer.bias.to(out.dtype)
+        return out
+
+    def kernel(self, layer: nn.Module) -> LinearKernel | None:
+        kernels = layer.quant_kernels
+        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], BlockQuantKernel):
+            return None
+        return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
+
+
+def _bias_loader(output_sizes: list[int]):
+    offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        target = param.data if shard_id is None else param.data.narrow(0, offsets[shard_id], output_sizes[shard_id])
+        if target.shape != loaded.shape:
+            raise ValueError(f"bias shape mismatch for shard {shard_id}: parameter {tuple(target.shape)} vs "
+                             f"checkpoint {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+    return load
+
+
+class LinearHeadMethod(EmbeddingMethod):
+    """An LM head stored as a quantized linear layer (GPTQ's ``lm_head: true``): logits through the linear
+    method's kernels. It serves no embedding lookups (a tied table is never quantized this way)."""
+
+    def __init__(self, linear: CheckpointLinearMethod):
+        self.linear = linear
+
+    def create_weights(self, layer: nn.Module, num_embeddings: int, embedding_dim: int,
+                       params_dtype: torch.dtype) -> None:
+        self.linear.create_weights(layer, embedding_dim, [num_embeddings], False, params_dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.linear.process_weights_after_loading(layer)
+
+    def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{self.linear.prefix}: a quantized LM head can't serve as the embedding table")
+
+    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        kernels = layer.quant_kernels
+        return kernels[0].matmul_float(hidden)
+
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        return layer.quant_kernels[0].argmax(hidden)

@@ -1,0 +1,150 @@
+"""FP8 (float8_e4m3fn) weights: vLLM's own ``fp8`` method, and the FP8 schemes of compressed-tensors.
+
+A layer's checkpoint holds ``weight`` float8_e4m3fn [N, K] and a float32 scale that multiplies it: per tensor
+(``weight_scale``, one value), per output channel ([N, 1]), or per 128×128 block (``weight_scale_inv`` [N/128,
+K/128] in vLLM's format — a multiplier despite its name). A static activation scheme adds ``input_scale``; the
+activations are then rounded to FP8 with it, as a W8A8 kernel does. Shards of a merged layer with per-tensor
+scales are requantized to their largest scale, as vLLM does, so the layer has one scale. The ``linear_fp8`` op
+multiplies by the FP8 codes as they are: no dense copy is kept.
+
+With ``--quantization fp8`` on a dense checkpoint, each layer is quantized on load with one per-tensor scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.ops import current_ops
+from pagoda.ops.reference_quant import FP8_MAX
+from pagoda.quantization.checkpoint_linear import (CheckpointLinearMethod, expect_dtype, expect_shape,
+                                                   matches_module)
+from pagoda.quantization.int_kernels import Kernel
+from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
+from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
+
+
+class Fp8Kernel(Kernel):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group: int, input_scale: float | None):
+        self.op = current_ops().linear_fp8
+        self.handle = self.op.prepare(weight, scale, group, input_scale)
+        self.out_features, self.in_features = weight.shape
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.apply(self.handle, x)
+
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.logits(self.handle, x)
+
+    def nbytes(self) -> int:
+        return self.op.nbytes(self.handle)
+
+
+def to_fp8(w: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+class Fp8LinearMethod(CheckpointLinearMethod):
+    """``strategy``: "tensor", "channel" or "block" (with ``block`` = (rows, cols)); ``scale_name``: the scale
+    tensor's name in the checkpoint; ``static_input``: whether an ``input_scale`` is stored; ``quantize``: the
+    checkpoint is dense and is quantized here."""
+
+    def __init__(self, prefix: str, strategy: str, block: tuple[int, int] | None = None,
+                 scale_name: str = "weight_scale", static_input: bool = False, quantize: bool = False):
+        super().__init__(prefix)
+        self.strategy, self.block, self.scale_name = strategy, block, scale_name
+        self.static_input, self.quantize = static_input, quantize
+
+    def tensor_names(self) -> tuple[str, ...]:
+        if self.quantize:
+            return ("weight",)
+        return ("weight", self.scale_name) + (("input_scale",) if self.static_input else ())
+
+    def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
+        k = layer.input_size
+        if self.quantize:
+            dense = torch.cat([s["weight"] for s in shards]) if len(shards) > 1 else shards[0]["weight"]
+            expect_shape(self.prefix, "weight", dense, (sum(layer.output_sizes), k))
+            scale = dense.abs().amax().float().clamp(min=1e-12) / FP8_MAX
+            return [Fp8Kernel(to_fp8(dense, scale), scale.expand(dense.shape[0], 1), k, None)]
+        weights, scales = [], []
+        for n, tensors in zip(layer.output_sizes, shards):
+            weight = tensors["weight"]
+            expect_dtype(self.prefix, "weight", weight, torch.float8_e4m3fn)
+            expect_shape(self.prefix, "weight", weight, (n, k), "out_features, in_features")
+            weights.append(weight)
+            scales.append(self._scale(tensors[self.scale_name].float(), n, k))
+        input_scale = None
+        if self.static_input:
+            # One activation scale for the merged layer: the largest keeps every shard's inputs in range.
+            input_scale = max(float(s["input_scale"].float().max()) for s in shards)
+        group = k if self.strategy != "block" else self.block[1]
+        if self.strategy == "tensor" and len(shards) > 1:
+            top = max(float(s.max()) for s in scales)
+            weights = [w if float(s.max()) == top else to_fp8(w.float() * s, top) for w, s in zip(weights, scales)]
+            scales = [torch.full_like(s, top) for s in scales]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        scale = torch.cat(scales) if len(scales) > 1 else scales[0]
+        return [Fp8Kernel(weight.contiguous(), scale.contiguous(), group, input_scale)]
+
+    def _scale(self, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """The shard's scale as [n, K / group] float32."""
+        name = f"{self.prefix}.{self.scale_name}"
+        if self.strategy == "tensor":
+            if scale.numel() != 1:
+                raise ValueError(f"{name}: a per-tensor scale has one value, the checkpoint has {tuple(scale.shape)}")
+            return scale.reshape(1, 1).expand(n, 1)
+        if self.strategy == "channel":
+            if scale.numel() != n:
+                raise ValueError(f"{name}: a per-channel scale has {n} values, the checkpoint has "
+                                 f"{tuple(scale.shape)}")
+            return scale.reshape(n, 1)
+        bn, bk = self.block
+        if k % bk:
+            raise ValueError(f"{self.prefix}: block size {bk} does not divide the input size {k}")
+        expect_shape(self.prefix, self.scale_name, scale, (-(-n // bn), k // bk), f"blocks of {bn}x{bk}")
+        return scale.repeat_interleave(bn, dim=0)[:n]
+
+
+class Fp8Config(QuantizationConfig):
+    name = "fp8"
+
+    def __init__(self, serialized: bool, static_input: bool, ignored: list[str], block: tuple[int, int] | None):
+        self.serialized, self.static_input, self.ignored, self.block = serialized, static_input, ignored, block
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        serialized = "fp8" in str(config.get("quant_method", ""))
+        if not serialized:  # a dense checkpoint quantized on load (--quantization fp8)
+            return cls(False, False, [], None)
+        scheme = config.get("activation_scheme")
+        if scheme not in ("static", "dynamic"):
+            raise ValueError(f"quantization_config.activation_scheme must be 'static' or 'dynamic', got {scheme!r}")
+        block = config.get("weight_block_size")
+        if block is not None:
+            if len(block) != 2 or scheme != "dynamic":
+                raise ValueError("quantization_config.weight_block_size: block scales take two sizes and the "
+                                 f"dynamic activation scheme; got {block} with {scheme}")
+            block = (int(block[0]), int(block[1]))
+        ignored = list(config.get("ignored_layers") or []) + list(config.get("modules_to_not_convert") or [])
+        return cls(True, scheme == "static", ignored, block)
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        if matches_module(prefix, self.ignored):
+            return UnquantizedLinearMethod()
+        if not self.serialized:
+            return Fp8LinearMethod(prefix, "tensor", quantize=True)
+        if self.block is not None:
+            return Fp8LinearMethod(prefix, "block", self.block, "weight_scale_inv")
+        return Fp8LinearMethod(prefix, "tensor", static_input=self.static_input)
+
+    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
+        return UnquantizedEmbeddingMethod()
+
+
+@hookimpl
+def pagoda_register_quantization_methods():
+    return [Fp8Config]

@@ -1,0 +1,116 @@
+"""GPTQ checkpoints (AutoGPTQ, GPTQModel), as vLLM's ``gptq`` method.
+
+Per linear layer: ``qweight`` int32 [K·b/32, N] (codes packed along the inputs), ``qzeros`` int32 [G, N·b/32]
+(packed along the outputs), ``scales`` [G, N], ``g_idx`` int32 [K] (the group of each input; not monotone with
+act-order, ``desc_act``). ``w[n, k] = (q[k, n] − z[g_idx[k], n]) · s[g_idx[k], n]``, where the stored zero is
+``z − 1`` in the original format (``checkpoint_format`` "gptq") and ``z`` itself in "gptq_v2". 4- and 8-bit;
+``group_size`` −1 is one group over all inputs; ``lm_head: true`` quantizes the LM head too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.quantization.checkpoint_linear import (AffineWeight, CheckpointLinearMethod, LinearHeadMethod,
+                                                   affine_kernels, expect_dtype, expect_shape, group_order)
+from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
+from pagoda.quantization.packing import unpack_int32
+from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod
+
+SUPPORTED_BITS = (4, 8)
+
+
+class GPTQLinearMethod(CheckpointLinearMethod):
+    def __init__(self, prefix: str, bits: int, group_size: int, v2_zeros: bool):
+        super().__init__(prefix)
+        self.bits, self.group_size, self.v2_zeros = bits, group_size, v2_zeros
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return ("qweight", "qzeros", "scales")
+
+    def optional_tensor_names(self) -> tuple[str, ...]:
+        return ("g_idx",)  # written by every recent tool; older files without act-order may lack it
+
+    def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
+        k, bits = layer.input_size, self.bits
+        per_word = 32 // bits
+        group = self.group_size if self.group_size > 0 else k
+        if k % group:
+            raise ValueError(f"{self.prefix}: group_size {group} does not divide the input size {k}")
+        if k % per_word:
+            raise ValueError(f"{self.prefix}: {bits}-bit GPTQ packs {per_word} inputs per int32; {k} is not a multiple")
+        groups = k // group
+        decoded = []
+        for n, tensors in zip(layer.output_sizes, shards):
+            qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+            expect_dtype(self.prefix, "qweight", qweight, torch.int32)
+            expect_shape(self.prefix, "qweight", qweight, (k // per_word, n), f"in_features * {bits} / 32, out")
+            expect_shape(self.prefix, "scales", scales, (groups, n), f"in_features / group_size {group}, out")
+            expect_shape(self.prefix, "qzeros", qzeros, (groups, -(-n // per_word)), f"groups, out * {bits} / 32")
+            codes = unpack_int32(qweight, bits, 0).t()  # [N, K]
+            zeros = unpack_int32(qzeros, bits, 1)[:, :n].t().float()  # [N, G]
+            if not self.v2_zeros:
+                zeros = zeros + 1  # the original format stores zero - 1 (and kernels add the 1 back unmasked)
+            scale = scales.float().t().contiguous()
+            perm = None
+            if "g_idx" in tensors:
+                expect_shape(self.prefix, "g_idx", tensors["g_idx"], (k,), "in_features")
+                perm = group_order(tensors["g_idx"], group, self.prefix)
+            if perm is not None:
+                codes = codes.index_select(1, perm)
+            decoded.append(_affine(codes, scale, zeros, group, bits, perm))
+        return affine_kernels(decoded, layer.params_dtype)
+
+
+def _affine(codes: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor, group: int, bits: int,
+            perm: torch.Tensor | None) -> AffineWeight:
+    """``(q - z) * s`` as codes, scale and offset: 4-bit codes as they are (offset ``-z*s``); 8-bit codes centred
+    on 128 (int8), with an offset only where the zero point is not 128."""
+    if bits == 4:
+        return AffineWeight(codes.contiguous().to(torch.uint8), scale, -(zeros * scale), group, 4, perm)
+    centred = (codes - 128).to(torch.int8).contiguous()
+    offset = -((zeros - 128) * scale)
+    return AffineWeight(centred, scale, None if not offset.any() else offset, group, 8, perm)
+
+
+class GPTQConfig(QuantizationConfig):
+    name = "gptq"
+
+    def __init__(self, bits: int, group_size: int, desc_act: bool, v2_zeros: bool, lm_head: bool):
+        self.bits, self.group_size, self.desc_act, self.v2_zeros = bits, group_size, desc_act, v2_zeros
+        self.lm_head = lm_head
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GPTQConfig:
+        bits = int(config.get("bits", 4))
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"quantization_config.bits: GPTQ with {bits}-bit weights is not supported; supported: "
+                             f"{', '.join(map(str, SUPPORTED_BITS))}")
+        group = int(config.get("group_size", 128))
+        if group <= 0 and group != -1:
+            raise ValueError(f"quantization_config.group_size must be positive or -1, got {group}")
+        if config.get("dynamic"):
+            raise ValueError("quantization_config.dynamic: per-module GPTQ overrides are not supported")
+        fmt = str(config.get("checkpoint_format") or config.get("format") or "gptq").lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"quantization_config.checkpoint_format: {fmt!r} is not supported; supported: gptq, "
+                             "gptq_v2")
+        return cls(bits, group, bool(config.get("desc_act", False)), fmt == "gptq_v2",
+                   bool(config.get("lm_head", False)))
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        return GPTQLinearMethod(prefix, self.bits, self.group_size, self.v2_zeros)
+
+    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
+        if self.lm_head and prefix.split(".")[-1] == "lm_head":
+            return LinearHeadMethod(GPTQLinearMethod(prefix, self.bits, self.group_size, self.v2_zeros))
+        return UnquantizedEmbeddingMethod()
+
+
+@hookimpl
+def pagoda_register_quantization_methods():
+    return [GPTQConfig]

@@ -1,0 +1,106 @@
+"""Op cases for the quantized linear ops beyond block quantization: FP8, INT8 W8A8, additive codebooks."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.ops.op_cases import _check_argmax, _close, _gen
+
+
+def fp8_weights(n: int, k: int, group: int, g: torch.Generator):
+    weight = (torch.randn(n, k, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-4
+    return weight, scale
+
+
+def linear_fp8(impl, ref, dtype):
+    for n, k, group, input_scale in ((37, 64, 64, None), (576, 576, 64, None), (256, 256, 128, None),
+                                     (48, 128, 128, 0.05), (33, 96, 96, None)):
+        if not impl.accepts(k, group, dtype):
+            continue
+        g = _gen(n, k, group)
+        weight, scale = fp8_weights(n, k, group, g)
+        handle, ref_handle = impl.prepare(weight, scale, group, input_scale), ref.prepare(weight, scale, group,
+                                                                                         input_scale)
+        exact = ref.weight(ref_handle).double()
+        for rows in (1, 9, 64):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            what = f"linear_fp8 {rows}x{k}->{n} group {group} input_scale {input_scale}"
+            scale_of = (x.double() @ exact.T).abs().max().item()
+            _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+            torch.testing.assert_close(impl.logits(handle, x).double(), ref.logits(ref_handle, x).double(),
+                                       rtol=1e-5, atol=1e-5 * scale_of, msg=what + " logits")
+            greedy = impl.greedy(handle, x)
+            if greedy is not None:
+                _check_argmax(greedy, ref.logits(ref_handle, x).double(), what)
+
+
+def linear_int8(impl, ref, dtype):
+    for n, k, input_scale in ((37, 64, None), (576, 576, None), (1536, 576, None), (64, 96, 0.02)):
+        if not impl.accepts(k, dtype):
+            continue
+        g = _gen(n, k, 8)
+        weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+        handle, ref_handle = impl.prepare(weight, scale, input_scale), ref.prepare(weight, scale, input_scale)
+        for rows in (1, 9, 64):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            what = f"linear_int8 {rows}x{k}->{n} input_scale {input_scale}"
+            expected = ref.logits(ref_handle, x).double()
+            scale_of = expected.abs().max().item()
+            # Integer sums are exact in every implementation; only the final scaling may round differently.
+            torch.testing.assert_close(impl.logits(handle, x).double(), expected, rtol=1e-5, atol=1e-5 * scale_of,
+                                       msg=what + " logits")
+            _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+
+
+def linear_codebook(impl, ref, dtype):
+    for n, k, og, ig, m, nbits in ((32, 64, 1, 8, 1, 16), (48, 64, 1, 8, 2, 8), (32, 32, 2, 4, 1, 8)):
+        g = _gen(n, k, m, nbits)
+        codes = torch.randint(0, 1 << nbits, (n // og, k // ig, m), generator=g)
+        codebooks = torch.randn(m, 1 << nbits, og, ig, generator=g).half()
+        scales = (torch.rand(n // og, 1, 1, 1, generator=g) + 0.5).half()
+        handle, ref_handle = impl.prepare(codes, codebooks, scales), ref.prepare(codes, codebooks, scales)
+        for rows in (1, 9):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            expected = ref.logits(ref_handle, x).double()
+            scale_of = expected.abs().max().item()
+            what = f"linear_codebook {m}x{nbits} og {og} ig {ig} {rows}x{k}->{n}"
+            _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+            torch.testing.assert_close(impl.logits(handle, x).double(), expected, rtol=1e-5, atol=1e-5 * scale_of,
+                                       msg=what + " logits")
+
+
+CASES = {"linear_fp8": [linear_fp8], "linear_int8": [linear_int8], "linear_codebook": [linear_codebook]}
+
+
+def references_match_float64(ops: dict, dtype: torch.dtype) -> None:
+    """The three references against float64 maths written out from the formats' definitions."""
+    g = torch.Generator().manual_seed(5)
+    # FP8: w = e4m3 value * scale per group; a static input scale rounds x to its FP8 grid first.
+    weight, scale = fp8_weights(6, 64, 32, g)
+    w64 = (weight.double().reshape(6, 2, 32) * scale.double()[..., None]).reshape(6, 64)
+    x = torch.randn(3, 64, generator=g)
+    out = ops["linear_fp8"].logits(ops["linear_fp8"].prepare(weight, scale, 32), x.to(dtype)).double()
+    torch.testing.assert_close(out, x.to(dtype).double() @ w64.T, rtol=1e-5, atol=1e-4)
+    xq = (x / 0.25).clamp(-448, 448).to(torch.float8_e4m3fn).double() * 0.25
+    out = ops["linear_fp8"].logits(ops["linear_fp8"].prepare(weight, scale, 32, 0.25), x).double()
+    torch.testing.assert_close(out, xq @ w64.T, rtol=1e-5, atol=1e-4)
+    # INT8: per-token symmetric codes round(x / (amax / 127)).
+    wi = torch.randint(-127, 128, (5, 64), generator=g, dtype=torch.int8)
+    si = torch.rand(5, generator=g)
+    s_tok = x.double().abs().amax(-1, keepdim=True) / 127
+    acc = torch.round(x.double() / s_tok) @ wi.double().T
+    out = ops["linear_int8"].logits(ops["linear_int8"].prepare(wi, si), x).double()
+    torch.testing.assert_close(out, acc * s_tok * si.double(), rtol=1e-5, atol=1e-5)
+    # Codebooks: tile (o, i) = scale[o] * sum_m codebook[m, code[o, i, m]].
+    codes = torch.randint(0, 16, (4, 8, 2), generator=g)
+    books = torch.randn(2, 16, 1, 8, generator=g)
+    scales = torch.rand(4, 1, 1, 1, generator=g)
+    w = torch.zeros(4, 64, dtype=torch.float64)
+    for o in range(4):
+        for i in range(8):
+            w[o, i * 8:(i + 1) * 8] = scales[o, 0, 0, 0].double() * sum(books[m, codes[o, i, m], 0].double()
+                                                                       for m in range(2))
+    out = ops["linear_codebook"].logits(ops["linear_codebook"].prepare(codes, books, scales), x).double()
+    torch.testing.assert_close(out, x.double() @ w.T, rtol=1e-5, atol=1e-5)
