@@ -255,6 +255,27 @@ class PackedQuant:
         return w.reshape(*index.shape, self.k).to(dtype)
 
 
+E4M3 = 9  # the ``bits`` of FP8 e4m3 codes (pagoda_quant_gemm's kE4M3)
+E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
+
+
+def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
+    """Pack float8_e4m3fn ``weight`` [n, k] with float32 ``scale`` [n, k / 64] (``k`` a multiple of 64): the int8
+    layout with FP8 bytes, in groups of 64."""
+    n, k = weight.shape
+    groups = k // E4M3_GROUP
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    codes = weight.view(torch.uint8)
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+    c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 4, 1)  # [tile, group, pair, elem, col]
+    code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
+    params = scale.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+    return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
+
+
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:
     """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with ``scale``/``offset``
     [n, k / 32] (8-bit: float16-exact scales, no offset, as Q8_0); ``k`` a multiple of 32."""

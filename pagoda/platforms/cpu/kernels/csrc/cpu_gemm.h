@@ -163,22 +163,37 @@ void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp,
   }
 }
 
-// ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0) with bf16 activations ------------------------------
-// w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k. Codes (0..15, or -128..127)
-// are exact in bf16, so the pairwise bf16 dot product of codes and activations is exact too; each group's partial
-// sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
-// Packed per (tile of 16 rows n, group): 16 pair steps of codes, then the 16 rows' scales (and offsets):
+// ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0; AWQ / GPTQ; FP8) with bf16 activations -----------
+// w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k (64 for FP8). Codes (0..15,
+// -128..127, or FP8 e4m3 values) are exact in bf16, so the pairwise bf16 dot product of codes and activations is
+// exact too; each group's partial sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
+// Packed per (tile of 16 rows n, group): group / 2 pair steps of codes, then the 16 rows' scales (and offsets):
 //   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1; float32 scales and offsets
 //         (Q4_K's products of scales are not exact in float16)                          -> 384 bytes
 //   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
 //         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
+//   e4m3: as int8 with FP8 bytes, groups of 64 and float32 scales (1.06 bytes a weight) -> 1088 bytes
 constexpr int64_t kGroup = 32;
+constexpr int kE4M3 = 9;  // the "bits" value that selects FP8 e4m3 codes
 constexpr int kQMR = 8;
 
 template <int Bits> struct QLayout {
-  static constexpr int64_t code_bytes = Bits == 4 ? 256 : 512;
-  static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : 16 * 2);
+  static constexpr int64_t group = Bits == kE4M3 ? 64 : kGroup;
+  static constexpr int64_t code_bytes = Bits == 4 ? 256 : group * 16;
+  static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
 };
+
+// FP8 e4m3 bytes (in the low byte of each 32-bit lane) -> their bf16 encodings (low 16 bits). Normal numbers move
+// their exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) come from a table.
+inline __m512i e4m3_to_bf16(__m512i b) {
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 8);
+  const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(em, 4), _mm512_set1_epi32(120 << 7));
+  const __m512i subnormal = _mm512_permutexvar_epi32(
+      em, _mm512_setr_epi32(0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __mmask16 small = _mm512_cmplt_epu32_mask(em, _mm512_set1_epi32(8));
+  return _mm512_or_si512(sign, _mm512_mask_blend_epi32(small, normal, subnormal));
+}
 
 // The 16 (pair of codes) lanes of pair step p as bf16 pairs.
 template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, __m512i table);
@@ -195,11 +210,19 @@ template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, __m5
   const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
   return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
 }
+template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, __m512i) {
+  const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
+  const __m512i lo = e4m3_to_bf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(c)));
+  const __m512i hi = e4m3_to_bf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(c + 1)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
 
 template <int Bits, int MR, bool F32Out>
 inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum, int64_t k, const uint8_t* tile,
                        int64_t col, int64_t n) {
-  const int64_t groups = k / kGroup;
+  constexpr int64_t G = QLayout<Bits>::group;
+  const int64_t groups = k / G;
+  const int64_t sum_groups = k / kGroup;  // xsum holds sums of 32 (used by 4-bit codes only)
   __m512i table = _mm512_setzero_si512();
   if constexpr (Bits == 4) {
     alignas(64) uint16_t t[32];
@@ -212,11 +235,11 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
     const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
     __m512 part[MR];
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < kGroup / 2; ++p) {
+    for (int64_t p = 0; p < G / 2; ++p) {
       const __m512bh w = (__m512bh)decode_pairs<Bits>(blk, p, table);
       for (int r = 0; r < MR; ++r) {
         uint32_t pair;
-        std::memcpy(&pair, x + r * k + g * kGroup + 2 * p, 4);
+        std::memcpy(&pair, x + r * k + g * G + 2 * p, 4);
         part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), w);
       }
     }
@@ -225,7 +248,10 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
       const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
       const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
       for (int r = 0; r < MR; ++r)
-        out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+        out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * sum_groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+    } else if constexpr (Bits == kE4M3) {
+      const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
+      for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
     } else {
       const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
       for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
@@ -261,10 +287,10 @@ template <int Bits, bool F32Out>
 void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads,
                 const float* xsum = nullptr) {
   const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
-  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
   const int64_t esz = F32Out ? 4 : 2;
   std::vector<float> own;
-  if (xsum == nullptr) {
+  if (xsum == nullptr && Bits == 4) {  // only offsets read the group sums
     own = group_sums(x, m, k);
     xsum = own.data();
   }

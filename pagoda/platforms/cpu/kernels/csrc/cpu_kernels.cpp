@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 10; }
+int pagoda_kernels_abi_version() { return 11; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -136,7 +136,8 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
 }
 
 // y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits 4 or 8, k a multiple of
-// 32); y float32 when out_f32 else bf16. Returns -1 when this build lacks AVX512-BF16 or bits is not 4 or 8.
+// 32; or kE4M3, k a multiple of 64); y float32 when out_f32 else bf16. Returns -1 when this build lacks
+// AVX512-BF16 or bits is none of those.
 int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,
                       int64_t k, int num_threads) {
 #if defined(__AVX512BF16__)
@@ -147,6 +148,8 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
   else if (bits == 4) quant_gemm<4, false>(y, xb, pb, m, n, k, num_threads);
   else if (bits == 8 && out_f32) quant_gemm<8, true>(y, xb, pb, m, n, k, num_threads);
   else if (bits == 8) quant_gemm<8, false>(y, xb, pb, m, n, k, num_threads);
+  else if (bits == kE4M3 && k % QLayout<kE4M3>::group == 0 && out_f32) quant_gemm<kE4M3, true>(y, xb, pb, m, n, k, num_threads);
+  else if (bits == kE4M3 && k % QLayout<kE4M3>::group == 0) quant_gemm<kE4M3, false>(y, xb, pb, m, n, k, num_threads);
   else return -1;
   return 0;
 #else
