@@ -23,21 +23,12 @@ class Fp8Weight:
     weight: torch.Tensor  # float8_e4m3fn [n, k]
     scale: torch.Tensor  # float32 [n, k / group]
     group: int
-    input_scale: float | None
-
-
-def quantize_fp8_static(x: torch.Tensor, input_scale: float) -> torch.Tensor:
-    """``x`` rounded to the FP8 grid of a static activation scale, and scaled back (what a W8A8 kernel
-    multiplies)."""
-    q = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * input_scale).to(x.dtype)
 
 
 class LinearFp8(OpImpl):
     """``w = fp8 · scale`` with one float32 scale per ``group`` inputs of each row (per-tensor and per-channel scales
     are one group of all inputs; 128×128 blocks are groups of 128 with the scale repeated over the block's rows).
-    With a static ``input_scale`` the activations are first rounded to FP8 as a W8A8 kernel would; dynamic
-    activation scales leave the activations as they are (the products are then exact rather than rounded)."""
+    The activations stay in the model's dtype: products of FP8 weights and bf16/float32 activations are exact."""
 
     op, name, is_reference = "linear_fp8", "torch", True
 
@@ -45,15 +36,14 @@ class LinearFp8(OpImpl):
         """Whether :meth:`prepare` takes weights of ``in_features`` with groups of ``group`` for ``act_dtype``."""
         return in_features % group == 0
 
-    def prepare(self, weight: torch.Tensor, scale: torch.Tensor, group: int,
-                input_scale: float | None = None) -> Fp8Weight:
+    def prepare(self, weight: torch.Tensor, scale: torch.Tensor, group: int) -> Fp8Weight:
         n, k = weight.shape
         if weight.dtype != torch.float8_e4m3fn:
             raise ValueError(f"FP8 weights must be float8_e4m3fn, got {weight.dtype}")
         if k % group or scale.shape != (n, k // group):
             raise ValueError(f"FP8 scales for a [{n}, {k}] weight in groups of {group} must be {(n, k // group)}, "
                              f"got {tuple(scale.shape)}")
-        return Fp8Weight(weight, scale.float().contiguous(), group, input_scale)
+        return Fp8Weight(weight, scale.float().contiguous(), group)
 
     @staticmethod
     def weight(handle: Fp8Weight, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -62,8 +52,6 @@ class LinearFp8(OpImpl):
         return (w * handle.scale[start:stop].unsqueeze(-1)).flatten(-2)
 
     def _matmul(self, handle: Fp8Weight, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if handle.input_scale is not None:
-            x = quantize_fp8_static(x, handle.input_scale)
         n = handle.weight.shape[0]
         out = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
         for start in range(0, n, _CHUNK_ROWS):

@@ -2,10 +2,13 @@
 
 A layer's checkpoint holds ``weight`` float8_e4m3fn [N, K] and a float32 scale that multiplies it: per tensor
 (``weight_scale``, one value), per output channel ([N, 1]), or per 128×128 block (``weight_scale_inv`` [N/128,
-K/128] in vLLM's format — a multiplier despite its name). A static activation scheme adds ``input_scale``; the
-activations are then rounded to FP8 with it, as a W8A8 kernel does. Shards of a merged layer with per-tensor
-scales are requantized to their largest scale, as vLLM does, so the layer has one scale. The ``linear_fp8`` op
-multiplies by the FP8 codes as they are: no dense copy is kept.
+K/128] in vLLM's format — a multiplier despite its name). The ``linear_fp8`` op multiplies by the FP8 codes as
+they are (no dense copy is kept) with a scale per row and group of inputs, so the shards of a merged layer keep
+their own per-tensor scales: vLLM requantizes them to the largest (its kernels take one scale per tensor), which
+costs accuracy and buys nothing here.
+
+Activations stay in the model's dtype, as in transformers: FP8 × bf16 products are exact, and the CPU has no FP8
+arithmetic to gain from rounding them. A static scheme's ``input_scale`` is loaded and checked, not applied.
 
 With ``--quantization fp8`` on a dense checkpoint, each layer is quantized on load with one per-tensor scale.
 """
@@ -28,9 +31,9 @@ from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, Unquanti
 
 
 class Fp8Kernel(Kernel):
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group: int, input_scale: float | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group: int):
         self.op = current_ops().linear_fp8
-        self.handle = self.op.prepare(weight, scale, group, input_scale)
+        self.handle = self.op.prepare(weight, scale, group)
         self.out_features, self.in_features = weight.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ class Fp8LinearMethod(CheckpointLinearMethod):
             dense = torch.cat([s["weight"] for s in shards]) if len(shards) > 1 else shards[0]["weight"]
             expect_shape(self.prefix, "weight", dense, (sum(layer.output_sizes), k))
             scale = dense.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-            return [Fp8Kernel(to_fp8(dense, scale), scale.expand(dense.shape[0], 1), k, None)]
+            return [Fp8Kernel(to_fp8(dense, scale), scale.expand(dense.shape[0], 1), k)]
         weights, scales = [], []
         for n, tensors in zip(layer.output_sizes, shards):
             weight = tensors["weight"]
@@ -77,18 +80,14 @@ class Fp8LinearMethod(CheckpointLinearMethod):
             expect_shape(self.prefix, "weight", weight, (n, k), "out_features, in_features")
             weights.append(weight)
             scales.append(self._scale(tensors[self.scale_name].float(), n, k))
-        input_scale = None
         if self.static_input:
-            # One activation scale for the merged layer: the largest keeps every shard's inputs in range.
-            input_scale = max(float(s["input_scale"].float().max()) for s in shards)
+            for index, tensors in enumerate(shards):
+                if not torch.isfinite(tensors["input_scale"].float()).all() or tensors["input_scale"].numel() != 1:
+                    raise ValueError(f"{self.prefix}.input_scale (shard {index}): expected one finite value")
         group = k if self.strategy != "block" else self.block[1]
-        if self.strategy == "tensor" and len(shards) > 1:
-            top = max(float(s.max()) for s in scales)
-            weights = [w if float(s.max()) == top else to_fp8(w.float() * s, top) for w, s in zip(weights, scales)]
-            scales = [torch.full_like(s, top) for s in scales]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         scale = torch.cat(scales) if len(scales) > 1 else scales[0]
-        return [Fp8Kernel(weight.contiguous(), scale.contiguous(), group, input_scale)]
+        return [Fp8Kernel(weight.contiguous(), scale.contiguous(), group)]
 
     def _scale(self, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """The shard's scale as [n, K / group] float32."""

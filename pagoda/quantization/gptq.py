@@ -4,11 +4,14 @@ Per linear layer: ``qweight`` int32 [K·b/32, N] (codes packed along the inputs)
 (packed along the outputs), ``scales`` [G, N], ``g_idx`` int32 [K] (the group of each input; not monotone with
 act-order, ``desc_act``). ``w[n, k] = (q[k, n] − z[g_idx[k], n]) · s[g_idx[k], n]``, where the stored zero is
 ``z − 1`` in the original format (``checkpoint_format`` "gptq") and ``z`` itself in "gptq_v2". 4- and 8-bit;
-``group_size`` −1 is one group over all inputs; ``lm_head: true`` quantizes the LM head too.
+``group_size`` −1 is one group over all inputs; ``lm_head: true`` quantizes the LM head too. ``dynamic`` (GPTQModel)
+overrides these per module: its keys are regular expressions matched against the module's name, ``-:`` before
+one leaves matching modules dense, and ``+:`` (or nothing) gives them the values of its dict.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ from pagoda.quantization.checkpoint_linear import (AffineWeight, CheckpointLinea
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.packing import unpack_int32
-from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod
+from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 SUPPORTED_BITS = (4, 8)
 
@@ -80,35 +83,68 @@ def _affine(codes: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor, group
 class GPTQConfig(QuantizationConfig):
     name = "gptq"
 
-    def __init__(self, bits: int, group_size: int, desc_act: bool, v2_zeros: bool, lm_head: bool):
+    def __init__(self, bits: int, group_size: int, desc_act: bool, v2_zeros: bool, lm_head: bool,
+                 dynamic: dict[str, dict[str, Any]] | None = None):
         self.bits, self.group_size, self.desc_act, self.v2_zeros = bits, group_size, desc_act, v2_zeros
         self.lm_head = lm_head
+        self.dynamic = dynamic or {}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GPTQConfig:
-        bits = int(config.get("bits", 4))
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"quantization_config.bits: GPTQ with {bits}-bit weights is not supported; supported: "
-                             f"{', '.join(map(str, SUPPORTED_BITS))}")
-        group = int(config.get("group_size", 128))
-        if group <= 0 and group != -1:
-            raise ValueError(f"quantization_config.group_size must be positive or -1, got {group}")
-        if config.get("dynamic"):
-            raise ValueError("quantization_config.dynamic: per-module GPTQ overrides are not supported")
+        bits = _bits(config.get("bits", 4), "quantization_config.bits")
+        group = _group(config.get("group_size", 128), "quantization_config.group_size")
         fmt = str(config.get("checkpoint_format") or config.get("format") or "gptq").lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"quantization_config.checkpoint_format: {fmt!r} is not supported; supported: gptq, "
                              "gptq_v2")
+        dynamic = dict(config.get("dynamic") or {})
+        for pattern, values in dynamic.items():
+            where = f"quantization_config.dynamic[{pattern!r}]"
+            try:
+                re.compile(pattern.removeprefix("+:").removeprefix("-:"))
+            except re.error as e:
+                raise ValueError(f"{where}: not a regular expression ({e})") from None
+            if not pattern.startswith("-:"):
+                _bits(values.get("bits", bits), where + ".bits")
+                _group(values.get("group_size", group), where + ".group_size")
         return cls(bits, group, bool(config.get("desc_act", False)), fmt == "gptq_v2",
-                   bool(config.get("lm_head", False)))
+                   bool(config.get("lm_head", False)), dynamic)
+
+    def _method(self, prefix: str) -> GPTQLinearMethod | None:
+        """This module's method after the ``dynamic`` overrides; None when they leave it dense."""
+        bits, group = self.bits, self.group_size
+        for pattern, values in self.dynamic.items():
+            if re.match(pattern.removeprefix("+:").removeprefix("-:"), prefix):
+                if pattern.startswith("-:"):
+                    return None
+                bits, group = int(values.get("bits", bits)), int(values.get("group_size", group))
+                break
+        return GPTQLinearMethod(prefix, bits, group, self.v2_zeros)
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
-        return GPTQLinearMethod(prefix, self.bits, self.group_size, self.v2_zeros)
+        return self._method(prefix) or UnquantizedLinearMethod()
 
     def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
         if self.lm_head and prefix.split(".")[-1] == "lm_head":
-            return LinearHeadMethod(GPTQLinearMethod(prefix, self.bits, self.group_size, self.v2_zeros))
+            method = self._method(prefix)
+            if method is not None:
+                return LinearHeadMethod(method)
         return UnquantizedEmbeddingMethod()
+
+
+def _bits(value: Any, where: str) -> int:
+    bits = int(value)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{where}: GPTQ with {bits}-bit weights is not supported; supported: "
+                         f"{', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+def _group(value: Any, where: str) -> int:
+    group = int(value)
+    if group <= 0 and group != -1:
+        raise ValueError(f"{where} must be positive or -1, got {group}")
+    return group
 
 
 @hookimpl

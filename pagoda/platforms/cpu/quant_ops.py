@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.ops.interface import OpImpl
-from pagoda.ops.reference_quant import quantize_fp8_static, quantize_int8_per_token
+from pagoda.ops.reference_quant import quantize_int8_per_token
 from pagoda.platforms.cpu.kernels import cpu_ops
 from pagoda.platforms.cpu.ops import _NativeBf16Gemm
 
@@ -26,30 +26,20 @@ class PackedFp8(_NativeBf16Gemm):
         return (in_features % cpu_ops.E4M3_GROUP == 0 and group % cpu_ops.E4M3_GROUP == 0
                 and act_dtype == torch.bfloat16)
 
-    def prepare(self, weight, scale, group, input_scale=None):
-        per_64 = scale.float().repeat_interleave(group // cpu_ops.E4M3_GROUP, dim=1)
-        return _Fp8Handle(cpu_ops.pack_fp8(weight, per_64), input_scale)
-
-    def _x(self, handle, x):
-        return x if handle.input_scale is None else quantize_fp8_static(x, handle.input_scale)
+    def prepare(self, weight, scale, group):
+        return cpu_ops.pack_fp8(weight, scale.float().repeat_interleave(group // cpu_ops.E4M3_GROUP, dim=1))
 
     def apply(self, handle, x):
-        return cpu_ops.quant_linear(self._x(handle, x), handle.packed)
+        return cpu_ops.quant_linear(x, handle)
 
     def logits(self, handle, x):
-        return cpu_ops.quant_linear(self._x(handle, x), handle.packed, float_output=True)
+        return cpu_ops.quant_linear(x, handle, float_output=True)
 
     def greedy(self, handle, x):
         return None
 
     def nbytes(self, handle):
-        return handle.packed.data.numel()
-
-
-@dataclass
-class _Fp8Handle:
-    packed: cpu_ops.PackedQuant
-    input_scale: float | None
+        return handle.data.numel()
 
 
 @dataclass
