@@ -136,6 +136,19 @@ class LinearBlockQuant(OpImpl):
         scale = scale.float() if bits == 4 else scale.to(torch.float16).float()
         return BlockQuantWeight(codes, scale, None if offset is None else offset.float(), bits)
 
+    def accepts_zero(self, in_features: int, group: int, act_dtype: torch.dtype) -> bool:
+        """Whether :meth:`prepare_zero` takes 4-bit weights with a zero point per ``group`` inputs."""
+        return group % 32 == 0 and in_features % group == 0
+
+    def prepare_zero(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group: int) -> BlockQuantWeight:
+        """4-bit ``codes`` [n, k] (0..15) with ``w = (code - zero) * scale``, one ``scale``/``zero`` [n, k / group]
+        per group (AWQ, GPTQ): the same op as :meth:`prepare` with ``offset = -zero * scale`` per 32 (exact in
+        float32 for float16/bfloat16 scales and integer zeros); an implementation may keep the compact form."""
+        per = group // 32
+        scale, zero = scale.float().repeat_interleave(per, 1), zero.float().repeat_interleave(per, 1)
+        return self.prepare(codes, scale, -(zero * scale), 4)
+
     @staticmethod
     def _dequant(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         w = codes.float().unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)

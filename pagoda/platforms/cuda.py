@@ -85,3 +85,11 @@ class CudaPlatform(Platform):
 @hookimpl
 def pagoda_register_platforms():
     return [CudaPlatform]
+
+
+@hookimpl
+def pagoda_register_ops():
+    # The module imports triton only if it is installed and jits its kernels on first use: registering is cheap.
+    from pagoda.platforms.cuda_quant_ops import CUDA_QUANT_OP_IMPLS
+
+    return CUDA_QUANT_OP_IMPLS

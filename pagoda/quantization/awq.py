@@ -50,7 +50,7 @@ class AWQLinearMethod(CheckpointLinearMethod):
                 zeros = unpack_awq(qzeros).t().float()
             else:
                 zeros = torch.full_like(scale, 8.0)
-            decoded.append(AffineWeight(codes, scale, -(zeros * scale), group, 4))
+            decoded.append(AffineWeight(codes, scale, zeros, group, 4))
         return affine_kernels(decoded, layer.params_dtype)
 
 

@@ -74,12 +74,12 @@ def matches_module(prefix: str, patterns: list[str] | tuple[str, ...] | None) ->
 
 @dataclass
 class AffineWeight:
-    """A shard decoded to ``w = codes * scale + offset`` per group of ``group`` inputs, its inputs in the order
+    """A shard decoded to ``w = (codes - zero) * scale`` per group of ``group`` inputs, its inputs in the order
     ``perm`` when not None (act-order: groups are contiguous after permuting)."""
 
     codes: torch.Tensor  # [N, K] uint8 0..15 (4-bit) or int8 (8-bit)
     scale: torch.Tensor  # [N, K / group] float32
-    offset: torch.Tensor | None  # [N, K / group] float32
+    zero: torch.Tensor | None  # [N, K / group] float32 (integers); None: 0
     group: int
     bits: int
     perm: torch.Tensor | None = None
@@ -90,17 +90,17 @@ def affine_kernels(shards: list[AffineWeight], act_dtype: torch.dtype) -> list[K
     input order, else one per shard."""
     op = current_ops().linear_block_quant
     first = shards[0]
-    same = all(s.group == first.group and s.bits == first.bits and (s.offset is None) == (first.offset is None)
+    same = all(s.group == first.group and s.bits == first.bits and (s.zero is None) == (first.zero is None)
                and _same_perm(s.perm, first.perm) for s in shards)
     groups = [shards] if same else [[s] for s in shards]
     kernels: list[Kernel] = []
     for part in groups:
         codes = torch.cat([s.codes for s in part]) if len(part) > 1 else part[0].codes
         scale = torch.cat([s.scale for s in part]) if len(part) > 1 else part[0].scale
-        offset = None
-        if part[0].offset is not None:
-            offset = torch.cat([s.offset for s in part]) if len(part) > 1 else part[0].offset
-        kernel = affine_kernel(codes, scale, offset, part[0].group, part[0].bits, act_dtype, op)
+        zero = None
+        if part[0].zero is not None:
+            zero = torch.cat([s.zero for s in part]) if len(part) > 1 else part[0].zero
+        kernel = affine_kernel(codes, scale, zero, part[0].group, part[0].bits, act_dtype, op)
         if part[0].perm is not None:
             kernel = PermutedKernel(kernel, part[0].perm)
         kernels.append(kernel)

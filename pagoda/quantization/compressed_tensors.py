@@ -81,11 +81,11 @@ class PackedIntLinearMethod(CheckpointLinearMethod):
                 if perm is not None:
                     stored = stored.index_select(1, perm)
             if bits == 4:
-                decoded.append(AffineWeight(stored.to(torch.uint8), scale, -(zeros * scale), group, 4, perm))
+                decoded.append(AffineWeight(stored.to(torch.uint8), scale, zeros, group, 4, perm))
             else:
-                offset = -((zeros - half) * scale)
-                decoded.append(AffineWeight((stored - half).to(torch.int8), scale,
-                                            offset if offset.any() else None, group, 8, perm))
+                zero = zeros - half
+                decoded.append(AffineWeight((stored - half).to(torch.int8), scale, zero if zero.any() else None,
+                                            group, 8, perm))
         return affine_kernels(decoded, layer.params_dtype)
 
 

@@ -71,13 +71,13 @@ class GPTQLinearMethod(CheckpointLinearMethod):
 
 def _affine(codes: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor, group: int, bits: int,
             perm: torch.Tensor | None) -> AffineWeight:
-    """``(q - z) * s`` as codes, scale and offset: 4-bit codes as they are (offset ``-z*s``); 8-bit codes centred
-    on 128 (int8), with an offset only where the zero point is not 128."""
+    """``(q - z) * s``: 4-bit codes as they are; 8-bit codes centred on 128 (int8), with a zero only where the
+    zero point is not 128."""
     if bits == 4:
-        return AffineWeight(codes.contiguous().to(torch.uint8), scale, -(zeros * scale), group, 4, perm)
+        return AffineWeight(codes.contiguous().to(torch.uint8), scale, zeros, group, 4, perm)
     centred = (codes - 128).to(torch.int8).contiguous()
-    offset = -((zeros - 128) * scale)
-    return AffineWeight(centred, scale, None if not offset.any() else offset, group, 8, perm)
+    zero = zeros - 128
+    return AffineWeight(centred, scale, zero if zero.any() else None, group, 8, perm)
 
 
 class GPTQConfig(QuantizationConfig):

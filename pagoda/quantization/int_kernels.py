@@ -2,12 +2,14 @@
 
 Every integer weight format (GGUF's Q4/Q8 blocks, AWQ, GPTQ, compressed-tensors' packed ints) comes down to the
 same *affine* form: ``w[n, k] = code[n, k] * scale[n, k // g] + offset[n, k // g]`` with small integer codes and
-one scale (and offset) per group of ``g`` inputs. A format decodes its own packing into that form once, after
+one scale (and offset) per group of ``g`` inputs; the checkpoint formats store the offset as a zero point,
+``offset = -zero * scale``. A format decodes its own packing into that form once, after
 loading, and :func:`affine_kernel` picks the compact kernel that multiplies by it:
 
-- **BlockQuantKernel** (4-bit codes, or 8-bit codes without offsets, in groups of a multiple of 32, where the
-  engine's ``linear_block_quant`` op has an implementation faster than its reference for the model's dtype —
-  pagoda's AVX512-BF16 kernel for bf16 models on the CPU): the op's form, a scale (and offset) per 32 values.
+- **BlockQuantKernel** (4-bit codes with zero points, or 8-bit codes without, in groups of a multiple of 32, where
+  the engine's ``linear_block_quant`` op has an implementation faster than its reference for the model's dtype —
+  pagoda's AVX512-BF16 kernel for bf16 models on the CPU): the op's form (on the CPU, the checkpoint's own float16
+  scales and zeros per group for 4 bits, so the weight stays the size of the file).
 - **Int4Kernel** (4-bit, groups of 32 … 256, other bf16/fp16 models): torch's int4 weight-only matmul.
 - **Int8Kernel** (everything else: float32 models, 8-bit codes with offsets, groups of any size): int8 codes
   stored group-major ``[K/g, N, g]``; decode-sized batches run one ``_weight_int8pack_mm`` per group (each weight
@@ -73,10 +75,14 @@ class BlockQuantKernel(Kernel):
     """4-bit codes with a scale and offset, or 8-bit codes with a float16-exact scale, per 32 values, multiplied by
     the ``linear_block_quant`` op."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, op):
-        self.handle = op.prepare(codes, scale, offset, bits)
-        self.op = op
-        self.out_features, self.in_features = codes.shape
+    def __init__(self, handle, op, out_features: int, in_features: int):
+        self.handle, self.op = handle, op
+        self.out_features, self.in_features = out_features, in_features
+
+    @classmethod
+    def from_blocks(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
+                    op) -> BlockQuantKernel:
+        return cls(op.prepare(codes, scale, offset, bits), op, *codes.shape)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.op.apply(self.handle, x)
@@ -198,28 +204,29 @@ class PermutedKernel(Kernel):
         return self.inner.nbytes() + self.perm.numel() * self.perm.element_size()
 
 
-def _per(values: torch.Tensor | None, group: int, block: int) -> torch.Tensor | None:
-    """Per-group values repeated to per-``block`` values (``group`` a multiple of ``block``)."""
-    if values is None or group == block:
-        return values
-    return values.repeat_interleave(group // block, dim=1)
+def _per32(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-group values repeated to per-32 values (``group`` a multiple of 32)."""
+    return values if group == 32 else values.repeat_interleave(group // 32, dim=1)
 
 
-def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int, bits: int,
+def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, bits: int,
                   act_dtype: torch.dtype, block_quant_op=None) -> Kernel:
-    """The compact kernel for ``w = codes * scale + offset`` (``codes`` [N, K]: 0..15 for 4 bits, int8 for 8;
-    ``scale``/``offset`` [N, K / group] float32) for a model computing in ``act_dtype``; ``block_quant_op`` is the
-    engine's ``linear_block_quant`` implementation."""
+    """The compact kernel for ``w = (codes - zero) * scale`` (``codes`` [N, K]: 0..15 for 4 bits, int8 for 8;
+    ``scale``/``zero`` [N, K / group] float32, ``zero`` None for 0) for a model computing in ``act_dtype``;
+    ``block_quant_op`` is the engine's ``linear_block_quant`` implementation."""
     n, k = codes.shape
-    if k % group or scale.shape != (n, k // group) or (offset is not None and offset.shape != scale.shape):
+    if k % group or scale.shape != (n, k // group) or (zero is not None and zero.shape != scale.shape):
         raise ValueError(f"affine weight: codes {tuple(codes.shape)} with group {group} need scales of shape "
                          f"{(n, k // group)}, got {tuple(scale.shape)}")
     op = block_quant_op_for(block_quant_op, k, act_dtype)
-    if op is not None and group % 32 == 0:
-        if bits == 4:
-            return BlockQuantKernel(codes.to(torch.uint8), _per(scale, group, 32), _per(offset, group, 32), 4, op)
-        if offset is None and torch.equal(scale.to(torch.float16).float(), scale.float()):
-            return BlockQuantKernel(codes.to(torch.int8), _per(scale, group, 32), None, 8, op)
+    accepts_zero = getattr(op, "accepts_zero", None)  # optional in the op's contract
+    if op is not None and bits == 4 and accepts_zero is not None and accepts_zero(k, group, act_dtype):
+        zero = torch.zeros_like(scale) if zero is None else zero
+        return BlockQuantKernel(op.prepare_zero(codes.to(torch.uint8), scale, zero, group), op, n, k)
+    offset = None if zero is None else -(zero * scale)
+    if op is not None and group % 32 == 0 and bits == 8 and offset is None \
+            and torch.equal(scale.to(torch.float16).float(), scale.float()):
+        return BlockQuantKernel.from_blocks(codes.to(torch.int8), _per32(scale, group), None, 8, op)
     if bits == 4 and act_dtype != torch.float32 and offset is not None and group in (32, 64, 128, 256):
         try:
             return Int4Kernel(codes, scale, offset, group, act_dtype)

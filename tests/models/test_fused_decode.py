@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pagoda import LLM, SamplingParams
@@ -26,12 +28,22 @@ def _run(llm: LLM, fused: bool):
             [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs])
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf"])
+QUANT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf", "gptq_sym_g32",
+                                  "awq_g64_skip", "ct_w4a16_asym"])
 def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
-    # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop).
-    model = bundled_gguf_path() if kind == "gguf" else tiny_model_dir(kind)
+    # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop);
+    # gptq / awq / ct: 4-bit codes with zero points per group of 32, 64 (with dense down_proj layers) and 128.
+    if kind in ("gptq_sym_g32", "awq_g64_skip", "ct_w4a16_asym"):
+        if not (QUANT_FIXTURES / kind).is_dir():
+            pytest.skip(f"fixture {kind} missing")
+        model = str(QUANT_FIXTURES / kind)
+    else:
+        model = bundled_gguf_path() if kind == "gguf" else tiny_model_dir(kind)
     llm = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
-              skip_tokenizer_init=kind != "gguf")
+              skip_tokenizer_init=kind in ("llama", "qwen2", "llama3_rope", "mistral"), max_model_len=256)
     per_op = _run(llm, fused=False)
     fused = _run(llm, fused=True)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"

@@ -132,6 +132,31 @@ def linear_block_quant(impl, ref, dtype):
             torch.testing.assert_close(impl.rows(handle, ids, torch.float64), exact[ids], rtol=1e-6, atol=1e-7)
 
 
+def linear_block_quant_zero(impl, ref, dtype):
+    """4-bit codes with a float16 scale and an integer zero per group of 32 to 128 (AWQ / GPTQ's form)."""
+    for group, n, k in ((32, 37, 64), (64, 576, 576), (128, 48, 256)):
+        if not impl.accepts_zero(k, group, dtype):
+            continue
+        g = _gen(group, n, k)
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(n, k // group, generator=g) * 0.01).half().float()
+        zero = torch.randint(0, 17, (n, k // group), generator=g).float()
+        handle, ref_handle = impl.prepare_zero(codes, scale, zero, group), ref.prepare_zero(codes, scale, zero, group)
+        exact = (codes.double().unflatten(1, (-1, group)) - zero.double()[..., None]) * scale.double()[..., None]
+        exact = exact.flatten(1)
+        torch.testing.assert_close(ref.weight(ref_handle).double(), exact, rtol=0, atol=0)
+        for rows in (1, 9, 64):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            what = f"linear_block_quant zero group {group} {rows}x{k}->{n}"
+            scale_of = (x.double() @ exact.T).abs().max().item()
+            _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+            torch.testing.assert_close(impl.logits(handle, x).double(), x.double() @ exact.T, rtol=1e-5,
+                                       atol=1e-5 * scale_of, msg=what + " logits")
+            greedy = impl.greedy(handle, x)
+            if greedy is not None:
+                _check_argmax(greedy, x.double() @ exact.T, what)
+
+
 def _paged_cache(num_blocks, block_size, kv_heads, d, dtype, g):
     cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
     return cache[0], cache[1]
@@ -197,7 +222,7 @@ def prefill_attention(impl, ref, dtype):
 
 
 CASES = {"rms_norm": [rms_norm], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
-         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant],
+         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant, linear_block_quant_zero],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
          "prefill_attention": [prefill_attention]}
 

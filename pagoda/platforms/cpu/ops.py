@@ -184,6 +184,18 @@ class PackedBlockQuant(_NativeBf16Gemm):
     def prepare(self, codes, scale, offset, bits):
         return cpu_ops.pack_quantized(codes, scale, offset, bits)
 
+    def accepts_zero(self, in_features, group, act_dtype):
+        return group % 32 == 0 and in_features % group == 0 and act_dtype == torch.bfloat16
+
+    def prepare_zero(self, codes, scale, zero, group):
+        # The compact form keeps the checkpoint's float16 scales and zeros at its group size; scales that float16
+        # can't hold exactly (bfloat16 ones out of its range) take the float32 form per 32.
+        exact = torch.equal(scale.to(torch.float16).float(), scale.float()) and \
+            torch.equal(zero.to(torch.float16).float(), zero.float())
+        if exact and group in cpu_ops.ZERO_GROUPS:
+            return cpu_ops.pack_zero_point(codes, scale, zero, group)
+        return reference.LinearBlockQuant.prepare_zero(self, codes, scale, zero, group)
+
     def apply(self, handle, x):
         return cpu_ops.quant_linear(x, handle)
 

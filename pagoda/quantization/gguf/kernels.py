@@ -67,7 +67,7 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
     if ggml_type in INT4_TYPES:
         codes, scale, offset = int4_affine(data, ggml_type)
         if op is not None:
-            return BlockQuantKernel(codes, scale, offset, 4, op)
+            return BlockQuantKernel.from_blocks(codes, scale, offset, 4, op)
         if act_dtype != torch.float32:
             try:
                 return Int4Kernel(codes, scale, offset, 32, act_dtype)
@@ -79,7 +79,7 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
     if ggml_type in INT8_TYPES:
         codes, scale, group = int8_blocks(data, ggml_type)
         if ggml_type == T.Q8_0 and op is not None:
-            return BlockQuantKernel(codes, scale, None, 8, op)
+            return BlockQuantKernel.from_blocks(codes, scale, None, 8, op)
         # Q8_0 scales are fp16 values: store them as such (exact); Q6_K's d·sc products need float32.
         return Int8Kernel(codes, scale, group, None, torch.float16 if ggml_type == T.Q8_0 else torch.float32)
     return RawKernel(data, ggml_type, k)

@@ -233,6 +233,8 @@ class PackedQuant:
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` of the weight, dequantized to ``dtype`` (embedding lookups)."""
+        if self.bits not in (4, 8):
+            raise ValueError(f"rows of packed kind {self.bits} are not supported (only tables of 4/8-bit blocks)")
         flat = index.reshape(-1)
         groups = self.k // 32
         code_bytes = 256 if self.bits == 4 else 512
@@ -274,6 +276,31 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
     code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
     params = scale.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
     return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
+
+
+ZERO_KIND = 100  # kind ZERO_KIND + group: 4-bit codes with a float16 scale and zero per group (pagoda_quant_gemm)
+ZERO_GROUPS = (32, 64, 128)
+
+
+def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> PackedQuant:
+    """Pack 4-bit ``codes`` [n, k] (uint8 0..15) with float16-exact ``scale`` and ``zero`` [n, k / group]:
+    ``w = (code - zero) * scale``, the form AWQ / GPTQ checkpoints store, at their own group size."""
+    n, k = codes.shape
+    groups = k // group
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+        zero = torch.cat([zero, zero.new_zeros(pad, groups)])
+    c = codes.to(torch.uint8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
+    code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, group * 8)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.float16).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    data = torch.cat([code_bytes, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
+    return PackedQuant(data, n, k, ZERO_KIND + group)
 
 
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:

@@ -7,7 +7,7 @@
 
 namespace {
 
-// One weight: packed bf16 (kind 0), or block-quantized with 4- or 8-bit codes (kind 4 / 8).
+// One weight: packed bf16 (kind 0), or block-quantized (the kinds of pagoda_quant_gemm).
 struct Linear {
   int64_t kind;
   const void* data;
@@ -37,8 +37,7 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
     return;
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
-  if (w.kind == 4) quant_gemm<4, false>(y, x, p, m, w.n, w.k, nt);
-  else quant_gemm<8, false>(y, x, p, m, w.n, w.k, nt);
+  quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt);
   if (w.bias)  // the per-op path adds a quantized layer's bias in bf16 after the matmul: same here
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < w.n; ++i)

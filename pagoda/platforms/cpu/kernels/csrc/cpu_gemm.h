@@ -173,14 +173,21 @@ void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp,
 //   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
 //         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
 //   e4m3: as int8 with FP8 bytes, groups of 64 and float32 scales (1.06 bytes a weight) -> 1088 bytes
+//   int4 with zero points (kind kZeroKind + G, G = 32, 64 or 128): as int4 in groups of G, then float16 scales and
+//         float16 zeros: w = (code - zero) * scale, the form of AWQ / GPTQ / compressed-tensors checkpoints, at
+//         their own group size (0.53 to 0.63 bytes a weight)                                 -> 8 G + 64 bytes
 constexpr int64_t kGroup = 32;
 constexpr int kE4M3 = 9;  // the "bits" value that selects FP8 e4m3 codes
+constexpr int kZeroKind = 100;
 constexpr int kQMR = 8;
 
 template <int Bits> struct QLayout {
-  static constexpr int64_t group = Bits == kE4M3 ? 64 : kGroup;
-  static constexpr int64_t code_bytes = Bits == 4 ? 256 : group * 16;
+  static constexpr bool zero = Bits > kZeroKind;  // 4-bit codes with float16 scale and zero per group
+  static constexpr bool nibbles = Bits == 4 || zero;
+  static constexpr int64_t group = zero ? Bits - kZeroKind : Bits == kE4M3 ? 64 : kGroup;
+  static constexpr int64_t code_bytes = nibbles ? group * 8 : group * 16;
   static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
+  static constexpr bool sums = nibbles;  // whether the kernel reads the activations' group sums
 };
 
 // FP8 e4m3 bytes (in the low byte of each 32-bit lane) -> their bf16 encodings (low 16 bits). Normal numbers move
@@ -224,7 +231,7 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   const int64_t groups = k / G;
   const int64_t sum_groups = k / kGroup;  // xsum holds sums of 32 (used by 4-bit codes only)
   __m512i table = _mm512_setzero_si512();
-  if constexpr (Bits == 4) {
+  if constexpr (QLayout<Bits>::nibbles) {
     alignas(64) uint16_t t[32];
     for (int i = 0; i < 32; ++i) t[i] = f32_to_bf16(static_cast<float>(i));
     table = _mm512_load_si512(t);
@@ -236,7 +243,7 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
     __m512 part[MR];
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < G / 2; ++p) {
-      const __m512bh w = (__m512bh)decode_pairs<Bits>(blk, p, table);
+      const __m512bh w = (__m512bh)decode_pairs<QLayout<Bits>::nibbles ? 4 : Bits>(blk, p, table);
       for (int r = 0; r < MR; ++r) {
         uint32_t pair;
         std::memcpy(&pair, x + r * k + g * G + 2 * p, 4);
@@ -249,6 +256,15 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
       const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
       for (int r = 0; r < MR; ++r)
         out[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(xsum[r * sum_groups + g]), _mm512_fmadd_ps(part[r], sc, out[r]));
+    } else if constexpr (QLayout<Bits>::zero) {
+      constexpr int64_t per = G / kGroup;  // sums of 32 in this group
+      const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+      const __m512 zr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + 32)));
+      for (int r = 0; r < MR; ++r) {
+        float xs = 0.f;
+        for (int64_t j = 0; j < per; ++j) xs += xsum[r * sum_groups + g * per + j];
+        out[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zr, _mm512_set1_ps(xs), part[r]), sc, out[r]);
+      }
     } else if constexpr (Bits == kE4M3) {
       const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
       for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
@@ -290,7 +306,7 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
   const int64_t tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
   const int64_t esz = F32Out ? 4 : 2;
   std::vector<float> own;
-  if (xsum == nullptr && Bits == 4) {  // only offsets read the group sums
+  if (xsum == nullptr && QLayout<Bits>::sums) {  // only offsets and zeros read the group sums
     own = group_sums(x, m, k);
     xsum = own.data();
   }
@@ -317,6 +333,37 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
       default: break;
     }
   });
+}
+
+// Bytes of one tile of 16 rows of a block-quantized weight of `kind` with k inputs; 0 for an unknown kind or a k
+// its groups don't divide.
+inline int64_t quant_tile_bytes(int kind, int64_t k) {
+  auto of = [k](int64_t group, int64_t block) { return k % group ? 0 : k / group * block; };
+  switch (kind) {
+    case 4: return of(QLayout<4>::group, QLayout<4>::block_bytes);
+    case 8: return of(QLayout<8>::group, QLayout<8>::block_bytes);
+    case kE4M3: return of(QLayout<kE4M3>::group, QLayout<kE4M3>::block_bytes);
+    case kZeroKind + 32: return of(32, QLayout<kZeroKind + 32>::block_bytes);
+    case kZeroKind + 64: return of(64, QLayout<kZeroKind + 64>::block_bytes);
+    case kZeroKind + 128: return of(128, QLayout<kZeroKind + 128>::block_bytes);
+    default: return 0;
+  }
+}
+
+// quant_gemm for a kind chosen at run time; false for a kind (or k) quant_tile_bytes doesn't take.
+template <bool F32Out>
+bool quant_gemm_kind(int kind, void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                     int num_threads, const float* xsum = nullptr) {
+  if (quant_tile_bytes(kind, k) == 0) return false;
+  switch (kind) {
+    case 4: quant_gemm<4, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case 8: quant_gemm<8, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case kE4M3: quant_gemm<kE4M3, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case kZeroKind + 32: quant_gemm<kZeroKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case kZeroKind + 128: quant_gemm<kZeroKind + 128, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    default: return false;
+  }
 }
 #endif  // __AVX512BF16__
 

@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 11; }
+int pagoda_kernels_abi_version() { return 12; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -135,23 +135,17 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
 #endif
 }
 
-// y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits 4 or 8, k a multiple of
-// 32; or kE4M3, k a multiple of 64); y float32 when out_f32 else bf16. Returns -1 when this build lacks
-// AVX512-BF16 or bits is none of those.
+// y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits: the kind — 4 or 8, k a
+// multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G, k a multiple of G); y float32 when out_f32 else bf16.
+// Returns -1 when this build lacks AVX512-BF16 or the kind or k is not one of those.
 int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,
                       int64_t k, int num_threads) {
 #if defined(__AVX512BF16__)
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const uint8_t* pb = static_cast<const uint8_t*>(packed);
-  if (k % kGroup) return -1;
-  if (bits == 4 && out_f32) quant_gemm<4, true>(y, xb, pb, m, n, k, num_threads);
-  else if (bits == 4) quant_gemm<4, false>(y, xb, pb, m, n, k, num_threads);
-  else if (bits == 8 && out_f32) quant_gemm<8, true>(y, xb, pb, m, n, k, num_threads);
-  else if (bits == 8) quant_gemm<8, false>(y, xb, pb, m, n, k, num_threads);
-  else if (bits == kE4M3 && k % QLayout<kE4M3>::group == 0 && out_f32) quant_gemm<kE4M3, true>(y, xb, pb, m, n, k, num_threads);
-  else if (bits == kE4M3 && k % QLayout<kE4M3>::group == 0) quant_gemm<kE4M3, false>(y, xb, pb, m, n, k, num_threads);
-  else return -1;
-  return 0;
+  const bool ok = out_f32 ? quant_gemm_kind<true>(bits, y, xb, pb, m, n, k, num_threads)
+                          : quant_gemm_kind<false>(bits, y, xb, pb, m, n, k, num_threads);
+  return ok ? 0 : -1;
 #else
   (void)bits; (void)out_f32; (void)y; (void)x; (void)packed; (void)m; (void)n; (void)k; (void)num_threads;
   return -1;
@@ -161,18 +155,18 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
 // out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out. Each thread takes a contiguous range
 // of columns and computes it 240 columns at a time into a buffer that stays in cache, keeping each row's first
 // maximum (a NaN wins, as in torch's argmax); the threads' winners are merged at the end.
-// kind 0: W packed by pagoda_pack_bf16; 4 / 8: block-quantized as for pagoda_quant_gemm. -1 if not built.
+// kind 0: W packed by pagoda_pack_bf16; otherwise block-quantized as for pagoda_quant_gemm. -1 if not built.
 int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t* out,
                          int num_threads, int amx) {
 #if defined(__AVX512BF16__)
-  if (kind != 0 && kind != 4 && kind != 8) return -1;
+  if (kind != 0 && quant_tile_bytes(kind, k) == 0) return -1;
   constexpr int64_t kCols = 5 * kNT * kTile;  // 240 columns: whole micro-kernel tile groups
   const int64_t slices = (n + kCols - 1) / kCols;
   std::vector<float> best(static_cast<size_t>(num_threads * m), -INFINITY);
   std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
-  const std::vector<float> xsum = kind == 0 ? std::vector<float>() : group_sums(xb, m, k);  // once, not per slice
+  const std::vector<float> xsum = kind == 0 || k % kGroup ? std::vector<float>() : group_sums(xb, m, k);  // once
   TaskShares shares(slices, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
@@ -190,10 +184,8 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
 #endif
         gemm_packed_serial<true>(buf.data(), cols, xb, wb, m, cols, k, w_end);
       } else {
-        const int64_t block = kind == 4 ? QLayout<4>::block_bytes : QLayout<8>::block_bytes;
-        const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * (k / kGroup) * block;
-        if (kind == 4) quant_gemm<4, true>(buf.data(), xb, wb, m, cols, k, 1, xsum.data());
-        else quant_gemm<8, true>(buf.data(), xb, wb, m, cols, k, 1, xsum.data());
+        const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * quant_tile_bytes(kind, k);
+        quant_gemm_kind<true>(kind, buf.data(), xb, wb, m, cols, k, 1, xsum.empty() ? nullptr : xsum.data());
       }
       for (int64_t r = 0; r < m; ++r) {  // a thread may also take slices of others' shares
         const float* row = buf.data() + r * cols;
