@@ -194,6 +194,10 @@ def _tiles(m: int) -> tuple[int, int, int]:
     return block_m, 64, 64
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -222,13 +226,22 @@ class _TritonLinear(OpImpl):
                         f"this GPU is {major}.{minor}")
         return None
 
+    def _matmul(self, handle, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, handle, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(handle, x, x.dtype)
+
+    def logits(self, handle, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(handle, x, torch.float32)
+
     def greedy(self, handle, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
 @dataclass
 class TritonBlockQuantWeight:
-    codes: torch.Tensor  # 4-bit: uint8 [n, k / 2], byte 16g + j = code 32g + j | code 32g + 16 + j << 4; 8-bit: int8 [n, k]
+    codes: torch.Tensor  # 4-bit: uint8 [n, k / 2] (see pack_4bit); 8-bit: int8 [n, k]
     scale: torch.Tensor  # float32 [n, k / 32]
     offset: torch.Tensor | None  # float32 [n, k / 32], 4-bit only
     bits: int
@@ -279,17 +292,11 @@ class TritonBlockQuant(_TritonLinear):
         if m:
             bm, bn, bk = _tiles(m)
             offset = handle.offset if handle.offset is not None else handle.scale  # never read without HAS_OFFSET
-            kernels().block_quant[(triton.cdiv(m, bm), triton.cdiv(handle.n, bn))](
+            kernels().block_quant[(_cdiv(m, bm), _cdiv(handle.n, bn))](
                 x2, handle.codes, handle.scale, offset, out, m, handle.n, handle.k, x2.stride(0), out.stride(0),
                 handle.codes.stride(0), BITS=handle.bits, HAS_OFFSET=handle.offset is not None,
                 DOT_FP32=_dot_fp32(x2, out_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         return out.reshape(*x.shape[:-1], handle.n)
-
-    def apply(self, handle, x):
-        return self._matmul(handle, x, x.dtype)
-
-    def logits(self, handle, x):
-        return self._matmul(handle, x, torch.float32)
 
     def rows(self, handle: TritonBlockQuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # An embedding gather: a few rows, so torch does it without a kernel of its own.
@@ -335,16 +342,10 @@ class TritonFp8(_TritonLinear):
         out = torch.empty(m, n, dtype=out_dtype, device=x.device)
         if m:
             bm, bn, bk = _tiles(m)
-            kernels().fp8[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            kernels().fp8[(_cdiv(m, bm), _cdiv(n, bn))](
                 x2, handle.codes, handle.scale, out, m, n, k, k // handle.group, x2.stride(0), out.stride(0),
                 GROUP=handle.group, DOT_FP32=_dot_fp32(x2, out_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         return out.reshape(*x.shape[:-1], n)
-
-    def apply(self, handle, x):
-        return self._matmul(handle, x, x.dtype)
-
-    def logits(self, handle, x):
-        return self._matmul(handle, x, torch.float32)
 
     def nbytes(self, handle):
         return handle.codes.numel() + handle.scale.numel() * 4
@@ -366,7 +367,7 @@ def quantize_int8(x2: torch.Tensor, input_scale: float | None = None) -> tuple[t
         kernels().quantize_int8[(m,)](x2, codes, scale, k, x2.stride(0),
                                       1.0 if input_scale is None else float(input_scale),
                                       STATIC=input_scale is not None,
-                                      BLOCK=min(1024, triton.next_power_of_2(k)))
+                                      BLOCK=min(1024, 1 << (k - 1).bit_length()))
     return codes, scale
 
 
@@ -390,16 +391,10 @@ class TritonInt8(_TritonLinear):
         out = torch.empty(m, n, dtype=out_dtype, device=x.device)
         if m:
             bm, bn, bk = _tiles(m)
-            kernels().int8_matmul[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            kernels().int8_matmul[(_cdiv(m, bm), _cdiv(n, bn))](
                 codes, token_scale, handle.weight, handle.scale, out, m, n, k, out.stride(0),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         return out.reshape(*x.shape[:-1], n)
-
-    def apply(self, handle, x):
-        return self._matmul(handle, x, x.dtype)
-
-    def logits(self, handle, x):
-        return self._matmul(handle, x, torch.float32)
 
     def nbytes(self, handle):
         return handle.weight.numel() + handle.scale.numel() * 4

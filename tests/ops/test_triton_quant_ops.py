@@ -38,14 +38,20 @@ SHAPES = ((1, 16, 64), (5, 48, 128), (16, 48, 64), (5, 16, 96), (40, 80, 128))
 
 @pytest.fixture(scope="module")
 def qops():
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
     from pagoda.platforms import cuda_quant_ops
 
+    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.zeros, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set, so its library functions can't be "
+                    "interpreted: whatever imported it at collection time must import it lazily")
     cuda_quant_ops.kernels.cache_clear()  # jit under this module's TRITON_INTERPRET, whatever ran before
     return cuda_quant_ops
 
 
 def _close(out, ref, dtype, what, scale=1.0):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: {out.shape}/{out.dtype} vs {ref.shape}/{ref.dtype}"
+    assert (out.shape, out.dtype) == (ref.shape, ref.dtype), f"{what}: {out.shape}/{out.dtype} vs {ref.dtype}"
     tol = TOLS[dtype]
     torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=tol["rtol"], atol=tol["atol"] * scale,
                                msg=what)
