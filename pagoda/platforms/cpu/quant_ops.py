@@ -5,6 +5,7 @@
   in registers — exact products, 1.06 bytes a weight, no dense copy.
 - ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch (VNNI, or AMX-INT8 tiles where the CPU has
   them) on its prepacked weight; activations quantized per token, the product scaled per token and channel.
+- ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.ops import reference_quant as reference
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_quant import quantize_int8_per_token
 from pagoda.platforms.cpu.kernels import cpu_ops
@@ -97,4 +99,55 @@ class OneDnnInt8(OpImpl):
         return handle.n * handle.k + handle.n * 4
 
 
-CPU_QUANT_OP_IMPLS = [PackedFp8, OneDnnInt8]
+@dataclass
+class _Codebook:
+    codes: torch.Tensor  # int16 [n, k / 8, books], unsigned values
+    books: torch.Tensor  # float16 [books, size, 8]
+    scales: torch.Tensor  # float32 [n]
+    reference: object  # the reference handle, for batches above the kernel's limit
+
+
+class NativeCodebook(_NativeBf16Gemm):
+    """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …): decode-sized batches build each 8-weight
+    tile in a register from the codebooks; larger batches dequantize once per call and use a dense matmul, whose
+    cost the batch's own arithmetic dominates."""
+
+    op, name = "linear_codebook", "cpu_native"
+
+    def prepare(self, codes, codebooks, scales):
+        num_books, size, out_group, in_group = codebooks.shape
+        ref = reference.LinearCodebook().prepare(codes, codebooks, scales)
+        if out_group != 1 or in_group != 8 or size > 1 << 16:
+            return ref
+        wide = codes.to(torch.int32)
+        packed = torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)  # uint16 bits in int16
+        return _Codebook(packed.contiguous(), codebooks.reshape(num_books, size, 8).to(torch.float16).contiguous(),
+                         scales.float().reshape(-1).contiguous(), ref)
+
+    def _run(self, handle, x, float_output):
+        if not isinstance(handle, _Codebook):
+            ref = reference.LinearCodebook()
+            return ref.logits(handle, x) if float_output else ref.apply(handle, x)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > cpu_ops.CODEBOOK_MAX_ROWS:
+            ref = reference.LinearCodebook()
+            return ref.logits(handle.reference, x) if float_output else ref.apply(handle.reference, x)
+        out = cpu_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
+        return out.reshape(*x.shape[:-1], -1)
+
+    def apply(self, handle, x):
+        return self._run(handle, x, False)
+
+    def logits(self, handle, x):
+        return self._run(handle, x, True)
+
+    def greedy(self, handle, x):
+        return None
+
+    def nbytes(self, handle):
+        if not isinstance(handle, _Codebook):
+            return reference.LinearCodebook().nbytes(handle)
+        return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
+
+
+CPU_QUANT_OP_IMPLS = [PackedFp8, OneDnnInt8, NativeCodebook]

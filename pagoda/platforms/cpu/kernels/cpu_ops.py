@@ -363,3 +363,20 @@ def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant, amx: bool
         _check(kernels().linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(),
                                        _threads(), int(amx)), "pagoda_linear_argmax")
     return out
+
+
+CODEBOOK_MAX_ROWS = 16  # pagoda_codebook_gemm's batch limit
+
+
+def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+                    float_output: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [m <= 16, k] and AQLM weights with one output and 8 inputs per code: ``codes``
+    int16 [n, k / 8, books] holding unsigned values, ``books`` float16 [books, size, 8], ``scales`` float32 [n]."""
+    n, groups, num_books = codes.shape
+    x2 = _bf16_rows(x, groups * 8, "codebook_linear")
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32 if float_output else torch.bfloat16)
+    if x2.shape[0]:
+        _check(kernels().codebook_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), codes.data_ptr(),
+                                       books.data_ptr(), scales.data_ptr(), x2.shape[0], n, groups * 8, num_books,
+                                       books.shape[1], _threads()), "pagoda_codebook_gemm")
+    return out

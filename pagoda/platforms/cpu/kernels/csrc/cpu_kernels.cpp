@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 12; }
+int pagoda_kernels_abi_version() { return 13; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -148,6 +148,26 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
   return ok ? 0 : -1;
 #else
   (void)bits; (void)out_f32; (void)y; (void)x; (void)packed; (void)m; (void)n; (void)k; (void)num_threads;
+  return -1;
+#endif
+}
+
+// y [m, n] = x [m, k] (bf16) @ W^T for AQLM weights (see cpu_codebook.h; k a multiple of 8, m at most 16); y float32
+// when out_f32 else bf16. Returns -1 when this build lacks AVX-512 or the shape is out of range.
+int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* codes, const void* books,
+                         const float* scales, int64_t m, int64_t n, int64_t k, int num_books, int64_t book_size,
+                         int num_threads) {
+#if defined(__AVX512F__)
+  if (k % kCodebookGroup || m > kCodebookMaxRows || num_books < 1) return -1;
+  const bf16_t* xb = static_cast<const bf16_t*>(x);
+  const uint16_t* c = static_cast<const uint16_t*>(codes);
+  const uint16_t* b = static_cast<const uint16_t*>(books);
+  if (out_f32) codebook_gemm<true>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads);
+  else codebook_gemm<false>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads);
+  return 0;
+#else
+  (void)out_f32; (void)y; (void)x; (void)codes; (void)books; (void)scales; (void)m; (void)n; (void)k;
+  (void)num_books; (void)book_size; (void)num_threads;
   return -1;
 #endif
 }

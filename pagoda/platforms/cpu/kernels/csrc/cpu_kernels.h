@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cpu_attention.h"
+#include "cpu_codebook.h"
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
 #include "cpu_prefill_attention.h"
