@@ -41,7 +41,7 @@ def linear_int8(impl, ref, dtype):
         weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) * 0.01 + 1e-4
         handle, ref_handle = impl.prepare(weight, scale, input_scale), ref.prepare(weight, scale, input_scale)
-        for rows in (1, 9, 64):
+        for rows in (1, 9, 64, 130):
             x = torch.randn(rows, k, generator=g).to(dtype)
             what = f"linear_int8 {rows}x{k}->{n} input_scale {input_scale}"
             expected = ref.logits(ref_handle, x).double()

@@ -5,6 +5,7 @@
   in registers — exact products, 1.06 bytes a weight, no dense copy.
 - ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch (VNNI, or AMX-INT8 tiles where the CPU has
   them) on its prepacked weight; activations quantized per token, the product scaled per token and channel.
+- ``linear_int8`` / ``cpu_amx``: pagoda's AMX-INT8 tile GEMM with the per-token quantization in the same call.
 - ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches).
 """
 
@@ -17,7 +18,7 @@ import torch
 from pagoda.ops import reference_quant as reference
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_quant import quantize_int8_per_token
-from pagoda.platforms.cpu.kernels import cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 from pagoda.platforms.cpu.ops import _NativeBf16Gemm
 
 
@@ -100,6 +101,57 @@ class OneDnnInt8(OpImpl):
 
 
 @dataclass
+class _AmxInt8:
+    packed: torch.Tensor  # AMX-INT8 B tiles
+    scale: torch.Tensor  # float32 [n]
+    input_scale: float | None
+    n: int
+
+
+class AmxInt8(_NativeBf16Gemm):
+    """W8A8 on AMX-INT8 tiles (pagoda's kernel): the activations quantized per token in the same call, products
+    summed in int32, one float32 scaling per output. Weights whose inputs aren't a multiple of 64 go to oneDNN."""
+
+    op, name = "linear_int8", "cpu_amx"
+    requires = ("amx_int8", "amx_tile", "avx512_bf16")
+    priority = 20
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        reason = super().check(platform)
+        if reason is None and not cpu.kernels().has_amx_int8:
+            return "the native library was built without AMX-INT8"
+        return reason
+
+    def accepts(self, in_features, act_dtype):
+        return True
+
+    def prepare(self, weight, scale, input_scale=None):
+        if weight.shape[1] % cpu_ops.INT8_AMX_K:
+            return OneDnnInt8().prepare(weight, scale, input_scale)
+        return _AmxInt8(cpu_ops.pack_int8_amx(weight), scale.float().contiguous(), input_scale, weight.shape[0])
+
+    def _run(self, handle, x, float_output):
+        if isinstance(handle, _OneDnnInt8):
+            return OneDnnInt8().logits(handle, x) if float_output else OneDnnInt8().apply(handle, x)
+        return cpu_ops.int8_linear(x, handle.packed, handle.scale, handle.n, handle.input_scale, float_output)
+
+    def apply(self, handle, x):
+        return self._run(handle, x, False)
+
+    def logits(self, handle, x):
+        return self._run(handle, x, True)
+
+    def greedy(self, handle, x):
+        return None
+
+    def nbytes(self, handle):
+        if isinstance(handle, _OneDnnInt8):
+            return OneDnnInt8().nbytes(handle)
+        return handle.packed.numel() + handle.scale.numel() * 4
+
+
+@dataclass
 class _Codebook:
     codes: torch.Tensor  # int16 [n, k / 8, books], unsigned values
     books: torch.Tensor  # float16 [books, size, 8]
@@ -150,4 +202,4 @@ class NativeCodebook(_NativeBf16Gemm):
         return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
 
 
-CPU_QUANT_OP_IMPLS = [PackedFp8, OneDnnInt8, NativeCodebook]
+CPU_QUANT_OP_IMPLS = [PackedFp8, OneDnnInt8, AmxInt8, NativeCodebook]

@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 13; }
+int pagoda_kernels_abi_version() { return 14; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -168,6 +168,36 @@ int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* codes,
 #else
   (void)out_f32; (void)y; (void)x; (void)codes; (void)books; (void)scales; (void)m; (void)n; (void)k;
   (void)num_books; (void)book_size; (void)num_threads;
+  return -1;
+#endif
+}
+
+// Whether this build has the AMX-INT8 W8A8 GEMM.
+int pagoda_has_amx_int8() {
+#if defined(PAGODA_HAS_AMX_INT8)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// y [m, n] = x [m, k] (bf16, quantized to int8 per row here, or with static_scale > 0) . W^T * wscale (+ bias), W
+// int8 packed for AMX-INT8 (cpu_int8.h; k a multiple of 64); y float32 when out_f32 else bf16. The caller holds
+// AMX's permission. Returns -1 when this build lacks AMX-INT8 or k is not a multiple of 64.
+int pagoda_int8_gemm(int out_f32, void* y, const void* x, const void* wp, const float* wscale, const float* bias,
+                     int64_t m, int64_t n, int64_t k, float static_scale, int num_threads) {
+#if defined(PAGODA_HAS_AMX_INT8)
+  if (k % 64) return -1;
+  std::vector<int8_t> q(static_cast<size_t>(m * k));
+  std::vector<float> xscale(static_cast<size_t>(m));
+  quantize_rows_int8(static_cast<const bf16_t*>(x), q.data(), xscale.data(), m, k, static_scale, num_threads);
+  const int8_t* w = static_cast<const int8_t*>(wp);
+  if (out_f32) gemm_int8_amx<true>(y, q.data(), xscale.data(), w, wscale, bias, m, n, k, num_threads);
+  else gemm_int8_amx<false>(y, q.data(), xscale.data(), w, wscale, bias, m, n, k, num_threads);
+  return 0;
+#else
+  (void)out_f32; (void)y; (void)x; (void)wp; (void)wscale; (void)bias; (void)m; (void)n; (void)k;
+  (void)static_scale; (void)num_threads;
   return -1;
 #endif
 }

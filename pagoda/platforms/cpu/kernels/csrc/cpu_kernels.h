@@ -6,4 +6,5 @@
 #include "cpu_codebook.h"
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
+#include "cpu_int8.h"
 #include "cpu_prefill_attention.h"
