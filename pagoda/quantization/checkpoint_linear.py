@@ -22,8 +22,7 @@ from torch import nn
 
 from pagoda.models.interface import LinearKernel
 from pagoda.ops import current_ops
-from pagoda.quantization.int_kernels import (BlockQuantKernel, Kernel, PermutedKernel, affine_kernel,
-                                             release_freed_memory)
+from pagoda.quantization.int_kernels import Kernel, PermutedKernel, affine_kernel, release_freed_memory
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -200,8 +199,10 @@ class CheckpointLinearMethod(LinearMethod):
         return out
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
+        # One op call computes the layer when it has one kernel that is an op's handle (block-quantized, FP8,
+        # INT8, codebook — not a permuted or torch-form kernel); the platform decides what it can fuse.
         kernels = layer.quant_kernels
-        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], BlockQuantKernel):
+        if kernels is None or len(kernels) != 1 or getattr(kernels[0], "handle", None) is None:
             return None
         return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
 

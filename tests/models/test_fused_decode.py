@@ -31,12 +31,15 @@ def _run(llm: LLM, fused: bool):
 QUANT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf", "gptq_sym_g32",
-                                  "awq_g64_skip", "ct_w4a16_asym"])
+QUANT_KINDS = ("gptq_sym_g32", "awq_g64_skip", "ct_w4a16_asym", "ct_w8a8_int8", "fp8_block")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf", *QUANT_KINDS])
 def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop);
-    # gptq / awq / ct: 4-bit codes with zero points per group of 32, 64 (with dense down_proj layers) and 128.
-    if kind in ("gptq_sym_g32", "awq_g64_skip", "ct_w4a16_asym"):
+    # gptq / awq / ct_w4a16: 4-bit codes with zero points per group of 32 or 64 (awq: with dense down_proj layers);
+    # ct_w8a8_int8: AMX-INT8 tiles where the CPU has them; fp8_block: e4m3 codes.
+    if kind in QUANT_KINDS:
         if not (QUANT_FIXTURES / kind).is_dir():
             pytest.skip(f"fixture {kind} missing")
         model = str(QUANT_FIXTURES / kind)

@@ -21,6 +21,7 @@ import torch
 
 from pagoda.ops.reference_attention import DecodePlan
 from pagoda.platforms.cpu import ops as cpu_op_impls
+from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
 from pagoda.platforms.cpu.kernels import cpu
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
 
@@ -52,6 +53,18 @@ class NotFusable(Exception):
     """Why a model's decode steps can't be fused (kept for the log)."""
 
 
+INT8_AMX_KIND = 200  # cpu_decode.cpp's kInt8AmxKind: a PackedInt8 weight, activations quantized per token
+
+
+def _bias_ptr(kernel: Any, keep: list) -> int | None:
+    """A float32 copy of a quantized layer's bias (kept alive in ``keep``), as the native step adds it."""
+    if kernel.bias is None:
+        return None
+    bias = kernel.bias.detach().float().contiguous()
+    keep.append(bias)
+    return bias.data_ptr()
+
+
 def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     """The native GEMM descriptor of a layer's kernel, and the most rows it may take fused (None: any)."""
     handle, limit = kernel.handle, None
@@ -61,12 +74,10 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     if isinstance(handle, PackedWeight) and kernel.bias is None:
         return _Linear(0, handle.ptrs[0], handle.ptrs[1], handle.n, handle.k), limit
     if isinstance(handle, PackedQuant):
-        bias_ptr = None
-        if kernel.bias is not None:
-            bias = kernel.bias.detach().float().contiguous()
-            keep.append(bias)
-            bias_ptr = bias.data_ptr()
-        return _Linear(handle.bits, handle.ptr, bias_ptr, handle.n, handle.k), limit
+        return _Linear(handle.bits, handle.ptr, _bias_ptr(kernel, keep), handle.n, handle.k), limit
+    if isinstance(handle, cpu_quant_op_impls.AmxInt8Weight) and handle.input_scale is None:
+        packed = handle.packed
+        return _Linear(INT8_AMX_KIND, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k), limit
     raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
 
 

@@ -101,11 +101,9 @@ class OneDnnInt8(OpImpl):
 
 
 @dataclass
-class _AmxInt8:
-    packed: torch.Tensor  # AMX-INT8 B tiles
-    scale: torch.Tensor  # float32 [n]
+class AmxInt8Weight:
+    packed: cpu_ops.PackedInt8
     input_scale: float | None
-    n: int
 
 
 class AmxInt8(_NativeBf16Gemm):
@@ -129,12 +127,12 @@ class AmxInt8(_NativeBf16Gemm):
     def prepare(self, weight, scale, input_scale=None):
         if weight.shape[1] % cpu_ops.INT8_AMX_K:
             return OneDnnInt8().prepare(weight, scale, input_scale)
-        return _AmxInt8(cpu_ops.pack_int8_amx(weight), scale.float().contiguous(), input_scale, weight.shape[0])
+        return AmxInt8Weight(cpu_ops.PackedInt8(weight, scale), input_scale)
 
     def _run(self, handle, x, float_output):
         if isinstance(handle, _OneDnnInt8):
             return OneDnnInt8().logits(handle, x) if float_output else OneDnnInt8().apply(handle, x)
-        return cpu_ops.int8_linear(x, handle.packed, handle.scale, handle.n, handle.input_scale, float_output)
+        return cpu_ops.int8_linear(x, handle.packed, handle.input_scale, float_output)
 
     def apply(self, handle, x):
         return self._run(handle, x, False)
@@ -148,7 +146,7 @@ class AmxInt8(_NativeBf16Gemm):
     def nbytes(self, handle):
         if isinstance(handle, _OneDnnInt8):
             return OneDnnInt8().nbytes(handle)
-        return handle.packed.numel() + handle.scale.numel() * 4
+        return handle.packed.data.numel()
 
 
 @dataclass

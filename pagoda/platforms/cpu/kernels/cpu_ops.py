@@ -385,24 +385,33 @@ def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, s
 INT8_AMX_K = 64  # pagoda_int8_gemm's input multiple
 
 
-def pack_int8_amx(weight: torch.Tensor) -> torch.Tensor:
-    """int8 ``weight`` [n, k] (``k`` a multiple of 64) as AMX-INT8 B tiles: [tile of 16 rows][k / 4][16][4]."""
-    n, k = weight.shape
-    tiles = -(-n // 16)
-    if tiles * 16 != n:
-        weight = torch.cat([weight, weight.new_zeros(tiles * 16 - n, k)])
-    return weight.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+class PackedInt8:
+    """An int8 weight [n, k] (``k`` a multiple of 64) as AMX-INT8 B tiles, [tile of 16 rows][k / 4][16][4], followed
+    by its float32 scale per row (padded to whole tiles): one buffer, as the fused decode step reads it."""
+
+    __slots__ = ("data", "n", "k", "ptr", "scale_ptr")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        n, k = weight.shape
+        tiles = -(-n // 16)
+        if tiles * 16 != n:
+            weight = torch.cat([weight, weight.new_zeros(tiles * 16 - n, k)])
+            scale = torch.cat([scale, scale.new_zeros(tiles * 16 - n)])
+        tiles_bytes = weight.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
+        self.data = torch.cat([tiles_bytes.reshape(-1), scale.float().contiguous().view(torch.uint8)])
+        self.n, self.k = n, k
+        self.ptr = self.data.data_ptr()
+        self.scale_ptr = self.ptr + tiles * 16 * k
 
 
-def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int, input_scale: float | None = None,
+def int8_linear(x: torch.Tensor, weight: PackedInt8, input_scale: float | None = None,
                 float_output: bool = False) -> torch.Tensor:
     """``x @ W.T`` for bf16 ``x`` [..., k]: rows quantized to int8 (per row, or with ``input_scale``), multiplied on
-    AMX-INT8 tiles by the packed int8 ``W`` and scaled by each row's and column's scale (``scale`` float32 [n])."""
-    k = packed.shape[1] * 4
-    x2 = _bf16_rows(x, k, "int8_linear")
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32 if float_output else torch.bfloat16)
+    AMX-INT8 tiles by the packed int8 ``W`` and scaled by each row's and column's scale."""
+    x2 = _bf16_rows(x, weight.k, "int8_linear")
+    out = torch.empty(x2.shape[0], weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if x2.shape[0]:
-        _check(kernels().int8_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), packed.data_ptr(),
-                                   scale.data_ptr(), None, x2.shape[0], n, k, float(input_scale or 0.0), _threads()),
+        _check(kernels().int8_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, weight.scale_ptr,
+                                   None, x2.shape[0], weight.n, weight.k, float(input_scale or 0.0), _threads()),
                "pagoda_int8_gemm")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])

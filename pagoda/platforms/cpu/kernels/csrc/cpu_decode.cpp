@@ -7,7 +7,9 @@
 
 namespace {
 
-// One weight: packed bf16 (kind 0), or block-quantized (the kinds of pagoda_quant_gemm).
+// One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), or int8 for AMX-INT8 with
+// its scales after the tiles (kInt8AmxKind: activations quantized per token here).
+constexpr int64_t kInt8AmxKind = 200;
 struct Linear {
   int64_t kind;
   const void* data;
@@ -37,6 +39,15 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
     return;
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
+#if defined(PAGODA_HAS_AMX_INT8)
+  if (w.kind == kInt8AmxKind) {
+    std::vector<int8_t> q(static_cast<size_t>(m * w.k));
+    std::vector<float> xs(static_cast<size_t>(m));
+    quantize_rows_int8(x, q.data(), xs.data(), m, w.k, 0.f, nt);
+    const float* ws = reinterpret_cast<const float*>(p + (w.n + 15) / 16 * 16 * w.k);
+    gemm_int8_amx<false>(y, q.data(), xs.data(), reinterpret_cast<const int8_t*>(p), ws, nullptr, m, w.n, w.k, nt);
+  } else
+#endif
   quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt);
   if (w.bias)  // the per-op path adds a quantized layer's bias in bf16 after the matmul: same here
     for (int64_t r = 0; r < m; ++r)
