@@ -1,7 +1,7 @@
 """Quantized checkpoints written by the real tools, through the whole engine, against transformers.
 
 ``tests/fixtures/quant`` holds tiny Llama checkpoints made by gptqmodel, AutoAWQ, compressed-tensors and by
-hand (vLLM's FP8 and AQLM, per their formats), each with ``reference.safetensors``: the logits at every prompt
+hand (vLLM's FP8 and AQLM, per their formats), each with ``reference/outputs.safetensors``: the logits at every prompt
 position and 8 greedy tokens, computed by transformers (or the format's library) loading that checkpoint in
 float32 on the CPU — see that folder's README. pagoda loads the same directory with the method its
 ``quantization_config`` names and must give logits whose cosine with the reference is at least 0.999 at every
@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-FIXTURES = Path(__import__("os").environ.get("PAGODA_QUANT_FIXTURES", Path(__file__).resolve().parents[1] / "fixtures" / "quant"))
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
 CHECKPOINTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference" / "outputs.safetensors").exists()) \
     if FIXTURES.is_dir() else []
 VOCAB = 512
