@@ -149,7 +149,10 @@ class LLMEngine:
             internal.max_tokens = self.model_config.max_model_len - len(token_ids)
         if (internal.best_of or 1) > internal.n and internal.logprobs is None:
             internal.logprobs = 0  # best_of ranks samples by cumulative logprob
-        request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt: must be a non-empty string")
+        request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids, cache_salt=cache_salt)
         self.output_processor.add_request(request, text, params)
         self.scheduler.add_request(request)
         self.prompt_tokens_total += len(token_ids)

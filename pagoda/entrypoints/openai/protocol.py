@@ -111,6 +111,9 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_salt: str | None = Field(default=None, min_length=1,
+                                   description="prefix-cache blocks are shared only between requests with the "
+                                               "same salt (e.g. one per tenant)")
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty")

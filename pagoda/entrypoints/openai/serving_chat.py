@@ -73,7 +73,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
-            await group.add([{"prompt": text, "prompt_token_ids": prompt_ids}], params)
+            await group.add(self.salted([{"prompt": text, "prompt_token_ids": prompt_ids}], request.cache_salt),
+                            params)
         except ValueError as exc:
             raise APIError(str(exc), 400) from exc
         ctx = RequestContext(self, request, request_id, model, [prompt_ids], start, log_prompt=text)

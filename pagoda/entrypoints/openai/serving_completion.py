@@ -71,7 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
-            await group.add(prompts, params)
+            await group.add(self.salted(prompts, request.cache_salt), params)
         except ValueError as exc:
             raise APIError(str(exc), 400) from exc
         context = RequestContext(self, request, request_id, model, prompts, start)

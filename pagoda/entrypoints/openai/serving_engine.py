@@ -118,6 +118,14 @@ class OpenAIServing:
             raise APIError("this server was started with --skip-tokenizer-init: send token ids, not text", 400)
         return self.tokenizer
 
+    @staticmethod
+    def salted(prompts: list[Any], cache_salt: str | None) -> list[Any]:
+        """The engine prompts of a request, carrying its ``cache_salt`` (vLLM's prompt field) when it has one."""
+        if cache_salt is None:
+            return prompts
+        return [{**p, "cache_salt": cache_salt} if isinstance(p, dict) else
+                {"prompt_token_ids": p, "cache_salt": cache_salt} for p in prompts]
+
     # ------------------------------------------------------------------ sampling
     def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, n: int,
                         logprobs: int | None, prompt_logprobs: int | None = None,
