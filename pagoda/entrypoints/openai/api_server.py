@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import re
 import signal
@@ -66,7 +67,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
     _openapi_without_422(app)
 
     # --------------------------------------------------------------- routes
-    @app.get("/health", responses={503: {"model": p.ErrorResponse}})
+    # the 200 of /health and /ping has an empty body, as vLLM's: declared without content so the schema says so
+    _HEALTH = {"response_class": Response, "responses": {200: {"description": "the engine can serve requests"},
+                                                          503: {"model": p.ErrorResponse}}}
+
+    @app.get("/health", **_HEALTH)
     async def health() -> Response:
         """200 while the engine can serve requests, 503 once its loop has failed."""
         if engine.is_healthy:
@@ -74,7 +79,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
         reason = engine.error or "the engine is not running"
         return JSONResponse(error_body(f"the engine is not running: {reason}", 503), status_code=503)
 
-    @app.api_route("/ping", methods=["GET", "POST"], responses={503: {"model": p.ErrorResponse}})
+    @app.api_route("/ping", methods=["GET", "POST"], **_HEALTH)
     async def ping() -> Response:
         """Same as ``/health`` (the liveness route some platforms probe)."""
         return await health()
@@ -191,7 +196,8 @@ class AuthMiddleware:
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        # digests of equal length: compare_digest is then constant-time in the key's length as well as its bytes
+        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -201,7 +207,7 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not path.startswith("/v1"):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        if hmac.compare_digest(hashlib.sha256(given).digest(), self.expected):
             return await self.app(scope, receive, send)
         message = "missing API key" if not given else "invalid API key"
         await JSONResponse(error_body(f"{message}: send the header 'Authorization: Bearer <key>'", 401),
