@@ -252,11 +252,6 @@ class AsyncEngine:
                 f"{self.max_pending}); retry later")
         self._pending += count
 
-    @property
-    def num_pending(self) -> int:
-        """Engine requests added by HTTP handlers and not yet finished or aborted."""
-        return self._pending
-
     def _submit(self, command: tuple, must: bool = True) -> None:
         with self._lock:
             if self._dead:
