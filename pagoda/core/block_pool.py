@@ -7,25 +7,46 @@ recently freed block first, so cached prefixes are evicted in LRU order. All ope
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+# The chain starts from a secret drawn once per process: without it, a client who knows the scheme could
+# precompute keys; with it, keys differ from run to run and can't be predicted or forged from outside.
+_PROCESS_SEED = os.urandom(32)
 
 
 @dataclass(eq=False)
 class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None  # set once the block is full and its tokens are known
+    block_hash: bytes | None = None  # set once the block is full and its tokens are known
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
 
 
-def hash_block_tokens(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
-    """The prefix-cache key of a full block: a hash chain over the parent block's key and this block's tokens,
-    so equal keys mean equal whole prefixes (up to 64-bit hash collisions)."""
-    return hash((parent_hash, tokens))
+def root_hash(cache_salt: str | None = None) -> bytes:
+    """The parent key of a request's first block: the process seed, and the request's ``cache_salt`` if it has
+    one, so requests with different salts never share a block (every later key chains from this one)."""
+    if cache_salt is None:
+        return hashlib.sha256(_PROCESS_SEED).digest()
+    salt = cache_salt.encode()
+    return hashlib.sha256(_PROCESS_SEED + len(salt).to_bytes(8, "little") + salt).digest()
+
+
+def hash_block_tokens(parent_hash: bytes, tokens: Sequence[int]) -> bytes:
+    """The prefix-cache key of a full block: SHA-256 over the parent block's key and this block's token ids.
+
+    Built-in ``hash`` is not fit here: ints and tuples hash the same in every process and collisions are easy
+    to construct (``hash(-1) == hash(-2)``, ids that differ by 2**61 - 1), which would let one client's prompt
+    be served another's KV cache. A 32-byte parent key and fixed-width ids make the input unambiguous, so equal
+    keys mean equal whole prefixes (and salts) unless SHA-256 collides.
+    """
+    return hashlib.sha256(parent_hash + array("q", tokens).tobytes()).digest()
 
 
 class BlockPool:
@@ -37,7 +58,7 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # Free blocks by id, least recently freed first (OrderedDict gives O(1) removal from the middle).
         self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self.cached: dict[int, KVCacheBlock] = {}
+        self.cached: dict[bytes, KVCacheBlock] = {}
         # The cache tensors start uninitialized (zero-filling gigabytes up front is slow); a block is zeroed the
         # first time it is handed out, so padding positions attention masks out never hold NaN garbage.
         self._never_used = [True] * num_blocks
@@ -50,7 +71,7 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+    def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
         return self.cached.get(block_hash)
 
     def allocate(self, num: int) -> list[KVCacheBlock]:
@@ -88,7 +109,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
 
-    def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
+    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
         """Make a full block findable by its prefix hash (the first block with a given hash wins)."""
         if not self.enable_caching or block.block_hash is not None:
             return

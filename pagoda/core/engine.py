@@ -65,6 +65,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._pooling: dict[str, tuple[str | None, list[int]]] = {}  # pooling request id → (prompt, token ids)
+        self._step_request_ids: list[str] | None = []  # scheduled by the current step; None before scheduling
         logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
                     config.attention_backend.name, num_blocks, config.cache.block_size,
                     num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
@@ -149,7 +150,10 @@ class LLMEngine:
             internal.max_tokens = self.model_config.max_model_len - len(token_ids)
         if (internal.best_of or 1) > internal.n and internal.logprobs is None:
             internal.logprobs = 0  # best_of ranks samples by cumulative logprob
-        request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt: must be a non-empty string")
+        request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids, cache_salt=cache_salt)
         self.output_processor.add_request(request, text, params)
         self.scheduler.add_request(request)
         self.prompt_tokens_total += len(token_ids)
@@ -236,7 +240,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        self._step_request_ids = None
         sched = self.scheduler.schedule()
+        self._step_request_ids = list(sched.num_scheduled_tokens)
         if not sched.total_num_scheduled_tokens:
             self.runner.execute(sched)  # still drops finished requests' state
             return self._unschedulable()
@@ -252,6 +258,17 @@ class LLMEngine:
         for seq_id, status in finishes:
             self.scheduler.finish_requests([seq_id], status)
         return outputs + self._pooling_outputs(runner_out.pooled)
+
+    def failed_step_request_ids(self) -> list[str]:
+        """After ``step()`` raised: the ids (as given to ``add_request``) of the requests that step was running,
+        whose state can no longer be trusted; every unfinished request if it failed before scheduling them.
+        Requests that were only waiting are not among them and can still be served."""
+        ids = self._step_request_ids
+        if ids is None:
+            ids = list(self.scheduler.requests)
+        requests = self.scheduler.requests
+        users = (requests[rid].parent_id or rid if rid in requests else rid for rid in ids)
+        return list(dict.fromkeys(users))
 
     def _pooling_outputs(self, pooled: dict[str, Any]) -> list[PoolingRequestOutput]:
         outputs = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from pagoda.core.block_pool import hash_block_tokens
+from pagoda.core.block_pool import hash_block_tokens, root_hash
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
@@ -44,7 +44,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                  arrival_time: float | None = None, eos_token_ids: set[int] | None = None,
-                 parent_id: str | None = None, index: int = 0, token_type_ids: list[int] | None = None) -> None:
+                 parent_id: str | None = None, index: int = 0, token_type_ids: list[int] | None = None,
+                 cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -58,7 +59,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hits at first scheduling (-1: not yet scheduled)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.block_hashes: list[int] = []
+        self.cache_salt = cache_salt  # requests share cached blocks only with requests of the same salt
+        self.block_hashes: list[bytes] = []
         self.num_preemptions = 0
         self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)
 
@@ -91,11 +93,11 @@ class Request:
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
 
-    def update_block_hashes(self, block_size: int) -> list[int]:
+    def update_block_hashes(self, block_size: int) -> list[bytes]:
         """Extend the prefix hash chain over every block whose tokens are all known."""
         hashes = self.block_hashes
         tokens = self.all_token_ids
         for i in range(len(hashes), len(tokens) // block_size):
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
+            parent = hashes[-1] if hashes else root_hash(self.cache_salt)
+            hashes.append(hash_block_tokens(parent, tokens[i * block_size:(i + 1) * block_size]))
         return hashes

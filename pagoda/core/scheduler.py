@@ -220,7 +220,8 @@ class Scheduler:
         for index, token in enumerate(tokens):
             child = Request(child_request_id(parent.request_id, index), parent.prompt_token_ids,
                             sample_params(parent.params, index),
-                            parent.arrival_time, parent.eos_token_ids, parent_id=parent.request_id, index=index)
+                            parent.arrival_time, parent.eos_token_ids, parent_id=parent.request_id, index=index,
+                            cache_salt=parent.cache_salt)
             child.num_cached_tokens = parent.num_cached_tokens
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING

@@ -20,7 +20,7 @@ _FLAGS = (
 )
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, default_max_tokens: int) -> None:
+def add_sampling_flags(parser: argparse.ArgumentParser, default_max_tokens: int | None) -> None:
     group = parser.add_argument_group("sampling")
     for name, kind, help_text in _FLAGS:
         default = default_max_tokens if name == "max_tokens" else None

@@ -136,5 +136,11 @@ class CheckpointFormat(ABC):
     def iter_weights(cls, file: str, hf_config: Any) -> Any:
         """Yield ``(hf_name, value)`` for every tensor in the file."""
 
+    @classmethod
+    def load_generation_config(cls, file: str) -> dict[str, Any]:
+        """Sampling defaults the file carries, under ``generation_config.json``'s key names (``temperature``,
+        ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``); none by default."""
+        return {}
+
 
 QuantizationConfig.checkpoint_format = None  # type: ignore[attr-defined]  # set by formats like GGUF

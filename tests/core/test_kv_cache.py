@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagoda.core.block_pool import BlockPool, hash_block_tokens
+from pagoda.core.block_pool import BlockPool, hash_block_tokens, root_hash
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request
 from pagoda.sampling_params import SamplingParams
@@ -19,9 +19,10 @@ def _all_free(kv: KVCacheManager) -> bool:
 
 
 def test_hash_chain_depends_on_the_whole_prefix():
-    a = hash_block_tokens(None, (1, 2))
-    assert hash_block_tokens(a, (3, 4)) != hash_block_tokens(hash_block_tokens(None, (9, 9)), (3, 4))
-    assert hash_block_tokens(a, (3, 4)) == hash_block_tokens(hash_block_tokens(None, (1, 2)), (3, 4))
+    root = root_hash()
+    a = hash_block_tokens(root, (1, 2))
+    assert hash_block_tokens(a, (3, 4)) != hash_block_tokens(hash_block_tokens(root, (9, 9)), (3, 4))
+    assert hash_block_tokens(a, (3, 4)) == hash_block_tokens(hash_block_tokens(root, (1, 2)), (3, 4))
 
 
 def test_pool_allocate_and_free_count_references():

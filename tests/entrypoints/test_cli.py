@@ -58,6 +58,31 @@ def test_chat_exits_cleanly_on_ctrl_c():
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_reply_not_the_chat():
+    proc = subprocess.Popen(PAGODA + ["chat", "--ignore-eos", "--max-tokens", "4000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.time() + 240
+        banner = b""
+        while b"Ctrl-D quits" not in banner and time.time() < deadline:
+            banner += proc.stderr.readline()
+        proc.stdin.write(b"Count from one to one thousand in words.\n")
+        proc.stdin.flush()
+        streamed = b""
+        while len(streamed) < 40 and time.time() < deadline:  # the prompt "> ", then the reply streaming
+            streamed += proc.stdout.read1(4096)
+        proc.send_signal(signal.SIGINT)  # mid-reply: stops it (4000 tokens would take far longer)
+        out, err = proc.communicate(b"/clear\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"(reply stopped)" in err and b"(conversation cleared)" in err
+    assert b"Traceback" not in err
+    assert (streamed + out).count(b"> ") == 3  # the question, /clear, then the prompt that read EOF
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     (b"NOTAGGUF" + b"\0" * 64, "GGUF"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import re
 import signal
@@ -24,11 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagoda.entrypoints.openai import protocol as p
-from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError, EngineStoppedError
+from pagoda.entrypoints.openai.async_engine import (AsyncEngine, EngineDeadError, EngineOverloadedError,
+                                                   EngineStoppedError)
 from pagoda.entrypoints.openai.metrics import CONTENT_TYPE
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig, error_body
+from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig, engine_error, error_body
 from pagoda.entrypoints.openai.serving_pooling import register_pooling_routes
 from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagoda.logger import init_logger
@@ -37,7 +39,7 @@ from pagoda.version import __version__
 logger = init_logger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 431, 500, 503)}
 _DRAIN_GRACE_S = 2.0  # after ending unfinished requests, time for their handlers to answer before uvicorn cancels
 _STREAM = {"content": {"text/event-stream": {}}, "description": "the response, or server-sent events with stream"}
 
@@ -66,7 +68,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
     _openapi_without_422(app)
 
     # --------------------------------------------------------------- routes
-    @app.get("/health", responses={503: {"model": p.ErrorResponse}})
+    # the 200 of /health and /ping has an empty body, as vLLM's: declared without content so the schema says so
+    _HEALTH = {"response_class": Response, "responses": {200: {"description": "the engine can serve requests"},
+                                                          503: {"model": p.ErrorResponse}}}
+
+    @app.get("/health", **_HEALTH)
     async def health() -> Response:
         """200 while the engine can serve requests, 503 once its loop has failed."""
         if engine.is_healthy:
@@ -74,7 +80,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
         reason = engine.error or "the engine is not running"
         return JSONResponse(error_body(f"the engine is not running: {reason}", 503), status_code=503)
 
-    @app.api_route("/ping", methods=["GET", "POST"], responses={503: {"model": p.ErrorResponse}})
+    @app.api_route("/ping", methods=["GET", "POST"], **_HEALTH)
     async def ping() -> Response:
         """Same as ``/health`` (the liveness route some platforms probe)."""
         return await health()
@@ -122,14 +128,20 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
                        allow_methods=["*"], allow_headers=["*"])
     if config.api_key:
         app.add_middleware(AuthMiddleware, api_key=config.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(RequestLimitMiddleware, max_body_bytes=config.max_request_body_bytes,
+                       max_header_bytes=config.max_header_bytes)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(EngineOverloadedError)
+    async def overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
+        error = engine_error(exc)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
@@ -191,7 +203,8 @@ class AuthMiddleware:
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        # digests of equal length: compare_digest is then constant-time in the key's length as well as its bytes
+        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -201,24 +214,33 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not path.startswith("/v1"):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        if hmac.compare_digest(hashlib.sha256(given).digest(), self.expected):
             return await self.app(scope, receive, send)
         message = "missing API key" if not given else "invalid API key"
         await JSONResponse(error_body(f"{message}: send the header 'Authorization: Bearer <key>'", 401),
                            status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies larger than ``max_bytes`` with 413, declared or streamed."""
+class RequestLimitMiddleware:
+    """Refuse headers larger than ``max_header_bytes`` in all (431) and bodies larger than ``max_body_bytes``
+    (413), declared or streamed. (The HTTP parser bounds what it buffers of headers sent slowly; this answers a
+    request that arrived whole in OpenAI's error format.)"""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: Any, max_body_bytes: int, max_header_bytes: int):
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = scope.get("headers") or ()
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in headers)  # "name: value\r\n"
+        if header_bytes > self.max_header_bytes:
+            message = (f"request headers too large: {header_bytes} bytes, the limit is {self.max_header_bytes} "
+                       "bytes")
+            return await JSONResponse(error_body(message, 431), status_code=431)(scope, receive, send)
+        declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(scope, receive, send)
         seen = 0
@@ -263,7 +285,7 @@ async def _log_stats(engine: AsyncEngine, interval_s: float) -> None:
 
 def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", shutdown_timeout: float = 30.0,
                access_log: bool = True, root_path: str = "", ssl_keyfile: str | None = None,
-               ssl_certfile: str | None = None) -> None:
+               ssl_certfile: str | None = None, max_header_bytes: int = 16 * 1024) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain in-flight requests for up to ``shutdown_timeout`` seconds.
 
     Requests still unfinished at the deadline are ended by the engine, so their clients get a 503 (or an error
@@ -271,7 +293,10 @@ def run_server(app: FastAPI, host: str, port: int, *, log_level: str = "info", s
     """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=shutdown_timeout + _DRAIN_GRACE_S, root_path=root_path,
-                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, timeout_keep_alive=5)
+                            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, timeout_keep_alive=5,
+                            # h11 caps the request line plus headers it buffers (answering 400 beyond);
+                            # httptools, which "auto" would pick where installed, has no such cap
+                            http="h11", h11_max_incomplete_event_size=max_header_bytes)
     _Server(config, shutdown_timeout, app.state.engine).run()
 
 

@@ -22,8 +22,15 @@ threads than cores, its threads stop spin-waiting at barriers and sleep at once.
 barriers, so a model loaded on one thread and run on another slept and woke its threads ~200 times per step
 (W3 on two cores: 560 output tokens/s against 584 when built on the engine thread).
 
-If ``step()`` raises, the engine is dead: every open request gets an :class:`EngineDeadError`, ``/health`` turns
-503 and new requests are refused.
+If ``step()`` raises, the requests that step was running get an :class:`EngineStepError` (their clients a 500)
+and are aborted, which frees their KV blocks; waiting requests and new ones are served on. Only when steps keep
+failing (``MAX_CONSECUTIVE_STEP_FAILURES`` in a row, nothing completing in between) or the clean-up itself fails
+is the engine dead: every open request gets an :class:`EngineDeadError`, ``/health`` turns 503 and new requests
+are refused.
+
+The server holds at most ``max_pending`` unfinished engine requests (running plus waiting); a request that would
+go beyond gets :class:`EngineOverloadedError` at once (a 503 with ``Retry-After``) instead of queueing without
+bound.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ logger = init_logger(__name__)
 
 _IDLE_WAIT_S = 0.5  # how long the idle engine thread sleeps on the inbox before refreshing stats
 _STATS_EVERY_S = 0.02  # at most this often get_stats() while the engine is busy
+# Steps failing this many times in a row mean the fault is not confined to some requests' data (a device that
+# is gone, a corrupted cache): the engine is then declared dead rather than failing every request it is given.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -50,6 +60,14 @@ class EngineDeadError(RuntimeError):
 
 class EngineStoppedError(EngineDeadError):
     """The server is shutting down and ended the request."""
+
+
+class EngineStepError(RuntimeError):
+    """A step running this request raised; the request was aborted, the engine serves on."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
 
 
 @dataclass
@@ -75,6 +93,7 @@ class RequestGroup:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids: list[str] = []
         self._unfinished: set[int] = set()
+        self._reserved = 0  # places taken in the engine's bounded queue, given back as requests end
         self.arrival = time.monotonic()
 
     async def add(self, prompts: list[Any], params: Any) -> None:
@@ -83,6 +102,8 @@ class RequestGroup:
         Raises ``ValueError`` (the engine's message, e.g. a prompt too long) or :class:`EngineDeadError`.
         """
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        self.engine._reserve(len(prompts))  # EngineOverloadedError when the queue is full
+        self._reserved = len(prompts)
         if len(prompts) == 1:
             ids = [self.request_id]
         else:
@@ -98,6 +119,7 @@ class RequestGroup:
             raise
         except BaseException:
             self._unfinished.clear()
+            self._release()
             raise
 
     def __aiter__(self) -> RequestGroup:
@@ -108,11 +130,12 @@ class RequestGroup:
             raise StopAsyncIteration
         item = await self.queue.get()
         if isinstance(item, BaseException):
-            self._unfinished.clear()
+            # the failed request is gone from the engine; the group's others (if any) are aborted by abort()
             raise item
         index, output = item
         if output.finished:
             self._unfinished.discard(index)
+            self._release(1)
         return index, output
 
     @property
@@ -125,14 +148,24 @@ class RequestGroup:
             ids = [self.request_ids[i] for i in sorted(self._unfinished)]
             self._unfinished.clear()
             self.engine._submit(("abort", ids), must=False)
+        self._release()
+
+    def _release(self, count: int | None = None) -> None:
+        """Give back ``count`` (default: all remaining) of the group's places in the engine's queue."""
+        count = self._reserved if count is None else min(count, self._reserved)
+        self._reserved -= count
+        self.engine._pending -= count
 
 
 class AsyncEngine:
     """Runs an ``LLMEngine`` on its own thread and serves asyncio callers (see the module docstring)."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None, max_pending: int | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.max_pending = max_pending  # unfinished engine requests the server holds at most (None: no bound)
+        self._pending = 0  # event-loop side: engine requests added and not yet finished or aborted
+        self._step_failures = 0  # consecutive failed steps (engine thread)
         self.error: BaseException | None = None
         self.stats: Any = None  # the latest EngineStats, refreshed by the engine thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -209,6 +242,16 @@ class AsyncEngine:
         self.request_stop()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
+    def _reserve(self, count: int) -> None:
+        if self.max_pending is not None and count > self.max_pending:
+            raise ValueError(f"prompt: {count} prompts in one request can never fit the server's queue of "
+                             f"{self.max_pending} requests; send fewer at a time")
+        if self.max_pending is not None and self._pending + count > self.max_pending:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({self._pending} requests running or waiting, at most "
+                f"{self.max_pending}); retry later")
+        self._pending += count
+
     def _submit(self, command: tuple, must: bool = True) -> None:
         with self._lock:
             if self._dead:
@@ -226,7 +269,13 @@ class AsyncEngine:
                 if not self._handle_commands(block=not busy):
                     break
                 if engine.has_unfinished_requests():
-                    self._deliver(self._process(engine.step()))
+                    try:
+                        outputs = engine.step()
+                    except Exception as exc:  # noqa: BLE001 - fail that step's requests; re-raised if fatal
+                        self._fail_step(exc)
+                    else:
+                        self._step_failures = 0
+                        self._deliver(self._process(outputs))
                 self._refresh_stats(force=not engine.has_unfinished_requests())
         except BaseException as exc:  # noqa: BLE001 - anything here kills the engine; report it everywhere
             logger.exception("the engine loop failed; failing all requests")
@@ -261,6 +310,25 @@ class AsyncEngine:
                 break
         self._deliver(replies)
         return True
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A step raised: fail and abort the requests it was running, so the others are served on. Raises (which
+        kills the engine) when steps keep failing or the clean-up fails too."""
+        self._step_failures += 1
+        if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise RuntimeError(f"{self._step_failures} engine steps failed in a row; the last: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        ids = self.engine.failed_step_request_ids()
+        logger.error("an engine step failed (%s: %s); failing the %d request(s) it was running", type(exc).__name__,
+                     exc, len(ids), exc_info=exc)
+        error = EngineStepError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
+        replies: list[tuple[Any, Any]] = []
+        for request_id in ids:
+            route = self._routes.pop(request_id, None)
+            if route is not None:
+                replies.append((route.group, error))
+        self.engine.abort_request(ids)
+        self._deliver(replies)
 
     def _add(self, group: RequestGroup, items: list[tuple[str, Any, Any]], future: asyncio.Future):
         added = []

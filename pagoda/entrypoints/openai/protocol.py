@@ -21,8 +21,10 @@ FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
 
 
 class OpenAIBaseModel(BaseModel):
-    # NaN and ±Infinity (which Python's JSON parser accepts) would reach the sampler's arithmetic
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # strict: a value of the wrong JSON type is a 400 naming the field, as OpenAI answers, never coerced
+    # ("stream": "yes" is not true, "max_tokens": "5" or 5.0 is not 5); an int is still a valid float.
+    # NaN and ±Infinity (which Python's JSON parser accepts) would reach the sampler's arithmetic.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -80,7 +82,7 @@ class UsageInfo(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
@@ -111,6 +113,9 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_salt: str | None = Field(default=None, min_length=1,
+                                   description="prefix-cache blocks are shared only between requests with the "
+                                               "same salt (e.g. one per tenant)")
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty")
@@ -181,6 +186,7 @@ class CompletionStreamResponse(CompletionResponse):
 
 # ---------------------------------------------------------------------------- /v1/chat/completions
 class TextContentPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
@@ -192,6 +198,7 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text", "json_object", "json_schema"]
 
 

@@ -49,6 +49,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds SIGTERM waits for in-flight requests before cancelling them")
     group.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024,
                        help="largest request body accepted (larger: 413)")
+    group.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="requests allowed to wait beyond the --max-num-seqs running ones; more get 503 with "
+                            "Retry-After (a prompt of a multi-prompt completion counts as one; -1: no limit)")
+    group.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                       help="largest total size of a request's headers (larger: 431)")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines (see also --disable-log-stats)")
     group.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS allowed origins (JSON)")
@@ -90,12 +95,18 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.model or args.model_tag
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    if args.max_waiting_requests < -1:
+        raise ValueError(f"--max-waiting-requests must be >= 0 (or -1: no limit), got {args.max_waiting_requests}")
+    if args.max_header_bytes < 1024:
+        raise ValueError(f"--max-header-bytes must be >= 1024, got {args.max_header_bytes}")
     if args.max_log_len is not None and args.max_log_len < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {args.max_log_len}")
     chat_template = _read_chat_template(args.chat_template)
     engine_args = EngineArgs.from_cli_args(args)
     async_engine = AsyncEngine.build(lambda: _build_warm_engine(engine_args))
     engine = async_engine.engine
+    if args.max_waiting_requests >= 0:
+        async_engine.max_pending = engine.config.scheduler.max_num_seqs + args.max_waiting_requests
 
     names = engine_args.served_model_name
     if isinstance(names, str):
@@ -105,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,
                           log_requests=not args.disable_log_requests, api_key=args.api_key or envs.api_key(),
                           max_request_body_bytes=args.max_request_body_bytes,
+                          max_header_bytes=args.max_header_bytes,
                           trust_request_chat_template=args.trust_request_chat_template,
                           extra={"allowed_origins": args.allowed_origins,
                                  "allow_credentials": args.allow_credentials})
@@ -119,5 +131,6 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     run_server(app, args.host, args.port, log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
+               max_header_bytes=args.max_header_bytes,
                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0

@@ -16,8 +16,8 @@ from pagoda.entrypoints.openai.protocol import (ChatChoice, ChatCompletionReques
                                                 ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage)
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
-                                                      engine_error, run_unless_disconnected, sse, sse_error,
-                                                      token_text)
+                                                      engine_error, rejected, run_unless_disconnected, sse,
+                                                      sse_error, token_text)
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -73,9 +73,10 @@ class OpenAIServingChat(OpenAIServing):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
-            await group.add([{"prompt": text, "prompt_token_ids": prompt_ids}], params)
+            await group.add(self.salted([{"prompt": text, "prompt_token_ids": prompt_ids}], request.cache_salt),
+                            params)
         except ValueError as exc:
-            raise APIError(str(exc), 400) from exc
+            raise rejected(exc) from exc
         ctx = RequestContext(self, request, request_id, model, [prompt_ids], start, log_prompt=text)
         if request.stream:
             return AbortOnCloseStreamingResponse(self._stream(group, ctx), lambda: ctx.close(group))

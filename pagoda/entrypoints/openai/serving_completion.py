@@ -13,8 +13,8 @@ from pagoda.entrypoints.openai.protocol import (MAX_PROMPTS, CompletionChoice, C
                                                 CompletionRequest, CompletionResponse, CompletionStreamResponse)
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
-                                                      engine_error, run_unless_disconnected, sse, sse_error,
-                                                      token_text)
+                                                      engine_error, rejected, run_unless_disconnected, sse,
+                                                      sse_error, token_text)
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -71,9 +71,9 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
-            await group.add(prompts, params)
+            await group.add(self.salted(prompts, request.cache_salt), params)
         except ValueError as exc:
-            raise APIError(str(exc), 400) from exc
+            raise rejected(exc) from exc
         context = RequestContext(self, request, request_id, model, prompts, start)
         if request.stream:
             return AbortOnCloseStreamingResponse(self._stream(group, context), lambda: context.close(group))

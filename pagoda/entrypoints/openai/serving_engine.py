@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -12,29 +13,46 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
-from pagoda.entrypoints.openai.async_engine import AsyncEngine, EngineDeadError, EngineStoppedError
+from pagoda.entrypoints.openai.async_engine import (AsyncEngine, EngineDeadError, EngineOverloadedError,
+                                                   EngineStepError, EngineStoppedError)
 from pagoda.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                413: "RequestEntityTooLarge", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+                413: "RequestEntityTooLarge", 431: "RequestHeaderFieldsTooLarge", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 _INLINE_TOKENIZE_CHARS = 8192  # below this, tokenizing takes well under a millisecond: not worth a thread hop
+RETRY_AFTER_S = 1  # what an overloaded server asks clients to wait: the queue moves every engine step
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; clients get a very small finite number instead (as vLLM does)
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param)
+
+
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*): ")
+
+
+def rejected(exc: ValueError, param: str | None = None) -> APIError:
+    """A 400 for a request the engine refused; the engine's messages start with the field they are about
+    ("prompt: ...", "cache_salt: ..."), which becomes ``param`` unless one is given."""
+    message = str(exc)
+    if param is None:
+        match = _FIELD_PREFIX.match(message)
+        param = match.group(1) if match else None
+    return APIError(message, 400, param)
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
@@ -52,6 +70,7 @@ class ServerConfig:
     log_requests: bool = True
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
     trust_request_chat_template: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +136,14 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise APIError("this server was started with --skip-tokenizer-init: send token ids, not text", 400)
         return self.tokenizer
+
+    @staticmethod
+    def salted(prompts: list[Any], cache_salt: str | None) -> list[Any]:
+        """The engine prompts of a request, carrying its ``cache_salt`` (vLLM's prompt field) when it has one."""
+        if cache_salt is None:
+            return prompts
+        return [{**p, "cache_salt": cache_salt} if isinstance(p, dict) else
+                {"prompt_token_ids": p, "cache_salt": cache_salt} for p in prompts]
 
     # ------------------------------------------------------------------ sampling
     def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, n: int,
@@ -333,6 +360,8 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, EngineStoppedError):
         return APIError(str(exc), 503)
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, EngineStepError)):
         return APIError(str(exc), 500)
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(str(exc), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return APIError(f"internal error: {type(exc).__name__}: {exc}", 500)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from pagoda.entrypoints.llm_pooling import pair_prompt
 from pagoda.entrypoints.openai.protocol import MAX_PROMPTS, ErrorResponse, OpenAIBaseModel, UsageInfo
-from pagoda.entrypoints.openai.serving_engine import (APIError, OpenAIServing, engine_error, error_body,
+from pagoda.entrypoints.openai.serving_engine import (APIError, OpenAIServing, engine_error, error_body, rejected,
                                                       run_unless_disconnected)
 from pagoda.pooling_params import PoolingParams
 
@@ -203,7 +203,7 @@ class OpenAIServingPooling(OpenAIServing):
             try:
                 await group.add(prompts, params)
             except ValueError as exc:
-                raise APIError(str(exc), 400) from exc
+                raise rejected(exc) from exc
             results: list[Any] = [None] * len(prompts)
             try:
                 async for index, output in group:

@@ -80,6 +80,12 @@ def unpermute_rows(n_heads: int, rows: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(-1)
 
 
+# general.sampling.<key> of a GGUF file → the generation_config.json key it stands for (llama.cpp writes these
+# from a model's recommended settings; its mirostat and XTC samplers have no counterpart here)
+SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
+
+
 def _meta(f: GGUFFile, key: str, default: Any = None, required: bool = False) -> Any:
     value = f.metadata.get(key, default)
     if value is None and required:
@@ -168,6 +174,17 @@ class GGUFCheckpoint(CheckpointFormat):
         config = AutoConfig.for_model(model_type, rope_parameters=rope_parameters, **kwargs)
         # transformers 5 keeps rope_theta inside rope_parameters; older readers look for the attribute.
         config.rope_theta = rope_theta
+        return config
+
+    @classmethod
+    def load_generation_config(cls, file: str) -> dict[str, Any]:
+        """llama.cpp's ``general.sampling.*`` keys, the GGUF counterpart of ``generation_config.json``."""
+        f = open_gguf(file)
+        config = {}
+        for gguf_key, key in SAMPLING_KEYS.items():
+            value = f.metadata.get(f"general.sampling.{gguf_key}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                config[key] = value
         return config
 
     @classmethod

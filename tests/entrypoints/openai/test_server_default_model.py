@@ -37,8 +37,14 @@ def test_serves_the_bundled_model_under_its_name(default_client, default_llm):
     assert names == [default_llm.llm_engine.model_config.served_model_name]
 
 
+def _server_params(llm, **fields) -> SamplingParams:
+    """What the server samples with for a request that sets ``fields``: the model's defaults for the rest."""
+    return SamplingParams.from_generation_config(llm.llm_engine.generation_config, **fields)
+
+
 def test_chat_answers_like_llm_chat(default_client, default_llm):
-    expected = default_llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+    expected = default_llm.chat(QUESTION, _server_params(default_llm, temperature=0, max_tokens=30),
+                                use_tqdm=False)[0]
     model = default_client.models.list().data[0].id
     response = default_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=30,
                                                       temperature=0)
@@ -53,7 +59,45 @@ def test_chat_answers_like_llm_chat(default_client, default_llm):
 
 def test_completion_matches_llm_generate(default_client, default_llm):
     prompt = "The three primary colours are"
-    expected = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    expected = default_llm.generate(prompt, _server_params(default_llm, temperature=0, max_tokens=12),
+                                    use_tqdm=False)[0]
     model = default_client.models.list().data[0].id
     response = default_client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     assert response.choices[0].text == expected.outputs[0].text
+
+
+FIRST_QUESTIONS = ["Write one sentence about cats.", "What is 12 times 7?", "Hi!", "What is the capital of France?",
+                   "Give me three tips for sleeping better.", "Tell me a joke.",
+                   "Explain photosynthesis in simple terms.", "Translate 'good morning' into Spanish.",
+                   "Who wrote Romeo and Juliet?", "Write a haiku about the sea."]
+
+
+def _readable(text: str) -> bool:
+    """Words and punctuation, not a loop: most characters are ordinary text and no run of three words recurs
+    more than three times."""
+    words = text.split()
+    if not 1 <= len(words) <= 400:
+        return False
+    ordinary = sum(ch.isalnum() or ch.isspace() or ch in ".,;:!?'\"()-*#%/&" for ch in text)
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    most = max((trigrams.count(t) for t in set(trigrams)), default=0)
+    return ordinary >= 0.9 * len(text) and most <= 3
+
+
+def test_default_chat_requests_end_at_eos_with_readable_replies(default_client):
+    """A new user's first requests: no sampling fields at all. The bundled model's defaults must make each reply
+    end by itself (at EOS), short and readable — not run on until the context is full."""
+    import concurrent.futures
+
+    model = default_client.models.list().data[0].id
+
+    def ask(question: str):
+        return default_client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}])
+
+    with concurrent.futures.ThreadPoolExecutor(len(FIRST_QUESTIONS)) as pool:
+        replies = list(pool.map(ask, FIRST_QUESTIONS))
+    for question, reply in zip(FIRST_QUESTIONS, replies):
+        choice = reply.choices[0]
+        text = choice.message.content
+        assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 600, (question, text[:300])
+        assert _readable(text), (question, text)

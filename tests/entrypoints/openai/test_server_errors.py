@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 import requests
@@ -71,6 +73,16 @@ COMPLETION_CASES = [
     ({"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, 400, "stream_options.bogus", ""),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"prompt": "x", "model": "no-such-model"}, 404, "model", "does not exist"),
+    # no coercion: a value of the wrong JSON type is refused, as OpenAI's API does
+    ({"prompt": "x", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"prompt": "x", "echo": 1}, 400, "echo", "valid boolean"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "max_tokens": 5.0}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "temperature": "0.5"}, 400, "temperature", "valid number"),
+    ({"prompt": "x", "stop": 5}, 400, "stop", ""),
+    ({"prompt": [1, True]}, 400, "prompt", ""),
+    ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt", "at least 1"),
+    ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt", "valid string"),
 ]
 
 
@@ -105,6 +117,11 @@ CHAT_CASES = [
     ({"messages": CHAT, "continue_final_message": True}, 400, "messages", "continue_final_message"),
     ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "gpt-4"),
     ({"messages": CHAT, "chat_template": "{{ messages }}"}, 400, "chat_template", "--trust-request-chat-template"),
+    ({"messages": CHAT, "logprobs": "true"}, 400, "logprobs", "valid boolean"),
+    ({"messages": CHAT, "n": "2"}, 400, "n", "valid integer"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
+    ({"messages": CHAT, "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage", "valid boolean"),
 ]
 
 
@@ -142,10 +159,12 @@ def test_openai_client_raises_typed_errors(client):
         client.chat.completions.create(model="unknown", messages=CHAT)
 
 
-def test_server_still_serves_after_bad_input(client, tiny_chat_model_dir):
+def test_server_still_serves_after_bad_input(client, tiny_server, tiny_chat_model_dir):
     response = client.completions.create(model=tiny_chat_model_dir, prompt="still fine", max_tokens=3,
                                          temperature=0)
     assert response.usage.completion_tokens == 3
+    errors = re.findall(r"^(?:ERROR|CRITICAL)\b.*$", tiny_server.output(), re.M)
+    assert not errors, errors[:5]  # a bad request is the client's business, not the operator's
 
 
 def test_version_and_openapi(tiny_server):

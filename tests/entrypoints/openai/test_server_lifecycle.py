@@ -226,3 +226,22 @@ def test_requests_left_at_the_shutdown_deadline_end_with_503(tiny_chat_model_dir
         assert '"code": 503' in events[-2] and "shutting down" in events[-2]
     finally:
         server.stop()
+
+
+def test_sigint_drains_like_sigterm(tiny_chat_model_dir):
+    server = ServerProcess([tiny_chat_model_dir, *TINY_ARGS, "--shutdown-timeout", "60"])
+    try:
+        result = {}
+        body = {"prompt": "Interrupt me", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+        thread = threading.Thread(target=lambda: result.setdefault("response", requests.post(
+            server.url + "/v1/completions", json=body, timeout=120)))
+        thread.start()
+        wait_running(server)
+        server.proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that runs the server
+        thread.join(120)
+        response = result["response"]
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 300
+        assert server.proc.wait(60) == 0
+        assert "SIGINT received" in server.output()
+    finally:
+        server.stop()
