@@ -202,9 +202,10 @@ def test_rotary_in_place_on_a_fused_qkv_view(rotary_dim):
 
 
 @packed
+@pytest.mark.parametrize("amx", AMX, ids=[f"amx={a}" for a in AMX])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n,k,rows", [(37, 64, 3), (576, 576, 1), (1536, 576, 9), (64, 96, 64)])
-def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
+@pytest.mark.parametrize("n,k,rows", [(37, 64, 3), (576, 576, 1), (1536, 576, 9), (64, 96, 64), (40, 128, 70)])
+def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows, amx):
     g = torch.Generator().manual_seed(bits * 1000 + n + k + rows)
     codes, scale, offset = block_quant_weights(bits, n, k, g)
     if bits == 8:
@@ -215,9 +216,9 @@ def test_quant_linear_is_exact_products_summed_in_float32(bits, n, k, rows):
     packed_weight = cpu_ops.pack_quantized(codes, scale, offset, bits)
     x = torch.randn(rows, k, generator=g).bfloat16()
     ref = x.double() @ weight.T
-    out = cpu_ops.quant_linear(x, packed_weight, float_output=True)
+    out = cpu_ops.quant_linear(x, packed_weight, float_output=True, amx=amx)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    torch.testing.assert_close(cpu_ops.quant_linear(x, packed_weight).double(), ref, **BF16_ROUNDING)
+    torch.testing.assert_close(cpu_ops.quant_linear(x, packed_weight, amx=amx).double(), ref, **BF16_ROUNDING)
     ids = torch.tensor([[0, n - 1], [n // 2, 1]])
     torch.testing.assert_close(packed_weight.rows(ids, torch.float64), weight[ids], rtol=1e-6, atol=1e-7)
 

@@ -169,3 +169,57 @@ def test_bad_checkpoints_name_the_layer_and_field(tmp_path, fixture, change, mat
     path = _copy(fixture, tmp_path, **change)
     with pytest.raises(ValueError, match=match):
         _llm(path)
+
+
+def test_dense_checkpoint_quantized_to_fp8_on_load(tiny_model_dir):
+    """``--quantization fp8`` on a dense checkpoint: every linear layer in FP8 with one scale per layer (merged
+    q/k/v and gate/up share it, as vLLM quantizes the merged weight), against transformers running the same
+    rounded weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pagoda import LLM
+
+    path = tiny_model_dir("llama")
+    llm = LLM(model=path, dtype="float32", quantization="fp8", skip_tokenizer_init=True, max_model_len=64,
+              kv_cache_memory_bytes=1 << 24, max_logprobs=1024)
+    assert _kernel_kinds(llm) == {"Fp8Kernel"}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                      [layer.self_attn.o_proj], [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]]
+            for group in groups:
+                scale = max(float(m.weight.abs().max()) for m in group) / 448.0
+                for m in group:
+                    m.weight.copy_((m.weight / scale).to(torch.float8_e4m3fn).float() * scale)
+    ids = torch.tensor([[1, 17, 93, 400, 12, 5, 77, 301], [1, 600, 2, 44, 45, 46, 900, 3]])
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    tokens, logprobs = _run_vocab(llm, ids, 6, ref_logits.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(_centred(logprobs), _centred(torch.log_softmax(ref_logits, -1)), dim=-1)
+    assert cos.min() >= 0.9999, f"cosine {cos.min():.6f}"
+
+
+def _run_vocab(llm, input_ids: torch.Tensor, num_tokens: int, vocab: int):
+    global VOCAB
+    saved, VOCAB = VOCAB, vocab
+    try:
+        return _run(llm, input_ids, num_tokens)
+    finally:
+        VOCAB = saved
+
+
+def test_platform_supported_quantization_is_enforced(tmp_path):
+    """A platform that lists its quantization methods refuses the others at engine set-up, naming both."""
+    from pagoda.core.config import _resolve_model_config
+    from pagoda.core.engine_args import EngineArgs
+    from pagoda.platforms.cpu import CpuPlatform
+    from pagoda.plugins.registry import get_registry
+
+    class DenseOnlyPlatform(CpuPlatform):
+        name = "dense-only"
+        supported_quantization = ("none", "gguf")
+
+    with pytest.raises(ValueError, match=r"quantization gptq can't run on platform dense-only: platform dense-only "
+                                         r"supports none, gguf only, not gptq"):
+        _resolve_model_config(EngineArgs(model=str(FIXTURES / "gptq_sym_g32")), DenseOnlyPlatform, get_registry())

@@ -103,7 +103,7 @@ class FusedDecode:
             raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
         self.lib, self.stack, self.keep = lib, stack, []
         self.max_tokens: int | None = None
-        # AMX tiles for the bf16 GEMMs exactly where the per-op path takes them (the AMX linear op).
+        # AMX tiles for the GEMMs exactly where the per-op path takes them (the AMX linear ops).
         self.amx = isinstance(ops.linear_dense, cpu_op_impls.AmxDense)
         layers = (_Layer * len(stack.layers))()
         for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
@@ -113,6 +113,8 @@ class FusedDecode:
                 raise NotFusable("KV caches of different layouts")
             linears = []
             for kernel in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if getattr(kernel.op, "uses_amx", self.amx) != self.amx:
+                    raise NotFusable("quantized layers and dense ones disagree on AMX tiles")
                 linear, limit = _linear(kernel, self.keep)
                 linears.append(linear)
                 if limit is not None:

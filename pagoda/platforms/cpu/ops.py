@@ -177,6 +177,7 @@ class PackedBlockQuant(_NativeBf16Gemm):
     with bf16 activations (:class:`cpu_ops.PackedQuant`)."""
 
     op, name = "linear_block_quant", "cpu_avx512_bf16"
+    uses_amx = False  # whether its GEMMs take AMX tiles (the fused decode step must agree)
 
     def accepts(self, in_features, act_dtype):
         return in_features % 32 == 0 and act_dtype == torch.bfloat16
@@ -210,6 +211,31 @@ class PackedBlockQuant(_NativeBf16Gemm):
 
     def nbytes(self, handle):
         return handle.data.numel()
+
+
+class AmxBlockQuant(PackedBlockQuant):
+    """The same packed weights, with batches of 8 rows and more on AMX tiles: each group's codes are decoded into bf16
+    tiles (exactly) and the group's sums taken for up to 64 rows at once (prefill, large decode batches)."""
+
+    name, priority = "cpu_amx", 20
+    requires = ("amx_bf16", "avx512_bf16")
+    uses_amx = True
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        reason = super().check(platform)
+        if reason is None and not cpu.kernels().has_amx:
+            return "the native library was built without AMX"
+        return reason
+
+    def apply(self, handle, x):
+        return cpu_ops.quant_linear(x, handle, amx=True)
+
+    def logits(self, handle, x):
+        return cpu_ops.quant_linear(x, handle, float_output=True, amx=True)
+
+    def greedy(self, handle, x):
+        return cpu_ops.linear_argmax(x, handle, amx=True)
 
 
 class NativeWriteKV(_Native):
@@ -265,5 +291,5 @@ class NativePrefillAttention(_NativeBf16Gemm):
         return out
 
 
-CPU_OP_IMPLS = [NativeRmsNorm, NativeRotary, NativeSiluAndMul, PackedDense, AmxDense, PackedBlockQuant,
+CPU_OP_IMPLS = [NativeRmsNorm, NativeRotary, NativeSiluAndMul, PackedDense, AmxDense, PackedBlockQuant, AmxBlockQuant,
                 NativeWriteKV, NativeDecodeAttention, NativePrefillAttention]

@@ -24,6 +24,7 @@ from pagoda.platforms.cpu.ops import _NativeBf16Gemm
 
 class PackedFp8(_NativeBf16Gemm):
     op, name = "linear_fp8", "cpu_avx512_bf16"
+    uses_amx = False  # whether its GEMMs take AMX tiles (the fused decode step must agree)
 
     def accepts(self, in_features, group, act_dtype):
         return (in_features % cpu_ops.E4M3_GROUP == 0 and group % cpu_ops.E4M3_GROUP == 0
@@ -33,16 +34,31 @@ class PackedFp8(_NativeBf16Gemm):
         return cpu_ops.pack_fp8(weight, scale.float().repeat_interleave(group // cpu_ops.E4M3_GROUP, dim=1))
 
     def apply(self, handle, x):
-        return cpu_ops.quant_linear(x, handle)
+        return cpu_ops.quant_linear(x, handle, amx=self.uses_amx)
 
     def logits(self, handle, x):
-        return cpu_ops.quant_linear(x, handle, float_output=True)
+        return cpu_ops.quant_linear(x, handle, float_output=True, amx=self.uses_amx)
 
     def greedy(self, handle, x):
         return None
 
     def nbytes(self, handle):
         return handle.data.numel()
+
+
+class AmxFp8(PackedFp8):
+    """The same packed FP8 weights, with batches of 8 rows and more on AMX tiles (codes decoded to bf16 tiles)."""
+
+    name, priority = "cpu_amx", 20
+    requires = ("amx_bf16", "avx512_bf16")
+    uses_amx = True
+
+    @classmethod
+    def check(cls, platform) -> str | None:
+        reason = super().check(platform)
+        if reason is None and not cpu.kernels().has_amx:
+            return "the native library was built without AMX"
+        return reason
 
 
 @dataclass
@@ -200,4 +216,4 @@ class NativeCodebook(_NativeBf16Gemm):
         return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
 
 
-CPU_QUANT_OP_IMPLS = [PackedFp8, OneDnnInt8, AmxInt8, NativeCodebook]
+CPU_QUANT_OP_IMPLS = [PackedFp8, AmxFp8, OneDnnInt8, AmxInt8, NativeCodebook]

@@ -262,8 +262,8 @@ E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
 
 
 def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
-    """Pack float8_e4m3fn ``weight`` [n, k] with float32 ``scale`` [n, k / 64] (``k`` a multiple of 64): the int8
-    layout with FP8 bytes, in groups of 64."""
+    """Pack float8_e4m3fn ``weight`` [n, k] with float32 ``scale`` [n, k / 64] (``k`` a multiple of 64): per pair of
+    inputs, each of the tile's 16 columns' two bytes side by side (the order vdpbf16ps takes them), in groups of 64."""
     n, k = weight.shape
     groups = k // E4M3_GROUP
     tiles = -(-n // 16)
@@ -272,7 +272,7 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad, k)])
         scale = torch.cat([scale, scale.new_zeros(pad, groups)])
-    c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 4, 1)  # [tile, group, pair, elem, col]
+    c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, elem]
     code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
     params = scale.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
     return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
@@ -336,14 +336,15 @@ def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
     return PackedQuant(data, n, k, bits)
 
 
-def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x [..., k]`` and a packed block-quantized ``W``; float32 out when ``float_output``."""
+def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = False, amx: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x [..., k]`` and a packed block-quantized ``W``; float32 out when ``float_output``.
+    ``amx``: batches of 8 rows and more on AMX tiles (only where the process may use them)."""
     x2 = _bf16_rows(x, weight.k, "quant_linear")
     rows = x2.shape[0]
     out = torch.empty(rows, weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if rows:
         _check(kernels().quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, rows,
-                                    weight.n, weight.k, _threads()), "pagoda_quant_gemm")
+                                    weight.n, weight.k, _threads(), int(amx)), "pagoda_quant_gemm")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
 
 

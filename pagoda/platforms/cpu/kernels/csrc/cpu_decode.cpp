@@ -48,7 +48,7 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
     gemm_int8_amx<false>(y, q.data(), xs.data(), reinterpret_cast<const int8_t*>(p), ws, nullptr, m, w.n, w.k, nt);
   } else
 #endif
-  quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt);
+  quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt, nullptr, amx);
   if (w.bias)  // the per-op path adds a quantized layer's bias in bf16 after the matmul: same here
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < w.n; ++i)

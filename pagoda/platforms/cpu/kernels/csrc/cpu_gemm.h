@@ -172,7 +172,8 @@ void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp,
 //         (Q4_K's products of scales are not exact in float16)                          -> 384 bytes
 //   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
 //         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
-//   e4m3: as int8 with FP8 bytes, groups of 64 and float32 scales (1.06 bytes a weight) -> 1088 bytes
+//   e4m3: per pair, 32 FP8 bytes interleaved (column n's k = 2p, k = 2p + 1), groups of 64 and float32 scales
+//         (1.06 bytes a weight)                                                         -> 1088 bytes
 //   int4 with zero points (kind kZeroKind + G, G = 32, 64 or 128): as int4 in groups of G, then float16 scales and
 //         float16 zeros: w = (code - zero) * scale, the form of AWQ / GPTQ / compressed-tensors checkpoints, at
 //         their own group size (0.53 to 0.63 bytes a weight)                                 -> 8 G + 64 bytes
@@ -190,16 +191,30 @@ template <int Bits> struct QLayout {
   static constexpr bool sums = nibbles;  // whether the kernel reads the activations' group sums
 };
 
-// FP8 e4m3 bytes (in the low byte of each 32-bit lane) -> their bf16 encodings (low 16 bits). Normal numbers move
-// their exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) come from a table.
-inline __m512i e4m3_to_bf16(__m512i b) {
-  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 8);
-  const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(em, 4), _mm512_set1_epi32(120 << 7));
-  const __m512i subnormal = _mm512_permutexvar_epi32(
-      em, _mm512_setr_epi32(0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60, 0, 0, 0, 0, 0, 0, 0, 0));
-  const __mmask16 small = _mm512_cmplt_epu32_mask(em, _mm512_set1_epi32(8));
-  return _mm512_or_si512(sign, _mm512_mask_blend_epi32(small, normal, subnormal));
+// bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), in four tables of 32 for vpermt2w: normal numbers
+// move their exponent from bias 7 to bias 127, subnormals (exponent 0: m * 2^-9) are looked up as they are.
+struct E4m3Table {
+  alignas(64) uint16_t v[128];
+  E4m3Table() {
+    for (int em = 0; em < 128; ++em) {
+      const int e = em >> 3, m = em & 7;
+      const float value = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
+      v[em] = f32_to_bf16(value);
+    }
+  }
+};
+
+// 32 FP8 e4m3 bytes -> their 32 bf16 encodings: two 64-entry table lookups on the magnitude, then the sign.
+inline __m512i e4m3_to_bf16_32(__m256i bytes) {
+  static const E4m3Table table;
+  const __m512i t0 = _mm512_load_si512(table.v), t1 = _mm512_load_si512(table.v + 32);
+  const __m512i t2 = _mm512_load_si512(table.v + 64), t3 = _mm512_load_si512(table.v + 96);
+  const __m512i b = _mm512_cvtepu8_epi16(bytes);
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
+  const __m512i low = _mm512_permutex2var_epi16(t0, em, t1);   // magnitudes 0..63 (index bit 5 picks the table)
+  const __m512i high = _mm512_permutex2var_epi16(t2, em, t3);  // 64..127
+  const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(em, _mm512_set1_epi16(0x40)), low, high);
+  return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8));
 }
 
 // The 16 (pair of codes) lanes of pair step p as bf16 pairs.
@@ -218,10 +233,8 @@ template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, __m5
   return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
 }
 template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, __m512i) {
-  const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
-  const __m512i lo = e4m3_to_bf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(c)));
-  const __m512i hi = e4m3_to_bf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(c + 1)));
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  // Packed pair-interleaved (column n's k = 2p, then its k = 2p + 1): the 32 bf16 values are the 16 pairs as they are.
+  return e4m3_to_bf16_32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)));
 }
 
 template <int Bits, int MR, bool F32Out>
@@ -300,8 +313,13 @@ inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k) {
 // y [m, n] = x . W^T for W packed as above; xsum: group_sums(x, m, k), for callers that run several column ranges
 // of one x (computed here when null).
 template <int Bits, bool F32Out>
+void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                    int num_threads, const float* xsum);
+
+// amx: take AMX tiles from kAmxMinRows rows (the caller has AMX's permission).
+template <int Bits, bool F32Out>
 void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads,
-                const float* xsum = nullptr) {
+                const float* xsum = nullptr, bool amx = false) {
   const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
   const int64_t tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
   const int64_t esz = F32Out ? 4 : 2;
@@ -310,6 +328,14 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     own = group_sums(x, m, k);
     xsum = own.data();
   }
+#if defined(PAGODA_HAS_AMX)
+  if (amx && m >= kAmxMinRows) {
+    quant_gemm_amx<Bits, F32Out>(y, x, packed, m, n, k, num_threads, xsum);
+    return;
+  }
+#else
+  (void)amx;
+#endif
   const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
   share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
     const int64_t mb = task / tiles, t = task % tiles;
@@ -335,6 +361,116 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
   });
 }
 
+// One group's partial sums `part` (16 columns of one row) scaled into `out` as quant_tile does; xrow: that row's
+// sums of 32 inputs (read by the kinds with offsets or zeros).
+template <int Bits>
+inline __m512 group_epilogue(const uint8_t* params, __m512 part, const float* xrow, int64_t g, __m512 out) {
+  if constexpr (Bits == 4) {
+    const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
+    const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
+    return _mm512_fmadd_ps(of, _mm512_set1_ps(xrow[g]), _mm512_fmadd_ps(part, sc, out));
+  } else if constexpr (QLayout<Bits>::zero) {
+    constexpr int64_t per = QLayout<Bits>::group / kGroup;
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params)));
+    const __m512 zr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + 32)));
+    float xs = 0.f;
+    for (int64_t j = 0; j < per; ++j) xs += xrow[g * per + j];
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(zr, _mm512_set1_ps(xs), part), sc, out);
+  } else if constexpr (Bits == kE4M3) {
+    return _mm512_fmadd_ps(part, _mm512_loadu_ps(reinterpret_cast<const float*>(params)), out);
+  } else {
+    return _mm512_fmadd_ps(part, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(params))), out);
+  }
+}
+
+#if defined(PAGODA_HAS_AMX)
+// acc [RT * 16 rows][16] = x [RT row tiles, steps * 32 of its k] @ B tiles wt (steps of 16 pair rows x 64 bytes);
+// lda: x's row stride in bytes.
+template <int RT>
+inline void amx_pass_steps(float* acc, const bf16_t* x, int64_t lda, int64_t steps, const bf16_t* wt) {
+  const int64_t row = lda / 2;  // x elements per row
+  _tile_zero(0);
+  if constexpr (RT > 1) _tile_zero(1);
+  if constexpr (RT > 2) _tile_zero(2);
+  if constexpr (RT > 3) _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(6, wt + s * 16 * 32, 64);
+    const bf16_t* xs = x + s * 32;
+    if constexpr (RT == 1) { _tile_loadd(7, xs, lda); _tile_dpbf16ps(0, 7, 6); }
+    else { _tile_loadd(4, xs, lda); _tile_dpbf16ps(0, 4, 6); }
+    if constexpr (RT == 2) { _tile_loadd(7, xs + 16 * row, lda); _tile_dpbf16ps(1, 7, 6); }
+    else if constexpr (RT > 2) { _tile_loadd(5, xs + 16 * row, lda); _tile_dpbf16ps(1, 5, 6); }
+    if constexpr (RT == 3) { _tile_loadd(7, xs + 32 * row, lda); _tile_dpbf16ps(2, 7, 6); }
+    else if constexpr (RT > 3) { _tile_loadd(4, xs + 32 * row, lda); _tile_dpbf16ps(2, 4, 6); }
+    if constexpr (RT == 4) { _tile_loadd(7, xs + 48 * row, lda); _tile_dpbf16ps(3, 7, 6); }
+  }
+  _tile_stored(0, acc, 64);
+  if constexpr (RT > 1) _tile_stored(1, acc + 16 * 16, 64);
+  if constexpr (RT > 2) _tile_stored(2, acc + 32 * 16, 64);
+  if constexpr (RT > 3) _tile_stored(3, acc + 48 * 16, 64);
+}
+
+// quant_gemm on AMX tiles, for batches of kAmxMinRows rows and more: per column tile and group, the group's codes
+// are decoded into bf16 B tiles (exactly: small integers or e4m3 values), one tile product per 32 inputs sums the
+// group for up to 64 rows at once, and the group's scale (offset, zero) is applied in float32 as quant_tile does.
+template <int Bits, bool F32Out>
+void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                    int num_threads, const float* xsum) {
+  constexpr int64_t G = QLayout<Bits>::group, kRows = 64;
+  const int64_t groups = k / G, tiles = (n + 15) / 16, sum_groups = k / kGroup;
+  const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t mblocks = (m + kRows - 1) / kRows;
+  const int64_t esz = F32Out ? 4 : 2;
+  share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
+    const int64_t mb = task / tiles, t = task % tiles;
+    const int64_t r0 = mb * kRows, rows = (m - r0) < kRows ? (m - r0) : kRows;
+    const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
+    __m512i table = _mm512_setzero_si512();
+    if constexpr (QLayout<Bits>::nibbles) {
+      alignas(64) uint16_t tv[32];
+      for (int i = 0; i < 32; ++i) tv[i] = f32_to_bf16(static_cast<float>(i));
+      table = _mm512_load_si512(tv);
+    }
+    alignas(64) bf16_t wt[G * 16];  // the group's codes as bf16 B tiles: G / 2 pair rows of 16 columns
+    alignas(64) float part[kRows * 16];
+    alignas(64) float out[kRows * 16];
+    for (int64_t i = 0; i < rows * 16; ++i) out[i] = 0.f;
+    amx_configure(row_tiles, last_rows);
+    const uint8_t* tile = packed + t * tile_bytes;
+    const bf16_t* xb = x + r0 * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
+      for (int64_t p = 0; p < G / 2; ++p)
+        _mm512_store_si512(wt + p * 32, decode_pairs<QLayout<Bits>::nibbles ? 4 : Bits>(blk, p, table));
+      switch (row_tiles) {
+        case 4: amx_pass_steps<4>(part, xb + g * G, k * 2, G / 32, wt); break;
+        case 3: amx_pass_steps<3>(part, xb + g * G, k * 2, G / 32, wt); break;
+        case 2: amx_pass_steps<2>(part, xb + g * G, k * 2, G / 32, wt); break;
+        default: amx_pass_steps<1>(part, xb + g * G, k * 2, G / 32, wt); break;
+      }
+      const uint8_t* params = blk + QLayout<Bits>::code_bytes;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xrow = QLayout<Bits>::sums ? xsum + (r0 + r) * sum_groups : nullptr;
+        _mm512_store_ps(out + r * 16, group_epilogue<Bits>(params, _mm512_load_ps(part + r * 16), xrow, g,
+                                                          _mm512_load_ps(out + r * 16)));
+      }
+    }
+    _tile_release();
+    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    char* yb = static_cast<char*>(y) + r0 * n * esz;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_load_ps(out + r * 16);
+      if constexpr (F32Out) {
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(yb) + r * n + col, mask, v);
+      } else {
+        _mm256_mask_storeu_epi16(reinterpret_cast<bf16_t*>(yb) + r * n + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  });
+}
+#endif
+
 // Bytes of one tile of 16 rows of a block-quantized weight of `kind` with k inputs; 0 for an unknown kind or a k
 // its groups don't divide.
 inline int64_t quant_tile_bytes(int kind, int64_t k) {
@@ -353,15 +489,17 @@ inline int64_t quant_tile_bytes(int kind, int64_t k) {
 // quant_gemm for a kind chosen at run time; false for a kind (or k) quant_tile_bytes doesn't take.
 template <bool F32Out>
 bool quant_gemm_kind(int kind, void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
-                     int num_threads, const float* xsum = nullptr) {
+                     int num_threads, const float* xsum = nullptr, bool amx = false) {
   if (quant_tile_bytes(kind, k) == 0) return false;
   switch (kind) {
-    case 4: quant_gemm<4, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
-    case 8: quant_gemm<8, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
-    case kE4M3: quant_gemm<kE4M3, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
-    case kZeroKind + 32: quant_gemm<kZeroKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
-    case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
-    case kZeroKind + 128: quant_gemm<kZeroKind + 128, F32Out>(y, x, packed, m, n, k, num_threads, xsum); return true;
+    case 4: quant_gemm<4, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case 8: quant_gemm<8, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case kE4M3: quant_gemm<kE4M3, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case kZeroKind + 32: quant_gemm<kZeroKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case kZeroKind + 128:
+      quant_gemm<kZeroKind + 128, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
+      return true;
     default: return false;
   }
 }

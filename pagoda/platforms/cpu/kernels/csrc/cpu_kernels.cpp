@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 15; }
+int pagoda_kernels_abi_version() { return 17; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -138,16 +138,18 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
 // y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits: the kind — 4 or 8, k a
 // multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G, k a multiple of G); y float32 when out_f32 else bf16.
 // Returns -1 when this build lacks AVX512-BF16 or the kind or k is not one of those.
+// amx: AMX tiles from kAmxMinRows rows (only where the process may use them).
 int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,
-                      int64_t k, int num_threads) {
+                      int64_t k, int num_threads, int amx) {
 #if defined(__AVX512BF16__)
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const uint8_t* pb = static_cast<const uint8_t*>(packed);
-  const bool ok = out_f32 ? quant_gemm_kind<true>(bits, y, xb, pb, m, n, k, num_threads)
-                          : quant_gemm_kind<false>(bits, y, xb, pb, m, n, k, num_threads);
+  const bool ok = out_f32 ? quant_gemm_kind<true>(bits, y, xb, pb, m, n, k, num_threads, nullptr, amx != 0)
+                          : quant_gemm_kind<false>(bits, y, xb, pb, m, n, k, num_threads, nullptr, amx != 0);
   return ok ? 0 : -1;
 #else
   (void)bits; (void)out_f32; (void)y; (void)x; (void)packed; (void)m; (void)n; (void)k; (void)num_threads;
+  (void)amx;
   return -1;
 #endif
 }
@@ -235,7 +237,8 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
         gemm_packed_serial<true>(buf.data(), cols, xb, wb, m, cols, k, w_end);
       } else {
         const uint8_t* wb = static_cast<const uint8_t*>(w) + tile0 * quant_tile_bytes(kind, k);
-        quant_gemm_kind<true>(kind, buf.data(), xb, wb, m, cols, k, 1, xsum.empty() ? nullptr : xsum.data());
+        quant_gemm_kind<true>(kind, buf.data(), xb, wb, m, cols, k, 1, xsum.empty() ? nullptr : xsum.data(),
+                              amx != 0);
       }
       for (int64_t r = 0; r < m; ++r) {  // a thread may also take slices of others' shares
         const float* row = buf.data() + r * cols;
