@@ -191,50 +191,65 @@ template <int Bits> struct QLayout {
   static constexpr bool sums = nibbles;  // whether the kernel reads the activations' group sums
 };
 
-// bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), in four tables of 32 for vpermt2w: normal numbers
-// move their exponent from bias 7 to bias 127, subnormals (exponent 0: m * 2^-9) are looked up as they are.
+// bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), for vpermt2w lookups: normal numbers move their
+// exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) are listed.
 struct E4m3Table {
   alignas(64) uint16_t v[128];
-  E4m3Table() {
-    for (int em = 0; em < 128; ++em) {
-      const int e = em >> 3, m = em & 7;
-      const float value = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
-      v[em] = f32_to_bf16(value);
+};
+constexpr E4m3Table make_e4m3_table() {
+  E4m3Table t{};
+  constexpr uint16_t subnormal[8] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+  for (int em = 0; em < 128; ++em) {
+    const int e = em >> 3, m = em & 7;
+    t.v[em] = e ? static_cast<uint16_t>(((e + 120) << 7) | (m << 4)) : subnormal[m];
+  }
+  return t;
+}
+constexpr E4m3Table kE4m3Table = make_e4m3_table();
+
+// The decode tables a kind needs, loaded into registers once per kernel call: the bf16 encodings of 0..15 for
+// 4-bit codes, the four quarters of kE4m3Table for FP8.
+template <int Bits> struct DecodeTables {
+  __m512i t[4];
+  DecodeTables() {
+    if constexpr (Bits == 4) {
+      alignas(64) uint16_t v[32];
+      for (int i = 0; i < 32; ++i) v[i] = f32_to_bf16(static_cast<float>(i));
+      t[0] = _mm512_load_si512(v);
+    } else if constexpr (Bits == kE4M3) {
+      for (int i = 0; i < 4; ++i) t[i] = _mm512_load_si512(kE4m3Table.v + 32 * i);
     }
   }
 };
 
 // 32 FP8 e4m3 bytes -> their 32 bf16 encodings: two 64-entry table lookups on the magnitude, then the sign.
-inline __m512i e4m3_to_bf16_32(__m256i bytes) {
-  static const E4m3Table table;
-  const __m512i t0 = _mm512_load_si512(table.v), t1 = _mm512_load_si512(table.v + 32);
-  const __m512i t2 = _mm512_load_si512(table.v + 64), t3 = _mm512_load_si512(table.v + 96);
+inline __m512i e4m3_to_bf16_32(__m256i bytes, const __m512i* t) {
   const __m512i b = _mm512_cvtepu8_epi16(bytes);
   const __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
-  const __m512i low = _mm512_permutex2var_epi16(t0, em, t1);   // magnitudes 0..63 (index bit 5 picks the table)
-  const __m512i high = _mm512_permutex2var_epi16(t2, em, t3);  // 64..127
+  const __m512i low = _mm512_permutex2var_epi16(t[0], em, t[1]);   // magnitudes 0..63 (index bit 5 picks the table)
+  const __m512i high = _mm512_permutex2var_epi16(t[2], em, t[3]);  // 64..127
   const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(em, _mm512_set1_epi16(0x40)), low, high);
   return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8));
 }
 
 // The 16 (pair of codes) lanes of pair step p as bf16 pairs.
-template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, __m512i table);
-template <> inline __m512i decode_pairs<4>(const uint8_t* codes, int64_t p, __m512i table) {
+template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, const __m512i* tables);
+template <> inline __m512i decode_pairs<4>(const uint8_t* codes, int64_t p, const __m512i* tables) {
   const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 16)));
   const __m512i pairs = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
                                         _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
-  return _mm512_permutexvar_epi16(pairs, table);  // 0..15 -> their bf16 encodings
+  return _mm512_permutexvar_epi16(pairs, tables[0]);  // 0..15 -> their bf16 encodings
 }
-template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, __m512i) {
+template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, const __m512i*) {
   const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
   // int8 -> float32 is exact; a float32 with at most 8 significant bits is its own bf16 in the high half.
   const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
   const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
   return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
 }
-template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, __m512i) {
+template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, const __m512i* tables) {
   // Packed pair-interleaved (column n's k = 2p, then its k = 2p + 1): the 32 bf16 values are the 16 pairs as they are.
-  return e4m3_to_bf16_32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)));
+  return e4m3_to_bf16_32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)), tables);
 }
 
 template <int Bits, int MR, bool F32Out>
@@ -243,12 +258,8 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   constexpr int64_t G = QLayout<Bits>::group;
   const int64_t groups = k / G;
   const int64_t sum_groups = k / kGroup;  // xsum holds sums of 32 (used by 4-bit codes only)
-  __m512i table = _mm512_setzero_si512();
-  if constexpr (QLayout<Bits>::nibbles) {
-    alignas(64) uint16_t t[32];
-    for (int i = 0; i < 32; ++i) t[i] = f32_to_bf16(static_cast<float>(i));
-    table = _mm512_load_si512(t);
-  }
+  constexpr int D = QLayout<Bits>::nibbles ? 4 : Bits;  // the code decoder
+  const DecodeTables<D> tables;
   __m512 out[MR];
   for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -256,7 +267,7 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
     __m512 part[MR];
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < G / 2; ++p) {
-      const __m512bh w = (__m512bh)decode_pairs<QLayout<Bits>::nibbles ? 4 : Bits>(blk, p, table);
+      const __m512bh w = (__m512bh)decode_pairs<D>(blk, p, tables.t);
       for (int r = 0; r < MR; ++r) {
         uint32_t pair;
         std::memcpy(&pair, x + r * k + g * G + 2 * p, 4);
@@ -425,12 +436,8 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r0 = mb * kRows, rows = (m - r0) < kRows ? (m - r0) : kRows;
     const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
-    __m512i table = _mm512_setzero_si512();
-    if constexpr (QLayout<Bits>::nibbles) {
-      alignas(64) uint16_t tv[32];
-      for (int i = 0; i < 32; ++i) tv[i] = f32_to_bf16(static_cast<float>(i));
-      table = _mm512_load_si512(tv);
-    }
+    constexpr int D = QLayout<Bits>::nibbles ? 4 : Bits;  // the code decoder
+    const DecodeTables<D> tables;
     alignas(64) bf16_t wt[G * 16];  // the group's codes as bf16 B tiles: G / 2 pair rows of 16 columns
     alignas(64) float part[kRows * 16];
     alignas(64) float out[kRows * 16];
@@ -441,7 +448,7 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
       for (int64_t p = 0; p < G / 2; ++p)
-        _mm512_store_si512(wt + p * 32, decode_pairs<QLayout<Bits>::nibbles ? 4 : Bits>(blk, p, table));
+        _mm512_store_si512(wt + p * 32, decode_pairs<D>(blk, p, tables.t));
       switch (row_tiles) {
         case 4: amx_pass_steps<4>(part, xb + g * G, k * 2, G / 32, wt); break;
         case 3: amx_pass_steps<3>(part, xb + g * G, k * 2, G / 32, wt); break;
