@@ -36,7 +36,8 @@ def main() -> None:
         kernels = {name: ks for name, ks in kernels.items() if ks}
         resident = sum(k.nbytes() for ks in kernels.values() for k in ks)
         ckpt = checkpoint_bytes(path, set(kernels))
-        kinds = sorted({type(getattr(k, "inner", k)).__name__ for ks in kernels.values() for k in ks})
+        inner = [getattr(k, "inner", k) for ks in kernels.values() for k in ks]
+        kinds = sorted({k.op.op if type(k).__name__ == "OpKernel" else type(k).__name__ for k in inner})
         print(f"{path.rstrip('/').split('/')[-1]}: {len(kernels)} layers ({', '.join(kinds)}), resident "
               f"{resident / 1e6:.2f} MB, checkpoint {ckpt / 1e6:.2f} MB, ratio {resident / ckpt:.3f}")
         del llm

@@ -16,26 +16,10 @@ from torch import nn
 
 from pagoda.ops import current_ops
 from pagoda.quantization.checkpoint_linear import CheckpointLinearMethod, expect_shape, matches_module
-from pagoda.quantization.int_kernels import Kernel
+from pagoda.quantization.int_kernels import OpKernel
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
-
-
-class CodebookKernel(Kernel):
-    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, n: int, k: int):
-        self.op = current_ops().linear_codebook
-        self.handle = self.op.prepare(codes, codebooks, scales)
-        self.out_features, self.in_features = n, k
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(self.handle, x)
-
-    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.logits(self.handle, x)
-
-    def nbytes(self) -> int:
-        return self.op.nbytes(self.handle)
 
 
 class AQLMLinearMethod(CheckpointLinearMethod):
@@ -60,7 +44,8 @@ class AQLMLinearMethod(CheckpointLinearMethod):
                          "codebooks, 2^nbits, og, ig")
             expect_shape(self.prefix, "scales", scales, (n // og, 1, 1, 1))
             unsigned = codes.to(torch.int64) % (1 << self.nbits)  # stored signed
-            kernels.append(CodebookKernel(unsigned, codebooks, scales, n, k))
+            op = current_ops().linear_codebook
+            kernels.append(OpKernel(op, op.prepare(unsigned, codebooks, scales), n, k))
         return kernels
 
 

@@ -161,7 +161,7 @@ class CheckpointLinearMethod(LinearMethod):
             layer.register_parameter(name, param)
         if bias:
             b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
-            b.weight_loader = _bias_loader(output_sizes)
+            b.weight_loader = bias_loader(output_sizes)
             layer.register_parameter("bias", b)
         else:
             layer.bias = None
@@ -207,7 +207,8 @@ class CheckpointLinearMethod(LinearMethod):
         return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
 
 
-def _bias_loader(output_sizes: list[int]):
+def bias_loader(output_sizes: list[int]):
+    """The ``weight_loader`` of a (merged) layer's bias: the whole, or one shard at its offset."""
     offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:

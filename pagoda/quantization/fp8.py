@@ -24,26 +24,15 @@ from pagoda.ops import current_ops
 from pagoda.ops.reference_quant import FP8_MAX
 from pagoda.quantization.checkpoint_linear import (CheckpointLinearMethod, expect_dtype, expect_shape,
                                                    matches_module)
-from pagoda.quantization.int_kernels import Kernel
+from pagoda.quantization.int_kernels import OpKernel
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 
-class Fp8Kernel(Kernel):
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, group: int):
-        self.op = current_ops().linear_fp8
-        self.handle = self.op.prepare(weight, scale, group)
-        self.out_features, self.in_features = weight.shape
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(self.handle, x)
-
-    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.logits(self.handle, x)
-
-    def nbytes(self) -> int:
-        return self.op.nbytes(self.handle)
+def fp8_kernel(weight: torch.Tensor, scale: torch.Tensor, group: int) -> OpKernel:
+    op = current_ops().linear_fp8
+    return OpKernel(op, op.prepare(weight, scale, group), *weight.shape)
 
 
 def to_fp8(w: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -72,7 +61,7 @@ class Fp8LinearMethod(CheckpointLinearMethod):
             dense = torch.cat([s["weight"] for s in shards]) if len(shards) > 1 else shards[0]["weight"]
             expect_shape(self.prefix, "weight", dense, (sum(layer.output_sizes), k))
             scale = dense.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-            return [Fp8Kernel(to_fp8(dense, scale), scale.expand(dense.shape[0], 1), k)]
+            return [fp8_kernel(to_fp8(dense, scale), scale.expand(dense.shape[0], 1), k)]
         weights, scales = [], []
         for n, tensors in zip(layer.output_sizes, shards):
             weight = tensors["weight"]
@@ -87,7 +76,7 @@ class Fp8LinearMethod(CheckpointLinearMethod):
         group = k if self.strategy != "block" else self.block[1]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         scale = torch.cat(scales) if len(scales) > 1 else scales[0]
-        return [Fp8Kernel(weight.contiguous(), scale.contiguous(), group)]
+        return [fp8_kernel(weight.contiguous(), scale.contiguous(), group)]
 
     def _scale(self, scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """The shard's scale as [n, K / group] float32."""

@@ -12,23 +12,12 @@ from torch import nn
 
 from pagoda.ops import current_ops
 from pagoda.quantization.checkpoint_linear import CheckpointLinearMethod, expect_dtype, expect_shape
-from pagoda.quantization.int_kernels import Kernel
+from pagoda.quantization.int_kernels import OpKernel
 
 
-class W8A8Kernel(Kernel):
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, input_scale: float | None):
-        self.op = current_ops().linear_int8
-        self.handle = self.op.prepare(weight, scale, input_scale)
-        self.out_features, self.in_features = weight.shape
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(self.handle, x)
-
-    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.logits(self.handle, x)
-
-    def nbytes(self) -> int:
-        return self.op.nbytes(self.handle)
+def w8a8_kernel(weight: torch.Tensor, scale: torch.Tensor, input_scale: float | None) -> OpKernel:
+    op = current_ops().linear_int8
+    return OpKernel(op, op.prepare(weight, scale, input_scale), *weight.shape)
 
 
 class W8A8Int8LinearMethod(CheckpointLinearMethod):
@@ -62,4 +51,4 @@ class W8A8Int8LinearMethod(CheckpointLinearMethod):
             input_scale = max(float(s["input_scale"].float().max()) for s in shards)
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         scale = torch.cat(scales) if len(scales) > 1 else scales[0]
-        return [W8A8Kernel(weight.contiguous(), scale.contiguous(), input_scale)]
+        return [w8a8_kernel(weight.contiguous(), scale.contiguous(), input_scale)]

@@ -100,6 +100,24 @@ class BlockQuantKernel(Kernel):
         return self.op.nbytes(self.handle)
 
 
+class OpKernel(Kernel):
+    """A weight held as an op's prepared handle (``linear_fp8``, ``linear_int8``, ``linear_codebook`` …): every call
+    goes to that op."""
+
+    def __init__(self, op, handle, out_features: int, in_features: int):
+        self.op, self.handle = op, handle
+        self.out_features, self.in_features = out_features, in_features
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.apply(self.handle, x)
+
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.logits(self.handle, x)
+
+    def nbytes(self) -> int:
+        return self.op.nbytes(self.handle)
+
+
 def block_quant_op_for(op, in_features: int, act_dtype: torch.dtype):
     """``op`` (the engine's ``linear_block_quant``) when it is a faster implementation than the reference that takes
     these weights; None when the torch forms below serve better."""

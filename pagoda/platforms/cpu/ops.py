@@ -213,9 +213,9 @@ class PackedBlockQuant(_NativeBf16Gemm):
         return handle.data.numel()
 
 
-class AmxBlockQuant(PackedBlockQuant):
-    """The same packed weights, with batches of 8 rows and more on AMX tiles: each group's codes are decoded into bf16
-    tiles (exactly) and the group's sums taken for up to 64 rows at once (prefill, large decode batches)."""
+class AmxTiles:
+    """Mixin of the implementations that run pagoda's AMX tile kernels: the CPU's AMX-BF16, granted to this process,
+    and a library built with them."""
 
     name, priority = "cpu_amx", 20
     requires = ("amx_bf16", "avx512_bf16")
@@ -227,6 +227,11 @@ class AmxBlockQuant(PackedBlockQuant):
         if reason is None and not cpu.kernels().has_amx:
             return "the native library was built without AMX"
         return reason
+
+
+class AmxBlockQuant(AmxTiles, PackedBlockQuant):
+    """The same packed weights, with batches of 8 rows and more on AMX tiles: each group's codes are decoded into bf16
+    tiles (exactly) and the group's sums taken for up to 64 rows at once (prefill, large decode batches)."""
 
     def apply(self, handle, x):
         return cpu_ops.quant_linear(x, handle, amx=True)

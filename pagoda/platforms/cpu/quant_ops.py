@@ -19,7 +19,7 @@ from pagoda.ops import reference_quant as reference
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_quant import quantize_int8_per_token
 from pagoda.platforms.cpu.kernels import cpu, cpu_ops
-from pagoda.platforms.cpu.ops import _NativeBf16Gemm
+from pagoda.platforms.cpu.ops import AmxTiles, _NativeBf16Gemm
 
 
 class PackedFp8(_NativeBf16Gemm):
@@ -46,19 +46,8 @@ class PackedFp8(_NativeBf16Gemm):
         return handle.data.numel()
 
 
-class AmxFp8(PackedFp8):
+class AmxFp8(AmxTiles, PackedFp8):
     """The same packed FP8 weights, with batches of 8 rows and more on AMX tiles (codes decoded to bf16 tiles)."""
-
-    name, priority = "cpu_amx", 20
-    requires = ("amx_bf16", "avx512_bf16")
-    uses_amx = True
-
-    @classmethod
-    def check(cls, platform) -> str | None:
-        reason = super().check(platform)
-        if reason is None and not cpu.kernels().has_amx:
-            return "the native library was built without AMX"
-        return reason
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pagoda.quantization.gguf.checkpoint import GGUFWeight
 from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel, RawKernel,
                                               block_quant_op_for, make_kernel,
                                               release_freed_memory)
+from pagoda.quantization.checkpoint_linear import bias_loader
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -39,19 +40,6 @@ def _placeholder(loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
     param.weight_loader = loader
     return param
-
-
-def _bias_loader(output_sizes: list[int]):
-    offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-        target = param.data if shard_id is None else param.data.narrow(0, offsets[shard_id], output_sizes[shard_id])
-        if target.shape != loaded.shape:
-            raise ValueError(f"bias shape mismatch for shard {shard_id}: parameter {tuple(target.shape)} vs "
-                             f"checkpoint {tuple(loaded.shape)}")
-        target.copy_(loaded)
-
-    return load
 
 
 class GGUFLinearMethod(LinearMethod):
@@ -84,7 +72,7 @@ class GGUFLinearMethod(LinearMethod):
         layer.register_parameter("weight", _placeholder(load))
         if bias:
             b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
-            b.weight_loader = _bias_loader(output_sizes)
+            b.weight_loader = bias_loader(output_sizes)
             layer.register_parameter("bias", b)
         else:
             layer.bias = None
