@@ -155,7 +155,8 @@ LAYER = "model.layers.0.self_attn.o_proj"
 
 @pytest.mark.skipif("gptq_sym_g32" not in CHECKPOINTS or "awq_g32" not in CHECKPOINTS, reason="fixtures missing")
 @pytest.mark.parametrize("fixture,change,match", [
-    ("gptq_sym_g32", {"config_changes": {"bits": 3}}, r"bits: GPTQ with 3-bit weights is not supported; supported: 4, 8"),
+    ("gptq_sym_g32", {"config_changes": {"bits": 3}},
+     r"bits: GPTQ with 3-bit weights is not supported; supported: 4, 8"),
     ("gptq_sym_g32", {"config_changes": {"bits": 2}}, r"2-bit weights is not supported"),
     ("gptq_sym_g32", {"config_changes": {"group_size": 48}}, r"group_size 48 does not divide the input size 128"),
     ("gptq_sym_g32", {"config_changes": {"checkpoint_format": "marlin"}}, r"checkpoint_format: 'marlin'"),

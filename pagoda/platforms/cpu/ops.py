@@ -20,7 +20,7 @@ import torch
 from pagoda.ops import reference
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import DecodePlan, PrefillPlan
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops, cpu_quant_ops
 
 #: Rows from which the AMX linear op hands the product to oneDNN (measured on a Xeon with AMX: oneDNN 1.8-2.6
 #: TFLOP/s at 512-2048 rows against 1.1-1.8 for pagoda's tile kernel, which leads up to 64 rows).
@@ -174,7 +174,7 @@ class AmxDense(_NativeBf16Gemm):
 
 class PackedBlockQuant(_NativeBf16Gemm):
     """4-bit codes (float32 scale and offset) or 8-bit codes (float16 scale) per 32 inputs, multiplied exactly
-    with bf16 activations (:class:`cpu_ops.PackedQuant`)."""
+    with bf16 activations (:class:`cpu_ops.PackedQuant`; FP8 and zero-point packing in :mod:`cpu_quant_ops`)."""
 
     op, name = "linear_block_quant", "cpu_avx512_bf16"
     uses_amx = False  # whether its GEMMs take AMX tiles (the fused decode step must agree)
@@ -193,8 +193,8 @@ class PackedBlockQuant(_NativeBf16Gemm):
         # can't hold exactly (bfloat16 ones out of its range) take the float32 form per 32.
         exact = torch.equal(scale.to(torch.float16).float(), scale.float()) and \
             torch.equal(zero.to(torch.float16).float(), zero.float())
-        if exact and group in cpu_ops.ZERO_GROUPS:
-            return cpu_ops.pack_zero_point(codes, scale, zero, group)
+        if exact and group in cpu_quant_ops.ZERO_GROUPS:
+            return cpu_quant_ops.pack_zero_point(codes, scale, zero, group)
         return reference.LinearBlockQuant.prepare_zero(self, codes, scale, zero, group)
 
     def apply(self, handle, x):

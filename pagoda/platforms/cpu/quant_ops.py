@@ -18,7 +18,7 @@ import torch
 from pagoda.ops import reference_quant as reference
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_quant import quantize_int8_per_token
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops, cpu_quant_ops
 from pagoda.platforms.cpu.ops import AmxTiles, _NativeBf16Gemm
 
 
@@ -27,11 +27,13 @@ class PackedFp8(_NativeBf16Gemm):
     uses_amx = False  # whether its GEMMs take AMX tiles (the fused decode step must agree)
 
     def accepts(self, in_features, group, act_dtype):
-        return (in_features % cpu_ops.E4M3_GROUP == 0 and group % cpu_ops.E4M3_GROUP == 0
+        g = cpu_quant_ops.E4M3_GROUP
+        return (in_features % g == 0 and group % g == 0
                 and act_dtype == torch.bfloat16)
 
     def prepare(self, weight, scale, group):
-        return cpu_ops.pack_fp8(weight, scale.float().repeat_interleave(group // cpu_ops.E4M3_GROUP, dim=1))
+        per_64 = scale.float().repeat_interleave(group // cpu_quant_ops.E4M3_GROUP, dim=1)
+        return cpu_quant_ops.pack_fp8(weight, per_64)
 
     def apply(self, handle, x):
         return cpu_ops.quant_linear(x, handle, amx=self.uses_amx)
@@ -107,7 +109,7 @@ class OneDnnInt8(OpImpl):
 
 @dataclass
 class AmxInt8Weight:
-    packed: cpu_ops.PackedInt8
+    packed: cpu_quant_ops.PackedInt8
     input_scale: float | None
 
 
@@ -130,14 +132,14 @@ class AmxInt8(_NativeBf16Gemm):
         return True
 
     def prepare(self, weight, scale, input_scale=None):
-        if weight.shape[1] % cpu_ops.INT8_AMX_K:
+        if weight.shape[1] % cpu_quant_ops.INT8_AMX_K:
             return OneDnnInt8().prepare(weight, scale, input_scale)
-        return AmxInt8Weight(cpu_ops.PackedInt8(weight, scale), input_scale)
+        return AmxInt8Weight(cpu_quant_ops.PackedInt8(weight, scale), input_scale)
 
     def _run(self, handle, x, float_output):
         if isinstance(handle, _OneDnnInt8):
             return OneDnnInt8().logits(handle, x) if float_output else OneDnnInt8().apply(handle, x)
-        return cpu_ops.int8_linear(x, handle.packed, handle.input_scale, float_output)
+        return cpu_quant_ops.int8_linear(x, handle.packed, handle.input_scale, float_output)
 
     def apply(self, handle, x):
         return self._run(handle, x, False)
@@ -184,10 +186,10 @@ class NativeCodebook(_NativeBf16Gemm):
             ref = reference.LinearCodebook()
             return ref.logits(handle, x) if float_output else ref.apply(handle, x)
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > cpu_ops.CODEBOOK_MAX_ROWS:
+        if rows.shape[0] > cpu_quant_ops.CODEBOOK_MAX_ROWS:
             ref = reference.LinearCodebook()
             return ref.logits(handle.reference, x) if float_output else ref.apply(handle.reference, x)
-        out = cpu_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
+        out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
         return out.reshape(*x.shape[:-1], -1)
 
     def apply(self, handle, x):

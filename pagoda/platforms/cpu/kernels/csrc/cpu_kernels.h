@@ -7,4 +7,5 @@
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
 #include "cpu_int8.h"
+#include "cpu_quant_gemm.h"
 #include "cpu_prefill_attention.h"

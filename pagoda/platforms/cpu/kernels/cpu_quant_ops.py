@@ -1,0 +1,107 @@
+"""Tensor-level entry points to the native CPU kernels for the quantized checkpoint formats: FP8 codes and 4-bit
+codes with zero points (both multiplied by ``pagoda_quant_gemm``, in :class:`cpu_ops.PackedQuant` buffers), AQLM
+codebooks and AMX-INT8 W8A8 weights."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.platforms.cpu.kernels.cpu import kernels
+from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, _bf16_rows, _check, _threads
+
+E4M3 = 9  # the ``bits`` of FP8 e4m3 codes (pagoda_quant_gemm's kE4M3)
+E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
+
+
+def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
+    """Pack float8_e4m3fn ``weight`` [n, k] with float32 ``scale`` [n, k / 64] (``k`` a multiple of 64): per pair of
+    inputs, each of the tile's 16 columns' two bytes side by side (the order vdpbf16ps takes them), in groups of 64."""
+    n, k = weight.shape
+    groups = k // E4M3_GROUP
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    codes = weight.view(torch.uint8)
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+    c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, elem]
+    code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
+    params = scale.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+    return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
+
+
+ZERO_KIND = 100  # kind ZERO_KIND + group: 4-bit codes with a float16 scale and zero per group (pagoda_quant_gemm)
+ZERO_GROUPS = (32, 64, 128)
+
+
+def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> PackedQuant:
+    """Pack 4-bit ``codes`` [n, k] (uint8 0..15) with float16-exact ``scale`` and ``zero`` [n, k / group]:
+    ``w = (code - zero) * scale``, the form AWQ / GPTQ checkpoints store, at their own group size."""
+    n, k = codes.shape
+    groups = k // group
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+        zero = torch.cat([zero, zero.new_zeros(pad, groups)])
+    c = codes.to(torch.uint8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
+    code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, group * 8)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        return values.to(torch.float16).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    data = torch.cat([code_bytes, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
+    return PackedQuant(data, n, k, ZERO_KIND + group)
+
+
+CODEBOOK_MAX_ROWS = 16  # pagoda_codebook_gemm's batch limit
+
+
+def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+                    float_output: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [m <= 16, k] and AQLM weights with one output and 8 inputs per code: ``codes``
+    int16 [n, k / 8, books] holding unsigned values, ``books`` float16 [books, size, 8], ``scales`` float32 [n]."""
+    n, groups, num_books = codes.shape
+    x2 = _bf16_rows(x, groups * 8, "codebook_linear")
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32 if float_output else torch.bfloat16)
+    if x2.shape[0]:
+        _check(kernels().codebook_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), codes.data_ptr(),
+                                       books.data_ptr(), scales.data_ptr(), x2.shape[0], n, groups * 8, num_books,
+                                       books.shape[1], _threads()), "pagoda_codebook_gemm")
+    return out
+
+
+INT8_AMX_K = 64  # pagoda_int8_gemm's input multiple
+
+
+class PackedInt8:
+    """An int8 weight [n, k] (``k`` a multiple of 64) as AMX-INT8 B tiles, [tile of 16 rows][k / 4][16][4], followed
+    by its float32 scale per row (padded to whole tiles): one buffer, as the fused decode step reads it."""
+
+    __slots__ = ("data", "n", "k", "ptr", "scale_ptr")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        n, k = weight.shape
+        tiles = -(-n // 16)
+        if tiles * 16 != n:
+            weight = torch.cat([weight, weight.new_zeros(tiles * 16 - n, k)])
+            scale = torch.cat([scale, scale.new_zeros(tiles * 16 - n)])
+        tiles_bytes = weight.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
+        self.data = torch.cat([tiles_bytes.reshape(-1), scale.float().contiguous().view(torch.uint8)])
+        self.n, self.k = n, k
+        self.ptr = self.data.data_ptr()
+        self.scale_ptr = self.ptr + tiles * 16 * k
+
+
+def int8_linear(x: torch.Tensor, weight: PackedInt8, input_scale: float | None = None,
+                float_output: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [..., k]: rows quantized to int8 (per row, or with ``input_scale``), multiplied on
+    AMX-INT8 tiles by the packed int8 ``W`` and scaled by each row's and column's scale."""
+    x2 = _bf16_rows(x, weight.k, "int8_linear")
+    out = torch.empty(x2.shape[0], weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
+    if x2.shape[0]:
+        _check(kernels().int8_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, weight.scale_ptr,
+                                   None, x2.shape[0], weight.n, weight.k, float(input_scale or 0.0), _threads()),
+               "pagoda_int8_gemm")
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
