@@ -159,12 +159,7 @@ class CheckpointLinearMethod(LinearMethod):
             param.weight_loader = self._loader(layer, name)
             param.optional_weight = name in optional  # the loader's completeness check skips it
             layer.register_parameter(name, param)
-        if bias:
-            b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
-            b.weight_loader = bias_loader(output_sizes)
-            layer.register_parameter("bias", b)
-        else:
-            layer.bias = None
+        register_bias(layer, output_sizes, bias, params_dtype)
 
     def _loader(self, layer: nn.Module, name: str):
         prefix = self.prefix
@@ -192,11 +187,7 @@ class CheckpointLinearMethod(LinearMethod):
         release_freed_memory()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kernels = layer.quant_kernels
-        out = kernels[0].matmul(x) if len(kernels) == 1 else torch.cat([k.matmul(x) for k in kernels], dim=-1)
-        if layer.bias is not None:
-            out = out + layer.bias.to(out.dtype)
-        return out
+        return apply_kernels(layer.quant_kernels, layer.bias, x)
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
         # One op call computes the layer when it has one kernel that is an op's handle (block-quantized, FP8,
@@ -205,6 +196,25 @@ class CheckpointLinearMethod(LinearMethod):
         if kernels is None or len(kernels) != 1 or getattr(kernels[0], "handle", None) is None:
             return None
         return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
+
+
+def apply_kernels(kernels: list[Kernel], bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A layer's output from its kernels (one per group of shards, outputs concatenated) and bias, added in the
+    output's dtype."""
+    out = kernels[0].matmul(x) if len(kernels) == 1 else torch.cat([k.matmul(x) for k in kernels], dim=-1)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out
+
+
+def register_bias(layer: nn.Module, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
+    """The layer's ``bias`` parameter, loaded whole or shard by shard; None without one."""
+    if bias:
+        b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=dtype), requires_grad=False)
+        b.weight_loader = bias_loader(output_sizes)
+        layer.register_parameter("bias", b)
+    else:
+        layer.bias = None
 
 
 def bias_loader(output_sizes: list[int]):

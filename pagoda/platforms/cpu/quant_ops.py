@@ -113,6 +113,9 @@ class AmxInt8Weight:
     input_scale: float | None
 
 
+_ONEDNN_INT8 = OneDnnInt8()  # AmxInt8's form for inputs that aren't a multiple of 64
+
+
 class AmxInt8(_NativeBf16Gemm):
     """W8A8 on AMX-INT8 tiles (pagoda's kernel): the activations quantized per token in the same call, products
     summed in int32, one float32 scaling per output. Weights whose inputs aren't a multiple of 64 go to oneDNN."""
@@ -133,12 +136,12 @@ class AmxInt8(_NativeBf16Gemm):
 
     def prepare(self, weight, scale, input_scale=None):
         if weight.shape[1] % cpu_quant_ops.INT8_AMX_K:
-            return OneDnnInt8().prepare(weight, scale, input_scale)
+            return _ONEDNN_INT8.prepare(weight, scale, input_scale)
         return AmxInt8Weight(cpu_quant_ops.PackedInt8(weight, scale), input_scale)
 
     def _run(self, handle, x, float_output):
         if isinstance(handle, _OneDnnInt8):
-            return OneDnnInt8().logits(handle, x) if float_output else OneDnnInt8().apply(handle, x)
+            return _ONEDNN_INT8.logits(handle, x) if float_output else _ONEDNN_INT8.apply(handle, x)
         return cpu_quant_ops.int8_linear(x, handle.packed, handle.input_scale, float_output)
 
     def apply(self, handle, x):
@@ -152,7 +155,7 @@ class AmxInt8(_NativeBf16Gemm):
 
     def nbytes(self, handle):
         if isinstance(handle, _OneDnnInt8):
-            return OneDnnInt8().nbytes(handle)
+            return _ONEDNN_INT8.nbytes(handle)
         return handle.packed.data.numel()
 
 
@@ -161,36 +164,40 @@ class _Codebook:
     codes: torch.Tensor  # int16 [n, k / 8, books], unsigned values
     books: torch.Tensor  # float16 [books, size, 8]
     scales: torch.Tensor  # float32 [n]
-    reference: object  # the reference handle, for batches above the kernel's limit
+
+    def reference_form(self) -> reference.CodebookWeight:
+        """The reference's handle over the same codes (for batches above the kernel's limit), built per call: the
+        dequantization it feeds costs far more than the conversion."""
+        return _REFERENCE_CODEBOOK.prepare(self.codes.long() & 0xFFFF, self.books.unsqueeze(2), self.scales)
+
+
+_REFERENCE_CODEBOOK = reference.LinearCodebook()
 
 
 class NativeCodebook(_NativeBf16Gemm):
     """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …): decode-sized batches build each 8-weight
     tile in a register from the codebooks; larger batches dequantize once per call and use a dense matmul, whose
-    cost the batch's own arithmetic dominates."""
+    cost the batch's own arithmetic dominates. Other shapes keep the reference's form."""
 
     op, name = "linear_codebook", "cpu_native"
 
     def prepare(self, codes, codebooks, scales):
         num_books, size, out_group, in_group = codebooks.shape
-        ref = reference.LinearCodebook().prepare(codes, codebooks, scales)
         if out_group != 1 or in_group != 8 or size > 1 << 16:
-            return ref
+            return _REFERENCE_CODEBOOK.prepare(codes, codebooks, scales)
         wide = codes.to(torch.int32)
         packed = torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)  # uint16 bits in int16
         return _Codebook(packed.contiguous(), codebooks.reshape(num_books, size, 8).to(torch.float16).contiguous(),
-                         scales.float().reshape(-1).contiguous(), ref)
+                         scales.float().reshape(-1).contiguous())
 
     def _run(self, handle, x, float_output):
-        if not isinstance(handle, _Codebook):
-            ref = reference.LinearCodebook()
-            return ref.logits(handle, x) if float_output else ref.apply(handle, x)
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > cpu_quant_ops.CODEBOOK_MAX_ROWS:
-            ref = reference.LinearCodebook()
-            return ref.logits(handle.reference, x) if float_output else ref.apply(handle.reference, x)
-        out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
-        return out.reshape(*x.shape[:-1], -1)
+        if isinstance(handle, _Codebook) and rows.shape[0] <= cpu_quant_ops.CODEBOOK_MAX_ROWS:
+            out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
+            return out.reshape(*x.shape[:-1], -1)
+        ref_handle = handle.reference_form() if isinstance(handle, _Codebook) else handle
+        return (_REFERENCE_CODEBOOK.logits(ref_handle, x) if float_output
+                else _REFERENCE_CODEBOOK.apply(ref_handle, x))
 
     def apply(self, handle, x):
         return self._run(handle, x, False)
@@ -203,7 +210,7 @@ class NativeCodebook(_NativeBf16Gemm):
 
     def nbytes(self, handle):
         if not isinstance(handle, _Codebook):
-            return reference.LinearCodebook().nbytes(handle)
+            return _REFERENCE_CODEBOOK.nbytes(handle)
         return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
 
 

@@ -22,7 +22,7 @@ from pagoda.quantization.gguf.checkpoint import GGUFWeight
 from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel, RawKernel,
                                               block_quant_op_for, make_kernel,
                                               release_freed_memory)
-from pagoda.quantization.checkpoint_linear import bias_loader
+from pagoda.quantization.checkpoint_linear import apply_kernels, register_bias
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 
 
@@ -70,12 +70,7 @@ class GGUFLinearMethod(LinearMethod):
                 layer.gguf_shards[index] = record
 
         layer.register_parameter("weight", _placeholder(load))
-        if bias:
-            b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
-            b.weight_loader = bias_loader(output_sizes)
-            layer.register_parameter("bias", b)
-        else:
-            layer.bias = None
+        register_bias(layer, output_sizes, bias, params_dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.gguf_kernels is not None:
@@ -96,17 +91,9 @@ class GGUFLinearMethod(LinearMethod):
         release_freed_memory()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kernels = layer.gguf_kernels
-        if kernels is None:
+        if layer.gguf_kernels is None:
             self.process_weights_after_loading(layer)
-            kernels = layer.gguf_kernels
-        if len(kernels) == 1:
-            out = kernels[0].matmul(x)
-        else:
-            out = torch.cat([kernel.matmul(x) for kernel in kernels], dim=-1)
-        if layer.bias is not None:
-            out = out + layer.bias.to(out.dtype)
-        return out
+        return apply_kernels(layer.gguf_kernels, layer.bias, x)
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
         kernels = layer.gguf_kernels
