@@ -41,15 +41,16 @@ def _tiny_config(kind: str):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir(kind)`` → a directory with a tiny random model of that kind (built once per session)."""
+    """``tiny_model_dir(kind)`` → a directory with a tiny random model of that kind (built once per session);
+    ``tiny_model_dir(kind, config)`` builds it from a transformers config instead of the kinds above."""
     from transformers import AutoModelForCausalLM
 
     built: dict[str, str] = {}
 
-    def make(kind: str) -> str:
+    def make(kind: str, config=None) -> str:
         if kind not in built:
             torch.manual_seed(1234)
-            model = AutoModelForCausalLM.from_config(_tiny_config(kind))
+            model = AutoModelForCausalLM.from_config(config if config is not None else _tiny_config(kind))
             # Larger-than-default weights make logits well separated, so greedy ties can't flip tokens.
             with torch.no_grad():
                 for p in model.parameters():
