@@ -1,0 +1,10 @@
+"""The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) model family. Registered as a built-in plugin."""
+
+from __future__ import annotations
+
+from pagoda.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def pagoda_register_models():
+    return {}
