@@ -109,9 +109,10 @@ class LinearDense(OpImpl):
 @dataclass
 class BlockQuantWeight:
     codes: torch.Tensor  # [n, k]: uint8 0..15 (4-bit) or int8
-    scale: torch.Tensor  # float32 [n, k / 32]
-    offset: torch.Tensor | None  # float32 [n, k / 32], 4-bit only
+    scale: torch.Tensor  # float32 [n, k / group]
+    offset: torch.Tensor | None  # float32 [n, k / group]: 4-bit codes, and int8 codes from prepare_affine
     bits: int
+    group: int = 32
 
 
 class LinearBlockQuant(OpImpl):
@@ -149,16 +150,32 @@ class LinearBlockQuant(OpImpl):
         scale, zero = scale.float().repeat_interleave(per, 1), zero.float().repeat_interleave(per, 1)
         return self.prepare(codes, scale, -(zero * scale), 4)
 
+    def accepts_affine(self, in_features: int, group: int, act_dtype: torch.dtype) -> bool:
+        """Whether :meth:`prepare_affine` takes int8 weights with a scale and offset per ``group`` inputs."""
+        return group in (16, 32) and in_features % group == 0
+
+    def prepare_affine(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                       group: int) -> BlockQuantWeight:
+        """int8 ``codes`` [n, k] with ``w = code * scale + offset``, one float32 ``scale`` and ``offset``
+        [n, k / group] per group of 16 or 32 inputs (GGUF's K-quant sub-blocks: Q2_K, Q5_K, Q6_K). Unlike
+        :meth:`prepare`'s 8-bit form, scales keep float32 (products of two scales are not float16 values)."""
+        if codes.dtype != torch.int8:
+            raise ValueError(f"affine codes must be int8, got {codes.dtype}")
+        if group not in (16, 32):
+            raise ValueError(f"affine groups are 16 or 32 inputs, got {group}")
+        return BlockQuantWeight(codes, scale.float(), None if offset is None else offset.float(), 8, group)
+
     @staticmethod
-    def _dequant(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        w = codes.float().unflatten(-1, (-1, 32)) * scale.unsqueeze(-1)
+    def _dequant(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 group: int = 32) -> torch.Tensor:
+        w = codes.float().unflatten(-1, (-1, group)) * scale.unsqueeze(-1)
         if offset is not None:
             w = w + offset.unsqueeze(-1)
         return w.flatten(-2)
 
     def weight(self, handle: BlockQuantWeight) -> torch.Tensor:
         """The dequantized float32 weight [n, k]."""
-        return self._dequant(handle.codes, handle.scale, handle.offset)
+        return self._dequant(handle.codes, handle.scale, handle.offset, handle.group)
 
     def apply(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(handle).to(x.dtype))
@@ -172,7 +189,7 @@ class LinearBlockQuant(OpImpl):
     def rows(self, handle: BlockQuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
         offset = None if handle.offset is None else handle.offset[flat]
-        w = self._dequant(handle.codes[flat], handle.scale[flat], offset)
+        w = self._dequant(handle.codes[flat], handle.scale[flat], offset, handle.group)
         return w.reshape(*ids.shape, -1).to(dtype)
 
     def nbytes(self, handle: BlockQuantWeight) -> int:

@@ -157,6 +157,37 @@ def linear_block_quant_zero(impl, ref, dtype):
                 _check_argmax(greedy, x.double() @ exact.T, what)
 
 
+def linear_block_quant_affine(impl, ref, dtype):
+    """int8 codes with a float32 scale and offset per group of 16 or 32 (GGUF's K-quant sub-blocks)."""
+    accepts = getattr(impl, "accepts_affine", None)
+    for group, n, k, with_offset in ((16, 37, 64, True), (16, 64, 256, False), (32, 576, 576, True), (32, 48, 96, True)):
+        if accepts is None or not accepts(k, group, dtype):
+            continue
+        g = _gen(group, n, k)
+        codes = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // group, generator=g) * 0.01
+        offset = torch.randn(n, k // group, generator=g) * 0.01 if with_offset else None
+        handle, ref_handle = impl.prepare_affine(codes, scale, offset, group), ref.prepare_affine(codes, scale, offset, group)
+        exact = codes.double().unflatten(1, (-1, group)) * scale.double()[..., None]
+        if offset is not None:
+            exact = exact + offset.double()[..., None]
+        exact = exact.flatten(1)
+        torch.testing.assert_close(ref.weight(ref_handle).double(), exact, rtol=1e-6, atol=1e-8)
+        for rows in (1, 9, 64):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            what = f"linear_block_quant affine group {group} {rows}x{k}->{n}"
+            scale_of = (x.double() @ exact.T).abs().max().item()
+            _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
+            torch.testing.assert_close(impl.logits(handle, x).double(), x.double() @ exact.T, rtol=1e-5,
+                                       atol=1e-5 * scale_of, msg=what + " logits")
+            greedy = impl.greedy(handle, x)
+            if greedy is not None:
+                _check_argmax(greedy, x.double() @ exact.T, what)
+        ids = torch.tensor([[0, n - 1], [n // 2, 1]])
+        torch.testing.assert_close(impl.rows(handle, ids, torch.float64), ref.rows(ref_handle, ids, torch.float64),
+                                   rtol=0, atol=0)
+
+
 def _paged_cache(num_blocks, block_size, kv_heads, d, dtype, g):
     cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
     return cache[0], cache[1]
@@ -222,7 +253,8 @@ def prefill_attention(impl, ref, dtype):
 
 
 CASES = {"rms_norm": [rms_norm], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
-         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant, linear_block_quant_zero],
+         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant, linear_block_quant_zero,
+                                                                         linear_block_quant_affine],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
          "prefill_attention": [prefill_attention]}
 

@@ -174,7 +174,8 @@ class AmxDense(_NativeBf16Gemm):
 
 class PackedBlockQuant(_NativeBf16Gemm):
     """4-bit codes (float32 scale and offset) or 8-bit codes (float16 scale) per 32 inputs, multiplied exactly
-    with bf16 activations (:class:`cpu_ops.PackedQuant`; FP8 and zero-point packing in :mod:`cpu_quant_ops`)."""
+    with bf16 activations (:class:`cpu_ops.PackedQuant`; FP8, zero-point and int8 affine packing in
+    :mod:`cpu_quant_ops`)."""
 
     op, name = "linear_block_quant", "cpu_avx512_bf16"
     uses_amx = False  # whether its GEMMs take AMX tiles (the fused decode step must agree)
@@ -196,6 +197,13 @@ class PackedBlockQuant(_NativeBf16Gemm):
         if exact and group in cpu_quant_ops.ZERO_GROUPS:
             return cpu_quant_ops.pack_zero_point(codes, scale, zero, group)
         return reference.LinearBlockQuant.prepare_zero(self, codes, scale, zero, group)
+
+    def accepts_affine(self, in_features, group, act_dtype):
+        return group in cpu_ops.AFFINE_GROUPS and in_features % group == 0 and act_dtype == torch.bfloat16
+
+    def prepare_affine(self, codes, scale, offset, group):
+        offset = torch.zeros_like(scale, dtype=torch.float32) if offset is None else offset
+        return cpu_quant_ops.pack_affine_int8(codes, scale, offset, group)
 
     def apply(self, handle, x):
         return cpu_ops.quant_linear(x, handle)

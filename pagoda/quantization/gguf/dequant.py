@@ -220,3 +220,69 @@ def int8_blocks(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.
         scale = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()
         return q6_k_codes(b).reshape(n, -1), scale.reshape(n, -1), 16
     raise ValueError(f"{ggml_type.name} has no int8 block form")
+
+
+def int8_affine(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Q2_K / Q5_K / Q6_K / Q5_1 rows as int8 codes with one float32 scale and offset per sub-block:
+    ``w = code * scale + offset``, the same float32 values as :func:`dequantize` (``a + (-b)`` is ``a - b``).
+
+    Returns ``codes`` [N, K] int8, ``scale`` and ``offset`` [N, K/group] float32 (``offset`` None for Q6_K) and the
+    group: Q2_K sub-block j of 16: (q, d·sc_j, −dmin·m_j); Q5_K sub-block j of 32: (q, d·sc_j, −dmin·m_j);
+    Q6_K sub-block j of 16: (q − 32, d·sc_j, none); Q5_1 block of 32: (q, d, m).
+    """
+    ggml_type = T(ggml_type)
+    n = raw.shape[0]
+    _, type_size = GGML_QUANT_SIZES[ggml_type]
+    b = raw.reshape(-1, type_size)
+    blocks = b.shape[0]
+    if ggml_type == T.Q2_K:
+        scales = b[:, :16]
+        scale = _f16(b, 80) * (scales & 0x0F).float()
+        offset = -(_f16(b, 82) * (scales >> 4).float())
+        codes = _bits(b[:, 16:80], 2, 2).reshape(blocks, 256).to(torch.int8)
+        return codes.reshape(n, -1), scale.reshape(n, -1), offset.reshape(n, -1), 16
+    if ggml_type == T.Q5_K:
+        sc, mn = k_scale_min(b[:, 4:16])
+        scale = _f16(b, 0) * sc.float()
+        offset = -(_f16(b, 2) * mn.float())
+        ql = _nibbles(b[:, 48:], 4).reshape(blocks, 8, 32)
+        qh = _bits(b[:, 16:48], 1, 1).reshape(blocks, 8, 32)
+        codes = (ql | (qh << 4)).to(torch.int8)
+        return codes.reshape(n, -1), scale.reshape(n, -1), offset.reshape(n, -1), 32
+    if ggml_type == T.Q6_K:
+        scale = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()
+        return q6_k_codes(b).reshape(n, -1), scale.reshape(n, -1), None, 16
+    if ggml_type == T.Q5_1:
+        codes = (_nibbles(b[:, 8:], 1).reshape(blocks, 32) | (_qh32(b, 4) << 4)).to(torch.int8)
+        return codes.reshape(n, -1), _f16(b, 0).reshape(n, -1), _f16(b, 2).reshape(n, -1), 32
+    raise ValueError(f"{ggml_type.name} has no int8 affine form")
+
+
+def int8_scaled(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K / Q5_0 rows as int8 codes with one float16 scale per 32 values, ``w = code * scale`` (Q8_0's form).
+
+    Q5_0: (q − 16, d). Q3_K: sub-block j of 16 is ``d·sc_j·q`` with sc_j in −32..31 and q in −4..3, so the product
+    ``sc_j·q`` is an integer code and ``d`` the scale; stored as ``(−sc_j·q, −d)``, the codes fit int8 (−128..124;
+    ``sc_j·q`` itself reaches 128). Every product is exact in float32 (at most 20 significant bits), so the values
+    equal :func:`dequantize`'s. Returns ``codes`` [N, K] int8 and ``scale`` [N, K/32] float32 (float16 values).
+    """
+    ggml_type = T(ggml_type)
+    n = raw.shape[0]
+    _, type_size = GGML_QUANT_SIZES[ggml_type]
+    b = raw.reshape(-1, type_size)
+    blocks = b.shape[0]
+    if ggml_type == T.Q5_0:
+        q = _nibbles(b[:, 6:], 1).reshape(blocks, 32) | (_qh32(b, 2) << 4)
+        return (q.to(torch.int8) - 16).reshape(n, -1), _f16(b, 0).reshape(n, -1)
+    if ggml_type == T.Q3_K:
+        hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
+        low = _nibbles(scales[:, :8], 1).reshape(blocks, 16)
+        high = _bits(scales[:, 8:12], 1, 2).reshape(blocks, 16)
+        sc = (low | (high << 4)).to(torch.int16) - 32
+        ql = _bits(qs, 2, 2).reshape(blocks, 16, 16)
+        qh = _bits(hmask, 1, 1).reshape(blocks, 16, 16)
+        q = ql.to(torch.int16) - ((qh ^ 1) << 2).to(torch.int16)
+        codes = (-(sc.unsqueeze(-1) * q)).to(torch.int8).reshape(blocks, 256)
+        scale = (-_f16(b, 108)).expand(blocks, 8)
+        return codes.reshape(n, -1), scale.reshape(n, -1)
+    raise ValueError(f"{ggml_type.name} has no int8 form with float16 scales")

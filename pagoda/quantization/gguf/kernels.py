@@ -3,16 +3,19 @@
 Each kernel holds one weight ``W`` [N, K] and computes ``x @ W.T`` for ``x`` [M, K] in ``x``'s dtype, and can
 gather dequantized rows (for embedding tables). Which form a type gets:
 
-- **BlockQuantKernel** (Q4_0, Q4_1, Q4_K, Q8_0, where the engine's ``linear_block_quant`` op has an
-  implementation faster than its reference for the model's dtype — pagoda's AVX512-BF16 kernel for bf16 models on
-  the CPU): the op's form of the codes with a scale (and offset) per 32 values.
+- **BlockQuantKernel** (every block type, where the engine's ``linear_block_quant`` op has an implementation faster
+  than its reference for the model's dtype — pagoda's AVX512-BF16 kernel for bf16 models on the CPU): the op's
+  form of the codes — Q4_0/Q4_1/Q4_K as 4-bit codes with a scale and offset per 32; Q8_0, Q5_0 and Q3_K as int8
+  codes with a float16 scale per 32 (:func:`dequant.int8_scaled`: 1.06 bytes a weight); Q2_K, Q6_K (per 16) and
+  Q5_K, Q5_1 (per 32) as int8 codes with a float32 scale and offset per sub-block (:func:`dequant.int8_affine`,
+  the op's ``prepare_affine``: 1.5 / 1.25 bytes a weight). All below bf16's 2 bytes, values equal to the file's.
 - **Int4Kernel** (Q4_0, Q4_1, Q4_K; other bf16/fp16 models): torch's int4 weight-only matmul with one (scale, zero)
   per 32 values — exactly these formats' block structure (see :func:`dequant.int4_affine`). 0.5 byte per
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
-- **Int8Kernel** (Q8_0, Q6_K; and the Q4 types in float32 models, codes widened to int8): signed int8 codes with
-  one float scale (and offset) per 32 (Q8_0, Q4) or 16 (Q6_K) values, run per group at decode sizes.
+- **Int8Kernel** (the other block types without the native op, e.g. float32 models; Q4 codes widened to int8):
+  the same int8 codes with one float scale (and offset) per 16 or 32 values, run per group at decode sizes.
 - **DenseKernel** (F32, F16, BF16): the tensor itself.
-- **RawKernel** (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K): the file's bytes; dequantized chunk by chunk on each call.
+- **RawKernel** (embedding tables of Q4 types without the native op): the file's bytes, dequantized per call.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_blocks
+from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_affine, int8_blocks, int8_scaled
 from pagoda.quantization.int_kernels import (CHUNK_ROWS, BlockQuantKernel, DenseKernel, Int4Kernel, Int8Kernel,
                                              Kernel, block_quant_op_for, release_freed_memory)
 
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
 INT8_TYPES = (T.Q8_0, T.Q6_K)
+#: int8 codes with a float16 scale per 32 (Q8_0's form) and with a float32 scale and offset per sub-block
+SCALED_TYPES = (T.Q5_0, T.Q3_K)
+AFFINE_TYPES = (T.Q2_K, T.Q5_K, T.Q6_K, T.Q5_1)
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 
@@ -76,10 +82,18 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
         # float32 models: torch's int4 matmul has no fast float32 path on CPU (batch 128 costs 128x batch 1), so
         # the codes are widened to int8 (1.25 bytes per weight instead of 0.625).
         return Int8Kernel(codes.to(torch.int8), scale, 32, offset)
-    if ggml_type in INT8_TYPES:
-        codes, scale, group = int8_blocks(data, ggml_type)
-        if ggml_type == T.Q8_0 and op is not None:
+    if ggml_type == T.Q8_0 or ggml_type in SCALED_TYPES:
+        if ggml_type == T.Q8_0:
+            codes, scale, _ = int8_blocks(data, ggml_type)
+        else:
+            codes, scale = int8_scaled(data, ggml_type)
+        if op is not None:
             return BlockQuantKernel.from_blocks(codes, scale, None, 8, op)
-        # Q8_0 scales are fp16 values: store them as such (exact); Q6_K's d·sc products need float32.
-        return Int8Kernel(codes, scale, group, None, torch.float16 if ggml_type == T.Q8_0 else torch.float32)
+        return Int8Kernel(codes, scale, 32, None, torch.float16)  # float16 values: stored as such (exact)
+    if ggml_type in AFFINE_TYPES:
+        codes, scale, offset, group = int8_affine(data, ggml_type)
+        accepts_affine = getattr(op, "accepts_affine", None)  # optional in the op's contract
+        if accepts_affine is not None and accepts_affine(k, group, act_dtype):
+            return BlockQuantKernel(op.prepare_affine(codes, scale, offset, group), op, n, k)
+        return Int8Kernel(codes, scale, group, offset)
     return RawKernel(data, ggml_type, k)

@@ -233,13 +233,16 @@ class PackedQuant:
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` of the weight, dequantized to ``dtype`` (embedding lookups)."""
-        if self.bits not in (4, 8):
-            raise ValueError(f"rows of packed kind {self.bits} are not supported (only tables of 4/8-bit blocks)")
+        if self.bits not in (4, 8) and self.bits not in AFFINE_KINDS:
+            raise ValueError(f"rows of packed kind {self.bits} are not supported (only tables of 4/8-bit blocks "
+                             "and int8 affine groups)")
         flat = index.reshape(-1)
-        groups = self.k // 32
-        code_bytes = 256 if self.bits == 4 else 512
         blocks = self.data[flat // 16]  # [T, G, block bytes]
         col = (flat % 16)[:, None, None]
+        if self.bits in AFFINE_KINDS:
+            return self._affine_rows(blocks, col, self.bits - AFFINE_KIND).reshape(*index.shape, self.k).to(dtype)
+        groups = self.k // 32
+        code_bytes = 256 if self.bits == 4 else 512
         if self.bits == 4:
             packed = blocks[..., :code_bytes].reshape(-1, groups, 16, 16)  # [T, G, pair, col]
             byte = packed.gather(3, col.unsqueeze(-1).expand(-1, groups, 16, 1)).squeeze(-1)
@@ -255,6 +258,24 @@ class PackedQuant:
             params = blocks[..., code_bytes:].contiguous().view(torch.float16).reshape(-1, groups, 16).float()
             w = codes * params.gather(2, col.expand(-1, groups, 1))
         return w.reshape(*index.shape, self.k).to(dtype)
+
+
+    def _affine_rows(self, blocks: torch.Tensor, col: torch.Tensor, group: int) -> torch.Tensor:
+        """Rows of an int8 affine weight (kind ``AFFINE_KIND + group``): ``code * scale + offset`` in float32."""
+        groups, code_bytes = self.k // group, group * 16
+        packed = blocks[..., :code_bytes].reshape(-1, groups, group, 16).view(torch.int8)  # [T, G, k, col]
+        codes = packed.gather(3, col.unsqueeze(-1).expand(-1, groups, group, 1)).squeeze(-1).float()
+        params = blocks[..., code_bytes:].contiguous().view(torch.float32).reshape(-1, groups, 2, 16)
+        scale = params[:, :, 0].gather(2, col.expand(-1, groups, 1))
+        offset = params[:, :, 1].gather(2, col.expand(-1, groups, 1))
+        return codes * scale + offset
+
+
+# kind AFFINE_KIND + G: int8 codes with a float32 scale and offset per group of G = 16 or 32 inputs (GGUF's Q2_K,
+# Q5_K, Q6_K; pagoda_quant_gemm's kAffineKind)
+AFFINE_KIND = 300  # above every ZERO_KIND + group
+AFFINE_GROUPS = (16, 32)
+AFFINE_KINDS = tuple(AFFINE_KIND + g for g in AFFINE_GROUPS)
 
 
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:

@@ -1,5 +1,5 @@
-"""Tensor-level entry points to the native CPU kernels for the quantized checkpoint formats: FP8 codes and 4-bit
-codes with zero points (both multiplied by ``pagoda_quant_gemm``, in :class:`cpu_ops.PackedQuant` buffers), AQLM
+"""Tensor-level entry points to the native CPU kernels for the quantized checkpoint formats: FP8 codes, 4-bit
+codes with zero points and int8 codes with a scale and offset per 16 or 32 (all multiplied by ``pagoda_quant_gemm``, in :class:`cpu_ops.PackedQuant` buffers), AQLM
 codebooks and AMX-INT8 W8A8 weights."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
-from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, _bf16_rows, _check, _threads
+from pagoda.platforms.cpu.kernels.cpu_ops import AFFINE_KIND, PackedQuant, _bf16_rows, _check, _threads
 
 E4M3 = 9  # the ``bits`` of FP8 e4m3 codes (pagoda_quant_gemm's kE4M3)
 E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
@@ -53,6 +53,28 @@ def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
     data = torch.cat([code_bytes, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
     return PackedQuant(data, n, k, ZERO_KIND + group)
+
+
+def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> PackedQuant:
+    """Pack int8 ``codes`` [n, k] with float32 ``scale`` and ``offset`` [n, k / group] (``group`` 16 or 32):
+    ``w = code * scale + offset`` (GGUF's K-quant sub-blocks). Codes as the 8-bit kind lays them out (per pair of
+    inputs, the tile's 16 columns' first input, then their second), then the 16 scales and the 16 offsets."""
+    n, k = codes.shape
+    groups = k // group
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+        offset = torch.cat([offset, offset.new_zeros(pad, groups)])
+    c = codes.to(torch.int8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 4, 1)
+    code_bytes = c.reshape(tiles, groups, group * 16).view(torch.uint8)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        return values.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    data = torch.cat([code_bytes, per_tile(scale), per_tile(offset)], dim=-1).contiguous()
+    return PackedQuant(data, n, k, AFFINE_KIND + group)
 
 
 CODEBOOK_MAX_ROWS = 16  # pagoda_codebook_gemm's batch limit

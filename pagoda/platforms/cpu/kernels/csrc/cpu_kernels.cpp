@@ -136,7 +136,7 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
 }
 
 // y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits: the kind — 4 or 8, k a
-// multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G, k a multiple of G); y float32 when out_f32 else bf16.
+// multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G and kAffineKind + G, k a multiple of G); y float32 when out_f32 else bf16.
 // Returns -1 when this build lacks AVX512-BF16 or the kind or k is not one of those.
 // amx: AMX tiles from kAmxMinRows rows (only where the process may use them).
 int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,
@@ -218,7 +218,9 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   std::vector<int64_t> where(static_cast<size_t>(num_threads * m), -1);
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   const bf16_t* w_end = static_cast<const bf16_t*>(w) + (n + kTile - 1) / kTile * packed_k2(k) * kTile * 2;
-  const std::vector<float> xsum = kind == 0 || k % kGroup ? std::vector<float>() : group_sums(xb, m, k);  // once
+  const int64_t sum_width = quant_sum_width(kind);
+  const std::vector<float> xsum = kind == 0 || k % sum_width ? std::vector<float>()
+                                                             : group_sums(xb, m, k, sum_width);  // once
   TaskShares shares(slices, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {

@@ -23,19 +23,31 @@ namespace {
 //   int4 with zero points (kind kZeroKind + G, G = 32, 64 or 128): as int4 in groups of G, then float16 scales and
 //         float16 zeros: w = (code - zero) * scale, the form of AWQ / GPTQ / compressed-tensors checkpoints, at
 //         their own group size (0.53 to 0.63 bytes a weight)                                 -> 8 G + 64 bytes
+//   int8 affine (kind kAffineKind + G, G = 16 or 32): int8 codes as for int8 in groups of G, then float32 scales and
+//         float32 offsets: w = code * scale + offset, GGUF's Q2_K / Q5_K / Q6_K (sub-blocks of 16 or 32 values with
+//         a scale and min each; their products are not exact in float16; 1.25 or 1.5 bytes a weight) -> 16 G + 128
 constexpr int64_t kGroup = 32;
 constexpr int kE4M3 = 9;  // the "bits" value that selects FP8 e4m3 codes
 constexpr int kZeroKind = 100;
+constexpr int kAffineKind = 300;  // above every kZeroKind + G
 constexpr int kQMR = 8;
 
 template <int Bits> struct QLayout {
-  static constexpr bool zero = Bits > kZeroKind;  // 4-bit codes with float16 scale and zero per group
+  static constexpr bool zero = Bits > kZeroKind && Bits < kAffineKind;  // 4-bit codes, float16 scale and zero
+  static constexpr bool affine = Bits > kAffineKind;  // int8 codes, float32 scale and offset per group
   static constexpr bool nibbles = Bits == 4 || zero;
-  static constexpr int64_t group = zero ? Bits - kZeroKind : Bits == kE4M3 ? 64 : kGroup;
+  static constexpr int decoder = nibbles ? 4 : affine ? 8 : Bits;  // which decode_pairs reads the codes
+  static constexpr int64_t group = affine ? Bits - kAffineKind : zero ? Bits - kZeroKind : Bits == kE4M3 ? 64 : kGroup;
   static constexpr int64_t code_bytes = nibbles ? group * 8 : group * 16;
-  static constexpr int64_t block_bytes = code_bytes + (Bits == 4 ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
-  static constexpr bool sums = nibbles;  // whether the kernel reads the activations' group sums
+  static constexpr int64_t block_bytes =
+      code_bytes + (Bits == 4 || affine ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
+  static constexpr bool sums = nibbles || affine;  // whether the kernel reads the activations' group sums
+  // inputs per activation sum: 32, or the group of the affine kinds (their offsets change every 16 inputs)
+  static constexpr int64_t sum_width = affine ? group : kGroup;
 };
+
+// The inputs per activation sum (xsum) the kind reads.
+inline int64_t quant_sum_width(int kind) { return kind > kAffineKind ? kind - kAffineKind : kGroup; }
 
 // bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), for vpermt2w lookups: normal numbers move their
 // exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) are listed.
@@ -103,8 +115,8 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
                        int64_t col, int64_t n) {
   constexpr int64_t G = QLayout<Bits>::group;
   const int64_t groups = k / G;
-  const int64_t sum_groups = k / kGroup;  // xsum holds sums of 32 (used by 4-bit codes only)
-  constexpr int D = QLayout<Bits>::nibbles ? 4 : Bits;  // the code decoder
+  const int64_t sum_groups = k / QLayout<Bits>::sum_width;  // xsum: sums of 32 (of G for the affine kinds)
+  constexpr int D = QLayout<Bits>::decoder;
   const DecodeTables<D> tables;
   __m512 out[MR];
   for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
@@ -121,7 +133,7 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
       }
     }
     const uint8_t* params = blk + QLayout<Bits>::code_bytes;
-    if constexpr (Bits == 4) {
+    if constexpr (Bits == 4 || QLayout<Bits>::affine) {  // one activation sum per group
       const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
       const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
       for (int r = 0; r < MR; ++r)
@@ -154,20 +166,20 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   }
 }
 
-// The sum of x [m, k] over each group of kGroup columns, per row ([m, k / kGroup]): what the offsets multiply.
-inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k) {
-  const int64_t groups = k / kGroup;
+// The sum of x [m, k] over each group of `width` columns, per row ([m, k / width]): what the offsets multiply.
+inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k, int64_t width = kGroup) {
+  const int64_t groups = k / width;
   std::vector<float> xsum(static_cast<size_t>(m * groups));
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
-      for (int64_t i = 0; i < kGroup; ++i) s += bf16_to_f32(x[r * k + g * kGroup + i]);
+      for (int64_t i = 0; i < width; ++i) s += bf16_to_f32(x[r * k + g * width + i]);
       xsum[r * groups + g] = s;
     }
   return xsum;
 }
 
-// y [m, n] = x . W^T for W packed as above; xsum: group_sums(x, m, k), for callers that run several column ranges
+// y [m, n] = x . W^T for W packed as above; xsum: group_sums(x, m, k, quant_sum_width(kind)), for callers that run several column ranges
 // of one x (computed here when null).
 template <int Bits, bool F32Out>
 void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
@@ -177,18 +189,21 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
 template <int Bits, bool F32Out>
 void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k, int num_threads,
                 const float* xsum = nullptr, bool amx = false) {
-  const int64_t groups = k / kGroup, tiles = (n + 15) / 16;
+  const int64_t groups = k / QLayout<Bits>::sum_width, tiles = (n + 15) / 16;
   const int64_t tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
   const int64_t esz = F32Out ? 4 : 2;
   std::vector<float> own;
   if (xsum == nullptr && QLayout<Bits>::sums) {  // only offsets and zeros read the group sums
-    own = group_sums(x, m, k);
+    own = group_sums(x, m, k, QLayout<Bits>::sum_width);
     xsum = own.data();
   }
 #if defined(PAGODA_HAS_AMX)
-  if (amx && m >= kAmxMinRows) {
-    quant_gemm_amx<Bits, F32Out>(y, x, packed, m, n, k, num_threads, xsum);
-    return;
+  // A tile product sums 32 inputs: groups of 16 (each with its own scale) stay on the AVX512-BF16 kernel.
+  if constexpr (QLayout<Bits>::group >= 32) {
+    if (amx && m >= kAmxMinRows) {
+      quant_gemm_amx<Bits, F32Out>(y, x, packed, m, n, k, num_threads, xsum);
+      return;
+    }
   }
 #else
   (void)amx;
@@ -222,7 +237,7 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
 // sums of 32 inputs (read by the kinds with offsets or zeros).
 template <int Bits>
 inline __m512 group_epilogue(const uint8_t* params, __m512 part, const float* xrow, int64_t g, __m512 out) {
-  if constexpr (Bits == 4) {
+  if constexpr (Bits == 4 || QLayout<Bits>::affine) {
     const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
     const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
     return _mm512_fmadd_ps(of, _mm512_set1_ps(xrow[g]), _mm512_fmadd_ps(part, sc, out));
@@ -274,7 +289,7 @@ template <int Bits, bool F32Out>
 void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                     int num_threads, const float* xsum) {
   constexpr int64_t G = QLayout<Bits>::group, kRows = 64;
-  const int64_t groups = k / G, tiles = (n + 15) / 16, sum_groups = k / kGroup;
+  const int64_t groups = k / G, tiles = (n + 15) / 16, sum_groups = k / QLayout<Bits>::sum_width;
   const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
   const int64_t mblocks = (m + kRows - 1) / kRows;
   const int64_t esz = F32Out ? 4 : 2;
@@ -282,7 +297,7 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r0 = mb * kRows, rows = (m - r0) < kRows ? (m - r0) : kRows;
     const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
-    constexpr int D = QLayout<Bits>::nibbles ? 4 : Bits;  // the code decoder
+    constexpr int D = QLayout<Bits>::decoder;
     const DecodeTables<D> tables;
     alignas(64) bf16_t wt[G * 16];  // the group's codes as bf16 B tiles: G / 2 pair rows of 16 columns
     alignas(64) float part[kRows * 16];
@@ -335,6 +350,8 @@ inline int64_t quant_tile_bytes(int kind, int64_t k) {
     case kZeroKind + 32: return of(32, QLayout<kZeroKind + 32>::block_bytes);
     case kZeroKind + 64: return of(64, QLayout<kZeroKind + 64>::block_bytes);
     case kZeroKind + 128: return of(128, QLayout<kZeroKind + 128>::block_bytes);
+    case kAffineKind + 16: return of(16, QLayout<kAffineKind + 16>::block_bytes);
+    case kAffineKind + 32: return of(32, QLayout<kAffineKind + 32>::block_bytes);
     default: return 0;
   }
 }
@@ -352,6 +369,12 @@ bool quant_gemm_kind(int kind, void* y, const bf16_t* x, const uint8_t* packed, 
     case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case kZeroKind + 128:
       quant_gemm<kZeroKind + 128, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
+      return true;
+    case kAffineKind + 16:
+      quant_gemm<kAffineKind + 16, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
+      return true;
+    case kAffineKind + 32:
+      quant_gemm<kAffineKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
       return true;
     default: return false;
   }
