@@ -119,3 +119,27 @@ def test_unknown_expert_tensor_is_an_error_naming_it(models, tmp_path):
     config = GGUFCheckpoint.load_hf_config(path)
     with pytest.raises(GGUFError, match="ffn_gate_exps.*qwen3"):
         list(GGUFCheckpoint.iter_weights(path, config))
+
+
+def test_gpt2_head_written_as_a_copy_of_the_embedding_is_tied(models, tmp_path):
+    """llama.cpp's GPT-2 converter writes the tied LM head out again as output.weight: read as tied."""
+    import gguf
+
+    from .gguf_families import gguf_tensors
+
+    path = str(tmp_path / "gpt2-copied-head.gguf")
+    tensors = gguf_tensors("gpt2", models["gpt2"])
+    tensors["output.weight"] = tensors["token_embd.weight"].copy()
+    writer = gguf.GGUFWriter(path, "gpt2")
+    for key, value in {"embedding_length": 256, "block_count": 2, "feed_forward_length": 512,
+                       "attention.head_count": 4, "context_length": 256}.items():
+        writer.add_uint32(f"gpt2.{key}", value)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = GGUFCheckpoint.load_hf_config(path)
+    assert config.tie_word_embeddings
+    assert "lm_head.weight" not in dict(GGUFCheckpoint.iter_weights(path, config))

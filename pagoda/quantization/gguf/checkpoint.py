@@ -101,9 +101,10 @@ class GGUFCheckpoint(CheckpointFormat):
         f.check_supported()
         heads = int(hf_config.num_attention_heads)
         kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         for info in list(f.tensors.values()):
-            if info.name in spec.skipped:
-                continue
+            if info.name in spec.skipped or (tied and info.name == "output.weight"):
+                continue  # a head that copies the embedding table: the model ties the two
             if len(info.shape) == 3:
                 yield from _experts(f, spec, info)
                 f.release(info.name)

@@ -42,6 +42,17 @@ def _model_dtype(f: GGUFFile) -> torch.dtype:
     return torch.float32
 
 
+def output_is_embedding(f: GGUFFile) -> bool:
+    """Whether the LM head is the embedding table: no ``output.weight``, or one that is a byte-for-byte copy of
+    ``token_embd.weight`` (llama.cpp's GPT-2 converter writes the tied head out again)."""
+    out, embed = f.tensors.get("output.weight"), f.tensors.get("token_embd.weight")
+    if out is None:
+        return True
+    if embed is None or (out.shape, out.ggml_type, out.nbytes) != (embed.shape, embed.ggml_type, embed.nbytes):
+        return False
+    return torch.equal(f.tensor_bytes("output.weight"), f.tensor_bytes("token_embd.weight"))
+
+
 def _rope(f: GGUFFile, arch: str, theta: float) -> dict[str, Any]:
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     scaling = meta(f, f"{arch}.rope.scaling.type")
@@ -83,7 +94,7 @@ def hf_config_kwargs(f: GGUFFile) -> tuple[str, dict[str, Any]]:
              or len(meta(f, "tokenizer.ggml.tokens", required=True)))
     common: dict[str, Any] = dict(
         architectures=[spec.hf_architecture], vocab_size=int(vocab),
-        tie_word_embeddings="output.weight" not in f.tensors,
+        tie_word_embeddings=output_is_embedding(f),
         bos_token_id=meta(f, "tokenizer.ggml.bos_token_id"), eos_token_id=meta(f, "tokenizer.ggml.eos_token_id"),
         pad_token_id=meta(f, "tokenizer.ggml.padding_token_id"), dtype=_model_dtype(f))
     layers = int(meta(f, f"{arch}.block_count", required=True))
