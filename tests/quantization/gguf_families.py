@@ -138,7 +138,15 @@ def _quantize(name: str, value: np.ndarray, qtype: T):
     return raw.reshape(*value.shape[:-1], -1), qtype
 
 
-def write_gguf(path: str, arch: str, model, qtype: T, extra_metadata: dict | None = None) -> str:
+def _type_of(name: str, qtype) -> T:
+    """``qtype`` itself, or from a dict of name fragments → type (first match; the key "" is the default)."""
+    if not isinstance(qtype, dict):
+        return qtype
+    return next(t for fragment, t in qtype.items() if fragment in name)
+
+
+def write_gguf(path: str, arch: str, model, qtype, extra_metadata: dict | None = None) -> str:
+    """Write ``model`` as a GGUF of ``qtype`` (one type, or a dict of tensor-name fragments → type)."""
     writer = gguf.GGUFWriter(path, arch)
     for key, value in _metadata(arch, model.config).items():
         if isinstance(value, float):
@@ -148,7 +156,7 @@ def write_gguf(path: str, arch: str, model, qtype: T, extra_metadata: dict | Non
     for key, value in (extra_metadata or {}).items():
         writer.add_key_value(key, *value)
     for name, value in gguf_tensors(arch, model).items():
-        data, raw_dtype = _quantize(name, value, qtype)
+        data, raw_dtype = _quantize(name, value, _type_of(name, qtype))
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -68,3 +68,37 @@ def test_native_kernel_holds_the_files_values_in_less_than_bf16(qtype):
     bound = x.double().abs() @ expected.double().abs().T
     assert ((kernel.matmul_float(x).double() - exact).abs() / bound).max() < 1e-5
     assert ((kernel.matmul(x).double() - exact).abs() / bound).max() < 1e-2
+
+
+# Ten sequences: decode steps of 10 rows take the AMX tile GEMMs where the CPU has them (8 rows and more).
+DECODE_PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40))] + [[1, 40 + i, 300 + 7 * i, 12] for i in range(7)]
+# every int8 kind in one model: per-16 affine (Q2_K, the Q6_K head), per-32 affine (Q5_K), float16-scaled (Q3_K)
+# (a merged layer's shards share a type, as fusing needs one kernel per layer)
+MIXED = {"attn_output": T.Q3_K, "attn": T.Q2_K, "ffn_down": T.Q6_K, "ffn": T.Q5_K, "output.": T.Q6_K, "": T.Q2_K}
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="native bf16 kernels unavailable")
+def test_fused_decode_and_greedy_head_equal_the_per_op_path(tmp_path):
+    from pagoda import LLM, SamplingParams
+    from tests.conftest import assert_all_blocks_free
+
+    from .gguf_families import tiny_model, write_gguf
+
+    path = write_gguf(str(tmp_path / "qwen2-kquants.gguf"), "qwen2", tiny_model("qwen2"), MIXED)
+    llm = LLM(path, dtype="bfloat16", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 24,
+              enable_prefix_caching=False, max_model_len=128)
+    runner = llm.llm_engine.runner
+    assert runner.fused_decode is not None, "decode steps were not fused"
+    runs = []
+    for fused, greedy_head in ((False, False), (True, False), (True, True)):
+        runner.model.use_fused_decode(runner.fused_decode if fused else None)
+        runner.greedy_head = greedy_head
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, detokenize=False,
+                                logprobs=None if greedy_head else 2)
+        outs = llm.generate([{"prompt_token_ids": p} for p in DECODE_PROMPTS], params, use_tqdm=False)
+        assert_all_blocks_free(llm)
+        runs.append(([o.outputs[0].token_ids for o in outs],
+                     None if greedy_head else [[{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs]
+                                               for o in outs]))
+    assert runs[1] == runs[0]  # same kernels, same order: bit-identical logprobs
+    assert runs[2][0] == runs[0][0]  # the argmax inside the LM-head kernel picks the sampler's tokens
