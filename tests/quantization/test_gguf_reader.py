@@ -84,8 +84,9 @@ def test_unsupported_tensor_type_names_tensor_type_and_supported(write_gguf):
 
 
 def test_unsupported_architecture(write_gguf):
-    path = write_gguf("gpt2.gguf", "gpt2", {"gpt2.block_count": 1}, {"token_embd.weight": (T.F16, 8, 32)})
-    with pytest.raises(ValueError, match="general.architecture 'gpt2' is not supported; supported: llama, qwen2"):
+    path = write_gguf("bloom.gguf", "bloom", {"bloom.block_count": 1}, {"token_embd.weight": (T.F16, 8, 32)})
+    with pytest.raises(ValueError, match="general.architecture 'bloom' is not supported; supported: gemma, gemma2, "
+                                         "gemma3, gpt2, llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe"):
         GGUFCheckpoint.load_hf_config(path)
 
 
