@@ -16,9 +16,9 @@ from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
 
 from .kquant_encode import encode
 
-HIDDEN, LAYERS, VOCAB, HEADS = 256, 2, 1024, 4
+HIDDEN, LAYERS, VOCAB, HEADS, FFN = 256, 2, 512, 4, 256
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               num_key_value_heads=2, intermediate_size=512, max_position_embeddings=256)
+               num_key_value_heads=2, intermediate_size=FFN, max_position_embeddings=256)
 
 
 def tiny_config(arch: str):
@@ -27,7 +27,7 @@ def tiny_config(arch: str):
 
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256,
-                             n_inner=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                             n_inner=FFN, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     if arch == "gemma":
         return tf.GemmaConfig(**_COMMON, head_dim=64)
     if arch == "gemma2":
@@ -46,7 +46,7 @@ def tiny_config(arch: str):
         return tf.Qwen3Config(**_COMMON, head_dim=64, tie_word_embeddings=False)
     if arch == "qwen2moe":
         return tf.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
-                                 shared_expert_intermediate_size=512, tie_word_embeddings=False)
+                                 shared_expert_intermediate_size=FFN, tie_word_embeddings=False)
     if arch == "qwen3moe":
         return tf.Qwen3MoeConfig(**_COMMON, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=256, tie_word_embeddings=False, norm_topk_prob=True)

@@ -131,7 +131,7 @@ def test_gpt2_head_written_as_a_copy_of_the_embedding_is_tied(models, tmp_path):
     tensors = gguf_tensors("gpt2", models["gpt2"])
     tensors["output.weight"] = tensors["token_embd.weight"].copy()
     writer = gguf.GGUFWriter(path, "gpt2")
-    for key, value in {"embedding_length": 256, "block_count": 2, "feed_forward_length": 512,
+    for key, value in {"embedding_length": 256, "block_count": 2, "feed_forward_length": 256,
                        "attention.head_count": 4, "context_length": 256}.items():
         writer.add_uint32(f"gpt2.{key}", value)
     for name, value in tensors.items():

@@ -21,7 +21,7 @@ from .test_gguf_generation import LOGPROB_TOL, hf_greedy
 # one quantization type per architecture, so that every K-quant runs through the engine at least once
 CASES = [("qwen2", T.Q4_K), ("gemma", T.Q2_K), ("gemma2", T.Q3_K), ("gemma3", T.Q4_K), ("phi3", T.Q5_K),
          ("qwen3", T.Q6_K), ("qwen2moe", T.Q8_0), ("qwen3moe", T.Q5_K), ("gpt2", T.Q6_K)]
-PROMPTS = [[5, 17, 300, 42, 7], [900, 3, 64, 64, 12, 500, 250, 1, 8]]
+PROMPTS = [[5, 17, 300, 42, 7], [400, 3, 64, 64, 12, 500, 250, 1, 8]]
 NUM_TOKENS = 12
 
 
