@@ -113,6 +113,26 @@ def test_two_way_softmax_reranker(tiny_model_dir, tmp_path, kind):
         torch.testing.assert_close(out.outputs.data.reshape(()), want, atol=ATOL, rtol=0)
 
 
+def test_reranker_tokens_named_by_the_tokenizer(tiny_model_dir, tmp_path):
+    """``classifier_from_token`` as vLLM's configs give it (token strings, here with ``is_original_qwen3_reranker``
+    implying the two-way softmax), resolved through the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tests.entrypoints.openai.conftest import smollm2_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    no, yes = 260, 873  # two ordinary tokens inside the tiny model's 1024-token vocabulary
+    names = tokenizer.convert_ids_to_tokens([no, yes])
+    path = copy_checkpoint(tiny_model_dir("llama"), tmp_path / "named",
+                           {"classifier_from_token": names, "is_original_qwen3_reranker": True, "num_labels": 2})
+    tokenizer.save_pretrained(path)
+    out = make_llm(path, task="score").encode([{"prompt_token_ids": PROMPTS[2]}], use_tqdm=False)[0]
+    with torch.no_grad():
+        logits = _hf_model(tiny_model_dir("llama"), torch.float32)(torch.tensor([PROMPTS[2]])).logits[0, -1]
+    torch.testing.assert_close(out.outputs.data.reshape(()), torch.softmax(logits[[no, yes]], -1)[1], atol=ATOL,
+                               rtol=0)
+
+
 def test_no_post_processing_tokens(tiny_model_dir, tmp_path):
     """One label per token: softmax over the LM's logits of those tokens."""
     tokens = [5, 99, 700]
