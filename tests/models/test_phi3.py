@@ -1,5 +1,6 @@
 """Phi-3 against transformers: fused qkv/gate_up checkpoints, partial rotary, LongRoPE (``longrope`` and its older
-name ``su``) and the sliding window, on tiny random models in float32 and bf16 over every batch shape."""
+name ``su``) and the sliding window, on tiny random models in float32 and bf16 — through the shared harness over
+every batch shape, and decoding across LongRoPE's original window against transformers' own generation."""
 
 from __future__ import annotations
 
@@ -32,17 +33,16 @@ def phi3_config(**overrides):
 
 
 def longrope_config():
-    """LongRoPE with both factor sets in play, half of each head rotated, a 24-token sliding window."""
+    """LongRoPE with both factor sets in play (decoding crosses the original window), half of each head rotated."""
     return phi3_config(original_max_position_embeddings=ORIGINAL_WINDOW, partial_rotary_factor=0.5,
-                       rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
-                       sliding_window=24)
+                       rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG})
 
 
 def su_config():
-    """The ``su`` spelling of early long-context Phi-3 checkpoints, full rotary, an explicit attention factor; its
-    window holds every sequence, so transformers' teacher-forced pass (the harness's logprob reference) rotates
-    like its generation does."""
-    return phi3_config(original_max_position_embeddings=64,
+    """The ``su`` spelling of early long-context Phi-3 checkpoints, an explicit attention factor, full rotary and a
+    24-token sliding window; its original window holds every sequence of the harness, so transformers'
+    teacher-forced passes (the harness's logprob and tie references) rotate as its generation does."""
+    return phi3_config(original_max_position_embeddings=64, sliding_window=24,
                        rope_scaling={"type": "su", "short_factor": SHORT * 2, "long_factor": LONG * 2,
                                      "attention_factor": 1.25})
 
@@ -76,7 +76,12 @@ def crossing_prompts() -> list[list[int]]:
     return prompts
 
 
-@pytest.mark.parametrize("shape", list(BATCH_SHAPES))
+# The rope table is indexed by position, so the batch shapes that matter past the window are one call against
+# many (the harness config above covers every shape).
+CROSSING_SHAPES = ["default", "chunked_prefill"]
+
+
+@pytest.mark.parametrize("shape", CROSSING_SHAPES)
 def test_phi3_longrope_float32(tiny_model_dir, shape):
     """float32 greedy tokens and logprobs equal transformers' generation, decoding across the original window."""
     path = tiny_model_dir("phi3_longrope", longrope_config())
@@ -106,7 +111,7 @@ def assert_equal_up_to_generation_ties(ours: list[list[int]], expected: list[lis
     return compared
 
 
-@pytest.mark.parametrize("shape", list(BATCH_SHAPES))
+@pytest.mark.parametrize("shape", CROSSING_SHAPES)
 def test_phi3_longrope_bfloat16(tiny_model_dir, shape):
     """bf16 on the native paths: transformers' bf16 generation up to ties, decoding across the original window."""
     path = tiny_model_dir("phi3_longrope", longrope_config())
@@ -118,10 +123,14 @@ def test_phi3_longrope_bfloat16(tiny_model_dir, shape):
     assert_equal_up_to_generation_ties([o.outputs[0].token_ids for o in alone], expected[:3], logits[:3])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_phi3_su_scaling(tiny_model_dir, dtype):
-    check = check_float32 if dtype == "float32" else check_bfloat16
-    check(tiny_model_dir("phi3_su", su_config()), "default")
+@pytest.mark.parametrize("shape", list(BATCH_SHAPES))
+def test_phi3_float32(tiny_model_dir, shape):
+    check_float32(tiny_model_dir("phi3_su", su_config()), shape)
+
+
+@pytest.mark.parametrize("shape", list(BATCH_SHAPES))
+def test_phi3_bfloat16(tiny_model_dir, shape):
+    check_bfloat16(tiny_model_dir("phi3_su", su_config()), shape)
 
 
 def test_phi3_saved_config_keeps_longrope(tiny_model_dir):
