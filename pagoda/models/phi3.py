@@ -18,8 +18,8 @@ from pagoda.plugins.hookspecs import hookimpl
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    # The checkpoint's names already are the merged layers': nothing to stack.
-    stacked_params = ()
+    # The checkpoint's qkv_proj / gate_up_proj names already are the merged layers' (loaded whole); the inherited
+    # q/k/v and gate/up stacking only applies to checkpoints converted to Llama's split layout.
 
     def arch_flags(self, config: Any) -> dict[str, bool]:
         return {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
