@@ -182,7 +182,8 @@ class CausalClassifier(CausalEmbedding):
             return set()
         if lm_head_weight is None and self.tied_head is not None:
             lm_head_weight = getattr(self.tied_head, "weight", None)
-        if not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2:
+        if (not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2
+                or not lm_head_weight.is_floating_point()):  # a quantized head's codes aren't its rows
             raise ValueError(f"classifier_from_token with method {method}: needs the LM head's dense weight "
                              "(lm_head.weight, or the tied embedding table), which this checkpoint doesn't have")
         ids = token_ids(tokens, self.model_config, lm_head_weight.shape[0])
