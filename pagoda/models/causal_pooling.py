@@ -93,6 +93,7 @@ class CausalEmbedding(PagodaModel):
     """A causal LM without its LM head, pooling the last token into a normalized embedding."""
 
     supported_tasks: tuple[str, ...] = ("embed",)
+    needs_lm_head_rows = False  # whether the head is built from the LM head's rows of some tokens
 
     def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, **kwargs: Any) -> None:
         super().__init__(model_config=model_config, quant_config=quant_config, **kwargs)
@@ -127,7 +128,8 @@ class CausalEmbedding(PagodaModel):
         def decoder_weights():
             for name, tensor in weights:
                 if name.startswith("lm_head."):
-                    head_tensors[name] = tensor
+                    if self.needs_lm_head_rows:  # else dropped right away (it can be the largest tensor)
+                        head_tensors[name] = tensor
                 elif name.startswith("score."):
                     loaded.add(self.load_score(name, tensor))
                 else:
@@ -158,6 +160,7 @@ class CausalClassifier(CausalEmbedding):
             num_labels = 1 if method == "from_2_way_softmax" else len(tokens)
             quant_config = UnquantizedConfig()  # made from the LM head's rows after loading: a dense weight
         self.classifier_from = (tokens, method)
+        self.needs_lm_head_rows = method is not None
         pooling = resolve_pooler_config(model_config, pooling_type="LAST")
         head = Linear(config.hidden_size, [num_labels], False, quant_config, "score", model_config.dtype)
         return ClassifierPooler(pooling, head, num_labels)
