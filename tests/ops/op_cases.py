@@ -34,7 +34,9 @@ def rms_norm(impl, ref, dtype):
 
 
 def layer_norm(impl, ref, dtype):
-    for rows, hidden, affine in ((1, 64, True), (9, 768, True), (33, 70, True), (5, 64, False)):
+    # Sizes on both sides of the CPU kernel's switch point (16 rows of 768), hidden sizes with a ragged tail.
+    for rows, hidden, affine in ((1, 64, True), (9, 768, True), (33, 70, True), (5, 64, False), (40, 768, True),
+                                 (300, 70, True), (200, 64, False)):
         g = _gen(rows, hidden, affine)
         x, residual = ((torch.randn(rows, hidden, generator=g) * 3 + 1).to(dtype) for _ in range(2))
         weight = torch.randn(hidden, generator=g).to(dtype) if affine else None
@@ -49,7 +51,7 @@ def layer_norm(impl, ref, dtype):
 
 def activation(impl, ref, dtype):
     for name in ("relu", "gelu", "gelu_tanh"):
-        for rows, width in ((1, 40), (7, 3072), (64, 96)):
+        for rows, width in ((1, 40), (7, 3072), (64, 96), (33, 3001)):  # (33, 3001): past the CPU relu's switch
             x = (torch.randn(rows, width, generator=_gen(rows, width)) * 4).to(dtype)
             _close(impl(x, name), ref(x, name), dtype, f"activation {name} {rows}x{width}")
 
