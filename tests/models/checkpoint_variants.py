@@ -47,6 +47,15 @@ def rewrite_checkpoint(source: str, target: Path, rename: Callable[[str], str],
     return str(target)
 
 
+def pagoda_greedy(path: str) -> list[list[int]]:
+    """pagoda's float32 greedy tokens for the family prompts (to compare two copies of the same weights without
+    asking transformers again)."""
+    from tests.models.family_checks import family_prompts, run_pagoda
+
+    _, together, _ = run_pagoda(path, "float32", "default", family_prompts())
+    return [o.outputs[0].token_ids for o in together]
+
+
 def config_only_dir(config, target: Path) -> str:
     """A directory holding only ``config.json`` (enough for a model that refuses its config while being built)."""
     config.save_pretrained(target)

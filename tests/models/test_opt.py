@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
-from tests.models.checkpoint_variants import config_only_dir, randomize_vectors, rewrite_checkpoint
+from tests.models.checkpoint_variants import (config_only_dir, pagoda_greedy, randomize_vectors,
+                                              rewrite_checkpoint)
 from tests.models.family_checks import BATCH_SHAPES, check_bfloat16, check_float32
 
 TINY = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1024,
@@ -55,7 +56,7 @@ def test_opt_checkpoint_saved_from_the_bare_decoder(tiny_model_dir, tmp_path):
     head = load_file(f"{source}/model.safetensors")["model.decoder.embed_tokens.weight"]
     bare = rewrite_checkpoint(source, tmp_path / "bare", lambda n: n.removeprefix("model."),
                               extra={"lm_head.weight": head.clone()})
-    check_float32(bare, "default")
+    assert pagoda_greedy(bare) == pagoda_greedy(source)  # the source copy is held to transformers above
 
 
 def _hub_cache_with_opt(root, tiny_model_dir) -> None:
