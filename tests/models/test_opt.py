@@ -94,8 +94,9 @@ def test_vllm_quickstart_facebook_opt_125m(tiny_model_dir, tmp_path, monkeypatch
 
 
 def test_opt_125m_shape_with_dummy_weights(tmp_path):
-    """The benchmark's configuration: opt-125m's shape, random weights, bf16."""
-    (tmp_path / "config.json").write_text(json.dumps(OPT_125M))
+    """The benchmark's configuration (opt-125m's shape, random weights, bf16), with two of its twelve layers to keep
+    the test quick: every layer has the same shape."""
+    (tmp_path / "config.json").write_text(json.dumps({**OPT_125M, "num_hidden_layers": 2}))
     llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
               kv_cache_memory_bytes=1 << 26, seed=0)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, detokenize=False, logprobs=0)
