@@ -32,6 +32,13 @@ def test_gpt2_bfloat16(tiny_model_dir, shape):
     check_bfloat16(gpt2_dir(tiny_model_dir), shape)
 
 
+def test_gpt2_untied_head_and_relu(tiny_model_dir):
+    from transformers import GPT2Config
+
+    config = GPT2Config(**{**TINY, "n_inner": None}, tie_word_embeddings=False, activation_function="relu")
+    check_float32(randomize_vectors(tiny_model_dir("gpt2_untied_relu", config)), "default")
+
+
 def test_gpt2_checkpoint_saved_from_the_bare_model(tiny_model_dir, tmp_path):
     """The original gpt2 files: ``h.0.attn.c_attn.weight`` … without ``transformer.``, plus each layer's causal-mask
     buffers (``attn.bias``, ``attn.masked_bias``), which are not weights."""

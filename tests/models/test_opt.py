@@ -48,6 +48,16 @@ def test_opt_bfloat16(tiny_model_dir, kind, shape):
     check_bfloat16(opt_dir(tiny_model_dir, kind), shape)
 
 
+def test_opt_without_biases_or_norm_weights_and_untied_head(tiny_model_dir):
+    """The less common switches: ``enable_bias=False``, ``layer_norm_elementwise_affine=False``, an untied LM head
+    and GELU."""
+    from transformers import OPTConfig
+
+    config = OPTConfig(**TINY, **KINDS["opt_pre_norm"], enable_bias=False, layer_norm_elementwise_affine=False,
+                       tie_word_embeddings=False, activation_function="gelu")
+    check_float32(tiny_model_dir("opt_switches", config), "default")
+
+
 def test_opt_checkpoint_saved_from_the_bare_decoder(tiny_model_dir, tmp_path):
     """facebook/opt-* files name tensors ``decoder.*`` (no ``model.``) and may carry the tied ``lm_head.weight``."""
     from safetensors.torch import load_file
