@@ -85,6 +85,16 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
                 x = torch.randn(m, 2 * FFN).to(dtype)
                 fn, moved, shape = (lambda: impl(x)), 3 * m * FFN * esz, f"{m}x{2 * FFN}"
             add(workload, shape, _median_s(fn, iters), nbytes=moved)
+    elif op in ("layer_norm", "activation"):  # the GPT-style decoders' elementwise ops
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            if op == "layer_norm":
+                x, res = torch.randn(m, HIDDEN).to(dtype), torch.randn(m, HIDDEN).to(dtype)
+                w, b = torch.ones(HIDDEN, dtype=dtype), torch.zeros(HIDDEN, dtype=dtype)
+                fn, moved, shape = (lambda: impl(x, w, b, 1e-5, res)), 4 * m * HIDDEN * esz, f"{m}x{HIDDEN} +residual"
+            else:
+                x = torch.randn(m, FFN).to(dtype)
+                fn, moved, shape = (lambda: impl(x, "gelu_tanh")), 2 * m * FFN * esz, f"{m}x{FFN} gelu_tanh"
+            add(workload, shape, _median_s(fn, iters), nbytes=moved)
     elif op == "rotary_embedding":
         for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
             qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * D).to(dtype)

@@ -18,6 +18,7 @@ from pagoda.attention_backends import AttentionConfig, select_attention_backend
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.model_files import BUNDLED_GENERATION_CONFIG, bundled_model_path, resolve_model_path
 from pagoda.logger import init_logger
+from pagoda.models.causal_pooling import is_causal_lm, model_class_for_task
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import OpSet, select_ops
 from pagoda.platforms import Platform, resolve_platform
@@ -244,14 +245,17 @@ def _resolve_task(requested: str, hf_config: Any, registry: Registry) -> tuple[s
     architectures = list(getattr(hf_config, "architectures", None) or [])
     if not architectures:
         raise ValueError("the model config has no 'architectures'; can't tell which model to build")
-    model_cls = registry.get_model_class(architectures)
+    # A causal LM asked for embed/classify/score runs as its pooling conversion (models/causal_pooling.py).
+    model_cls = model_class_for_task(registry, architectures, requested)
     if not (isinstance(model_cls, type) and issubclass(model_cls, PagodaModel)):
         raise TypeError(f"model class {model_cls!r} for {architectures[0]} must derive from "
                         "pagoda.models.interface.PagodaModel")
     supported = tuple(model_cls.supported_tasks)
     task = supported[0] if requested == "auto" else requested
     if task not in supported:
-        raise ValueError(f"task: {architectures[0]} can't do {requested!r}; it supports {', '.join(supported)}")
+        converted = "; converted to a pooling model: embed, classify, score" if is_causal_lm(model_cls) else ""
+        raise ValueError(f"task: {architectures[0]} can't do {requested!r}; it supports {', '.join(supported)}"
+                         f"{converted}")
     return task, model_cls
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from pagoda.core.config import EngineConfig
 from pagoda.core.model_files import iter_hf_weights
 from pagoda.logger import init_logger
+from pagoda.models.causal_pooling import model_class_for_task
 from pagoda.ops import current_ops, use_ops
 
 logger = init_logger(__name__)
@@ -37,7 +38,7 @@ def _load_model(config: EngineConfig) -> nn.Module:
     architectures = list(getattr(mc.hf_config, "architectures", None) or [])
     if not architectures:
         raise ValueError(f"{mc.path}: config has no 'architectures'; can't tell which model to build")
-    model_cls = registry.get_model_class(architectures)
+    model_cls = model_class_for_task(registry, architectures, mc.task)
     quant_config = registry.get_quantization_method(mc.quantization).from_config(mc.quantization_config)
     device = config.platform.device()
     build_device = torch.device("cpu") if config.cpu_offload_gb else device

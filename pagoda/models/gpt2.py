@@ -1,10 +1,175 @@
-"""The GPT-2 (GPT2LMHeadModel) model family. Registered as a built-in plugin."""
+"""The GPT-2 family (``GPT2LMHeadModel``: gpt2, gpt2-medium/large/xl, distilgpt2 and their fine-tunes).
+Registered as a built-in plugin.
+
+Pre-norm layers with LayerNorm (biases), multi-head attention on one fused ``c_attn`` projection, a GELU MLP
+(``activation_function``, ``gelu_new`` — the tanh approximation — by default), learned position embeddings
+(``wpe``) and a final ``ln_f``; the LM head is tied to the token embeddings unless the config says otherwise.
+
+The checkpoints' projections are ``Conv1D`` modules, whose dense weights are stored transposed (``[in, out]``);
+they are transposed once while loading. Tensor names come with ``transformer.`` (``GPT2LMHeadModel``) or without
+it (the original ``gpt2`` files, saved from the bare model); the causal-mask buffers some files carry
+(``attn.bias``, ``attn.masked_bias``) are not weights and are skipped.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.gpt_layers import Activation, LayerNorm
+from pagoda.models.interface import PagodaModel
+from pagoda.models.layers import Attention, Linear, VocabEmbedding
 from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import QuantizationConfig
+from pagoda.quantization.unquantized import default_weight_loader
+
+#: Config switches that change GPT-2's maths in ways this implementation does not follow, with what it does.
+UNSUPPORTED_FEATURES = {
+    "add_cross_attention": "cross-attention blocks (an encoder-decoder setup)",
+    "scale_attn_by_inverse_layer_idx": "attention scores divided by the layer index + 1",
+    "reorder_and_upcast_attn": "attention scores computed in float32 with the scale applied to the keys",
+}
+#: Conv1D layers, whose dense ``weight`` is stored ``[in, out]``.
+CONV1D_LAYERS = (".c_attn.", ".c_proj.", ".c_fc.")
+#: Checkpoint tensors that are not weights: the causal-mask buffers of older files.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def check_config(config: Any) -> None:
+    """An error naming each config feature set that this implementation does not support."""
+    used = [name for name in UNSUPPORTED_FEATURES if getattr(config, name, False)]
+    if not getattr(config, "scale_attn_weights", True):
+        used.append("scale_attn_weights=False")
+    if used:
+        raise ValueError(f"GPT-2 config feature(s) {', '.join(used)} are not supported; supported: GPT-2 with "
+                         "scale_attn_weights=True and none of " + ", ".join(
+                             f"{name} ({what})" for name, what in UNSUPPORTED_FEATURES.items()))
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_size = hidden // self.num_heads
+        self.c_attn = Linear(hidden, [hidden] * 3, True, quant_config, f"{prefix}.c_attn", dtype)
+        self.c_proj = Linear(hidden, [hidden], True, quant_config, f"{prefix}.c_proj", dtype)
+        self.attn = Attention(self.num_heads, self.head_size, self.num_heads, backend, attn_config)
+
+    def forward(self, hidden: torch.Tensor, kv_cache: torch.Tensor | None, metadata: Any) -> torch.Tensor:
+        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)
+        shape = (-1, self.num_heads, self.head_size)
+        return self.c_proj(self.attn(q.view(shape), k.view(shape), v.view(shape), kv_cache, metadata))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        inner = getattr(config, "n_inner", None) or 4 * hidden
+        self.c_fc = Linear(hidden, [inner], True, quant_config, f"{prefix}.c_fc", dtype)
+        self.act = Activation(getattr(config, "activation_function", "gelu_new"))
+        self.c_proj = Linear(inner, [hidden], True, quant_config, f"{prefix}.c_proj", dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_epsilon
+        self.ln_1 = LayerNorm(hidden, eps, dtype)
+        self.attn = GPT2Attention(config, quant_config, f"{prefix}.attn", dtype, backend, attn_config)
+        self.ln_2 = LayerNorm(hidden, eps, dtype)
+        self.mlp = GPT2MLP(config, quant_config, f"{prefix}.mlp", dtype)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor | None,
+                metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden`` is the last block's output, not yet added to the ``residual`` stream (the next norm adds it,
+        fused); returns the same pair."""
+        if residual is None:
+            residual, hidden = hidden, self.ln_1(hidden)
+        else:
+            hidden, residual = self.ln_1(hidden, residual)
+        hidden, residual = self.ln_2(self.attn(hidden, kv_cache, metadata), residual)
+        return self.mlp(hidden), residual
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig, prefix: str) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.wte = VocabEmbedding(config.vocab_size, hidden, quant_config, f"{prefix}.wte", dtype)
+        self.wpe = VocabEmbedding(config.max_position_embeddings, hidden, quant_config, f"{prefix}.wpe", dtype)
+        self.h = nn.ModuleList(GPT2Block(config, quant_config, f"{prefix}.h.{i}", dtype, backend, attn_config)
+                               for i in range(config.num_hidden_layers))
+        self.ln_f = LayerNorm(hidden, config.layer_norm_epsilon, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
+                metadata: Any) -> torch.Tensor:
+        hidden = self.wte(input_ids) + self.wpe(positions)
+        residual = None
+        for block, kv_cache in zip(self.h, kv_caches):
+            hidden, residual = block(hidden, residual, kv_cache, metadata)
+        return self.ln_f(hidden, residual)[0]
+
+
+class GPT2LMHeadModel(PagodaModel):
+    def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
+                 attn_config: AttentionConfig) -> None:
+        super().__init__()
+        config = model_config.text_config
+        check_config(config)
+        dtype = model_config.dtype
+        self.config = config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.transformer = GPT2Model(config, quant_config, dtype, attn_backend, attn_config, "transformer")
+        self.lm_head = (self.transformer.wte if self.tie_word_embeddings else
+                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
+        self.lm_head.use_as_lm_head()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
+                metadata: Any) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden_size]`` after ``ln_f``."""
+        return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head.greedy(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Load checkpoint tensors by Hugging Face name (``transformer.*`` or bare, ``lm_head.*``), transposing the
+        Conv1D weights; returns the names of the parameters that were loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(MASK_BUFFERS):
+                continue
+            if name == "lm_head.weight":
+                if self.tie_word_embeddings:
+                    continue  # the same table as the token embeddings
+            elif not name.startswith("transformer."):
+                name = "transformer." + name  # checkpoints saved from the bare model
+            if any(layer in name for layer in CONV1D_LAYERS) and name.endswith(".weight") and tensor.dim() == 2:
+                tensor = tensor.t()
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded
 
 
 @hookimpl
 def pagoda_register_models():
-    return {}
+    return {"GPT2LMHeadModel": GPT2LMHeadModel}

@@ -8,6 +8,7 @@ built). Models never see which implementations they got.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -85,10 +86,12 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half layout) with a precomputed float32 cos/sin table by position.
 
     One instance serves every layer: ``lookup(positions)`` gathers the step's cos/sin rows once, and each layer's
-    ``forward`` applies them through the ``rotary_embedding`` op.
+    ``forward`` applies them through the ``rotary_embedding`` op. ``partial_rotary_factor`` rotates only the first
+    fraction of each head.
     """
 
-    SUPPORTED = ("default", "linear", "llama3", "yarn")
+    # "su" is LongRoPE's older name (the first Phi-3 long-context checkpoints).
+    SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope", "su")
 
     def __init__(self, config: Any, head_size: int, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -98,20 +101,25 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: "
                              f"{', '.join(self.SUPPORTED)}")
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        rotary_dim = int(head_size * getattr(config, "partial_rotary_factor", 1.0))
-        scaling = 1.0
-        # The table is computed on the host (as the reference implementation computes it), then placed.
-        if rope_type == "default":
-            inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float()
-                                        / rotary_dim))
-        else:
-            # The scaled variants' frequency formulas are exactly transformers'; reuse them so we match bit for bit.
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        rotary_dim = int(head_size * partial)
         max_positions = max(max_positions, int(params.get("original_max_position_embeddings") or 0))
         t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv_freq.float().cpu())
+        # The table is computed on the host (as the reference implementation computes it), then placed.
+        if rope_type in ("longrope", "su"):
+            freqs, scaling = longrope_freqs(config, params, theta, rotary_dim, t)
+        else:
+            if rope_type == "default":
+                inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float()
+                                            / rotary_dim))
+                scaling = 1.0
+            else:
+                # The scaled variants' frequency formulas are exactly transformers'; reuse them so we match bit
+                # for bit.
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            freqs = torch.outer(t, inv_freq.float().cpu())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rotary_dim = rotary_dim
         # sin carries rotate-half's sign: x*cos + rotate_half(x)*sin == x*cos + cat(x2, x1)*sin_signed.
@@ -130,6 +138,46 @@ class RotaryEmbedding(nn.Module):
         """``q`` [T, heads, d], ``k`` [T, kv_heads, d] → rotated (possibly in place), with ``rope =
         lookup(positions)``."""
         return self.op(q, k, *rope)
+
+
+def longrope_freqs(config: Any, params: dict[str, Any], theta: float, rotary_dim: int,
+                   t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3's ``longrope`` / ``su``): per-frequency rescaling by ``short_factor`` within the
+    pretraining window ``original_max_position_embeddings`` and by ``long_factor`` beyond it, and cos/sin scaled
+    by the attention factor (given, else ``sqrt(1 + ln(factor) / ln(original))`` for a context extended by
+    ``factor`` = max_position_embeddings / original). Returns the angle table [len(t), rotary_dim / 2] and that
+    factor.
+
+    Which positions use the long factors: transformers recomputes the frequencies per forward call from the
+    largest position in it (long once the sequence exceeds the original window), and vLLM switches a whole batch
+    to the long table when any of its positions is beyond the window. Both make a token's rotation depend on how
+    it was batched; here the choice is per position — position ``p`` rotates with the long factors iff
+    ``p >= original`` — so every batch shape gives the same numbers. This equals transformers' generation token for
+    token whenever the prompt fits in the original window (its prompt pass is short, then each decoded token at
+    position p sees a sequence of p + 1 tokens); for a prompt longer than the window transformers would rotate the
+    prompt's first ``original`` positions with the long factors too.
+    """
+    original = int(getattr(config, "original_max_position_embeddings", None)
+                   or params.get("original_max_position_embeddings") or 0)
+    missing = [key for key in ("short_factor", "long_factor") if not params.get(key)]
+    if not original:
+        missing.append("original_max_position_embeddings")
+    if missing:
+        raise ValueError(f"rope_scaling type {params.get('rope_type', params.get('type'))!r} needs "
+                         f"{', '.join(missing)}")
+    half = rotary_dim // 2
+    for key in ("short_factor", "long_factor"):
+        if len(params[key]) != half:
+            raise ValueError(f"rope_scaling {key}: {len(params[key])} values, expected rotary_dim / 2 = {half}")
+    factor = params.get("factor") or config.max_position_embeddings / original
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+    short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * theta ** exponent)
+    long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * theta ** exponent)
+    freqs = torch.where((t >= original)[:, None], torch.outer(t, long), torch.outer(t, short))
+    return freqs, float(scaling)
 
 
 class Attention(nn.Module):

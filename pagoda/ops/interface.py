@@ -35,6 +35,9 @@ OPS: dict[str, str] = {
                         "cos/sin rows [T, rotary_dim]",
     "silu_and_mul": "silu(x[..., :d]) * x[..., d:]",
     "gelu_and_mul": "gelu(x[..., :d]) * x[..., d:] (exact or tanh)",
+    "layer_norm": "LayerNorm of x [rows, hidden] with optional weight and bias, optionally of x + residual, "
+                  "returning (out, x + residual)",
+    "activation": "a non-gated activation of x, by name: relu, gelu (exact) or gelu_tanh",
     "linear_dense": "x @ W.T + b for a dense weight prepared once (prepare/apply/logits/greedy/rows)",
     "linear_block_quant": "x @ W.T for 4- or 8-bit codes with a scale (and offset) per 32 inputs; int8 codes with a "
                           "float32 scale and offset per 16 or 32 (prepare_affine)",

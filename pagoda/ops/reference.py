@@ -66,6 +66,36 @@ class GeluAndMul(OpImpl):
         return F.gelu(gate, approximate=approximate) * up
 
 
+class LayerNorm(OpImpl):
+    op, name, is_reference = "layer_norm", "torch", True
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None = None):
+        """LayerNorm of ``x`` [rows, hidden] (``weight``/``bias`` [hidden] or None); with ``residual``, of
+        ``x + residual`` (added in the activations' dtype, as the residual stream is), returning
+        ``(out, x + residual)``."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return out if residual is None else (out, residual)
+
+
+class Activation(OpImpl):
+    op, name, is_reference = "activation", "torch", True
+    #: activation names the op takes
+    SUPPORTED = ("relu", "gelu", "gelu_tanh")
+
+    def __call__(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``name`` applied elementwise: ``relu``, ``gelu`` (exact, erf) or ``gelu_tanh`` (the tanh approximation,
+        GPT-2's ``gelu_new``)."""
+        if name == "relu":
+            return F.relu(x)
+        if name in ("gelu", "gelu_tanh"):
+            return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(self.SUPPORTED)}")
+
+
 @dataclass
 class DenseWeight:
     weight: torch.Tensor  # [n, k]
@@ -209,8 +239,8 @@ class WriteKV(OpImpl):
         value_cache.view(-1, kv_heads, d).index_copy_(0, slot_mapping, value)
 
 
-REFERENCE_IMPLS = [RmsNorm, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense, LinearBlockQuant, WriteKV,
-                   PagedDecodeAttention, PrefillAttention]
+REFERENCE_IMPLS = [RmsNorm, LayerNorm, Activation, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense,
+                   LinearBlockQuant, WriteKV, PagedDecodeAttention, PrefillAttention]
 
 
 @hookimpl

@@ -152,6 +152,7 @@ class CheckpointLinearMethod(LinearMethod):
         layer.output_sizes = list(output_sizes)
         layer.params_dtype = params_dtype
         layer.loaded_shards = [{} for _ in output_sizes]
+        layer.loaded_whole = None  # set by the first tensor loaded: fused (True) or shard by shard (False)
         layer.quant_kernels = None
         optional = self.optional_tensor_names()
         for name in self.tensor_names() + optional:
@@ -165,8 +166,13 @@ class CheckpointLinearMethod(LinearMethod):
         prefix = self.prefix
 
         def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
-            if shard_id is None and len(layer.output_sizes) > 1:
-                raise ValueError(f"{prefix}.{name}: a merged layer loads its tensors shard by shard")
+            # A merged layer takes its tensors shard by shard (Llama's q/k/v) or whole, when the checkpoint
+            # stores it fused (Phi-3's qkv_proj): the whole is one shard spanning every output.
+            whole = shard_id is None and len(layer.output_sizes) > 1
+            if layer.loaded_whole is None:
+                layer.loaded_whole = whole
+            elif layer.loaded_whole != whole:
+                raise ValueError(f"{prefix}.{name}: the checkpoint stores this merged layer both fused and split")
             layer.loaded_shards[shard_id or 0][name] = loaded
 
         return load
@@ -175,15 +181,24 @@ class CheckpointLinearMethod(LinearMethod):
         if layer.quant_kernels is not None:
             return
         device = next(iter(layer.parameters())).device
+        loaded_shards, sizes = layer.loaded_shards, layer.output_sizes
+        if layer.loaded_whole:
+            loaded_shards = loaded_shards[:1]
         shards = []
-        for index, loaded in enumerate(layer.loaded_shards):
+        for index, loaded in enumerate(loaded_shards):
             missing = [n for n in self.tensor_names() if n not in loaded]
             if missing:
-                shard = f" (shard {index})" if len(layer.loaded_shards) > 1 else ""
+                shard = f" (shard {index})" if len(loaded_shards) > 1 else ""
                 raise ValueError(f"{self.prefix}{shard}: the checkpoint lacks {', '.join(missing)}")
             shards.append({n: t.to(device) for n, t in loaded.items()})
         layer.loaded_shards = None  # drop the checkpoint's tensors once built
-        layer.quant_kernels = self.build(layer, shards)
+        if layer.loaded_whole:
+            # The formats build one kernel per (output size, shard); a fused tensor is one shard of every output.
+            layer.output_sizes = [sum(sizes)]
+        try:
+            layer.quant_kernels = self.build(layer, shards)
+        finally:
+            layer.output_sizes = sizes
         release_freed_memory()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

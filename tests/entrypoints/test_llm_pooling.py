@@ -69,8 +69,9 @@ def test_calls_the_model_cannot_serve_are_clear_errors(embedder):
 
 def test_pooling_calls_on_a_generation_model(tiny_model_dir):
     path = tiny_model_dir("llama")
-    with pytest.raises(ValueError, match="task: LlamaForCausalLM can't do 'embed'; it supports generate"):
-        LLM(path, task="embed", dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 24)
+    with pytest.raises(ValueError, match="task: LlamaForCausalLM can't do 'reward'; it supports generate; "
+                                         "converted to a pooling model: embed, classify, score"):
+        LLM(path, task="reward", dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 24)
     llm = LLM(path, dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 24)
     for call in ("embed", "classify", "encode"):
         with pytest.raises(ValueError, match=f"LLM.{call}: this model was loaded for text generation"):

@@ -33,6 +33,29 @@ def rms_norm(impl, ref, dtype):
         _close(out, ref_out, dtype, f"rms_norm+residual {rows}x{hidden}")
 
 
+def layer_norm(impl, ref, dtype):
+    # Sizes on both sides of the CPU kernel's switch point (16 rows of 768), hidden sizes with a ragged tail.
+    for rows, hidden, affine in ((1, 64, True), (9, 768, True), (33, 70, True), (5, 64, False), (40, 768, True),
+                                 (300, 70, True), (200, 64, False)):
+        g = _gen(rows, hidden, affine)
+        x, residual = ((torch.randn(rows, hidden, generator=g) * 3 + 1).to(dtype) for _ in range(2))
+        weight = torch.randn(hidden, generator=g).to(dtype) if affine else None
+        bias = torch.randn(hidden, generator=g).to(dtype) if affine else None
+        what = f"layer_norm {rows}x{hidden} affine={affine}"
+        _close(impl(x, weight, bias, 1e-5), ref(x, weight, bias, 1e-5), dtype, what)
+        out, summed = impl(x, weight, bias, 1e-5, residual)
+        ref_out, ref_summed = ref(x, weight, bias, 1e-5, residual)
+        assert torch.equal(summed, ref_summed), "the residual stream must be exactly the dtype's add"
+        _close(out, ref_out, dtype, what + " +residual")
+
+
+def activation(impl, ref, dtype):
+    for name in ("relu", "gelu", "gelu_tanh"):
+        for rows, width in ((1, 40), (7, 3072), (64, 96), (33, 3001)):  # (33, 3001): past the CPU relu's switch
+            x = (torch.randn(rows, width, generator=_gen(rows, width)) * 4).to(dtype)
+            _close(impl(x, name), ref(x, name), dtype, f"activation {name} {rows}x{width}")
+
+
 def rotary_embedding(impl, ref, dtype):
     for tokens, heads, kv_heads, d, rot in ((4, 4, 2, 64, 64), (5, 9, 3, 64, 64), (3, 4, 4, 64, 32),
                                             (7, 2, 1, 128, 128)):
@@ -252,9 +275,9 @@ def prefill_attention(impl, ref, dtype):
         _close(out, expected, dtype, f"prefill {heads}/{kv_heads}x{d} block {block_size} window {window}")
 
 
-CASES = {"rms_norm": [rms_norm], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
-         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense], "linear_block_quant": [linear_block_quant, linear_block_quant_zero,
-                                                                         linear_block_quant_affine],
+CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
+         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense],
+         "linear_block_quant": [linear_block_quant, linear_block_quant_zero, linear_block_quant_affine],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
          "prefill_attention": [prefill_attention]}
 

@@ -59,7 +59,15 @@ def test_references_match_float64_maths(dtype):
     s64 = x.double() + res.double()
     torch.testing.assert_close(out.double(), s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6)
                                * w[0].double(), **tol)
+    out, _ = ops["layer_norm"](x, w[0], w[1], 1e-5, res)
+    centred = s64 - s64.mean(-1, keepdim=True)
+    torch.testing.assert_close(out.double(), centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+                               * w[0].double() + w[1].double(), **tol)
     y = torch.randn(3, 20, generator=g).to(dt)
+    torch.testing.assert_close(ops["activation"](y, "relu").double(), y.double().clamp(min=0), **tol)
+    cube = y.double() + 0.044715 * y.double() ** 3  # the tanh approximation, written out
+    torch.testing.assert_close(ops["activation"](y, "gelu_tanh").double(),
+                               0.5 * y.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * cube)), **tol)
     gate, up = y.double().chunk(2, -1)
     torch.testing.assert_close(ops["silu_and_mul"](y).double(), F.silu(gate) * up, **tol)
     torch.testing.assert_close(ops["gelu_and_mul"](y, "tanh").double(), F.gelu(gate, approximate="tanh") * up, **tol)

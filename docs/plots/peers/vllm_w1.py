@@ -17,12 +17,14 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-iters", type=int, default=3)
+    parser.add_argument("--load-format", default="auto")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, seed=0)
+    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, seed=0,
+              load_format=args.load_format)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def prompts(seed: int):

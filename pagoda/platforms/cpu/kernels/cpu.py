@@ -58,6 +58,13 @@ class CpuKernels:
         lib.pagoda_rms_norm.restype = c_int
         lib.pagoda_rms_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
                                         c_float, c_int]
+        lib.pagoda_layer_norm.restype = c_int
+        lib.pagoda_layer_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+                                          c_int64, c_int64, c_float, c_int]
+        self.layer_norm = lib.pagoda_layer_norm
+        lib.pagoda_activation.restype = c_int
+        lib.pagoda_activation.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int, c_int]
+        self.activation = lib.pagoda_activation
         lib.pagoda_silu_and_mul.restype = c_int
         lib.pagoda_silu_and_mul.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int]
         lib.pagoda_rope.restype = c_int

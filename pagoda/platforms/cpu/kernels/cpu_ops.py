@@ -127,6 +127,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if residual_out is None else (out, residual_out)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of ``x`` [rows, hidden] (``weight``/``bias`` optional); with ``residual``, of ``x + residual``,
+    returning ``(out, x + residual)``."""
+    lib = kernels()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    residual_out = None
+    if residual is not None:
+        residual = residual.contiguous()
+        residual_out = torch.empty_like(x)
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+    _check(lib.layer_norm(DTYPE_CODES[x.dtype], out.data_ptr(), ptr(residual_out), x.data_ptr(), ptr(residual),
+                          ptr(weight), ptr(bias), rows, hidden, eps, _threads()), "pagoda_layer_norm")
+    return out if residual_out is None else (out, residual_out)
+
+
+#: The ``activation`` op's names the native kernel computes, with its code for each.
+NATIVE_ACTIVATIONS = {"relu": 0, "gelu_tanh": 1}
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``name`` (a key of :data:`NATIVE_ACTIVATIONS`) applied to each element of ``x``."""
+    lib = kernels()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _check(lib.activation(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), x.numel(), NATIVE_ACTIVATIONS[name],
+                          _threads()), "pagoda_activation")
+    return out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]."""
     lib = kernels()

@@ -42,6 +42,10 @@ inline void amx_configure(int row_tiles, int last_rows) {
   cfg.rows[4] = cfg.rows[5] = cfg.rows[6] = 16;
   cfg.rows[7] = static_cast<uint8_t>(last_rows);
   cfg.colsb[4] = cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = 64;
+  // GCC's _tile_loadconfig (12.x) tells the compiler it reads only the config's first 8 bytes, so where this
+  // function is not inlined the other stores were dropped as dead and LDTILECFG faulted on the garbage: this barrier
+  // declares the whole struct read.
+  __asm__ __volatile__("" : : "m"(cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 

@@ -75,6 +75,33 @@ int pagoda_silu_and_mul(int dtype, void* out, const void* x, int64_t rows, int64
   return 0;
 }
 
+// LayerNorm of x [rows, hidden] (of x + residual, written to residual_out, when residual is given); weight and bias
+// may be null.
+int pagoda_layer_norm(int dtype, void* out, void* residual_out, const void* x, const void* residual,
+                      const void* weight, const void* bias, int64_t rows, int64_t hidden, float eps, int num_threads) {
+  if (dtype == 0)
+    layer_norm<float>(static_cast<float*>(out), static_cast<float*>(residual_out), static_cast<const float*>(x),
+                      static_cast<const float*>(residual), static_cast<const float*>(weight),
+                      static_cast<const float*>(bias), rows, hidden, eps, num_threads);
+  else if (dtype == 1)
+    layer_norm<bf16_t>(static_cast<bf16_t*>(out), static_cast<bf16_t*>(residual_out), static_cast<const bf16_t*>(x),
+                       static_cast<const bf16_t*>(residual), static_cast<const bf16_t*>(weight),
+                       static_cast<const bf16_t*>(bias), rows, hidden, eps, num_threads);
+  else
+    return -1;
+  return 0;
+}
+
+// out[i] = act(x[i]) over n elements; kind 0 = relu, 1 = gelu (tanh approximation).
+int pagoda_activation(int dtype, void* out, const void* x, int64_t n, int kind, int num_threads) {
+  if (kind != kRelu && kind != kGeluTanh) return -1;
+  if (dtype == 0) activation<float>(static_cast<float*>(out), static_cast<const float*>(x), n, kind, num_threads);
+  else if (dtype == 1)
+    activation<bf16_t>(static_cast<bf16_t*>(out), static_cast<const bf16_t*>(x), n, kind, num_threads);
+  else return -1;
+  return 0;
+}
+
 int pagoda_rope(int dtype, void* x, int64_t row_stride, int64_t tokens, int64_t heads, int64_t head_size,
                 const void* cos, const void* sin, int64_t rot_dim, int num_threads) {
   if (dtype == 0)

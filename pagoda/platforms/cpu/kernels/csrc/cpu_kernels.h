@@ -6,6 +6,7 @@
 #include "cpu_codebook.h"
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
+#include "cpu_gpt_layers.h"
 #include "cpu_int8.h"
 #include "cpu_quant_gemm.h"
 #include "cpu_prefill_attention.h"

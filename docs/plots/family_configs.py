@@ -1,0 +1,50 @@
+"""Write the model directories the model-family benchmarks run with ``--load-format dummy``: an OPT-125m-shaped, a
+Gemma-3-270m-shaped and a small Mixtral-shaped config (config.json plus the bundled SmolLM2 tokenizer, so both
+engines can start; the workloads feed random token ids, so the tokenizer's vocabulary never matters).
+
+Usage: python docs/plots/family_configs.py OUT_DIR [TOKENIZER_DIR]
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from transformers import Gemma3TextConfig, MixtralConfig, OPTConfig
+
+CONFIGS = {
+    # facebook/opt-125m
+    "opt-125m": OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                          vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768,
+                          do_layer_norm_before=True, architectures=["OPTForCausalLM"], torch_dtype="bfloat16"),
+    # google/gemma-3-270m
+    "gemma-3-270m": Gemma3TextConfig(hidden_size=640, num_hidden_layers=18, intermediate_size=2048,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                     vocab_size=262144, max_position_embeddings=32768, sliding_window=512,
+                                     query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                                     layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
+                                                  for i in range(18)],
+                                     architectures=["Gemma3ForCausalLM"], torch_dtype="bfloat16"),
+    # a small Mixtral: 8 experts, top-2, ~0.5 B parameters of which ~0.15 B are active per token
+    "mixtral-small": MixtralConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1408,
+                                   num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+                                   num_experts_per_tok=2, vocab_size=49152, max_position_embeddings=4096,
+                                   architectures=["MixtralForCausalLM"], torch_dtype="bfloat16"),
+}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    tokenizer = Path(sys.argv[2] if len(sys.argv) > 2 else ".cache/smollm2-135m-instruct-hf")
+    for name, config in CONFIGS.items():
+        target = out / name
+        target.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(target)
+        for f in tokenizer.glob("*token*"):
+            shutil.copy(f, target / f.name)
+        print(target)
+
+
+if __name__ == "__main__":
+    main()
