@@ -160,7 +160,9 @@ class GPT2LMHeadModel(PagodaModel):
                     continue  # the same table as the token embeddings
             elif not name.startswith("transformer."):
                 name = "transformer." + name  # checkpoints saved from the bare model
-            if any(layer in name for layer in CONV1D_LAYERS) and name.endswith(".weight") and tensor.dim() == 2:
+            # Conv1D stores [in, out]; a quantized checkpoint's weight record (GGUF) is already [out, in]
+            if (any(layer in name for layer in CONV1D_LAYERS) and name.endswith(".weight")
+                    and isinstance(tensor, torch.Tensor) and tensor.dim() == 2):
                 tensor = tensor.t()
             param = params.get(name)
             if param is None:
