@@ -30,7 +30,7 @@ inline void write_kv_rows(void* k_cache, void* v_cache, const void* key, int64_t
 template <typename T>
 void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                 int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
-                int64_t token_stride, float scale, int64_t window, std::vector<float>& scratch) {
+                int64_t token_stride, float scale, int64_t window, float soft_cap, std::vector<float>& scratch) {
   const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
   const int64_t n = seq_len - start;
   const int64_t group = num_heads / num_kv_heads;
@@ -56,7 +56,10 @@ void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const in
     for (int64_t h = 0; h < num_heads; ++h)
       scores[h * n + (t - start)] = dot(qf + h * head_size, k + (h / group) * head_size, head_size);
   }
-  for (int64_t h = 0; h < num_heads; ++h) softmax(scores + h * n, n);
+  for (int64_t h = 0; h < num_heads; ++h) {
+    soft_cap_scores(scores + h * n, n, soft_cap);
+    softmax(scores + h * n, n);
+  }
   std::memset(acc, 0, sizeof(float) * num_heads * head_size);
   for (int64_t t = start; t < start + kAhead; ++t) prefetch(v_cache, t);
   for (int64_t t = start; t < seq_len; ++t) {
@@ -162,7 +165,7 @@ void decode_scores_f32(float* scores, int64_t ns, const T* q, int64_t start, int
 template <typename T, int NC, int G>
 void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                      int64_t num_kv_heads, int64_t block_size, int64_t block_stride, int64_t token_stride,
-                     float scale, int64_t window, std::vector<float>& scratch) {
+                     float scale, int64_t window, float soft_cap, std::vector<float>& scratch) {
   constexpr int64_t D = 16 * NC;
   constexpr int64_t kAhead = 6;
   const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
@@ -182,14 +185,20 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
 #if defined(__AVX512BF16__)
   if constexpr (all_heads_first) {
     decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at);
-    for (int64_t h = 0; h < num_kv_heads * G; ++h) softmax(scratch.data() + h * ns, n);
+    for (int64_t h = 0; h < num_kv_heads * G; ++h) {
+      soft_cap_scores(scratch.data() + h * ns, n, soft_cap);
+      softmax(scratch.data() + h * ns, n);
+    }
   }
 #endif
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
     float* scores = scratch.data() + (all_heads_first ? kvh * G * ns : 0);  // [G, ns]
     if constexpr (!all_heads_first) {
       decode_scores_f32<T, NC, G>(scores, ns, q, start, seq_len, kvh, scale, at);
-      for (int g = 0; g < G; ++g) softmax(scores + g * ns, n);
+      for (int g = 0; g < G; ++g) {
+        soft_cap_scores(scores + g * ns, n, soft_cap);
+        softmax(scores + g * ns, n);
+      }
     }
     __m512 acc[G][NC];
     for (int g = 0; g < G; ++g)
@@ -215,7 +224,7 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
 // The fast variant for this shape, or null: head sizes 64 and 128, up to 8 query heads per kv head.
 template <typename T>
 using DecodeFn = void (*)(T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, float, int64_t, std::vector<float>&);
+                          int64_t, float, int64_t, float, std::vector<float>&);
 template <typename T, int NC>
 DecodeFn<T> pick_group(int64_t group) {
   switch (group) {
@@ -242,7 +251,8 @@ template <typename T>
 void decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
                       int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
-                      int64_t token_stride, float scale, int64_t window, int num_threads, int64_t q_stride = -1) {
+                      int64_t token_stride, float scale, int64_t window, int num_threads, int64_t q_stride = -1,
+                      float soft_cap = 0.f) {
   if (q_stride < 0) q_stride = num_heads * head_size;  // rows of q: contiguous unless a fused QKV row is given
 #if defined(__AVX512F__)
   const DecodeFn<T> fast = pick_fast<T>(head_size, num_heads / num_kv_heads);
@@ -257,13 +267,13 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
 #if defined(__AVX512F__)
       if (fast) {
         fast(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_table + s * table_stride,
-             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, scratch);
+             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, soft_cap, scratch);
         continue;
       }
 #endif
       decode_one<T>(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
                     block_table + s * table_stride, seq_lens[s], num_heads, num_kv_heads, head_size, block_size,
-                    block_stride, token_stride, scale, window, scratch);
+                    block_stride, token_stride, scale, window, soft_cap, scratch);
     }
   }
 }

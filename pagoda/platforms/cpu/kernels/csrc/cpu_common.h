@@ -154,6 +154,13 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// Attention logit soft-capping (Gemma 2), in place: s = cap * tanh(s / cap) over s[0..n); off when cap <= 0.
+inline void soft_cap_scores(float* s, int64_t n, float cap) {
+  if (cap <= 0.f) return;
+  const float inv = 1.f / cap;
+  for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
+}
+
 // In-place softmax of s[0..n); float32.
 inline void softmax(float* s, int64_t n) {
   float m = -INFINITY;
