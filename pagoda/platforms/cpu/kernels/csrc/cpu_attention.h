@@ -165,7 +165,7 @@ void decode_scores_f32(float* scores, int64_t ns, const T* q, int64_t start, int
 template <typename T, int NC, int G>
 void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                      int64_t num_kv_heads, int64_t block_size, int64_t block_stride, int64_t token_stride,
-                     float scale, int64_t window, float soft_cap, std::vector<float>& scratch) {
+                     float scale, int64_t window, std::vector<float>& scratch) {
   constexpr int64_t D = 16 * NC;
   constexpr int64_t kAhead = 6;
   const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
@@ -185,20 +185,14 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
 #if defined(__AVX512BF16__)
   if constexpr (all_heads_first) {
     decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at);
-    for (int64_t h = 0; h < num_kv_heads * G; ++h) {
-      soft_cap_scores(scratch.data() + h * ns, n, soft_cap);
-      softmax(scratch.data() + h * ns, n);
-    }
+    for (int64_t h = 0; h < num_kv_heads * G; ++h) softmax(scratch.data() + h * ns, n);
   }
 #endif
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
     float* scores = scratch.data() + (all_heads_first ? kvh * G * ns : 0);  // [G, ns]
     if constexpr (!all_heads_first) {
       decode_scores_f32<T, NC, G>(scores, ns, q, start, seq_len, kvh, scale, at);
-      for (int g = 0; g < G; ++g) {
-        soft_cap_scores(scores + g * ns, n, soft_cap);
-        softmax(scores + g * ns, n);
-      }
+      for (int g = 0; g < G; ++g) softmax(scores + g * ns, n);
     }
     __m512 acc[G][NC];
     for (int g = 0; g < G; ++g)
@@ -224,7 +218,7 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
 // The fast variant for this shape, or null: head sizes 64 and 128, up to 8 query heads per kv head.
 template <typename T>
 using DecodeFn = void (*)(T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, float, int64_t, float, std::vector<float>&);
+                          int64_t, float, int64_t, std::vector<float>&);
 template <typename T, int NC>
 DecodeFn<T> pick_group(int64_t group) {
   switch (group) {
@@ -265,9 +259,9 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
       T* o = static_cast<T*>(out) + s * num_heads * head_size;
       const T* qs = static_cast<const T*>(q) + s * q_stride;
 #if defined(__AVX512F__)
-      if (fast) {
+      if (fast && soft_cap <= 0.f) {  // soft-capped logits take the generic loop
         fast(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_table + s * table_stride,
-             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, soft_cap, scratch);
+             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, scratch);
         continue;
       }
 #endif
