@@ -11,6 +11,7 @@ What sets them apart from Llama (:mod:`pagoda.models.llama`), each as transforme
   backend does it, from ``AttentionConfig.logits_soft_cap``).
 * Gemma 3: RMSNorms on each head's queries and keys, and separate rotary tables for local (sliding) and global
   layers (``rope_parameters`` per layer type: ``rope_local_base_freq`` and the global base with its scaling).
+  Multimodal checkpoints (``Gemma3ForConditionalGeneration``) run as their text model, for text prompts.
 
 The layers are plain calls of the engine's ops, so there is no fused decode stack: a platform's Llama-style fused
 step would not compute Gemma (``decoder_stack`` stays ``None``).
@@ -18,6 +19,7 @@ step would not compute Gemma (``decoder_stack`` stays ``None``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -217,13 +219,28 @@ class Gemma3ForCausalLM(GemmaForCausalLM):
                              "not apply; supported: attn_logit_softcapping=None (every released Gemma 3)")
 
 
-class Gemma3ForConditionalGeneration(PagodaModel):
-    """The multimodal Gemma 3 checkpoint: refused with what is supported instead."""
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """A multimodal Gemma 3 checkpoint (gemma-3-4b and larger) run as its text model: text prompts only. Its
+    language model's weights load under their names in the checkpoint (``language_model.model.*``, or
+    ``model.language_model.*`` as newer transformers save them); the vision tower and projector are skipped."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        raise ValueError("Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) is not supported; "
-                         "supported: Gemma3ForCausalLM, the text-only Gemma 3 checkpoints (gemma-3-1b, "
-                         "gemma-3-270m)")
+    TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."))
+    VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        def text_weights():
+            for name, tensor in weights:
+                if name.startswith(self.VISION_PREFIXES):
+                    continue
+                for old, new in self.TEXT_PREFIXES:
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                        break
+                yield name, tensor
+
+        return Gemma3ForCausalLM.load_weights(self, text_weights())
 
 
 @hookimpl

@@ -22,19 +22,23 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 
 
 def _configs():
-    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, SiglipVisionConfig
 
+    gemma3_text = dict(COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
     return {
         "gemma": GemmaConfig(**COMMON, head_dim=32),
         # Layer 0 slides (window 8), layer 1 is global; both caps are small enough to change the numbers.
         "gemma2": Gemma2Config(**COMMON, head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
                                attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
-        "gemma3": Gemma3TextConfig(**COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-                                   layer_types=["sliding_attention", "full_attention"],
-                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                                       "rope_theta": 1000000.0},
-                                                    "sliding_attention": {"rope_type": "default",
-                                                                          "rope_theta": 10000.0}}),
+        "gemma3": Gemma3TextConfig(**gemma3_text),
+        # The multimodal checkpoint (gemma-3-4b and larger): its text model, with a tiny vision tower beside it.
+        "gemma3_mm": Gemma3Config(text_config=gemma3_text, vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                  image_token_index=1000, boi_token_index=1001, eoi_token_index=1002),
     }
 
 
@@ -106,8 +110,19 @@ def test_engine_plans_each_window_and_soft_caps(gemma_dir):
     assert config.model.text_config.final_logit_softcapping == 5.0
 
 
-def test_multimodal_gemma3_is_an_error_naming_what_is_supported():
-    from pagoda.models.gemma import Gemma3ForConditionalGeneration
+@pytest.mark.parametrize("check", [check_float32, check_bfloat16], ids=["float32", "bfloat16"])
+def test_multimodal_gemma3_checkpoint_runs_its_text_model(gemma_dir, check):
+    """A Gemma3ForConditionalGeneration checkpoint (language model under language_model.*, a vision tower beside
+    it) generates from text prompts as transformers' multimodal model does."""
+    check(gemma_dir("gemma3_mm"), "default")
 
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
-        Gemma3ForConditionalGeneration(model_config=None)
+
+def test_gemma3_attention_soft_cap_is_an_error_naming_what_is_supported(tiny_model_dir):
+    """transformers' Gemma 3 never applies attn_logit_softcapping: a checkpoint that sets it is refused, not run
+    with numbers nobody can check."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(**COMMON, head_dim=32, sliding_window=8, attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="attn_logit_softcapping=None"):
+        LLM(tiny_model_dir("gemma3_softcap", config), dtype="float32", skip_tokenizer_init=True,
+            kv_cache_memory_bytes=1 << 24)
