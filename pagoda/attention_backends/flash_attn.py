@@ -62,7 +62,8 @@ class FlashAttnImpl(AttentionImpl):
         out = self._varlen(query, key_cache, value_cache, cu_seqlens_q=metadata.query_start_loc,
                            cu_seqlens_k=metadata.cu_seqlens_k, max_seqlen_q=metadata.max_query_len,
                            max_seqlen_k=metadata.max_seq_len, softmax_scale=self.scale, causal=True,
-                           window_size=self._window, block_table=metadata.block_table)
+                           window_size=self._window, softcap=self.logits_soft_cap or 0.0,
+                           block_table=metadata.block_table)
         return out.view(query.shape[0], self.num_heads * self.head_size)
 
 
@@ -74,6 +75,7 @@ class FlashAttnBackend(AttentionBackend):
     block_sizes = (256, 512)
     kv_cache_layout = "NHD"
     supports_sliding_window = True
+    supports_logits_soft_cap = True  # flash_attn_varlen_func's softcap (flash-attn 2.6 and newer)
     supports_encoder = False
     extra = "cuda"
     requires = ("flash_attn", "flash-attn", "pip install flash-attn --no-build-isolation (it compiles against the "

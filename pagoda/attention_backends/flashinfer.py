@@ -6,7 +6,9 @@ leading decodes and a ``BatchPrefillWithPagedKVCacheWrapper`` for the prefill ch
 FlashInfer aligns to the end of each request's keys (query ``i`` of a chunk with ``c`` cached tokens sees keys
 ``0 .. c + i``). The plan needs the softmax scale, which belongs to the layers, so the first layer of a step
 plans with its scale and the others reuse that plan (a layer with a different scale re-plans). The page
-counts the plan reads on the host come from the common metadata's host copies.
+counts the plan reads on the host come from the common metadata's host copies. A model whose layers use different
+sliding windows (Gemma 2/3) gets one pair of wrappers per window, each layer running its own window's; soft-capped
+logits are FlashInfer's ``logits_soft_cap``.
 
 Cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_size]``; the ``(kv_cache[0], kv_cache[1])`` tuple
 is FlashInfer's "NHD" paged cache. Install: ``pip install pagoda-llm[cuda]`` (``flashinfer-python``; its kernels
@@ -28,12 +30,12 @@ _WORKSPACE_BYTES = 128 * 1024 * 1024
 
 
 @dataclass
-class FlashInferMetadata:
-    slot_mapping: torch.Tensor
-    num_decode_tokens: int
+class WindowPlan:
+    """One window's wrappers and their plan() arguments (except sm_scale) for this step."""
+
     decode_wrapper: Any
     prefill_wrapper: Any
-    decode_plan: dict[str, Any] | None  # plan() arguments except sm_scale; None when there is no decode
+    decode_plan: dict[str, Any] | None  # None when there is no decode
     prefill_plan: dict[str, Any] | None
     planned_scale: float | None = None
 
@@ -47,15 +49,24 @@ class FlashInferMetadata:
         self.planned_scale = scale
 
 
+@dataclass
+class FlashInferMetadata:
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    plans: dict[int | None, WindowPlan]  # sliding window (None: global) → its wrappers and plans
+
+
 class FlashInferMetadataBuilder(AttentionMetadataBuilder):
     def __init__(self, config: AttentionConfig, device: torch.device) -> None:
         super().__init__(config, device)
         import flashinfer
 
-        # One workspace serves both wrappers; they run one after the other within a layer.
+        # One float workspace serves every wrapper: they run one after the other within a layer, and each
+        # wrapper keeps its plan in its own integer workspace.
         workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        self._wrappers = {window: (flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD"),
+                                   flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"))
+                          for window in config.windows()}
 
     def _page_table(self, common: CommonAttentionMetadata, start: int, end: int):
         bs = self.config.block_size
@@ -70,24 +81,29 @@ class FlashInferMetadataBuilder(AttentionMetadataBuilder):
 
     def build(self, common: CommonAttentionMetadata) -> FlashInferMetadata:
         cfg = self.config
-        # FlashInfer's window_left counts the keys before the query's own position.
-        window_left = cfg.sliding_window - 1 if cfg.sliding_window is not None else -1
         nd, n = common.num_decodes, common.num_reqs
-        decode_plan = prefill_plan = None
+        cap = cfg.logits_soft_cap or 0.0  # FlashInfer's "off"
+        decode_args = prefill_args = None
         if nd:
             indptr, indices, last = self._page_table(common, 0, nd)
-            decode_plan = dict(indptr=indptr, indices=indices, last_page_len=last, num_qo_heads=cfg.num_heads,
+            decode_args = dict(indptr=indptr, indices=indices, last_page_len=last, num_qo_heads=cfg.num_heads,
                                num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_size, page_size=cfg.block_size,
-                               window_left=window_left, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
+                               logits_soft_cap=cap, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
         if n > nd:
             indptr, indices, last = self._page_table(common, nd, n)
             qo_indptr = (common.query_start_loc_cpu[nd:] - common.query_start_loc_cpu[nd]).to(torch.int32)
-            prefill_plan = dict(qo_indptr=qo_indptr, paged_kv_indptr=indptr, paged_kv_indices=indices,
+            prefill_args = dict(qo_indptr=qo_indptr, paged_kv_indptr=indptr, paged_kv_indices=indices,
                                 paged_kv_last_page_len=last, num_qo_heads=cfg.num_heads,
                                 num_kv_heads=cfg.num_kv_heads, head_dim_qk=cfg.head_size, page_size=cfg.block_size,
-                                causal=True, window_left=window_left, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
-        return FlashInferMetadata(common.slot_mapping, common.num_decode_tokens, self._decode, self._prefill,
-                                  decode_plan, prefill_plan)
+                                causal=True, logits_soft_cap=cap, q_data_type=cfg.dtype, kv_data_type=cfg.dtype)
+        plans = {}
+        for window, (decode, prefill) in self._wrappers.items():
+            # FlashInfer's window_left counts the keys before the query's own position.
+            left = window - 1 if window is not None else -1
+            plans[window] = WindowPlan(decode, prefill,
+                                       None if decode_args is None else {**decode_args, "window_left": left},
+                                       None if prefill_args is None else {**prefill_args, "window_left": left})
+        return FlashInferMetadata(common.slot_mapping, common.num_decode_tokens, plans)
 
 
 class FlashInferImpl(AttentionImpl):
@@ -98,13 +114,14 @@ class FlashInferImpl(AttentionImpl):
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         key_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, key)
         value_cache.view(-1, self.num_kv_heads, self.head_size).index_copy_(0, metadata.slot_mapping, value)
-        metadata.ensure_planned(self.scale)
+        plan = metadata.plans[self.sliding_window]
+        plan.ensure_planned(self.scale)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, whatever query is
         nd = metadata.num_decode_tokens
-        if metadata.decode_plan is not None:
-            out[:nd] = metadata.decode_wrapper.run(query[:nd], (key_cache, value_cache))
-        if metadata.prefill_plan is not None:
-            out[nd:] = metadata.prefill_wrapper.run(query[nd:], (key_cache, value_cache))
+        if plan.decode_plan is not None:
+            out[:nd] = plan.decode_wrapper.run(query[:nd], (key_cache, value_cache))
+        if plan.prefill_plan is not None:
+            out[nd:] = plan.prefill_wrapper.run(query[nd:], (key_cache, value_cache))
         return out.view(query.shape[0], self.num_heads * self.head_size)
 
 
@@ -116,6 +133,7 @@ class FlashInferBackend(AttentionBackend):
     block_sizes = (16, 32, 64)
     kv_cache_layout = "NHD"
     supports_sliding_window = True
+    supports_logits_soft_cap = True
     supports_encoder = False
     extra = "cuda"
     requires = ("flashinfer", "flashinfer", "pip install pagoda-llm[cuda]")

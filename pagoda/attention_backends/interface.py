@@ -42,9 +42,22 @@ class AttentionConfig:
     num_heads: int
     num_kv_heads: int
     block_size: int
+    #: The window of the model's windowed layers (keys ``> position - window`` are seen); ``None``: none is.
     sliding_window: int | None = None
     is_encoder: bool = False  # bidirectional attention without a KV cache (pooling models)
     kv_cache_dtype: str = "auto"
+    #: Each layer's window when the layers differ (Gemma 2/3 interleave windowed and global layers); ``None``: every
+    #: layer uses ``sliding_window``.
+    layer_windows: tuple[int | None, ...] | None = None
+    #: Attention logits soft-capping (Gemma 2): ``cap * tanh(scores / cap)`` before the softmax; ``None``: off.
+    logits_soft_cap: float | None = None
+
+    def windows(self) -> list[int | None]:
+        """The distinct windows the layers use (``None``: global attention), in a fixed order; a metadata
+        builder plans once for each, and each layer uses its own (``sliding_window`` is always among them, for
+        models that give every layer the model-wide window)."""
+        found = {self.sliding_window} | set(self.layer_windows or ())
+        return sorted(found, key=lambda w: -1 if w is None else w)
 
 
 @dataclass
@@ -89,6 +102,7 @@ class AttentionImpl(ABC):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
+        self.logits_soft_cap = config.logits_soft_cap
         self.config = config
 
     @abstractmethod
@@ -115,6 +129,10 @@ class AttentionBackend(ABC):
     block_sizes: ClassVar[tuple[int, ...] | None] = None
     kv_cache_layout: ClassVar[str] = "NHD"
     supports_sliding_window: ClassVar[bool] = False
+    #: Whether the kernel can soft-cap attention logits (``cap * tanh(scores / cap)``, Gemma 2).
+    supports_logits_soft_cap: ClassVar[bool] = False
+    #: Why not, when it can't (named by ``validate``).
+    logits_soft_cap_reason: ClassVar[str] = "its kernel has no soft-capping"
     supports_encoder: ClassVar[bool] = False
     #: The pip extra that installs what this backend needs, named in "not installed" reasons.
     extra: ClassVar[str | None] = None
@@ -145,8 +163,10 @@ class AttentionBackend(ABC):
             reasons.append(f"head size {config.head_size} not in {list(cls.head_sizes)}")
         if cls.block_sizes is not None and config.block_size not in cls.block_sizes:
             reasons.append(f"block size {config.block_size} not in {list(cls.block_sizes)}")
-        if config.sliding_window is not None and not cls.supports_sliding_window:
+        if any(w is not None for w in config.windows()) and not cls.supports_sliding_window:
             reasons.append("sliding-window attention is not supported")
+        if config.logits_soft_cap is not None and not cls.supports_logits_soft_cap:
+            reasons.append(f"attention logit soft-capping is not supported: {cls.logits_soft_cap_reason}")
         if config.is_encoder and not cls.supports_encoder:
             reasons.append("encoder (bidirectional) attention is not supported")
         if config.num_heads % config.num_kv_heads:
@@ -183,5 +203,6 @@ class AttentionBackend(ABC):
             "block_sizes": list(cls.block_sizes) if cls.block_sizes else "any",
             "kv_cache_layout": cls.kv_cache_layout,
             "sliding_window": cls.supports_sliding_window,
+            "logits_soft_cap": cls.supports_logits_soft_cap,
             "encoder": cls.supports_encoder,
         }

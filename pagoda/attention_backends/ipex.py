@@ -69,6 +69,7 @@ class IpexBackend(AttentionBackend):
     block_sizes = (16, 32, 64)
     kv_cache_layout = "HND"
     supports_sliding_window = False
+    logits_soft_cap_reason = "IPEX's paged attention takes no soft cap"
     supports_encoder = False
     extra = "xpu"
     requires = ("intel_extension_for_pytorch", "intel-extension-for-pytorch", "pip install pagoda-llm[xpu]")

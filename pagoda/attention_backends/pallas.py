@@ -65,6 +65,7 @@ class PallasBackend(AttentionBackend):
     block_sizes = (16, 32, 64, 128)
     kv_cache_layout = "NHD, K/V interleaved"
     supports_sliding_window = True
+    logits_soft_cap_reason = "pagoda does not pass a soft cap to the ragged paged-attention kernel"
     supports_encoder = False
     extra = "tpu"
     requires = ("torch_xla", "torch_xla", "pip install pagoda-llm[tpu]")

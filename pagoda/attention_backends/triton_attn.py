@@ -59,11 +59,13 @@ class TritonAttnImpl(AttentionImpl):
         nd = metadata.num_decodes
         if nd:
             self._kernels.paged_decode(out, query, key_cache, value_cache, metadata.block_table,
-                                       metadata.seq_lens, nd, self.scale, self.sliding_window)
+                                       metadata.seq_lens, nd, self.scale, self.sliding_window,
+                                       self.logits_soft_cap)
         if metadata.num_reqs > nd:
             self._kernels.paged_prefill(out, query, key_cache, value_cache, metadata.block_table,
                                         metadata.query_start_loc, metadata.seq_lens, nd, metadata.num_reqs - nd,
-                                        metadata.max_prefill_query_len, self.scale, self.sliding_window)
+                                        metadata.max_prefill_query_len, self.scale, self.sliding_window,
+                                        self.logits_soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_size)
 
 
@@ -77,6 +79,7 @@ class TritonAttnBackend(AttentionBackend):
     block_sizes = (16, 32, 64)
     kv_cache_layout = "NHD"
     supports_sliding_window = True
+    supports_logits_soft_cap = True
     supports_encoder = False
     extra = "cuda"
     requires = ("triton", "triton", "pip install pagoda-llm[cuda]")

@@ -3,7 +3,9 @@
 Both kernels read every key and value from the paged cache (this step's keys are written there first), so a
 prefill chunk with a prefix-cache hit or earlier chunks is the same case as a fresh prompt with
 ``context_len = 0``. Softmax is the streaming (online) form in float32, in base 2 (``exp2``) with the scale
-folded into ``log2(e)``; one physical block is one key tile, so the block table is read once per tile.
+folded into ``log2(e)``; one physical block is one key tile, so the block table is read once per tile. With
+``SOFT_CAP`` the scaled logits ``s`` become ``cap * tanh(s / cap)`` (Gemma 2) before the softmax: ``soft_cap``
+is the cap times ``log2(e)``, in the base-2 units the scores are kept in.
 
 * ``_prefill_kernel``: one program per (prefill request, query head, tile of ``BLOCK_M`` query tokens).
   Query token ``i`` of a request sits at position ``context_len + i`` and sees keys ``<=`` that position.
@@ -28,12 +30,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _soft_cap(s, cap):
+    """``cap * tanh(s / cap)``, with tanh as ``1 - 2 / (exp(2x) + 1)`` (exact at both saturations, and the same
+    code on every target and in the interpreter)."""
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+
+
+@triton.jit
 def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr,
-                    seq_lens_ptr, qk_scale, sliding_window, req_offset,
+                    seq_lens_ptr, qk_scale, soft_cap, sliding_window, req_offset,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, USE_WINDOW: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     req = tl.program_id(0) + req_offset
     head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -76,6 +85,8 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, q
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if SOFT_CAP:
+            s = _soft_cap(s, soft_cap)
         allowed = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         if USE_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
@@ -93,11 +104,11 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, q
 
 
 @triton.jit
-def _decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, qk_scale,
+def _decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, qk_scale, soft_cap,
                    sliding_window, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
                    stride_bt, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     req = tl.program_id(0)  # decodes come first, so the request index is the token index
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -133,6 +144,8 @@ def _decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, se
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if SOFT_CAP:
+            s = _soft_cap(s, soft_cap)
         s = tl.where(in_seq[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,22 +163,24 @@ def interpreting() -> bool:
     return envs.triton_interpret()
 
 
-def _common(query: torch.Tensor, k_cache: torch.Tensor, scale: float, sliding_window: int | None):
+def _common(query: torch.Tensor, k_cache: torch.Tensor, scale: float, sliding_window: int | None,
+            soft_cap: float | None):
     upcast = interpreting()
     # fp32 operands would otherwise be rounded to tf32 on GPUs; keep them exact.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     head_size = query.shape[-1]
-    return dict(qk_scale=scale * LOG2E, sliding_window=sliding_window or 0,
+    return dict(qk_scale=scale * LOG2E, soft_cap=(soft_cap or 1.0) * LOG2E, sliding_window=sliding_window or 0,
                 stride_cb=k_cache.stride(0), stride_cs=k_cache.stride(1), stride_ch=k_cache.stride(2),
                 HEAD_SIZE=head_size, BLOCK_D=max(16, triton.next_power_of_2(head_size)),
-                BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None, UPCAST=upcast,
+                BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None, SOFT_CAP=soft_cap is not None,
+                UPCAST=upcast,
                 DOT_PRECISION=precision)
 
 
 def paged_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                   first_req: int, num_prefills: int, max_query_len: int, scale: float,
-                  sliding_window: int | None) -> None:
+                  sliding_window: int | None, soft_cap: float | None = None) -> None:
     """Attention of requests ``first_req .. first_req + num_prefills`` into ``out`` [tokens, heads, d].
 
     ``k_cache``/``v_cache`` are [num_blocks, block_size, num_kv_heads, head_size] with a contiguous last dim.
@@ -177,12 +192,12 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
                           req_offset=first_req, stride_qt=query.stride(0), stride_qh=query.stride(1),
                           stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=block_table.stride(0),
                           GROUP=num_heads // num_kv_heads, BLOCK_M=block_m,
-                          **_common(query, k_cache, scale, sliding_window))
+                          **_common(query, k_cache, scale, sliding_window, soft_cap))
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int, scale: float,
-                 sliding_window: int | None) -> None:
+                 sliding_window: int | None, soft_cap: float | None = None) -> None:
     """Attention of the first ``num_decodes`` tokens (one per request) into ``out`` [tokens, heads, d]."""
     num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -190,4 +205,4 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, 
         out, query, k_cache, v_cache, block_table, seq_lens, stride_qt=query.stride(0),
         stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_bt=block_table.stride(0), GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        **_common(query, k_cache, scale, sliding_window))
+        **_common(query, k_cache, scale, sliding_window, soft_cap))

@@ -26,7 +26,7 @@ from pagoda.plugins.hookspecs import hookimpl
 class XformersMetadata:
     slot_mapping: torch.Tensor
     context_slots: torch.Tensor  # int64 [sum(seq_lens)]: cache slot of every context token, request by request
-    attn_bias: Any
+    attn_biases: dict[int | None, Any]  # sliding window (None: global) → its causal mask
 
 
 class XformersMetadataBuilder(AttentionMetadataBuilder):
@@ -44,11 +44,9 @@ class XformersMetadataBuilder(AttentionMetadataBuilder):
         context_slots = common.block_table[req, pos // bs].long() * bs + pos % bs
         q_lens = (common.query_start_loc_cpu[1:] - common.query_start_loc_cpu[:-1]).tolist()
         blocks = BlockDiagonalMask.from_seqlens(q_seqlen=q_lens, kv_seqlen=common.seq_lens_cpu.tolist())
-        if self.config.sliding_window is not None:
-            bias = blocks.make_local_attention_from_bottomright(self.config.sliding_window)
-        else:
-            bias = blocks.make_causal_from_bottomright()
-        return XformersMetadata(common.slot_mapping, context_slots, bias)
+        biases = {window: blocks.make_local_attention_from_bottomright(window) if window is not None
+                  else blocks.make_causal_from_bottomright() for window in self.config.windows()}
+        return XformersMetadata(common.slot_mapping, context_slots, biases)
 
 
 class XformersImpl(AttentionImpl):
@@ -71,7 +69,7 @@ class XformersImpl(AttentionImpl):
         k = key_cache[metadata.context_slots].view(1, n_ctx, kvh, 1, d).expand(1, n_ctx, kvh, group, d)
         v = value_cache[metadata.context_slots].view(1, n_ctx, kvh, 1, d).expand(1, n_ctx, kvh, group, d)
         q = query.view(1, query.shape[0], kvh, group, d)
-        out = self._attend(q, k, v, attn_bias=metadata.attn_bias, scale=self.scale)
+        out = self._attend(q, k, v, attn_bias=metadata.attn_biases[self.sliding_window], scale=self.scale)
         return out.reshape(query.shape[0], self.num_heads * d)
 
 
@@ -83,6 +81,7 @@ class XformersBackend(AttentionBackend):
     block_sizes = None
     kv_cache_layout = "NHD"
     supports_sliding_window = True
+    logits_soft_cap_reason = "xformers' memory-efficient attention has no logit soft-capping"
     supports_encoder = False
     extra = "cuda"
     requires = ("xformers", "xformers", "pip install pagoda-llm[cuda]")

@@ -56,6 +56,9 @@ class ModelConfig:
     skip_tokenizer_init: bool
     is_encoder_only: bool  # bidirectional attention and no KV cache (BERT-style encoders)
     override_pooler_config: dict[str, Any] = field(default_factory=dict)  # read by pooling models' poolers
+    # Each layer's window (None: global), from the text config's layer_types where layers differ (Gemma 2/3).
+    layer_sliding_windows: tuple[int | None, ...] = ()
+    attn_logits_soft_cap: float | None = None  # attention logit soft-capping (Gemma 2's attn_logit_softcapping)
 
     @property
     def text_config(self) -> Any:
@@ -142,6 +145,8 @@ class EngineConfig:
             platform=platform.name, dtype=model_config.dtype, head_size=model_config.head_size,
             num_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads, block_size=args.block_size,
             sliding_window=model_config.sliding_window, is_encoder=model_config.is_encoder_only,
+            layer_windows=model_config.layer_sliding_windows or None,
+            logits_soft_cap=model_config.attn_logits_soft_cap,
         )
         backend = select_attention_backend(platform, attention, args.attention_backend, registry)
         ops = select_ops(platform, model_config.dtype, args.op_impl, registry)
@@ -195,6 +200,7 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         sliding_window = None
     if sliding_window is not None and sliding_window >= max_model_len:
         sliding_window = None  # the window never bites: plain causal attention is the same thing
+    layer_windows = _layer_sliding_windows(text_config, sliding_window)
     served = args.served_model_name
     if isinstance(served, list):
         served = served[0] if served else None
@@ -209,7 +215,27 @@ def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: 
         skip_tokenizer_init=args.skip_tokenizer_init,
         is_encoder_only=model_cls.is_encoder_only,
         override_pooler_config=dict(args.override_pooler_config or {}),
+        layer_sliding_windows=layer_windows,
+        attn_logits_soft_cap=getattr(text_config, "attn_logit_softcapping", None),
     )
+
+
+#: The values of a text config's ``layer_types`` pagoda's attention knows.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_sliding_windows(text_config: Any, sliding_window: int | None) -> tuple[int | None, ...]:
+    """Each decoder layer's window: ``sliding_window`` on the layers ``layer_types`` marks as sliding (every layer
+    when the config has no ``layer_types``), ``None`` (global attention) elsewhere."""
+    num_layers = getattr(text_config, "num_hidden_layers", 0) or 0
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is None:
+        return (sliding_window,) * num_layers
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"layer_types {', '.join(map(repr, unknown))} are not supported; supported: "
+                         f"{', '.join(LAYER_TYPES)}")
+    return tuple(sliding_window if t == "sliding_attention" else None for t in layer_types)
 
 
 # Files the quantization tools write beside (or instead of) config.json's quantization_config.

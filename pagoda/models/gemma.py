@@ -1,10 +1,253 @@
-"""The Gemma, Gemma 2 and Gemma 3 (text) model family. Registered as a built-in plugin."""
+"""The Gemma family: Gemma, Gemma 2 and Gemma 3 (text). Registered as a built-in plugin.
+
+What sets them apart from Llama (:mod:`pagoda.models.llama`), each as transformers computes it:
+
+* RMSNorm scales by ``1 + w``, multiplied in float32 before the rounding to the activations' dtype (the
+  ``rms_norm`` op's ``unit_offset``); embeddings are multiplied by ``sqrt(hidden_size)`` rounded to the
+  activations' dtype; the MLP is GeGLU (``gelu_pytorch_tanh`` and mul).
+* Gemma 2 and 3: four norms per layer (after attention and after the MLP too, before each residual add), a softmax
+  scale of ``query_pre_attn_scalar ** -0.5``, sliding-window layers interleaved with global ones
+  (``layer_types``), and final-logit soft-capping; Gemma 2 also soft-caps the attention logits (the attention
+  backend does it, from ``AttentionConfig.logits_soft_cap``).
+* Gemma 3: RMSNorms on each head's queries and keys, and separate rotary tables for local (sliding) and global
+  layers (``rope_parameters`` per layer type: ``rope_local_base_freq`` and the global base with its scaling).
+  Multimodal checkpoints (``Gemma3ForConditionalGeneration``) run as their text model, for text prompts.
+
+The layers are plain calls of the engine's ops, so there is no fused decode stack: a platform's Llama-style fused
+step would not compute Gemma (``decoder_stack`` stays ``None``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.interface import PagodaModel
+from pagoda.models.layers import Attention, GatedActivation, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagoda.models.llama import LlamaForCausalLM
 from pagoda.plugins.hookspecs import hookimpl
+from pagoda.quantization.interface import QuantizationConfig
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig, rotary: RotaryEmbedding,
+                 sliding_window: int | None, scale: float, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_size
+        self.kv_size = self.num_kv_heads * self.head_size
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias, quant_config,
+                               f"{prefix}.qkv_proj", dtype)
+        self.o_proj = Linear(self.q_size, [config.hidden_size], bias, quant_config, f"{prefix}.o_proj", dtype)
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, dtype, unit_offset=True)
+            self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, dtype, unit_offset=True)
+        self.rotary = rotary  # shared by the layers of one kind
+        self.attn = Attention(self.num_heads, self.head_size, self.num_kv_heads, backend, attn_config,
+                              sliding_window, scale)
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: torch.Tensor | None,
+                metadata: Any) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # per head, before the rotation
+            q = self.q_norm(q.reshape(-1, self.head_size))
+            k = self.k_norm(k.reshape(-1, self.head_size))
+        q = q.reshape(-1, self.num_heads, self.head_size)
+        k = k.reshape(-1, self.num_kv_heads, self.head_size)
+        q, k = self.rotary(rope, q, k)
+        out = self.attn(q, k, v.reshape(-1, self.num_kv_heads, self.head_size), kv_cache, metadata)
+        return self.o_proj(out)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        # Gemma 1 names it hidden_act, Gemma 2/3 hidden_activation.
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "gelu_pytorch_tanh")
+        self.act = GatedActivation(act)
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, quant_config, f"{prefix}.gate_up_proj",
+                                   dtype)
+        self.down_proj = Linear(inter, [config.hidden_size], False, quant_config, f"{prefix}.down_proj", dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class GemmaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP; with ``sandwich_norms`` (Gemma 2/3) each block's output is normed again
+    before its residual add."""
+
+    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
+                 attention: GemmaAttention, sandwich_norms: bool) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = GemmaMLP(config, quant_config, f"{prefix}.mlp", dtype)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)
+        self.sandwich_norms = sandwich_norms
+        if sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)
+
+    def forward(self, rope, hidden, residual, kv_cache, metadata):
+        """Returns ``(block output, residual)``: the next norm adds them (the residual stream stays as
+        transformers holds it, one add per block in the activations' dtype)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, kv_cache, metadata)
+        if not self.sandwich_norms:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        hidden = self.post_attention_layernorm(hidden)
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: Any, quant_config: QuantizationConfig, dtype: torch.dtype,
+                 backend: type[AttentionBackend], attn_config: AttentionConfig, max_positions: int,
+                 layer_windows: list[int | None], version: int, prefix: str = "model") -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
+                                           f"{prefix}.embed_tokens", dtype)
+        # transformers multiplies by the normalizer rounded to the activations' dtype (sqrt(3072) is 55.5 in bf16).
+        self.register_buffer("normalizer", torch.tensor(config.hidden_size ** 0.5, dtype=dtype), persistent=False)
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        scale = head_size ** -0.5 if version == 1 else config.query_pre_attn_scalar ** -0.5
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        # Gemma 3 keeps one rotary table per layer type (local layers have their own base); the others one.
+        kinds = sorted(set(layer_types)) if version == 3 else [None]
+        self.rotaries = nn.ModuleList(RotaryEmbedding(config, head_size, max_positions, dtype, kind) for kind in kinds)
+        self.layers = nn.ModuleList()
+        self.rope_index: list[int] = []
+        for i in range(config.num_hidden_layers):
+            which = kinds.index(layer_types[i]) if version == 3 else 0
+            attention = GemmaAttention(config, quant_config, f"{prefix}.layers.{i}.self_attn", dtype, backend,
+                                       attn_config, self.rotaries[which], layer_windows[i], scale,
+                                       qk_norm=version == 3)
+            self.layers.append(GemmaDecoderLayer(config, quant_config, f"{prefix}.layers.{i}", dtype, attention,
+                                                 sandwich_norms=version > 1))
+            self.rope_index.append(which)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, unit_offset=True)
+
+    def forward(self, input_ids, positions, kv_caches, metadata):
+        hidden = self.embed_tokens(input_ids) * self.normalizer
+        ropes = [rotary.lookup(positions) for rotary in self.rotaries]
+        residual = None
+        for layer, which, kv_cache in zip(self.layers, self.rope_index, kv_caches):
+            hidden, residual = layer(ropes[which], hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class GemmaForCausalLM(PagodaModel):
+    """Gemma 1; subclasses set ``version`` (2, 3) for the later generations' layers."""
+
+    version = 1
+    stacked_params = LlamaForCausalLM.stacked_params
+    # Hugging Face names map onto ours exactly as Llama's do (merged qkv_proj / gate_up_proj, tied head).
+    load_weights = LlamaForCausalLM.load_weights
+
+    def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
+                 attn_config: AttentionConfig) -> None:
+        super().__init__()
+        config = model_config.text_config
+        self.check_config(config)
+        dtype = model_config.dtype
+        self.config = config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        windows = list(model_config.layer_sliding_windows or
+                       [model_config.sliding_window] * config.num_hidden_layers)
+        self.model = GemmaModel(config, quant_config, dtype, attn_backend, attn_config, model_config.max_model_len,
+                                windows, self.version)
+        self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
+                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
+        self.lm_head.use_as_lm_head()
+        self.final_logit_soft_cap = getattr(config, "final_logit_softcapping", None)
+
+    def check_config(self, config: Any) -> None:
+        """Config features this implementation does not compute are errors, never silently dropped."""
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"{type(self).__name__}: use_bidirectional_attention=True (bidirectional embedding "
+                             "variants) is not supported; supported: causal attention")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
+                metadata: Any) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden_size]`` after the final norm."""
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size], soft-capped where the config says."""
+        logits = self.lm_head.logits(hidden)
+        cap = self.final_logit_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # tanh is increasing, so soft-capping keeps the argmax (short of float32 saturating two logits to one).
+        return self.lm_head.greedy(hidden)
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    version = 2
+
+
+class Gemma3ForCausalLM(GemmaForCausalLM):
+    version = 3
+
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            # transformers' Gemma 3 reads the field but never applies it, so no reference says what it would do.
+            raise ValueError("Gemma3ForCausalLM: attn_logit_softcapping is set, which transformers' Gemma 3 does "
+                             "not apply; supported: attn_logit_softcapping=None (every released Gemma 3)")
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """A multimodal Gemma 3 checkpoint (gemma-3-4b and larger) run as its text model: text prompts only. Its
+    language model's weights load under their names in the checkpoint (``language_model.model.*``, or
+    ``model.language_model.*`` as newer transformers save them); the vision tower and projector are skipped."""
+
+    TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                     ("language_model.lm_head.", "lm_head."))
+    VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        def text_weights():
+            for name, tensor in weights:
+                if name.startswith(self.VISION_PREFIXES):
+                    continue
+                for old, new in self.TEXT_PREFIXES:
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                        break
+                yield name, tensor
+
+        return Gemma3ForCausalLM.load_weights(self, text_weights())
 
 
 @hookimpl
 def pagoda_register_models():
-    return {}
+    return {
+        "GemmaForCausalLM": GemmaForCausalLM,
+        "Gemma2ForCausalLM": Gemma2ForCausalLM,
+        "Gemma3ForCausalLM": Gemma3ForCausalLM,
+        "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    }

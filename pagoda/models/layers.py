@@ -69,16 +69,23 @@ class VocabEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (accumulating in float32), with an optional fused residual add: the ``rms_norm`` op."""
+    """RMSNorm (accumulating in float32), with an optional fused residual add: the ``rms_norm`` op.
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+    ``unit_offset`` (Gemma): the checkpoint's weight ``w`` scales by ``1 + w``, multiplied in float32 before the
+    rounding to the activations' dtype — the op does it, so the stored weight stays the checkpoint's."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.unit_offset = unit_offset
+        init = torch.zeros if unit_offset else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
         self.op = current_ops().rms_norm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.unit_offset:
+            return self.op(x, self.weight, self.eps, residual, unit_offset=True)
         return self.op(x, self.weight, self.eps, residual)
 
 
@@ -93,9 +100,14 @@ class RotaryEmbedding(nn.Module):
     # "su" is LongRoPE's older name (the first Phi-3 long-context checkpoints).
     SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope", "su")
 
-    def __init__(self, config: Any, head_size: int, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, head_size: int, max_positions: int, dtype: torch.dtype,
+                 layer_type: str | None = None) -> None:
+        """``layer_type``: the key of ``config.rope_parameters`` to use where it holds one set per layer type
+        (Gemma 3: ``"sliding_attention"`` and ``"full_attention"``, each with its own base and scaling)."""
         super().__init__()
         params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        if layer_type is not None:
+            params = dict(params[layer_type] or {})
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         if rope_type not in self.SUPPORTED:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: "
@@ -118,7 +130,8 @@ class RotaryEmbedding(nn.Module):
                 # for bit.
                 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+                extra = {} if layer_type is None else {"layer_type": layer_type}
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **extra)
             freqs = torch.outer(t, inv_freq.float().cpu())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rotary_dim = rotary_dim
@@ -184,10 +197,12 @@ class Attention(nn.Module):
     """Paged attention for one layer, delegated to the selected attention backend's implementation."""
 
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int, backend: type[AttentionBackend],
-                 config: AttentionConfig, sliding_window: int | None = None) -> None:
+                 config: AttentionConfig, sliding_window: int | None = None, scale: float | None = None) -> None:
+        """``scale``: the softmax scale (``head_size ** -0.5`` unless the model says otherwise)."""
         super().__init__()
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
-        self.impl = backend.impl_cls()(num_heads, head_size, head_size ** -0.5, num_kv_heads, sliding_window, config)
+        scale = head_size ** -0.5 if scale is None else scale
+        self.impl = backend.impl_cls()(num_heads, head_size, scale, num_kv_heads, sliding_window, config)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                 metadata: Any) -> torch.Tensor:

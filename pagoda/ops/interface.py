@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 #: op name → what it computes (the contract every implementation follows; the reference gives the numbers).
 OPS: dict[str, str] = {
-    "rms_norm": "RMSNorm of x [rows, hidden], optionally of x + residual, returning (out, x + residual)",
+    "rms_norm": "RMSNorm of x [rows, hidden], optionally of x + residual, returning (out, x + residual); "
+                "unit_offset: scaled by (1 + weight) in float32 (Gemma)",
     "rotary_embedding": "rotate-half rotary embedding of q [T, heads, d] and k [T, kv_heads, d] by float32 "
                         "cos/sin rows [T, rotary_dim]",
     "silu_and_mul": "silu(x[..., :d]) * x[..., d:]",
@@ -45,8 +46,10 @@ OPS: dict[str, str] = {
     "linear_int8": "x @ W.T for int8 weights (a scale per row) with int8 activations (per-token dynamic scales)",
     "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row",
     "write_kv": "store a step's keys and values in the paged KV cache at the slot mapping",
-    "paged_decode_attention": "one query token per sequence attending to its paged cache (plan once per step)",
-    "prefill_attention": "causal attention of prefill chunks over their cached context (plan once per step)",
+    "paged_decode_attention": "one query token per sequence attending to its paged cache (plan once per step "
+                              "and window; optional logit soft-capping)",
+    "prefill_attention": "causal attention of prefill chunks over their cached context (plan once per step and "
+                         "window; optional logit soft-capping)",
 }
 
 

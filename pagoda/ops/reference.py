@@ -21,11 +21,18 @@ from pagoda.plugins.hookspecs import hookimpl
 class RmsNorm(OpImpl):
     op, name, is_reference = "rms_norm", "torch", True
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 unit_offset: bool = False):
+        """``unit_offset`` (Gemma): the scale is ``1 + weight``, and the normalised value is multiplied by it in
+        float32 before the one rounding to ``x``'s dtype (Llama rounds the normalised value first)."""
         if residual is not None:
             x = x + residual
             residual = x
-        out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        if unit_offset:
+            xf = x.float()
+            out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+        else:
+            out = F.rms_norm(x, (x.shape[-1],), weight, eps)
         return out if residual is None else (out, residual)
 
 

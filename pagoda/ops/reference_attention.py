@@ -2,7 +2,9 @@
 
 Both ops are planned once per step (``plan``: what every layer shares — block lists, masks) and run once per
 layer (``run``). The caches are ``[num_blocks, block_size, kv_heads, head_size]`` per layer for keys and values.
-Grouped-query heads are folded into the query length so no key/value head is ever repeated.
+Grouped-query heads are folded into the query length so no key/value head is ever repeated. SDPA can't
+soft-cap attention logits (Gemma 2), so with ``soft_cap`` set both ops take an explicit float32 path
+(:func:`softcapped_attention`) with the same masks.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ class PagedDecodeAttention(OpImpl):
         return plan
 
     def run(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, plan: DecodePlan,
-            scale: float) -> torch.Tensor:
-        """``query`` [n, heads, d] → ``[n, heads, d]``."""
+            scale: float, soft_cap: float | None = None) -> torch.Tensor:
+        """``query`` [n, heads, d] → ``[n, heads, d]``; ``soft_cap``: logits become ``cap * tanh(logits / cap)``
+        before the softmax."""
         n, heads, d = query.shape
         kv_heads = key_cache.shape[2]
         # index_select (several times faster than advanced indexing) → [n, blocks*block_size, kvh, d] → [n, kvh, L, d]
         keys = key_cache.index_select(0, plan.block_ids).view(n, -1, kv_heads, d).transpose(1, 2)
         values = value_cache.index_select(0, plan.block_ids).view(n, -1, kv_heads, d).transpose(1, 2)
         q = query.reshape(n, kv_heads, heads // kv_heads, d)
+        if soft_cap is not None:
+            return softcapped_attention(q, keys, values, plan.mask, scale, soft_cap).reshape(n, heads, d)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, scale=scale)
         return o.reshape(n, heads, d)
 
@@ -91,9 +96,10 @@ class PrefillAttention(OpImpl):
         return PrefillPlan(spans, sliding_window, block_table, query_start_loc, seq_lens)
 
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-            value_cache: torch.Tensor, plan: PrefillPlan, scale: float) -> torch.Tensor:
+            value_cache: torch.Tensor, plan: PrefillPlan, scale: float,
+            soft_cap: float | None = None) -> torch.Tensor:
         """``query`` [tokens, heads, d] and this step's ``key``/``value`` [tokens, kv_heads, d] (already in the
-        cache) → ``[tokens, heads, d]``."""
+        cache) → ``[tokens, heads, d]``; ``soft_cap`` as in :meth:`PagedDecodeAttention.run`."""
         out = torch.empty_like(query)
         spans = plan.spans
         i = 0
@@ -101,7 +107,8 @@ class PrefillAttention(OpImpl):
             # Consecutive fresh prompts of one length (a burst of new requests) attend in one batched call.
             j = i
             while (j + 1 < len(spans) and spans[j + 1].block_ids is None and spans[i].block_ids is None
-                   and plan.sliding_window is None and spans[j + 1].token_start == spans[j].token_end
+                   and plan.sliding_window is None and soft_cap is None
+                   and spans[j + 1].token_start == spans[j].token_end
                    and spans[j + 1].token_end - spans[j + 1].token_start == spans[i].token_end - spans[i].token_start):
                 j += 1
             if j > i:
@@ -109,7 +116,7 @@ class PrefillAttention(OpImpl):
                 out[s:e] = self.attend_batch(query[s:e], key[s:e], value[s:e], n, scale)
             else:
                 out[spans[i].token_start:spans[i].token_end] = self.attend_span(
-                    query, key, value, key_cache, value_cache, spans[i], scale, plan.sliding_window)
+                    query, key, value, key_cache, value_cache, spans[i], scale, plan.sliding_window, soft_cap)
             i = j + 1
         return out
 
@@ -122,10 +129,20 @@ class PrefillAttention(OpImpl):
 
     @staticmethod
     def attend_span(query, key, value, key_cache, value_cache, span: PrefillSpan, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
+                    sliding_window: int | None, soft_cap: float | None = None) -> torch.Tensor:
         s, e = span.token_start, span.token_end
         gqa = query.shape[1] != key.shape[1]
         q = query[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, d]
+        if soft_cap is not None:
+            if span.block_ids is None:
+                k, v = key[s:e], value[s:e]
+            else:
+                k = key_cache.index_select(0, span.block_ids).flatten(0, 1)[: span.seq_len]
+                v = value_cache.index_select(0, span.block_ids).flatten(0, 1)[: span.seq_len]
+            mask = causal_mask(e - s, span.num_computed, span.seq_len, sliding_window, q.device)
+            o = softcapped_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask, scale,
+                                     soft_cap)
+            return o[0].transpose(0, 1)
         if span.block_ids is None:
             k, v = key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
             mask = None if sliding_window is None else causal_mask(e - s, 0, e - s, sliding_window, q.device)
@@ -148,3 +165,17 @@ def causal_mask(q_len: int, num_computed: int, seq_len: int, sliding_window: int
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         soft_cap: float) -> torch.Tensor:
+    """Attention with soft-capped logits, in float32: ``q`` [B, H, Lq, d], ``k``/``v`` [B, KVH, Lk, d] (KVH
+    divides H), ``mask`` bool broadcastable to [B, H, Lq, Lk] (True: may attend) → ``[B, H, Lq, d]`` in ``q``'s
+    dtype."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)

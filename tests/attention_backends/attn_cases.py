@@ -64,12 +64,15 @@ def make_metadata(requests: list[Request], block_size: int, max_blocks: int,
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed: int, scale: float,
-              sliding_window: int | None) -> torch.Tensor:
-    """Causal attention in float64 of ``q`` [q_len, H, d] over the whole sequence ``k``/``v`` [seq, KVH, d]."""
+              sliding_window: int | None, soft_cap: float | None = None) -> torch.Tensor:
+    """Causal attention in float64 of ``q`` [q_len, H, d] over the whole sequence ``k``/``v`` [seq, KVH, d]
+    (logits soft-capped to ``cap * tanh(s / cap)`` with ``soft_cap``)."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, dim=1)
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if soft_cap is not None:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
     q_pos = torch.arange(num_computed, num_computed + q.shape[0])[:, None]
     k_pos = torch.arange(k.shape[0])[None, :]
     allowed = k_pos <= q_pos
@@ -81,7 +84,15 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed: i
 
 def run_case(backend: type[AttentionBackend], config: AttentionConfig, case: list[tuple[int, int]],
              device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``case`` through ``backend`` and return (backend output, float64 reference), both [tokens, H, d]."""
+    """Run ``case`` through ``backend`` and return (backend output, float64 reference), both [tokens, H, d], for
+    a layer with the model-wide window ``config.sliding_window``."""
+    return run_layers(backend, config, case, device, seed)[config.sliding_window]
+
+
+def run_layers(backend: type[AttentionBackend], config: AttentionConfig, case: list[tuple[int, int]],
+               device: torch.device, seed: int = 0) -> dict[int | None, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``case`` through one layer per window of ``config.windows()``, all on the same step's metadata (as
+    the layers of a model that mixes windowed and global ones share it); window → (output, reference)."""
     gen = torch.Generator().manual_seed(seed)
     bs, kvh, h, d = config.block_size, config.num_kv_heads, config.num_heads, config.head_size
     seq_lens = [c + q for c, q in case]
@@ -99,7 +110,7 @@ def run_case(backend: type[AttentionBackend], config: AttentionConfig, case: lis
     keys, values, queries = ([t.to(config.dtype) for t in ts] for ts in (keys, values, queries))
 
     scale = d ** -0.5
-    impl = backend.impl_cls()(h, d, scale, kvh, config.sliding_window, config)
+    impls = {window: backend.impl_cls()(h, d, scale, kvh, window, config) for window in config.windows()}
     builder = backend.builder_cls()(config, device)
     # Stale data in unused slots must never leak into the output: fill them with a large finite value (NaN
     # would be stricter, but a cache of finite stale data is what reused blocks hold).
@@ -108,11 +119,11 @@ def run_case(backend: type[AttentionBackend], config: AttentionConfig, case: lis
     max_blocks = max(blocks_needed) + 1
 
     def step(reqs: list[Request], q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor]):
+        """Every layer's output on one step's metadata (each layer writes the same keys and values)."""
         common = make_metadata(reqs, bs, max_blocks, device)
         metadata = builder.build(common)
-        out = impl.forward(torch.cat(q).to(device), torch.cat(k).to(device), torch.cat(v).to(device), kv_cache,
-                           metadata)
-        return out.view(-1, h, d)
+        q, k, v = (torch.cat(t).to(device) for t in (q, k, v))
+        return {window: layer.forward(q, k, v, kv_cache, metadata).view(-1, h, d) for window, layer in impls.items()}
 
     # Warm-up: write every request's cached context (a prefill of those tokens, decodes-first order).
     warm = [(i, r) for i, r in enumerate(requests) if r.num_computed > 0]
@@ -121,8 +132,8 @@ def run_case(backend: type[AttentionBackend], config: AttentionConfig, case: lis
         step([Request(0, r.num_computed, r.block_ids) for _, r in warm],
              [torch.randn(r.num_computed, h, d, generator=gen).to(config.dtype) for _, r in warm],
              [keys[i][: r.num_computed] for i, r in warm], [values[i][: r.num_computed] for i, r in warm])
-    out = step(requests, queries, [k[r.num_computed:] for k, r in zip(keys, requests)],
-               [v[r.num_computed:] for v, r in zip(values, requests)])
-    ref = torch.cat([reference(q, k, v, r.num_computed, scale, config.sliding_window)
-                     for q, k, v, r in zip(queries, keys, values, requests)])
-    return out.cpu(), ref
+    outs = step(requests, queries, [k[r.num_computed:] for k, r in zip(keys, requests)],
+                [v[r.num_computed:] for v, r in zip(values, requests)])
+    return {window: (out.cpu(), torch.cat([reference(q, k, v, r.num_computed, scale, window, config.logits_soft_cap)
+                                           for q, k, v, r in zip(queries, keys, values, requests)]))
+            for window, out in outs.items()}

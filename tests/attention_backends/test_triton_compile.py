@@ -29,7 +29,9 @@ SCRIPT = textwrap.dedent('''
     target = GPUTarget(backend, int(arch) if arch.isdigit() else arch, int(warp))
     ptr = "*" + dtype
     scalars = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch", "stride_bt"]
-    flags = dict(BLOCK_SIZE=16, HEAD_SIZE=80, BLOCK_D=128, USE_WINDOW=window == "1", UPCAST=False,
+    # The window setting also switches soft-capping, so both forms of each kernel compile somewhere.
+    flags = dict(BLOCK_SIZE=16, HEAD_SIZE=80, BLOCK_D=128, USE_WINDOW=window == "1", SOFT_CAP=window == "1",
+                 UPCAST=False,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     kernels = {
         tk._prefill_kernel: (["out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"], ["block_table_ptr",
@@ -39,7 +41,8 @@ SCRIPT = textwrap.dedent('''
                             ["sliding_window"], dict(flags, GROUP=4, BLOCK_G=16)),
     }
     for fn, (data, index, ints, consts) in kernels.items():
-        types = {name: ptr for name in data} | {name: "*i32" for name in index} | {"qk_scale": "fp32"}
+        types = {name: ptr for name in data} | {name: "*i32" for name in index}
+        types |= {"qk_scale": "fp32", "soft_cap": "fp32"}
         types |= {name: "i32" for name in ints + scalars} | {name: "constexpr" for name in consts}
         order = list(fn.arg_names)
         signature = {name: types[name] for name in order}

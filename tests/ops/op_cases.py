@@ -31,6 +31,13 @@ def rms_norm(impl, ref, dtype):
         ref_out, ref_summed = ref(x, weight, 1e-5, residual)
         assert torch.equal(summed, ref_summed), "the residual stream must be exactly the dtype's add"
         _close(out, ref_out, dtype, f"rms_norm+residual {rows}x{hidden}")
+        # Gemma's (1 + w) scale, multiplied before the rounding to the dtype.
+        _close(impl(x, weight, 1e-6, unit_offset=True), ref(x, weight, 1e-6, unit_offset=True), dtype,
+               f"rms_norm unit_offset {rows}x{hidden}")
+        out, summed = impl(x, weight, 1e-6, residual, unit_offset=True)
+        ref_out, ref_summed = ref(x, weight, 1e-6, residual, unit_offset=True)
+        assert torch.equal(summed, ref_summed), "the residual stream must be exactly the dtype's add"
+        _close(out, ref_out, dtype, f"rms_norm unit_offset+residual {rows}x{hidden}")
 
 
 def layer_norm(impl, ref, dtype):
@@ -230,8 +237,10 @@ def write_kv(impl, ref, dtype):
 
 
 def paged_decode_attention(impl, ref, dtype):
-    for heads, kv_heads, d, block_size, window in ((4, 2, 64, 16, None), (9, 3, 64, 16, None),
-                                                   (8, 1, 128, 32, None), (4, 4, 64, 16, 7)):
+    # The last two soft-cap the logits (Gemma 2), globally and in a window.
+    for heads, kv_heads, d, block_size, window, cap in ((4, 2, 64, 16, None, None), (9, 3, 64, 16, None, None),
+                                                        (8, 1, 128, 32, None, None), (4, 4, 64, 16, 7, None),
+                                                        (8, 2, 64, 16, None, 2.0), (4, 2, 80, 16, 7, 5.0)):
         g = _gen(heads, kv_heads, d, block_size, window or 0)
         kc, vc = _paged_cache(40, block_size, kv_heads, d, dtype, g)
         seq_lens = torch.tensor([1, 17, 40, 95, 3], dtype=torch.int32)
@@ -239,14 +248,15 @@ def paged_decode_attention(impl, ref, dtype):
         table = torch.randperm(40, generator=g)[: n * (max_blocks + 1)].view(n, -1).to(torch.int32)[:, :max_blocks]
         query = torch.randn(n, heads, d, generator=g).to(dtype)
         scale = d ** -0.5
-        out = impl.run(query, kc, vc, impl.plan(table, seq_lens, seq_lens, block_size, window), scale)
-        expected = ref.run(query, kc, vc, ref.plan(table, seq_lens, seq_lens, block_size, window), scale)
-        _close(out, expected, dtype, f"decode {heads}/{kv_heads}x{d} block {block_size} window {window}")
+        out = impl.run(query, kc, vc, impl.plan(table, seq_lens, seq_lens, block_size, window), scale, cap)
+        expected = ref.run(query, kc, vc, ref.plan(table, seq_lens, seq_lens, block_size, window), scale, cap)
+        _close(out, expected, dtype, f"decode {heads}/{kv_heads}x{d} block {block_size} window {window} cap {cap}")
 
 
 def prefill_attention(impl, ref, dtype):
-    for heads, kv_heads, d, block_size, window in ((4, 2, 64, 16, None), (9, 3, 64, 16, None),
-                                                   (8, 8, 128, 32, None), (4, 2, 64, 16, 9)):
+    for heads, kv_heads, d, block_size, window, cap in ((4, 2, 64, 16, None, None), (9, 3, 64, 16, None, None),
+                                                        (8, 8, 128, 32, None, None), (4, 2, 64, 16, 9, None),
+                                                        (4, 2, 64, 16, None, 2.0), (8, 4, 64, 32, 9, 5.0)):
         g = _gen(heads, kv_heads, d, block_size, window or 1)
         # (tokens cached before, chunk length): a fresh prompt, a prefix-cache hit, a later chunk, a long one
         spans = [(0, 9), (0, 9), (0, 5), (16, 11), (37, 1), (0, 70)]
@@ -270,9 +280,9 @@ def prefill_attention(impl, ref, dtype):
         args = (table, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), qsl,
                 seq_lens, [c for c, _ in spans], block_size, window)
         scale = d ** -0.5
-        out = impl.run(query, key, value, kc, vc, impl.plan(*args), scale)
-        expected = ref.run(query, key, value, kc, vc, ref.plan(*args), scale)
-        _close(out, expected, dtype, f"prefill {heads}/{kv_heads}x{d} block {block_size} window {window}")
+        out = impl.run(query, key, value, kc, vc, impl.plan(*args), scale, cap)
+        expected = ref.run(query, key, value, kc, vc, ref.plan(*args), scale, cap)
+        _close(out, expected, dtype, f"prefill {heads}/{kv_heads}x{d} block {block_size} window {window} cap {cap}")
 
 
 CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],

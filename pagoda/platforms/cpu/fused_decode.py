@@ -98,6 +98,7 @@ class FusedDecode:
         windows = {layer.sliding_window for layer in stack.layers}
         if len(windows) != 1:
             raise NotFusable("layers with different sliding windows")
+        self.window = windows.pop()  # the step's decode plan for this window is the one the kernel reads
         cache = kv_caches[0]
         if cache.dtype != torch.bfloat16 or cache.dim() != 5 or not cache.is_contiguous():
             raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
@@ -128,12 +129,12 @@ class FusedDecode:
         self.q_size = stack.num_heads * stack.head_size
         self.plan = _Plan(len(stack.layers), self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size,
                           self.inter, stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
-                          windows.pop() or 0, int(self.amx), stack.norm_eps, stack.attention_scale,
+                          self.window or 0, int(self.amx), stack.norm_eps, stack.attention_scale,
                           ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size."""
-        plan = getattr(metadata, "decode_plan", None)
+        plan = (getattr(metadata, "decode_plans", None) or {}).get(self.window)
         return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
                 and (self.max_tokens is None or num_tokens <= self.max_tokens))
 
@@ -146,7 +147,7 @@ class FusedDecode:
         cos, sin = self.stack.rope(positions)
         cos, sin = cos.contiguous(), sin.contiguous()
         scratch = torch.empty(tokens * (self.hidden + self.qkv_n + self.q_size + 3 * self.inter), dtype=torch.bfloat16)
-        plan = metadata.decode_plan
+        plan = metadata.decode_plans[self.window]
         table, seq_lens = plan.block_table, plan.seq_lens.contiguous()
         slots = metadata.slot_mapping.contiguous()
         rc = self.lib.llama_decode(ctypes.byref(self.plan), tokens, hidden.data_ptr(), residual.data_ptr(),

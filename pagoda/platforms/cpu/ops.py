@@ -66,8 +66,8 @@ class _NativeBf16Gemm(_Native):
 class NativeRmsNorm(_Native):
     op, name, dtypes = "rms_norm", "cpu_native", (torch.bfloat16,)
 
-    def __call__(self, x, weight, eps, residual=None):
-        return cpu_ops.rms_norm(x, weight, eps, residual)
+    def __call__(self, x, weight, eps, residual=None, unit_offset=False):
+        return cpu_ops.rms_norm(x, weight, eps, residual, unit_offset)
 
 
 class NativeRotary(_Native):
@@ -301,9 +301,9 @@ class NativeDecodeAttention(_Native):
     def plan(self, block_table, seq_lens, seq_lens_cpu, block_size, sliding_window):
         return DecodePlan(block_table, seq_lens, sliding_window)
 
-    def run(self, query, key_cache, value_cache, plan, scale):
+    def run(self, query, key_cache, value_cache, plan, scale, soft_cap=None):
         out = cpu_ops.decode_attention(query, key_cache, value_cache, plan.block_table, plan.seq_lens, scale,
-                                       plan.sliding_window)
+                                       plan.sliding_window, soft_cap)
         if out is None:
             raise RuntimeError(f"the native decode kernel rejected query {query.dtype} {tuple(query.shape)}, cache "
                                f"{key_cache.dtype} {tuple(key_cache.shape)} strides {key_cache.stride()}")
@@ -330,11 +330,11 @@ class NativePrefillAttention(_NativeBf16Gemm):
         return _REFERENCE_PREFILL.plan(block_table, query_start_loc, seq_lens, query_start_loc_cpu, seq_lens_cpu,
                                        num_computed_cpu, block_size, sliding_window)
 
-    def run(self, query, key, value, key_cache, value_cache, plan: PrefillPlan, scale):
+    def run(self, query, key, value, key_cache, value_cache, plan: PrefillPlan, scale, soft_cap=None):
         out = cpu_ops.prefill_attention(query, key_cache, value_cache, plan.block_table, plan.query_start_loc,
-                                        plan.seq_lens, scale, plan.sliding_window)
+                                        plan.seq_lens, scale, plan.sliding_window, soft_cap)
         if out is None:  # a head size or layout the kernel doesn't take
-            return _REFERENCE_PREFILL.run(query, key, value, key_cache, value_cache, plan, scale)
+            return _REFERENCE_PREFILL.run(query, key, value, key_cache, value_cache, plan, scale, soft_cap)
         return out
 
 

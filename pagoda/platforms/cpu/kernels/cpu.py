@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 17
+ABI_VERSION = 18
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -49,7 +49,7 @@ class CpuKernels:
         lib.pagoda_decode_attention.restype = c_int
         lib.pagoda_decode_attention.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64,
                                                 c_void_p, c_int64, c_int64, c_int64, c_int64, c_int64, c_int64,
-                                                c_int64, c_float, c_int64, c_int]
+                                                c_int64, c_float, c_int64, c_float, c_int]
         lib.pagoda_pack_bf16.restype = None
         lib.pagoda_pack_bf16.argtypes = [c_void_p, c_void_p, c_int64, c_int64]
         lib.pagoda_gemm_packed.restype = c_int
@@ -57,7 +57,7 @@ class CpuKernels:
                                            c_int64, c_int, c_int]
         lib.pagoda_rms_norm.restype = c_int
         lib.pagoda_rms_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
-                                        c_float, c_int]
+                                        c_float, c_int, c_int]
         lib.pagoda_layer_norm.restype = c_int
         lib.pagoda_layer_norm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                           c_int64, c_int64, c_float, c_int]
@@ -95,7 +95,7 @@ class CpuKernels:
         lib.pagoda_prefill_attention.restype = c_int
         lib.pagoda_prefill_attention.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64,
                                                  c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int64, c_int64,
-                                                 c_int64, c_int64, c_float, c_int64, c_int]
+                                                 c_int64, c_int64, c_float, c_int64, c_float, c_int]
         self.prefill_attention = lib.pagoda_prefill_attention
         lib.pagoda_write_kv.restype = None
         lib.pagoda_write_kv.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_int64,

@@ -29,8 +29,8 @@ def _table_ok(block_table: torch.Tensor) -> bool:
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     sliding_window: int | None) -> torch.Tensor | None:
-    """Paged decode attention reading the cache in place.
+                     sliding_window: int | None, soft_cap: float | None = None) -> torch.Tensor | None:
+    """Paged decode attention reading the cache in place (``soft_cap``: logits become ``cap * tanh(s / cap)``).
 
     ``query`` [n, heads, d]; ``key_cache``/``value_cache`` [blocks, block_size, kv_heads, d] (token rows
     contiguous); ``block_table`` int32 [n, max_blocks] (rows may be strided); ``seq_lens`` int32 [n].
@@ -50,14 +50,14 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     rc = lib.decode_attention(code, out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
                               block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(), n, heads,
                               kv_heads, d, block_size, key_cache.stride(0), key_cache.stride(1), scale,
-                              sliding_window or 0, _threads())
+                              sliding_window or 0, soft_cap or 0.0, _threads())
     _check(rc, "pagoda_decode_attention")
     return out
 
 
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                      sliding_window: int | None) -> torch.Tensor | None:
+                      sliding_window: int | None, soft_cap: float | None = None) -> torch.Tensor | None:
     """Causal attention of prefill chunks whose keys and values are already in the paged cache (bf16).
 
     ``query`` [tokens, heads, d] (token rows may be strided); sequence ``i`` owns query rows
@@ -81,7 +81,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                value_cache.data_ptr(), block_table.data_ptr(), block_table.stride(0),
                                query_start_loc.data_ptr(), seq_lens.data_ptr(), seq_lens.shape[0], heads, kv_heads, d,
                                block_size, key_cache.stride(0), key_cache.stride(1), scale, sliding_window or 0,
-                               _threads())
+                               soft_cap or 0.0, _threads())
     return out if rc == 0 else None
 
 
@@ -109,10 +109,10 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     return True
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of ``x`` [rows, hidden]; with ``residual``, of ``x + residual``, returning ``(out, x + residual)``.
-   """
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             unit_offset: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` [rows, hidden]; with ``residual``, of ``x + residual``, returning ``(out, x + residual)``;
+    ``unit_offset``: scaled by ``1 + weight`` in float32 (Gemma)."""
     lib = kernels()
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -123,7 +123,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
     lib.rms_norm(DTYPE_CODES[x.dtype], out.data_ptr(), residual_out.data_ptr() if residual_out is not None else None,
                  x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), rows, hidden,
-                 eps, _threads())
+                 eps, int(unit_offset), _threads())
     return out if residual_out is None else (out, residual_out)
 
 

@@ -30,7 +30,7 @@ inline void write_kv_rows(void* k_cache, void* v_cache, const void* key, int64_t
 template <typename T>
 void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                 int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
-                int64_t token_stride, float scale, int64_t window, std::vector<float>& scratch) {
+                int64_t token_stride, float scale, int64_t window, float soft_cap, std::vector<float>& scratch) {
   const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
   const int64_t n = seq_len - start;
   const int64_t group = num_heads / num_kv_heads;
@@ -56,7 +56,10 @@ void decode_one(T* out, const T* q, const T* k_cache, const T* v_cache, const in
     for (int64_t h = 0; h < num_heads; ++h)
       scores[h * n + (t - start)] = dot(qf + h * head_size, k + (h / group) * head_size, head_size);
   }
-  for (int64_t h = 0; h < num_heads; ++h) softmax(scores + h * n, n);
+  for (int64_t h = 0; h < num_heads; ++h) {
+    soft_cap_scores(scores + h * n, n, soft_cap);
+    softmax(scores + h * n, n);
+  }
   std::memset(acc, 0, sizeof(float) * num_heads * head_size);
   for (int64_t t = start; t < start + kAhead; ++t) prefetch(v_cache, t);
   for (int64_t t = start; t < seq_len; ++t) {
@@ -242,7 +245,8 @@ template <typename T>
 void decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
                       int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t block_stride,
-                      int64_t token_stride, float scale, int64_t window, int num_threads, int64_t q_stride = -1) {
+                      int64_t token_stride, float scale, int64_t window, int num_threads, int64_t q_stride = -1,
+                      float soft_cap = 0.f) {
   if (q_stride < 0) q_stride = num_heads * head_size;  // rows of q: contiguous unless a fused QKV row is given
 #if defined(__AVX512F__)
   const DecodeFn<T> fast = pick_fast<T>(head_size, num_heads / num_kv_heads);
@@ -255,7 +259,7 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
       T* o = static_cast<T*>(out) + s * num_heads * head_size;
       const T* qs = static_cast<const T*>(q) + s * q_stride;
 #if defined(__AVX512F__)
-      if (fast) {
+      if (fast && soft_cap <= 0.f) {  // soft-capped logits take the generic loop
         fast(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_table + s * table_stride,
              seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, scratch);
         continue;
@@ -263,7 +267,7 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
 #endif
       decode_one<T>(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
                     block_table + s * table_stride, seq_lens[s], num_heads, num_kv_heads, head_size, block_size,
-                    block_stride, token_stride, scale, window, scratch);
+                    block_stride, token_stride, scale, window, soft_cap, scratch);
     }
   }
 }

@@ -154,6 +154,24 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// Attention logit soft-capping (Gemma 2), in place: s = cap * tanh(s / cap) over s[0..n); off when cap <= 0.
+// tanh(x) = 1 - 2 / (exp(2x) + 1), through exp. Kept out of line: inlined into the decode loops, it changed their
+// code enough that the AMX GEMMs that follow them faulted (SIGILL at a tile load) on this machine's VMs.
+__attribute__((noinline)) void soft_cap_scores(float* s, int64_t n, float cap) {
+  if (cap <= 0.f) return;
+  const float two_over_cap = 2.f / cap;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_set1_ps(two_over_cap), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  const __m512 capv = _mm512_set1_ps(cap), hi = _mm512_set1_ps(80.f);  // tanh is 1.0f well before exp overflows
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(s + i), k), hi));
+    _mm512_storeu_ps(s + i, _mm512_mul_ps(capv, _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)))));
+  }
+#endif
+  for (; i < n; ++i) s[i] = cap * (1.f - 2.f / (std::exp(std::fmin(s[i] * two_over_cap, 80.f)) + 1.f));
+}
+
 // In-place softmax of s[0..n); float32.
 inline void softmax(float* s, int64_t n) {
   float m = -INFINITY;

@@ -32,9 +32,11 @@ template <> inline __m512 round_like<bf16_t>(__m512 v) { return _mm512_castsi512
 // with the normalised value rounded to T before the weight multiplies it, where the reference implementation
 // (transformers' LlamaRMSNorm: weight * hidden.to(input_dtype)) rounds it: bf16 models are tuned to those
 // rounding points, and greedy choices at near-ties followed them. Without a residual: out = rms_norm(x).
+// unit_offset (Gemma): the scale is (1 + weight), multiplied in float32 before the one rounding to T, as
+// transformers' GemmaRMSNorm computes it.
 template <typename T>
 void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows, int64_t hidden,
-              float eps, int num_threads) {
+              float eps, int num_threads, bool unit_offset = false) {
   share_tasks((rows + kRowChunk - 1) / kRowChunk, num_threads, [&](int64_t chunk) {
     std::vector<float> buf(hidden);
     const int64_t end = (chunk + 1) * kRowChunk < rows ? (chunk + 1) * kRowChunk : rows;
@@ -70,11 +72,20 @@ void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* w
       i = 0;
 #if defined(__AVX512F__)
       const __m512 iv = _mm512_set1_ps(inv);
-      for (; i + 16 <= hidden; i += 16)
-        store16(o + i, _mm512_mul_ps(round_like<T>(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv)),
-                                     load16(weight + i)));
+      if (unit_offset) {
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= hidden; i += 16)
+          store16(o + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv),
+                                       _mm512_add_ps(load16(weight + i), one)));
+      } else {
+        for (; i + 16 <= hidden; i += 16)
+          store16(o + i, _mm512_mul_ps(round_like<T>(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), iv)),
+                                       load16(weight + i)));
+      }
 #endif
-      for (; i < hidden; ++i) store(o, i, load_rounded<T>(buf[i] * inv) * load(weight, i));
+      for (; i < hidden; ++i)
+        store(o, i, unit_offset ? buf[i] * inv * (1.f + load(weight, i))
+                                : load_rounded<T>(buf[i] * inv) * load(weight, i));
     }
   });
 }

@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 17; }
+int pagoda_kernels_abi_version() { return 18; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -18,14 +18,15 @@ int pagoda_decode_attention(int dtype, void* out, const void* q, const void* k_c
                             const int32_t* block_table, int64_t table_stride, const int32_t* seq_lens,
                             int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
                             int64_t block_size, int64_t block_stride, int64_t token_stride, float scale,
-                            int64_t window, int num_threads) {
+                            int64_t window, float soft_cap, int num_threads) {
   if (dtype == 0)
     decode_attention<float>(out, q, k_cache, v_cache, block_table, table_stride, seq_lens, num_seqs, num_heads,
-                            num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, num_threads);
+                            num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, num_threads,
+                            -1, soft_cap);
   else if (dtype == 1)
     decode_attention<bf16_t>(out, q, k_cache, v_cache, block_table, table_stride, seq_lens, num_seqs, num_heads,
                              num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window,
-                             num_threads);
+                             num_threads, -1, soft_cap);
   else
     return -1;
   return 0;
@@ -37,10 +38,10 @@ int pagoda_prefill_attention(void* out, const void* q, int64_t q_stride, const v
                              const int32_t* block_table, int64_t table_stride, const int32_t* query_start_loc,
                              const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                              int64_t head_size, int64_t block_size, int64_t block_stride, int64_t token_stride,
-                             float scale, int64_t window, int num_threads) {
+                             float scale, int64_t window, float soft_cap, int num_threads) {
   return prefill_attention(out, q, q_stride, k_cache, v_cache, block_table, table_stride, query_start_loc, seq_lens,
                            num_seqs, num_heads, num_kv_heads, head_size, block_size, block_stride, token_stride, scale,
-                           window, num_threads) ? 0 : -1;
+                           window, soft_cap, num_threads) ? 0 : -1;
 }
 
 // Writes token t's key and value rows (row_bytes each, rows key_stride / value_stride bytes apart) to the cache
@@ -53,15 +54,15 @@ void pagoda_write_kv(void* k_cache, void* v_cache, const void* key, int64_t key_
 }
 
 int pagoda_rms_norm(int dtype, void* out, void* residual_out, const void* x, const void* residual, const void* weight,
-                    int64_t rows, int64_t hidden, float eps, int num_threads) {
+                    int64_t rows, int64_t hidden, float eps, int unit_offset, int num_threads) {
   if (dtype == 0)
     rms_norm<float>(static_cast<float*>(out), static_cast<float*>(residual_out), static_cast<const float*>(x),
                     static_cast<const float*>(residual), static_cast<const float*>(weight), rows, hidden, eps,
-                    num_threads);
+                    num_threads, unit_offset != 0);
   else if (dtype == 1)
     rms_norm<bf16_t>(static_cast<bf16_t*>(out), static_cast<bf16_t*>(residual_out), static_cast<const bf16_t*>(x),
                      static_cast<const bf16_t*>(residual), static_cast<const bf16_t*>(weight), rows, hidden, eps,
-                     num_threads);
+                     num_threads, unit_offset != 0);
   else
     return -1;
   return 0;

@@ -23,7 +23,7 @@ struct PrefillScratch {
 // GEMM. Rows are (token, head) pairs: row r is token q0 + r / G, head kvh * G + r % G.
 template <int G>
 void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, int64_t q0, int64_t qn, int64_t kvh,
-                  int64_t num_heads, int64_t D, float scale, int64_t window, const bf16_t* k_cache,
+                  int64_t num_heads, int64_t D, float scale, int64_t window, float soft_cap, const bf16_t* k_cache,
                   const bf16_t* v_cache, const int32_t* blocks, int64_t block_size, int64_t block_stride,
                   int64_t token_stride, PrefillScratch& w) {
   constexpr int64_t kChunk = 256;
@@ -76,18 +76,25 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
       std::memset(pr, 0, nk2 * sizeof(bf16_t));
       if (hi <= lo) continue;  // nothing visible to this row in this chunk
       float* sr = w.s.data() + r * kChunk;
+      // Soft-capped logits (Gemma 2) replace the raw scores, already scaled: the steps below then scale by 1.
+      float sc = scale;
+      if (soft_cap > 0.f) {
+        for (int64_t t = lo; t < hi; ++t) sr[t] *= scale;
+        soft_cap_scores(sr + lo, hi - lo, soft_cap);
+        sc = 1.f;
+      }
       // Row maximum (of the scaled scores) over the visible columns.
       __m512 mxv = _mm512_set1_ps(-INFINITY);
       int64_t j = lo;
       for (; j + 16 <= hi; j += 16) mxv = _mm512_max_ps(mxv, _mm512_loadu_ps(sr + j));
       float mx = _mm512_reduce_max_ps(mxv);
       for (; j < hi; ++j) mx = std::max(mx, sr[j]);
-      mx *= scale;  // scale > 0: the maximum of the scaled scores
+      mx *= sc;  // sc > 0: the maximum of the scaled scores
       const float mnew = std::max(w.m[r], mx);
       const float alpha = std::exp(w.m[r] - mnew);  // 0 for the first visible chunk (m = -inf)
       float sum = 0.f;
       j = lo;
-      const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(mnew);
+      const __m512 sv = _mm512_set1_ps(sc), mv = _mm512_set1_ps(mnew);
       __m512 acc = _mm512_setzero_ps();
       for (; j + 16 <= hi; j += 16) {
         const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + j), sv), mv));
@@ -96,7 +103,7 @@ void prefill_item(bf16_t* out, const bf16_t* q, int64_t q_stride, int64_t pos0, 
       }
       sum = _mm512_reduce_add_ps(acc);
       for (; j < hi; ++j) {
-        const float e = std::exp(sr[j] * scale - mnew);
+        const float e = std::exp(sr[j] * sc - mnew);
         sum += e;
         pr[j] = f32_to_bf16(e);
       }
@@ -124,7 +131,7 @@ void prefill_attention_g(bf16_t* out, const bf16_t* q, int64_t q_stride, const b
                          const bf16_t* v_cache, const int32_t* block_table, int64_t table_stride,
                          const int32_t* query_start_loc, const int32_t* seq_lens, int64_t num_seqs,
                          int64_t num_heads, int64_t num_kv_heads, int64_t D, int64_t block_size, int64_t block_stride,
-                         int64_t token_stride, float scale, int64_t window, int num_threads) {
+                         int64_t token_stride, float scale, int64_t window, float soft_cap, int num_threads) {
   // Work items (sequence, kv head, block of query tokens), sized so a block has about 96 rows.
   const int64_t qb = std::max<int64_t>(1, 96 / G);
   std::vector<int64_t> first(num_seqs + 1, 0);
@@ -143,7 +150,7 @@ void prefill_attention_g(bf16_t* out, const bf16_t* q, int64_t q_stride, const b
       const int64_t qs = query_start_loc[i], qn_all = query_start_loc[i + 1] - qs;
       const int64_t qn = std::min<int64_t>(qb, qn_all - q0);
       prefill_item<G>(out + qs * num_heads * D, q + qs * q_stride, q_stride, seq_lens[i] - qn_all, q0, qn, kvh,
-                      num_heads, D, scale, window, k_cache, v_cache, block_table + i * table_stride, block_size,
+                      num_heads, D, scale, window, soft_cap, k_cache, v_cache, block_table + i * table_stride, block_size,
                       block_stride, token_stride, scratch);
     }
   }
@@ -152,18 +159,19 @@ void prefill_attention_g(bf16_t* out, const bf16_t* q, int64_t q_stride, const b
 
 // Causal attention of prefill chunks (bf16): sequence i's query rows are q[query_start_loc[i] .. [i + 1]) (row
 // stride q_stride elements), at the last positions of its seq_lens[i] tokens, all of which are already in the
-// cache. out [tokens, heads, head_size]. Returns false where the kernel does not apply (the caller keeps SDPA).
+// cache. soft_cap > 0 soft-caps the scaled logits (cap * tanh(s / cap)). out [tokens, heads, head_size]. Returns false where the kernel does not apply (the caller keeps SDPA).
 inline bool prefill_attention(void* out, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
                               const int32_t* block_table, int64_t table_stride, const int32_t* query_start_loc,
                               const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_size, int64_t block_size, int64_t block_stride, int64_t token_stride,
-                              float scale, int64_t window, int num_threads) {
+                              float scale, int64_t window, float soft_cap, int num_threads) {
 #if defined(__AVX512BF16__)
   if (head_size % kTile != 0 || num_heads % num_kv_heads != 0) return false;
   auto run = [&](auto fn) {
     fn(static_cast<bf16_t*>(out), static_cast<const bf16_t*>(q), q_stride, static_cast<const bf16_t*>(k_cache),
        static_cast<const bf16_t*>(v_cache), block_table, table_stride, query_start_loc, seq_lens, num_seqs,
-       num_heads, num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, num_threads);
+       num_heads, num_kv_heads, head_size, block_size, block_stride, token_stride, scale, window, soft_cap,
+       num_threads);
     return true;
   };
   switch (num_heads / num_kv_heads) {
@@ -180,7 +188,8 @@ inline bool prefill_attention(void* out, const void* q, int64_t q_stride, const 
 #else
   (void)out; (void)q; (void)q_stride; (void)k_cache; (void)v_cache; (void)block_table; (void)table_stride;
   (void)query_start_loc; (void)seq_lens; (void)num_seqs; (void)num_heads; (void)num_kv_heads; (void)head_size;
-  (void)block_size; (void)block_stride; (void)token_stride; (void)scale; (void)window; (void)num_threads;
+  (void)block_size; (void)block_stride; (void)token_stride; (void)scale; (void)window; (void)soft_cap;
+  (void)num_threads;
   return false;
 #endif
 }
