@@ -45,14 +45,12 @@ def _as_hf_layout(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
         if arch == "gpt2" and value.dim() == 2 and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             value = value.T
         out[name] = value
-    for (prefix, proj), by_index in experts.items():
-        out.setdefault(f"{prefix}.mlp.experts.{'gate_up_proj' if proj != 'down_proj' else 'down_proj'}", [])
-        stack = torch.stack([by_index[i] for i in sorted(by_index)])
-        out[f"{prefix}.mlp.experts.{proj}"] = stack
-    for key in [k for k in out if k.endswith("experts.gate_up_proj")]:
-        prefix = key.removesuffix(".gate_up_proj")
-        out[key] = torch.cat([out.pop(f"{prefix}.gate_proj"), out.pop(f"{prefix}.up_proj")], dim=1)
-    return {k: v for k, v in out.items() if not isinstance(v, list)}
+    stacks = {key: torch.stack([by_index[i] for i in sorted(by_index)]) for key, by_index in experts.items()}
+    for prefix in {prefix for prefix, _ in stacks}:
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacks[prefix, "gate_proj"], stacks[prefix, "up_proj"]],
+                                                              dim=1)
+        out[f"{prefix}.mlp.experts.down_proj"] = stacks[prefix, "down_proj"]
+    return out
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
