@@ -44,6 +44,8 @@ def tiny_config(arch: str):
         return tf.Qwen2Config(**_COMMON, tie_word_embeddings=False)
     if arch == "qwen3":
         return tf.Qwen3Config(**_COMMON, head_dim=64, tie_word_embeddings=False)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
     if arch == "qwen2moe":
         return tf.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                  shared_expert_intermediate_size=FFN, tie_word_embeddings=False)
@@ -83,7 +85,9 @@ def _metadata(arch: str, config) -> dict:
     if arch == "gemma2":
         meta["attn_logit_softcapping"] = float(c.attn_logit_softcapping)
         meta["final_logit_softcapping"] = float(c.final_logit_softcapping)
-    if hasattr(c, "num_experts"):
+    if arch == "mixtral":
+        meta.update({"expert_count": c.num_local_experts, "expert_used_count": c.num_experts_per_tok})
+    elif hasattr(c, "num_experts"):
         meta.update({"expert_count": c.num_experts, "expert_used_count": c.num_experts_per_tok,
                      "expert_feed_forward_length": c.moe_intermediate_size})
         if arch == "qwen2moe":
@@ -91,9 +95,18 @@ def _metadata(arch: str, config) -> dict:
     return meta
 
 
+# Mixtral is written as general.architecture llama
+GGUF_ARCH = {"mixtral": "llama"}
+
+
+def _permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's Q/K row order for its rope: per head, the two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def gguf_tensors(arch: str, model) -> dict[str, np.ndarray]:
     """The model's weights under GGUF names, transformed as llama.cpp's converter stores them (float32)."""
-    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == GGUF_ARCH.get(arch, arch))
     names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
     tied = model.config.tie_word_embeddings
     out = {}
@@ -118,6 +131,9 @@ def gguf_tensors(arch: str, model) -> dict[str, np.ndarray]:
                 value = value.T
             if arch.startswith("gemma") and gguf_name.endswith("norm"):
                 value = value + 1
+            if GGUF_ARCH.get(arch, arch) == "llama" and gguf_name.endswith(("attn_q", "attn_k")) and kind == "weight":
+                c = model.config
+                value = _permute_qk(value, c.num_attention_heads if gguf_name.endswith("q") else c.num_key_value_heads)
             if gguf_name.endswith("ffn_gate_inp_shexp"):
                 value = value.reshape(-1)
             out[f"{gguf_name}.{kind}"] = np.ascontiguousarray(value.numpy())
@@ -147,12 +163,13 @@ def _type_of(name: str, qtype) -> T:
 
 def write_gguf(path: str, arch: str, model, qtype, extra_metadata: dict | None = None) -> str:
     """Write ``model`` as a GGUF of ``qtype`` (one type, or a dict of tensor-name fragments → type)."""
-    writer = gguf.GGUFWriter(path, arch)
+    name = GGUF_ARCH.get(arch, arch)
+    writer = gguf.GGUFWriter(path, name)
     for key, value in _metadata(arch, model.config).items():
         if isinstance(value, float):
-            writer.add_float32(f"{arch}.{key}", value)
+            writer.add_float32(f"{name}.{key}", value)
         else:
-            writer.add_uint32(f"{arch}.{key}", int(value))
+            writer.add_uint32(f"{name}.{key}", int(value))
     for key, value in (extra_metadata or {}).items():
         writer.add_key_value(key, *value)
     for name, value in gguf_tensors(arch, model).items():
@@ -165,6 +182,6 @@ def write_gguf(path: str, arch: str, model, qtype, extra_metadata: dict | None =
     return path
 
 
-ARCHS = ["gemma", "gemma2", "gemma3", "phi3", "qwen3", "qwen2moe", "qwen3moe", "gpt2"]
+ARCHS = ["gemma", "gemma2", "gemma3", "phi3", "qwen3", "qwen2moe", "qwen3moe", "gpt2", "mixtral"]
 QTYPES = [T.F16, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 __all__ = ["ARCHS", "QTYPES", "MODEL_ARCH", "tiny_config", "tiny_model", "write_gguf", "gguf_tensors"]

@@ -15,8 +15,11 @@ from .gguf_families import ARCHS, QTYPES, tiny_model, write_gguf
 # The largest difference from the original weights, relative to each tensor's largest magnitude: about a step of
 # each type's grid (the test encoder uses one scale per 256 values for the K-quants; llama.cpp's are finer).
 STEP = {T.F16: 1e-3, T.Q8_0: 1e-2, T.Q6_K: 0.04, T.Q5_K: 0.08, T.Q4_K: 0.15, T.Q3_K: 0.3, T.Q2_K: 0.35}
-# transformers reads no Gemma 1 GGUF (its GGUF table starts at Gemma 2)
-TRANSFORMERS_READS = set(ARCHS) - {"gemma"}
+# transformers reads no Gemma 1 GGUF (its GGUF table starts at Gemma 2), nor Mixtral (a llama file with experts)
+TRANSFORMERS_READS = set(ARCHS) - {"gemma", "mixtral"}
+# Mixtral's checkpoint names (pagoda's loader takes them) → transformers 5's
+_MIXTRAL_NAMES = {".block_sparse_moe.experts.": ".mlp.experts.", ".block_sparse_moe.gate.": ".mlp.gate.",
+                  ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,8 @@ def _as_hf_layout(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     to Conv1D's [in, out]: the layout of the HF state dict."""
     out, experts = {}, {}
     for name, value in tensors.items():
+        for old, new in _MIXTRAL_NAMES.items():
+            name = name.replace(old, new)
         if ".mlp.experts." in name:
             prefix, rest = name.split(".mlp.experts.")
             index, proj, _ = rest.split(".")
@@ -92,9 +97,10 @@ def test_config_from_metadata(arch, models, tmp_path):
              "qwen2moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
                           "shared_expert_intermediate_size", "norm_topk_prob"],
              "qwen3moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"],
+             "mixtral": ["num_local_experts", "num_experts_per_tok"],
              }.get(arch, [])
     for key in keys:
-        if not hasattr(theirs, key):  # head_dim: not an attribute of every config class
+        if getattr(theirs, key, None) is None:  # head_dim: not set in every config class
             continue
         a, b = getattr(ours, key), getattr(theirs, key)
         assert a == pytest.approx(b) if isinstance(b, float) else a == b, (key, a, b)

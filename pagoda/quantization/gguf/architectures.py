@@ -3,7 +3,8 @@
 Each :class:`Architecture` names the transformers model it stands for, maps the file's tensor names to the
 Hugging Face parameter names the models load, and records the converter's transformations that loading undoes:
 
-- ``llama``: Q and K rows interleaved per head for llama.cpp's rope (undone by :func:`unpermute_rows`).
+- ``llama``: Q and K rows interleaved per head for llama.cpp's rope (undone by :func:`unpermute_rows`); with
+  experts (``llama.expert_count``), Mixtral: ``ffn_{gate,up,down}_exps`` are the experts' ``w1``/``w3``/``w2``.
 - ``gemma``/``gemma2``/``gemma3``: RMSNorm weights stored as ``1 + w`` (HF's Gemma norm multiplies by ``1 + w``).
 - ``phi3``: fused ``attn_qkv`` and ``ffn_up`` (gate and up), which are HF's own ``qkv_proj``/``gate_up_proj``.
 - ``gpt2``: Conv1D weights transposed to ``[out, in]`` (yielded so; the model's loader takes them as linear
@@ -34,6 +35,9 @@ _EXPERTS = {"ffn_gate_exps": "mlp.experts.{e}.gate_proj", "ffn_up_exps": "mlp.ex
             "ffn_down_exps": "mlp.experts.{e}.down_proj"}
 _SHARED_EXPERT = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                   "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+# Mixtral: a llama file with experts (llama.cpp writes Mixtral as general.architecture llama)
+_MIXTRAL_EXPERTS = {"ffn_gate_exps": "block_sparse_moe.experts.{e}.w1", "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+                    "ffn_down_exps": "block_sparse_moe.experts.{e}.w2"}
 _LLAMA_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # Tensors models keep in float even in a quantized checkpoint (vLLM builds these layers without a quantization
@@ -119,6 +123,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                    "output_norm": "transformer.ln_f", "output": "lm_head"},
           layer_prefix="transformer.h"),
 )}
+
+
+#: llama files with ``llama.expert_count`` > 0
+MIXTRAL = _arch("llama", "mixtral", "MixtralForCausalLM",
+                {**_ATTENTION, **_NORMS, "ffn_gate_inp": "block_sparse_moe.gate"}, experts=_MIXTRAL_EXPERTS,
+                permuted_qk=True)
 
 
 def unpermute_rows(n_heads: int, rows: int) -> torch.Tensor:

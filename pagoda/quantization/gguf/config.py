@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as T
 
-from pagoda.quantization.gguf.architectures import ARCHITECTURES, Architecture
+from pagoda.quantization.gguf.architectures import ARCHITECTURES, MIXTRAL, Architecture
 from pagoda.quantization.gguf.reader import GGUFError, GGUFFile
 
 
@@ -29,6 +29,8 @@ def architecture(f: GGUFFile) -> Architecture:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{f.path}: general.architecture {arch!r} is not supported; supported: "
                         f"{', '.join(sorted(ARCHITECTURES))}")
+    if arch == "llama" and int(meta(f, "llama.expert_count", 0) or 0) > 0:
+        return MIXTRAL
     return ARCHITECTURES[arch]
 
 
@@ -144,7 +146,11 @@ def hf_config_kwargs(f: GGUFFile) -> tuple[str, dict[str, Any]]:
         rot = meta(f, f"{arch}.rope.dimension_count")
         if rot is not None and int(rot) != head_dim:
             kwargs["partial_rotary_factor"] = int(rot) / head_dim
-    if spec.experts:
+    if spec is MIXTRAL:  # renormalised top-k, every layer sparse: nothing more to read
+        kwargs["num_local_experts"] = int(meta(f, f"{arch}.expert_count", required=True))
+        kwargs["num_experts_per_tok"] = int(meta(f, f"{arch}.expert_used_count", required=True))
+        kwargs["sliding_window"] = None
+    elif spec.experts:
         kwargs["num_experts"] = int(meta(f, f"{arch}.expert_count", required=True))
         kwargs["num_experts_per_tok"] = int(meta(f, f"{arch}.expert_used_count", required=True))
         kwargs["moe_intermediate_size"] = int(meta(f, f"{arch}.expert_feed_forward_length", ffn))
