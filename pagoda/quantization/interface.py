@@ -71,6 +71,9 @@ class QuantizationConfig(ABC):
     act_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
     #: Platform names it runs on; ``None`` means any.
     platforms: ClassVar[tuple[str, ...] | None] = None
+    #: Whether the checkpoint format yields mixture-of-experts weights dense (GGUF dequantizes its 3-D expert stacks
+    #: on load), so MoE layers, which hold their experts unquantized, can load them.
+    dense_moe_experts: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

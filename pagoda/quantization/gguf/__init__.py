@@ -27,6 +27,8 @@ class GGUFConfig(QuantizationConfig):
     # parameters (they do not follow ``model.to(device)``).
     platforms = ("cpu",)
     checkpoint_format = GGUFCheckpoint
+    # 3-D expert stacks are dequantized per expert on load (GGUFCheckpoint.iter_weights): no quantized MoE path yet
+    dense_moe_experts = True
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GGUFConfig:
