@@ -2,7 +2,8 @@
 
 The reference is transformers' own model class with the tiny model's config (which pagoda reads back from the
 metadata, see test_gguf_families.py) and the weights transformers dequantizes from the file (the gguf package's
-dequantization for Gemma 1, which transformers does not read). Agreement as test_gguf_generation.py defines it:
+dequantization for Gemma 1, which transformers does not read; Mixtral, which it does not read either, is written
+in F32, so that its own weights are the file's). Agreement as test_gguf_generation.py defines it:
 the same greedy tokens, chosen-token logprobs within LOGPROB_TOL, in float32. Architectures whose model class is
 not registered yet are skipped.
 """
@@ -20,7 +21,7 @@ from .test_gguf_generation import LOGPROB_TOL, hf_greedy
 
 # one quantization type per architecture, so that every K-quant runs through the engine at least once
 CASES = [("qwen2", T.Q4_K), ("gemma", T.Q2_K), ("gemma2", T.Q3_K), ("gemma3", T.Q4_K), ("phi3", T.Q5_K),
-         ("qwen3", T.Q6_K), ("qwen2moe", T.Q8_0), ("qwen3moe", T.Q5_K), ("gpt2", T.Q6_K)]
+         ("qwen3", T.Q6_K), ("qwen2moe", T.Q8_0), ("qwen3moe", T.Q5_K), ("gpt2", T.Q6_K), ("mixtral", T.F32)]
 PROMPTS = [[5, 17, 300, 42, 7], [400, 3, 64, 64, 12, 500, 250, 1, 8]]
 NUM_TOKENS = 8
 
@@ -32,6 +33,8 @@ def _registered(architecture: str) -> bool:
 
 
 def _reference_weights(arch: str, model, path: str) -> dict[str, torch.Tensor]:
+    if arch == "mixtral":  # transformers reads no Mixtral GGUF: an F32 file holds the model's own weights exactly
+        return model.state_dict()
     if arch != "gemma":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
