@@ -36,7 +36,7 @@ class Qwen3Attention(LlamaAttention):
     def __init__(self, config: Any, layer_idx: int, quant_config, prefix: str, dtype: torch.dtype, backend,
                  attn_config, qkv_bias: bool, o_bias: bool, rotary, sliding_window: int | None) -> None:
         super().__init__(config, layer_idx, quant_config, prefix, dtype, backend, attn_config, qkv_bias, o_bias,
-                         rotary, layer_sliding_window(config, layer_idx, sliding_window))
+                         rotary, sliding_window)
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, dtype)
 
@@ -51,7 +51,16 @@ class Qwen3Attention(LlamaAttention):
         return self.o_proj(out)
 
 
-class Qwen3DecoderLayer(LlamaDecoderLayer):
+class QwenDecoderLayer(LlamaDecoderLayer):
+    """A Llama layer whose sliding window (if any) applies only where ``layer_types`` says."""
+
+    def __init__(self, config: Any, layer_idx: int, quant_config, prefix: str, dtype: torch.dtype, backend,
+                 attn_config, arch: dict[str, bool], rotary, sliding_window: int | None) -> None:
+        super().__init__(config, layer_idx, quant_config, prefix, dtype, backend, attn_config, arch, rotary,
+                         layer_sliding_window(config, layer_idx, sliding_window))
+
+
+class Qwen3DecoderLayer(QwenDecoderLayer):
     attention_cls = Qwen3Attention
 
 
