@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from pagoda.models.moe_layers import EXPERT_PROJECTIONS, SparseMoeBlock, check_unquantized_experts
+from pagoda.models.moe_layers import EXPERT_PROJECTIONS, SparseMoeBlock
 from pagoda.models.qwen3 import Qwen3Attention, QwenDecoderLayer, qwen3_arch_flags
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -35,11 +35,8 @@ _STACKED_NAMES = {".experts.gate_up_proj": ".experts.w13_weight", ".experts.down
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    """What the MoE families share: refusing quantized checkpoints, and the experts' and router's names."""
-
-    def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, **kwargs: Any) -> None:
-        check_unquantized_experts(quant_config)
-        super().__init__(model_config=model_config, quant_config=quant_config, **kwargs)
+    """What the MoE families share: the checkpoint names of the experts and the router (each sparse block refuses
+    quantized checkpoints)."""
 
     def map_weight_name(self, name: str) -> tuple[str, Any]:
         match = _EXPERT_NAME.match(name)

@@ -115,3 +115,25 @@ def check_moe_bfloat16(path: str, shape: str) -> None:
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_moe_bfloat16(tiny_model_dir, family, shape):
     check_moe_bfloat16(tiny_model_dir(family, CONFIGS[family]()), shape)
+
+
+def test_mixtral_dummy_weights(tmp_path):
+    """``load_format="dummy"`` (the benchmarks' way to run a shape without a checkpoint) fills the stacked experts."""
+    from pagoda import LLM, SamplingParams
+
+    config = mixtral_config()
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              kv_cache_memory_bytes=1 << 24)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True,
+                                                                         detokenize=False), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_quantized_experts_are_refused(tiny_model_dir):
+    from pagoda import LLM
+
+    with pytest.raises(ValueError, match="MoE experts only load unquantized"):
+        LLM(tiny_model_dir("mixtral", mixtral_config()), quantization="fp8", skip_tokenizer_init=True,
+            kv_cache_memory_bytes=1 << 24)
