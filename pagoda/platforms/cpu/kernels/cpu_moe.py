@@ -42,6 +42,11 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts:
     return PackedExperts(_pack_stack(w13), _pack_stack(w2), experts, hidden, inter)
 
 
+#: Tokens per native call: the kernel's grouped activations (gate/up outputs: tokens x top-k x 2I) are allocated
+#: per call, so a long prefill is taken in slices to bound them; each slice still reads every weight only once.
+TOKENS_PER_CALL = 1024
+
+
 def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: PackedExperts,
               amx: bool = False) -> torch.Tensor:
     """The mixture of each token's top-k experts for bf16 ``x`` [T, H]; ``amx`` only where the process may use
@@ -53,10 +58,13 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     ids = topk_ids.to(torch.int64).contiguous()
     tokens, k = ids.shape
     out = torch.empty(tokens, experts.hidden, dtype=torch.bfloat16)
-    if tokens:
-        rc = kernels().fused_moe(out.data_ptr(), x.data_ptr(), weights.data_ptr(), ids.data_ptr(), tokens, k,
-                                 experts.w13.data_ptr(), experts.w2.data_ptr(), experts.num_experts, experts.hidden,
-                                 experts.intermediate, torch.get_num_threads(), int(amx))
+    lib = kernels()
+    for start in range(0, tokens, TOKENS_PER_CALL):
+        n = min(TOKENS_PER_CALL, tokens - start)
+        rc = lib.fused_moe(out[start].data_ptr(), x[start].data_ptr(), weights[start].data_ptr(),
+                           ids[start].data_ptr(), n, k, experts.w13.data_ptr(), experts.w2.data_ptr(),
+                           experts.num_experts, experts.hidden, experts.intermediate, torch.get_num_threads(),
+                           int(amx))
         if rc == -2:
             raise ValueError(f"fused_moe: an expert id is outside 0..{experts.num_experts - 1}")
         if rc != 0:
