@@ -7,7 +7,7 @@ attention reads and writes each layer's paged KV cache through the backend metad
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -97,16 +97,20 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, quant_config: QuantizationConfig, dtype: torch.dtype,
                  backend: type[AttentionBackend], attn_config: AttentionConfig, arch: dict[str, bool],
-                 max_positions: int, sliding_window: int | None, prefix: str = "model",
+                 max_positions: int, sliding_window: int | None | Sequence[int | None], prefix: str = "model",
                  layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
+        """``sliding_window``: every layer's window, or one per layer (``layer_types``: Qwen configs that slide
+        only some layers)."""
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
                                            f"{prefix}.embed_tokens", dtype)
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary = RotaryEmbedding(config, head_size, max_positions, dtype)
+        windows = (list(sliding_window) if isinstance(sliding_window, Sequence) else
+                   [sliding_window] * config.num_hidden_layers)
         self.layers = nn.ModuleList(
             layer_cls(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
-                      self.rotary, sliding_window)
+                      self.rotary, windows[i])
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attn_backend = backend.name
@@ -172,7 +176,8 @@ class LlamaForCausalLM(PagodaModel):
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.model = LlamaModel(config, quant_config, dtype, attn_backend, attn_config, self.arch_flags(config),
-                                model_config.max_model_len, model_config.sliding_window,
+                                model_config.max_model_len,
+                                model_config.layer_sliding_windows or model_config.sliding_window,
                                 layer_cls=self.layer_cls)
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
                         VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))

@@ -25,7 +25,7 @@ from torch import nn
 
 from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from pagoda.models.moe_layers import EXPERT_PROJECTIONS, SparseMoeBlock
-from pagoda.models.qwen3 import Qwen3Attention, QwenDecoderLayer, qwen3_arch_flags
+from pagoda.models.qwen3 import Qwen3Attention, qwen3_arch_flags
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 
@@ -72,7 +72,7 @@ def is_sparse_layer(config: Any, layer_idx: int) -> bool:
             and config.num_experts > 0 and (layer_idx + 1) % step == 0)
 
 
-class Qwen2MoeDecoderLayer(QwenDecoderLayer):
+class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     #: Whether sparse layers have a shared expert (Qwen2-MoE), of shared_expert_intermediate_size.
     shared_expert = True
 

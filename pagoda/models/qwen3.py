@@ -3,7 +3,8 @@
 Qwen3 is the Llama layer with two changes: each head's query and key are RMS-normalised (a weight per head
 dimension, shared by the heads) before the rotary embedding, and ``head_dim`` is explicit (``heads * head_dim``
 need not equal ``hidden_size``). ``attention_bias`` puts a bias on all four projections. The attention and layer
-defined here are also the Qwen3-MoE family's (:mod:`pagoda.models.moe`).
+defined here are also the Qwen3-MoE family's (:mod:`pagoda.models.moe`). A sliding window applies to the layers
+``layer_types`` marks ``sliding_attention`` (the engine configuration's per-layer windows).
 """
 
 from __future__ import annotations
@@ -15,19 +16,6 @@ import torch
 from pagoda.models.layers import RMSNorm
 from pagoda.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from pagoda.plugins.hookspecs import hookimpl
-
-
-def layer_sliding_window(config: Any, layer_idx: int, sliding_window: int | None) -> int | None:
-    """The window of layer ``layer_idx``: Qwen configs that use a sliding window name the layers it applies to in
-    ``layer_types`` (the others attend to everything); without ``layer_types`` every layer takes it."""
-    layer_types = getattr(config, "layer_types", None)
-    if sliding_window is None or not layer_types:
-        return sliding_window
-    kind = layer_types[layer_idx]
-    if kind not in ("sliding_attention", "full_attention"):
-        raise ValueError(f"layer_types[{layer_idx}] = {kind!r} is not supported; supported: sliding_attention, "
-                         "full_attention")
-    return sliding_window if kind == "sliding_attention" else None
 
 
 class Qwen3Attention(LlamaAttention):
@@ -51,16 +39,7 @@ class Qwen3Attention(LlamaAttention):
         return self.o_proj(out)
 
 
-class QwenDecoderLayer(LlamaDecoderLayer):
-    """A Llama layer whose sliding window (if any) applies only where ``layer_types`` says."""
-
-    def __init__(self, config: Any, layer_idx: int, quant_config, prefix: str, dtype: torch.dtype, backend,
-                 attn_config, arch: dict[str, bool], rotary, sliding_window: int | None) -> None:
-        super().__init__(config, layer_idx, quant_config, prefix, dtype, backend, attn_config, arch, rotary,
-                         layer_sliding_window(config, layer_idx, sliding_window))
-
-
-class Qwen3DecoderLayer(QwenDecoderLayer):
+class Qwen3DecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen3Attention
 
 
