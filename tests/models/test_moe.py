@@ -36,8 +36,9 @@ def qwen2_moe_config():
 def qwen3_moe_config():
     from transformers import Qwen3MoeConfig
 
+    # decoder_sparse_step 2: layer 0 keeps a dense MLP, layer 1 routes (top-2 of 8, renormalised).
     return Qwen3MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                          num_experts_per_tok=2, norm_topk_prob=True, head_dim=32, decoder_sparse_step=1)
+                          num_experts_per_tok=2, norm_topk_prob=True, head_dim=32, decoder_sparse_step=2)
 
 
 CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config, "qwen3_moe": qwen3_moe_config}
