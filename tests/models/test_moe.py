@@ -138,3 +138,32 @@ def test_quantized_experts_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="MoE experts only load unquantized"):
         LLM(tiny_model_dir("mixtral", mixtral_config()), quantization="fp8", skip_tokenizer_init=True,
             kv_cache_memory_bytes=1 << 24)
+
+
+def test_mixtral_stacked_expert_checkpoint(tiny_model_dir, tmp_path):
+    """Checkpoints that store the experts already stacked (transformers' own ``mlp.experts.gate_up_proj`` /
+    ``down_proj`` layout) load as the per-expert ones do."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source = Path(tiny_model_dir("mixtral", mixtral_config()))
+    tensors = load_file(source / "model.safetensors")
+    per_expert = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+    stacked, experts = {}, {}
+    for name, tensor in tensors.items():
+        match = per_expert.match(name)
+        if match:
+            experts.setdefault(match.group(1), {})[(int(match.group(2)), match.group(3))] = tensor
+        else:
+            stacked[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = tensor
+    for layer, parts in experts.items():
+        count = 1 + max(e for e, _ in parts)
+        stacked[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "w1")], parts[(e, "w3")]]) for e in range(count)])
+        stacked[f"{layer}.mlp.experts.down_proj"] = torch.stack([parts[(e, "w2")] for e in range(count)])
+    save_file(stacked, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    check_float32(str(tmp_path), "default")
