@@ -3,7 +3,8 @@
 The op set is the one an engine would choose here (platform ``--device``, dtype ``--dtype``, ``--op-impl``);
 ``--all-impls`` times every runnable implementation instead. Shapes are SmolLM2-135M's (hidden 576, 9/3 heads of
 64, FFN 1536, vocab 49152): W1 is 64 decoding sequences at 192 cached tokens and 16 prompts of 128 tokens per
-prefill step, W2 one sequence. Linear ops report GFLOP/s, the rest GB/s of the tensors they must read and write.
+prefill step, W2 one sequence (``fused_moe``: a small Mixtral's expert block, ``MOE``). Linear ops and
+``fused_moe`` report GFLOP/s, the rest GB/s of the tensors they must read and write.
 The ceilings: torch's bf16 matmul at 2048³ and a read of 512 MiB.
 """
 
@@ -20,6 +21,7 @@ from pagoda.benchmarks.common import write_json
 HIDDEN, HEADS, KV_HEADS, D, FFN, VOCAB = 576, 9, 3, 64, 1536, 49152
 LINEARS = {"qkv": (HEADS * D + 2 * KV_HEADS * D, HIDDEN), "o": (HIDDEN, HEADS * D), "gate_up": (2 * FFN, HIDDEN),
            "down": (HIDDEN, FFN)}
+MOE = dict(experts=8, top_k=2, hidden=1024, inter=2048)  # one layer of the benchmarks' small Mixtral-shaped config
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +97,16 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
                 x = torch.randn(m, FFN).to(dtype)
                 fn, moved, shape = (lambda: impl(x, "gelu_tanh")), 2 * m * FFN * esz, f"{m}x{FFN} gelu_tanh"
             add(workload, shape, _median_s(fn, iters), nbytes=moved)
+    elif op == "fused_moe":
+        experts, top_k, hidden, inter = MOE["experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
+        handle = impl.prepare((torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5).to(dtype),
+                              (torch.randn(experts, hidden, inter) / inter ** 0.5).to(dtype))
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            x = torch.randn(m, hidden).to(dtype)
+            ids = torch.rand(m, experts).topk(top_k, dim=-1).indices
+            weights = torch.softmax(torch.randn(m, top_k), dim=-1)
+            add(workload, f"{m} tokens, top-{top_k} of {experts} experts {hidden}->{inter}",
+                _median_s(lambda: impl.apply(handle, x, weights, ids), iters), flops=6.0 * m * top_k * hidden * inter)
     elif op == "rotary_embedding":
         for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
             qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * D).to(dtype)

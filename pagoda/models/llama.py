@@ -7,7 +7,7 @@ attention reads and writes each layer's paged KV cache through the backend metad
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -64,15 +64,24 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP. Families that differ only in their attention or MLP (Qwen3's q/k norms, the
+    mixture-of-experts blocks) subclass it and override ``attention_cls`` or :meth:`make_mlp`."""
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
                  arch: dict[str, bool], rotary: RotaryEmbedding, sliding_window: int | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, quant_config, f"{prefix}.self_attn", dtype, backend,
-                                        attn_config, arch["qkv_bias"], arch["o_bias"], rotary, sliding_window)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, arch["mlp_bias"])
+        self.self_attn = self.attention_cls(config, layer_idx, quant_config, f"{prefix}.self_attn", dtype, backend,
+                                            attn_config, arch["qkv_bias"], arch["o_bias"], rotary, sliding_window)
+        self.mlp = self.make_mlp(config, layer_idx, quant_config, f"{prefix}.mlp", dtype, arch)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def make_mlp(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
+                 dtype: torch.dtype, arch: dict[str, bool]) -> nn.Module:
+        return LlamaMLP(config, quant_config, prefix, dtype, arch["mlp_bias"])
 
     def forward(self, rope, hidden, residual, kv_cache, metadata):
         if residual is None:
@@ -88,15 +97,20 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, quant_config: QuantizationConfig, dtype: torch.dtype,
                  backend: type[AttentionBackend], attn_config: AttentionConfig, arch: dict[str, bool],
-                 max_positions: int, sliding_window: int | None, prefix: str = "model") -> None:
+                 max_positions: int, sliding_window: int | None | Sequence[int | None], prefix: str = "model",
+                 layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
+        """``sliding_window``: every layer's window, or one per layer (``layer_types``: Qwen configs that slide
+        only some layers)."""
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
                                            f"{prefix}.embed_tokens", dtype)
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary = RotaryEmbedding(config, head_size, max_positions, dtype)
+        windows = (list(sliding_window) if isinstance(sliding_window, Sequence) else
+                   [sliding_window] * config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
-                              self.rotary, sliding_window)
+            layer_cls(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
+                      self.rotary, windows[i])
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attn_backend = backend.name
@@ -105,6 +119,8 @@ class LlamaModel(nn.Module):
 
     def decoder_stack(self) -> DecoderStack | None:
         """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
+        if any(type(layer) is not LlamaDecoderLayer for layer in self.layers):
+            return None  # the "llama" recipe has no q/k norms and no expert blocks
         layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -140,7 +156,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(PagodaModel):
-    """Llama-family causal LM. Subclasses only change which projections carry a bias."""
+    """Llama-family causal LM. Subclasses change which projections carry a bias, or (``layer_cls``) the layer."""
+
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     # checkpoint name → (our parameter, shard index)
     stacked_params = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
@@ -158,7 +176,9 @@ class LlamaForCausalLM(PagodaModel):
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.model = LlamaModel(config, quant_config, dtype, attn_backend, attn_config, self.arch_flags(config),
-                                model_config.max_model_len, model_config.sliding_window)
+                                model_config.max_model_len,
+                                model_config.layer_sliding_windows or model_config.sliding_window,
+                                layer_cls=self.layer_cls)
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
                         VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
         self.lm_head.use_as_lm_head()
@@ -195,11 +215,7 @@ class LlamaForCausalLM(PagodaModel):
                 continue
             if not name.startswith(("model.", "lm_head.")):
                 name = "model." + name  # checkpoints saved from the bare model
-            shard_id = None
-            for merged, original, shard in self.stacked_params:
-                if f".{original}." in name:
-                    name, shard_id = name.replace(f".{original}.", f".{merged}."), shard
-                    break
+            name, shard_id = self.map_weight_name(name)
             param = params.get(name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
@@ -211,6 +227,14 @@ class LlamaForCausalLM(PagodaModel):
                 loader(param, tensor, shard_id)
             loaded.add(name)
         return loaded
+
+
+    def map_weight_name(self, name: str) -> tuple[str, Any]:
+        """A checkpoint tensor's parameter name and its shard of that parameter (None: the whole of it)."""
+        for merged, original, shard in self.stacked_params:
+            if f".{original}." in name:
+                return name.replace(f".{original}.", f".{merged}."), shard
+        return name, None
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -45,6 +45,8 @@ OPS: dict[str, str] = {
     "linear_fp8": "x @ W.T for float8_e4m3fn weights with a float32 scale per group of inputs of each row",
     "linear_int8": "x @ W.T for int8 weights (a scale per row) with int8 activations (per-token dynamic scales)",
     "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row",
+    "fused_moe": "mixture-of-experts MLP of x [T, H] over each token's top-k experts (ids and weights [T, k]) with "
+                 "stacked gate/up [E, 2I, H] and down [E, H, I] weights prepared once (prepare/apply)",
     "write_kv": "store a step's keys and values in the paged KV cache at the slot mapping",
     "paged_decode_attention": "one query token per sequence attending to its paged cache (plan once per step "
                               "and window; optional logit soft-capping)",

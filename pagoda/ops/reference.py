@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import PagedDecodeAttention, PrefillAttention
+from pagoda.ops.reference_moe import FusedMoE
 from pagoda.ops.reference_quant import QUANT_REFERENCE_IMPLS
 from pagoda.plugins.hookspecs import hookimpl
 
@@ -247,7 +248,7 @@ class WriteKV(OpImpl):
 
 
 REFERENCE_IMPLS = [RmsNorm, LayerNorm, Activation, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense,
-                   LinearBlockQuant, WriteKV, PagedDecodeAttention, PrefillAttention]
+                   LinearBlockQuant, WriteKV, PagedDecodeAttention, PrefillAttention, FusedMoE]
 
 
 @hookimpl

@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 18
+ABI_VERSION = 19
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -101,6 +101,10 @@ class CpuKernels:
         lib.pagoda_write_kv.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_int64,
                                         c_int64, c_int64, c_int64, c_int64, c_int]
         self.write_kv = lib.pagoda_write_kv
+        lib.pagoda_fused_moe.restype = c_int
+        lib.pagoda_fused_moe.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_void_p,
+                                         c_int64, c_int64, c_int64, c_int, c_int]
+        self.fused_moe = lib.pagoda_fused_moe
         self.rms_norm = lib.pagoda_rms_norm
         self.silu_and_mul = lib.pagoda_silu_and_mul
         self.rope = lib.pagoda_rope

@@ -8,5 +8,6 @@
 #include "cpu_gemm.h"
 #include "cpu_gpt_layers.h"
 #include "cpu_int8.h"
+#include "cpu_moe.h"
 #include "cpu_quant_gemm.h"
 #include "cpu_prefill_attention.h"

@@ -1,0 +1,84 @@
+"""The reference ``fused_moe`` op: a mixture-of-experts MLP over routed tokens, in plain torch.
+
+Tokens are grouped by expert (a stable sort of the flattened expert ids), so each expert that received tokens
+runs one pair of matmuls over all of its rows; nothing loops over tokens in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.ops.interface import OpImpl
+
+#: Activations of the gate half (``act(gate) * up``) the op takes.
+MOE_ACTIVATIONS = ("silu",)
+
+
+def check_moe_activation(activation: str) -> None:
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"fused_moe: activation {activation!r} is not supported; supported: "
+                         f"{', '.join(MOE_ACTIVATIONS)}")
+
+
+@dataclass
+class ExpertWeights:
+    w13: torch.Tensor  # [E, 2I, H]: each expert's gate rows, then its up rows
+    w2: torch.Tensor  # [E, H, I]
+
+
+@dataclass
+class RoutedRows:
+    """The step's (token, slot) pairs grouped by expert: row ``j`` of the grouped batch is token ``token[j]``."""
+
+    order: torch.Tensor  # [T * k]: flat (token, slot) indices, sorted by expert (stable)
+    token: torch.Tensor  # [T * k]: the token of each grouped row
+    counts: list[int]  # rows per expert, [E]
+
+
+def route_rows(topk_ids: torch.Tensor, num_experts: int) -> RoutedRows:
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return RoutedRows(order, order // topk_ids.shape[1], counts)
+
+
+class FusedMoE(OpImpl):
+    op, name, is_reference = "fused_moe", "torch", True
+    keeps_weight = True
+
+    def prepare(self, w13: torch.Tensor, w2: torch.Tensor) -> ExpertWeights:
+        """The implementation's form of the stacked expert weights (made once after loading, on their device):
+        ``w13`` [E, 2I, H] (gate rows then up rows per expert) and ``w2`` [E, H, I]."""
+        if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[1] != 2 * w2.shape[2] \
+                or w13.shape[2] != w2.shape[1]:
+            raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} are not [E, 2I, H] and "
+                             "[E, H, I]")
+        return ExpertWeights(w13, w2)
+
+    def apply(self, handle: ExpertWeights, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: str = "silu") -> torch.Tensor:
+        """``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` for ``x`` [T, H], where
+        ``expert_e(x) = (act(x W_gate^T) * (x W_up^T)) W_down^T``. Each expert's matmuls run in ``x``'s dtype; the
+        weighted sum over a token's experts is taken in float32 and rounded once to ``x``'s dtype."""
+        check_moe_activation(activation)
+        num_experts = handle.w13.shape[0]
+        routed = route_rows(topk_ids, num_experts)
+        grouped = x[routed.token]
+        out = torch.empty_like(grouped)
+        start = 0
+        for expert, rows in enumerate(routed.counts):  # one matmul pair per expert that has rows
+            if rows == 0:
+                continue
+            gate, up = F.linear(grouped[start:start + rows], handle.w13[expert]).chunk(2, dim=-1)
+            out[start:start + rows] = F.linear(F.silu(gate) * up, handle.w2[expert])
+            start += rows
+        weights = topk_weights.reshape(-1)[routed.order].float()
+        summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        summed.index_add_(0, routed.token, out.float() * weights[:, None])
+        return summed.to(x.dtype)
+
+    def nbytes(self, handle: ExpertWeights) -> int:
+        return sum(t.numel() * t.element_size() for t in (handle.w13, handle.w2))

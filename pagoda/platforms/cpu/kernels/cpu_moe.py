@@ -1,0 +1,72 @@
+"""Tensor-level entry points to the native fused mixture-of-experts kernel (``cpu_moe.h``)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.platforms.cpu.kernels.cpu import kernels
+
+
+class PackedExperts:
+    """Stacked expert weights, each expert's matrix packed as :func:`cpu_ops.pack_weight` packs one (tiles of 16
+    output rows, k-pairs interleaved), one expert after another: ``w13`` from [E, 2I, H], ``w2`` from [E, H, I]."""
+
+    __slots__ = ("w13", "w2", "num_experts", "hidden", "intermediate")
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, num_experts: int, hidden: int, intermediate: int) -> None:
+        self.w13, self.w2 = w13, w2
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+
+    def nbytes(self) -> int:
+        return (self.w13.numel() + self.w2.numel()) * 2
+
+
+def _packed_elems(n: int, k: int) -> int:
+    return -(-n // 16) * 16 * (-(-k // 2)) * 2
+
+
+def _pack_stack(weights: torch.Tensor) -> torch.Tensor:
+    lib = kernels()
+    experts, n, k = weights.shape
+    per = _packed_elems(n, k)
+    data = torch.empty(experts * per, dtype=torch.bfloat16)
+    for e in range(experts):  # once, after loading
+        w = weights[e].to(torch.bfloat16).contiguous()
+        lib.pack_bf16(data.data_ptr() + e * per * 2, w.data_ptr(), n, k)
+    return data
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts:
+    """Pack ``w13`` [E, 2I, H] and ``w2`` [E, H, I] (bf16) for :func:`fused_moe`."""
+    experts, hidden, inter = w2.shape
+    return PackedExperts(_pack_stack(w13), _pack_stack(w2), experts, hidden, inter)
+
+
+#: Tokens per native call: the kernel's grouped activations (gate/up outputs: tokens x top-k x 2I) are allocated
+#: per call, so a long prefill is taken in slices to bound them; each slice still reads every weight only once.
+TOKENS_PER_CALL = 1024
+
+
+def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: PackedExperts,
+              amx: bool = False) -> torch.Tensor:
+    """The mixture of each token's top-k experts for bf16 ``x`` [T, H]; ``amx`` only where the process may use
+    AMX tiles."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"fused_moe takes bfloat16 inputs, got {x.dtype}")
+    x = x.contiguous()
+    weights = topk_weights.float().contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    tokens, k = ids.shape
+    out = torch.empty(tokens, experts.hidden, dtype=torch.bfloat16)
+    lib = kernels()
+    for start in range(0, tokens, TOKENS_PER_CALL):
+        n = min(TOKENS_PER_CALL, tokens - start)
+        rc = lib.fused_moe(out[start].data_ptr(), x[start].data_ptr(), weights[start].data_ptr(),
+                           ids[start].data_ptr(), n, k, experts.w13.data_ptr(), experts.w2.data_ptr(),
+                           experts.num_experts, experts.hidden, experts.intermediate, torch.get_num_threads(),
+                           int(amx))
+        if rc == -2:
+            raise ValueError(f"fused_moe: an expert id is outside 0..{experts.num_experts - 1}")
+        if rc != 0:
+            raise RuntimeError(f"pagoda_fused_moe failed with code {rc}")
+    return out

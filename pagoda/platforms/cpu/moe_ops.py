@@ -1,0 +1,40 @@
+"""The CPU platform's ``fused_moe`` implementations: pagoda's native kernel on packed expert weights.
+
+Registered because it measured faster than the torch reference on an AMX Xeon at decode (T = 1-64) and prefill
+shapes (``docs/benchmarks.md``, the fused-MoE table): at decode the reference multiplies one expert after another,
+each a small bf16 matmul whose weights stream from memory on one call's threads; the native kernel reads all the
+chosen experts' weights in one parallel loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops.reference_moe import check_moe_activation
+from pagoda.platforms.cpu.kernels import cpu_moe
+from pagoda.platforms.cpu.ops import AmxTiles, _NativeBf16Gemm
+
+
+class PackedFusedMoE(_NativeBf16Gemm):
+    """bf16 experts packed for the AVX512-BF16 GEMM; a copy, so the stacked parameters are dropped."""
+
+    op, name = "fused_moe", "cpu_avx512_bf16"
+    keeps_weight = False
+    uses_amx = False
+
+    def prepare(self, w13: torch.Tensor, w2: torch.Tensor) -> cpu_moe.PackedExperts:
+        return cpu_moe.pack_experts(w13, w2)
+
+    def apply(self, handle, x, topk_weights, topk_ids, activation="silu"):
+        check_moe_activation(activation)
+        return cpu_moe.fused_moe(x, topk_weights, topk_ids, handle, amx=self.uses_amx)
+
+    def nbytes(self, handle) -> int:
+        return handle.nbytes()
+
+
+class AmxFusedMoE(AmxTiles, PackedFusedMoE):
+    """The same packed experts, with experts that received 8 rows or more multiplied on AMX tiles."""
+
+
+CPU_MOE_OP_IMPLS = [PackedFusedMoE, AmxFusedMoE]
