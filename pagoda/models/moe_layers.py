@@ -26,9 +26,10 @@ EXPERT_PROJECTIONS = {"gate_proj": ("w13_weight", "gate"), "up_proj": ("w13_weig
 
 
 def check_unquantized_experts(quant_config: QuantizationConfig) -> None:
-    if quant_config.name != "none":
+    if quant_config.name != "none" and not quant_config.dense_moe_experts:
         raise ValueError(f"quantization {quant_config.name!r} is not supported for mixture-of-experts models: MoE "
-                         "experts only load unquantized (supported: none)")
+                         "experts only load unquantized (supported: none, and gguf, whose expert stacks are "
+                         "dequantized on load)")
 
 
 class _ExpertsMethod:
