@@ -162,6 +162,7 @@ class GemmaForCausalLM(PagodaModel):
     stacked_params = LlamaForCausalLM.stacked_params
     # Hugging Face names map onto ours exactly as Llama's do (merged qkv_proj / gate_up_proj, tied head).
     load_weights = LlamaForCausalLM.load_weights
+    map_weight_name = LlamaForCausalLM.map_weight_name
 
     def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
                  attn_config: AttentionConfig) -> None:
