@@ -60,8 +60,10 @@ def test_model_errors_are_actionable(tmp_path, monkeypatch):
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported architectures: .*LlamaForCausalLM"):
+    GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*supported architectures: .*Gemma3ForCausalLM.*"
+                                         "LlamaForCausalLM.*OPTForCausalLM"):
         LLM(str(tmp_path), skip_tokenizer_init=True)
