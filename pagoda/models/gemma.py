@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
-from pagoda.models.interface import PagodaModel
-from pagoda.models.layers import Attention, GatedActivation, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
+                                  VocabEmbedding)
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -155,7 +155,7 @@ class GemmaModel(nn.Module):
         return hidden
 
 
-class GemmaForCausalLM(PagodaModel):
+class GemmaForCausalLM(CausalLM):
     """Gemma 1; subclasses set ``version`` (2, 3) for the later generations' layers."""
 
     version = 1
@@ -176,9 +176,7 @@ class GemmaForCausalLM(PagodaModel):
                        [model_config.sliding_window] * config.num_hidden_layers)
         self.model = GemmaModel(config, quant_config, dtype, attn_backend, attn_config, model_config.max_model_len,
                                 windows, self.version)
-        self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
-                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
-        self.lm_head.use_as_lm_head()
+        self.init_lm_head(self.model.embed_tokens, config.hidden_size, quant_config, dtype)
         self.final_logit_soft_cap = getattr(config, "final_logit_softcapping", None)
 
     def check_config(self, config: Any) -> None:
@@ -194,15 +192,14 @@ class GemmaForCausalLM(PagodaModel):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size], soft-capped where the config says."""
-        logits = self.lm_head.logits(hidden)
+        logits = super().compute_logits(hidden)
         cap = self.final_logit_soft_cap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        # tanh is increasing, so soft-capping keeps the argmax (short of float32 saturating two logits to one).
-        return self.lm_head.greedy(hidden)
+    # compute_greedy stays the LM head's argmax: tanh is increasing, so soft-capping keeps it (short of float32
+    # saturating two logits to one).
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

@@ -21,8 +21,7 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.gpt_layers import Activation, LayerNorm
-from pagoda.models.interface import PagodaModel
-from pagoda.models.layers import Attention, Linear, VocabEmbedding
+from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
@@ -122,7 +121,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden, residual)[0]
 
 
-class GPT2LMHeadModel(PagodaModel):
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
                  attn_config: AttentionConfig) -> None:
         super().__init__()
@@ -132,20 +131,12 @@ class GPT2LMHeadModel(PagodaModel):
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.transformer = GPT2Model(config, quant_config, dtype, attn_backend, attn_config, "transformer")
-        self.lm_head = (self.transformer.wte if self.tie_word_embeddings else
-                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
-        self.lm_head.use_as_lm_head()
+        self.init_lm_head(self.transformer.wte, config.hidden_size, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden_size]`` after ``ln_f``."""
         return self.transformer(input_ids, positions, kv_caches, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
-
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head.greedy(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``transformer.*`` or bare, ``lm_head.*``), transposing the

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
@@ -225,3 +226,25 @@ class GatedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x) if self.approximate is None else self.op(x, self.approximate)
+
+
+class CausalLM(PagodaModel):
+    """A decoder with a language-model head: ``lm_head`` is the embedding table when the config ties them, its
+    own table otherwise, and logits and greedy tokens come from it."""
+
+    def init_lm_head(self, embed: VocabEmbedding, width: int, quant_config: QuantizationConfig,
+                     dtype: torch.dtype) -> None:
+        """Set ``lm_head`` (``self.config`` and ``self.tie_word_embeddings`` already set) reading ``width``-wide
+        hidden states."""
+        self.lm_head = (embed if self.tie_word_embeddings else
+                        VocabEmbedding(self.config.vocab_size, width, quant_config, "lm_head", dtype))
+        self.lm_head.use_as_lm_head()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [n, width] → float32 logits [n, vocab_size]."""
+        return self.lm_head.logits(hidden)
+
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel allows (else
+        None)."""
+        return self.lm_head.greedy(hidden)

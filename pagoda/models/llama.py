@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
-from pagoda.models.interface import DecoderLayerSpec, DecoderStack, PagodaModel
-from pagoda.models.layers import Attention, GatedActivation, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagoda.models.interface import DecoderLayerSpec, DecoderStack
+from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
+                                  VocabEmbedding)
 from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -155,7 +156,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(PagodaModel):
+class LlamaForCausalLM(CausalLM):
     """Llama-family causal LM. Subclasses change which projections carry a bias, or (``layer_cls``) the layer."""
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
@@ -179,23 +180,12 @@ class LlamaForCausalLM(PagodaModel):
                                 model_config.max_model_len,
                                 model_config.layer_sliding_windows or model_config.sliding_window,
                                 layer_cls=self.layer_cls)
-        self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings else
-                        VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, "lm_head", dtype))
-        self.lm_head.use_as_lm_head()
+        self.init_lm_head(self.model.embed_tokens, config.hidden_size, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden_size]`` after the final norm."""
         return self.model(input_ids, positions, kv_caches, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size]."""
-        return self.lm_head.logits(hidden)
-
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel allows (else
-        None)."""
-        return self.lm_head.greedy(hidden)
 
     def decoder_stack(self) -> DecoderStack | None:
         return self.model.decoder_stack()

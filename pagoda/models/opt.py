@@ -24,8 +24,7 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.gpt_layers import Activation, LayerNorm
-from pagoda.models.interface import PagodaModel
-from pagoda.models.layers import Attention, Linear, VocabEmbedding
+from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
@@ -125,7 +124,7 @@ class OPTDecoder(nn.Module):
         return hidden
 
 
-class OPTForCausalLM(PagodaModel):
+class OPTForCausalLM(CausalLM):
     # checkpoint projection → (our merged projection, shard index)
     stacked_params = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2))
 
@@ -137,20 +136,12 @@ class OPTForCausalLM(PagodaModel):
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.decoder = OPTDecoder(config, quant_config, dtype, attn_backend, attn_config, "model.decoder")
-        self.lm_head = (self.decoder.embed_tokens if self.tie_word_embeddings else
-                        VocabEmbedding(config.vocab_size, config.word_embed_proj_dim, quant_config, "lm_head", dtype))
-        self.lm_head.use_as_lm_head()
+        self.init_lm_head(self.decoder.embed_tokens, config.word_embed_proj_dim, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any) -> torch.Tensor:
         """Hidden states ``[num_tokens, word_embed_proj_dim]``: what the LM head reads."""
         return self.decoder(input_ids, positions, kv_caches, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
-
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head.greedy(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``model.decoder.*`` or ``decoder.*``, ``lm_head.*``);
