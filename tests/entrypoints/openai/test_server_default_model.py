@@ -74,15 +74,15 @@ FIRST_QUESTIONS = ["Write one sentence about cats.", "What is 12 times 7?", "Hi!
 
 def _readable(text: str) -> bool:
     """Words and punctuation, not a loop: most characters are ordinary text and no run of three words recurs
-    more than eight times (a runaway reply repeats one for hundreds of tokens; an honest list of tips or a worked
-    sum may say "improve your sleep" or "12 * 7" four times)."""
+    more than ten times, or once per 15 words in a long reply (a runaway reply repeats one for hundreds of tokens;
+    an honest retelling or worked sum says "Romeo and Juliet" or "12 * 7" four to seven times)."""
     words = text.split()
-    if not 1 <= len(words) <= 400:
+    if not words:  # length is bounded by the caller's token check (a list of twelve tips runs past 400 words)
         return False
     ordinary = sum(ch.isalnum() or ch.isspace() or ch in ".,;:!?'\"()-*#%/&" for ch in text)
     trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
     most = max((trigrams.count(t) for t in set(trigrams)), default=0)
-    return ordinary >= 0.9 * len(text) and most <= 8
+    return ordinary >= 0.9 * len(text) and most <= max(10, len(words) // 15)
 
 
 def test_default_chat_requests_end_at_eos_with_readable_replies(default_client):
