@@ -313,17 +313,29 @@ AFFINE_GROUPS = (16, 32)
 AFFINE_KINDS = tuple(AFFINE_KIND + g for g in AFFINE_GROUPS)
 
 
+def pad_to_tiles(n: int, *rows: torch.Tensor | None) -> tuple[int, list[torch.Tensor | None]]:
+    """The number of 16-column tiles covering ``n`` output columns, and each of ``rows`` (tensors whose first
+    dimension is ``n``; ``None`` passes through) padded with zero rows to whole tiles: padded columns have zero codes,
+    scales and offsets."""
+    tiles = -(-n // 16)
+    pad = tiles * 16 - n
+    if not pad:
+        return tiles, list(rows)
+    return tiles, [None if t is None else torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for t in rows]
+
+
+def tile_params(values: torch.Tensor, dtype: torch.dtype, tiles: int, groups: int) -> torch.Tensor:
+    """Per-group parameters [tiles * 16, groups] as the packed kernels read them after each tile's codes: per tile
+    and group, the 16 columns' values in ``dtype``, as bytes [tiles, groups, 16 * itemsize]."""
+    return values.to(dtype).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+
 def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> PackedQuant:
     """Pack ``codes`` [n, k] (uint8 0..15 for ``bits=4``, int8 for ``bits=8``) with ``scale``/``offset``
     [n, k / 32] (8-bit: float16-exact scales, no offset, as Q8_0); ``k`` a multiple of 32."""
     n, k = codes.shape
     groups = k // 32
-    tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    if pad:  # whole tiles; padded rows have zero scale and offset
-        codes = torch.cat([codes, codes.new_zeros(pad, k)])
-        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
-        offset = None if offset is None else torch.cat([offset, offset.new_zeros(pad, groups)])
+    tiles, (codes, scale, offset) = pad_to_tiles(n, codes, scale, offset)
     c = codes.reshape(tiles, 16, groups, 16, 2)  # [tile, col, group, pair, element]
     if bits == 4:
         c = c.to(torch.uint8).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, element]
@@ -335,13 +347,10 @@ def pack_quantized(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
 
-    def per_tile(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return values.to(dtype).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
-
     if bits == 4:
-        params = [per_tile(scale, torch.float32), per_tile(offset, torch.float32)]
+        params = [tile_params(scale, torch.float32, tiles, groups), tile_params(offset, torch.float32, tiles, groups)]
     else:
-        params = [per_tile(scale, torch.float16)]
+        params = [tile_params(scale, torch.float16, tiles, groups)]
     data = torch.cat([code_bytes, *params], dim=-1).contiguous()
     return PackedQuant(data, n, k, bits)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
-from pagoda.platforms.cpu.kernels.cpu_ops import AFFINE_KIND, PackedQuant, _bf16_rows, _check, _threads
+from pagoda.platforms.cpu.kernels.cpu_ops import (AFFINE_KIND, PackedQuant, _bf16_rows, _check, _threads, pad_to_tiles,
+                                                  tile_params)
 
 E4M3 = 9  # the ``bits`` of FP8 e4m3 codes (pagoda_quant_gemm's kE4M3)
 E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
@@ -18,15 +19,10 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
     inputs, each of the tile's 16 columns' two bytes side by side (the order vdpbf16ps takes them), in groups of 64."""
     n, k = weight.shape
     groups = k // E4M3_GROUP
-    tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    codes = weight.view(torch.uint8)
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad, k)])
-        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
+    tiles, (codes, scale) = pad_to_tiles(n, weight.view(torch.uint8), scale)
     c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, elem]
     code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
-    params = scale.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+    params = tile_params(scale, torch.float32, tiles, groups)
     return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
 
 
@@ -39,19 +35,11 @@ def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     ``w = (code - zero) * scale``, the form AWQ / GPTQ checkpoints store, at their own group size."""
     n, k = codes.shape
     groups = k // group
-    tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad, k)])
-        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
-        zero = torch.cat([zero, zero.new_zeros(pad, groups)])
+    tiles, (codes, scale, zero) = pad_to_tiles(n, codes, scale, zero)
     c = codes.to(torch.uint8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
     code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, group * 8)
-
-    def per_tile(values: torch.Tensor) -> torch.Tensor:
-        return values.to(torch.float16).reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
-
-    data = torch.cat([code_bytes, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
+    data = torch.cat([code_bytes, tile_params(scale, torch.float16, tiles, groups),
+                      tile_params(zero, torch.float16, tiles, groups)], dim=-1).contiguous()
     return PackedQuant(data, n, k, ZERO_KIND + group)
 
 
@@ -61,19 +49,11 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     inputs, the tile's 16 columns' first input, then their second), then the 16 scales and the 16 offsets."""
     n, k = codes.shape
     groups = k // group
-    tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad, k)])
-        scale = torch.cat([scale, scale.new_zeros(pad, groups)])
-        offset = torch.cat([offset, offset.new_zeros(pad, groups)])
+    tiles, (codes, scale, offset) = pad_to_tiles(n, codes, scale, offset)
     c = codes.to(torch.int8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 4, 1)
     code_bytes = c.reshape(tiles, groups, group * 16).view(torch.uint8)
-
-    def per_tile(values: torch.Tensor) -> torch.Tensor:
-        return values.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
-
-    data = torch.cat([code_bytes, per_tile(scale), per_tile(offset)], dim=-1).contiguous()
+    data = torch.cat([code_bytes, tile_params(scale, torch.float32, tiles, groups),
+                      tile_params(offset, torch.float32, tiles, groups)], dim=-1).contiguous()
     return PackedQuant(data, n, k, AFFINE_KIND + group)
 
 
@@ -105,10 +85,7 @@ class PackedInt8:
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         n, k = weight.shape
-        tiles = -(-n // 16)
-        if tiles * 16 != n:
-            weight = torch.cat([weight, weight.new_zeros(tiles * 16 - n, k)])
-            scale = torch.cat([scale, scale.new_zeros(tiles * 16 - n)])
+        tiles, (weight, scale) = pad_to_tiles(n, weight, scale)
         tiles_bytes = weight.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
         self.data = torch.cat([tiles_bytes.reshape(-1), scale.float().contiguous().view(torch.uint8)])
         self.n, self.k = n, k
