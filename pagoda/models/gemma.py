@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
-from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
-                                  VocabEmbedding)
-from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.layers import Attention, CausalLM, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 
@@ -69,21 +68,6 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out)
 
 
-class GemmaMLP(nn.Module):
-    def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        # Gemma 1 names it hidden_act, Gemma 2/3 hidden_activation.
-        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "gelu_pytorch_tanh")
-        self.act = GatedActivation(act)
-        inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, quant_config, f"{prefix}.gate_up_proj",
-                                   dtype)
-        self.down_proj = Linear(inter, [config.hidden_size], False, quant_config, f"{prefix}.down_proj", dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 class GemmaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP; with ``sandwich_norms`` (Gemma 2/3) each block's output is normed again
     before its residual add."""
@@ -92,7 +76,9 @@ class GemmaDecoderLayer(nn.Module):
                  attention: GemmaAttention, sandwich_norms: bool) -> None:
         super().__init__()
         self.self_attn = attention
-        self.mlp = GemmaMLP(config, quant_config, f"{prefix}.mlp", dtype)
+        # GeGLU; Gemma 1 names the activation hidden_act, Gemma 2/3 hidden_activation.
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "gelu_pytorch_tanh")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", dtype, False, act)
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, unit_offset=True)

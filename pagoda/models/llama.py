@@ -51,10 +51,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """``down(act(gate) * up)`` on a fused gate/up projection; ``act`` defaults to the config's ``hidden_act``."""
+
     def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
-                 bias: bool) -> None:
+                 bias: bool, act: str | None = None) -> None:
         super().__init__()
-        self.act = GatedActivation(getattr(config, "hidden_act", "silu"))
+        self.act = GatedActivation(act or getattr(config, "hidden_act", "silu"))
         inter = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, quant_config, f"{prefix}.gate_up_proj",
                                    dtype)
