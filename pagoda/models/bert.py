@@ -19,7 +19,7 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.interface import PagodaModel
-from pagoda.models.layers import Attention, Linear, VocabEmbedding
+from pagoda.models.layers import Attention, Linear, VocabEmbedding, load_param
 from pagoda.models.pooler import ClassifierPooler, EmbeddingPooler, resolve_pooler_config
 from pagoda.quantization.interface import QuantizationConfig
 from pagoda.quantization.unquantized import default_weight_loader
@@ -213,12 +213,7 @@ class BertEmbeddingModel(PagodaModel):
             for shard_id, original in enumerate(("query", "key", "value")):
                 if f".attention.self.{original}." in name:
                     name, shard = name.replace(f".self.{original}.", ".self.qkv_proj."), shard_id
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor) if shard is None else loader(param, tensor, shard)
-            loaded.add(name)
+            loaded.add(load_param(self, params, name, tensor, shard))
         return loaded
 
 

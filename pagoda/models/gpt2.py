@@ -21,10 +21,9 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.gpt_layers import Activation, LayerNorm
-from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding
+from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
-from pagoda.quantization.unquantized import default_weight_loader
 
 #: Config switches that change GPT-2's maths in ways this implementation does not follow, with what it does.
 UNSUPPORTED_FEATURES = {
@@ -155,11 +154,7 @@ class GPT2LMHeadModel(CausalLM):
             if (any(layer in name for layer in CONV1D_LAYERS) and name.endswith(".weight")
                     and isinstance(tensor, torch.Tensor) and tensor.dim() == 2):
                 tensor = tensor.t()
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
+            loaded.add(load_param(self, params, name, tensor))
         return loaded
 
 

@@ -228,6 +228,26 @@ class GatedActivation(nn.Module):
         return self.op(x) if self.approximate is None else self.op(x, self.approximate)
 
 
+def merged_param_name(name: str, stacked_params: tuple[tuple[str, str, int], ...]) -> tuple[str, int | None]:
+    """A checkpoint tensor's name under our merged projections (``stacked_params``: (merged, original, shard)
+    triples, e.g. ``("qkv_proj", "q_proj", 0)``) and its shard of the merged parameter (None: all of it)."""
+    for merged, original, shard in stacked_params:
+        if f".{original}." in name:
+            return name.replace(f".{original}.", f".{merged}."), shard
+    return name, None
+
+
+def load_param(model: nn.Module, params: dict[str, Any], name: str, tensor: Any, shard: int | None = None) -> str:
+    """Hand ``tensor`` to parameter ``name``'s weight loader (as ``shard`` of a merged parameter when given); a
+    name the model has no parameter for is an error naming it. Returns ``name``."""
+    param = params.get(name)
+    if param is None:
+        raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    loader(param, tensor) if shard is None else loader(param, tensor, shard)
+    return name
+
+
 class CausalLM(PagodaModel):
     """A decoder with a language-model head: ``lm_head`` is the embedding table when the config ties them, its
     own table otherwise, and logits and greedy tokens come from it."""

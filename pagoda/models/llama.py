@@ -16,11 +16,10 @@ from torch import nn
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
-                                  VocabEmbedding)
+                                  VocabEmbedding, load_param, merged_param_name)
 from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
-from pagoda.quantization.unquantized import default_weight_loader
 
 
 class LlamaAttention(nn.Module):
@@ -207,26 +206,14 @@ class LlamaForCausalLM(CausalLM):
                 continue
             if not name.startswith(("model.", "lm_head.")):
                 name = "model." + name  # checkpoints saved from the bare model
-            name, shard_id = self.map_weight_name(name)
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
-                                 f"{type(self).__name__}")
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(name)
+            name, shard = self.map_weight_name(name)
+            loaded.add(load_param(self, params, name, tensor, shard))
         return loaded
 
 
     def map_weight_name(self, name: str) -> tuple[str, Any]:
         """A checkpoint tensor's parameter name and its shard of that parameter (None: the whole of it)."""
-        for merged, original, shard in self.stacked_params:
-            if f".{original}." in name:
-                return name.replace(f".{original}.", f".{merged}."), shard
-        return name, None
+        return merged_param_name(name, self.stacked_params)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -24,10 +24,9 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.models.gpt_layers import Activation, LayerNorm
-from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding
+from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param, merged_param_name
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
-from pagoda.quantization.unquantized import default_weight_loader
 
 #: OPT's position embedding table is indexed by position + 2.
 POSITION_OFFSET = 2
@@ -152,17 +151,8 @@ class OPTForCausalLM(CausalLM):
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # the same table as the token embeddings
-            shard_id = None
-            for merged, original, shard in self.stacked_params:
-                if f".{original}." in name:
-                    name, shard_id = name.replace(f".{original}.", f".{merged}."), shard
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
-            loaded.add(name)
+            name, shard = merged_param_name(name, self.stacked_params)
+            loaded.add(load_param(self, params, name, tensor, shard))
         return loaded
 
 
