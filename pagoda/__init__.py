@@ -9,6 +9,7 @@ _EXPORTS = {
     "EngineArgs": "pagoda.core.engine_args",
     "SamplingParams": "pagoda.sampling_params",
     "RequestOutputKind": "pagoda.sampling_params",
+    "StructuredOutputsParams": "pagoda.sampling_params",
     "PoolingParams": "pagoda.pooling_params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",

@@ -49,6 +49,45 @@ _GENERATION_CONFIG_FIELDS = {
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM's ``StructuredOutputsParams``: exactly one of ``json`` (a JSON schema,
+    as a dict or its JSON text), ``regex``, ``choice`` (the output is one of these strings), ``grammar`` (EBNF /
+    GBNF), ``json_object`` (any JSON object) or ``structural_tag`` must be set."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in _CONSTRAINT_KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("structured outputs: exactly one of " + ", ".join(_CONSTRAINT_KINDS)
+                             + f" must be set, got {kinds or 'none'}.")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured outputs: choice must be a non-empty list of strings.")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """The constraint's kind: ``json``, ``regex``, ``choice``, ``grammar``, ``json_object`` or
+        ``structural_tag``."""
+        return next(name for name in _CONSTRAINT_KINDS if getattr(self, name) not in (None, False))
+
+
+_CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+#: The name older vLLM releases gave the same class.
+GuidedDecodingParams = StructuredOutputsParams
+
+
+@dataclass
 class SamplingParams:
     """How to sample the completion of one prompt.
 
@@ -89,6 +128,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
+    #: Constrain the output to a JSON schema, regex, choice or grammar (see :class:`StructuredOutputsParams`).
+    structured_outputs: StructuredOutputsParams | None = None
     # Stop tokens including the model's EOS ids, filled by update_from_generation_config; min_tokens masks them.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
