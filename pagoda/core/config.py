@@ -120,6 +120,8 @@ class EngineConfig:
     disable_log_stats: bool
     registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
     ops: OpSet = field(repr=False, default=None)  # type: ignore[assignment]  # one implementation per op
+    speculative: Any = None  # a SpeculativeConfig when speculative decoding is on
+    draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
@@ -150,7 +152,7 @@ class EngineConfig:
         )
         backend = select_attention_backend(platform, attention, args.attention_backend, registry)
         ops = select_ops(platform, model_config.dtype, args.op_impl, registry)
-        return cls(
+        config = cls(
             model=model_config,
             cache=CacheConfig(args.block_size, args.enable_prefix_caching, args.gpu_memory_utilization,
                               args.kv_cache_memory_bytes, args.num_gpu_blocks_override,
@@ -161,6 +163,13 @@ class EngineConfig:
             cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
             disable_log_stats=args.disable_log_stats, registry=registry, ops=ops,
         )
+        if args.speculative_config is not None:
+            from pagoda.core.spec_decode.config import SpeculativeConfig, draft_engine_config
+
+            config.speculative = SpeculativeConfig.from_dict(args.speculative_config)
+            if config.speculative.method == "draft_model":
+                config.draft = draft_engine_config(args, config)
+        return config
 
 
 def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: Registry) -> ModelConfig:

@@ -60,7 +60,7 @@ class LLMEngine:
                                   (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
                                   else None)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -253,7 +253,7 @@ class LLMEngine:
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
         self.generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
-        results = self.scheduler.update_from_output(runner_out.sampled)
+        results = self.scheduler.update_from_output(runner_out.sampled, runner_out.spec_token_ids)
         outputs, finishes = self.output_processor.process(results, runner_out)
         for seq_id, status in finishes:
             self.scheduler.finish_requests([seq_id], status)

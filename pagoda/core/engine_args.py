@@ -57,6 +57,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     override_pooler_config: dict[str, Any] | None = None
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +72,10 @@ class EngineArgs:
             from pagoda.ops import parse_op_impl
 
             parse_op_impl(self.op_impl)  # malformed entries are an error naming the field
+        if self.speculative_config is not None:
+            from pagoda.core.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)  # every key checked, errors name it
         if self.task not in TASKS:
             bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
@@ -189,6 +194,9 @@ _HELP = {
     "pipeline_parallel_size": "devices to split the layers across (only 1 for now)",
     "data_parallel_size": "engine replicas (only 1 for now)",
     "override_pooler_config": "pooling settings for embedding/classification models",
+    "speculative_config": 'speculative decoding, as vLLM: {"method": "ngram", "num_speculative_tokens": k, '
+                          '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT, '
+                          '"num_speculative_tokens": k}',
 }
 
 assert set(_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}, "every engine argument needs help text"

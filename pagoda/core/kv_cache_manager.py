@@ -98,6 +98,15 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_hashed[request.request_id] = num_full
 
+    def free_blocks_past(self, request: Request, num_slots: int) -> None:
+        """Give back the request's trailing blocks beyond the first ``num_slots`` token slots (speculative
+        decoding's rollback of rejected drafts)."""
+        blocks = self.req_blocks.get(request.request_id)
+        keep = cdiv(num_slots, self.block_size)
+        if blocks and len(blocks) > keep:
+            self.pool.free(reversed(blocks[keep:]))
+            del blocks[keep:]
+
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` the parent's blocks (shared, reference-counted)."""
         blocks = list(self.req_blocks.get(parent.request_id, ()))
