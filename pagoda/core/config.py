@@ -167,6 +167,9 @@ class EngineConfig:
             from pagoda.core.spec_decode.config import SpeculativeConfig, draft_engine_config
 
             config.speculative = SpeculativeConfig.from_dict(args.speculative_config)
+            if model_config.task != "generate":
+                raise ValueError(f"speculative_config: only applies to text generation; this model serves the "
+                                 f"{model_config.task!r} task")
             if config.speculative.method == "draft_model":
                 config.draft = draft_engine_config(args, config)
         return config

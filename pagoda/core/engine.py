@@ -41,6 +41,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions_total: int
+    spec_decoding: Any = None  # SpecDecodingStats (cumulative) when speculative decoding is on
 
 
 class LLMEngine:
@@ -297,4 +298,5 @@ class LLMEngine:
             kv_cache_usage=self.kv_cache.usage(), num_free_blocks=self.kv_cache.num_free_blocks,
             num_total_blocks=self.config.cache.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            num_preemptions_total=self.scheduler.num_preemptions_total)
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            spec_decoding=self.runner.spec.stats.snapshot() if self.runner.spec is not None else None)

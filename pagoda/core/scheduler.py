@@ -224,7 +224,9 @@ class Scheduler:
             if self.speculative is not None and tokens:
                 request.spec_token_ids = spec_token_ids.get(request.request_id, []) if spec_token_ids else []
                 if request.request_id in verifying:
-                    record_verified(self.kv, request, tokens, self.num_lookahead)
+                    if record_verified(self.kv, request, tokens, self.num_lookahead):
+                        # A later allocation may bring the count back with other blocks: resend the list.
+                        self._known_blocks[request.request_id] = -1
                     results.append((request, tokens))
                     continue
             self.kv.cache_computed_blocks(request)

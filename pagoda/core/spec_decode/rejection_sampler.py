@@ -45,8 +45,7 @@ def rejection_sample(probs: torch.Tensor, drafts: torch.Tensor, draft_probs: tor
         draft_p = draft_probs[rows, drafts]
         # u < p/q, written without the division (q(x) > 0: x was drawn from q).
         accept = uniforms[:num_drafts] * draft_p < target_p
-    rejected = torch.flatnonzero(~accept)
-    accepted = int(rejected[0]) if rejected.numel() else num_drafts
+    accepted = int(accept.to(torch.int64).cumprod(0).sum())  # leading acceptances
     dist = probs[accepted]
     if accepted < num_drafts:
         if draft_probs is None:

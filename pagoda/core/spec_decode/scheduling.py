@@ -18,13 +18,15 @@ def drafts_to_schedule(request: Request, room: int, max_model_len: int) -> list[
     return request.spec_token_ids[:num] if num > 0 else []
 
 
-def record_verified(kv: KVCacheManager, request: Request, tokens: list[int], num_lookahead: int) -> None:
+def record_verified(kv: KVCacheManager, request: Request, tokens: list[int], num_lookahead: int) -> bool:
     """After a verification step: append the accepted tokens (and the corrected or bonus one) and roll the KV
     back to them. Every token but the newest is now computed; the slots of rejected drafts hold garbage that
     the next step overwrites. Blocks past what the request's tokens (plus the draft model's lookahead) need are
-    freed, and only then are full blocks entered into the prefix cache, so a rejected token never is."""
+    freed, and only then are full blocks entered into the prefix cache, so a rejected token never is. Returns
+    True when blocks were freed (the runner must then be sent the request's new block list)."""
     for token in tokens:
         request.append_token(token)
     request.num_computed_tokens = request.num_tokens - 1
-    kv.free_blocks_past(request, request.num_tokens + num_lookahead)
+    freed = kv.free_blocks_past(request, request.num_tokens + num_lookahead)
     kv.cache_computed_blocks(request)
+    return freed
