@@ -237,6 +237,8 @@ class Scheduler:
                 results.append((request, tokens))
             else:
                 for child in self._fork(request, tokens):
+                    if spec_token_ids:
+                        child.spec_token_ids = spec_token_ids.get(child.request_id, [])
                     results.append((child, child.output_token_ids[-1:]))
         return results
 

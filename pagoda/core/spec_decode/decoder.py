@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagoda.core.request import child_request_id
 from pagoda.core.spec_decode.config import SpeculativeConfig
 from pagoda.core.spec_decode.metrics import SpecDecodingStats
 from pagoda.core.spec_decode.rejection_sampler import greedy_accept, rejection_sample
@@ -160,8 +161,14 @@ class SpecDecoder:
 
     def propose(self, out: Any, states: dict[str, Any]) -> None:
         """Drafts for the requests that sampled this step, into ``out.spec_token_ids``."""
-        candidates = [states[rid] for rid in out.sampled if rid in states]
-        candidates = [s for s in candidates if self._is_eligible(s)]
+        candidates = []
+        for rid, tokens in out.sampled.items():
+            state = states.get(rid)
+            if state is not None and len(state.sampling) > 1:  # forked this step: its samples draft
+                children = (states[child_request_id(rid, i)] for i in range(len(tokens)))
+                candidates.extend(child for child in children if self._is_eligible(child))
+            elif state is not None and self._is_eligible(state):
+                candidates.append(state)
         if candidates:
             rows = np.fromiter((s.block_row for s in candidates), dtype=np.int64, count=len(candidates))
             block_rows = self.runner.block_rows
