@@ -79,6 +79,9 @@ class SpecDecoder:
         self.stats = SpecDecodingStats(self.spec.num_speculative_tokens)
         self._eligible: dict[str, bool] = {}
 
+    def reset_stats(self) -> None:
+        self.stats = SpecDecodingStats(self.spec.num_speculative_tokens)
+
     # ------------------------------------------------------------------ requests
     def add_request(self, state: Any) -> None:
         """A new or rebuilt (preempted) request."""
