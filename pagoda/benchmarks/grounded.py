@@ -41,8 +41,9 @@ def grounded_prompts(tokenizer: Any, num: int, vocab_size: int, seed: int = 0) -
         instruction = (f"Copy the passage below word for word, except replace the word \"{old}\" with \"{new}\".\n\n"
                        f"{passage}")
         if getattr(tokenizer, "chat_template", None):
-            prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
-                                                              add_generation_prompt=True, tokenize=True)))
+            text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                                 add_generation_prompt=True, tokenize=False)
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))
         else:
             prompts.append(tokenizer.encode(instruction + "\n\nEdited passage:\n"))
     return prompts

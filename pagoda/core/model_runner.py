@@ -247,6 +247,9 @@ class ModelRunner:
             states = [self.states[rid] for rid, _ in order]
             counts = np.fromiter((n for _, n in order), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
+        if spec_tokens:  # each verified token becomes a one-token (decode) row of its request
+            states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
+            num_reqs = len(states)
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
@@ -365,8 +368,8 @@ class ModelRunner:
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
         input_ids = np.empty(num_tokens, dtype=np.int64)
-        # A decode's token is the one at its computed-token count (its last one).
-        input_ids[:num_decodes] = np.fromiter((s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]),
+        # A decode's token is the one at its start (its last one, or a draft being verified).
+        input_ids[:num_decodes] = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())),
                                               dtype=np.int64, count=num_decodes)
         for i in range(num_decodes, num_reqs):
             input_ids[query_start_loc[i]:query_start_loc[i + 1]] = states[i].token_ids[starts[i]:ends[i]]

@@ -108,17 +108,44 @@ class SpecDecoder:
         for rid, drafts in spec_tokens.items():
             states[rid].token_ids.extend(drafts)
 
+    @staticmethod
+    def as_decode_rows(states: list[Any], counts: np.ndarray, starts: np.ndarray,
+                       spec_tokens: dict[str, list[int]]) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """The batch with each verified request's ``d + 1`` tokens as ``d + 1`` one-token rows (same block
+        table, consecutive positions), among the decodes. Attention writes a step's KV before it attends, so
+        row j reads the rows before it from the cache: exactly causal attention over the request. The step
+        then runs as a decode step — the paged decode kernels, the platform's fused decode step — instead of
+        the prefill path, and each row costs what a decode costs."""
+        decode_states, decode_starts, rest = [], [], []
+        for state, count, start in zip(states, counts.tolist(), starts.tolist()):
+            if state.request_id in spec_tokens:
+                decode_states.extend([state] * count)
+                decode_starts.extend(range(start, start + count))
+            elif count == 1:
+                decode_states.append(state)
+                decode_starts.append(start)
+            else:
+                rest.append((state, count, start))
+        num = len(decode_states)
+        all_states = decode_states + [r[0] for r in rest]
+        new_counts = np.ones(len(all_states), dtype=np.int64)
+        new_counts[num:] = [r[1] for r in rest]
+        new_starts = np.asarray(decode_starts + [r[2] for r in rest], dtype=np.int64)
+        return all_states, new_counts, new_starts
+
     def verify(self, out: Any, hidden: torch.Tensor, states: list[Any], query_start_loc: np.ndarray,
                spec_tokens: dict[str, list[int]]) -> np.ndarray:
-        """Verify the drafts of every request in ``spec_tokens``; returns the indices (into ``states``) handled."""
+        """Verify the drafts of every request in ``spec_tokens``; returns the indices (into ``states``) handled.
+        A verified request's rows are consecutive in the batch: its last token's, then its drafts'."""
         runner = self.runner
         index = np.asarray([i for i, s in enumerate(states) if s.request_id in spec_tokens], dtype=np.int64)
-        verified = [states[i] for i in index]
-        drafts = [spec_tokens[s.request_id] for s in verified]
         starts = query_start_loc[index].astype(np.int64)
-        counts = query_start_loc[index + 1] - starts  # d + 1 rows each: the last token and the drafts
-        offsets = np.concatenate(([0], np.cumsum(counts)))  # each request's first row among the verified rows
-        rows = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])
+        counts = query_start_loc[index + 1] - starts
+        rows = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
+        verified = [runner.states[rid] for rid in dict.fromkeys(states[i].request_id for i in index)]
+        drafts = [spec_tokens[s.request_id] for s in verified]
+        # d + 1 rows each: the last token's and the drafts'
+        offsets = np.concatenate(([0], np.cumsum([len(d) + 1 for d in drafts])))
         row_hidden = hidden[torch.from_numpy(rows).to(hidden.device)]
         samplings = [s.sampling[0] for s in verified]
         results: list[tuple[int, int]] = []  # (accepted drafts, next token) per request
