@@ -120,7 +120,7 @@ class EngineConfig:
     disable_log_stats: bool
     registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
     ops: OpSet = field(repr=False, default=None)  # type: ignore[assignment]  # one implementation per op
-    speculative: Any = None  # a SpeculativeConfig when speculative decoding is on
+    speculative_config: Any = None  # a SpeculativeConfig when speculative decoding is on
     draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
 
     @classmethod
@@ -166,11 +166,11 @@ class EngineConfig:
         if args.speculative_config is not None:
             from pagoda.core.spec_decode.config import SpeculativeConfig, draft_engine_config
 
-            config.speculative = SpeculativeConfig.from_dict(args.speculative_config)
+            config.speculative_config = SpeculativeConfig.from_dict(args.speculative_config)
             if model_config.task != "generate":
                 raise ValueError(f"speculative_config: only applies to text generation; this model serves the "
                                  f"{model_config.task!r} task")
-            if config.speculative.method == "draft_model":
+            if config.speculative_config.method == "draft_model":
                 config.draft = draft_engine_config(args, config)
         return config
 

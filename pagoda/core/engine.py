@@ -61,7 +61,7 @@ class LLMEngine:
                                   (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
                                   else None)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

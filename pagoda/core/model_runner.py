@@ -149,7 +149,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
         self.spec = None
-        if config.speculative is not None:
+        if config.speculative_config is not None:
             from pagoda.core.spec_decode.decoder import SpecDecoder
 
             self.spec = SpecDecoder(config, self)

@@ -90,7 +90,7 @@ def draft_engine_config(args: Any, target: Any) -> Any:
 
     from pagoda.core.config import EngineConfig
 
-    spec = target.speculative
+    spec = target.speculative_config
     dtype = str(target.model.dtype).removeprefix("torch.")
     fields = {f.name for f in dataclasses.fields(args)}
     kept = {name: getattr(args, name) for name in ("device", "attention_backend", "op_impl", "block_size",

@@ -32,7 +32,7 @@ logger = init_logger(__name__)
 
 
 def make_proposer(config: Any, runner: Any) -> Any:
-    spec: SpeculativeConfig = config.speculative
+    spec: SpeculativeConfig = config.speculative_config
     if spec.method == "ngram":
         from pagoda.core.spec_decode.ngram import NgramProposer
 
@@ -72,7 +72,7 @@ def truncate_at_stop(tokens: list[int], sampling: Any, num_prompt_tokens: int, m
 
 class SpecDecoder:
     def __init__(self, config: Any, runner: Any) -> None:
-        self.spec: SpeculativeConfig = config.speculative
+        self.spec: SpeculativeConfig = config.speculative_config
         self.max_model_len = config.model.max_model_len
         self.runner = runner
         self.proposer = make_proposer(config, runner)

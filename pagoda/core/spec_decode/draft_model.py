@@ -46,7 +46,7 @@ def draft_kv_bytes_per_block(config: Any) -> int:
 class DraftModelProposer:
     def __init__(self, config: Any, runner: Any) -> None:
         draft = config.draft
-        self.k = config.speculative.num_speculative_tokens
+        self.k = config.speculative_config.num_speculative_tokens
         self.device = runner.device
         self.block_size = runner.block_size
         self.max_model_len = config.model.max_model_len
