@@ -164,6 +164,41 @@ def test_batch_shapes_and_neighbours_do_not_change_beams(tiny_model_dir, engine_
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("width,max_tokens", [(4, 1), (2, 2), (3, 3)])
+def test_edge_widths_and_lengths_match_transformers(eos_model, width, max_tokens):
+    path, eos = eos_model
+    llm = LLM(path, **ENGINE)
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens)
+    prompts = EOS_PROMPTS[:2]
+    for prompt, output in zip(prompts, llm.beam_search(prompts, params)):
+        assert_same_beams(output, prompt, hf_beam_search(path, prompt, params, eos), params, eos)
+    assert_all_blocks_free(llm)
+
+
+def test_beams_share_blocks_and_free_them_at_once(tiny_model_dir):
+    """After every step the cache holds exactly the live beams' blocks: the prompt's full blocks once, shared by
+    every beam, and no block of a beam that dropped out."""
+    llm = LLM(tiny_model_dir("llama"), **{**ENGINE, "block_size": 4})
+    engine, kv = llm.llm_engine, llm.llm_engine.kv_cache
+    prompt = list(range(10, 23))  # 13 tokens: 3 full blocks and a partial one
+    engine.add_request("beams", {"prompt_token_ids": prompt},
+                       BeamSearchParams(beam_width=4, max_tokens=12, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        beams = engine.beam_search.groups["beams"].beams if "beams" in engine.beam_search.groups else []
+        assert set(kv.req_blocks) == {beam.request_id for beam in beams}
+        live = {id(block): block for beam in beams for block in kv.req_blocks[beam.request_id]}
+        assert kv.pool.num_blocks - kv.pool.num_free_blocks == len(live)  # nothing else is held
+        if len(beams) == 4:
+            prompt_blocks = [kv.req_blocks[beam.request_id][:3] for beam in beams]
+            assert all(blocks == prompt_blocks[0] for blocks in prompt_blocks)
+            assert all(block.ref_cnt == 4 for block in prompt_blocks[0])
+    assert steps == 12
+    assert_all_blocks_free(llm)
+
+
 def test_prompt_forms_and_abort(llama):
     path, llm = llama
     params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)

@@ -124,7 +124,7 @@ class BeamGroup:
         if self.improvement_possible and not full:
             penalty = np.float32(length ** self.params.length_penalty)
             new = [Hypothesis(np.float32(score / penalty), float(score), node(beam, rank),
-                              "length" if at_max_length else "stop")
+                              "stop" if rows[beam][0][rank] in eos else "length")
                    for (score, beam, rank), end in zip(candidates[:width], ends[:width]) if end]
             if new:
                 merged = self.finished + new
