@@ -12,11 +12,10 @@ from pagoda.outputs import Logprob
 
 @dataclass
 class BeamSearchSequence:
-    """One returned beam. As in vLLM, ``tokens`` holds the prompt followed by the generated tokens, and
-    ``logprobs`` one dict per generated token: the candidates the search ranked at that step (the chosen token
-    among them). ``text`` is the generated text only (without an ending EOS unless
-    ``include_stop_str_in_output``); ``finish_reason`` is "stop" for a sequence that ended with EOS, else
-    "length"."""
+    """One returned beam. As in vLLM, ``tokens`` holds the prompt followed by the generated tokens, ``text`` is
+    all of them decoded (prompt included, with the tokenizer's defaults), and ``logprobs`` has one dict per
+    generated token: the candidates the search ranked at that step (the chosen token among them).
+    ``finish_reason`` is "stop" for a sequence that ended with EOS, else "length"."""
 
     tokens: list[int]
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)

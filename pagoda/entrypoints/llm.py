@@ -68,7 +68,8 @@ class LLM(LLMPoolingMixin):
         from pagoda.entrypoints.llm_beam_search import beam_search_outputs
 
         prompt_list = self._as_list(prompts)
-        return beam_search_outputs(self._run(prompt_list, [params] * len(prompt_list), use_tqdm))
+        return beam_search_outputs(self._run(prompt_list, [params] * len(prompt_list), use_tqdm),
+                                   self.llm_engine.tokenizer)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

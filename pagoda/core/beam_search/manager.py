@@ -65,10 +65,11 @@ class BeamSearchManager:
             if group.beams[0].request_id not in sampled:
                 continue  # not run this step (or still in prefill)
             argmax, rows = [], []
+            end = group.num_candidates + 1  # (a neighbour asking for more logprobs widens the step's rows)
             for beam in group.beams:
                 argmax.append(sampled.pop(beam.request_id)[0])
                 ids, values, _ = logprobs.pop(beam.request_id)
-                rows.append((ids[1:], values[1:]))  # column 0 is the runner's own choice (the argmax)
+                rows.append((ids[1:end], values[1:end]))  # column 0 is the runner's own choice (the argmax)
             continuations = group.advance(rows)
             self._apply(group, continuations, argmax)
             if group.done:
@@ -77,8 +78,12 @@ class BeamSearchManager:
 
     def _apply(self, group: BeamGroup, continuations: list[Continuation], argmax: list[int]) -> None:
         scheduler, old = self.scheduler, group.beams
+        if group.done:
+            scheduler.finish_requests([beam.request_id for beam in old], RequestStatus.FINISHED_STOPPED)
+            group.beams, group.scores, group.nodes = [], [], []
+            return
         taken = [False] * len(old)
-        beams, children = [], []
+        beams = []
         for cont in continuations:
             parent = old[cont.beam]
             if not taken[cont.beam]:
@@ -94,15 +99,9 @@ class BeamSearchManager:
             child.beam_group = group
             scheduler.fork_beam(parent, child)
             beams.append((child, cont))
-            children.append(child)
         dropped = [beam.request_id for beam, chosen in zip(old, taken) if not chosen]
-        if group.done:
-            dropped = [beam.request_id for beam in old] + [child.request_id for child in children]
-        if dropped:
+        if dropped:  # their blocks go back at once (those shared with surviving beams stay referenced)
             scheduler.finish_requests(dropped, RequestStatus.FINISHED_STOPPED)
-        if group.done:
-            group.beams, group.scores, group.nodes = [], [], []
-            return
         position = {id(beam): i for i, beam in enumerate(old)}
         for beam, cont in beams:
             beam.append_token(cont.token)

@@ -17,14 +17,23 @@ def reference_beams(llm, prompt, **kwargs):
     return llm.beam_search([prompt], BeamSearchParams(**kwargs))[0].sequences
 
 
+def generated_text(llm, sequence, prompt_len: int) -> str:
+    """What the server answers for a beam: its generated text, without an ending EOS."""
+    tokens = sequence.tokens[prompt_len:]
+    if sequence.finish_reason == "stop":
+        tokens = tokens[:-1]
+    return llm.get_tokenizer().decode(tokens, skip_special_tokens=True)
+
+
 def test_completions_beams_match_llm_beam_search(client, reference_llm, tiny_chat_model_dir):
     expected = reference_beams(reference_llm, PROMPT, beam_width=3, max_tokens=8, length_penalty=0.5)
     response = client.completions.create(model=tiny_chat_model_dir, prompt=PROMPT, n=3, max_tokens=8,
                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
     assert [c.index for c in response.choices] == [0, 1, 2]
-    assert [c.text for c in response.choices] == [seq.text for seq in expected]
-    assert [c.finish_reason for c in response.choices] == [seq.finish_reason for seq in expected]
     prompt_len = len(reference_llm.get_tokenizer().encode(PROMPT))
+    assert [c.text for c in response.choices] == [generated_text(reference_llm, s, prompt_len) for s in expected]
+    assert [c.finish_reason for c in response.choices] == [seq.finish_reason for seq in expected]
+    assert all(seq.text == reference_llm.get_tokenizer().decode(seq.tokens) for seq in expected)  # vLLM's text
     assert response.usage.prompt_tokens == prompt_len
     assert response.usage.completion_tokens == sum(len(seq.tokens) - prompt_len for seq in expected)
     assert len({c.text for c in response.choices}) == 3  # three different beams
@@ -37,7 +46,8 @@ def test_chat_beams_match_llm_beam_search(client, reference_llm, tiny_chat_model
     expected = reference_beams(reference_llm, {"prompt_token_ids": ids}, beam_width=2, max_tokens=6)
     response = client.chat.completions.create(model=tiny_chat_model_dir, messages=MESSAGES, n=2, max_tokens=6,
                                               extra_body={"use_beam_search": True})
-    assert [c.message.content for c in response.choices] == [seq.text for seq in expected]
+    assert [c.message.content for c in response.choices] == [generated_text(reference_llm, s, len(ids))
+                                                              for s in expected]
 
 
 def test_stream_returns_the_final_beams(client, tiny_chat_model_dir):
