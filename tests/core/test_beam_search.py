@@ -64,8 +64,8 @@ def assert_same_beams(output, prompt: list[int], expected, params: BeamSearchPar
 
 @pytest.fixture(scope="module")
 def eos_model(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama with an EOS id that beam search meets often: the token transformers' beams (found once
-    with EOS disabled) take most often for the test prompts."""
+    """``(path, eos, LLM)``: the tiny Llama with an EOS id that beam search meets often — the token
+    transformers' beams (found once with EOS disabled) take most often for the test prompts, made likelier."""
     source = tiny_model_dir("llama")
     counts: dict[int, int] = {}
     for prompt in EOS_PROMPTS:
@@ -81,7 +81,7 @@ def eos_model(tiny_model_dir, tmp_path_factory):
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
     target = tmp_path_factory.mktemp("tiny_llama_eos")
     model.save_pretrained(target)
-    return str(target), eos
+    return str(target), eos, LLM(str(target), **ENGINE)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,7 @@ def _check_ignore_eos(path: str, llm: LLM, width: int) -> None:
     (3, 1.0, True), (4, 1.5, "never"), (4, 0.5, True),
 ])
 def test_eos_matches_transformers(eos_model, width, length_penalty, early_stopping):
-    path, eos = eos_model
-    llm = LLM(path, **ENGINE)
+    path, eos, llm = eos_model
     assert eos in llm.llm_engine.eos_token_ids
     params = BeamSearchParams(beam_width=width, max_tokens=MAX_TOKENS, length_penalty=length_penalty,
                               early_stopping=early_stopping)
@@ -166,8 +165,7 @@ def test_batch_shapes_and_neighbours_do_not_change_beams(tiny_model_dir, engine_
 
 @pytest.mark.parametrize("width,max_tokens", [(4, 1), (2, 2), (3, 3)])
 def test_edge_widths_and_lengths_match_transformers(eos_model, width, max_tokens):
-    path, eos = eos_model
-    llm = LLM(path, **ENGINE)
+    path, eos, llm = eos_model
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens)
     prompts = EOS_PROMPTS[:2]
     for prompt, output in zip(prompts, llm.beam_search(prompts, params)):
@@ -227,4 +225,11 @@ def test_bad_parameters_are_errors(llama):
         llm.beam_search([[5, 6]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="prompt"):
         llm.beam_search([[]], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert_all_blocks_free(llm)
+
+
+def test_beams_that_cannot_run_together_are_an_error(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), **{**ENGINE, "max_num_batched_tokens": 4})
+    with pytest.raises(ValueError, match="beam_width"):
+        llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=5, max_tokens=4))
     assert_all_blocks_free(llm)

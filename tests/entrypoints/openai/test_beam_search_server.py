@@ -63,6 +63,7 @@ def test_stream_returns_the_final_beams(client, tiny_chat_model_dir):
 @pytest.mark.parametrize("extra,field", [
     ({"top_p": 0.5}, "top_p"), ({"stop": ["x"]}, "stop"), ({"logprobs": 2}, "logprobs"),
     ({"length_penalty": "long"}, "length_penalty"), ({"early_stopping": "sometimes"}, "early_stopping"),
+    ({"guided_json": {"type": "object"}}, "guided_json"), ({"best_of": 3}, "best_of"),
 ])
 def test_conflicting_fields_are_400s(client, tiny_chat_model_dir, extra, field):
     body = {"use_beam_search": True, **extra}
