@@ -116,9 +116,13 @@ class SamplingFields(OpenAIBaseModel):
     cache_salt: str | None = Field(default=None, min_length=1,
                                    description="prefix-cache blocks are shared only between requests with the "
                                                "same salt (e.g. one per tenant)")
+    # vLLM's beam search: n is the beam width (see docs/decoding.md)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty")
+                     "frequency_penalty", "length_penalty")
     @classmethod
     def _float32_value(cls, value: float | None) -> float | None:
         return _check_float32(value)

@@ -14,6 +14,7 @@ from pagoda.entrypoints.chat_utils import apply_chat_template
 from pagoda.entrypoints.openai.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatCompletionStreamResponse, ChatLogProbs, ChatResponseMessage,
                                                 ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage)
+from pagoda.entrypoints.openai.serving_beam_search import beam_search_params
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
@@ -69,7 +70,11 @@ class OpenAIServingChat(OpenAIServing):
         self.check_length(len(prompt_ids), max_tokens, "messages")
         # max_tokens None: OpenAI's default, whatever room the context leaves (the engine works it out)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs)
+        if request.use_beam_search:  # (it needs a length: the rest of the context by default, like vLLM)
+            params = beam_search_params(request, max_tokens or self.max_model_len - len(prompt_ids),
+                                        self.default_params.temperature)
+        else:
+            params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
