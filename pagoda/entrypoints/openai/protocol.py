@@ -1,13 +1,14 @@
 """Request and response bodies of the OpenAI-compatible server (OpenAI's schema plus vLLM's extra fields).
 
 Requests accept unknown fields (clients such as LangChain send fields we have no use for) and the server logs
-them at WARNING; fields whose meaning we can't honour (``suffix``, ``tools``, a JSON ``response_format``) are
-rejected with a 400 instead of being silently dropped.
+them at WARNING; fields whose meaning we can't honour (``suffix``, a JSON ``response_format``) are rejected with
+a 400 instead of being silently dropped.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -191,10 +192,74 @@ class TextContentPart(BaseModel):
     text: str
 
 
+# ---------------------------------------------------------------------------- tool calling
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="the arguments' JSON schema")
+    strict: bool | None = None
+
+
+class ChatCompletionToolsParam(BaseModel):
+    """One entry of ``tools``: a function the model may call."""
+
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: the model must call this function."""
+
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"] = "function"
+    function: ChatCompletionNamedFunction
+
+
+def random_tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a response, and in the history a client sends back)."""
+
+    id: str = Field(default_factory=random_tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of a tool call: ``id``, ``type`` and ``function.name`` in its first piece, then
+    ``function.arguments`` in string pieces; ``index`` says which call of the message it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -209,8 +274,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = Field(
+        default=None, description="default: 'auto' when tools are given, else 'none'")
+    parallel_tool_calls: bool | None = True
     # vLLM extras
     chat_template: str | None = Field(default=None, description="Jinja template overriding the model's")
     chat_template_kwargs: dict[str, Any] | None = None
@@ -236,6 +303,7 @@ class ChatLogProbs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -259,6 +327,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
@@ -294,6 +363,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
     return_token_strs: bool = False
 
 
