@@ -85,7 +85,9 @@ def apply_chat_template(tokenizer: Any, messages: list[Any], chat_template: str 
     if chat_template and "\n" not in chat_template and chat_template.endswith((".jinja", ".j2", ".txt")):
         with open(chat_template) as f:
             template = f.read()
+    kwargs = dict(chat_template_kwargs or {})  # LLM.chat(..., tools=...) passes them this way, as vLLM's does
+    if tools is not None:
+        kwargs["tools"] = tools
     return tokenizer.apply_chat_template(normalized, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, tools=tools,
-                                         **(chat_template_kwargs or {}))
+                                         continue_final_message=continue_final_message, **kwargs)

@@ -228,3 +228,26 @@ def test_chat_template_renders_tools_and_tool_messages(tokenizer):
     messages[1]["tool_calls"][0]["function"]["arguments"] = "{city"
     with pytest.raises(ValueError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments"):
         apply_chat_template(tokenizer, messages, chat_template=str(HERMES_TEMPLATE), tools=tools)
+
+
+def test_required_and_named_choices_constrain_the_output():
+    from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig
+    from pagoda.entrypoints.openai.tool_calling import RequestToolCalling
+    from pagoda.sampling_params import StructuredOutputsParams
+
+    config = ServerConfig(served_model_names=["m"], enable_auto_tool_choice=True, tool_call_parser="hermes")
+    parameters = request().tools[0].function.parameters
+
+    def constraint(**fields):
+        params = SamplingParams()
+        RequestToolCalling.from_request(request(**fields), config, None).constrain(params)
+        return params.structured_outputs
+
+    assert constraint(tool_choice={"type": "function", "function": {"name": "get_weather"}}).json == parameters
+    assert constraint(tool_choice="required").json == required_schema({"get_weather": parameters}, parallel=True)
+    assert constraint(tool_choice="required", parallel_tool_calls=False).json["maxItems"] == 1
+    assert constraint(tool_choice="auto") is None
+    assert RequestToolCalling.from_request(request(tool_choice="none"), config, None) is None
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
+    with pytest.raises(APIError, match="response_format"):
+        RequestToolCalling.from_request(request(tool_choice="required"), config, None).constrain(params)
