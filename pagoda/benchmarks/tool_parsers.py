@@ -18,8 +18,9 @@ from pagoda.entrypoints.openai.tool_parsers import ToolParserManager
 
 def replies(num_calls: int, argument_chars: int) -> dict[str, tuple[object, str]]:
     text = "lorem ipsum " * max(1, argument_chars // 40)
-    calls = [{"name": f"tool_{i}", "arguments": {"query": text[: argument_chars // 2], "page": i,
-                                                   "filters": {"lang": ["en", "fr"], "text": text[argument_chars // 2:]}}}
+    half = argument_chars // 2
+    calls = [{"name": f"tool_{i}", "arguments": {"query": text[:half], "page": i,
+                                                   "filters": {"lang": ["en", "fr"], "text": text[half:]}}}
              for i in range(num_calls)]
     hermes = "Checking.\n" + "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
     llama = "<|python_tag|>" + "; ".join(json.dumps({"name": c["name"], "parameters": c["arguments"]}) for c in calls)
