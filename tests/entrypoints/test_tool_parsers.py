@@ -126,7 +126,8 @@ def test_hermes_whole_output_values():
                       .tool_calls[0].function.arguments) == {"a": 1}
 
 
-@pytest.mark.parametrize("output", ["<tool_call>{not json}</tool_call>", "<tool_call>[1, 2]</tool_call>",
+@pytest.mark.parametrize("output", ["<tool_call>", "<tool_call>\n", '<tool_call>\n{"name": "f", "argu',
+                                    "<tool_call>{not json}</tool_call>", "<tool_call>[1, 2]</tool_call>",
                                     '<tool_call>{"arguments": {}}</tool_call>',
                                     '<tool_call>{"name": "f"} trailing</tool_call>'])
 def test_hermes_malformed_call_is_content(output):
@@ -153,7 +154,8 @@ def test_llama3_json_whole_output_values():
     assert info.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in info.tool_calls] == \
         [("get_weather", WEATHER["arguments"]), ("search", TRICKY["arguments"])]
-    for output in ('{"name": "f", "parameters": {}} and some text', '{"no name": 1}', "{broken"):
+    for output in ('{"name": "f", "parameters": {}} and some text', '{"no name": 1}', "{broken", "<|python_tag|>",
+                   '<|python_tag|>{"name": "f", "param'):
         info = parser.extract_tool_calls(output, None)
         assert not info.tools_called and info.content == output
 

@@ -114,6 +114,34 @@ def test_streamed_tool_calls_accumulate_in_the_client(tool_client):
     assert names == ["get_weather", "get_weather"]
 
 
+def test_streams_per_choice_with_logprobs_and_one_call(tool_client):
+    chunks = list(tool_client.chat.completions.create(
+        model="tool-model", messages=ASK_TWO, tools=TOOLS, temperature=0.5, seed=1, n=2, logprobs=True,
+        parallel_tool_calls=False, max_completion_tokens=100, stream=True,
+        extra_body={"top_k": 1}))  # top_k 1: sampled, yet both choices are the memorised reply
+    for index in (0, 1):
+        deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        calls = [tc for d in deltas for tc in d.delta.tool_calls or []]
+        assert {tc.index for tc in calls} == {0} and [tc.function.name for tc in calls if tc.id] == ["get_weather"]
+        assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == PARIS
+        assert "".join(d.delta.content or "" for d in deltas) == BOTH_INTRO
+        assert deltas[-1].finish_reason == "tool_calls"
+        # every generated token's logprob is sent, also while the parser holds its text back
+        tokens = sum(len(d.logprobs.content) for d in deltas if d.logprobs)
+        whole = ask(tool_client, ASK_TWO, logprobs=True).choices[0].logprobs.content
+        assert tokens == len(whole)
+
+
+def test_tokenize_renders_the_tools_like_chat(tool_server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    count = requests.post(tool_server.url + "/tokenize", json={"messages": ASK, "tools": TOOLS}, headers=headers,
+                          timeout=60).json()["count"]
+    without = requests.post(tool_server.url + "/tokenize", json={"messages": ASK}, headers=headers,
+                            timeout=60).json()["count"]
+    usage = post(tool_server, {"tools": TOOLS, "max_tokens": 1}).json()["usage"]
+    assert count == usage["prompt_tokens"] > without
+
+
 def test_stream_of_a_plain_answer_is_content(tool_client):
     history = history_after_call()
     chunks = list(tool_client.chat.completions.create(model="tool-model", messages=history, tools=TOOLS,

@@ -78,7 +78,7 @@ class Member:
 def scan_object(text: str, start: int) -> tuple[list[Member], int | None]:
     """The members of the JSON object at ``text[start]`` (``{``) as far as they have arrived, and where the object
     ends (``None`` while it is incomplete). Raises ``ValueError`` where the text can't be a JSON object."""
-    if text[start] != "{":
+    if start >= len(text) or text[start] != "{":
         raise ValueError("a tool call must be a JSON object")
     members: list[Member] = []
     i = skip_whitespace(text, start + 1)
