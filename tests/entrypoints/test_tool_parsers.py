@@ -253,3 +253,43 @@ def test_required_and_named_choices_constrain_the_output():
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
     with pytest.raises(APIError, match="response_format"):
         RequestToolCalling.from_request(request(tool_choice="required"), config, None).constrain(params)
+
+
+def test_mutated_outputs_never_break_a_stream():
+    """Outputs with random edits, streamed in random pieces: no exception, calls indexed 0, 1, … each with its
+    name, and wherever the whole extraction finds calls the stream sent exactly those (and the same content)."""
+    import random
+
+    rng = random.Random(16)
+    alphabet = '{}[]":,;\\ <>/tool_call|python_tag\n0123456789truefalsenull'
+    required = json.dumps([{"name": "get_weather", "parameters": WEATHER["arguments"]},
+                           {"name": "noop", "parameters": {}}])
+    cases = [(ToolParserManager.get_tool_parser("hermes"), o) for o in HERMES_CASES.values()]
+    cases += [(ToolParserManager.get_tool_parser("llama3_json"), o) for o in LLAMA_CASES.values()]
+    cases += [(RequiredToolParser, required)]
+    for parser_cls, output in cases:
+        for _ in range(60):
+            chars = list(output)
+            for _ in range(rng.randint(1, 4)):
+                i = rng.randrange(len(chars) + 1)
+                if rng.random() < 0.4 and chars:
+                    del chars[min(i, len(chars) - 1)]
+                else:
+                    chars.insert(i, rng.choice(alphabet))
+            mutated = "".join(chars)
+            whole = parser_cls(None).extract_tool_calls(mutated, None)
+            parser, text, message = parser_cls(None), "", {}
+            while len(text) < len(mutated):
+                piece = mutated[len(text):len(text) + rng.randint(1, 6)]
+                delta = parser.extract_tool_calls_streaming(text, text + piece, piece, (), (), (), None)
+                text += piece
+                if delta is not None:
+                    accumulate_delta(message, delta.model_dump(exclude_none=True))
+            if (delta := parser.finish_streaming(text, None)) is not None:
+                accumulate_delta(message, delta.model_dump(exclude_none=True))
+            calls = message.get("tool_calls", [])
+            assert all(c["index"] == k and c["function"].get("name") for k, c in enumerate(calls)), mutated
+            if whole.tools_called:
+                assert (message.get("content") or None) == whole.content, mutated
+                assert [(c["function"]["name"], c["function"].get("arguments", "")) for c in calls] == \
+                    [(c.function.name, c.function.arguments) for c in whole.tool_calls], mutated

@@ -24,9 +24,10 @@ def skip_whitespace(text: str, i: int) -> int:
     return i
 
 
-def value_end(text: str, i: int) -> int | None:
+def value_end(text: str, i: int, resume: dict[int, tuple[int, int, bool]] | None = None) -> int | None:
     """Where the JSON value starting at ``text[i]`` ends (exclusive); ``None`` if the text ends before it does.
-    Raises ``ValueError`` where the text can't be JSON."""
+    Raises ``ValueError`` where the text can't be JSON. ``resume`` keeps where the scan of an unfinished object or
+    array stopped, so a stream that calls again with a longer text scans only the new characters."""
     if i >= len(text):
         return None
     first = text[i]
@@ -41,7 +42,7 @@ def value_end(text: str, i: int) -> int | None:
                 j += 1
         return None
     if first in "{[":
-        depth, j, in_string = 0, i, False
+        j, depth, in_string = resume.get(i, (i, 0, False)) if resume is not None else (i, 0, False)
         while j < len(text):
             c = text[j]
             if in_string:
@@ -58,6 +59,8 @@ def value_end(text: str, i: int) -> int | None:
                 if depth == 0:
                     return j + 1
             j += 1
+        if resume is not None:
+            resume[i] = (j, depth, in_string)  # past the end after a backslash: the next character is escaped
         return None
     match = _SCALAR.match(text, i)
     if match is None:
@@ -75,9 +78,11 @@ class Member:
     end: int | None  # where it ends; None while it is still streaming in
 
 
-def scan_object(text: str, start: int) -> tuple[list[Member], int | None]:
+def scan_object(text: str, start: int,
+                resume: dict[int, tuple[int, int, bool]] | None = None) -> tuple[list[Member], int | None]:
     """The members of the JSON object at ``text[start]`` (``{``) as far as they have arrived, and where the object
-    ends (``None`` while it is incomplete). Raises ``ValueError`` where the text can't be a JSON object."""
+    ends (``None`` while it is incomplete); ``resume`` as for :func:`value_end`. Raises ``ValueError`` where the
+    text can't be a JSON object."""
     if start >= len(text) or text[start] != "{":
         raise ValueError("a tool call must be a JSON object")
     members: list[Member] = []
@@ -99,7 +104,7 @@ def scan_object(text: str, start: int) -> tuple[list[Member], int | None]:
         i = skip_whitespace(text, i + 1)
         if i >= len(text):
             return members, None
-        end = value_end(text, i)
+        end = value_end(text, i, resume)
         members.append(Member(key, i, end))
         if end is None:
             return members, None
@@ -151,14 +156,17 @@ class CallStream:
         self.name: str | None = None
         self.sent_arguments = 0
         self.end: int | None = None
+        self._resume: dict[int, tuple[int, int, bool]] = {}  # long arguments are scanned once, not every delta
 
     def update(self, text: str, start: int) -> list[DeltaToolCall]:
         """Read the object at ``text[start]`` as far as it has arrived; ``ValueError`` if it can't be a call."""
-        members, self.end = scan_object(text, start)
+        members, self.end = scan_object(text, start, self._resume)
         deltas: list[DeltaToolCall] = []
         if self.name is None:
             name = next((m for m in members if m.key == "name" and m.end is not None), None)
             if name is None:
+                if self.end is not None:
+                    raise ValueError("a tool call needs a 'name'")
                 return deltas
             self.name = json.loads(text[name.start:name.end])
             if not isinstance(self.name, str):
