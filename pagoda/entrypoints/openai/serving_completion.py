@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pagoda.entrypoints.openai.protocol import (MAX_PROMPTS, CompletionChoice, CompletionLogProbs,
                                                 CompletionRequest, CompletionResponse, CompletionStreamResponse)
+from pagoda.entrypoints.openai.serving_beam_search import beam_search_params
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
@@ -66,8 +67,11 @@ class OpenAIServingCompletion(OpenAIServing):
             ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
             self.check_length(len(ids), request.max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
-                                      prompt_logprobs=prompt_logprobs, best_of=best_of)
+        if request.use_beam_search:
+            params = beam_search_params(request, request.max_tokens, self.default_params.temperature)
+        else:
+            params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
+                                          prompt_logprobs=prompt_logprobs, best_of=best_of)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
