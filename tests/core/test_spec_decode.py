@@ -198,3 +198,12 @@ def test_draft_vocabulary_mismatch(tiny_model_dir, target):
                                                          vocab_size=512, max_position_embeddings=1024))
     with pytest.raises(ValueError, match=r"vocabulary \(512 tokens\) differs from the target's \(1024\)"):
         _llm(target, {"model": small, "num_speculative_tokens": 2})
+
+
+def test_beam_search_is_refused_with_speculation(target):
+    from pagoda.sampling_params import BeamSearchParams
+
+    llm = _llm(target, NGRAM)
+    with pytest.raises(ValueError, match="speculative"):
+        llm.llm_engine.add_request("beams", {"prompt_token_ids": [5, 6, 7]}, BeamSearchParams(beam_width=2,
+                                                                                             max_tokens=4))
