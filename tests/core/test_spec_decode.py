@@ -207,3 +207,28 @@ def test_beam_search_is_refused_with_speculation(target):
     with pytest.raises(ValueError, match="speculative"):
         llm.llm_engine.add_request("beams", {"prompt_token_ids": [5, 6, 7]}, BeamSearchParams(beam_width=2,
                                                                                              max_tokens=4))
+
+
+def test_ngram_lookup_matches_a_brute_force_search():
+    """The vectorised lookup equals the obvious search: the longest suffix (max..min tokens) with an earlier
+    occurrence, its first occurrence, and the up to k tokens after it."""
+    import numpy as np
+
+    from pagoda.core.spec_decode.ngram import find_ngram_proposal
+
+    def brute(tokens, min_n, max_n, k):
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            suffix = tokens[len(tokens) - n:]
+            for start in range(len(tokens) - n):
+                if tokens[start:start + n] == suffix:
+                    return tokens[start + n:start + n + k]
+        return []
+
+    rng = random.Random(3)
+    for _ in range(300):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        min_n = rng.randrange(1, 4)
+        max_n = min_n + rng.randrange(0, 3)
+        k = rng.randrange(1, 5)
+        got = find_ngram_proposal(np.asarray(tokens, dtype=np.int64), min_n, max_n, k).tolist()
+        assert got == brute(tokens, min_n, max_n, k), (tokens, min_n, max_n, k)

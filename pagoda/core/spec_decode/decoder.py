@@ -148,7 +148,7 @@ class SpecDecoder:
         offsets = np.concatenate(([0], np.cumsum([len(d) + 1 for d in drafts])))
         row_hidden = hidden[torch.from_numpy(rows).to(hidden.device)]
         samplings = [s.sampling[0] for s in verified]
-        results: list[tuple[int, int]] = []  # (accepted drafts, next token) per request
+        random_results: dict[int, tuple[int, int]] = {}  # sampling requests: (accepted drafts, next token)
         targets = None
         if runner.greedy_head and all(s.is_plain_greedy for s in samplings):
             greedy = runner.model.compute_greedy(row_hidden)  # the argmax without writing logits out
@@ -164,7 +164,6 @@ class SpecDecoder:
                 shaped = runner.sampler.shape_random_logits(logits[random_rows],
                                                             [row_states[int(r)] for r in random_rows])
                 probs = torch.softmax(shaped, dim=-1)
-                random_results = {}
                 base = 0
                 for i in random:
                     d = len(drafts[i])
