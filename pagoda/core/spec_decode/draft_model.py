@@ -6,14 +6,15 @@ through the target's block tables and slot mapping: position p of a request live
 both caches, so the scheduler's block bookkeeping (allocation, prefix hits, freeing) covers the draft too, and
 the scheduler reserves k lookahead slots past each request's tokens for the draft's proposals.
 
-Per request the proposer remembers how many leading tokens have their draft KV written (``_computed``). After
-a step it catches up on the tokens since then — the accepted drafts and the bonus token, or a whole prompt —
-in one forward pass, whose last row gives the first draft; k - 1 single-token passes give the rest. Proposals
-write KV only past the request's real tokens, so a rejected draft's KV is simply overwritten when the catch-up
-reaches that position again: the draft cache stays consistent with the accepted tokens after every rollback.
-After a preemption (blocks freed) or on a prefix-cache hit (blocks whose draft KV another request wrote, or
-never wrote) the request is caught up from position 0. The draft's KV only affects how good its proposals
-are: every emitted token is the target's.
+Per request the proposer remembers which tokens have their draft KV written (``_computed``): those up to its
+last proposal, and the proposals it fed back then, which hold where the target accepted them. After a step it
+catches up on the tokens since — usually the bonus token, or a whole prompt — in one pass, whose last row gives
+the first draft; k - 1 single-token passes give the rest. A short catch-up runs as one-token rows of its request,
+so every pass of the usual step is a decode step. Proposals write KV only past the request's real tokens, so a
+rejected draft's KV is simply overwritten when the catch-up reaches that position: the draft cache stays
+consistent with the accepted tokens after every rollback. After a preemption (blocks freed) or on a prefix-cache
+hit (blocks whose draft KV another request wrote, or never wrote) the request is caught up from position 0. The
+draft's KV only affects how good its proposals are: every emitted token is the target's.
 
 Greedy requests get the draft's argmax; sampling requests a draw from the draft's distribution after the same
 temperature / min-p / top-k / top-p (with the request's generator), kept as ``q`` for rejection sampling.
@@ -62,7 +63,8 @@ class DraftModelProposer:
         # The k - 1 single-token passes are decode steps: the platform may fuse them as it does the target's.
         self.model.use_fused_decode(draft.platform.fused_decode(stack, draft.ops, self.kv_caches)
                                     if stack is not None and draft.ops is not None else None)
-        self._computed: dict[str, int] = {}  # request id → leading tokens whose draft KV is written
+        # request id → (tokens when it last proposed, the drafts fed back then): what its draft KV holds
+        self._computed: dict[str, tuple[int, list[int]]] = {}
         self._probs: dict[str, torch.Tensor] = {}  # request id → q of its last drafts (sampling requests)
 
     def add_request(self, state: Any) -> None:
@@ -88,13 +90,22 @@ class DraftModelProposer:
             return {}
         states = [states[i] for i in keep]
         ends, num_drafts, table = ends[keep], num_drafts[keep], block_table[keep]
-        starts = np.fromiter((min(self._computed.get(s.request_id, 0), len(s.token_ids) - 1) for s in states),
-                             dtype=np.int64, count=len(states))
+        starts = np.fromiter((self._valid_prefix(s) for s in states), dtype=np.int64, count=len(states))
         samplings = [s.sampling[0] for s in states]
-        # Catch-up pass: decodes (one new token) first, as the attention metadata promises.
-        order = np.argsort(ends - starts != 1, kind="stable")
-        tokens = [states[i].token_ids[starts[i]:ends[i]] for i in order]
-        hidden_rows = self._forward(np.concatenate(tokens), ends[order] - starts[order], starts[order], table[order])
+        counts = ends - starts
+        if counts.max() <= self.k + 1:
+            # A few tokens each (the usual catch-up after a verification): one-token rows of their requests, so the
+            # pass runs as a decode step (attention writes a step's KV before it attends: causal within the rows).
+            order = np.arange(len(states))
+            tokens = np.concatenate([states[i].token_ids[starts[i]:ends[i]] for i in order])
+            positions = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) \
+                + np.repeat(starts, counts)
+            hidden_rows = self._forward(tokens, np.ones(tokens.shape[0], dtype=np.int64), positions,
+                                        np.repeat(table, counts, axis=0))[np.cumsum(counts) - 1]
+        else:  # whole prompts: decodes (one new token) first, as the attention metadata promises
+            order = np.argsort(counts != 1, kind="stable")
+            tokens = np.concatenate([states[i].token_ids[starts[i]:ends[i]] for i in order])
+            hidden_rows = self._forward(tokens, counts[order], starts[order], table[order])
         drafts = np.zeros((len(states), int(num_drafts.max())), dtype=np.int64)
         probs: dict[int, list[torch.Tensor]] = {}
         drafts[order, 0] = self._sample(hidden_rows, [samplings[i] for i in order], order, probs)
@@ -106,11 +117,25 @@ class DraftModelProposer:
             drafts[active, j] = self._sample(hidden_rows, [samplings[i] for i in active], active, probs)
         proposals = {}
         for i, state in enumerate(states):
-            self._computed[state.request_id] = int(ends[i])
             proposals[state.request_id] = drafts[i, :num_drafts[i]].tolist()
+            # Positions ends .. ends + n - 2 now hold the KV of the first n - 1 drafts: valid where accepted.
+            self._computed[state.request_id] = (int(ends[i]), proposals[state.request_id][:-1])
             if i in probs:
                 self._probs[state.request_id] = torch.stack(probs[i])
         return proposals
+
+    def _valid_prefix(self, state: Any) -> int:
+        """Leading tokens of the request whose draft KV is written and right: those up to the last proposal,
+        plus the proposals fed back since that were accepted; at most all but the last token (its row gives the
+        first draft)."""
+        end, fed = self._computed.get(state.request_id, (0, []))
+        tokens = state.token_ids
+        valid = min(end, len(tokens))
+        for draft in fed:
+            if valid >= len(tokens) or tokens[valid] != draft:
+                break
+            valid += 1
+        return min(valid, len(tokens) - 1)
 
     def _room(self, state: Any) -> int:
         """Drafts worth proposing: tokens the request may still produce, less the one every step yields."""
