@@ -1,5 +1,5 @@
 """``pagoda serve --speculative-config``: greedy completions equal the engine's without speculation, the
-acceptance counters are on ``/metrics`` under vLLM's names, and a bad config
+acceptance counters are on ``/metrics`` under vLLM's names and in the periodic stats log, and a bad config
 stops the server at start with an error naming the key."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,6 +48,11 @@ def test_greedy_completion_equals_plain_decoding_and_metrics(spec_server, refere
     assert drafts > 0 and draft_tokens >= drafts and accepted == draft_tokens  # its own draft: all accepted
     # Summed over the position label: every accepted token was accepted at some position.
     assert metrics["vllm:spec_decode_num_accepted_tokens_per_pos_total"] == accepted
+    # The periodic stats line (every 2 s in the tests) reports the acceptance so far.
+    deadline = time.monotonic() + 10
+    while "speculative decoding: acceptance rate 100.0%" not in spec_server.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "speculative decoding: acceptance rate 100.0%, mean accepted length" in spec_server.output()
 
 
 def test_bad_speculative_config_fails_at_start(tiny_chat_model_dir):
