@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -55,6 +55,7 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     blocks_to_zero: list[int] = field(default_factory=list)  # first use of a block of the uninitialized cache
+    grammar_bitmask: Any = None  # the structured-output masks of this step's constrained rows (a StepGrammar)
 
 
 class Scheduler:
