@@ -18,6 +18,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
                                                       sse_error, token_text)
+from pagoda.entrypoints.openai.structured_outputs import structured_outputs_from_request
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -59,9 +60,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_stream_options(request)
         if request.tools:
             raise APIError("tools: tool calling is not supported", 400, "tools")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise APIError(f"response_format: only 'text' is supported, got {request.response_format.type!r}",
-                           400, "response_format")
+        constraint = structured_outputs_from_request(request, self.structured_outputs_config)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
         text, prompt_ids = await self.render_prompt(request)
@@ -69,7 +68,8 @@ class OpenAIServingChat(OpenAIServing):
         self.check_length(len(prompt_ids), max_tokens, "messages")
         # max_tokens None: OpenAI's default, whatever room the context leaves (the engine works it out)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs)
+        params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs,
+                                      structured_outputs=constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:

@@ -15,6 +15,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
                                                       sse_error, token_text)
+from pagoda.entrypoints.openai.structured_outputs import structured_outputs_from_request
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -57,6 +58,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(f"best_of ({best_of}) must be >= n ({n})", 400, "best_of")
         if best_of is not None and best_of > n and request.stream:
             raise APIError("best_of > n can't be used with stream", 400, "best_of")
+        constraint = structured_outputs_from_request(request, self.structured_outputs_config)
         prompts = await self._prompts(request)
         num_seqs = (best_of or n) * len(prompts)
         if num_seqs > MAX_PROMPTS:
@@ -67,7 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_length(len(ids), request.max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
-                                      prompt_logprobs=prompt_logprobs, best_of=best_of)
+                                      prompt_logprobs=prompt_logprobs, best_of=best_of, structured_outputs=constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
