@@ -145,6 +145,29 @@ def test_greedy_equals_masked_transformers_logits(llm, tiny_chat_model_dir, gree
     assert re.fullmatch(regex, out.text) and out.finish_reason == "stop"
 
 
+def test_greedy_batch_of_constrained_and_free_rows(llm):
+    """Greedy rows with and without a constraint in one step: each equals its run alone."""
+    prompts = ["One", "Two", "Three", "Four"]
+    params = [constrained(temperature=0, max_tokens=12, regex=r"[a-z]{2,6}( [a-z]{2,6}){1,2}"),
+              SamplingParams(temperature=0, max_tokens=12),
+              constrained(temperature=0, max_tokens=12, choice=["left", "right"]),
+              SamplingParams(temperature=0, max_tokens=12)]
+    together = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, together):
+        assert out.outputs[0].token_ids == llm.generate(prompt, p, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_settings_that_leave_no_allowed_token_end_the_request(llm):
+    digit_free = llm.get_tokenizer().convert_tokens_to_ids(["a"])
+    params = SamplingParams(temperature=0, max_tokens=8, allowed_token_ids=digit_free,
+                            structured_outputs=StructuredOutputsParams(regex="[0-9]{3}"))
+    bad, good = llm.generate(["x", "y"], [params, constrained(seed=1, max_tokens=8, regex="[0-9]{3}")],
+                             use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "abort"
+    assert re.fullmatch("[0-9]{3}", good.outputs[0].text)
+    assert_all_blocks_free(llm)
+
+
 def test_forked_samples_each_follow_the_grammar(llm):
     regex = r"(up|down|left|right)( (up|down|left|right)){0,3}"
     params = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=30,
@@ -192,6 +215,10 @@ def test_request_waits_for_its_grammar_without_holding_up_others(tiny_chat_model
     engine.add_request("again", "c", constrained(seed=2, max_tokens=20, regex=r"[0-9]{4}"))
     assert "again" in engine.scheduler.requests and not engine.structured_output.pending
     engine.abort_request("again")
+    # Aborted while (perhaps) still compiling: nothing is left behind either way.
+    engine.add_request("gone", "d", constrained(seed=3, max_tokens=20, regex=r"[xy]{7}"))
+    engine.abort_request("gone")
+    assert not engine.has_unfinished_requests() and not engine.structured_output.pending
     assert_all_blocks_free(llm)
 
 
