@@ -319,6 +319,46 @@ class SamplingParams:
         return f"SamplingParams({', '.join(parts)})"
 
 
+@dataclass
+class BeamSearchParams:
+    """Beam search, as vLLM's ``BeamSearchParams`` (``LLM.beam_search``, ``use_beam_search`` on the server).
+
+    ``beam_width`` beams are kept at every step and ``beam_width`` sequences returned, best first. Scores follow
+    transformers' ``generate(num_beams=..., do_sample=False)``: a finished sequence's score is its cumulative
+    log-probability divided by ``generated_length ** length_penalty``; ``early_stopping`` (transformers' name and
+    meaning: ``False``, ``True`` or ``"never"``) decides when the search stops — see ``docs/decoding.md``.
+    Candidates are scored with the model's raw log-probabilities, as vLLM's are (its logprobs are taken before
+    temperature), so ``temperature`` is accepted for compatibility and doesn't change the search, which is
+    deterministic. ``include_stop_str_in_output`` keeps the EOS token's text at the end of a sequence that
+    ended with it.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}.")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) \
+                or self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
+
+    def clone(self) -> BeamSearchParams:
+        return copy.deepcopy(self)
+
+
 def default_sampling_kwargs(generation_config: dict[str, Any]) -> dict[str, Any]:
     """The SamplingParams keyword arguments a generation_config.json asks for (the fields vLLM reads)."""
     return {

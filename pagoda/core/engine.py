@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pagoda.core.beam_search.manager import BeamSearchManager
 from pagoda.core.config import EngineConfig, read_generation_config
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -26,7 +27,7 @@ from pagoda.core.tokenizer import load_tokenizer
 from pagoda.logger import init_logger
 from pagoda.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import BeamSearchParams, SamplingParams
 from pagoda.utils import cdiv
 
 logger = init_logger(__name__)
@@ -66,6 +67,8 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(config.structured_outputs, self.tokenizer,
                                                          config.model.vocab_size, self.eos_token_ids,
                                                          config.scheduler.max_num_seqs)
+        self.beam_search = BeamSearchManager(self.scheduler, self.tokenizer, self.eos_token_ids,
+                                             config.model.max_model_len)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._pooling: dict[str, tuple[str | None, list[int]]] = {}  # pooling request id → (prompt, token ids)
@@ -136,9 +139,14 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
-                    params: SamplingParams | PoolingParams, arrival_time: float | None = None) -> None:
-        if request_id in self.output_processor.states or request_id in self._pooling:
+                    params: SamplingParams | PoolingParams | BeamSearchParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.output_processor.states or request_id in self._pooling \
+                or request_id in self.beam_search.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(params, BeamSearchParams):
+            self._add_beam_search_request(request_id, prompt, params, arrival_time)
+            return
         text, token_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
@@ -164,6 +172,25 @@ class LLMEngine:
         # A constrained request whose grammar is still compiling waits in the structured-output manager.
         if internal.structured_outputs is None or self.structured_output.add_request(request):
             self.scheduler.add_request(request)
+        self.prompt_tokens_total += len(token_ids)
+
+    def _add_beam_search_request(self, request_id: str, prompt: Any, params: BeamSearchParams,
+                                 arrival_time: float | None) -> None:
+        if self.model_config.task != "generate":
+            raise ValueError(f"this model serves the {self.model_config.task!r} task, not text generation")
+        if getattr(self.config, "speculative_config", None) is not None:
+            raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
+                             "speculative_config to use it")
+        budget = self.config.scheduler.max_num_batched_tokens
+        if params.beam_width > budget:
+            raise ValueError(f"beam_width: {params.beam_width} beams don't fit the step budget of {budget} tokens "
+                             "they must run in together; raise max_num_batched_tokens")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._validate(token_ids, SamplingParams(max_tokens=1))
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt: must be a non-empty string")
+        self.beam_search.add(request_id, text, token_ids, params, arrival_time, cache_salt)
         self.prompt_tokens_total += len(token_ids)
 
     def _add_pooling_request(self, request_id: str, text: str | None, token_ids: list[int], params: PoolingParams,
@@ -220,6 +247,8 @@ class LLMEngine:
             request_ids = [request_ids]
         for rid in request_ids:
             self._pooling.pop(rid, None)
+            if self.beam_search.groups and self.beam_search.abort(rid):
+                continue
             state = self.output_processor.remove(rid)
             num = state.num_samples if state is not None else 1
             ids = [rid] + [child_request_id(rid, i) for i in range(num)] if num > 1 else [rid]
@@ -266,6 +295,9 @@ class LLMEngine:
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
         self.generation_tokens_total += sum(len(t) for t in runner_out.sampled.values())
+        # Beam groups take their rows out first: their tokens are chosen per group, not per request.
+        beam_outputs = (self.beam_search.process(runner_out.sampled, runner_out.logprobs)
+                        if self.beam_search.groups else [])
         results = self.scheduler.update_from_output(runner_out.sampled)
         refused = self.structured_output.accept_tokens(results) if self.structured_output.matchers else []
         outputs, finishes = self.output_processor.process(results, runner_out)
@@ -273,7 +305,7 @@ class LLMEngine:
             self.scheduler.finish_requests([seq_id], status)
         if refused:
             ended += self._end_requests(refused)
-        return ended + outputs + self._pooling_outputs(runner_out.pooled)
+        return ended + outputs + beam_outputs + self._pooling_outputs(runner_out.pooled)
 
     def _admit_constrained(self) -> list[RequestOutput]:
         """Hand the requests whose grammar has compiled to the scheduler (waiting a little for one when nothing
@@ -325,6 +357,9 @@ class LLMEngine:
         logger.warning("request %s needs more KV-cache blocks than the cache has; ending it with 'length'",
                        request.request_id)
         user_id = request.parent_id or request.request_id
+        if request.beam_group is not None:
+            output = self.beam_search.end_early(user_id)
+            return [output] if output is not None else []
         self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_LENGTH)
         output = self.output_processor.abort(user_id, finish_reason="length")
         return [output] if output is not None else []

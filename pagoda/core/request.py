@@ -64,6 +64,7 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_preemptions = 0
         self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)
+        self.beam_group = None  # the BeamGroup this request is a beam of (beam search), else None
 
     @property
     def is_pooling(self) -> bool:

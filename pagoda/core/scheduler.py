@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from pagoda.core.beam_search.scheduling import BeamGroupScheduling, is_beam_group
 from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus, child_request_id, sample_params
@@ -58,7 +59,7 @@ class SchedulerOutput:
     grammar_bitmask: Any = None  # the structured-output masks of this step's constrained rows (a StepGrammar)
 
 
-class Scheduler:
+class Scheduler(BeamGroupScheduling):
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv = kv_cache
@@ -116,6 +117,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.beam_group is not None and is_beam_group(request):  # its beams run together or not at all
+                num_group, preempted_any, preempted_self = self._schedule_running_group(i, budget, out, scheduled)
+                preempted = preempted or preempted_any
+                if preempted_self:
+                    break
+                budget -= num_group
+                i += len(request.beam_group.beams)
+                continue
             num_new = len(request.all_token_ids) - request.num_computed_tokens
             if num_new > budget or num_new <= 0:  # the common case, a decode, needs none of the chunking rules
                 num_new = self._num_new_tokens(request, budget)
@@ -123,10 +132,9 @@ class Scheduler:
                 i += 1
                 continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()  # the most recently admitted request
-                self._preempt(victim)
+                victims = self._preempt_last()  # the most recently admitted request (or beam group)
                 preempted = True
-                if victim is request:
+                if request in victims:
                     break
             else:
                 scheduled.append(request)
@@ -138,6 +146,12 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.beam_group is not None and is_beam_group(request):
+                num_group = self._admit_group(budget, out, scheduled)
+                if not num_group:
+                    break
+                budget -= num_group
+                continue
             hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
             num_cached = len(hits) * self.kv.block_size
             num_new = self._num_new_tokens(request, budget, num_cached)

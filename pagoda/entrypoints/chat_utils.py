@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -41,14 +42,37 @@ def normalize_messages(messages: list[Any]) -> list[dict[str, str]]:
         normalized = {k: v for k, v in message.items() if k not in ("role", "content")}
         normalized["role"] = role
         normalized["content"] = normalize_content(message.get("content"), i)
+        if normalized.get("tool_calls"):
+            normalized["tool_calls"] = _template_tool_calls(normalized["tool_calls"], i)
         out.append(normalized)
     return out
 
 
+def _template_tool_calls(tool_calls: list[Any], index: int) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates read them: OpenAI sends each call's arguments as a
+    JSON string, templates (Hermes, Llama 3, Qwen) expect the object."""
+    calls = []
+    for j, call in enumerate(tool_calls):
+        call = dict(call)
+        function = dict(call.get("function") or {})
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"messages[{index}].tool_calls[{j}].function.arguments must be a JSON string: "
+                                 f"{exc}") from exc
+        call["function"] = function
+        calls.append(call)
+    return calls
+
+
 def apply_chat_template(tokenizer: Any, messages: list[Any], chat_template: str | None = None,
                         add_generation_prompt: bool = True, continue_final_message: bool = False,
-                        chat_template_kwargs: dict[str, Any] | None = None) -> str:
-    """Render a conversation to prompt text with the tokenizer's (or the given) Jinja chat template."""
+                        chat_template_kwargs: dict[str, Any] | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> str:
+    """Render a conversation to prompt text with the tokenizer's (or the given) Jinja chat template; ``tools``
+    (OpenAI's function definitions) are passed to the template, which shows them to the model."""
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message can't both be true")
     normalized = normalize_messages(messages)
@@ -61,7 +85,9 @@ def apply_chat_template(tokenizer: Any, messages: list[Any], chat_template: str 
     if chat_template and "\n" not in chat_template and chat_template.endswith((".jinja", ".j2", ".txt")):
         with open(chat_template) as f:
             template = f.read()
+    kwargs = dict(chat_template_kwargs or {})  # LLM.chat(..., tools=...) passes them this way, as vLLM's does
+    if tools is not None:
+        kwargs["tools"] = tools
     return tokenizer.apply_chat_template(normalized, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message,
-                                         **(chat_template_kwargs or {}))
+                                         continue_final_message=continue_final_message, **kwargs)

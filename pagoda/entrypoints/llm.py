@@ -6,12 +6,13 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from pagoda.beam_search import BeamSearchOutput
 from pagoda.core.engine import LLMEngine
 from pagoda.core.engine_args import EngineArgs
 from pagoda.entrypoints.chat_utils import apply_chat_template
 from pagoda.entrypoints.llm_pooling import LLMPoolingMixin
 from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -55,6 +56,20 @@ class LLM(LLMPoolingMixin):
         prompt_list = self._as_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
         return self._run(prompt_list, params_list, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The ``params.beam_width`` best sequences of each prompt (a string, token ids or a
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict), best first; see ``docs/decoding.md``."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params: must be a BeamSearchParams, got {type(params).__name__}")
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported yet")
+        from pagoda.entrypoints.llm_beam_search import beam_search_outputs
+
+        prompt_list = self._as_list(prompts)
+        return beam_search_outputs(self._run(prompt_list, [params] * len(prompt_list), use_tqdm),
+                                   self.llm_engine.tokenizer)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

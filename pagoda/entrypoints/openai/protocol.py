@@ -1,8 +1,8 @@
 """Request and response bodies of the OpenAI-compatible server (OpenAI's schema plus vLLM's extra fields).
 
 Requests accept unknown fields (clients such as LangChain send fields we have no use for) and the server logs
-them at WARNING; fields whose meaning we can't honour (``suffix``, ``tools``) are rejected with a 400 instead of
-being silently dropped.
+them at WARNING; fields whose meaning we can't honour (``suffix``) are rejected with a 400 instead of being silently
+dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# the tool-calling bodies live beside this module; imported here so both paths name them, as vLLM's protocol does
+from pagoda.entrypoints.openai.tool_protocol import (ChatCompletionNamedFunction,  # noqa: F401
+                                                     ChatCompletionNamedToolChoiceParam, ChatCompletionToolsParam,
+                                                     DeltaFunctionCall, DeltaToolCall, FunctionCall,
+                                                     FunctionDefinition, ToolCall, random_tool_call_id)
 
 MAX_N = 128  # caps n and best_of so one request can't occupy the whole batch
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request
@@ -126,9 +132,13 @@ class SamplingFields(OpenAIBaseModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = Field(default=None, description="xgrammar or auto")
     guided_whitespace_pattern: str | None = None
+    # vLLM's beam search: n is the beam width (see docs/decoding.md)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty")
+                     "frequency_penalty", "length_penalty")
     @classmethod
     def _float32_value(cls, value: float | None) -> float | None:
         return _check_float32(value)
@@ -206,6 +216,8 @@ class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class JsonSchemaResponseFormat(BaseModel):
@@ -231,8 +243,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = Field(
+        default=None, description="default: 'auto' when tools are given, else 'none'")
+    parallel_tool_calls: bool | None = True
     # vLLM extras
     chat_template: str | None = Field(default=None, description="Jinja template overriding the model's")
     chat_template_kwargs: dict[str, Any] | None = None
@@ -258,6 +272,7 @@ class ChatLogProbs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -281,6 +296,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
@@ -316,6 +332,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
     return_token_strs: bool = False
 
 

@@ -61,6 +61,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--root-path", default="", help="path prefix when behind a path-based proxy")
     group.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     group.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model choose when to call tools (tool_choice "auto"); needs --tool-call-parser')
+    group.add_argument("--tool-call-parser", default=None,
+                       help="how tool calls are read out of the model's output: hermes, llama3_json, or a name "
+                            "a --tool-parser-plugin registers")
+    group.add_argument("--tool-parser-plugin", default=None,
+                       help="a Python file registering more tool parsers with ToolParserManager")
+    group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                       help='don\'t show the tools to the model when a request says tool_choice "none"')
 
 
 def _read_chat_template(value: str | None) -> str | None:
@@ -72,6 +81,22 @@ def _read_chat_template(value: str | None) -> str | None:
     if "{" not in value:
         raise FileNotFoundError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
     return value
+
+
+def _check_tool_args(args: argparse.Namespace) -> None:
+    """The tool-calling flags, checked before the model loads."""
+    from pagoda.entrypoints.openai.tool_parsers import ToolParserManager
+
+    if args.tool_parser_plugin:
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (registered parsers: "
+                         f"{', '.join(sorted(ToolParserManager.tool_parsers))})")
+    if args.tool_call_parser:
+        try:
+            ToolParserManager.get_tool_parser(args.tool_call_parser)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
 
 
 def _build_warm_engine(engine_args: EngineArgs):
@@ -102,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_log_len is not None and args.max_log_len < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {args.max_log_len}")
     chat_template = _read_chat_template(args.chat_template)
+    _check_tool_args(args)
     engine_args = EngineArgs.from_cli_args(args)
     async_engine = AsyncEngine.build(lambda: _build_warm_engine(engine_args))
     engine = async_engine.engine
@@ -118,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
                           max_request_body_bytes=args.max_request_body_bytes,
                           max_header_bytes=args.max_header_bytes,
                           trust_request_chat_template=args.trust_request_chat_template,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice,
+                          tool_call_parser=args.tool_call_parser,
+                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                           extra={"allowed_origins": args.allowed_origins,
                                  "allow_credentials": args.allow_credentials})
     stats_interval = None if engine_args.disable_log_stats else args.log_stats_interval

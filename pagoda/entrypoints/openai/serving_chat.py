@@ -14,11 +14,13 @@ from pagoda.entrypoints.chat_utils import apply_chat_template
 from pagoda.entrypoints.openai.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatCompletionStreamResponse, ChatLogProbs, ChatResponseMessage,
                                                 ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, DeltaMessage)
+from pagoda.entrypoints.openai.serving_beam_search import beam_search_params
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
                                                       sse_error, token_text)
 from pagoda.entrypoints.openai.structured_outputs import structured_outputs_from_request
+from pagoda.entrypoints.openai.tool_calling import RequestToolCalling, template_tools
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -33,7 +35,8 @@ class OpenAIServingChat(OpenAIServing):
             text = await asyncio.to_thread(apply_chat_template, tokenizer, messages, chat_template=template,
                                            add_generation_prompt=request.add_generation_prompt,
                                            continue_final_message=request.continue_final_message,
-                                           chat_template_kwargs=request.chat_template_kwargs)
+                                           chat_template_kwargs=request.chat_template_kwargs,
+                                           tools=template_tools(request, self.config))
         except ValueError as exc:
             raise APIError(str(exc), 400, "messages") from exc
         except Exception as exc:  # noqa: BLE001 - a template error is the request's (or the template's) fault
@@ -58,9 +61,7 @@ class OpenAIServingChat(OpenAIServing):
         model = self.check_model(request.model)
         self.warn_unknown_fields(request)
         self.check_stream_options(request)
-        if request.tools:
-            raise APIError("tools: tool calling is not supported", 400, "tools")
-        constraint = structured_outputs_from_request(request, self.structured_outputs_config)
+        tools = RequestToolCalling.from_request(request, self.config, self.tokenizer)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
         text, prompt_ids = await self.render_prompt(request)
@@ -68,8 +69,15 @@ class OpenAIServingChat(OpenAIServing):
         self.check_length(len(prompt_ids), max_tokens, "messages")
         # max_tokens None: OpenAI's default, whatever room the context leaves (the engine works it out)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs,
-                                      structured_outputs=constraint)
+        if request.use_beam_search:  # (it needs a length: the rest of the context by default, like vLLM)
+            params = beam_search_params(request, max_tokens or self.max_model_len - len(prompt_ids),
+                                        self.default_params.temperature)
+        else:
+            constraint = structured_outputs_from_request(request, self.structured_outputs_config)
+            params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs,
+                                          structured_outputs=constraint)
+            if tools is not None:
+                tools.constrain(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
@@ -79,16 +87,17 @@ class OpenAIServingChat(OpenAIServing):
             raise rejected(exc) from exc
         ctx = RequestContext(self, request, request_id, model, [prompt_ids], start, log_prompt=text)
         if request.stream:
-            return AbortOnCloseStreamingResponse(self._stream(group, ctx), lambda: ctx.close(group))
+            return AbortOnCloseStreamingResponse(self._stream(group, ctx, tools), lambda: ctx.close(group))
         try:
-            response = await run_unless_disconnected(raw_request, self._collect(group, ctx))
+            response = await run_unless_disconnected(raw_request, self._collect(group, ctx, tools))
         finally:
             ctx.close(group)
         if response is None:
             return JSONResponse({}, status_code=499)
         return response
 
-    async def _collect(self, group: Any, ctx: RequestContext) -> ChatCompletionResponse:
+    async def _collect(self, group: Any, ctx: RequestContext,
+                       tools: RequestToolCalling | None) -> ChatCompletionResponse:
         choices: dict[int, Accumulated] = {}
         try:
             async for index, output in group:
@@ -102,13 +111,17 @@ class OpenAIServingChat(OpenAIServing):
         result = []
         for i, choice in sorted(choices.items()):
             logprobs = self._logprobs(choice, request.top_logprobs or 0) if request.logprobs else None
-            result.append(ChatChoice(index=i, message=ChatResponseMessage(content=choice.text), logprobs=logprobs,
-                                     finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
+            message, finish_reason = ChatResponseMessage(content=choice.text), choice.finish_reason
+            if tools is not None:
+                message, finish_reason = tools.response_message(choice.text, finish_reason)
+            result.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason,
+                                     stop_reason=choice.stop_reason))
         ctx.status = "finished"
         return ChatCompletionResponse(id=ctx.request_id, model=ctx.model, choices=result, usage=ctx.usage())
 
-    async def _stream(self, group: Any, ctx: RequestContext) -> AsyncIterator[str]:
+    async def _stream(self, group: Any, ctx: RequestContext, tools: RequestToolCalling | None) -> AsyncIterator[str]:
         request = ctx.request
+        tool_streams = {i: tools.new_stream() for i in range(request.n)} if tools is not None else None
         done: set[int] = set()
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
 
@@ -129,8 +142,15 @@ class OpenAIServingChat(OpenAIServing):
                     if finished:
                         done.add(i)
                     logprobs = self._logprobs(delta, request.top_logprobs or 0) if request.logprobs else None
-                    yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(content=delta.text), logprobs=logprobs,
-                                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+                    message, finish_reason = DeltaMessage(content=delta.text), delta.finish_reason
+                    if tool_streams is not None:
+                        stream = tool_streams[i]
+                        message = stream.feed(delta.text, delta.token_ids, finished)
+                        finish_reason = stream.finish_reason(finish_reason)
+                        if message is None and not finished and logprobs is None:
+                            continue  # held back until the parser knows what the text is
+                    yield chunk(ChatStreamChoice(index=i, delta=message or DeltaMessage(), logprobs=logprobs,
+                                                 finish_reason=finish_reason, stop_reason=delta.stop_reason))
             ctx.status = "finished"
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(ChatCompletionStreamResponse(id=ctx.request_id, model=ctx.model, created=ctx.created,

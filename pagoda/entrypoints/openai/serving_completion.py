@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pagoda.entrypoints.openai.protocol import (MAX_PROMPTS, CompletionChoice, CompletionLogProbs,
                                                 CompletionRequest, CompletionResponse, CompletionStreamResponse)
+from pagoda.entrypoints.openai.serving_beam_search import beam_search_params
 from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStreamingResponse, Accumulated,
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
@@ -58,7 +59,6 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(f"best_of ({best_of}) must be >= n ({n})", 400, "best_of")
         if best_of is not None and best_of > n and request.stream:
             raise APIError("best_of > n can't be used with stream", 400, "best_of")
-        constraint = structured_outputs_from_request(request, self.structured_outputs_config)
         prompts = await self._prompts(request)
         num_seqs = (best_of or n) * len(prompts)
         if num_seqs > MAX_PROMPTS:
@@ -68,8 +68,13 @@ class OpenAIServingCompletion(OpenAIServing):
             ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
             self.check_length(len(ids), request.max_tokens)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
-                                      prompt_logprobs=prompt_logprobs, best_of=best_of, structured_outputs=constraint)
+        if request.use_beam_search:
+            params = beam_search_params(request, request.max_tokens, self.default_params.temperature)
+        else:
+            constraint = structured_outputs_from_request(request, self.structured_outputs_config)
+            params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
+                                          prompt_logprobs=prompt_logprobs, best_of=best_of,
+                                          structured_outputs=constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:

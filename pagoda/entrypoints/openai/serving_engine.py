@@ -72,6 +72,10 @@ class ServerConfig:
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     trust_request_chat_template: bool = False
+    # tool calling (see tool_calling.py)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
