@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pagoda.core.beam_search.scheduling import BeamGroupScheduling, is_beam_group
 from pagoda.core.config import SchedulerConfig
@@ -56,6 +56,7 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     blocks_to_zero: list[int] = field(default_factory=list)  # first use of a block of the uninitialized cache
+    grammar_bitmask: Any = None  # the structured-output masks of this step's constrained rows (a StepGrammar)
 
 
 class Scheduler(BeamGroupScheduling):
