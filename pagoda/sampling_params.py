@@ -130,11 +130,17 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None
     #: Constrain the output to a JSON schema, regex, choice or grammar (see :class:`StructuredOutputsParams`).
     structured_outputs: StructuredOutputsParams | None = None
+    #: vLLM's earlier name of ``structured_outputs``; given, it moves there.
+    guided_decoding: StructuredOutputsParams | None = field(default=None, repr=False)
     # Stop tokens including the model's EOS ids, filled by update_from_generation_config; min_tokens masks them.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         # Normalise the accepted spellings before validating, so the checks see one form.
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("guided_decoding is the older name of structured_outputs; give only one of them.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if self.seed == -1:
             self.seed = None
         if self.stop is None:

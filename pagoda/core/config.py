@@ -17,6 +17,7 @@ import torch
 from pagoda.attention_backends import AttentionConfig, select_attention_backend
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.model_files import BUNDLED_GENERATION_CONFIG, bundled_model_path, resolve_model_path
+from pagoda.core.structured_output.config import StructuredOutputsConfig
 from pagoda.logger import init_logger
 from pagoda.models.causal_pooling import is_causal_lm, model_class_for_task
 from pagoda.models.interface import PagodaModel
@@ -120,6 +121,7 @@ class EngineConfig:
     disable_log_stats: bool
     registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
     ops: OpSet = field(repr=False, default=None)  # type: ignore[assignment]  # one implementation per op
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     speculative_config: Any = None  # a SpeculativeConfig when speculative decoding is on
     draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
 
@@ -162,6 +164,8 @@ class EngineConfig:
             platform=platform, attention_backend=backend, attention=attention, seed=args.seed,
             cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
             disable_log_stats=args.disable_log_stats, registry=registry, ops=ops,
+            structured_outputs=StructuredOutputsConfig.from_args(args.structured_outputs_config,
+                                                                 args.guided_decoding_backend),
         )
         if args.speculative_config is not None:
             from pagoda.core.spec_decode.config import SpeculativeConfig, draft_engine_config

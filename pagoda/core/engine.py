@@ -22,6 +22,7 @@ from pagoda.core.output_processor import OutputProcessor
 from pagoda.core.request import Request, RequestStatus, child_request_id
 from pagoda.core.sampler import bad_words_to_token_ids
 from pagoda.core.scheduler import Scheduler
+from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer
 from pagoda.logger import init_logger
 from pagoda.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -64,6 +65,9 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
+        self.structured_output = StructuredOutputManager(config.structured_outputs, self.tokenizer,
+                                                         config.model.vocab_size, self.eos_token_ids,
+                                                         config.scheduler.max_num_seqs)
         self.beam_search = BeamSearchManager(self.scheduler, self.tokenizer, self.eos_token_ids,
                                              config.model.max_model_len)
         self.prompt_tokens_total = 0
@@ -159,12 +163,16 @@ class LLMEngine:
             internal.max_tokens = self.model_config.max_model_len - len(token_ids)
         if (internal.best_of or 1) > internal.n and internal.logprobs is None:
             internal.logprobs = 0  # best_of ranks samples by cumulative logprob
+        if internal.structured_outputs is not None:
+            self.structured_output.prepare(internal)  # a bad schema, regex or grammar is a ValueError here
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt: must be a non-empty string")
         request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids, cache_salt=cache_salt)
         self.output_processor.add_request(request, text, params)
-        self.scheduler.add_request(request)
+        # A constrained request whose grammar is still compiling waits in the structured-output manager.
+        if internal.structured_outputs is None or self.structured_output.add_request(request):
+            self.scheduler.add_request(request)
         self.prompt_tokens_total += len(token_ids)
 
     def _add_beam_search_request(self, request_id: str, prompt: Any, params: BeamSearchParams,
@@ -246,6 +254,8 @@ class LLMEngine:
             num = state.num_samples if state is not None else 1
             ids = [rid] + [child_request_id(rid, i) for i in range(num)] if num > 1 else [rid]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            if self.structured_output.pending:
+                self.structured_output.discard(ids)
 
     def warm_up(self, prompt_len: int = 128) -> None:
         """Generate two tokens for one prompt of ``prompt_len`` token ids and forget it (prefix cache and counters
@@ -266,16 +276,19 @@ class LLMEngine:
         self.prompt_tokens_total, self.generation_tokens_total = counters
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.structured_output.pending)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         self._step_request_ids = None
+        ended = self._admit_constrained() if self.structured_output.pending else []
         sched = self.scheduler.schedule()
         self._step_request_ids = list(sched.num_scheduled_tokens)
         if not sched.total_num_scheduled_tokens:
             self.runner.execute(sched)  # still drops finished requests' state
-            return self._unschedulable()
+            return ended + self._unschedulable()
+        if self.structured_output.matchers:
+            sched.grammar_bitmask = self.structured_output.step_bitmask(sched, self.scheduler.requests)
         runner_out = self.runner.execute(sched)
         now = time.time()
         for new in sched.new_requests:
@@ -287,10 +300,35 @@ class LLMEngine:
         beam_outputs = (self.beam_search.process(runner_out.sampled, runner_out.logprobs)
                         if self.beam_search.groups else [])
         results = self.scheduler.update_from_output(runner_out.sampled, runner_out.spec_token_ids)
+        refused = self.structured_output.accept_tokens(results) if self.structured_output.matchers else []
         outputs, finishes = self.output_processor.process(results, runner_out)
         for seq_id, status in finishes:
             self.scheduler.finish_requests([seq_id], status)
-        return outputs + beam_outputs + self._pooling_outputs(runner_out.pooled)
+        if refused:
+            ended += self._end_requests(refused)
+        return ended + outputs + beam_outputs + self._pooling_outputs(runner_out.pooled)
+
+    def _admit_constrained(self) -> list[RequestOutput]:
+        """Hand the requests whose grammar has compiled to the scheduler (waiting a little for one when nothing
+        else can run); end those whose grammar failed to compile."""
+        ready, failed = self.structured_output.admit(wait=not self.scheduler.has_unfinished_requests())
+        for request in ready:
+            self.scheduler.add_request(request)
+        return self._end_requests([request for request, _ in failed])
+
+    def _end_requests(self, requests: list[Request]) -> list[RequestOutput]:
+        """End the user requests of ``requests`` (every sample) with finish reason ``abort``; their outputs."""
+        outputs = []
+        for user_id in dict.fromkeys(r.parent_id or r.request_id for r in requests):
+            state = self.output_processor.states.get(user_id)
+            num = state.num_samples if state is not None else 1
+            ids = [user_id] + [child_request_id(user_id, i) for i in range(num)] if num > 1 else [user_id]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            self.structured_output.discard(ids)
+            output = self.output_processor.abort(user_id)
+            if output is not None:
+                outputs.append(output)
+        return outputs
 
     def failed_step_request_ids(self) -> list[str]:
         """After ``step()`` raised: the ids (as given to ``add_request``) of the requests that step was running,
@@ -329,7 +367,8 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         return EngineStats(
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + len(self.structured_output.pending),
             kv_cache_usage=self.kv_cache.usage(), num_free_blocks=self.kv_cache.num_free_blocks,
             num_total_blocks=self.config.cache.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,

@@ -57,6 +57,8 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     override_pooler_config: dict[str, Any] | None = None
+    structured_outputs_config: dict[str, Any] | None = None
+    guided_decoding_backend: str | None = None
     speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +74,9 @@ class EngineArgs:
             from pagoda.ops import parse_op_impl
 
             parse_op_impl(self.op_impl)  # malformed entries are an error naming the field
+        from pagoda.core.structured_output.config import StructuredOutputsConfig
+
+        StructuredOutputsConfig.from_args(self.structured_outputs_config, self.guided_decoding_backend)
         if self.speculative_config is not None:
             from pagoda.core.spec_decode.config import SpeculativeConfig
 
@@ -194,6 +199,10 @@ _HELP = {
     "pipeline_parallel_size": "devices to split the layers across (only 1 for now)",
     "data_parallel_size": "engine replicas (only 1 for now)",
     "override_pooler_config": "pooling settings for embedding/classification models",
+    "structured_outputs_config": 'structured outputs: {"backend": "xgrammar"|"auto", "disable_any_whitespace": '
+                                 'bool, "disable_additional_properties": bool}',
+    "guided_decoding_backend": "structured-output backend (older name of structured_outputs_config's backend): "
+                               "xgrammar or auto",
     "speculative_config": 'speculative decoding, as vLLM: {"method": "ngram", "num_speculative_tokens": k, '
                           '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT, '
                           '"num_speculative_tokens": k}',

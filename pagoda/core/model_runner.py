@@ -286,10 +286,15 @@ class ModelRunner:
                                      or all(s.is_plain_greedy for s in sample_states)):
                 # Only the argmax is needed: the LM head may find it without writing the logits out.
                 greedy = self.model.compute_greedy(sample_hidden)
+            grammar = sched.grammar_bitmask  # structured outputs: masks for the constrained rows
             if greedy is not None:
+                if grammar is not None:
+                    greedy = grammar.correct_greedy(greedy, owners, sample_hidden, self.model)
                 self._record_samples(out, greedy.tolist(), None, sample_states, owners)
             else:
                 logits = self.model.compute_logits(sample_hidden)
+                if grammar is not None:
+                    logits = grammar.apply_to_logits(logits, owners)
                 result = self.sampler(logits, sample_states)
                 self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
         if not usual:

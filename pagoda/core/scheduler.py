@@ -57,6 +57,7 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     blocks_to_zero: list[int] = field(default_factory=list)  # first use of a block of the uninitialized cache
+    grammar_bitmask: Any = None  # the structured-output masks of this step's constrained rows (a StepGrammar)
     #: request id → the draft tokens verified with its last token this step (speculative decoding)
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 

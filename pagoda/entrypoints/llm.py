@@ -117,17 +117,19 @@ class LLM(LLMPoolingMixin):
         """Add every prompt, step until all are finished, return the final outputs in input order (sampling or
         pooling requests alike)."""
         engine = self.llm_engine
-        ids = []
-        for prompt, params in zip(prompts, params_list):
-            params = params.clone()
-            if isinstance(params, SamplingParams):
-                params.output_kind = RequestOutputKind.FINAL_ONLY
-            request_id = str(next(self._counter))
-            engine.add_request(request_id, prompt, params)
-            ids.append(request_id)
+        ids: list[str] = []
         results: dict[str, Any] = {}
-        bar = _progress_bar(len(ids)) if use_tqdm else None
+        bar = None
         try:
+            # Inside the try: a prompt the engine refuses (ValueError) must not leave the ones before it running.
+            for prompt, params in zip(prompts, params_list):
+                params = params.clone()
+                if isinstance(params, SamplingParams):
+                    params.output_kind = RequestOutputKind.FINAL_ONLY
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params)
+                ids.append(request_id)
+            bar = _progress_bar(len(ids)) if use_tqdm else None
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:

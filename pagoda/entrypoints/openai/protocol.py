@@ -1,8 +1,8 @@
 """Request and response bodies of the OpenAI-compatible server (OpenAI's schema plus vLLM's extra fields).
 
 Requests accept unknown fields (clients such as LangChain send fields we have no use for) and the server logs
-them at WARNING; fields whose meaning we can't honour (``suffix``, a JSON ``response_format``) are rejected with
-a 400 instead of being silently dropped.
+them at WARNING; fields whose meaning we can't honour (``suffix``) are rejected with a 400 instead of being silently
+dropped.
 """
 
 from __future__ import annotations
@@ -122,6 +122,16 @@ class SamplingFields(OpenAIBaseModel):
     cache_salt: str | None = Field(default=None, min_length=1,
                                    description="prefix-cache blocks are shared only between requests with the "
                                                "same salt (e.g. one per tenant)")
+    # vLLM's output constraints (one per request; see entrypoints/openai/structured_outputs.py)
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="json, regex, choice, grammar, json_object or structural_tag, with "
+                                  "disable_any_whitespace, disable_additional_properties, whitespace_pattern")
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = Field(default=None, description="xgrammar or auto")
+    guided_whitespace_pattern: str | None = None
     # vLLM's beam search: n is the beam width (see docs/decoding.md)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -162,6 +172,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     add_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionLogProbs(BaseModel):
@@ -209,9 +220,20 @@ class ChatMessage(OpenAIBaseModel):
     tool_call_id: str | None = None
 
 
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, any JSON object, or JSON following ``json_schema.schema``."""
+
     model_config = ConfigDict(strict=True)
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

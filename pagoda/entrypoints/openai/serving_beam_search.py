@@ -18,7 +18,7 @@ _NOT_WITH_BEAM_SEARCH = {
     "presence_penalty": None, "frequency_penalty": None, "logit_bias": None, "min_tokens": 0, "stop": None,
     "stop_token_ids": None, "logprobs": None, "top_logprobs": None, "response_format": None, "tools": None,
     "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "structured_outputs": None,
+    "structured_outputs": None, "guided_whitespace_pattern": None,
 }
 
 

@@ -19,6 +19,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
                                                       sse_error, token_text)
+from pagoda.entrypoints.openai.structured_outputs import structured_outputs_from_request
 from pagoda.entrypoints.openai.tool_calling import RequestToolCalling, template_tools
 
 
@@ -61,9 +62,6 @@ class OpenAIServingChat(OpenAIServing):
         self.warn_unknown_fields(request)
         self.check_stream_options(request)
         tools = RequestToolCalling.from_request(request, self.config, self.tokenizer)
-        if request.response_format is not None and request.response_format.type != "text":
-            raise APIError(f"response_format: only 'text' is supported, got {request.response_format.type!r}",
-                           400, "response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs to be true", 400, "top_logprobs")
         text, prompt_ids = await self.render_prompt(request)
@@ -75,7 +73,9 @@ class OpenAIServingChat(OpenAIServing):
             params = beam_search_params(request, max_tokens or self.max_model_len - len(prompt_ids),
                                         self.default_params.temperature)
         else:
-            params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs)
+            constraint = structured_outputs_from_request(request, self.structured_outputs_config)
+            params = self.sampling_params(request, max_tokens=max_tokens, n=request.n, logprobs=logprobs,
+                                          structured_outputs=constraint)
             if tools is not None:
                 tools.constrain(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -16,6 +16,7 @@ from pagoda.entrypoints.openai.serving_engine import (SSE_DONE, AbortOnCloseStre
                                                       APIError, OpenAIServing, RequestContext, clamp_logprob,
                                                       engine_error, rejected, run_unless_disconnected, sse,
                                                       sse_error, token_text)
+from pagoda.entrypoints.openai.structured_outputs import structured_outputs_from_request
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -70,8 +71,10 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.use_beam_search:
             params = beam_search_params(request, request.max_tokens, self.default_params.temperature)
         else:
+            constraint = structured_outputs_from_request(request, self.structured_outputs_config)
             params = self.sampling_params(request, max_tokens=request.max_tokens, n=n, logprobs=request.logprobs,
-                                          prompt_logprobs=prompt_logprobs, best_of=best_of)
+                                          prompt_logprobs=prompt_logprobs, best_of=best_of,
+                                          structured_outputs=constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:

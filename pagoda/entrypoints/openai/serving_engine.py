@@ -91,6 +91,7 @@ class OpenAIServing:
         self.max_model_len: int = llm_engine.model_config.max_model_len
         self.vocab_size: int | None = _vocab_size(llm_engine)
         self.default_params = llm_engine.get_default_sampling_params()
+        self.structured_outputs_config = llm_engine.config.structured_outputs
 
     # ------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> str:
@@ -152,7 +153,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ sampling
     def sampling_params(self, request: SamplingFields, *, max_tokens: int | None, n: int,
                         logprobs: int | None, prompt_logprobs: int | None = None,
-                        best_of: int | None = None) -> Any:
+                        best_of: int | None = None, structured_outputs: Any = None) -> Any:
         """``SamplingParams`` from a request; unset fields take the model's generation-config defaults."""
         from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
@@ -185,6 +186,8 @@ class OpenAIServing:
         )
         if logit_bias:
             kwargs["logit_bias"] = logit_bias
+        if structured_outputs is not None:
+            kwargs["structured_outputs"] = structured_outputs
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:

@@ -91,8 +91,9 @@ class RequestToolCalling:
             return None
         tools = {tool.function.name: tool.function.parameters or EMPTY_PARAMETERS for tool in self.request.tools}
         if isinstance(self.choice, ChatCompletionNamedToolChoiceParam):
-            return StructuredOutputsParams(json=tools[self.choice.function.name])
-        return StructuredOutputsParams(json=required_schema(tools, self.request.parallel_tool_calls is not False))
+            return StructuredOutputsParams(json=tools[self.choice.function.name], disable_any_whitespace=True)
+        return StructuredOutputsParams(json=required_schema(tools, self.request.parallel_tool_calls is not False),
+                                       disable_any_whitespace=True)
 
     def constrain(self, params: Any) -> None:
         constraint = self.structured_outputs()

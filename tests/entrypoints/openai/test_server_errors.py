@@ -113,7 +113,7 @@ CHAT_CASES = [
     ({"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice",
      "--enable-auto-tool-choice"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", ""),
+    ({"messages": CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format", "json_schema"),
     ({"messages": CHAT, "max_completion_tokens": 5000}, 400, "messages", "maximum context length"),
     ({"messages": CHAT, "continue_final_message": True}, 400, "messages", "continue_final_message"),
     ({"messages": CHAT, "model": "gpt-4"}, 404, "model", "gpt-4"),

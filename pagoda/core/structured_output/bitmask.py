@@ -1,0 +1,79 @@
+"""One step's grammar constraints, as the model runner applies them: a token bitmask with a row per constrained
+request that samples this step (bit ``t`` of a row set: token ``t`` allowed), filled by the manager before the
+step runs.
+
+Rows of the runner's sampling batch are matched to bitmask rows by request id (every sample of a request that
+forks shares its row). Sampling with logits: the masks go onto the logits, batched, before the sampler, so every
+sampling feature sees only allowed tokens. All-greedy steps that took the LM head's argmax shortcut: an argmax
+the grammar allows is the argmax of the masked logits too (masking only lowers other tokens), so only the rows
+whose argmax the grammar forbids get their logits computed, masked and argmaxed again — exact, and on a real
+model most rows of most steps need nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pagoda.core.logits_processing import fast_argmax
+
+
+class StepGrammar:
+    def __init__(self, bitmask: torch.Tensor, rows: dict[str, int], vocab_size: int) -> None:
+        self.bitmask = bitmask  # int32 [constrained rows, ceil(vocab / 32)], on the host
+        self.rows = rows  # request id → its bitmask row
+        self.vocab_size = vocab_size
+
+    def _constrained(self, owners: list[Any]) -> tuple[list[int], list[int]]:
+        """(sampling rows that are constrained, their bitmask rows)."""
+        rows = self.rows
+        sample_rows, mask_rows = [], []
+        for i, owner in enumerate(owners):
+            row = rows.get(owner.request_id)
+            if row is not None:
+                sample_rows.append(i)
+                mask_rows.append(row)
+        return sample_rows, mask_rows
+
+    def apply_to_logits(self, logits: torch.Tensor, owners: list[Any]) -> torch.Tensor:
+        """Set the logits of forbidden tokens to -inf, in place, for every constrained row (``owners[i]`` is the
+        runner state whose request row ``i`` samples for)."""
+        sample_rows, mask_rows = self._constrained(owners)
+        if not sample_rows:
+            return logits
+        self._mask(logits, sample_rows, mask_rows)
+        return logits
+
+    def correct_greedy(self, tokens: torch.Tensor, owners: list[Any], hidden: torch.Tensor, model: Any
+                       ) -> torch.Tensor:
+        """The argmax of the masked logits, from the unmasked argmax ``tokens`` (of ``hidden``'s rows)."""
+        sample_rows, mask_rows = self._constrained(owners)
+        if not sample_rows:
+            return tokens
+        index = torch.tensor(sample_rows)
+        chosen = tokens[index.to(tokens.device)].cpu()
+        words = self.bitmask[torch.tensor(mask_rows), chosen >> 5]
+        refused = ((words >> (chosen & 31)) & 1) == 0
+        if not bool(refused.any()):
+            return tokens
+        rows = index[refused]
+        logits = model.compute_logits(hidden[rows.to(hidden.device)])
+        refused_mask_rows = torch.tensor(mask_rows)[refused].tolist()
+        self._mask(logits, list(range(len(rows))), refused_mask_rows)
+        tokens = tokens.clone()
+        tokens[rows.to(tokens.device)] = fast_argmax(logits.float()).to(tokens.device)
+        return tokens
+
+    def _mask(self, logits: torch.Tensor, logit_rows: list[int], mask_rows: list[int]) -> None:
+        import xgrammar as xgr
+
+        if len(logit_rows) == logits.shape[0] and mask_rows == list(range(len(mask_rows))):
+            aligned = self.bitmask[:len(mask_rows)]
+        else:
+            # A bitmask laid out like the logits: xgrammar applies row i of the mask to row i of the logits.
+            aligned = torch.full((logits.shape[0], self.bitmask.shape[1]), -1, dtype=self.bitmask.dtype)
+            aligned[torch.tensor(logit_rows)] = self.bitmask[torch.tensor(mask_rows)]
+        indices = None if len(logit_rows) == logits.shape[0] else logit_rows
+        xgr.apply_token_bitmask_inplace(logits, aligned.to(logits.device, non_blocking=True),
+                                        vocab_size=min(self.vocab_size, logits.shape[-1]), indices=indices)
