@@ -19,6 +19,8 @@ from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
+from pagoda.core.spec_decode.decoder import SpecDecoder
+from pagoda.core.spec_decode.draft_model import draft_kv_bytes_per_block
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops, use_ops
 from pagoda.pooling_params import PoolingParams
@@ -148,11 +150,7 @@ class ModelRunner:
         self._not_plain_greedy: set[str] = set()
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
-        self.spec = None
-        if config.speculative_config is not None:
-            from pagoda.core.spec_decode.decoder import SpecDecoder
-
-            self.spec = SpecDecoder(config, self)
+        self.spec = SpecDecoder(config, self) if config.speculative_config is not None else None
 
     @staticmethod
     def kv_bytes_per_block(config: EngineConfig) -> int:
@@ -160,8 +158,6 @@ class ModelRunner:
         if mc.is_encoder_only:
             return 0
         per_token = 2 * mc.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
-        from pagoda.core.spec_decode.draft_model import draft_kv_bytes_per_block
-
         return per_token * config.cache.block_size * mc.num_layers + draft_kv_bytes_per_block(config)
 
     # ------------------------------------------------------------------ state
@@ -237,8 +233,6 @@ class ModelRunner:
         scheduled = sched.num_scheduled_tokens
         num_reqs = len(scheduled)
         spec_tokens = sched.scheduled_spec_decode_tokens
-        if spec_tokens:  # verified this step: the drafts are part of the request's tokens until then
-            self.spec.attach_drafts(self.states, spec_tokens)
         if sched.total_num_scheduled_tokens == num_reqs:  # decodes only (the steady state): one token each
             states = [self.states[rid] for rid in scheduled]
             counts = np.ones(num_reqs, dtype=np.int64)
@@ -247,7 +241,7 @@ class ModelRunner:
             states = [self.states[rid] for rid, _ in order]
             counts = np.fromiter((n for _, n in order), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
-        if spec_tokens:  # each verified token becomes a one-token (decode) row of its request
+        if spec_tokens:  # drafts to verify: each of a request's tokens becomes a one-token (decode) row
             states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
             num_reqs = len(states)
         ends = starts + counts

@@ -103,22 +103,18 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------ the step
     @staticmethod
-    def attach_drafts(states: dict[str, Any], spec_tokens: dict[str, list[int]]) -> None:
-        """Append each request's scheduled drafts to its tokens for this step's batch."""
-        for rid, drafts in spec_tokens.items():
-            states[rid].token_ids.extend(drafts)
-
-    @staticmethod
     def as_decode_rows(states: list[Any], counts: np.ndarray, starts: np.ndarray,
                        spec_tokens: dict[str, list[int]]) -> tuple[list[Any], np.ndarray, np.ndarray]:
         """The batch with each verified request's ``d + 1`` tokens as ``d + 1`` one-token rows (same block
-        table, consecutive positions), among the decodes. Attention writes a step's KV before it attends, so
+        table, consecutive positions), among the decodes; its drafts are appended to its tokens until
+        :meth:`verify` replaces them with the accepted ones. Attention writes a step's KV before it attends, so
         row j reads the rows before it from the cache: exactly causal attention over the request. The step
         then runs as a decode step — the paged decode kernels, the platform's fused decode step — instead of
         the prefill path, and each row costs what a decode costs."""
         decode_states, decode_starts, rest = [], [], []
         for state, count, start in zip(states, counts.tolist(), starts.tolist()):
             if state.request_id in spec_tokens:
+                state.token_ids.extend(spec_tokens[state.request_id])
                 decode_states.extend([state] * count)
                 decode_starts.extend(range(start, start + count))
             elif count == 1:
