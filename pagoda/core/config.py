@@ -122,6 +122,8 @@ class EngineConfig:
     registry: Registry = field(repr=False, default=None)  # type: ignore[assignment]
     ops: OpSet = field(repr=False, default=None)  # type: ignore[assignment]  # one implementation per op
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    speculative_config: Any = None  # a SpeculativeConfig when speculative decoding is on
+    draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
@@ -152,7 +154,7 @@ class EngineConfig:
         )
         backend = select_attention_backend(platform, attention, args.attention_backend, registry)
         ops = select_ops(platform, model_config.dtype, args.op_impl, registry)
-        return cls(
+        config = cls(
             model=model_config,
             cache=CacheConfig(args.block_size, args.enable_prefix_caching, args.gpu_memory_utilization,
                               args.kv_cache_memory_bytes, args.num_gpu_blocks_override,
@@ -165,6 +167,16 @@ class EngineConfig:
             structured_outputs=StructuredOutputsConfig.from_args(args.structured_outputs_config,
                                                                  args.guided_decoding_backend),
         )
+        if args.speculative_config is not None:
+            from pagoda.core.spec_decode.config import SpeculativeConfig, draft_engine_config
+
+            config.speculative_config = SpeculativeConfig.from_dict(args.speculative_config)
+            if model_config.task != "generate":
+                raise ValueError(f"speculative_config: only applies to text generation; this model serves the "
+                                 f"{model_config.task!r} task")
+            if config.speculative_config.method == "draft_model":
+                config.draft = draft_engine_config(args, config)
+        return config
 
 
 def _resolve_model_config(args: EngineArgs, platform: type[Platform], registry: Registry) -> ModelConfig:

@@ -43,6 +43,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions_total: int
+    spec_decoding: Any = None  # SpecDecodingStats (cumulative) when speculative decoding is on
 
 
 class LLMEngine:
@@ -62,7 +63,7 @@ class LLMEngine:
                                   (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
                                   else None)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.structured_output = StructuredOutputManager(config.structured_outputs, self.tokenizer,
                                                          config.model.vocab_size, self.eos_token_ids,
@@ -298,7 +299,7 @@ class LLMEngine:
         # Beam groups take their rows out first: their tokens are chosen per group, not per request.
         beam_outputs = (self.beam_search.process(runner_out.sampled, runner_out.logprobs)
                         if self.beam_search.groups else [])
-        results = self.scheduler.update_from_output(runner_out.sampled)
+        results = self.scheduler.update_from_output(runner_out.sampled, runner_out.spec_token_ids)
         refused = self.structured_output.accept_tokens(results) if self.structured_output.matchers else []
         outputs, finishes = self.output_processor.process(results, runner_out)
         for seq_id, status in finishes:
@@ -371,4 +372,5 @@ class LLMEngine:
             kv_cache_usage=self.kv_cache.usage(), num_free_blocks=self.kv_cache.num_free_blocks,
             num_total_blocks=self.config.cache.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            num_preemptions_total=self.scheduler.num_preemptions_total)
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            spec_decoding=self.runner.spec.stats.snapshot() if self.runner.spec is not None else None)

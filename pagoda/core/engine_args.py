@@ -59,6 +59,7 @@ class EngineArgs:
     override_pooler_config: dict[str, Any] | None = None
     structured_outputs_config: dict[str, Any] | None = None
     guided_decoding_backend: str | None = None
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +77,10 @@ class EngineArgs:
         from pagoda.core.structured_output.config import StructuredOutputsConfig
 
         StructuredOutputsConfig.from_args(self.structured_outputs_config, self.guided_decoding_backend)
+        if self.speculative_config is not None:
+            from pagoda.core.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)  # every key checked, errors name it
         if self.task not in TASKS:
             bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
@@ -198,6 +203,9 @@ _HELP = {
                                  'bool, "disable_additional_properties": bool}',
     "guided_decoding_backend": "structured-output backend (older name of structured_outputs_config's backend): "
                                "xgrammar or auto",
+    "speculative_config": 'speculative decoding, as vLLM: {"method": "ngram", "num_speculative_tokens": k, '
+                          '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT, '
+                          '"num_speculative_tokens": k}',
 }
 
 assert set(_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}, "every engine argument needs help text"

@@ -98,6 +98,17 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_hashed[request.request_id] = num_full
 
+    def free_blocks_past(self, request: Request, num_slots: int) -> bool:
+        """Give back the request's trailing blocks beyond the first ``num_slots`` token slots (speculative
+        decoding's rollback of rejected drafts); True if any was freed."""
+        blocks = self.req_blocks.get(request.request_id)
+        keep = cdiv(num_slots, self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return False
+        self.pool.free(reversed(blocks[keep:]))
+        del blocks[keep:]
+        return True
+
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` the parent's blocks (shared, reference-counted)."""
         blocks = list(self.req_blocks.get(parent.request_id, ()))

@@ -19,6 +19,8 @@ from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
+from pagoda.core.spec_decode.decoder import SpecDecoder
+from pagoda.core.spec_decode.draft_model import draft_kv_bytes_per_block
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops, use_ops
 from pagoda.pooling_params import PoolingParams
@@ -48,6 +50,8 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[tuple[list[int], list[float], int]]] = field(default_factory=dict)
     #: request id → pooled output (float32, on the host) of a pooling request
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: request id → draft tokens proposed for the next step (speculative decoding)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -146,6 +150,7 @@ class ModelRunner:
         self._not_plain_greedy: set[str] = set()
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
+        self.spec = SpecDecoder(config, self) if config.speculative_config is not None else None
 
     @staticmethod
     def kv_bytes_per_block(config: EngineConfig) -> int:
@@ -153,7 +158,7 @@ class ModelRunner:
         if mc.is_encoder_only:
             return 0
         per_token = 2 * mc.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
-        return per_token * config.cache.block_size * mc.num_layers
+        return per_token * config.cache.block_size * mc.num_layers + draft_kv_bytes_per_block(config)
 
     # ------------------------------------------------------------------ state
     def _sampling_state(self, params: SamplingParams, prompt: list[int], outputs: list[int]) -> SamplingRequestState:
@@ -196,8 +201,12 @@ class ModelRunner:
             self._not_plain_greedy.discard(rid)
             if state is not None:
                 self.block_rows.release(state.block_row)
+            if self.spec is not None:
+                self.spec.remove_request(rid)
         for new in sched.new_requests:
             self._add_request(new)
+            if self.spec is not None:
+                self.spec.add_request(self.states[new.request_id])
         for cached in sched.cached_requests:
             state = self.states[cached.request_id]
             state.num_computed_tokens = cached.num_computed_tokens
@@ -223,6 +232,7 @@ class ModelRunner:
             return out
         scheduled = sched.num_scheduled_tokens
         num_reqs = len(scheduled)
+        spec_tokens = sched.scheduled_spec_decode_tokens
         if sched.total_num_scheduled_tokens == num_reqs:  # decodes only (the steady state): one token each
             states = [self.states[rid] for rid in scheduled]
             counts = np.ones(num_reqs, dtype=np.int64)
@@ -231,6 +241,9 @@ class ModelRunner:
             states = [self.states[rid] for rid, _ in order]
             counts = np.fromiter((n for _, n in order), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
+        if spec_tokens:  # drafts to verify: each of a request's tokens becomes a one-token (decode) row
+            states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
+            num_reqs = len(states)
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
@@ -242,6 +255,8 @@ class ModelRunner:
         # Rows that sample: every scheduled token of the request is now computed.
         lengths = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
         sampling_reqs = ends == lengths
+        if spec_tokens:
+            sampling_reqs[self.spec.verify(out, hidden, states, batch["query_start_loc"], spec_tokens)] = False
         last_token_index = batch["query_start_loc"][1:] - 1
         if sampling_reqs.all() and (usual or all(len(s.sampling) == 1 for s in states)):
             sample_states = [s.sampling[0] for s in states]
@@ -278,6 +293,8 @@ class ModelRunner:
                 self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
         if not usual:
             self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
+        if self.spec is not None and out.sampled:
+            self.spec.propose(out, self.states)
         return out
 
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
@@ -350,8 +367,8 @@ class ModelRunner:
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
         input_ids = np.empty(num_tokens, dtype=np.int64)
-        # A decode's token is the one at its computed-token count (its last one).
-        input_ids[:num_decodes] = np.fromiter((s.token_ids[s.num_computed_tokens] for s in states[:num_decodes]),
+        # A decode's token is the one at its start (its last one, or a draft being verified).
+        input_ids[:num_decodes] = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())),
                                               dtype=np.int64, count=num_decodes)
         for i in range(num_decodes, num_reqs):
             input_ids[query_start_loc[i]:query_start_loc[i + 1]] = states[i].token_ids[starts[i]:ends[i]]

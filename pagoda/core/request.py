@@ -63,6 +63,7 @@ class Request:
         self.cache_salt = cache_salt  # requests share cached blocks only with requests of the same salt
         self.block_hashes: list[bytes] = []
         self.num_preemptions = 0
+        self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)
         self.beam_group = None  # the BeamGroup this request is a beam of (beam search), else None
 

@@ -21,6 +21,7 @@ from pagoda.core.beam_search.scheduling import BeamGroupScheduling, is_beam_grou
 from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus, child_request_id, sample_params
+from pagoda.core.spec_decode.scheduling import drafts_to_schedule, record_verified
 from pagoda.sampling_params import SamplingParams
 
 
@@ -57,11 +58,17 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     blocks_to_zero: list[int] = field(default_factory=list)  # first use of a block of the uninitialized cache
     grammar_bitmask: Any = None  # the structured-output masks of this step's constrained rows (a StepGrammar)
+    #: request id → the draft tokens verified with its last token this step (speculative decoding)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Scheduler(BeamGroupScheduling):
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, speculative: Any = None) -> None:
         self.config = config
+        self.speculative = speculative  # a SpeculativeConfig, or None
+        # KV slots reserved past a request's scheduled tokens for the draft model's proposals.
+        self.num_lookahead = speculative.num_lookahead_slots if speculative is not None else 0
+        self._verifying: dict[str, list[int]] = {}  # the drafts scheduled in the last step
         self.kv = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -131,7 +138,11 @@ class Scheduler(BeamGroupScheduling):
             if num_new == 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request, num_new):
+            drafts = None
+            if request.spec_token_ids and num_new == 1:
+                drafts = drafts_to_schedule(request, budget - 1, self.config.max_model_len)
+                num_new += len(drafts)
+            while not self.kv.allocate_slots(request, num_new + self.num_lookahead):
                 victims = self._preempt_last()  # the most recently admitted request (or beam group)
                 preempted = True
                 if request in victims:
@@ -139,6 +150,8 @@ class Scheduler(BeamGroupScheduling):
             else:
                 scheduled.append(request)
                 out.num_scheduled_tokens[request.request_id] = num_new
+                if drafts:
+                    out.scheduled_spec_decode_tokens[request.request_id] = drafts
                 budget -= num_new
                 i += 1
                 continue
@@ -155,7 +168,7 @@ class Scheduler(BeamGroupScheduling):
             hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
             num_cached = len(hits) * self.kv.block_size
             num_new = self._num_new_tokens(request, budget, num_cached)
-            if num_new == 0 or not self.kv.allocate_slots(request, num_new, hits):
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new + self.num_lookahead, hits):
                 break
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
@@ -190,6 +203,7 @@ class Scheduler(BeamGroupScheduling):
         out.block_copies = self.kv.take_pending_copies()
         out.blocks_to_zero = self.kv.take_fresh_blocks()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        self._verifying = out.scheduled_spec_decode_tokens
         return out
 
     def _num_new_tokens(self, request: Request, budget: int, num_cached: int = 0) -> int:
@@ -207,18 +221,30 @@ class Scheduler(BeamGroupScheduling):
         self._known_blocks.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ after the step
-    def update_from_output(self, sampled: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
+    def update_from_output(self, sampled: dict[str, list[int]],
+                           spec_token_ids: dict[str, list[int]] | None = None) -> list[tuple[Request, list[int]]]:
         """Record sampled tokens. Returns ``(request, new_token_ids)`` pairs; a request with ``n > 1`` is replaced
-        by its samples here (each sharing the prompt's blocks), which are returned instead of it."""
+        by its samples here (each sharing the prompt's blocks), which are returned instead of it. With
+        speculative decoding, ``spec_token_ids`` are the next drafts of requests that got tokens."""
         results = []
+        verifying, self._verifying = self._verifying, {}
         for request in list(self.running):
-            self.kv.cache_computed_blocks(request)
             tokens = sampled.get(request.request_id)
+            if self.speculative is not None and tokens:
+                request.spec_token_ids = spec_token_ids.get(request.request_id, []) if spec_token_ids else []
+                if request.request_id in verifying:
+                    if record_verified(self.kv, request, tokens, self.num_lookahead):
+                        # A later allocation may bring the count back with other blocks: resend the list.
+                        self._known_blocks[request.request_id] = -1
+                    results.append((request, tokens))
+                    continue
+            self.kv.cache_computed_blocks(request)
             if not tokens:
                 continue
             if len(tokens) == 1:
@@ -226,6 +252,8 @@ class Scheduler(BeamGroupScheduling):
                 results.append((request, tokens))
             else:
                 for child in self._fork(request, tokens):
+                    if spec_token_ids:
+                        child.spec_token_ids = spec_token_ids.get(child.request_id, [])
                     results.append((child, child.output_token_ids[-1:]))
         return results
 

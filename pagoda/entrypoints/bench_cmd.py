@@ -1,4 +1,4 @@
-"""``pagoda bench throughput|latency|serve|step-overhead|ops``: benchmarks with ``vllm bench``'s flags.
+"""``pagoda bench throughput|latency|serve|step-overhead|ops|spec-decode``: benchmarks with ``vllm bench``'s flags.
 
 The benchmark modules (``pagoda.benchmarks.*``) are imported only when their command runs.
 """
@@ -15,6 +15,8 @@ BENCHMARKS = {
     "step-overhead": ("pagoda.benchmarks.profile_step",
                       "per-step engine time besides the model, at a given number of running requests"),
     "ops": ("pagoda.benchmarks.ops", "each chosen op implementation at the W1 and W2 shapes, against the ceilings"),
+    "spec-decode": ("pagoda.benchmarks.spec_decode",
+                    "single-stream speed with and without --speculative-config on an input-grounded workload"),
 }
 
 

@@ -268,6 +268,7 @@ class RequestLimitMiddleware:
 async def _log_stats(engine: AsyncEngine, interval_s: float) -> None:
     """Every ``interval_s``, one line of throughput and load while there is traffic."""
     last = (time.monotonic(), 0, 0)
+    last_drafts = 0
     while True:
         await asyncio.sleep(interval_s)
         stats = engine.stats
@@ -280,6 +281,10 @@ async def _log_stats(engine: AsyncEngine, interval_s: float) -> None:
             logger.info("throughput: prompt %.1f tokens/s, generation %.1f tokens/s; running %d, waiting %d; "
                         "KV cache %.1f%% used", (prompt - last[1]) / elapsed, (generated - last[2]) / elapsed,
                         stats.num_running, stats.num_waiting, 100.0 * stats.kv_cache_usage)
+        spec = getattr(stats, "spec_decoding", None)
+        if spec is not None and spec.num_drafts != last_drafts:
+            logger.info("%s", spec.summary())  # cumulative since the server started
+            last_drafts = spec.num_drafts
         last = (now, prompt, generated)
 
 

@@ -55,6 +55,26 @@ class _EngineStatsCollector:
             family = CounterMetricFamily(f"vllm:{name}", text, labels=labels)
             family.add_metric([self.model_name], float(getattr(stats, attr, 0)))
             yield family
+        spec = getattr(stats, "spec_decoding", None)
+        if spec is not None:
+            yield from _spec_decode_families(spec, self.model_name)
+
+
+def _spec_decode_families(spec: Any, model_name: str):
+    """vLLM's speculative-decoding counters: acceptance rate = accepted / draft tokens, mean accepted length =
+    1 + accepted / drafts."""
+    for name, value, text in (
+            ("num_drafts", spec.num_drafts, "Number of spec decoding drafts."),
+            ("num_draft_tokens", spec.num_draft_tokens, "Number of draft tokens."),
+            ("num_accepted_tokens", spec.num_accepted_tokens, "Number of accepted tokens.")):
+        family = CounterMetricFamily(f"vllm:spec_decode_{name}", text, labels=["model_name"])
+        family.add_metric([model_name], float(value))
+        yield family
+    family = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                 "Accepted tokens per draft position.", labels=["model_name", "position"])
+    for position, value in enumerate(spec.num_accepted_tokens_per_pos):
+        family.add_metric([model_name, str(position)], float(value))
+    yield family
 
 
 class ServerMetrics:
