@@ -276,14 +276,14 @@ class ModelRunner:
         if sample_states:
             sample_hidden = hidden if rows is None else hidden[torch.from_numpy(rows).to(self.device)]
             greedy = None
+            grammar = sched.grammar_bitmask  # structured outputs: masks for the constrained rows
             if self.greedy_head and ((usual and not self._not_plain_greedy)
                                      or all(s.is_plain_greedy for s in sample_states)):
-                # Only the argmax is needed: the LM head may find it without writing the logits out.
-                greedy = self.model.compute_greedy(sample_hidden)
-            grammar = sched.grammar_bitmask  # structured outputs: masks for the constrained rows
+                # Only the argmax is needed: the LM head may find it without writing the logits out (over the
+                # tokens the grammar allows, for constrained rows).
+                greedy = self.model.compute_greedy(
+                    sample_hidden, None if grammar is None else grammar.rows_bitmask(owners))
             if greedy is not None:
-                if grammar is not None:
-                    greedy = grammar.correct_greedy(greedy, owners, sample_hidden, self.model)
                 self._record_samples(out, greedy.tolist(), None, sample_states, owners)
             else:
                 logits = self.model.compute_logits(sample_hidden)

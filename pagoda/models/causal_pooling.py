@@ -116,7 +116,7 @@ class CausalEmbedding(PagodaModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(self).__name__} is a pooling model: it has no LM head to generate with")
 
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def compute_greedy(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:

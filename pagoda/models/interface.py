@@ -87,8 +87,10 @@ class PagodaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no language-model head")
 
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel can (else None)."""
+    def compute_greedy(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel can (else None).
+        ``allowed``: a token bitmask per row (int32 [n, ceil(vocab / 32)], bit ``t % 32`` of word ``t // 32`` set:
+        token ``t`` allowed — a grammar's constraint); the argmax is then over the allowed tokens only."""
         return None
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:

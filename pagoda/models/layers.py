@@ -59,9 +59,10 @@ class VocabEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.quant_method.logits(self, hidden)
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The argmax of :meth:`logits` per row, or None when only :meth:`logits` can give it."""
-        return self.quant_method.greedy(self, hidden)
+    def greedy(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The argmax of :meth:`logits` per row (over the tokens a bitmask ``allowed`` allows, where given), or
+        None when only :meth:`logits` can give it."""
+        return self.quant_method.greedy(self, hidden, allowed)
 
     def use_as_lm_head(self) -> VocabEmbedding:
         """Mark this table as (also) the LM head, so its method prepares it for :meth:`logits` after loading."""
@@ -264,7 +265,7 @@ class CausalLM(PagodaModel):
         """``hidden`` [n, width] → float32 logits [n, vocab_size]."""
         return self.lm_head.logits(hidden)
 
-    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def compute_greedy(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
         """``compute_logits(hidden).argmax(-1)`` without the logits, where the LM head's kernel allows (else
-        None)."""
-        return self.lm_head.greedy(hidden)
+        None); over the tokens a bitmask ``allowed`` allows, where given."""
+        return self.lm_head.greedy(hidden, allowed)

@@ -131,9 +131,12 @@ class LinearDense(OpImpl):
         """``x @ W.T + b`` as float32 (an LM head)."""
         return F.linear(x, handle.weight, handle.bias).float()
 
-    def greedy(self, handle: DenseWeight, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle: DenseWeight, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         """``logits(x).argmax(-1)`` without writing the logits out, or None where this implementation can't (the
-        caller then samples from :meth:`logits`; torch's own argmax is no faster than the sampler's)."""
+        caller then samples from :meth:`logits`; torch's own argmax is no faster than the sampler's). ``allowed``:
+        a token bitmask per row (int32 [rows, ceil(n / 32)], bit ``t % 32`` of word ``t // 32`` set: token ``t``
+        allowed); an implementation that gives an argmax gives it over the allowed tokens only."""
         return None
 
     def rows(self, handle: DenseWeight, ids: torch.Tensor) -> torch.Tensor:
@@ -221,7 +224,8 @@ class LinearBlockQuant(OpImpl):
     def logits(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight(handle))
 
-    def greedy(self, handle: BlockQuantWeight, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle: BlockQuantWeight, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         return None
 
     def rows(self, handle: BlockQuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

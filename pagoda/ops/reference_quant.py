@@ -65,7 +65,8 @@ class LinearFp8(OpImpl):
     def logits(self, handle: Fp8Weight, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(handle, x, torch.float32)
 
-    def greedy(self, handle: Fp8Weight, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle: Fp8Weight, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         return None
 
     def nbytes(self, handle: Fp8Weight) -> int:
@@ -118,7 +119,8 @@ class LinearInt8(OpImpl):
     def logits(self, handle: Int8Weight, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(handle, x)
 
-    def greedy(self, handle: Int8Weight, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle: Int8Weight, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         return None
 
     def nbytes(self, handle: Int8Weight) -> int:
@@ -157,7 +159,8 @@ class LinearCodebook(OpImpl):
     def logits(self, handle: CodebookWeight, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight(handle))
 
-    def greedy(self, handle: CodebookWeight, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle: CodebookWeight, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         return None
 
     def nbytes(self, handle: CodebookWeight) -> int:

@@ -235,7 +235,8 @@ class _TritonLinear(OpImpl):
     def logits(self, handle, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(handle, x, torch.float32)
 
-    def greedy(self, handle, x: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, handle, x: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         return None
 
 

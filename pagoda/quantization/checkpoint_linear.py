@@ -267,5 +267,6 @@ class LinearHeadMethod(EmbeddingMethod):
         kernels = layer.quant_kernels
         return kernels[0].matmul_float(hidden)
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        return layer.quant_kernels[0].argmax(hidden)
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+        return layer.quant_kernels[0].argmax(hidden, allowed)

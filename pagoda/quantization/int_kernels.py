@@ -48,8 +48,9 @@ class Kernel:
         """``x @ W.T`` in float32 (logits); kernels that can skip the round trip through ``x.dtype`` override it."""
         return self.matmul(x).float()
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``(x @ W.T).argmax(-1)`` without writing the product out, where the kernel can (else None)."""
+    def argmax(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``(x @ W.T).argmax(-1)`` without writing the product out, where the kernel can (else None); over the
+        tokens a bitmask ``allowed`` allows, where given."""
         return None
 
     def nbytes(self) -> int:
@@ -90,8 +91,8 @@ class BlockQuantKernel(Kernel):
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
         return self.op.logits(self.handle, x)  # no round trip through the activation dtype
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.op.greedy(self.handle, x)
+    def argmax(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.op.greedy(self.handle, x, allowed)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.op.rows(self.handle, ids, dtype)
@@ -210,8 +211,8 @@ class PermutedKernel(Kernel):
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.matmul_float(x.index_select(-1, self.perm))
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.inner.argmax(x.index_select(-1, self.perm))
+    def argmax(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.inner.argmax(x.index_select(-1, self.perm), allowed)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         inverse = torch.empty_like(self.perm)

@@ -58,9 +58,12 @@ class EmbeddingMethod(ABC):
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, embedding_dim] → [n, num_embeddings] in float32."""
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         """``logits(hidden).argmax(-1)`` (int64 [n]) when a kernel finds it without writing the logits out;
-        None (the default) when it can't, and the caller samples from :meth:`logits` as usual."""
+        None (the default) when it can't, and the caller samples from :meth:`logits` as usual. ``allowed``: a token
+        bitmask per row (int32 [n, ceil(vocab / 32)], a grammar's constraint); the argmax is then over the allowed
+        tokens only."""
         return None
 
 

@@ -96,8 +96,9 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return layer.dense_op.logits(layer.dense_handle, hidden)
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        return layer.dense_op.greedy(layer.dense_handle, hidden)
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+        return layer.dense_op.greedy(layer.dense_handle, hidden, allowed)
 
 
 class UnquantizedConfig(QuantizationConfig):

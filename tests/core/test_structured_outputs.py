@@ -281,3 +281,32 @@ def test_bundled_gguf_model_json():
         assert out.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
     assert_all_blocks_free(llm)
+
+
+def test_bf16_greedy_head_takes_the_mask(tiny_chat_model_dir):  # noqa: F811
+    """bf16 on the native CPU kernels: the LM head's argmax runs over the allowed tokens itself
+    (``compute_greedy(hidden, allowed)``), and gives the tokens the masked logits give."""
+    llm = LLM(tiny_chat_model_dir, dtype="bfloat16", max_model_len=256, kv_cache_memory_bytes=1 << 24, seed=0)
+    model = llm.llm_engine.runner.model
+    hidden = torch.randn(3, model.config.hidden_size).bfloat16()
+    vocab = model.config.vocab_size
+    allowed = torch.zeros(3, (vocab + 31) // 32, dtype=torch.int32)
+    allowed[:, 1] = 1 << 5  # token 37 only
+    masked = model.compute_greedy(hidden, allowed)
+    if masked is None:
+        pytest.skip("this platform's LM head has no argmax kernel for bf16")
+    assert masked.tolist() == [37, 37, 37]
+    regex = r"[a-z]{2,6}( [a-z]{2,6}){1,2}"
+    prompts = ["One", "Two", "Three"]
+    params = [constrained(temperature=0, max_tokens=16, regex=regex), SamplingParams(temperature=0, max_tokens=8),
+              constrained(temperature=0, max_tokens=16, choice=["left", "right", "up"])]
+    runs = {}
+    for greedy_head in (True, False):
+        llm.llm_engine.runner.greedy_head = greedy_head
+        runs[greedy_head] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.llm_engine.runner.greedy_head = True
+    assert [o.token_ids for o in runs[True]] == [o.token_ids for o in runs[False]]
+    first, _, third = runs[True]
+    assert first.finish_reason == "length" or re.fullmatch(regex, first.text), first.text
+    assert third.text in ("left", "right", "up") and third.finish_reason == "stop"
+    assert_all_blocks_free(llm)

@@ -117,6 +117,7 @@ def linear_dense(impl, ref, dtype):
                 greedy = impl.greedy(handle, x) if b is None else None
                 if greedy is not None:
                     _check_argmax(greedy, x.double() @ w.double().T, what)
+                    _check_masked_greedy(impl, handle, x, x.double() @ w.double().T, what)
             ids = torch.tensor([[0, n - 1], [n // 2, 1]])
             assert torch.equal(impl.rows(handle, ids), w[ids]), "rows must be the weight's rows exactly"
 
@@ -126,6 +127,25 @@ def _check_argmax(greedy: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     top = exact.max(-1).values
     picked = exact.gather(1, greedy[:, None])[:, 0]
     assert (top - picked <= 1e-2 * top.abs().clamp(min=1)).all(), f"{what}: greedy picked a non-maximum"
+
+
+def _check_masked_greedy(impl, handle, x: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """With a token bitmask (a grammar's constraint: about a third of the columns allowed, the unmasked argmax
+    forbidden), the argmax is a maximum over the allowed columns."""
+    rows, n = exact.shape
+    g = torch.Generator().manual_seed(rows * 7919 + n)
+    allowed = torch.rand(rows, n, generator=g) < 0.3
+    allowed[torch.arange(rows), exact.argmax(-1)] = False
+    allowed[:, n // 2] = True  # never an empty row
+    padded = torch.zeros(rows, (n + 31) // 32 * 32, dtype=torch.int64)
+    padded[:, :n] = allowed.long()
+    words = (padded.view(rows, -1, 32) << torch.arange(32)).sum(-1)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # as int32 bit patterns
+    greedy = impl.greedy(handle, x, words)
+    if greedy is None:
+        return
+    assert allowed.gather(1, greedy[:, None]).all(), f"{what}: masked greedy picked a forbidden column"
+    _check_argmax(greedy, exact.masked_fill(~allowed, float("-inf")), what + " masked")
 
 
 def block_quant_weights(bits: int, n: int, k: int, g: torch.Generator):
@@ -158,6 +178,7 @@ def linear_block_quant(impl, ref, dtype):
                 greedy = impl.greedy(handle, x)
                 if greedy is not None:
                     _check_argmax(greedy, x.double() @ exact.T, what)
+                    _check_masked_greedy(impl, handle, x, x.double() @ exact.T, what)
             ids = torch.tensor([[0, n - 1], [n // 2, 1]])
             torch.testing.assert_close(impl.rows(handle, ids, torch.float64), exact[ids], rtol=1e-6, atol=1e-7)
 
@@ -185,6 +206,7 @@ def linear_block_quant_zero(impl, ref, dtype):
             greedy = impl.greedy(handle, x)
             if greedy is not None:
                 _check_argmax(greedy, x.double() @ exact.T, what)
+                _check_masked_greedy(impl, handle, x, x.double() @ exact.T, what)
 
 
 def linear_block_quant_affine(impl, ref, dtype):
@@ -213,6 +235,7 @@ def linear_block_quant_affine(impl, ref, dtype):
             greedy = impl.greedy(handle, x)
             if greedy is not None:
                 _check_argmax(greedy, x.double() @ exact.T, what)
+                _check_masked_greedy(impl, handle, x, x.double() @ exact.T, what)
         ids = torch.tensor([[0, n - 1], [n // 2, 1]])
         torch.testing.assert_close(impl.rows(handle, ids, torch.float64), ref.rows(ref_handle, ids, torch.float64),
                                    rtol=0, atol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.ops.op_cases import _check_argmax, _close, _gen
+from tests.ops.op_cases import _check_argmax, _check_masked_greedy, _close, _gen
 
 
 def fp8_weights(n: int, k: int, group: int, g: torch.Generator):
@@ -31,6 +31,7 @@ def linear_fp8(impl, ref, dtype):
             greedy = impl.greedy(handle, x)
             if greedy is not None:
                 _check_argmax(greedy, ref.logits(ref_handle, x).double(), what)
+                _check_masked_greedy(impl, handle, x, ref.logits(ref_handle, x).double(), what)
 
 
 def linear_int8(impl, ref, dtype):

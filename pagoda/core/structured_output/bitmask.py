@@ -4,10 +4,10 @@ step runs.
 
 Rows of the runner's sampling batch are matched to bitmask rows by request id (every sample of a request that
 forks shares its row). Sampling with logits: the masks go onto the logits, batched, before the sampler, so every
-sampling feature sees only allowed tokens. All-greedy steps that took the LM head's argmax shortcut: an argmax
-the grammar allows is the argmax of the masked logits too (masking only lowers other tokens), so only the rows
-whose argmax the grammar forbids get their logits computed, masked and argmaxed again — exact, and on a real
-model most rows of most steps need nothing more.
+sampling feature sees only allowed tokens. All-greedy steps hand the masks to the LM head's argmax
+(``compute_greedy(hidden, allowed)``), which on the native CPU kernels skips the forbidden columns as it finds each
+row's maximum — no logits are written for a constrained greedy row either; a model whose head can't returns None
+and the step takes the logits path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from pagoda.core.logits_processing import fast_argmax
 
 
 class StepGrammar:
@@ -45,25 +44,17 @@ class StepGrammar:
         self._mask(logits, sample_rows, mask_rows)
         return logits
 
-    def correct_greedy(self, tokens: torch.Tensor, owners: list[Any], hidden: torch.Tensor, model: Any
-                       ) -> torch.Tensor:
-        """The argmax of the masked logits, from the unmasked argmax ``tokens`` (of ``hidden``'s rows)."""
+    def rows_bitmask(self, owners: list[Any]) -> torch.Tensor | None:
+        """The step's bitmask laid out like the sampling rows (an all-allowed row for each unconstrained one), for
+        an LM head that finds the argmax over the allowed tokens itself; None when no row is constrained."""
         sample_rows, mask_rows = self._constrained(owners)
         if not sample_rows:
-            return tokens
-        index = torch.tensor(sample_rows)
-        chosen = tokens[index.to(tokens.device)].cpu()
-        words = self.bitmask[torch.tensor(mask_rows), chosen >> 5]
-        refused = ((words >> (chosen & 31)) & 1) == 0
-        if not bool(refused.any()):
-            return tokens
-        rows = index[refused]
-        logits = model.compute_logits(hidden[rows.to(hidden.device)])
-        refused_mask_rows = torch.tensor(mask_rows)[refused].tolist()
-        self._mask(logits, list(range(len(rows))), refused_mask_rows)
-        tokens = tokens.clone()
-        tokens[rows.to(tokens.device)] = fast_argmax(logits.float()).to(tokens.device)
-        return tokens
+            return None
+        if len(sample_rows) == len(owners) and mask_rows == list(range(len(mask_rows))):
+            return self.bitmask[:len(mask_rows)]
+        aligned = torch.full((len(owners), self.bitmask.shape[1]), -1, dtype=self.bitmask.dtype)
+        aligned[torch.tensor(sample_rows)] = self.bitmask[torch.tensor(mask_rows)]
+        return aligned
 
     def _mask(self, logits: torch.Tensor, logit_rows: list[int], mask_rows: list[int]) -> None:
         import xgrammar as xgr

@@ -133,8 +133,8 @@ class PackedDense(_NativeBf16Gemm):
     def logits(self, handle, x):
         return cpu_ops.packed_linear(x, handle, float_output=True)
 
-    def greedy(self, handle, x):
-        return cpu_ops.linear_argmax(x, handle) if handle.bias is None else None
+    def greedy(self, handle, x, allowed=None):
+        return cpu_ops.linear_argmax(x, handle, allowed=allowed) if handle.bias is None else None
 
     def rows(self, handle, ids):
         return handle.rows(ids)
@@ -193,11 +193,11 @@ class AmxDense(_NativeBf16Gemm):
             return out.float()
         return cpu_ops.packed_linear(x, handle.packed, float_output=True, amx=True)
 
-    def greedy(self, handle, x):
+    def greedy(self, handle, x, allowed=None):
         if handle.bias is not None:
             return None
         # From 8 rows the argmax kernel multiplies on AMX tiles (64 x 49152 x 576: 18.7 ms on AVX512-BF16).
-        return cpu_ops.linear_argmax(x, handle.packed, amx=True)
+        return cpu_ops.linear_argmax(x, handle.packed, amx=True, allowed=allowed)
 
     def rows(self, handle, ids):
         return handle.packed.rows(ids)
@@ -245,8 +245,8 @@ class PackedBlockQuant(_NativeBf16Gemm):
     def logits(self, handle, x):
         return cpu_ops.quant_linear(x, handle, float_output=True)
 
-    def greedy(self, handle, x):
-        return cpu_ops.linear_argmax(x, handle)
+    def greedy(self, handle, x, allowed=None):
+        return cpu_ops.linear_argmax(x, handle, allowed=allowed)
 
     def rows(self, handle, ids, dtype):
         return handle.rows(ids, dtype)
@@ -281,8 +281,8 @@ class AmxBlockQuant(AmxTiles, PackedBlockQuant):
     def logits(self, handle, x):
         return cpu_ops.quant_linear(x, handle, float_output=True, amx=True)
 
-    def greedy(self, handle, x):
-        return cpu_ops.linear_argmax(x, handle, amx=True)
+    def greedy(self, handle, x, allowed=None):
+        return cpu_ops.linear_argmax(x, handle, amx=True, allowed=allowed)
 
 
 class NativeWriteKV(_Native):

@@ -41,7 +41,7 @@ class PackedFp8(_NativeBf16Gemm):
     def logits(self, handle, x):
         return cpu_ops.quant_linear(x, handle, float_output=True, amx=self.uses_amx)
 
-    def greedy(self, handle, x):
+    def greedy(self, handle, x, allowed=None):
         return None
 
     def nbytes(self, handle):
@@ -100,7 +100,7 @@ class OneDnnInt8(OpImpl):
     def logits(self, handle, x):
         return self._matmul(handle, x)
 
-    def greedy(self, handle, x):
+    def greedy(self, handle, x, allowed=None):
         return None
 
     def nbytes(self, handle):
@@ -150,7 +150,7 @@ class AmxInt8(_NativeBf16Gemm):
     def logits(self, handle, x):
         return self._run(handle, x, True)
 
-    def greedy(self, handle, x):
+    def greedy(self, handle, x, allowed=None):
         return None
 
     def nbytes(self, handle):
@@ -205,7 +205,7 @@ class NativeCodebook(_NativeBf16Gemm):
     def logits(self, handle, x):
         return self._run(handle, x, True)
 
-    def greedy(self, handle, x):
+    def greedy(self, handle, x, allowed=None):
         return None
 
     def nbytes(self, handle):

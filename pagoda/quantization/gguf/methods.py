@@ -166,8 +166,9 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(layer).matmul_float(hidden)
 
-    def greedy(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self._head(layer).argmax(hidden)
+    def greedy(self, layer: nn.Module, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+        return self._head(layer).argmax(hidden, allowed)
 
 
 __all__ = ["GGUFLinearMethod", "GGUFEmbeddingMethod", "INT8_TYPES"]

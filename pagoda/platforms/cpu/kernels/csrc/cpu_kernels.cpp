@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 19; }
+int pagoda_kernels_abi_version() { return 20; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -252,9 +252,12 @@ int pagoda_int8_gemm(int out_f32, void* y, const void* x, const void* wp, const 
 // out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out. Each thread takes a contiguous range
 // of columns and computes it 240 columns at a time into a buffer that stays in cache, keeping each row's first
 // maximum (a NaN wins, as in torch's argmax); the threads' winners are merged at the end.
-// kind 0: W packed by pagoda_pack_bf16; otherwise block-quantized as for pagoda_quant_gemm. -1 if not built.
+// kind 0: W packed by pagoda_pack_bf16; otherwise block-quantized as for pagoda_quant_gemm. allowed: null, or a
+// token bitmask per row ([m, ceil(n / 32)] int32 words, bit j of word i: column 32 i + j allowed) — the argmax then
+// runs over the allowed columns only (a grammar-constrained greedy row), so no logits are written for it either.
+// -1 if not built.
 int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int64_t n, int64_t k, int64_t* out,
-                         int num_threads, int amx) {
+                         int num_threads, int amx, const int32_t* allowed) {
 #if defined(__AVX512BF16__)
   if (kind != 0 && quant_tile_bytes(kind, k) == 0) return -1;
   constexpr int64_t kCols = 5 * kNT * kTile;  // 240 columns: whole micro-kernel tile groups
@@ -288,7 +291,12 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
                               amx != 0);
       }
       for (int64_t r = 0; r < m; ++r) {  // a thread may also take slices of others' shares
-        const float* row = buf.data() + r * cols;
+        float* row = buf.data() + r * cols;
+        if (allowed != nullptr) {  // forbidden columns drop out of the argmax
+          const uint32_t* words = reinterpret_cast<const uint32_t*>(allowed) + r * ((n + 31) / 32);
+          for (int64_t j = 0; j < cols; ++j)
+            if (!((words[(c0 + j) >> 5] >> ((c0 + j) & 31)) & 1u)) row[j] = -INFINITY;
+        }
         const int64_t i = argmax_f32(row, cols);
         if (argmax_before(row[i], c0 + i, tb[r], tw[r])) {
           tb[r] = row[i];
@@ -311,7 +319,7 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
   }
   return 0;
 #else
-  (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads; (void)amx;
+  (void)kind; (void)x; (void)w; (void)m; (void)n; (void)k; (void)out; (void)num_threads; (void)amx; (void)allowed;
   return -1;
 #endif
 }
