@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagoda.attention_backends.interface import CommonAttentionMetadata
 from pagoda.core.config import EngineConfig
+from pagoda.core.flat_batch import flat_batch_layout
 from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
@@ -381,26 +381,9 @@ class ModelRunner:
                 if state.token_type_ids:
                     token_type_ids[query_start_loc[i]:query_start_loc[i + 1]] = \
                         state.token_type_ids[starts[i]:ends[i]]
-        # Per-token request index and position, without a Python loop over tokens.
-        if num_tokens == num_reqs:
-            req_index, positions = np.arange(num_reqs), starts
-        else:
-            req_index = np.repeat(np.arange(num_reqs), counts)
-            positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts)
-        bs = self.block_size
-        slot_mapping = block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
         dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        seq_lens_cpu = torch.from_numpy(ends.astype(np.int32))
-        metadata = CommonAttentionMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-            max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
-            query_start_loc=qsl_cpu.to(dev), query_start_loc_cpu=qsl_cpu,
-            seq_lens=seq_lens_cpu.to(dev), seq_lens_cpu=seq_lens_cpu,
-            num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
-            block_table=torch.from_numpy(block_table).to(dev), slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-            causal=self.causal,
-        )
+        positions, metadata = flat_batch_layout(counts, starts, query_start_loc, block_table, self.block_size, dev,
+                                                self.causal)
         return {
             "input_ids": torch.from_numpy(input_ids).to(dev),
             "positions": torch.from_numpy(positions).to(dev),

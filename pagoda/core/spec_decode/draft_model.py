@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagoda.attention_backends.interface import CommonAttentionMetadata
+from pagoda.core.flat_batch import flat_batch_layout
 from pagoda.core.model_loader import load_model
 from pagoda.core.sampler import Sampler
 from pagoda.core.spec_decode.rejection_sampler import sample_from
@@ -168,22 +168,8 @@ class DraftModelProposer:
         num_tokens = int(counts.sum())
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
-        req_index = np.repeat(np.arange(num_reqs), counts)
-        positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts)
-        bs = self.block_size
-        slot_mapping = block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
-        ends = starts + counts
-        num_decodes = int(np.count_nonzero(counts == 1))
         dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        seq_lens_cpu = torch.from_numpy(ends.astype(np.int32))
-        metadata = CommonAttentionMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-            max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
-            query_start_loc=qsl_cpu.to(dev), query_start_loc_cpu=qsl_cpu, seq_lens=seq_lens_cpu.to(dev),
-            seq_lens_cpu=seq_lens_cpu, num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
-            block_table=torch.from_numpy(np.ascontiguousarray(block_table)).to(dev),
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev), causal=True)
+        positions, metadata = flat_batch_layout(counts, starts, query_start_loc, block_table, self.block_size, dev)
         hidden = self.model(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).to(dev),
                             torch.from_numpy(positions).to(dev), self.kv_caches, self.attn_builder.build(metadata))
         if num_tokens == num_reqs:

@@ -55,8 +55,6 @@ def tiny_chat_model_dir() -> str:
     target = CACHE_DIR / "tiny-llama-smollm2-v1"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return str(target)
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -70,13 +68,21 @@ def tiny_chat_model_dir() -> str:
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.15)
+    save_model_dir(model, tokenizer, target)
+    return str(target)
+
+
+def save_model_dir(model, tokenizer, target: Path) -> None:
+    """Write a model directory whole or not at all (beside it, then renamed), so an interrupted run never leaves
+    a half-written cache entry."""
+    import shutil
+
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return str(target)
 
 
 def free_port() -> int:

@@ -9,8 +9,9 @@ tokens, as Qwen 2.5's tokenizer has them; ``<|im_end|>`` ends a reply.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from tests.entrypoints.openai.conftest import save_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HERMES_TEMPLATE = REPO_ROOT / "examples" / "tool_chat_template_hermes.jinja"
@@ -97,12 +98,7 @@ def build_tool_model(target: Path, max_steps: int = 600) -> None:
         _train(model, examples, max_steps)
     finally:
         torch.set_num_threads(threads)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    save_model_dir(model, tokenizer, target)
 
 
 def _train(model, examples, max_steps: int) -> None:
