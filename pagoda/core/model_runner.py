@@ -281,8 +281,9 @@ class ModelRunner:
                                      or all(s.is_plain_greedy for s in sample_states)):
                 # Only the argmax is needed: the LM head may find it without writing the logits out (over the
                 # tokens the grammar allows, for constrained rows).
-                greedy = self.model.compute_greedy(
-                    sample_hidden, None if grammar is None else grammar.rows_bitmask(owners))
+                allowed = None if grammar is None else grammar.rows_bitmask(owners)
+                greedy = (self.model.compute_greedy(sample_hidden) if allowed is None
+                          else self.model.compute_greedy(sample_hidden, allowed))
             if greedy is not None:
                 self._record_samples(out, greedy.tolist(), None, sample_states, owners)
             else:

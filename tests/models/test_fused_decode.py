@@ -62,7 +62,7 @@ def test_greedy_lm_head_picks_what_the_sampler_picks(tiny_model_dir, kind):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
     model_obj = llm.llm_engine.runner.model
     calls, inner = [], model_obj.compute_greedy
-    model_obj.compute_greedy = lambda hidden: (calls.append(hidden.shape[0]), inner(hidden))[1]
+    model_obj.compute_greedy = lambda hidden, *allowed: (calls.append(hidden.shape[0]), inner(hidden, *allowed))[1]
     runs = []
     for greedy_head in (True, False):
         llm.llm_engine.runner.greedy_head = greedy_head
