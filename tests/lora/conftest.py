@@ -7,14 +7,19 @@ import pytest
 import torch
 
 
-def make_peft_adapter(base_dir: str, out_dir: str, seed: int, r: int = 8, alpha: int = 16,
+def make_peft_adapter(base, out_dir: str, seed: int, r: int = 8, alpha: int = 16,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                       use_rslora: bool = False, **extra) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    """A PEFT adapter with random non-zero A and B on ``base`` (a model directory, or a transformers model, which
+    is left as it was), saved to ``out_dir``."""
+    import copy
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = (AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if isinstance(base, str)
+             else copy.deepcopy(base))
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                                   use_rslora=use_rslora, lora_dropout=0.0, **extra))
@@ -28,13 +33,16 @@ def make_peft_adapter(base_dir: str, out_dir: str, seed: int, r: int = 8, alpha:
     return out_dir
 
 
-def peft_greedy(base_dir: str, adapter_dir: str | None, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def peft_greedy(base, adapter_dir: str | None, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy continuations (float32, EOS not special) from transformers with the adapter applied by peft
     (unmerged, as peft runs it); ``adapter_dir=None``: the base model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    import copy
+
+    model = (AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if isinstance(base, str)
+             else copy.deepcopy(base))
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
