@@ -110,6 +110,9 @@ def test_add_and_remove_under_load(tiny_model_dir, lora_adapters):
     assert not engine.remove_lora(99)
     assert_all_blocks_free(llm)
     _assert_slots_consistent(llm)
+    for lora_id in engine.list_loras():
+        assert engine.remove_lora(lora_id)
+    assert engine.list_loras() == set() and engine.runner.lora.num_free_slots == 1  # every slot back to free
 
 
 def test_prefix_cache_never_shared_between_adapters(tiny_model_dir, lora_adapters):
