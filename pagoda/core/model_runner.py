@@ -254,11 +254,11 @@ class ModelRunner:
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
-        if self._lora_requests:
-            hidden = self._forward_with_lora(batch, states, counts, extra)
-        else:
-            hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"],
-                                **extra)
+        def forward() -> torch.Tensor:
+            return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
+
+        hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts, self.model, self.fused_decode)
+                  if self._lora_requests else forward())
         usual = not self._unusual
         if not usual:
             self._pool(out, hidden, states, ends, batch["query_start_loc"])
@@ -307,20 +307,6 @@ class ModelRunner:
         if self.spec is not None and out.sampled:
             self.spec.propose(out, self.states)
         return out
-
-    def _forward_with_lora(self, batch: dict[str, Any], states: list[RunnerRequestState], counts: np.ndarray,
-                           extra: dict[str, Any]) -> torch.Tensor:
-        """The forward pass of a step that may have adapter rows: their slots mapped, and the platform's fused
-        decode step (which knows nothing of adapters) declined for it."""
-        self.lora.prepare_step([s.lora_request for s in states], counts)
-        if self.lora.step.plan is not None:
-            self.model.use_fused_decode(None)
-        try:
-            return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
-        finally:
-            if self.lora.step.plan is not None:
-                self.model.use_fused_decode(self.fused_decode)
-            self.lora.end_step()
 
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
                         sample_states: list[SamplingRequestState], owners: list[RunnerRequestState]) -> None:
