@@ -60,4 +60,30 @@ class LoRAShrinkExpand(OpImpl):
         y.index_add_(0, plan.token, out.to(y.dtype))
 
 
-LORA_REFERENCE_IMPLS = [LoRAShrinkExpand]
+class LoRAShrinkExpandAllSlots(OpImpl):
+    """Every slot's shrink for every token in one matmul, the rows' own slots kept by a one-hot weight (times the
+    slot's scale), and one expand over all slots: two matmuls per layer whatever the number of adapters, at
+    ``max_loras`` times the reference's multiply-adds. Meant for decode-sized steps where the per-slot matmuls'
+    call overhead outweighs their arithmetic; ranked below the reference until a measurement says otherwise
+    (``--op-impl lora_shrink_expand=torch_all_slots`` forces it). The scale multiplies the shrunk values before
+    the expand (rounding differs from the reference's by the dtype's steps)."""
+
+    op, name = "lora_shrink_expand", "torch_all_slots"
+    priority = -1
+
+    def plan(self, token_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """The [T, S] one-hot of each token's slot (a zero row for tokens without an adapter)."""
+        has_slot = (token_slots >= 0).unsqueeze(1)
+        return torch.nn.functional.one_hot(token_slots.clamp(min=0), num_slots) * has_slot
+
+    def apply(self, plan: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+              lora_b: torch.Tensor, scales: torch.Tensor) -> None:
+        slots, rank, d_in = lora_a.shape
+        tokens = x.shape[0]
+        shrunk = (x @ lora_a.reshape(slots * rank, d_in).T).view(tokens, slots, rank)
+        weight = (plan * scales).to(x.dtype).unsqueeze(2)  # [T, S, 1]: the token's own slot's scale, else 0
+        expand = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], slots * rank)
+        y += ((shrunk * weight).view(tokens, slots * rank) @ expand.T).to(y.dtype)
+
+
+LORA_REFERENCE_IMPLS = [LoRAShrinkExpand, LoRAShrinkExpandAllSlots]
