@@ -13,6 +13,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # The chain starts from a secret drawn once per process: without it, a client who knows the scheme could
 # precompute keys; with it, keys differ from run to run and can't be predicted or forged from outside.
@@ -29,13 +30,17 @@ class KVCacheBlock:
         return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
 
 
-def root_hash(cache_salt: str | None = None) -> bytes:
-    """The parent key of a request's first block: the process seed, and the request's ``cache_salt`` if it has
-    one, so requests with different salts never share a block (every later key chains from this one)."""
-    if cache_salt is None:
+def root_hash(cache_salt: str | None = None, lora_request: Any = None) -> bytes:
+    """The parent key of a request's first block: the process seed, and the request's ``cache_salt`` and LoRA
+    adapter id if it has them, so requests with different salts or adapters (or an adapter and the base model)
+    never share a block (every later key chains from this one)."""
+    if cache_salt is None and lora_request is None:
         return hashlib.sha256(_PROCESS_SEED).digest()
-    salt = cache_salt.encode()
-    return hashlib.sha256(_PROCESS_SEED + len(salt).to_bytes(8, "little") + salt).digest()
+    salt = (cache_salt or "").encode()
+    key = _PROCESS_SEED + len(salt).to_bytes(8, "little") + salt
+    if lora_request is not None:
+        key += b"lora" + lora_request.lora_int_id.to_bytes(8, "little")
+    return hashlib.sha256(key).digest()
 
 
 def hash_block_tokens(parent_hash: bytes, tokens: Sequence[int]) -> bytes:

@@ -124,6 +124,7 @@ class EngineConfig:
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     speculative_config: Any = None  # a SpeculativeConfig when speculative decoding is on
     draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
+    lora: Any = None  # a LoRAConfig when LoRA adapters are enabled
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
@@ -176,6 +177,10 @@ class EngineConfig:
                                  f"{model_config.task!r} task")
             if config.speculative_config.method == "draft_model":
                 config.draft = draft_engine_config(args, config)
+        if args.enable_lora:
+            from pagoda.lora.config import LoRAConfig
+
+            config.lora = LoRAConfig.from_engine_args(args)
         return config
 
 

@@ -25,6 +25,7 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer
 from pagoda.logger import init_logger
+from pagoda.lora.engine_api import LoRAEngineMixin
 from pagoda.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import BeamSearchParams, SamplingParams
@@ -46,7 +47,7 @@ class EngineStats:
     spec_decoding: Any = None  # SpecDecodingStats (cumulative) when speculative decoding is on
 
 
-class LLMEngine:
+class LLMEngine(LoRAEngineMixin):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model
@@ -63,7 +64,8 @@ class LLMEngine:
                                   (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
                                   else None)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config,
+                                   config.lora.max_loras if config.lora is not None else None)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.structured_output = StructuredOutputManager(config.structured_outputs, self.tokenizer,
                                                          config.model.vocab_size, self.eos_token_ids,
@@ -141,17 +143,20 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
                     params: SamplingParams | PoolingParams | BeamSearchParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: Any = None) -> None:
         if request_id in self.output_processor.states or request_id in self._pooling \
                 or request_id in self.beam_search.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        lora_request = self.check_lora_request(lora_request)
         if isinstance(params, BeamSearchParams):
-            self._add_beam_search_request(request_id, prompt, params, arrival_time)
+            self._add_beam_search_request(request_id, prompt, params, arrival_time, lora_request)
             return
         text, token_ids = self.tokenize_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ValueError("lora_request: LoRA adapters apply to text generation, not pooling")
             self._add_pooling_request(request_id, text, token_ids, params, prompt, arrival_time)
             return
         if self.model_config.task != "generate":
@@ -169,6 +174,7 @@ class LLMEngine:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt: must be a non-empty string")
         request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids, cache_salt=cache_salt)
+        request.lora_request = lora_request
         self.output_processor.add_request(request, text, params)
         # A constrained request whose grammar is still compiling waits in the structured-output manager.
         if internal.structured_outputs is None or self.structured_output.add_request(request):
@@ -176,7 +182,7 @@ class LLMEngine:
         self.prompt_tokens_total += len(token_ids)
 
     def _add_beam_search_request(self, request_id: str, prompt: Any, params: BeamSearchParams,
-                                 arrival_time: float | None) -> None:
+                                 arrival_time: float | None, lora_request: Any = None) -> None:
         if self.model_config.task != "generate":
             raise ValueError(f"this model serves the {self.model_config.task!r} task, not text generation")
         if getattr(self.config, "speculative_config", None) is not None:
@@ -191,7 +197,7 @@ class LLMEngine:
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt: must be a non-empty string")
-        self.beam_search.add(request_id, text, token_ids, params, arrival_time, cache_salt)
+        self.beam_search.add(request_id, text, token_ids, params, arrival_time, cache_salt, lora_request)
         self.prompt_tokens_total += len(token_ids)
 
     def _add_pooling_request(self, request_id: str, text: str | None, token_ids: list[int], params: PoolingParams,

@@ -60,6 +60,10 @@ class EngineArgs:
     structured_outputs_config: dict[str, Any] | None = None
     guided_decoding_backend: str | None = None
     speculative_config: dict[str, Any] | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,6 +85,9 @@ class EngineArgs:
             from pagoda.core.spec_decode.config import SpeculativeConfig
 
             SpeculativeConfig.from_dict(self.speculative_config)  # every key checked, errors name it
+        from pagoda.lora.config import LoRAConfig
+
+        LoRAConfig.from_engine_args(self)  # max_loras / max_lora_rank / max_cpu_loras checked
         if self.task not in TASKS:
             bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
@@ -206,6 +213,10 @@ _HELP = {
     "speculative_config": 'speculative decoding, as vLLM: {"method": "ngram", "num_speculative_tokens": k, '
                           '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT, '
                           '"num_speculative_tokens": k}',
+    "enable_lora": "serve LoRA adapters (LoRARequest / --lora-modules) beside the base model",
+    "max_loras": "most distinct LoRA adapters in one engine step (adapter slots on the device)",
+    "max_lora_rank": "largest LoRA rank an adapter may have (slots are padded to it)",
+    "max_cpu_loras": "LoRA adapters kept in host memory (LRU; default: max_loras)",
 }
 
 assert set(_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}, "every engine argument needs help text"

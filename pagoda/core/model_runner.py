@@ -21,6 +21,7 @@ from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState,
 from pagoda.core.scheduler import NewRequestData, SchedulerOutput
 from pagoda.core.spec_decode.decoder import SpecDecoder
 from pagoda.core.spec_decode.draft_model import draft_kv_bytes_per_block
+from pagoda.lora.manager import make_lora_manager
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops, use_ops
 from pagoda.pooling_params import PoolingParams
@@ -38,6 +39,7 @@ class RunnerRequestState:
     sampling: list[SamplingRequestState]  # one per sample: several only for a request about to fork; none to pool
     token_type_ids: list[int] | None = None
     block_row: int = -1  # this request's row of the runner's persistent block table
+    lora_request: Any = None  # the request's LoRA adapter (a LoRARequest), or None for the base model
 
 
 @dataclass
@@ -140,6 +142,8 @@ class ModelRunner:
         self.fused_decode = (config.platform.fused_decode(stack, config.ops, self.kv_caches)
                              if stack is not None and config.ops is not None else None)
         model.use_fused_decode(self.fused_decode)
+        self.lora = make_lora_manager(config, model, config.ops or current_ops(), self.device)
+        self._lora_requests: set[str] = set()  # requests with an adapter: while none, steps do no LoRA work
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
         # Requests that are not plain one-sample generation (pooling, prompt logprobs, about to fork): while there
@@ -188,7 +192,9 @@ class ModelRunner:
         self.states[new.request_id] = RunnerRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens,
                                                          new.params, list(new.block_ids), new.num_computed_tokens,
                                                          sampling, new.token_type_ids,
-                                                         self.block_rows.add(new.block_ids))
+                                                         self.block_rows.add(new.block_ids), new.lora_request)
+        if new.lora_request is not None:
+            self._lora_requests.add(new.request_id)
 
     def _set_blocks(self, state: RunnerRequestState, block_ids: list[int]) -> None:
         state.block_ids = list(block_ids)
@@ -199,6 +205,7 @@ class ModelRunner:
             state = self.states.pop(rid, None)
             self._unusual.discard(rid)
             self._not_plain_greedy.discard(rid)
+            self._lora_requests.discard(rid)
             if state is not None:
                 self.block_rows.release(state.block_row)
             if self.spec is not None:
@@ -247,7 +254,11 @@ class ModelRunner:
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
-        hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
+        if self._lora_requests:
+            hidden = self._forward_with_lora(batch, states, counts, extra)
+        else:
+            hidden = self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"],
+                                **extra)
         usual = not self._unusual
         if not usual:
             self._pool(out, hidden, states, ends, batch["query_start_loc"])
@@ -297,6 +308,20 @@ class ModelRunner:
             self.spec.propose(out, self.states)
         return out
 
+    def _forward_with_lora(self, batch: dict[str, Any], states: list[RunnerRequestState], counts: np.ndarray,
+                           extra: dict[str, Any]) -> torch.Tensor:
+        """The forward pass of a step that may have adapter rows: their slots mapped, and the platform's fused
+        decode step (which knows nothing of adapters) declined for it."""
+        self.lora.prepare_step([s.lora_request for s in states], counts)
+        if self.lora.step.plan is not None:
+            self.model.use_fused_decode(None)
+        try:
+            return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
+        finally:
+            if self.lora.step.plan is not None:
+                self.model.use_fused_decode(self.fused_decode)
+            self.lora.end_step()
+
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
                         sample_states: list[SamplingRequestState], owners: list[RunnerRequestState]) -> None:
         lp_lists = logprobs.tolists() if logprobs is not None else None
@@ -328,7 +353,9 @@ class ModelRunner:
                     self.states[child_id] = RunnerRequestState(
                         child_id, state.token_ids + [sampling.output_token_ids[-1]], state.num_prompt_tokens,
                         sampling.params, list(state.block_ids), state.num_computed_tokens, [sampling],
-                        block_row=self.block_rows.add(state.block_ids))
+                        block_row=self.block_rows.add(state.block_ids), lora_request=state.lora_request)
+                    if state.lora_request is not None:
+                        self._lora_requests.add(child_id)
             else:
                 state.token_ids.append(out.sampled[state.request_id][-1])
 

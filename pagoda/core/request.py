@@ -66,6 +66,7 @@ class Request:
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)
         self.beam_group = None  # the BeamGroup this request is a beam of (beam search), else None
+        self.lora_request = None  # its LoRA adapter (a LoRARequest); its KV is shared only with the same adapter
 
     @property
     def is_pooling(self) -> bool:
@@ -101,6 +102,6 @@ class Request:
         hashes = self.block_hashes
         tokens = self.all_token_ids
         for i in range(len(hashes), len(tokens) // block_size):
-            parent = hashes[-1] if hashes else root_hash(self.cache_salt)
+            parent = hashes[-1] if hashes else root_hash(self.cache_salt, self.lora_request)
             hashes.append(hash_block_tokens(parent, tokens[i * block_size:(i + 1) * block_size]))
         return hashes

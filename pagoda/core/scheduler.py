@@ -22,6 +22,7 @@ from pagoda.core.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.request import Request, RequestStatus, child_request_id, sample_params
 from pagoda.core.spec_decode.scheduling import drafts_to_schedule, record_verified
+from pagoda.lora.scheduling import LoRAAdmission
 from pagoda.sampling_params import SamplingParams
 
 
@@ -37,6 +38,7 @@ class NewRequestData:
     num_computed_tokens: int
     num_samples: int  # > 1: the runner samples this many tokens from the last position (fork)
     token_type_ids: list[int] | None = None
+    lora_request: Any = None  # the request's LoRA adapter, or None
 
 
 class CachedRequestData(NamedTuple):
@@ -63,8 +65,10 @@ class SchedulerOutput:
 
 
 class Scheduler(BeamGroupScheduling):
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, speculative: Any = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, speculative: Any = None,
+                 max_loras: int | None = None) -> None:
         self.config = config
+        self.max_loras = max_loras  # distinct LoRA adapters one step may run (None: LoRA off)
         self.speculative = speculative  # a SpeculativeConfig, or None
         # KV slots reserved past a request's scheduled tokens for the draft model's proposals.
         self.num_lookahead = speculative.num_lookahead_slots if speculative is not None else 0
@@ -157,8 +161,17 @@ class Scheduler(BeamGroupScheduling):
                 continue
             break  # the request itself was preempted: nothing after it can run either
 
+        loras, passed_over = None, []  # LoRAAdmission once a waiting request has an adapter
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.lora_request is not None and self.max_loras:
+                loras = loras or LoRAAdmission(self.max_loras, self.running)
+                if not loras.fits(request):  # its adapter would be one too many for the slots this step
+                    if request.beam_group is not None:
+                        break
+                    passed_over.append(self.waiting.popleft())
+                    continue
+                loras.admitted(request)
             if request.beam_group is not None and is_beam_group(request):
                 num_group = self._admit_group(budget, out, scheduled)
                 if not num_group:
@@ -181,6 +194,8 @@ class Scheduler(BeamGroupScheduling):
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
+        if passed_over:
+            self.waiting.extendleft(reversed(passed_over))
         copied = {dst for _, dst in self.kv.pending_copies}
         req_blocks, known_blocks, num_scheduled = self.kv.req_blocks, self._known_blocks, out.num_scheduled_tokens
         cached_requests = out.cached_requests
@@ -192,7 +207,7 @@ class Scheduler(BeamGroupScheduling):
                 out.new_requests.append(NewRequestData(
                     rid, list(request.all_token_ids), request.num_prompt_tokens, request.params,
                     [b.block_id for b in blocks], request.num_computed_tokens, request.num_samples,
-                    request.token_type_ids))
+                    request.token_type_ids, request.lora_request))
             else:
                 # The block list is only sent when it changed: a block was added, or copied on write.
                 changed = len(blocks) != known or (copied and blocks[-1].block_id in copied)
@@ -266,6 +281,7 @@ class Scheduler(BeamGroupScheduling):
                             parent.arrival_time, parent.eos_token_ids, parent_id=parent.request_id, index=index,
                             cache_salt=parent.cache_salt)
             child.num_cached_tokens = parent.num_cached_tokens
+            child.lora_request = parent.lora_request
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
             self.kv.fork(parent, child)

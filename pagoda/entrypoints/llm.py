@@ -46,16 +46,15 @@ class LLM(LLMPoolingMixin):
                  *, prompt_token_ids: list[list[int]] | None = None, lora_request: Any = None,
                  priority: list[int] | None = None) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (a string, a list of strings, ``{"prompt_token_ids": [...]}``
-        dicts, or lists of token ids); outputs come back in input order."""
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported yet")
+        dicts, or lists of token ids); outputs come back in input order. ``lora_request``: one ``LoRARequest`` for
+        every prompt, or a list with one (or None) per prompt."""
         if prompts is None:
             if prompt_token_ids is None:
                 raise ValueError("prompts: give prompts (or prompt_token_ids)")
             prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
         prompt_list = self._as_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
-        return self._run(prompt_list, params_list, use_tqdm)
+        return self._run(prompt_list, params_list, use_tqdm, self._loras_for(prompt_list, lora_request))
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -63,12 +62,11 @@ class LLM(LLMPoolingMixin):
         ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict), best first; see ``docs/decoding.md``."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params: must be a BeamSearchParams, got {type(params).__name__}")
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported yet")
         from pagoda.entrypoints.llm_beam_search import beam_search_outputs
 
         prompt_list = self._as_list(prompts)
-        return beam_search_outputs(self._run(prompt_list, [params] * len(prompt_list), use_tqdm),
+        return beam_search_outputs(self._run(prompt_list, [params] * len(prompt_list), use_tqdm,
+                                             self._loras_for(prompt_list, lora_request)),
                                    self.llm_engine.tokenizer)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
@@ -78,8 +76,6 @@ class LLM(LLMPoolingMixin):
              lora_request: Any = None, **kwargs: Any) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of ``{"role", "content"}`` messages) or a list of them,
         rendered with the tokenizer's chat template (or ``chat_template``)."""
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported yet")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.get_tokenizer()
         prompts = []
@@ -88,7 +84,7 @@ class LLM(LLMPoolingMixin):
                                        continue_final_message, {**(chat_template_kwargs or {}), **kwargs})
             # The template already holds the special tokens (BOS …): don't let the tokenizer add them again.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -113,7 +109,17 @@ class LLM(LLMPoolingMixin):
                              "prompt")
         return params
 
-    def _run(self, prompts: list[PromptType], params_list: list[Any], use_tqdm: bool) -> list[Any]:
+    @staticmethod
+    def _loras_for(prompts: list[PromptType], lora_request: Any) -> list[Any]:
+        if lora_request is None or not isinstance(lora_request, (list, tuple)):
+            return [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"lora_request: got {len(lora_request)} for {len(prompts)} prompts; give one, or one "
+                             "per prompt")
+        return list(lora_request)
+
+    def _run(self, prompts: list[PromptType], params_list: list[Any], use_tqdm: bool,
+             loras: list[Any] | None = None) -> list[Any]:
         """Add every prompt, step until all are finished, return the final outputs in input order (sampling or
         pooling requests alike)."""
         engine = self.llm_engine
@@ -122,12 +128,12 @@ class LLM(LLMPoolingMixin):
         bar = None
         try:
             # Inside the try: a prompt the engine refuses (ValueError) must not leave the ones before it running.
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras or [None] * len(prompts)):
                 params = params.clone()
                 if isinstance(params, SamplingParams):
                     params.output_kind = RequestOutputKind.FINAL_ONLY
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
                 ids.append(request_id)
             bar = _progress_bar(len(ids)) if use_tqdm else None
             while engine.has_unfinished_requests():

@@ -28,6 +28,9 @@ class Linear(nn.Module):
     shard separately by index.
     """
 
+    #: The layer's LoRA adapter slots (``pagoda.lora.layers.LinearLoRA``) when the engine serves adapters.
+    lora: Any = None
+
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, quant_config: QuantizationConfig,
                  prefix: str, params_dtype: torch.dtype) -> None:
         super().__init__()
@@ -38,7 +41,11 @@ class Linear(nn.Module):
         self.quant_method.create_weights(self, input_size, self.output_sizes, bias, params_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x)
+        y = self.quant_method.apply(self, x)
+        lora = self.lora
+        if lora is not None and lora.step.plan is not None:  # some row of this step has an adapter
+            lora.apply(x, y)  # the delta, in the activations' dtype, beside whatever the base weights are
+        return y
 
 
 class VocabEmbedding(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import PagedDecodeAttention, PrefillAttention
+from pagoda.ops.reference_lora import LORA_REFERENCE_IMPLS
 from pagoda.ops.reference_moe import FusedMoE
 from pagoda.ops.reference_quant import QUANT_REFERENCE_IMPLS
 from pagoda.plugins.hookspecs import hookimpl
@@ -257,4 +258,4 @@ REFERENCE_IMPLS = [RmsNorm, LayerNorm, Activation, RotaryEmbedding, SiluAndMul, 
 
 @hookimpl
 def pagoda_register_ops():
-    return REFERENCE_IMPLS + QUANT_REFERENCE_IMPLS
+    return REFERENCE_IMPLS + QUANT_REFERENCE_IMPLS + LORA_REFERENCE_IMPLS

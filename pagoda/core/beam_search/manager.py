@@ -41,7 +41,7 @@ class BeamSearchManager:
         self._beam_ids = itertools.count(1)
 
     def add(self, request_id: str, text: str | None, token_ids: list[int], params: BeamSearchParams,
-            arrival_time: float | None, cache_salt: str | None) -> None:
+            arrival_time: float | None, cache_salt: str | None, lora_request: Any = None) -> None:
         params = params.clone()
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
@@ -52,6 +52,7 @@ class BeamSearchManager:
                                   ignore_eos=True, detokenize=False)
         root = Request(request_id, token_ids, internal, group.arrival_time, set(eos), cache_salt=cache_salt)
         root.beam_group = group
+        root.lora_request = lora_request
         group.beams, group.scores, group.nodes = [root], [np.float32(0.0)], [None]
         self.groups[request_id] = group
         self.scheduler.add_request(root)
@@ -95,6 +96,7 @@ class BeamSearchManager:
                             parent.params, parent.arrival_time, parent.eos_token_ids, parent_id=group.request_id,
                             cache_salt=parent.cache_salt)
             child.all_token_ids = list(parent.all_token_ids)
+            child.lora_request = parent.lora_request
             child.output_token_ids = list(parent.output_token_ids)
             child.beam_group = group
             scheduler.fork_beam(parent, child)
