@@ -178,6 +178,7 @@ class OpenAIServingModels:
             del self._in_flight[key]
             if key in self._retired:
                 self._retired.discard(key)
+                logger.info("LoRA adapter %d: its last request ended; dropping it from the engine", key)
                 self.engine.call_soon(_remove_lora(key))
         return release
 
