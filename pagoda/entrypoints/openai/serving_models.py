@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 
 from pagoda import envs
+from pagoda.entrypoints.openai.async_engine import EngineDeadError
 from pagoda.entrypoints.openai.protocol import (ErrorInfo, ErrorResponse, ModelCard, ModelList, ModelPermission,
                                                 OpenAIBaseModel)
 from pagoda.logger import init_logger
@@ -201,6 +202,8 @@ class OpenAIServingModels:
         self._loading.add(name)
         try:
             await self.engine.call(lambda engine: engine.add_lora(lora))
+        except EngineDeadError:
+            raise  # the server's failure, answered 500/503 like any request's
         except Exception as exc:  # noqa: BLE001 - the engine's reason goes to the client; the engine serves on
             if not os.path.exists(path):  # vLLM answers a missing adapter 404, any other failure 400
                 raise AdapterError(f"No adapter found for {path}: {exc}", 404, "NotFoundError", "lora_path") from exc

@@ -196,14 +196,24 @@ def test_runtime_errors(lora_client, lora_server, tiny_chat_model_dir, adapters,
 def test_lora_requests_info_metric(lora_client, lora_server):
     from prometheus_client.parser import text_string_to_metric_families
 
-    lora_client.completions.create(model="a1", prompt=PROMPT, max_tokens=2)
-    text = requests.get(lora_server.url + "/metrics", timeout=5).text
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "vllm:lora_requests_info"]
-    assert len(samples) == 1
-    assert samples[0].labels["max_lora"] == "2"
-    assert set(samples[0].labels) == {"max_lora", "waiting_lora_adapters", "running_lora_adapters"}
-    assert samples[0].value > 1e9  # the time of the reading, as vLLM's
+    def sample():
+        text = requests.get(lora_server.url + "/metrics", timeout=5).text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "vllm:lora_requests_info"]
+        assert len(samples) == 1
+        return samples[0]
+
+    stream = lora_client.completions.create(model="a1", prompt=PROMPT, max_tokens=200, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    next(iter(stream))
+    deadline = time.monotonic() + 10
+    while (running := sample()).labels["running_lora_adapters"] != "a1" and time.monotonic() < deadline:
+        time.sleep(0.01)  # the engine thread refreshes its readings every 20 ms while busy
+    stream.close()
+    assert running.labels == {"max_lora": "2", "running_lora_adapters": "a1", "waiting_lora_adapters": ""}
+    assert running.value > 1e9  # the time of the reading, as vLLM's
+    wait_idle(lora_server)
+    assert sample().labels["running_lora_adapters"] == ""
 
 
 def test_runtime_updating_is_off_by_default(tiny_server):
