@@ -3,7 +3,8 @@
 The model is loaded and warmed up (a few short requests of other random prompts) before the timed call, so the
 figure is steady-state generation. Every request produces exactly its output length (``ignore_eos``). With
 ``--num-iters N`` the timed call runs N times on fresh prompts (no prefix-cache hits) and the median is reported.
-``--structured-output-ratio`` constrains that share of the requests by a JSON schema (see ``structured.py``).
+``--structured-output-ratio`` constrains that share of the requests by a JSON schema (see ``structured.py``);
+``--lora-path`` / ``--num-loras`` spread the requests over LoRA adapters (see ``lora.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 
 from pagoda.benchmarks.common import greedy_params, make_llm, write_json
 from pagoda.benchmarks.datasets import add_dataset_args, random_requests, requests_from_args
+from pagoda.benchmarks.lora import add_cli_args as add_lora_args
+from pagoda.benchmarks.lora import lora_requests, prepare_args
 from pagoda.benchmarks.structured import add_cli_args as add_structured_args
 from pagoda.benchmarks.structured import constrain, num_constrained, schema_from_args
 
@@ -32,11 +35,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up requests")
     parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
     add_structured_args(parser)
+    add_lora_args(parser)
     EngineArgs.add_cli_args(parser)
 
 
-def run_once(llm, requests, params_for, constrain_params=None, finished: list | None = None
-             ) -> tuple[float, int, int]:
+def run_once(llm, requests, params_for, constrain_params=None, finished: list | None = None,
+             loras: list | None = None) -> tuple[float, int, int]:
     """Time one ``generate`` over ``requests``: ``(seconds, prompt tokens, output tokens)``. ``constrain_params``
     may turn some of the parameters into constrained ones; ``finished`` receives the outputs."""
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
@@ -44,7 +48,7 @@ def run_once(llm, requests, params_for, constrain_params=None, finished: list | 
     if constrain_params is not None:
         params = constrain_params(params)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    outputs = llm.generate(prompts, params, use_tqdm=True, lora_request=loras)
     elapsed = time.perf_counter() - start
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -66,6 +70,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.num_iters < 1:
         raise ValueError(f"num_iters: must be >= 1, got {args.num_iters}")
     schema = schema_from_args(args)
+    prepare_args(args)
     llm = make_llm(args)
     vocab_size = llm.llm_engine.model_config.vocab_size
 
@@ -78,10 +83,12 @@ def main(args: argparse.Namespace) -> dict:
     def params_for(output_len: int):
         return greedy_params(output_len, args.temperature, not args.disable_detokenize)
 
+    loras = lora_requests(llm, args, args.num_prompts)  # adapters read into host memory before the timing
     runs, outputs = [], []
     for i in range(args.num_iters):
         requests = requests_from_args(args, vocab_size, seed_offset=i)
-        runs.append(run_once(llm, requests, params_for, constrain_params, outputs if i == 0 else None))
+        runs.append(run_once(llm, requests, params_for, constrain_params, outputs if i == 0 else None,
+                             loras))
     elapsed = [r[0] for r in runs]
     median = int(np.argsort(elapsed)[len(elapsed) // 2])
     seconds, prompt_tokens, output_tokens = runs[median]
@@ -92,6 +99,8 @@ def main(args: argparse.Namespace) -> dict:
         "requests_per_second": args.num_prompts / seconds, "tokens_per_second": total / seconds,
         "output_tokens_per_second": output_tokens / seconds, "all_elapsed_times": elapsed,
     }
+    if args.lora_path or args.num_loras:
+        result["num_loras"] = args.num_loras or args.max_loras
     if schema is not None:
         result["structured_output_ratio"] = args.structured_output_ratio
         result["num_constrained"] = num_constrained(len(requests), args.structured_output_ratio)

@@ -40,8 +40,10 @@ class LinearLoRA:
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step
-        step.op.apply(step.plan, y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b,
-                      step.scales)
+        # Models run on one flat token batch: x and y are [T, features], added into in place.
+        rows_y = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        rows_x = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        step.op.apply(step.plan, rows_y, rows_x, self.lora_a, self.lora_b, step.scales)
 
     def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Write an adapter's matrices for this layer into ``slot`` (zeros where it doesn't adapt a shard)."""

@@ -45,14 +45,16 @@ class LoRAManager:
                                     self.dtype)
         self._host[request.lora_int_id] = adapter
         self._requests[request.lora_int_id] = request
-        self._evict_host()
+        self._evict_host(keep=request.lora_int_id)
         return True
 
-    def _evict_host(self) -> None:
+    def _evict_host(self, keep: int) -> None:
+        """Least recently used first; never a pinned adapter nor ``keep`` (just added): when only those are left,
+        host memory holds more than ``max_cpu_loras`` until one is removed or unpinned."""
         while len(self._host) > self.config.max_cpu_loras:
-            victim = next((i for i in self._host if i not in self._pinned), None)
+            victim = next((i for i in self._host if i not in self._pinned and i != keep), None)
             if victim is None:
-                return  # every adapter is pinned: keep them all
+                return
             del self._host[victim]
 
     def remove(self, lora_int_id: int) -> bool:
