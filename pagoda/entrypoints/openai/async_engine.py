@@ -15,6 +15,7 @@ Life of a request::
     handler ── group.add(prompts) ──► inbox ──► engine thread: engine.add_request (ValueError → the handler)
     handler ◄── queue ◄── call_soon_threadsafe ◄── engine thread: engine.step() outputs
     handler exits early (client gone) ── group.abort() ──► inbox ──► engine.abort_request (frees KV blocks)
+    adapter route ── call(fn) ──► inbox ──► engine thread: fn(engine), e.g. add_lora (its result or error back)
 
 The server builds the engine on that same thread (:meth:`AsyncEngine.build`). Loading runs parallel torch ops, and
 libgomp gives each thread that starts parallel regions a worker pool of its own; once the process holds more pooled
@@ -369,10 +370,7 @@ class AsyncEngine:
             for request_id, prompt, params, lora_request in items:
                 if request_id in self._routes:
                     raise ValueError(f"request id {request_id!r} is already in use")
-                if lora_request is None:
-                    self.engine.add_request(request_id, prompt, params)
-                else:
-                    self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
+                self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
                 added.append(request_id)
         except Exception as exc:  # noqa: BLE001 - the engine's validation errors go back to the handler
             if added:
