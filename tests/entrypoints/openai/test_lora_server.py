@@ -241,3 +241,17 @@ def test_bad_lora_modules_fail_at_start(tiny_chat_model_dir, adapters, tmp_path,
     expected = {"no-enable": "--lora-modules needs --enable-lora", "syntax": "must be name=path or JSON",
                 "bad-path": "--lora-modules bad=", "bad-base": "base_model_name 'other'"}[case]
     assert expected in output, output
+
+
+def test_bench_serve_spreads_requests_over_adapters(lora_server, tmp_path, capsys):
+    from pagoda.entrypoints.cli import main as cli_main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "serve", "--base-url", lora_server.url, "--random-input-len", "8", "--random-output-len", "4",
+            "--num-prompts", "4", "--ignore-eos", "--disable-tqdm", "--output-json", str(out)]
+    assert cli_main([*args, "--lora-modules", "a1", "a2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 4 and result["failed"] == 0
+    capsys.readouterr()
+    assert cli_main([*args, "--lora-modules", "zz"]) != 0  # the requests name the adapters, not the base model
+    assert "HTTP 404" in capsys.readouterr().err
