@@ -89,6 +89,11 @@ def openai_api_key() -> str | None:
     return _get("OPENAI_API_KEY")
 
 
+def allow_runtime_lora_updating() -> bool:
+    """VLLM_ALLOW_RUNTIME_LORA_UPDATING: the server offers /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+    return (_get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0") or "0").lower() in ("1", "true")
+
+
 def snapshot(names: list[str] | tuple[str, ...]) -> dict[str, str]:
     """The variables among ``names`` that are set (for ``pagoda env``)."""
     return {name: os.environ[name] for name in names if name in os.environ}

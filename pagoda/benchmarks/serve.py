@@ -47,6 +47,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS, help="API route")
     parser.add_argument("--model", default=None, help="model name to request (default: the server's first)")
     parser.add_argument("--served-model-name", default=None, help="alias of --model")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
+                        help="LoRA adapter names the server serves: each request names one of them, chosen at "
+                             "random (seeded by --seed), instead of --model")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to count output tokens when the server sends no usage")
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: "
@@ -155,8 +158,14 @@ async def benchmark(args: argparse.Namespace, requests: list[BenchRequest], toke
         model = args.model or args.served_model_name or await _first_model(session, args)
         url = _url(args, args.endpoint)
 
+        # vLLM's: with --lora-modules, each request's model is one of the adapters, drawn at random
+        adapters = args.lora_modules or []
+        draws = np.random.default_rng(args.seed + 1).integers(len(adapters), size=len(requests)) if adapters else []
+        adapter_of = {id(request): adapters[draw] for request, draw in zip(requests, draws)}
+
         def payload(request: BenchRequest) -> dict:
-            return {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+            return {"model": adapter_of.get(id(request), model), "prompt": request.prompt_token_ids,
+                    "max_tokens": request.output_len,
                     "temperature": args.temperature, "ignore_eos": args.ignore_eos, "stream": True,
                     "stream_options": {"include_usage": True}}
 

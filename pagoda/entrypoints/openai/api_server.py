@@ -31,6 +31,7 @@ from pagoda.entrypoints.openai.metrics import CONTENT_TYPE
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagoda.entrypoints.openai.serving_engine import APIError, ServerConfig, engine_error, error_body
+from pagoda.entrypoints.openai.serving_models import OpenAIServingModels, register_lora_routes
 from pagoda.entrypoints.openai.serving_pooling import register_pooling_routes
 from pagoda.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagoda.logger import init_logger
@@ -44,11 +45,14 @@ _DRAIN_GRACE_S = 2.0  # after ending unfinished requests, time for their handler
 _STREAM = {"content": {"text/event-stream": {}}, "description": "the response, or server-sent events with stream"}
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float | None = 10.0) -> FastAPI:
-    """The server's app around a constructed (not yet started) engine; the app's startup starts it."""
-    completion = OpenAIServingCompletion(engine, config)
-    chat = OpenAIServingChat(engine, config)
-    tokenization = OpenAIServingTokenization(engine, config)
+def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float | None = 10.0,
+              models: OpenAIServingModels | None = None) -> FastAPI:
+    """The server's app around a constructed (not yet started) engine; the app's startup starts it. ``models``
+    holds the LoRA adapters loaded at start (default: the base model alone)."""
+    models = models or OpenAIServingModels(engine, config.served_model_names)
+    completion = OpenAIServingCompletion(engine, config, models)
+    chat = OpenAIServingChat(engine, config, models)
+    tokenization = OpenAIServingTokenization(engine, config, models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,11 +101,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
 
     @app.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
     async def list_models() -> p.ModelList:
-        root = completion.model_config.model
-        cards = [p.ModelCard(id=name, root=root, max_model_len=completion.max_model_len,
-                             permission=[p.ModelPermission(id=f"modelperm-{name}")])
-                 for name in config.served_model_names]
-        return p.ModelList(data=cards)
+        """The base model under each served name, then each LoRA adapter (its base model as ``parent``)."""
+        return models.show_available_models()
 
     @app.post("/v1/completions", response_model=p.CompletionResponse, responses={**_ERRORS, 200: _STREAM})
     async def create_completion(request: p.CompletionRequest, raw_request: Request) -> Any:
@@ -120,7 +121,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, stats_interval_s: float
     async def detokenize(request: p.DetokenizeRequest) -> p.DetokenizeResponse:
         return tokenization.detokenize(request)
 
-    register_pooling_routes(app, engine, config)  # /v1/embeddings, /score, /rerank, /classify, /pooling
+    register_pooling_routes(app, engine, config, models)  # /v1/embeddings, /score, /rerank, /classify, /pooling
+    register_lora_routes(app, models)  # /v1/load_lora_adapter, /v1/unload_lora_adapter (if allowed)
 
     # --------------------------------------------------------------- middleware (last added runs first)
     app.add_middleware(CORSMiddleware, allow_origins=config.extra.get("allowed_origins", ["*"]),

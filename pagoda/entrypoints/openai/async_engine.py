@@ -15,6 +15,7 @@ Life of a request::
     handler ── group.add(prompts) ──► inbox ──► engine thread: engine.add_request (ValueError → the handler)
     handler ◄── queue ◄── call_soon_threadsafe ◄── engine thread: engine.step() outputs
     handler exits early (client gone) ── group.abort() ──► inbox ──► engine.abort_request (frees KV blocks)
+    adapter route ── call(fn) ──► inbox ──► engine thread: fn(engine), e.g. add_lora (its result or error back)
 
 The server builds the engine on that same thread (:meth:`AsyncEngine.build`). Loading runs parallel torch ops, and
 libgomp gives each thread that starts parallel regions a worker pool of its own; once the process holds more pooled
@@ -94,16 +95,20 @@ class RequestGroup:
         self.request_ids: list[str] = []
         self._unfinished: set[int] = set()
         self._reserved = 0  # places taken in the engine's bounded queue, given back as requests end
+        self._on_done: Callable[[], None] | None = None  # ends the group's use of its LoRA adapter
         self.arrival = time.monotonic()
 
-    async def add(self, prompts: list[Any], params: Any) -> None:
-        """Add one engine request per prompt (ids ``<request_id>-<i>``); all or none are added.
+    async def add(self, prompts: list[Any], params: Any, lora_request: Any = None) -> None:
+        """Add one engine request per prompt (ids ``<request_id>-<i>``), with the LoRA adapter ``lora_request``
+        if given; all or none are added.
 
         Raises ``ValueError`` (the engine's message, e.g. a prompt too long) or :class:`EngineDeadError`.
         """
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         self.engine._reserve(len(prompts))  # EngineOverloadedError when the queue is full
         self._reserved = len(prompts)
+        if lora_request is not None and self.engine.lora_tracker is not None:
+            self._on_done = self.engine.lora_tracker.acquire(lora_request)
         if len(prompts) == 1:
             ids = [self.request_id]
         else:
@@ -111,7 +116,8 @@ class RequestGroup:
         self.request_ids = ids
         self._unfinished = set(range(len(ids)))
         future = asyncio.get_running_loop().create_future()
-        self.engine._submit(("add", self, list(zip(ids, prompts, params_list)), future))
+        items = [(rid, prompt, p, lora_request) for rid, prompt, p in zip(ids, prompts, params_list)]
+        self.engine._submit(("add", self, items, future))
         try:
             await future
         except asyncio.CancelledError:
@@ -155,6 +161,9 @@ class RequestGroup:
         count = self._reserved if count is None else min(count, self._reserved)
         self._reserved -= count
         self.engine._pending -= count
+        if self._reserved == 0 and self._on_done is not None:  # the group is over
+            on_done, self._on_done = self._on_done, None
+            on_done()
 
 
 class AsyncEngine:
@@ -176,6 +185,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._last_stats = 0.0
         self._go: threading.Event | None = None  # set by start() for an engine thread made by build()
+        self.lora_tracker: Any = None  # counts the requests using each LoRA adapter (serving_models.py)
+        self.lora_info_reader: Callable[[Any], Any] | None = None  # the engine's adapters in use, for /metrics
+        self.lora_info: Any = None  # its latest reading, refreshed with the stats
 
     @classmethod
     def build(cls, make_engine: Callable[[], Any], metrics: ServerMetrics | None = None) -> AsyncEngine:
@@ -242,6 +254,17 @@ class AsyncEngine:
         self.request_stop()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(engine)`` run on the engine thread between steps (as requests are added); its result, or its
+        exception, comes back here — a failing call never stops the engine."""
+        future = asyncio.get_running_loop().create_future()
+        self._submit(("call", fn, future))
+        return await future
+
+    def call_soon(self, fn: Callable[[Any], Any]) -> None:
+        """``fn(engine)`` on the engine thread, nobody waiting for it (a failure is logged)."""
+        self._submit(("call", fn, None), must=False)
+
     def _reserve(self, count: int) -> None:
         if self.max_pending is not None and count > self.max_pending:
             raise ValueError(f"prompt: {count} prompts in one request can never fit the server's queue of "
@@ -300,6 +323,8 @@ class AsyncEngine:
                 return False
             if kind == "add":
                 replies.append(self._add(command[1], command[2], command[3]))
+            elif kind == "call":
+                replies.append(self._call(command[1], command[2]))
             elif kind == "abort":
                 live = [rid for rid in command[1] if self._routes.pop(rid, None) is not None]
                 if live:
@@ -330,13 +355,22 @@ class AsyncEngine:
         self.engine.abort_request(ids)
         self._deliver(replies)
 
-    def _add(self, group: RequestGroup, items: list[tuple[str, Any, Any]], future: asyncio.Future):
+    def _call(self, fn: Callable[[Any], Any], future: asyncio.Future | None):
+        try:
+            result = fn(self.engine)
+        except Exception as exc:  # noqa: BLE001 - the caller's failure, not the engine's
+            if future is None:
+                logger.error("a call on the engine thread failed: %s: %s", type(exc).__name__, exc)
+            return future, exc
+        return future, result
+
+    def _add(self, group: RequestGroup, items: list[tuple[str, Any, Any, Any]], future: asyncio.Future):
         added = []
         try:
-            for request_id, prompt, params in items:
+            for request_id, prompt, params, lora_request in items:
                 if request_id in self._routes:
                     raise ValueError(f"request id {request_id!r} is already in use")
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
                 added.append(request_id)
         except Exception as exc:  # noqa: BLE001 - the engine's validation errors go back to the handler
             if added:
@@ -382,6 +416,8 @@ class AsyncEngine:
         now = time.monotonic()
         if force or now - self._last_stats >= _STATS_EVERY_S:
             self.stats = self.engine.get_stats()
+            if self.lora_info_reader is not None:
+                self.lora_info = self.lora_info_reader(self.engine)
             self._last_stats = now
 
     def _close(self, exc: BaseException | None, dead: EngineDeadError) -> None:
@@ -397,18 +433,20 @@ class AsyncEngine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if command[0] == "add":
-                replies.append((command[3], dead))
+            if command[0] in ("add", "call") and command[-1] is not None:
+                replies.append((command[-1], dead))
         self._deliver(replies)
 
 
 def _deliver_on_loop(batch: list[tuple[Any, Any]]) -> None:
     for target, item in batch:
+        if target is None:  # a call nobody waits for
+            continue
         if isinstance(target, asyncio.Future):
             if not target.done():
-                if item is None:
-                    target.set_result(None)
-                else:
+                if isinstance(item, BaseException):
                     target.set_exception(item)
+                else:
+                    target.set_result(item)
         else:
             target.queue.put_nowait(item)

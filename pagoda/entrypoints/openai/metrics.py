@@ -26,9 +26,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _EngineStatsCollector:
     """Turns the latest ``EngineStats`` into gauges and counters when scraped."""
 
-    def __init__(self, get_stats: Callable[[], Any], model_name: str):
+    def __init__(self, get_stats: Callable[[], Any], model_name: str,
+                 get_lora_info: Callable[[], Any] | None = None):
         self.get_stats = get_stats
         self.model_name = model_name
+        self.get_lora_info = get_lora_info
 
     def collect(self):
         stats = self.get_stats()
@@ -58,6 +60,13 @@ class _EngineStatsCollector:
         spec = getattr(stats, "spec_decoding", None)
         if spec is not None:
             yield from _spec_decode_families(spec, self.model_name)
+        lora = self.get_lora_info() if self.get_lora_info is not None else None
+        if lora is not None:  # vLLM's: the adapters in use as labels, the time of the reading as the value
+            running, waiting, max_lora, when = lora
+            family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                       labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            family.add_metric([str(max_lora), waiting, running], when)
+            yield family
 
 
 def _spec_decode_families(spec: Any, model_name: str):
@@ -80,7 +89,7 @@ def _spec_decode_families(spec: Any, model_name: str):
 class ServerMetrics:
     """The server's metrics; ``render()`` gives the Prometheus text exposition."""
 
-    def __init__(self, model_name: str, get_stats: Callable[[], Any]):
+    def __init__(self, model_name: str, get_stats: Callable[[], Any], get_lora_info: Callable[[], Any] | None = None):
         disable_created_metrics()  # the *_created samples only add noise to every scrape (vLLM drops them too)
         self.registry = CollectorRegistry(auto_describe=False)
         self.model_name = model_name
@@ -97,7 +106,7 @@ class ServerMetrics:
         self.time_to_first_token = self._ttft.labels(**label)
         self.time_per_output_token = self._tpot.labels(**label)
         self.e2e_latency = self._e2e.labels(**label)
-        self.registry.register(_EngineStatsCollector(get_stats, model_name))
+        self.registry.register(_EngineStatsCollector(get_stats, model_name, get_lora_info))
         ProcessCollector(registry=self.registry)
 
     def request_finished(self, output: Any, latency_s: float) -> None:

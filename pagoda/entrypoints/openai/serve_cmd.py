@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import os
+from typing import Any
 
 from pagoda import envs
 from pagoda.core.engine_args import EngineArgs
@@ -70,6 +71,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="a Python file registering more tool parsers with ToolParserManager")
     group.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                        help='don\'t show the tools to the model when a request says tool_choice "none"')
+    group.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters to serve under their own model names (needs --enable-lora): name=path, "
+                            'or JSON \'{"name": ..., "path": ..., "base_model_name": ...}\'')
 
 
 def _read_chat_template(value: str | None) -> str | None:
@@ -99,13 +103,25 @@ def _check_tool_args(args: argparse.Namespace) -> None:
             raise ValueError(exc.args[0]) from None
 
 
-def _build_warm_engine(engine_args: EngineArgs):
-    """The engine, warmed up (see ``LLMEngine.warm_up``); called on the engine thread."""
+def _build_warm_engine(engine_args: EngineArgs, lora_modules: list[Any], loaded: list[Any]):
+    """The engine with the ``--lora-modules`` adapters loaded (their ``LoRARequest``s appended to ``loaded``),
+    warmed up (see ``LLMEngine.warm_up``); called on the engine thread."""
     from pagoda.core.engine import LLMEngine
+    from pagoda.entrypoints.openai.serving_models import load_static_loras, static_lora_requests
 
     engine = LLMEngine.from_engine_args(engine_args)
+    names = _served_names(engine_args, engine)
+    loaded += static_lora_requests(lora_modules, names, getattr(engine_args, "enable_lora", False))
+    load_static_loras(engine, loaded)
     engine.warm_up()
     return engine
+
+
+def _served_names(engine_args: EngineArgs, engine: Any) -> list[str]:
+    names = engine_args.served_model_name
+    if isinstance(names, str):
+        names = [names]
+    return list(names or [engine.model_config.served_model_name])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from pagoda.entrypoints.openai.async_engine import AsyncEngine
     from pagoda.entrypoints.openai.metrics import ServerMetrics
     from pagoda.entrypoints.openai.serving_engine import ServerConfig
+    from pagoda.entrypoints.openai.serving_models import (OpenAIServingModels, lora_requests_info,
+                                                          parse_lora_module, static_lora_requests)
 
     if args.model and args.model_tag and args.model != args.model_tag:
         raise ValueError(f"the model is given twice and differently: MODEL {args.model_tag!r} and --model "
@@ -128,17 +146,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-log-len must be >= 0, got {args.max_log_len}")
     chat_template = _read_chat_template(args.chat_template)
     _check_tool_args(args)
+    lora_modules = [parse_lora_module(value) for value in args.lora_modules or []]
     engine_args = EngineArgs.from_cli_args(args)
-    async_engine = AsyncEngine.build(lambda: _build_warm_engine(engine_args))
+    # the flags' own mistakes before the model loads (names against the served names once it has)
+    static_lora_requests(lora_modules, None, getattr(engine_args, "enable_lora", False))
+    loras: list[Any] = []
+    async_engine = AsyncEngine.build(lambda: _build_warm_engine(engine_args, lora_modules, loras))
     engine = async_engine.engine
     if args.max_waiting_requests >= 0:
         async_engine.max_pending = engine.config.scheduler.max_num_seqs + args.max_waiting_requests
 
-    names = engine_args.served_model_name
-    if isinstance(names, str):
-        names = [names]
-    names = list(names or [engine.model_config.served_model_name])
-    async_engine.metrics = ServerMetrics(names[0], lambda: async_engine.stats)
+    names = _served_names(engine_args, engine)
+    models = OpenAIServingModels(async_engine, names, loras)
+    if getattr(engine.config, "lora", None) is not None:
+        async_engine.lora_info_reader = lora_requests_info
+    async_engine.metrics = ServerMetrics(names[0], lambda: async_engine.stats, lambda: async_engine.lora_info)
     config = ServerConfig(served_model_names=names, chat_template=chat_template, max_log_len=args.max_log_len,
                           log_requests=not args.disable_log_requests, api_key=args.api_key or envs.api_key(),
                           max_request_body_bytes=args.max_request_body_bytes,
@@ -150,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                           extra={"allowed_origins": args.allowed_origins,
                                  "allow_credentials": args.allow_credentials})
     stats_interval = None if engine_args.disable_log_stats else args.log_stats_interval
-    app = build_app(async_engine, config, stats_interval_s=stats_interval)
+    app = build_app(async_engine, config, stats_interval_s=stats_interval, models=models)
     logger.info("serving %s as %s on http://%s:%d (max_model_len %d)%s", engine.model_config.model,
                 ", ".join(names), args.host, args.port, engine.model_config.max_model_len,
                 "; API key required on /v1" if config.api_key else "")

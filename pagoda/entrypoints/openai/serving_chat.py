@@ -58,7 +58,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         start = time.monotonic()
-        model = self.check_model(request.model)
+        model, lora = self.resolve_model(request.model)
         self.warn_unknown_fields(request)
         self.check_stream_options(request)
         tools = RequestToolCalling.from_request(request, self.config, self.tokenizer)
@@ -82,7 +82,7 @@ class OpenAIServingChat(OpenAIServing):
         group = self.engine.new_group(request_id)
         try:
             await group.add(self.salted([{"prompt": text, "prompt_token_ids": prompt_ids}], request.cache_salt),
-                            params)
+                            params, lora_request=lora)
         except ValueError as exc:
             raise rejected(exc) from exc
         ctx = RequestContext(self, request, request_id, model, [prompt_ids], start, log_prompt=text)

@@ -48,7 +48,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Any:
         """Validate, submit to the engine, and answer with a JSON body or an event stream."""
         start = time.monotonic()
-        model = self.check_model(request.model)
+        model, lora = self.resolve_model(request.model)
         self.warn_unknown_fields(request)
         self.check_stream_options(request)
         if request.suffix:
@@ -78,7 +78,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         group = self.engine.new_group(request_id)
         try:
-            await group.add(self.salted(prompts, request.cache_salt), params)
+            await group.add(self.salted(prompts, request.cache_salt), params, lora_request=lora)
         except ValueError as exc:
             raise rejected(exc) from exc
         context = RequestContext(self, request, request_id, model, prompts, start)

@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 from pagoda.entrypoints.openai.async_engine import (AsyncEngine, EngineDeadError, EngineOverloadedError,
                                                    EngineStepError, EngineStoppedError)
 from pagoda.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+from pagoda.entrypoints.openai.serving_models import OpenAIServingModels
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -82,9 +83,11 @@ class ServerConfig:
 class OpenAIServing:
     """Base of the endpoint handlers: owns the engine handle and the checks every request goes through."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, models: Any = None):
         self.engine = engine
         self.config = config
+        # the served names and LoRA adapters, shared by the server's handlers
+        self.models = models if models is not None else OpenAIServingModels(engine, config.served_model_names)
         llm_engine = engine.engine
         self.tokenizer = llm_engine.tokenizer
         self.model_config = llm_engine.model_config
@@ -96,10 +99,16 @@ class OpenAIServing:
     # ------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> str:
         """The served name to answer with; 404 for a name this server doesn't serve."""
-        names = self.config.served_model_names
-        if name is None or name == "" or name in names:
-            return name or names[0]
-        raise APIError(f"The model `{name}` does not exist; this server serves: {', '.join(names)}", 404, "model")
+        return self.resolve_model(name)[0]
+
+    def resolve_model(self, name: str | None) -> tuple[str, Any]:
+        """The served name to answer with and the ``LoRARequest`` of the adapter it names (None for the base
+        model); 404 for a name this server doesn't serve."""
+        try:
+            return self.models.resolve(name)
+        except KeyError:
+            raise APIError(f"The model `{name}` does not exist; this server serves: {', '.join(self.models.names())}",
+                           404, "model") from None
 
     def check_stream_options(self, request: SamplingFields) -> None:
         if request.stream_options is not None and not request.stream:

@@ -147,10 +147,17 @@ class RerankResponse(BaseModel):
 class OpenAIServingPooling(OpenAIServing):
     """Turns pooling bodies into engine requests and pooled outputs into responses."""
 
-    def __init__(self, engine: Any, config: Any) -> None:
-        super().__init__(engine, config)
+    def __init__(self, engine: Any, config: Any, models: Any = None) -> None:
+        super().__init__(engine, config, models)
         self.task: str = self.model_config.task
         self.pooler = engine.engine.pooler
+
+    def check_model(self, name: str | None) -> str:
+        served, lora = self.resolve_model(name)
+        if lora is not None:  # refused rather than pooled by the base model under the adapter's name
+            raise APIError(f"model: {name!r} is a LoRA adapter; the pooling routes serve the base model only "
+                           f"({', '.join(self.models.served_model_names)})", 400, "model")
+        return served
 
     def check_task(self, route: str, path: str) -> None:
         if self.task in _ROUTE_TASKS[route]:
@@ -278,9 +285,9 @@ class _GenerationRoutesGuard:
         await self.app(scope, receive, send)
 
 
-def register_pooling_routes(app: FastAPI, engine: Any, config: Any) -> None:
+def register_pooling_routes(app: FastAPI, engine: Any, config: Any, models: Any = None) -> None:
     """Add the pooling routes to ``app`` (and, for a pooling model, the guard of the generation routes)."""
-    serving = OpenAIServingPooling(engine, config)
+    serving = OpenAIServingPooling(engine, config, models)
     if serving.task != "generate":
         app.add_middleware(_GenerationRoutesGuard, task=serving.task)
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 500)}
