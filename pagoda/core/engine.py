@@ -47,6 +47,21 @@ class EngineStats:
     spec_decoding: Any = None  # SpecDecodingStats (cumulative) when speculative decoding is on
 
 
+def _cache_salt(prompt: Any) -> str | None:
+    """The prompt's ``cache_salt`` (a dict prompt's key), checked."""
+    cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ValueError("cache_salt: must be a non-empty string")
+    return cache_salt
+
+
+def _sequence_ids(user_id: str, state: Any) -> list[str]:
+    """The scheduler's ids of a user request: its own, and its samples' once it forks (``state``: its output
+    state, if it still has one)."""
+    num = state.num_samples if state is not None else 1
+    return [user_id] + [child_request_id(user_id, i) for i in range(num)] if num > 1 else [user_id]
+
+
 class LLMEngine(LoRAEngineMixin):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -170,9 +185,7 @@ class LLMEngine(LoRAEngineMixin):
             internal.logprobs = 0  # best_of ranks samples by cumulative logprob
         if internal.structured_outputs is not None:
             self.structured_output.prepare(internal)  # a bad schema, regex or grammar is a ValueError here
-        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt: must be a non-empty string")
+        cache_salt = _cache_salt(prompt)
         request = Request(request_id, token_ids, internal, arrival_time, self.eos_token_ids, cache_salt=cache_salt)
         request.lora_request = lora_request
         self.output_processor.add_request(request, text, params)
@@ -185,7 +198,7 @@ class LLMEngine(LoRAEngineMixin):
                                  arrival_time: float | None, lora_request: Any = None) -> None:
         if self.model_config.task != "generate":
             raise ValueError(f"this model serves the {self.model_config.task!r} task, not text generation")
-        if getattr(self.config, "speculative_config", None) is not None:
+        if self.config.speculative_config is not None:
             raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
                              "speculative_config to use it")
         budget = self.config.scheduler.max_num_batched_tokens
@@ -194,10 +207,7 @@ class LLMEngine(LoRAEngineMixin):
                              "they must run in together; raise max_num_batched_tokens")
         text, token_ids = self.tokenize_prompt(prompt)
         self._validate(token_ids, SamplingParams(max_tokens=1))
-        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt: must be a non-empty string")
-        self.beam_search.add(request_id, text, token_ids, params, arrival_time, cache_salt, lora_request)
+        self.beam_search.add(request_id, text, token_ids, params, arrival_time, _cache_salt(prompt), lora_request)
         self.prompt_tokens_total += len(token_ids)
 
     def _add_pooling_request(self, request_id: str, text: str | None, token_ids: list[int], params: PoolingParams,
@@ -256,9 +266,7 @@ class LLMEngine(LoRAEngineMixin):
             self._pooling.pop(rid, None)
             if self.beam_search.groups and self.beam_search.abort(rid):
                 continue
-            state = self.output_processor.remove(rid)
-            num = state.num_samples if state is not None else 1
-            ids = [rid] + [child_request_id(rid, i) for i in range(num)] if num > 1 else [rid]
+            ids = _sequence_ids(rid, self.output_processor.remove(rid))
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
             if self.structured_output.pending:
                 self.structured_output.discard(ids)
@@ -326,9 +334,7 @@ class LLMEngine(LoRAEngineMixin):
         """End the user requests of ``requests`` (every sample) with finish reason ``abort``; their outputs."""
         outputs = []
         for user_id in dict.fromkeys(r.parent_id or r.request_id for r in requests):
-            state = self.output_processor.states.get(user_id)
-            num = state.num_samples if state is not None else 1
-            ids = [user_id] + [child_request_id(user_id, i) for i in range(num)] if num > 1 else [user_id]
+            ids = _sequence_ids(user_id, self.output_processor.states.get(user_id))
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
             self.structured_output.discard(ids)
             output = self.output_processor.abort(user_id)

@@ -257,7 +257,7 @@ class ModelRunner:
         def forward() -> torch.Tensor:
             return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
 
-        hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts, self.model, self.fused_decode)
+        hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts, self.fused_decode)
                   if self._lora_requests else forward())
         usual = not self._unusual
         if not usual:

@@ -120,7 +120,7 @@ class LoRAManager:
         token_slots = torch.from_numpy(np.repeat(row_slots, counts)).to(self.step.scales.device)
         self.step.plan = self.step.op.plan(token_slots, len(self.slot_ids))
 
-    def run_step(self, forward: Any, requests: list[LoRARequest | None], counts: np.ndarray, model: Any,
+    def run_step(self, forward: Any, requests: list[LoRARequest | None], counts: np.ndarray,
                  fused_decode: Any) -> torch.Tensor:
         """``forward()`` for a step whose rows (``requests``, ``counts`` tokens each) may have adapters: their slots
         mapped, and the platform's fused decode step (which knows nothing of adapters) declined for the step
@@ -128,12 +128,12 @@ class LoRAManager:
         self.prepare_step(requests, counts)
         active = self.step.plan is not None
         if active and fused_decode is not None:
-            model.use_fused_decode(None)
+            self.model.use_fused_decode(None)
         try:
             return forward()
         finally:
             if active and fused_decode is not None:
-                model.use_fused_decode(fused_decode)
+                self.model.use_fused_decode(fused_decode)
             self.step.plan = None
 
 

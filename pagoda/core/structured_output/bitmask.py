@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 
-
 class StepGrammar:
     def __init__(self, bitmask: torch.Tensor, rows: dict[str, int], vocab_size: int) -> None:
         self.bitmask = bitmask  # int32 [constrained rows, ceil(vocab / 32)], on the host
@@ -48,23 +47,22 @@ class StepGrammar:
         """The step's bitmask laid out like the sampling rows (an all-allowed row for each unconstrained one), for
         an LM head that finds the argmax over the allowed tokens itself; None when no row is constrained."""
         sample_rows, mask_rows = self._constrained(owners)
-        if not sample_rows:
-            return None
-        if len(sample_rows) == len(owners) and mask_rows == list(range(len(mask_rows))):
+        return self._aligned(len(owners), sample_rows, mask_rows) if sample_rows else None
+
+    def _aligned(self, num_rows: int, rows: list[int], mask_rows: list[int]) -> torch.Tensor:
+        """A bitmask of ``num_rows`` rows whose row ``rows[i]`` is the step's ``mask_rows[i]`` and every other row
+        allows all tokens (the step's own bitmask where it already is that)."""
+        if len(rows) == num_rows and mask_rows == list(range(len(mask_rows))):
             return self.bitmask[:len(mask_rows)]
-        aligned = torch.full((len(owners), self.bitmask.shape[1]), -1, dtype=self.bitmask.dtype)
-        aligned[torch.tensor(sample_rows)] = self.bitmask[torch.tensor(mask_rows)]
+        aligned = torch.full((num_rows, self.bitmask.shape[1]), -1, dtype=self.bitmask.dtype)
+        aligned[torch.tensor(rows)] = self.bitmask[torch.tensor(mask_rows)]
         return aligned
 
     def _mask(self, logits: torch.Tensor, logit_rows: list[int], mask_rows: list[int]) -> None:
         import xgrammar as xgr
 
-        if len(logit_rows) == logits.shape[0] and mask_rows == list(range(len(mask_rows))):
-            aligned = self.bitmask[:len(mask_rows)]
-        else:
-            # A bitmask laid out like the logits: xgrammar applies row i of the mask to row i of the logits.
-            aligned = torch.full((logits.shape[0], self.bitmask.shape[1]), -1, dtype=self.bitmask.dtype)
-            aligned[torch.tensor(logit_rows)] = self.bitmask[torch.tensor(mask_rows)]
+        # xgrammar applies row i of the mask to row i of the logits.
+        aligned = self._aligned(logits.shape[0], logit_rows, mask_rows)
         indices = None if len(logit_rows) == logits.shape[0] else logit_rows
         xgr.apply_token_bitmask_inplace(logits, aligned.to(logits.device, non_blocking=True),
                                         vocab_size=min(self.vocab_size, logits.shape[-1]), indices=indices)
