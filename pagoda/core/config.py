@@ -18,6 +18,7 @@ from pagoda.attention_backends import AttentionConfig, select_attention_backend
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.model_files import BUNDLED_GENERATION_CONFIG, bundled_model_path, resolve_model_path
 from pagoda.core.structured_output.config import StructuredOutputsConfig
+from pagoda.distributed.config import ParallelConfig
 from pagoda.logger import init_logger
 from pagoda.models.causal_pooling import is_causal_lm, model_class_for_task
 from pagoda.models.interface import PagodaModel
@@ -125,6 +126,7 @@ class EngineConfig:
     speculative_config: Any = None  # a SpeculativeConfig when speculative decoding is on
     draft: EngineConfig | None = field(repr=False, default=None)  # the draft model's own config (draft_model)
     lora: Any = None  # a LoRAConfig when LoRA adapters are enabled
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, registry: Registry | None = None) -> EngineConfig:
@@ -165,6 +167,7 @@ class EngineConfig:
             platform=platform, attention_backend=backend, attention=attention, seed=args.seed,
             cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
             disable_log_stats=args.disable_log_stats, registry=registry, ops=ops,
+            parallel=ParallelConfig.from_engine_args(args),
             structured_outputs=StructuredOutputsConfig.from_args(args.structured_outputs_config,
                                                                  args.guided_decoding_backend),
         )

@@ -16,14 +16,13 @@ from pagoda.core.beam_search.manager import BeamSearchManager
 from pagoda.core.config import EngineConfig, read_generation_config
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
-from pagoda.core.model_loader import load_model, model_bytes
 from pagoda.core.model_runner import ModelRunner
 from pagoda.core.output_processor import OutputProcessor
 from pagoda.core.request import Request, RequestStatus, child_request_id
-from pagoda.core.sampler import bad_words_to_token_ids
 from pagoda.core.scheduler import Scheduler
 from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer
+from pagoda.executor.interface import executor_class
 from pagoda.logger import init_logger
 from pagoda.lora.engine_api import LoRAEngineMixin
 from pagoda.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -67,17 +66,15 @@ class LLMEngine(LoRAEngineMixin):
         self.config = config
         self.model_config = config.model
         platform = config.platform
-        platform.set_device(0)
-        platform.seed_everything(config.seed)
         self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model)
         self.generation_config = read_generation_config(config.model)
         self.eos_token_ids = self._eos_token_ids()
-        model = load_model(config)
-        num_blocks = self._num_kv_blocks(model_bytes(model))
+        # The workers (one per tensor/pipeline-parallel rank) set up their devices and load their parts of the
+        # model; the KV cache gets the blocks every rank can hold.
+        self.executor = executor_class(config.parallel.distributed_executor_backend)(config, self.tokenizer)
+        num_blocks = self.executor.determine_num_kv_blocks()
         config.cache.num_blocks = num_blocks
-        self.runner = ModelRunner(config, model, num_blocks, self.eos_token_ids,
-                                  (lambda words: bad_words_to_token_ids(self.tokenizer, words)) if self.tokenizer
-                                  else None)
+        self.executor.initialize_cache(num_blocks, self.eos_token_ids)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.speculative_config,
                                    config.lora.max_loras if config.lora is not None else None)
@@ -94,6 +91,11 @@ class LLMEngine(LoRAEngineMixin):
         logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
                     config.attention_backend.name, num_blocks, config.cache.block_size,
                     num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        """The model runner, when it lives in this process (one process, or an SPMD rank)."""
+        return self.executor.driver_runner
 
     @property
     def pooler(self) -> Any:
@@ -116,24 +118,6 @@ class LLMEngine(LoRAEngineMixin):
             elif isinstance(source, (list, tuple)):
                 ids.update(int(i) for i in source)
         return ids
-
-    def _num_kv_blocks(self, weight_bytes: int) -> int:
-        cache = self.config.cache
-        if cache.num_blocks_override is not None:
-            return cache.num_blocks_override
-        # More blocks than every sequence at full length could use would only waste memory.
-        needed = self.config.scheduler.max_num_seqs * cdiv(self.model_config.max_model_len, cache.block_size)
-        per_block = ModelRunner.kv_bytes_per_block(self.config)
-        if per_block == 0:  # encoder-only: blocks are bookkeeping only, no memory behind them
-            return needed
-        budget = cache.kv_cache_memory_bytes or self.config.platform.kv_cache_budget_bytes(
-            gpu_memory_utilization=cache.gpu_memory_utilization, cpu_kvcache_space_gib=cache.cpu_kvcache_space_gib,
-            model_bytes=weight_bytes)
-        num_blocks = min(budget // per_block, needed)
-        if num_blocks < 1:
-            raise ValueError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise "
-                             "kv_cache_memory_bytes / VLLM_CPU_KVCACHE_SPACE or gpu_memory_utilization")
-        return int(num_blocks)
 
     # ------------------------------------------------------------------ requests
     def get_default_sampling_params(self) -> SamplingParams:
@@ -299,11 +283,11 @@ class LLMEngine(LoRAEngineMixin):
         sched = self.scheduler.schedule()
         self._step_request_ids = list(sched.num_scheduled_tokens)
         if not sched.total_num_scheduled_tokens:
-            self.runner.execute(sched)  # still drops finished requests' state
+            self.executor.execute_model(sched)  # still drops finished requests' state
             return ended + self._unschedulable()
         if self.structured_output.matchers:
             sched.grammar_bitmask = self.structured_output.step_bitmask(sched, self.scheduler.requests)
-        runner_out = self.runner.execute(sched)
+        runner_out = self.executor.execute_model(sched)
         now = time.time()
         for new in sched.new_requests:
             state = self.output_processor.states.get(new.request_id)

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pagoda.distributed.config import EXECUTOR_BACKENDS
+
 TASKS = ("auto", "generate", "embed", "classify", "score", "reward")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
@@ -56,6 +58,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    enable_expert_parallel: bool = False
     override_pooler_config: dict[str, Any] | None = None
     structured_outputs_config: dict[str, Any] | None = None
     guided_decoding_backend: str | None = None
@@ -116,9 +120,9 @@ class EngineArgs:
             bad("max_logprobs", f"must be >= 0, got {self.max_logprobs}")
         if self.generation_config not in ("auto", "vllm") and not self.generation_config:
             bad("generation_config", GENERATION_CONFIG_HELP)
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            if getattr(self, name) != 1:
-                bad(name, "parallelism across devices is not supported yet; only 1 is allowed")
+        from pagoda.distributed.config import ParallelConfig
+
+        ParallelConfig.from_engine_args(self)  # sizes and the executor backend checked
         if (not self.enable_chunked_prefill and self.max_num_batched_tokens is not None
                 and self.max_model_len is not None and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
@@ -148,21 +152,25 @@ class EngineArgs:
             if f.name == "model" and model_positional:
                 continue
             flag = "--" + f.name.replace("_", "-")
+            flags = (_SHORT_FLAGS[f.name], flag) if f.name in _SHORT_FLAGS else (flag,)
             help_text = _HELP.get(f.name, "")
             default = f.default if f.default is not dataclasses.MISSING else None
             annotation = str(f.type)
             if annotation == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             elif "dict" in annotation:
-                group.add_argument(flag, type=json.loads, default=default, help=help_text + " (JSON)")
+                group.add_argument(*flags, type=json.loads, default=default, help=help_text + " (JSON)")
             elif f.name == "served_model_name":
-                group.add_argument(flag, nargs="+", default=default, help=help_text)
+                group.add_argument(*flags, nargs="+", default=default, help=help_text)
             else:
                 kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
-                choices = {"task": TASKS, "dtype": DTYPES, "load_format": LOAD_FORMATS}.get(f.name)
-                group.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+                choices = {"task": TASKS, "dtype": DTYPES, "load_format": LOAD_FORMATS,
+                           "distributed_executor_backend": EXECUTOR_BACKENDS}.get(f.name)
+                group.add_argument(*flags, type=kind, default=default, choices=choices, help=help_text)
         return parser
 
+
+_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp"}
 
 _HELP = {
     "model": "Hugging Face model directory or hub id, or a .gguf file (default: the bundled SmolLM2-135M-Instruct)",
@@ -202,9 +210,14 @@ _HELP = {
     "served_model_name": "model name(s) the server answers to",
     "disable_sliding_window": "attend to the full context even where the model uses a sliding window",
     "disable_log_stats": "do not log throughput statistics",
-    "tensor_parallel_size": "devices to split each layer across (only 1 for now)",
-    "pipeline_parallel_size": "devices to split the layers across (only 1 for now)",
-    "data_parallel_size": "engine replicas (only 1 for now)",
+    "tensor_parallel_size": "ranks to split each layer across",
+    "pipeline_parallel_size": "ranks to split the layers across, in consecutive stages",
+    "data_parallel_size": "engine replicas serving requests side by side",
+    "distributed_executor_backend": "how the ranks run: uni (one process), mp (worker processes on this machine), "
+                                    "ray (Ray actors, several nodes) or external_launcher (torchrun-style SPMD); "
+                                    "default: uni for one rank, else mp",
+    "enable_expert_parallel": "MoE models: give each tensor-parallel rank whole experts instead of a slice of every "
+                              "expert",
     "override_pooler_config": "pooling settings for embedding/classification models",
     "structured_outputs_config": 'structured outputs: {"backend": "xgrammar"|"auto", "disable_any_whitespace": '
                                  'bool, "disable_additional_properties": bool}',

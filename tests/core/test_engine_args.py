@@ -23,7 +23,9 @@ def test_defaults_follow_vllm():
     ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
     ({"task": "dance"}, "task"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    ({"distributed_executor_backend": "threads"}, "distributed_executor_backend"),
+    ({"pipeline_parallel_size": 2, "distributed_executor_backend": "uni"}, "distributed_executor_backend"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ({"enable_chunked_prefill": False, "max_num_batched_tokens": 16, "max_model_len": 64}, "max_num_batched_tokens"),
 ])
