@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.distributed.partition import LinearPartition
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops
 from pagoda.quantization.interface import QuantizationConfig
@@ -25,26 +27,45 @@ class Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored however the quantization method likes.
 
     ``output_sizes`` lists the shards of a merged layer (``[q, k, v]`` for ``qkv_proj``); checkpoints load each
-    shard separately by index.
+    shard separately by index. ``parallel`` says how tensor-parallel ranks share the layer (``"column"``,
+    ``"row"`` or ``"replicated"``, see :mod:`pagoda.distributed.partition`; ``output_units`` are the column
+    shards' indivisible units, a head's size for q/k/v): the method creates this rank's part
+    (``self.partition``'s local sizes) and its loaders narrow each checkpoint tensor to it; a row-parallel layer
+    sums its partial outputs over the ranks.
     """
 
     #: The layer's LoRA adapter slots (``pagoda.lora.layers.LinearLoRA``) when the engine serves adapters.
     lora: Any = None
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, quant_config: QuantizationConfig,
-                 prefix: str, params_dtype: torch.dtype) -> None:
+                 prefix: str, params_dtype: torch.dtype, parallel: str = "replicated",
+                 output_units: list[int] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.prefix = prefix
+        tp = get_tp_group()
+        if parallel == "column":
+            self.partition = LinearPartition.column(input_size, output_sizes, tp.rank_in_group, tp.world_size,
+                                                    output_units, prefix)
+        elif parallel == "row":
+            self.partition = LinearPartition.row(input_size, output_sizes, tp.rank_in_group, tp.world_size, prefix)
+        elif parallel == "replicated":
+            self.partition = LinearPartition.replicated(input_size, output_sizes, prefix)
+        else:
+            raise ValueError(f"{prefix}: parallel must be 'column', 'row' or 'replicated', got {parallel!r}")
+        self.tp_group = tp if self.partition.reduces_output else None
         self.quant_method = quant_config.get_linear_method(prefix)
-        self.quant_method.create_weights(self, input_size, self.output_sizes, bias, params_dtype)
+        self.quant_method.create_weights(self, self.partition.local_input_size, self.partition.local_output_sizes,
+                                         bias, params_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x)
         lora = self.lora
         if lora is not None and lora.step.plan is not None:  # some row of this step has an adapter
             lora.apply(x, y)  # the delta, in the activations' dtype, beside whatever the base weights are
+        if self.tp_group is not None:  # row-parallel: each rank computed a partial sum
+            y = self.tp_group.all_reduce(y)
         return y
 
 

@@ -24,10 +24,16 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: i
     param.data.copy_(loaded)
 
 
-def _sharded_loader(output_sizes: list[int]):
+def _sharded_loader(layer: nn.Module, output_sizes: list[int], is_bias: bool = False):
+    """Loads a full checkpoint tensor (or one shard of a merged layer) into this rank's part of the parameter
+    (``output_sizes``: the rank's shard sizes; ``layer.partition`` narrows the checkpoint tensor to them)."""
     offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+    partition = getattr(layer, "partition", None)
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if partition is not None and not partition.is_whole:
+            loaded = (partition.narrow_bias(loaded, shard_id) if is_bias
+                      else partition.narrow(loaded, shard_id, out_dim=0, in_dim=1))
         if shard_id is None:
             default_weight_loader(param, loaded)
             return
@@ -55,11 +61,11 @@ class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype), requires_grad=False)
-        weight.weight_loader = _sharded_loader(output_sizes)
+        weight.weight_loader = _sharded_loader(layer, output_sizes)
         layer.register_parameter("weight", weight)
         if bias:
             b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype), requires_grad=False)
-            b.weight_loader = _sharded_loader(output_sizes)
+            b.weight_loader = _sharded_loader(layer, output_sizes, is_bias=True)
             layer.register_parameter("bias", b)
         else:
             layer.bias = None
