@@ -19,6 +19,7 @@ from pagoda.core.engine_args import EngineArgs
 from pagoda.core.model_files import BUNDLED_GENERATION_CONFIG, bundled_model_path, resolve_model_path
 from pagoda.core.structured_output.config import StructuredOutputsConfig
 from pagoda.distributed.config import ParallelConfig
+from pagoda.distributed.tensor_parallel import check_tensor_parallel, heads_per_rank
 from pagoda.logger import init_logger
 from pagoda.models.causal_pooling import is_causal_lm, model_class_for_task
 from pagoda.models.interface import PagodaModel
@@ -148,9 +149,13 @@ class EngineConfig:
                              f"({model_config.max_model_len}) with enable_chunked_prefill=False: a long prompt could "
                              "never be scheduled; raise max_num_batched_tokens, lower max_model_len or enable "
                              "chunked prefill")
+        parallel = ParallelConfig.from_engine_args(args)
+        # Backends validate and size for the heads one rank attends over (all of them on one rank)
+        num_heads, num_kv_heads = heads_per_rank(model_config.num_heads, model_config.num_kv_heads,
+                                                 parallel.tensor_parallel_size)
         attention = AttentionConfig(
             platform=platform.name, dtype=model_config.dtype, head_size=model_config.head_size,
-            num_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads, block_size=args.block_size,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=args.block_size,
             sliding_window=model_config.sliding_window, is_encoder=model_config.is_encoder_only,
             layer_windows=model_config.layer_sliding_windows or None,
             logits_soft_cap=model_config.attn_logits_soft_cap,
@@ -167,7 +172,7 @@ class EngineConfig:
             platform=platform, attention_backend=backend, attention=attention, seed=args.seed,
             cpu_offload_gb=args.cpu_offload_gb, enforce_eager=args.enforce_eager, max_logprobs=args.max_logprobs,
             disable_log_stats=args.disable_log_stats, registry=registry, ops=ops,
-            parallel=ParallelConfig.from_engine_args(args),
+            parallel=parallel,
             structured_outputs=StructuredOutputsConfig.from_args(args.structured_outputs_config,
                                                                  args.guided_decoding_backend),
         )
@@ -184,6 +189,7 @@ class EngineConfig:
             from pagoda.lora.config import LoRAConfig
 
             config.lora = LoRAConfig.from_engine_args(args)
+        check_tensor_parallel(config)
         return config
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from pagoda.core.config import EngineConfig
 from pagoda.core.model_files import iter_hf_weights
+from pagoda.distributed.tensor_parallel import building_model
 from pagoda.logger import init_logger
 from pagoda.models.causal_pooling import model_class_for_task
 from pagoda.ops import current_ops, use_ops
@@ -27,7 +28,8 @@ logger = init_logger(__name__)
 
 
 def load_model(config: EngineConfig) -> nn.Module:
-    with use_ops(config.ops or current_ops()):  # layers and quantization methods take their ops from it
+    # layers and quantization methods take their ops from it, MoE layers the expert-parallel setting
+    with use_ops(config.ops or current_ops()), building_model(config.parallel):
         return _load_model(config)
 
 

@@ -128,8 +128,8 @@ class ModelRunner:
         if mc.is_encoder_only:  # encoders attend within the step's tokens only: no cache at all
             self.kv_caches = [None] * mc.num_layers
         else:
-            shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads,
-                                                            mc.head_size)
+            shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size,
+                                                            config.attention.num_kv_heads, mc.head_size)
             # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
             self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
             for cache in self.kv_caches:
@@ -161,7 +161,8 @@ class ModelRunner:
         mc = config.model
         if mc.is_encoder_only:
             return 0
-        per_token = 2 * mc.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
+        # this rank's KV heads (config.attention's): under tensor parallelism each rank caches its own heads only
+        per_token = 2 * config.attention.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
         return per_token * config.cache.block_size * mc.num_layers + draft_kv_bytes_per_block(config)
 
     # ------------------------------------------------------------------ state

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.layers import Attention, CausalLM, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
 from pagoda.plugins.hookspecs import hookimpl
@@ -37,15 +39,18 @@ class GemmaAttention(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig, rotary: RotaryEmbedding,
                  sliding_window: int | None, scale: float, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads, self.num_kv_heads = heads_per_rank(total_heads, total_kv_heads, get_tp_group().world_size)
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias, quant_config,
-                               f"{prefix}.qkv_proj", dtype)
-        self.o_proj = Linear(self.q_size, [config.hidden_size], bias, quant_config, f"{prefix}.o_proj", dtype)
+        self.qkv_proj = Linear(config.hidden_size, [total_heads * self.head_size, total_kv_heads * self.head_size,
+                                                    total_kv_heads * self.head_size], bias, quant_config,
+                               f"{prefix}.qkv_proj", dtype, parallel="column", output_units=[self.head_size] * 3)
+        self.o_proj = Linear(total_heads * self.head_size, [config.hidden_size], bias, quant_config,
+                             f"{prefix}.o_proj", dtype, parallel="row")
         self.q_norm = self.k_norm = None
         if qk_norm:
             self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, dtype, unit_offset=True)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.gpt_layers import Activation, LayerNorm
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param
 from pagoda.plugins.hookspecs import hookimpl
@@ -53,10 +55,13 @@ class GPT2Attention(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_size = hidden // self.num_heads
-        self.c_attn = Linear(hidden, [hidden] * 3, True, quant_config, f"{prefix}.c_attn", dtype)
-        self.c_proj = Linear(hidden, [hidden], True, quant_config, f"{prefix}.c_proj", dtype)
+        self.head_size = hidden // config.num_attention_heads
+        self.num_heads = heads_per_rank(config.num_attention_heads, config.num_attention_heads,
+                                        get_tp_group().world_size)[0]
+        # c_attn is stored fused [q; k; v]: the loader splits it per shard (narrow with shard=None)
+        self.c_attn = Linear(hidden, [hidden] * 3, True, quant_config, f"{prefix}.c_attn", dtype, parallel="column",
+                             output_units=[self.head_size] * 3)
+        self.c_proj = Linear(hidden, [hidden], True, quant_config, f"{prefix}.c_proj", dtype, parallel="row")
         self.attn = Attention(self.num_heads, self.head_size, self.num_heads, backend, attn_config)
 
     def forward(self, hidden: torch.Tensor, kv_cache: torch.Tensor | None, metadata: Any) -> torch.Tensor:
@@ -70,9 +75,9 @@ class GPT2MLP(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         inner = getattr(config, "n_inner", None) or 4 * hidden
-        self.c_fc = Linear(hidden, [inner], True, quant_config, f"{prefix}.c_fc", dtype)
+        self.c_fc = Linear(hidden, [inner], True, quant_config, f"{prefix}.c_fc", dtype, parallel="column")
         self.act = Activation(getattr(config, "activation_function", "gelu_new"))
-        self.c_proj = Linear(inner, [hidden], True, quant_config, f"{prefix}.c_proj", dtype)
+        self.c_proj = Linear(inner, [hidden], True, quant_config, f"{prefix}.c_proj", dtype, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -106,7 +111,8 @@ class GPT2Model(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.wte = VocabEmbedding(config.vocab_size, hidden, quant_config, f"{prefix}.wte", dtype)
-        self.wpe = VocabEmbedding(config.max_position_embeddings, hidden, quant_config, f"{prefix}.wpe", dtype)
+        self.wpe = VocabEmbedding(config.max_position_embeddings, hidden, quant_config, f"{prefix}.wpe", dtype,
+                                  vocab_parallel=False)
         self.h = nn.ModuleList(GPT2Block(config, quant_config, f"{prefix}.h.{i}", dtype, backend, attn_config)
                                for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(hidden, config.layer_norm_epsilon, dtype)

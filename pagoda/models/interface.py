@@ -66,6 +66,9 @@ class DecoderStack:
     attention_backend: str
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions → float32 cos/sin rows
     ops: Any  # the OpSet the layers were built with
+    #: Ranks the layers are split over: the linears hold this rank's part and the stack's step would need an
+    #: all-reduce after each attention and MLP, which a platform's one-call fused step doesn't do.
+    tensor_parallel_size: int = 1
 
 
 class PagodaModel(nn.Module):

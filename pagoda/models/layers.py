@@ -16,7 +16,8 @@ from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.distributed.parallel_state import get_tp_group
-from pagoda.distributed.partition import LinearPartition
+from pagoda.distributed.partition import LinearPartition, VocabPartition
+from pagoda.distributed.tensor_parallel import gathered_logits, masked_embed, reduced_argmax
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops
 from pagoda.quantization.interface import QuantizationConfig
@@ -31,7 +32,7 @@ class Linear(nn.Module):
     ``"row"`` or ``"replicated"``, see :mod:`pagoda.distributed.partition`; ``output_units`` are the column
     shards' indivisible units, a head's size for q/k/v): the method creates this rank's part
     (``self.partition``'s local sizes) and its loaders narrow each checkpoint tensor to it; a row-parallel layer
-    sums its partial outputs over the ranks.
+    sums its partial outputs over the ranks (unless ``reduce_output=False``: the caller reduces).
     """
 
     #: The layer's LoRA adapter slots (``pagoda.lora.layers.LinearLoRA``) when the engine serves adapters.
@@ -39,7 +40,7 @@ class Linear(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, quant_config: QuantizationConfig,
                  prefix: str, params_dtype: torch.dtype, parallel: str = "replicated",
-                 output_units: list[int] | None = None) -> None:
+                 output_units: list[int] | None = None, reduce_output: bool = True) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
@@ -54,7 +55,8 @@ class Linear(nn.Module):
             self.partition = LinearPartition.replicated(input_size, output_sizes, prefix)
         else:
             raise ValueError(f"{prefix}: parallel must be 'column', 'row' or 'replicated', got {parallel!r}")
-        self.tp_group = tp if self.partition.reduces_output else None
+        # reduce_output=False: the caller sums several row-parallel outputs first and all-reduces once (MoE)
+        self.tp_group = tp if self.partition.reduces_output and reduce_output else None
         self.quant_method = quant_config.get_linear_method(prefix)
         self.quant_method.create_weights(self, self.partition.local_input_size, self.partition.local_output_sizes,
                                          bias, params_dtype)
@@ -70,26 +72,43 @@ class Linear(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding table; also computes logits when used as (or tied to) the LM head."""
+    """Token embedding table; also computes logits when used as (or tied to) the LM head.
+
+    Vocabulary-parallel under tensor parallelism (``vocab_parallel``, the default; position tables pass False and
+    stay whole): ``vocab_partition`` (set before the method creates the weights) gives this rank's rows, the
+    method holds and loads only those, and lookups, logits and greedy tokens combine the ranks' parts
+    (:mod:`pagoda.distributed.tensor_parallel`). With one rank nothing is added to any call."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quant_config: QuantizationConfig, prefix: str,
-                 params_dtype: torch.dtype) -> None:
+                 params_dtype: torch.dtype, vocab_parallel: bool = True) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.prefix = prefix
+        tp = get_tp_group()
+        self.vocab_partition = (VocabPartition(num_embeddings, tp.rank_in_group, tp.world_size) if vocab_parallel
+                                else VocabPartition(num_embeddings, 0, 1))
+        self.tp_group = None if self.vocab_partition.is_whole else tp
         self.quant_method = quant_config.get_embedding_method(prefix)
-        self.quant_method.create_weights(self, num_embeddings, embedding_dim, params_dtype)
+        self.quant_method.create_weights(self, self.vocab_partition.rows, embedding_dim, params_dtype)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            return masked_embed(lambda ids: self.quant_method.embed(self, ids), self.vocab_partition,
+                                self.tp_group, token_ids)
         return self.quant_method.embed(self, token_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            return gathered_logits(self.quant_method.logits(self, hidden), self.vocab_partition, self.tp_group)
         return self.quant_method.logits(self, hidden)
 
     def greedy(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
         """The argmax of :meth:`logits` per row (over the tokens a bitmask ``allowed`` allows, where given), or
         None when only :meth:`logits` can give it."""
+        if self.tp_group is not None:  # from this rank's logits slice, never the gathered whole
+            return reduced_argmax(self.quant_method.logits(self, hidden), self.vocab_partition, self.tp_group,
+                                  allowed)
         return self.quant_method.greedy(self, hidden, allowed)
 
     def use_as_lm_head(self) -> VocabEmbedding:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
                                   VocabEmbedding, load_param, merged_param_name)
@@ -27,14 +29,18 @@ class LlamaAttention(nn.Module):
                  dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
                  qkv_bias: bool, o_bias: bool, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        # This rank's heads (all of them on one rank); q/k/v split by whole heads, KV heads replicated when fewer
+        self.num_heads, self.num_kv_heads = heads_per_rank(total_heads, total_kv_heads, get_tp_group().world_size)
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, quant_config,
-                               f"{prefix}.qkv_proj", dtype)
-        self.o_proj = Linear(self.q_size, [config.hidden_size], o_bias, quant_config, f"{prefix}.o_proj", dtype)
+        self.qkv_proj = Linear(config.hidden_size, [total_heads * self.head_size, total_kv_heads * self.head_size,
+                                                    total_kv_heads * self.head_size], qkv_bias, quant_config,
+                               f"{prefix}.qkv_proj", dtype, parallel="column", output_units=[self.head_size] * 3)
+        self.o_proj = Linear(total_heads * self.head_size, [config.hidden_size], o_bias, quant_config,
+                             f"{prefix}.o_proj", dtype, parallel="row")
         self.rotary = rotary  # shared by all layers
         self.attn = Attention(self.num_heads, self.head_size, self.num_kv_heads, backend, attn_config, sliding_window)
 
@@ -50,16 +56,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """``down(act(gate) * up)`` on a fused gate/up projection; ``act`` defaults to the config's ``hidden_act``."""
+    """``down(act(gate) * up)`` on a fused gate/up projection; ``act`` defaults to the config's ``hidden_act``.
+    Under tensor parallelism gate/up are column-split and down row-split (``reduce_output=False``: the caller sums
+    the ranks' partial outputs)."""
 
     def __init__(self, config: Any, quant_config: QuantizationConfig, prefix: str, dtype: torch.dtype,
-                 bias: bool, act: str | None = None) -> None:
+                 bias: bool, act: str | None = None, reduce_output: bool = True) -> None:
         super().__init__()
         self.act = GatedActivation(act or getattr(config, "hidden_act", "silu"))
         inter = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias, quant_config, f"{prefix}.gate_up_proj",
-                                   dtype)
-        self.down_proj = Linear(inter, [config.hidden_size], bias, quant_config, f"{prefix}.down_proj", dtype)
+                                   dtype, parallel="column")
+        self.down_proj = Linear(inter, [config.hidden_size], bias, quant_config, f"{prefix}.down_proj", dtype,
+                                parallel="row", reduce_output=reduce_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -140,7 +149,7 @@ class LlamaModel(nn.Module):
         return DecoderStack("llama", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,
                             attn.head_size, first.mlp.gate_up_proj.output_sizes[0], self.rotary.rotary_dim,
                             epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend,
-                            self.rotary.lookup, current_ops())
+                            self.rotary.lookup, current_ops(), get_tp_group().world_size)
 
     def forward(self, input_ids, positions, kv_caches, metadata):
         hidden = self.embed_tokens(input_ids)

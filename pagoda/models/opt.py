@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.gpt_layers import Activation, LayerNorm
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param, merged_param_name
 from pagoda.plugins.hookspecs import hookimpl
@@ -38,10 +40,12 @@ class OPTAttention(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig) -> None:
         super().__init__()
         hidden, bias = config.hidden_size, bool(getattr(config, "enable_bias", True))
-        self.num_heads = config.num_attention_heads
-        self.head_size = hidden // self.num_heads
-        self.qkv_proj = Linear(hidden, [hidden] * 3, bias, quant_config, f"{prefix}.qkv_proj", dtype)
-        self.out_proj = Linear(hidden, [hidden], bias, quant_config, f"{prefix}.out_proj", dtype)
+        self.head_size = hidden // config.num_attention_heads
+        self.num_heads = heads_per_rank(config.num_attention_heads, config.num_attention_heads,
+                                        get_tp_group().world_size)[0]
+        self.qkv_proj = Linear(hidden, [hidden] * 3, bias, quant_config, f"{prefix}.qkv_proj", dtype,
+                               parallel="column", output_units=[self.head_size] * 3)
+        self.out_proj = Linear(hidden, [hidden], bias, quant_config, f"{prefix}.out_proj", dtype, parallel="row")
         self.attn = Attention(self.num_heads, self.head_size, self.num_heads, backend, attn_config)
 
     def forward(self, hidden: torch.Tensor, kv_cache: torch.Tensor | None, metadata: Any) -> torch.Tensor:
@@ -59,9 +63,9 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = bool(config.do_layer_norm_before)
         self.self_attn = OPTAttention(config, quant_config, f"{prefix}.self_attn", dtype, backend, attn_config)
         self.self_attn_layer_norm = LayerNorm(hidden, LAYER_NORM_EPS, dtype, affine)
-        self.fc1 = Linear(hidden, [config.ffn_dim], bias, quant_config, f"{prefix}.fc1", dtype)
+        self.fc1 = Linear(hidden, [config.ffn_dim], bias, quant_config, f"{prefix}.fc1", dtype, parallel="column")
         self.activation = Activation(getattr(config, "activation_function", "relu"))
-        self.fc2 = Linear(config.ffn_dim, [hidden], bias, quant_config, f"{prefix}.fc2", dtype)
+        self.fc2 = Linear(config.ffn_dim, [hidden], bias, quant_config, f"{prefix}.fc2", dtype, parallel="row")
         self.final_layer_norm = LayerNorm(hidden, LAYER_NORM_EPS, dtype, affine)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +96,7 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, embed_dim, quant_config, f"{prefix}.embed_tokens",
                                            dtype)
         self.embed_positions = VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET, hidden,
-                                              quant_config, f"{prefix}.embed_positions", dtype)
+                                              quant_config, f"{prefix}.embed_positions", dtype, vocab_parallel=False)
         self.project_in = self.project_out = None
         if embed_dim != hidden:
             self.project_in = Linear(embed_dim, [hidden], False, quant_config, f"{prefix}.project_in", dtype)

@@ -46,6 +46,18 @@ def _sharded_loader(layer: nn.Module, output_sizes: list[int], is_bias: bool = F
     return load
 
 
+def _vocab_loader(layer: nn.Module):
+    """Loads the full checkpoint table into this rank's rows (``layer.vocab_partition``; zero-padded)."""
+    partition = getattr(layer, "vocab_partition", None)
+    if partition is None or partition.is_whole:
+        return default_weight_loader
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        default_weight_loader(param, partition.narrow(loaded))
+
+    return load
+
+
 def _prepare(layer: nn.Module, bias: torch.Tensor | None) -> None:
     """Hand the loaded weight to the ``linear_dense`` op; drop the parameters when the op made its own copy."""
     op = current_ops().linear_dense
@@ -87,7 +99,7 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
     def create_weights(self, layer: nn.Module, num_embeddings: int, embedding_dim: int,
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=params_dtype), requires_grad=False)
-        weight.weight_loader = default_weight_loader
+        weight.weight_loader = _vocab_loader(layer)
         layer.register_parameter("weight", weight)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

@@ -85,6 +85,8 @@ class FusedDecode:
     """A model's decode-step plan: pointers to every layer's weights and KV cache, built once."""
 
     def __init__(self, stack: Any, ops: Any, kv_caches: list[torch.Tensor]) -> None:
+        if stack.tensor_parallel_size > 1:  # the one native call has no all-reduce between layers
+            raise NotFusable(f"layers split over tensor_parallel_size {stack.tensor_parallel_size} ranks")
         lib = cpu.kernels()
         if lib is None or not lib.has_packed_bf16:
             raise NotFusable("no native bf16 kernels")
