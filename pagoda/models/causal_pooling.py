@@ -184,6 +184,10 @@ class CausalClassifier(CausalEmbedding):
                     "has neither")
             return set()
         if lm_head_weight is None and self.tied_head is not None:
+            partition = getattr(self.tied_head, "vocab_partition", None)
+            if partition is not None and not partition.is_whole:  # this rank holds only some of the rows
+                raise ValueError(f"classifier_from_token with method {method} on a tied LM head is not supported "
+                                 f"with tensor_parallel_size {partition.tp_size}; use tensor_parallel_size=1")
             lm_head_weight = getattr(self.tied_head, "weight", None)
         if (not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2
                 or not lm_head_weight.is_floating_point()):  # a quantized head's codes aren't its rows

@@ -84,9 +84,10 @@ def run_spmd(fn: Callable, *args: Any, world_size: int = 2, timeout_s: float = T
 
 def generate_jobs(jobs: list[dict[str, Any]], parallel: dict[str, Any]) -> list[dict[str, Any]]:
     """Build an engine per job in turn (``job["model"]``, ``job.get("engine")``; ``parallel``: the parallel engine
-    arguments, empty for one process) and generate each of ``job["runs"]`` (``(prompts, params)`` pairs); per job:
-    the ``tensor_parallel_size`` its layers were split over and its ``runs``: per run, per request, the sampled
-    ``token_ids``, their ``logprobs`` (None unless asked) and the ``text``."""
+    arguments, empty for one process) and generate each of ``job["runs"]`` (``(prompts, params)`` pairs; params
+    ``"embed"``: embed them); per job: the ``tensor_parallel_size`` its layers were split over and its ``runs``: per
+    run, per request, the sampled ``token_ids``, their ``logprobs`` (None unless asked) and the ``text``, or the
+    ``embedding``."""
     from pagoda import LLM
     from pagoda.distributed import get_tp_group
 
@@ -96,11 +97,17 @@ def generate_jobs(jobs: list[dict[str, Any]], parallel: dict[str, Any]) -> list[
         llm = LLM(job["model"], **engine)
         runs = []
         for prompts, params in job["runs"]:
+            if params == "embed":
+                runs.append([{"embedding": list(o.outputs.embedding)} for o in llm.embed(prompts, use_tqdm=False)])
+                continue
             outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
             runs.append([{"token_ids": list(o.token_ids), "text": o.text,
                           "logprobs": [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]
                           if o.logprobs else None} for o in outputs])
-        out.append({"tensor_parallel_size": get_tp_group().world_size, "runs": runs})
+        # the group this process's layers were split over: under an executor with its own workers, the config's
+        split = get_tp_group().world_size if EXECUTOR == "external_launcher" or not parallel else \
+            llm.llm_engine.config.parallel.tensor_parallel_size
+        out.append({"tensor_parallel_size": split, "runs": runs})
         llm.llm_engine.executor.shutdown()
         del llm
         gc.collect()

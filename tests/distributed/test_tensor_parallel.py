@@ -73,6 +73,9 @@ def _jobs(tiny_model_dir, chat_dir: str) -> list[dict]:
         path = randomize_vectors(tiny_model_dir(f"tp_{kind}", config))
         runs = [(_prompts(config.vocab_size), greedy), (_prompts(config.vocab_size), with_logprobs)]
         jobs.append({"model": path, "engine": {"skip_tokenizer_init": True}, "runs": runs})
+        if kind == "llama":  # the generative layers as an embedding model (last token, normalized)
+            jobs.append({"model": path, "engine": {"skip_tokenizer_init": True, "task": "embed"},
+                         "runs": [(_prompts(config.vocab_size), "embed")]})
         if kind == "qwen2_moe":
             jobs.append({"model": path, "engine": {"skip_tokenizer_init": True, "enable_expert_parallel": True},
                          "runs": runs})
@@ -99,6 +102,10 @@ def test_tensor_parallel_equals_single_process(tiny_model_dir, tiny_chat_model_d
     for job, single, split in zip(jobs, expected, got):
         assert split["tensor_parallel_size"] == TP and single["tensor_parallel_size"] == 1
         for run, (want, have) in enumerate(zip(single["runs"], split["runs"])):
+            if "embedding" in want[0]:
+                torch.testing.assert_close(torch.tensor([r["embedding"] for r in have]),
+                                           torch.tensor([r["embedding"] for r in want]), atol=1e-5, rtol=1e-4)
+                continue
             assert [r["token_ids"] for r in have] == [r["token_ids"] for r in want], f"{_name(job)}, run {run}"
             for w, h in zip(want, have):
                 if w["logprobs"] is not None:
