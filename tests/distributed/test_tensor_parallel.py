@@ -64,7 +64,34 @@ def _prompts(vocab: int) -> list[dict]:
         [{"prompt_token_ids": shared + [5]}, {"prompt_token_ids": shared}]
 
 
-def _jobs(tiny_model_dir, chat_dir: str) -> list[dict]:
+def _stacked_experts_copy(source: str, target) -> str:
+    """``source`` with its experts stored stacked (transformers' ``mlp.experts.gate_up_proj`` [E, 2I, H] /
+    ``down_proj`` [E, H, I] layout) in ``target``."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    per_expert = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    tensors, parts = {}, {}
+    for name, tensor in load_file(f"{source}/model.safetensors").items():
+        match = per_expert.match(name)
+        if match:
+            parts.setdefault(match.group(1), {})[(int(match.group(2)), match.group(3))] = tensor
+        else:
+            tensors[name] = tensor
+    for mlp, experts in parts.items():
+        count = 1 + max(e for e, _ in experts)
+        tensors[f"{mlp}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[(e, "gate_proj")], experts[(e, "up_proj")]]) for e in range(count)])
+        tensors[f"{mlp}.experts.down_proj"] = torch.stack([experts[(e, "down_proj")] for e in range(count)])
+    target.mkdir(exist_ok=True)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(f"{source}/config.json", target / "config.json")
+    return str(target)
+
+
+def _jobs(tiny_model_dir, chat_dir: str, tmp_path) -> list[dict]:
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
     with_logprobs = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False,
                                    logprobs=2)
@@ -79,6 +106,10 @@ def _jobs(tiny_model_dir, chat_dir: str) -> list[dict]:
         if kind == "qwen2_moe":
             jobs.append({"model": path, "engine": {"skip_tokenizer_init": True, "enable_expert_parallel": True},
                          "runs": runs})
+            stacked = _stacked_experts_copy(path, tmp_path / "stacked_moe")
+            for expert_parallel in (False, True):
+                jobs.append({"model": stacked, "runs": runs[:1],
+                             "engine": {"skip_tokenizer_init": True, "enable_expert_parallel": expert_parallel}})
     schema = SamplingParams(temperature=0, max_tokens=40,
                             structured_outputs=StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True))
     jobs.append({"model": chat_dir, "engine": {"max_model_len": 512},
@@ -91,12 +122,12 @@ def _name(job: dict) -> str:
                                               else "")
 
 
-def test_tensor_parallel_equals_single_process(tiny_model_dir, tiny_chat_model_dir):  # noqa: F811
+def test_tensor_parallel_equals_single_process(tiny_model_dir, tiny_chat_model_dir, tmp_path):  # noqa: F811
     import json
 
     import jsonschema
 
-    jobs = _jobs(tiny_model_dir, tiny_chat_model_dir)
+    jobs = _jobs(tiny_model_dir, tiny_chat_model_dir, tmp_path)
     expected = generate_jobs(jobs, {})
     got = run_engines(jobs, tensor_parallel_size=TP)
     for job, single, split in zip(jobs, expected, got):
