@@ -222,7 +222,9 @@ class DPEngineClient:
                 pass  # its requests are gone with it
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._owner)
+        # outputs or failures taken in but not yet returned by step() count: their requests aren't over for the
+        # caller until step() hands them over
+        return bool(self._owner or self._outputs or self._failed_ids)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[Any]:
@@ -310,7 +312,7 @@ class DPEngineClient:
         for replica in self._replicas:
             if replica.process.exitcode is not None:
                 self._mark_dead(replica)
-        self._raise_if_dead()
+        self._drain()  # an idle caller doesn't step: the replicas' latest stats (e.g. after an abort) come in here
         stats = [r.stats for r in self._replicas]
         total_blocks = sum(s.num_total_blocks for s in stats)
         free_blocks = sum(s.num_free_blocks for s in stats)
