@@ -187,6 +187,13 @@ class DPEngineClient:
         """The checks ``LLMEngine.add_request`` makes before a request is queued (``ValueError`` naming the
         field)."""
         if isinstance(params, BeamSearchParams):
+            if self.config.speculative_config is not None:
+                raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
+                                 "speculative_config to use it")
+            budget = self.config.scheduler.max_num_batched_tokens
+            if params.beam_width > budget:
+                raise ValueError(f"beam_width: {params.beam_width} beams don't fit the step budget of {budget} "
+                                 "tokens they must run in together; raise max_num_batched_tokens")
             LLMEngine._validate(self, token_ids, SamplingParams(max_tokens=1))
             return
         if not isinstance(params, SamplingParams):
