@@ -26,8 +26,11 @@ from typing import Any
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
-def replica_main(conn: Any, engine_args: Any, index: int, threads: int | None) -> None:
-    """Entry point of replica ``index`` (a spawned process): build the engine, report ready, serve commands."""
+def replica_main(conn: Any, engine_args: Any, index: int, threads: int | None,
+                 environment: dict[str, str] | None = None) -> None:
+    """Entry point of replica ``index`` (a spawned process): build the engine, report ready, serve commands.
+    ``environment`` (e.g. its ``CUDA_VISIBLE_DEVICES``) is set before any device is touched."""
+    os.environ.update(environment or {})
     if threads is not None:
         # each replica its share of the cores; read by the CPU platform when the engine is built
         os.environ["PAGODA_CPU_THREADS"] = str(threads)

@@ -67,6 +67,20 @@ def test_pick_replica_prefers_fewest_unfinished_then_waiting_then_round_robin():
         pick_replica([1, 2], [0], 0)
 
 
+def test_each_replica_gets_its_own_devices(monkeypatch):
+    from pagoda.engine_dp.client import replica_devices
+    from pagoda.platforms.cpu import CpuPlatform
+    from pagoda.platforms.cuda import CudaPlatform
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6")
+    assert replica_devices(CudaPlatform, 2, 2) == [{"CUDA_VISIBLE_DEVICES": "3,4"}, {"CUDA_VISIBLE_DEVICES": "5,6"}]
+    assert replica_devices(CudaPlatform, 4, 1)[3] == {"CUDA_VISIBLE_DEVICES": "6"}
+    with pytest.raises(ValueError, match=r"data_parallel_size: 2 replicas of 4 device\(s\) each need 8 cuda devices, "
+                                         r"but 4 are visible \(CUDA_VISIBLE_DEVICES=3,4,5,6\)"):
+        replica_devices(CudaPlatform, 2, 4)
+    assert replica_devices(CpuPlatform, 2, 1) == [{}, {}]  # the host's cores are shared by threads
+
+
 # ---------------------------------------------------------------------------- the server
 def test_dp2_answers_with_the_same_greedy_text_as_one_engine(dp_server, tiny_chat_model_dir):  # noqa: F811
     def answers(server: ServerProcess) -> list[str]:
