@@ -33,11 +33,13 @@ from typing import Any, Iterable
 
 from pagoda import envs
 from pagoda.core.config import EngineConfig, read_generation_config
-from pagoda.core.engine import EngineStats, LLMEngine
+from pagoda.core.engine import LLMEngine
 from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer
 from pagoda.engine_dp.balance import pick_replica
+from pagoda.engine_dp.placement import replica_devices
 from pagoda.engine_dp.replica import replica_main
+from pagoda.engine_dp.stats import DPEngineStats, ReplicaStats, sum_replica_stats
 from pagoda.logger import init_logger
 from pagoda.sampling_params import BeamSearchParams, SamplingParams
 
@@ -55,24 +57,6 @@ class ReplicaDiedError(RuntimeError):
 class ReplicaStepError(RuntimeError):
     """A replica failed some requests (a failed step, or a request it refused); ``failed_step_request_ids()``
     names them. The other requests go on."""
-
-
-@dataclass
-class ReplicaStats:
-    """One replica's load, as ``/metrics`` shows it per replica."""
-
-    index: int
-    num_running: int
-    num_waiting: int
-    num_unfinished: int  # requests routed to it and not yet finished (client count)
-    requests_total: int  # requests ever routed to it
-
-
-@dataclass
-class DPEngineStats(EngineStats):
-    """The replicas' ``EngineStats`` summed, and each replica's load."""
-
-    replicas: list[ReplicaStats] = field(default_factory=list)
 
 
 @dataclass
@@ -322,19 +306,9 @@ class DPEngineClient:
             if replica.process.exitcode is not None:
                 self._mark_dead(replica)
         self._drain()  # an idle caller doesn't step: the replicas' latest stats (e.g. after an abort) come in here
-        stats = [r.stats for r in self._replicas]
-        total_blocks = sum(s.num_total_blocks for s in stats)
-        free_blocks = sum(s.num_free_blocks for s in stats)
-        return DPEngineStats(
-            num_running=sum(s.num_running for s in stats), num_waiting=sum(s.num_waiting for s in stats),
-            kv_cache_usage=sum(s.kv_cache_usage * s.num_total_blocks for s in stats) / max(total_blocks, 1),
-            num_free_blocks=free_blocks, num_total_blocks=total_blocks,
-            prompt_tokens_total=sum(s.prompt_tokens_total for s in stats),
-            generation_tokens_total=sum(s.generation_tokens_total for s in stats),
-            num_preemptions_total=sum(s.num_preemptions_total for s in stats),
-            spec_decoding=_sum_spec_stats([s.spec_decoding for s in stats]),
-            replicas=[ReplicaStats(r.index, r.stats.num_running, r.stats.num_waiting, len(r.requests),
-                                   r.requests_total) for r in self._replicas])
+        loads = [ReplicaStats(r.index, r.stats.num_running, r.stats.num_waiting, len(r.requests),
+                              r.requests_total) for r in self._replicas]
+        return sum_replica_stats([r.stats for r in self._replicas], loads)
 
     def _send(self, replica: _Replica, message: tuple) -> None:
         try:
@@ -356,27 +330,6 @@ class DPEngineClient:
             raise self._dead
 
 
-def replica_devices(platform: Any, size: int, world_size: int) -> list[dict[str, str]]:
-    """The environment giving each of ``size`` replicas its own ``world_size`` devices (vLLM's way: the
-    platform's device-control variable, e.g. ``CUDA_VISIBLE_DEVICES``, sliced among them); empty on the host,
-    whose cores the replicas share by threads."""
-    variable = platform.device_control_env_var
-    if variable is None:
-        if not platform.uses_host_memory:
-            raise ValueError(f"data_parallel_size: the {platform.name} platform can't give each of {size} replicas "
-                             "devices of its own (it names no device-control variable); use data_parallel_size 1")
-        return [{} for _ in range(size)]
-    visible = os.environ.get(variable)
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
-        [str(i) for i in range(platform.device_count())]
-    needed = size * world_size
-    if len(ids) < needed:
-        raise ValueError(f"data_parallel_size: {size} replicas of {world_size} device(s) each need {needed} "
-                         f"{platform.name} devices, but {len(ids)} are visible"
-                         + (f" ({variable}={visible})" if visible else ""))
-    return [{variable: ",".join(ids[i * world_size:(i + 1) * world_size])} for i in range(size)]
-
-
 def _check_supported(config: EngineConfig) -> None:
     """What a replica set can't do yet: a ``ValueError`` naming the feature and data_parallel_size."""
     size = config.parallel.data_parallel_size
@@ -386,20 +339,6 @@ def _check_supported(config: EngineConfig) -> None:
     if config.lora is not None:
         raise ValueError(f"enable_lora: LoRA adapters are not supported with data_parallel_size {size}; serve "
                          "them with data_parallel_size 1")
-
-
-def _sum_spec_stats(snapshots: list[Any]) -> Any:
-    present = [s for s in snapshots if s is not None]
-    if not present:
-        return None
-    total = dataclasses.replace(present[0], num_accepted_tokens_per_pos=list(present[0].num_accepted_tokens_per_pos))
-    for other in present[1:]:
-        total.num_drafts += other.num_drafts
-        total.num_draft_tokens += other.num_draft_tokens
-        total.num_accepted_tokens += other.num_accepted_tokens
-        for pos, value in enumerate(other.num_accepted_tokens_per_pos):
-            total.num_accepted_tokens_per_pos[pos] += value
-    return total
 
 
 def _stop_replicas(replicas: list[_Replica]) -> None:

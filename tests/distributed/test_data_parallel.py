@@ -68,7 +68,7 @@ def test_pick_replica_prefers_fewest_unfinished_then_waiting_then_round_robin():
 
 
 def test_each_replica_gets_its_own_devices(monkeypatch):
-    from pagoda.engine_dp.client import replica_devices
+    from pagoda.engine_dp.placement import replica_devices
     from pagoda.platforms.cpu import CpuPlatform
     from pagoda.platforms.cuda import CudaPlatform
 
