@@ -34,7 +34,6 @@ def replica_main(conn: Any, engine_args: Any, index: int, threads: int | None,
     if threads is not None:
         # each replica its share of the cores; read by the CPU platform when the engine is built
         os.environ["PAGODA_CPU_THREADS"] = str(threads)
-    os.environ["PAGODA_DP_RANK"] = str(index)
     # Ctrl-C reaches the whole process group: the server drains and then stops the replicas, which must not die
     # under its in-flight requests first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
