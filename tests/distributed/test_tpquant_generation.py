@@ -1,7 +1,7 @@
 """Quantized checkpoints generated with tensor_parallel_size 2 give the single-process engine's greedy tokens.
 
 The tool-made tiny Llama checkpoints of ``tests/fixtures/quant`` (AWQ, act-order GPTQ, GPTQ with a quantized
-8-bit LM head, compressed-tensors W8A16, FP8 per tensor, AQLM) run on two spawned ranks (``tests/distributed/spmd``)
+8-bit LM head, compressed-tensors W4A16 with zero points, AQLM) run on two spawned ranks (``tests/distributed/spmd``)
 and in one process, in float32: the same greedy tokens, and log-probabilities within the rounding of the
 row-parallel partial sums.
 """
@@ -16,7 +16,7 @@ spmd = pytest.importorskip("tests.distributed.spmd",
                            reason="needs the tensor-parallel spawn helper (tests/distributed/spmd.py)")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
-CHECKPOINTS = ["awq_g32", "gptq_asym_act_g32", "gptq_lm_head", "ct_w8a16", "fp8_tensor_dynamic", "aqlm_2x8"]
+CHECKPOINTS = ["awq_g32", "gptq_asym_act_g32", "gptq_lm_head", "ct_w4a16_asym", "aqlm_2x8"]
 MAX_TOKENS = 8
 LOGPROB_ATOL = 1e-3
 
