@@ -79,13 +79,13 @@ def output_size(tensors: dict[str, torch.Tensor], layouts: dict) -> int:
     raise AssertionError(f"no output-feature tensor among {sorted(tensors)}")
 
 
-def build(quant_config, prefix: str, partition: LinearPartition, bias: bool = False) -> nn.Module:
+def build(quant_config, prefix: str, partition: LinearPartition, bias: bool = False,
+          dtype: torch.dtype = torch.float32) -> nn.Module:
     """A linear layer as ``Linear`` builds it: its partition set, then its method creates the rank's weights."""
     layer = nn.Module()
     layer.prefix, layer.partition = prefix, partition
     layer.quant_method = quant_config.get_linear_method(prefix)
-    layer.quant_method.create_weights(layer, partition.local_input_size, partition.local_output_sizes, bias,
-                                      torch.float32)
+    layer.quant_method.create_weights(layer, partition.local_input_size, partition.local_output_sizes, bias, dtype)
     return layer
 
 
@@ -115,7 +115,8 @@ def check_ranks(quant_config, prefix: str, kind: str, input_size: int, sizes: li
                 bias: list[torch.Tensor] | None = None, activation_quantized: bool = False) -> None:
     x = torch.randn(5, input_size, generator=torch.Generator().manual_seed(0))
     with use_ops(reference_ops()):
-        whole_layer = build(quant_config, prefix, LinearPartition.replicated(input_size, sizes, prefix), bias is not None)
+        whole_layer = build(quant_config, prefix, LinearPartition.replicated(input_size, sizes, prefix),
+                            bias is not None)
         whole = whole_layer.quant_method.apply(load(whole_layer, shards, fused, bias), x)
         outs = []
         for partition in partitions(kind, input_size, sizes, prefix, units=units):
@@ -295,3 +296,50 @@ def test_gguf_embedding_rows(type_name):
     logits = torch.cat([lg for _, lg, _ in ranks], dim=1)
     torch.testing.assert_close(logits[:, :vocab], whole_logits, rtol=1e-5, atol=1e-4)
     assert torch.all(logits[:, vocab:] == 0), "the padded row gives a zero logit"
+
+
+# ---------------------------------------------------------------------------------------------------- CT act-order
+def _pack_int32(codes: torch.Tensor, dim: int) -> torch.Tensor:
+    """4-bit codes packed 8 to an int32 along ``dim``, least significant first (compressed-tensors' packing)."""
+    moved = codes.to(torch.int64).movedim(dim, -1)
+    words = (moved.unflatten(-1, (-1, 8)) << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).movedim(-1, dim)
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_compressed_tensors_act_order_groups(kind):
+    """``actorder: group`` W4A16 with zero points (groups scattered over the inputs by ``weight_g_idx``): row
+    ranks keep every group's scales, as GPTQ's desc_act."""
+    n, k, group = 64, 128, 32
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)].to(torch.int32)
+    tensors = {"weight_packed": _pack_int32(codes, 1), "weight_zero_point": _pack_int32(zeros, 0),
+               "weight_scale": torch.rand(n, k // group, generator=gen) * 0.02 + 0.01,
+               "weight_shape": torch.tensor([n, k]), "weight_g_idx": g_idx}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group,
+                                           "symmetric": False, "actorder": "group"}}}}
+    quant_config = get_registry().get_quantization_method("compressed-tensors").from_config(config)
+    check_ranks(quant_config, "model.layers.0.mlp.down_proj", kind, k, [n], [tensors])
+
+
+def test_act_order_row_ranks_on_the_selected_bf16_kernels():
+    """The padded act-order groups through the kernels this platform picks for bf16 (the compact 4-bit ones)."""
+    from pagoda.ops import select_ops
+    from pagoda.platforms import resolve_platform
+
+    ckpt, quant_config = checkpoint("gptq_asym_act_g32")
+    prefix, sources, input_size, _ = LAYERS["down"]
+    shards = [layer_tensors(ckpt, s) for s in sources]
+    x = torch.randn(5, input_size, generator=torch.Generator().manual_seed(0))
+    outs = []
+    with use_ops(select_ops(resolve_platform(), torch.bfloat16)):
+        for partition in [LinearPartition.replicated(input_size, [128], prefix)] + partitions("row", input_size,
+                                                                                             [128], prefix):
+            layer = load(build(quant_config, prefix, partition, dtype=torch.bfloat16), shards)
+            outs.append(layer.quant_method.apply(layer, x.narrow(1, *partition.input_slice).bfloat16()).float())
+    whole, total = outs[0], outs[1] + outs[2]
+    error = ((total - whole).norm() / whole.norm()).item()
+    assert error < 1e-2, f"row ranks' sum is {error:.2e} away from the whole layer in bf16"
