@@ -79,6 +79,13 @@ def output_size(tensors: dict[str, torch.Tensor], layouts: dict) -> int:
     raise AssertionError(f"no output-feature tensor among {sorted(tensors)}")
 
 
+def shard_sizes(quant_config, prefix: str, input_size: int, shards: list[dict[str, torch.Tensor]]) -> list[int]:
+    """The output size of each checkpoint layer, read through the format's tensor layouts."""
+    probe = build(quant_config, prefix, LinearPartition.replicated(input_size, [1], prefix))
+    layouts = probe.quant_method.tensor_layouts(probe)
+    return [output_size(s, layouts) for s in shards]
+
+
 def build(quant_config, prefix: str, partition: LinearPartition, bias: bool = False,
           dtype: torch.dtype = torch.float32) -> nn.Module:
     """A linear layer as ``Linear`` builds it: its partition set, then its method creates the rank's weights."""
@@ -112,14 +119,14 @@ def partitions(kind: str, input_size: int, sizes: list[int], prefix: str, tp: in
 
 def check_ranks(quant_config, prefix: str, kind: str, input_size: int, sizes: list[int],
                 shards: list[dict[str, torch.Tensor]], units: list[int] | None = None, fused: bool = False,
-                bias: list[torch.Tensor] | None = None, activation_quantized: bool = False) -> None:
+                bias: list[torch.Tensor] | None = None, activation_quantized: bool = False, tp: int = TP) -> None:
     x = torch.randn(5, input_size, generator=torch.Generator().manual_seed(0))
     with use_ops(reference_ops()):
         whole_layer = build(quant_config, prefix, LinearPartition.replicated(input_size, sizes, prefix),
                             bias is not None)
         whole = whole_layer.quant_method.apply(load(whole_layer, shards, fused, bias), x)
         outs = []
-        for partition in partitions(kind, input_size, sizes, prefix, units=units):
+        for partition in partitions(kind, input_size, sizes, prefix, tp, units):
             layer = load(build(quant_config, prefix, partition, bias is not None), shards, fused, bias)
             kernels = getattr(layer, "quant_kernels", None) or layer.gguf_kernels
             assert sum(k.out_features for k in kernels) == sum(partition.local_output_sizes)
@@ -136,11 +143,17 @@ def check_ranks(quant_config, prefix: str, kind: str, input_size: int, sizes: li
         else:
             torch.testing.assert_close(total, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
         return
-    pieces, offset = [], 0  # each shard's ranks side by side, shards in order: the whole layer's layout
-    for index, size in enumerate(sizes):
+    pieces = []  # each shard's distinct rank slices in order, shards in order: the whole layer's layout
+    for index in range(len(sizes)):
+        by_start = {}
         for partition, out in outs:
             local = partition.local_output_sizes
-            pieces.append(out.narrow(1, sum(local[:index]), local[index]))
+            piece = out.narrow(1, sum(local[:index]), local[index])
+            start = partition.output_slices[index][0]
+            if start in by_start:  # a replicated unit (fewer KV heads than ranks): the copies agree
+                torch.testing.assert_close(piece, by_start[start], rtol=0, atol=0)
+            by_start[start] = piece
+        pieces += [by_start[start] for start in sorted(by_start)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
 
 
@@ -150,9 +163,7 @@ def test_ranks_match_whole_layer(name, layers):
     for key in layers:
         prefix, sources, input_size, kind = LAYERS[key]
         shards = [layer_tensors(ckpt, s) for s in sources]
-        probe = build(quant_config, prefix, LinearPartition.replicated(input_size, [1], prefix))
-        layouts = probe.quant_method.tensor_layouts(probe) if hasattr(probe.quant_method, "tensor_layouts") else {}
-        sizes = [output_size(s, layouts) for s in shards]
+        sizes = shard_sizes(quant_config, prefix, input_size, shards)
         units = [HEAD] * len(sizes) if key == "qkv" else None
         check_ranks(quant_config, prefix, kind, input_size, sizes, shards, units,
                     activation_quantized=name == "ct_w8a8_int8")
@@ -182,6 +193,16 @@ def test_fused_qkv_splits_into_shards(name):
     check_ranks(quant_config, prefix, "column", input_size, sizes, [fused], [HEAD] * 3, fused=True)
 
 
+@pytest.mark.parametrize("name", ["awq_g32", "gptq_asym_act_g32"])
+def test_kv_heads_replicated_over_more_ranks(name):
+    """Four ranks over two KV heads: each k/v head (a whole number of packed words) is held by two ranks."""
+    ckpt, quant_config = checkpoint(name)
+    prefix, sources, input_size, _ = LAYERS["qkv"]
+    shards = [layer_tensors(ckpt, s) for s in sources]
+    sizes = shard_sizes(quant_config, prefix, input_size, shards)
+    check_ranks(quant_config, prefix, "column", input_size, sizes, shards, [HEAD] * 3, tp=4)
+
+
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_bias_is_split_or_added_once(kind):
     ckpt, quant_config = checkpoint("gptq_sym_g32")
@@ -206,9 +227,7 @@ def test_split_cutting_a_group_is_an_error(name, key, tp, pattern):
     ckpt, quant_config = checkpoint(name)
     prefix, sources, input_size, kind = LAYERS[key]
     shards = [layer_tensors(ckpt, s) for s in sources]
-    layouts = build(quant_config, prefix, LinearPartition.replicated(input_size, [1], prefix)) \
-        .quant_method.tensor_layouts(None)
-    sizes = [output_size(s, layouts) for s in shards]
+    sizes = shard_sizes(quant_config, prefix, input_size, shards)
     units = [HEAD] * len(sizes) if key == "qkv" else None
     partition = partitions(kind, input_size, sizes, prefix, tp, units)[0]
     with pytest.raises(ValueError, match=pattern):
