@@ -135,7 +135,8 @@ def group_order(g_idx: torch.Tensor, group: int, prefix: str) -> torch.Tensor | 
 
 
 def order_inputs(layer: nn.Module, codes: torch.Tensor, g_idx: torch.Tensor | None, scale: torch.Tensor,
-                 zero: torch.Tensor | None, group: int, group_size: int, full_groups: bool, prefix: str):
+                 zero: torch.Tensor | None, group: int, group_size: int, full_groups: bool, prefix: str,
+                 g_idx_name: str = "g_idx"):
     """A shard's codes [N, K] and per-group ``scale`` / ``zero`` put in an input order with contiguous groups,
     from ``g_idx`` (the group of each of the layer's K inputs; None: already contiguous). ``group_size``: the
     checkpoint's (−1: one group over all inputs). ``full_groups``: the scales are every group's (an act-order layer
@@ -143,9 +144,9 @@ def order_inputs(layer: nn.Module, codes: torch.Tensor, g_idx: torch.Tensor | No
     padded_inputs) for :class:`AffineWeight`."""
     if g_idx is None:
         if full_groups:
-            raise ValueError(f"{prefix}: an act-order (desc_act) layer split over its inputs needs its g_idx")
+            raise ValueError(f"{prefix}: an act-order layer split over its inputs needs its {g_idx_name}")
         return codes, scale, zero, group, None, None
-    expect_shape(prefix, "g_idx", g_idx, (codes.shape[1],), "in_features")
+    expect_shape(prefix, g_idx_name, g_idx, (codes.shape[1],), "in_features")
     if full_groups:
         codes, scale, zero, perm, sub = regroup_act_order(codes, g_idx, scale, zero, group)
         return codes, scale, zero, sub, perm, g_idx.numel()

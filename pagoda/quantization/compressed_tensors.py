@@ -95,7 +95,7 @@ class PackedIntLinearMethod(CheckpointLinearMethod):
                 zeros = unpack_int32(zp, bits, 0)[:n].float()
             stored, scale, zeros, sub, perm, padded = order_inputs(layer, stored, tensors.get("weight_g_idx"), scale,
                                                                    zeros, group, self.group_size or 0, full_groups,
-                                                                   self.prefix)
+                                                                   self.prefix, "weight_g_idx")
             if bits == 4:
                 decoded.append(AffineWeight(stored.to(torch.uint8), scale, zeros, sub, 4, perm, padded))
             else:
