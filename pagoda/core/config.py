@@ -187,8 +187,8 @@ class EngineConfig:
         if config.parallel.pipeline_parallel_size > 1:
             from pagoda.core.pipeline_step import check_pipeline_config
 
-            check_pipeline_config(config, model_class_for_task(registry, list(model_config.hf_config.architectures),
-                                                               model_config.task))
+            architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+            check_pipeline_config(config, model_class_for_task(registry, architectures, model_config.task))
         return config
 
 

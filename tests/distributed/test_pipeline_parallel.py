@@ -197,6 +197,11 @@ def test_refused_configurations(tiny_model_dir, monkeypatch):
         _config(path, enable_lora=True)
     with pytest.raises(ValueError, match="pipeline_parallel_size=2: pipeline parallelism runs text generation"):
         _config(path, task="embed")
+    from pagoda.core.pipeline_step import check_pipeline_config
+    from pagoda.models.interface import PagodaModel
+
+    with pytest.raises(ValueError, match="the PagodaModel architecture can't be split into pipeline stages"):
+        check_pipeline_config(_config(path), PagodaModel)  # a class that doesn't declare supports_pp
     with pytest.raises(ValueError, match="pipeline_parallel_size=8 is larger than the model's 4 layers"):
         EngineConfig.from_engine_args(EngineArgs(model=path, dtype="float32", skip_tokenizer_init=True,
                                                  pipeline_parallel_size=8))
