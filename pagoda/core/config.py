@@ -190,6 +190,11 @@ class EngineConfig:
 
             config.lora = LoRAConfig.from_engine_args(args)
         check_tensor_parallel(config)
+        if config.parallel.pipeline_parallel_size > 1:
+            from pagoda.core.pipeline_step import check_pipeline_config
+
+            architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+            check_pipeline_config(config, model_class_for_task(registry, architectures, model_config.task))
         return config
 
 

@@ -30,6 +30,7 @@ class CudaPlatform(Platform):
     supported_quantization = None
     dist_backend = "nccl"
     uses_host_memory = False
+    device_control_env_var = "CUDA_VISIBLE_DEVICES"  # HIP honours it too (ROCm inherits it)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -56,6 +57,10 @@ class CudaPlatform(Platform):
     @classmethod
     def free_memory_bytes(cls) -> int:
         return torch.cuda.mem_get_info()[0]
+
+    @classmethod
+    def device_count(cls) -> int:
+        return torch.cuda.device_count()
 
     @classmethod
     def set_device(cls, index: int = 0) -> None:
