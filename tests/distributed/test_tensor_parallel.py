@@ -1,7 +1,8 @@
 """Tensor parallelism: every model family split over 2 ranks gives the single-process engine's greedy tokens in
 float32 (through the vocabulary-parallel greedy head and through the gathered logits, whose logprobs agree within
-tolerance), with odd vocabularies, replicated KV heads, both MoE splits and a JSON-schema request; the partitions'
-narrowing adds up to the whole layer; per-rank KV sizing; the combinations refused at configuration time."""
+tolerance), with odd vocabularies, replicated KV heads, both MoE splits, stacked-expert checkpoints, an embedding
+model and a JSON-schema request, and so does TP 2 × PP 2; the partitions' narrowing adds up to the whole layer;
+per-rank KV sizing; the combinations refused at configuration time."""
 
 from __future__ import annotations
 
@@ -248,3 +249,27 @@ def test_unsupported_combinations_are_errors(tiny_model_dir, tmp_path):
                          vocab_size=100)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tensor_parallel_size 2: the encoder-only architecture BertModel"):
         _config(str(tmp_path), tensor_parallel_size=2)
+
+
+def test_tensor_and_pipeline_parallel_together(tiny_model_dir):
+    """TP 2 × PP 2 (four ranks): the grid's tensor-parallel rows and pipeline columns give the same tokens."""
+    configs = _configs()
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False,
+                                   logprobs=2)
+    jobs = []
+    for kind in ("llama", "gpt2"):  # an untied head; a tied one (the table on the first and the last stage)
+        path = randomize_vectors(tiny_model_dir(f"tp_{kind}", configs[kind]))
+        prompts = _prompts(configs[kind].vocab_size)
+        jobs.append({"model": path, "engine": {"skip_tokenizer_init": True},
+                     "runs": [(prompts, greedy), (prompts, with_logprobs)]})
+    expected = generate_jobs(jobs, {})
+    got = run_engines(jobs, tensor_parallel_size=TP, pipeline_parallel_size=2)
+    for job, single, split in zip(jobs, expected, got):
+        assert split["tensor_parallel_size"] == TP
+        for want, have in zip(single["runs"], split["runs"]):
+            assert [r["token_ids"] for r in have] == [r["token_ids"] for r in want], _name(job)
+            for w, h in zip(want, have):
+                if w["logprobs"] is not None:
+                    diff = (torch.tensor(h["logprobs"]) - torch.tensor(w["logprobs"])).abs().max().item()
+                    assert diff <= LOGPROB_ATOL, f"{_name(job)}: logprobs differ by {diff:.2e}"
