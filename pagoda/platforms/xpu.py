@@ -29,6 +29,7 @@ class XpuPlatform(Platform):
     attention_backends = ("IPEX", "TORCH_SDPA")
     supported_quantization = None
     dist_backend = _xpu_dist_backend()
+    ray_device_key = "GPU"
     uses_host_memory = False
 
     @classmethod
