@@ -24,6 +24,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from pagoda import LLM, SamplingParams  # noqa: E402
+from pagoda.executor.interface import ExecutorDeadError  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -61,7 +62,7 @@ def single_process_tokens(tiny_model_dir):
     return _generate(LLM(**_engine_args(tiny_model_dir("llama"))))
 
 
-def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens(tiny_model_dir, single_process_tokens):
+def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens_and_dies_with_an_actor(tiny_model_dir, single_process_tokens):
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     try:
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp)
@@ -71,6 +72,9 @@ def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens(tiny_model_
         assert executor.name == "ray" and len(executor.workers) == 2
         assert _generate(llm) == single_process_tokens
         pids = executor.worker_pids
+        ray.kill(executor.workers[1])  # a rank that dies: the next step fails, and the rest is released
+        with pytest.raises(ExecutorDeadError, match="worker rank 1 is gone"):
+            _generate(llm)
         del llm, executor
         gc.collect()
         deadline = time.monotonic() + 10
@@ -134,6 +138,7 @@ def test_two_ray_nodes_on_loopback_get_one_rank_each(tiny_model_dir, single_proc
         assert _generate(llm) == single_process_tokens
         del llm, executor
         gc.collect()
+        assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
     finally:
         ray.shutdown()
         _stop(started + _our_ray_processes(temp))
