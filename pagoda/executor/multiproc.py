@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -216,9 +217,12 @@ def _worker_main(config: Any, rank: int, local_rank: int, init_method: str, comm
     from pagoda.distributed import destroy_model_parallel
     from pagoda.executor.worker import Worker
 
-    for handler in logging.getLogger("pagoda").handlers:  # vLLM's prefix on worker output
-        handler.setFormatter(logging.Formatter(f"(Worker rank={rank} pid={os.getpid()}) %(levelname)s %(asctime)s "
-                                               "%(name)s: %(message)s", "%H:%M:%S"))
+    prefix = f"(Worker rank={rank} pid={os.getpid()}) "  # vLLM's prefix on every line a worker prints
+    original_stderr = sys.stderr
+    sys.stdout, sys.stderr = _Prefixed(sys.stdout, prefix), _Prefixed(sys.stderr, prefix)
+    for handler in logging.getLogger("pagoda").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is original_stderr:
+            handler.setStream(sys.stderr)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     worker = Worker(config, rank, local_rank, init_method)
     try:
@@ -238,6 +242,28 @@ def _worker_main(config: Any, rank: int, local_rank: int, init_method: str, comm
                 results.send(result)
     finally:
         destroy_model_parallel()
+
+
+class _Prefixed:
+    """A text stream writing ``prefix`` at the start of every line."""
+
+    def __init__(self, stream: Any, prefix: str) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        pieces = []
+        for line in text.splitlines(keepends=True):
+            if self._line_start:
+                pieces.append(self._prefix)
+            pieces.append(line)
+            self._line_start = line.endswith("\n")
+        self._stream.write("".join(pieces))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
