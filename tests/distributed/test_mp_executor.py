@@ -88,9 +88,15 @@ def test_one_worker_process_equals_uni_and_a_failing_step_is_fatal(tiny_model_di
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY, use_tqdm=False)
 
 
-def test_features_that_need_the_runner_in_process_are_refused(tiny_model_dir):
-    with pytest.raises(ValueError, match="enable_lora.*distributed_executor_backend 'mp'"):
-        LLM(**_engine_args(tiny_model_dir("llama")), tensor_parallel_size=2, enable_lora=True)
+@pytest.mark.parametrize("feature, match", [
+    ({"enable_lora": True}, "enable_lora: LoRA adapters are not supported with distributed_executor_backend 'mp'"),
+    ({"task": "embed"}, "task 'embed': pooling models are not supported with distributed_executor_backend 'mp'"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}},
+     "speculative_config: speculative decoding is not supported with distributed_executor_backend 'mp'"),
+])
+def test_features_that_need_the_runner_in_process_are_refused(tiny_model_dir, feature, match):
+    with pytest.raises(ValueError, match=match):  # at start-up, before any worker process exists
+        LLM(**_engine_args(tiny_model_dir("llama")), tensor_parallel_size=2, **feature)
 
 
 def test_bad_start_method_is_an_error_naming_it(tiny_model_dir, monkeypatch):
