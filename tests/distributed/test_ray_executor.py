@@ -12,6 +12,7 @@ import gc
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,8 @@ def single_process_tokens(tiny_model_dir):
     return _generate(LLM(**_engine_args(tiny_model_dir("llama"))))
 
 
-def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens_and_dies_with_an_actor(tiny_model_dir, single_process_tokens):
+def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens_and_dies_with_an_actor(
+        tiny_model_dir, single_process_tokens):
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     try:
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp)
@@ -89,7 +91,8 @@ def test_tp2_on_a_local_ray_instance_gives_the_single_process_tokens_and_dies_wi
 
 
 def _ray_start(args: list[str], temp: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--num-cpus=1"], timeout=120, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--num-cpus=1"],
+                          timeout=120, capture_output=True, text=True,
                           env={**os.environ, **RAY_ENV, "RAY_TMPDIR": temp, **MULTI_NODE_ENV})
     assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
@@ -123,13 +126,16 @@ def test_two_ray_nodes_on_loopback_get_one_rank_each(tiny_model_dir, single_proc
     temp = tempfile.mkdtemp(prefix="ray2", dir="/tmp")
     started: list[psutil.Process] = []
     try:
-        _ray_start(["--head", "--node-ip-address=127.0.0.2", "--port=6390", f"--temp-dir={temp}",
+        with socket.socket() as sock:  # a free port for the head, whoever else runs Ray on this machine
+            sock.bind(("127.0.0.2", 0))
+            head = f"127.0.0.2:{sock.getsockname()[1]}"
+        _ray_start(["--head", "--node-ip-address=127.0.0.2", f"--port={head.split(':')[1]}", f"--temp-dir={temp}",
                     "--include-dashboard=false", "--disable-usage-stats"], temp)
-        _ray_start(["--address=127.0.0.2:6390", "--node-ip-address=127.0.0.3"], temp)
+        _ray_start([f"--address={head}", "--node-ip-address=127.0.0.3"], temp)
         started = _our_ray_processes(temp)
         monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.2")
         monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
-        ray.init(address="127.0.0.2:6390", _node_ip_address="127.0.0.2")
+        ray.init(address=head, _node_ip_address="127.0.0.2")
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         llm = LLM(**_engine_args(tiny_model_dir("llama")), tensor_parallel_size=2,
                   distributed_executor_backend="ray")
