@@ -15,6 +15,7 @@ if the engine's process goes away, and are stopped when the executor is garbage-
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from multiprocessing import get_context
+from multiprocessing import current_process, get_context
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -57,6 +58,10 @@ class MultiprocExecutor(Executor):
         host = os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
         init_method = f"tcp://{host}:{_free_port(host)}"
         ctx = get_context(method)
+        if current_process().daemon:  # Python forbids it; say so before any worker is half-started
+            raise RuntimeError(f"the mp executor can't start worker processes from a daemonic process "
+                               f"({current_process().name}); start the process that builds this engine with "
+                               "daemon=False")
         self._procs: list[Any] = []
         self._commands: list[Connection] = []
         self._results: list[Connection] = []
@@ -77,6 +82,7 @@ class MultiprocExecutor(Executor):
         self._rank_of = {conn: rank for rank, conn in enumerate(self._results)}
         self._rank_of.update({proc.sentinel: rank for rank, proc in enumerate(self._procs)})
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._commands)
+        atexit.register(self._finalizer)  # before multiprocessing's own exit hook, which would wait for them
         logger.info("started %d worker processes (%s, pids %s), rendezvous %s", world, method,
                     [p.pid for p in self._procs], init_method)
         try:
