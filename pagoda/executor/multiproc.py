@@ -32,7 +32,7 @@ from typing import Any
 from pagoda.core.model_runner import RunnerOutput
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.interface import Executor, ExecutorDeadError
-from pagoda.executor.out_of_process import WorkerFailure, check_supported, worker_thread_env
+from pagoda.executor.out_of_process import WorkerFailure, check_supported, step_timeout_s, worker_thread_env
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -53,8 +53,7 @@ class MultiprocExecutor(Executor):
         method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if method not in START_METHODS:
             raise ValueError(f"VLLM_WORKER_MULTIPROC_METHOD: must be one of {', '.join(START_METHODS)}, got {method!r}")
-        timeout = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "300")
-        self.step_timeout_s = float(timeout) if float(timeout) > 0 else None
+        self.step_timeout_s = step_timeout_s()
         host = os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
         init_method = f"tcp://{host}:{_free_port(host)}"
         ctx = get_context(method)
@@ -66,6 +65,9 @@ class MultiprocExecutor(Executor):
         self._commands: list[Connection] = []
         self._results: list[Connection] = []
         self._dead: str | None = None
+        # Registered before the first start, so a failure part-way still stops the workers already running.
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._commands)
+        atexit.register(self._finalizer)  # before multiprocessing's own exit hook, which would wait for them
         with _environ(worker_thread_env(world)):  # read by the worker before it imports torch
             for rank in range(world):
                 command_reader, command_writer = ctx.Pipe(duplex=False)
@@ -81,8 +83,6 @@ class MultiprocExecutor(Executor):
                 self._results.append(result_reader)
         self._rank_of = {conn: rank for rank, conn in enumerate(self._results)}
         self._rank_of.update({proc.sentinel: rank for rank, proc in enumerate(self._procs)})
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._commands)
-        atexit.register(self._finalizer)  # before multiprocessing's own exit hook, which would wait for them
         logger.info("started %d worker processes (%s, pids %s), rendezvous %s", world, method,
                     [p.pid for p in self._procs], init_method)
         try:

@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagoda.core.model_runner import RunnerOutput
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.interface import Executor, ExecutorDeadError
-from pagoda.executor.out_of_process import WorkerFailure, check_supported
+from pagoda.executor.out_of_process import WorkerFailure, check_supported, step_timeout_s
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -82,8 +82,7 @@ class RayExecutor(Executor):
         parallel = self.config.parallel
         world = parallel.world_size
         self.output_rank = world - parallel.tensor_parallel_size
-        timeout = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "300")
-        self.step_timeout_s = float(timeout) if float(timeout) > 0 else None
+        self.step_timeout_s = step_timeout_s()
         self._dead: str | None = None
         self._owns_ray = False
         if not ray.is_initialized():
