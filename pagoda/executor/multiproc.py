@@ -29,10 +29,11 @@ from multiprocessing import current_process, get_context
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from pagoda import envs
 from pagoda.core.model_runner import RunnerOutput
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.interface import Executor, ExecutorDeadError
-from pagoda.executor.out_of_process import WorkerFailure, check_supported, step_timeout_s, worker_thread_env
+from pagoda.executor.out_of_process import WorkerFailure, check_supported, worker_thread_env
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -50,12 +51,12 @@ class MultiprocExecutor(Executor):
         parallel = self.config.parallel
         world = parallel.world_size
         self.output_rank = world - parallel.tensor_parallel_size
-        method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        method = envs.worker_multiproc_method()
         if method not in START_METHODS:
             raise ValueError(f"VLLM_WORKER_MULTIPROC_METHOD: must be one of {', '.join(START_METHODS)}, got {method!r}")
-        self.step_timeout_s = step_timeout_s()
-        host = os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
-        init_method = f"tcp://{host}:{_free_port(host)}"
+        self.step_timeout_s = envs.execute_model_timeout_s()
+        host = envs.host_ip() or "127.0.0.1"
+        init_method = self.distributed_init_method = f"tcp://{host}:{_free_port(host)}"
         ctx = get_context(method)
         if current_process().daemon:  # Python forbids it; say so before any worker is half-started
             raise RuntimeError(f"the mp executor can't start worker processes from a daemonic process "
@@ -191,8 +192,8 @@ def _stop_workers(procs: list[Any], commands: list[Connection]) -> None:
 
 def _free_port(host: str) -> int:
     """A free TCP port on ``host``: the first from ``VLLM_PORT`` upwards if it is set (as vLLM), else any."""
-    first = os.environ.get("VLLM_PORT")
-    candidates = range(int(first), int(first) + 100) if first else [0]
+    first = envs.port()
+    candidates = range(first, min(first + 100, 65536)) if first else [0]
     for port in candidates:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
@@ -200,7 +201,7 @@ def _free_port(host: str) -> int:
             except OSError:
                 continue
             return sock.getsockname()[1]
-    raise ValueError(f"VLLM_PORT: no free port on {host} in {first}..{int(first) + 99}")
+    raise ValueError(f"VLLM_PORT: no free port on {host} in {first}..{candidates[-1]}")
 
 
 @contextlib.contextmanager

@@ -31,17 +31,6 @@ def check_supported(config: EngineConfig) -> None:
         raise ValueError(f"speculative_config: speculative decoding is not supported {where} yet")
 
 
-def step_timeout_s() -> float | None:
-    """``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` (default 300): how long a step may go without an answer from the
-    workers before the executor is declared dead; 0 or less waits as long as the workers live."""
-    value = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "300")
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: must be a number of seconds, got {value!r}") from None
-    return seconds if seconds > 0 else None
-
-
 def worker_threads(world_size: int) -> int:
     """Torch threads per worker: ``PAGODA_CPU_THREADS`` if set, else this process's cores shared evenly."""
     from pagoda import envs

@@ -27,10 +27,11 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pagoda import envs
 from pagoda.core.model_runner import RunnerOutput
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.interface import Executor, ExecutorDeadError
-from pagoda.executor.out_of_process import WorkerFailure, check_supported, step_timeout_s
+from pagoda.executor.out_of_process import WorkerFailure, check_supported
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -82,7 +83,7 @@ class RayExecutor(Executor):
         parallel = self.config.parallel
         world = parallel.world_size
         self.output_rank = world - parallel.tensor_parallel_size
-        self.step_timeout_s = step_timeout_s()
+        self.step_timeout_s = envs.execute_model_timeout_s()
         self._dead: str | None = None
         self._owns_ray = False
         if not ray.is_initialized():
@@ -92,7 +93,7 @@ class RayExecutor(Executor):
             ray.init()
         self._owns_pg = False
         self._pg = get_current_placement_group()
-        driver_ip = os.environ.get("VLLM_HOST_IP") or _node_ip(ray.get_runtime_context().get_node_id())
+        driver_ip = envs.host_ip() or _node_ip(ray.get_runtime_context().get_node_id())
         if self._pg is None:
             self._pg = self._reserve(world, driver_ip)
         elif len(self._pg.bundle_specs) < world:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import threading
 import time
 
@@ -58,9 +59,15 @@ def single_process_tokens(tiny_model_dir):
     return _generate(LLM(**_engine_args(tiny_model_dir("llama"))))
 
 
-def test_tp2_through_worker_processes_gives_the_single_process_tokens(tiny_model_dir, single_process_tokens):
+def test_tp2_through_worker_processes_gives_the_single_process_tokens(tiny_model_dir, single_process_tokens,
+                                                                      monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("VLLM_PORT", str(port))  # where the ranks meet, as with vLLM
     llm = LLM(**_engine_args(tiny_model_dir("llama")), tensor_parallel_size=2)
     executor = llm.llm_engine.executor
+    assert executor.distributed_init_method == f"tcp://127.0.0.1:{port}"
     assert executor.name == "mp" and llm.llm_engine.runner is None
     pids = executor.worker_pids
     assert len(pids) == 2 and executor.output_rank == 0
