@@ -90,6 +90,9 @@ def main(args: argparse.Namespace) -> dict:
     for name in ("num_requests", "input_len", "num_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "data_parallel_size", 1) != 1:
+        raise ValueError(f"data_parallel_size: step-overhead times the step of one engine in this process, got "
+                         f"{args.data_parallel_size}; run it with -dp 1")
     llm = make_llm(args)
     engine = llm.llm_engine
     vocab = engine.model_config.vocab_size

@@ -184,6 +184,11 @@ class EngineConfig:
             from pagoda.lora.config import LoRAConfig
 
             config.lora = LoRAConfig.from_engine_args(args)
+        if config.parallel.pipeline_parallel_size > 1:
+            from pagoda.core.pipeline_step import check_pipeline_config
+
+            architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+            check_pipeline_config(config, model_class_for_task(registry, architectures, model_config.task))
         return config
 
 

@@ -63,6 +63,10 @@ def _sequence_ids(user_id: str, state: Any) -> list[str]:
 
 class LLMEngine(LoRAEngineMixin):
     def __init__(self, config: EngineConfig) -> None:
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size: an LLMEngine is one replica, got "
+                             f"{config.parallel.data_parallel_size}; pagoda.engine_dp.build_engine builds the "
+                             "replicas (as LLM(...) and pagoda serve -dp do)")
         self.config = config
         self.model_config = config.model
         platform = config.platform

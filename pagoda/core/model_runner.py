@@ -15,6 +15,7 @@ import torch
 
 from pagoda.core.config import EngineConfig
 from pagoda.core.flat_batch import flat_batch_layout
+from pagoda.core.pipeline_step import PipelineStage, stage_num_layers
 from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
                                  make_generator)
@@ -131,14 +132,16 @@ class ModelRunner:
             shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads,
                                                             mc.head_size)
             # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
-            self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+            self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device)
+                              for _ in range(stage_num_layers(config))]  # this pipeline stage's layers
             for cache in self.kv_caches:
                 cache[:, 0] = 0  # block tables are padded with block 0
         self.uses_token_type_ids = model.uses_token_type_ids
         with use_ops(config.ops or current_ops()):
             self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
         # The platform may take over whole decode steps (the CPU's counterpart of CUDA-graph capture).
-        stack = None if mc.is_encoder_only else model.decoder_stack()
+        pipelined = config.parallel.pipeline_parallel_size > 1
+        stack = None if mc.is_encoder_only or pipelined else model.decoder_stack()
         self.fused_decode = (config.platform.fused_decode(stack, config.ops, self.kv_caches)
                              if stack is not None and config.ops is not None else None)
         model.use_fused_decode(self.fused_decode)
@@ -155,6 +158,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(config.scheduler.max_num_seqs,
                                          -(-config.model.max_model_len // self.block_size))
         self.spec = SpecDecoder(config, self) if config.speculative_config is not None else None
+        self.pipeline = PipelineStage(config, self) if pipelined else None
 
     @staticmethod
     def kv_bytes_per_block(config: EngineConfig) -> int:
@@ -162,7 +166,7 @@ class ModelRunner:
         if mc.is_encoder_only:
             return 0
         per_token = 2 * mc.num_kv_heads * mc.head_size * torch.empty(0, dtype=mc.dtype).element_size()
-        return per_token * config.cache.block_size * mc.num_layers + draft_kv_bytes_per_block(config)
+        return per_token * config.cache.block_size * stage_num_layers(config) + draft_kv_bytes_per_block(config)
 
     # ------------------------------------------------------------------ state
     def _sampling_state(self, params: SamplingParams, prompt: list[int], outputs: list[int]) -> SamplingRequestState:
@@ -254,11 +258,16 @@ class ModelRunner:
         ends = starts + counts
         batch = self._build_batch(states, counts, starts, ends)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
+        if self.pipeline is not None:
+            extra["intermediate_tensors"] = self.pipeline.receive()
         def forward() -> torch.Tensor:
             return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
 
         hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts, self.fused_decode)
                   if self._lora_requests else forward())
+        if self.pipeline is not None and not self.pipeline.is_last:  # hand over; the last stage samples
+            self.pipeline.send(hidden)
+            return self.pipeline.share_output(out)
         usual = not self._unusual
         if not usual:
             self._pool(out, hidden, states, ends, batch["query_start_loc"])
@@ -307,7 +316,7 @@ class ModelRunner:
             self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
         if self.spec is not None and out.sampled:
             self.spec.propose(out, self.states)
-        return out
+        return out if self.pipeline is None else self.pipeline.share_output(out)
 
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
                         sample_states: list[SamplingRequestState], owners: list[RunnerRequestState]) -> None:

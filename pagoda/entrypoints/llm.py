@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagoda.beam_search import BeamSearchOutput
-from pagoda.core.engine import LLMEngine
 from pagoda.core.engine_args import EngineArgs
+from pagoda.engine_dp import build_engine
 from pagoda.entrypoints.chat_utils import apply_chat_template
 from pagoda.entrypoints.llm_pooling import LLMPoolingMixin
 from pagoda.outputs import RequestOutput
@@ -26,7 +26,7 @@ class LLM(LLMPoolingMixin):
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
-        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self.llm_engine = build_engine(self.engine_args)  # an LLMEngine, or data-parallel replicas behind one
         self._counter = itertools.count()
 
     # ------------------------------------------------------------------ accessors

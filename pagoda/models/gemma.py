@@ -20,12 +20,15 @@ step would not compute Gemma (``decoder_stack`` stays ``None``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.pipeline import (PPMissingLayer, first_stage_module, is_first_stage, is_last_stage,
+                                         last_stage_module, stage_inputs, stage_layer_range, stage_outputs)
 from pagoda.models.layers import Attention, CausalLM, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
 from pagoda.plugins.hookspecs import hookimpl
@@ -109,8 +112,10 @@ class GemmaModel(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig, max_positions: int,
                  layer_windows: list[int | None], version: int, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
-                                           f"{prefix}.embed_tokens", dtype)
+        # Pipeline stages: the embedding on the first (and the last, when the LM head is tied to it).
+        self.embed_tokens = first_stage_module(
+            lambda: VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, f"{prefix}.embed_tokens",
+                                   dtype), also_on_last=bool(getattr(config, "tie_word_embeddings", True)))
         # transformers multiplies by the normalizer rounded to the activations' dtype (sqrt(3072) is 55.5 in bf16).
         self.register_buffer("normalizer", torch.tensor(config.hidden_size ** 0.5, dtype=dtype), persistent=False)
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -121,22 +126,34 @@ class GemmaModel(nn.Module):
         self.rotaries = nn.ModuleList(RotaryEmbedding(config, head_size, max_positions, dtype, kind) for kind in kinds)
         self.layers = nn.ModuleList()
         self.rope_index: list[int] = []
+        self.start_layer, self.end_layer = stage_layer_range(config.num_hidden_layers)
         for i in range(config.num_hidden_layers):
             which = kinds.index(layer_types[i]) if version == 3 else 0
+            self.rope_index.append(which)
+            if not self.start_layer <= i < self.end_layer:  # another pipeline stage's layer
+                self.layers.append(PPMissingLayer())
+                continue
             attention = GemmaAttention(config, quant_config, f"{prefix}.layers.{i}.self_attn", dtype, backend,
                                        attn_config, self.rotaries[which], layer_windows[i], scale,
                                        qk_norm=version == 3)
             self.layers.append(GemmaDecoderLayer(config, quant_config, f"{prefix}.layers.{i}", dtype, attention,
                                                  sandwich_norms=version > 1))
-            self.rope_index.append(which)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, unit_offset=True)
+        self.norm = last_stage_module(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, dtype,
+                                                      unit_offset=True))
+        self.is_first_stage, self.is_last_stage = is_first_stage(), is_last_stage()
+        self.stage_rope_index = self.rope_index[self.start_layer:self.end_layer]
 
-    def forward(self, input_ids, positions, kv_caches, metadata):
-        hidden = self.embed_tokens(input_ids) * self.normalizer
+    def forward(self, input_ids, positions, kv_caches, metadata, intermediate_tensors=None):
+        if self.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids) * self.normalizer, None
+        else:
+            hidden, residual = stage_inputs(intermediate_tensors)
         ropes = [rotary.lookup(positions) for rotary in self.rotaries]
-        residual = None
-        for layer, which, kv_cache in zip(self.layers, self.rope_index, kv_caches):
+        stage_layers = islice(self.layers, self.start_layer, self.end_layer)
+        for layer, which, kv_cache in zip(stage_layers, self.stage_rope_index, kv_caches):
             hidden, residual = layer(ropes[which], hidden, residual, kv_cache, metadata)
+        if not self.is_last_stage:
+            return stage_outputs(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -145,6 +162,7 @@ class GemmaForCausalLM(CausalLM):
     """Gemma 1; subclasses set ``version`` (2, 3) for the later generations' layers."""
 
     version = 1
+    supports_pp = True
     stacked_params = LlamaForCausalLM.stacked_params
     # Hugging Face names map onto ours exactly as Llama's do (merged qkv_proj / gate_up_proj, tied head).
     load_weights = LlamaForCausalLM.load_weights
@@ -172,9 +190,10 @@ class GemmaForCausalLM(CausalLM):
                              "variants) is not supported; supported: causal attention")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden_size]`` after the final norm."""
-        return self.model(input_ids, positions, kv_caches, metadata)
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        """Hidden states ``[num_tokens, hidden_size]`` after the final norm (a non-last pipeline stage: its
+        IntermediateTensors)."""
+        return self.model(input_ids, positions, kv_caches, metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size], soft-capped where the config says."""

@@ -14,12 +14,15 @@ it (the original ``gpt2`` files, saved from the bare model); the causal-mask buf
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
+                                         make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.models.gpt_layers import Activation, LayerNorm
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param
 from pagoda.plugins.hookspecs import hookimpl
@@ -105,22 +108,35 @@ class GPT2Model(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig, prefix: str) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.wte = VocabEmbedding(config.vocab_size, hidden, quant_config, f"{prefix}.wte", dtype)
-        self.wpe = VocabEmbedding(config.max_position_embeddings, hidden, quant_config, f"{prefix}.wpe", dtype)
-        self.h = nn.ModuleList(GPT2Block(config, quant_config, f"{prefix}.h.{i}", dtype, backend, attn_config)
-                               for i in range(config.num_hidden_layers))
-        self.ln_f = LayerNorm(hidden, config.layer_norm_epsilon, dtype)
+        # Pipeline stages: the embeddings on the first (wte also on the last when the LM head is tied to it),
+        # ln_f on the last.
+        self.wte = first_stage_module(
+            lambda: VocabEmbedding(config.vocab_size, hidden, quant_config, f"{prefix}.wte", dtype),
+            also_on_last=bool(getattr(config, "tie_word_embeddings", True)))
+        self.wpe = first_stage_module(
+            lambda: VocabEmbedding(config.max_position_embeddings, hidden, quant_config, f"{prefix}.wpe", dtype))
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda i: GPT2Block(config, quant_config, f"{prefix}.h.{i}", dtype, backend, attn_config))
+        self.ln_f = last_stage_module(lambda: LayerNorm(hidden, config.layer_norm_epsilon, dtype))
+        self.is_first_stage, self.is_last_stage = is_first_stage(), is_last_stage()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        hidden = self.wte(input_ids) + self.wpe(positions)
-        residual = None
-        for block, kv_cache in zip(self.h, kv_caches):
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        if self.is_first_stage:
+            hidden, residual = self.wte(input_ids) + self.wpe(positions), None
+        else:
+            hidden, residual = stage_inputs(intermediate_tensors)
+        for block, kv_cache in zip(islice(self.h, self.start_layer, self.end_layer), kv_caches):
             hidden, residual = block(hidden, residual, kv_cache, metadata)
+        if not self.is_last_stage:
+            return stage_outputs(hidden, residual)
         return self.ln_f(hidden, residual)[0]
 
 
 class GPT2LMHeadModel(CausalLM):
+    supports_pp = True
+
     def __init__(self, *, model_config: Any, quant_config: QuantizationConfig, attn_backend: type[AttentionBackend],
                  attn_config: AttentionConfig) -> None:
         super().__init__()
@@ -133,15 +149,17 @@ class GPT2LMHeadModel(CausalLM):
         self.init_lm_head(self.transformer.wte, config.hidden_size, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden_size]`` after ``ln_f``."""
-        return self.transformer(input_ids, positions, kv_caches, metadata)
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        """Hidden states ``[num_tokens, hidden_size]`` after ``ln_f`` (a non-last pipeline stage: its
+        IntermediateTensors)."""
+        return self.transformer(input_ids, positions, kv_caches, metadata, intermediate_tensors)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``transformer.*`` or bare, ``lm_head.*``), transposing the
         Conv1D weights; returns the names of the parameters that were loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
+        elsewhere = missing_prefixes(self)  # modules of other pipeline stages
         for name, tensor in weights:
             if name.endswith(MASK_BUFFERS):
                 continue
@@ -150,6 +168,8 @@ class GPT2LMHeadModel(CausalLM):
                     continue  # the same table as the token embeddings
             elif not name.startswith("transformer."):
                 name = "transformer." + name  # checkpoints saved from the bare model
+            if elsewhere and name.startswith(elsewhere):
+                continue
             # Conv1D stores [in, out]; a quantized checkpoint's weight record (GGUF) is already [out, in]
             if (any(layer in name for layer in CONV1D_LAYERS) and name.endswith(".weight")
                     and isinstance(tensor, torch.Tensor) and tensor.dim() == 2):

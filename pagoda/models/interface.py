@@ -2,9 +2,10 @@
 
 Every registered model class derives from :class:`PagodaModel`. The engine calls nothing else on a model:
 
-* class attributes ``supported_tasks``, ``is_encoder_only``, ``uses_token_type_ids`` and the classmethod
-  ``max_model_len_limit(text_config)`` — read while the configuration is resolved, before the model exists;
-* ``forward(input_ids, positions, kv_caches, metadata, **inputs)`` → hidden states ``[num_tokens, hidden]``;
+* class attributes ``supported_tasks``, ``is_encoder_only``, ``uses_token_type_ids``, ``supports_pp`` and the
+  classmethod ``max_model_len_limit(text_config)`` — read while the configuration is resolved, before the model exists;
+* ``forward(input_ids, positions, kv_caches, metadata, **inputs)`` → hidden states ``[num_tokens, hidden]``
+  (with pipeline parallelism, ``inputs`` holds ``intermediate_tensors`` and non-last stages return theirs);
 * ``compute_logits(hidden)`` → float32 logits, ``compute_greedy(hidden)`` → their argmax or ``None``;
 * ``get_pooler()`` — the pooling head of a pooling model (``None`` for generative ones);
 * ``load_weights(weights)`` → the names of the parameters it loaded;
@@ -74,6 +75,9 @@ class PagodaModel(nn.Module):
     supported_tasks: ClassVar[tuple[str, ...]] = ("generate",)
     is_encoder_only: ClassVar[bool] = False
     uses_token_type_ids: ClassVar[bool] = False
+    #: Whether the class can run as pipeline stages: it builds only its stage's layers (``make_layers``), takes
+    #: ``intermediate_tensors`` and returns them from non-last stages (see :mod:`pagoda.distributed.pipeline`).
+    supports_pp: ClassVar[bool] = False
 
     @classmethod
     def max_model_len_limit(cls, text_config: Any) -> int | None:

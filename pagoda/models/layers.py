@@ -17,6 +17,7 @@ from torch import nn
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
 from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.partition import LinearPartition
+from pagoda.distributed.pipeline import PPMissingLayer, is_last_stage
 from pagoda.models.interface import PagodaModel
 from pagoda.ops import current_ops
 from pagoda.quantization.interface import QuantizationConfig
@@ -284,7 +285,10 @@ class CausalLM(PagodaModel):
     def init_lm_head(self, embed: VocabEmbedding, width: int, quant_config: QuantizationConfig,
                      dtype: torch.dtype) -> None:
         """Set ``lm_head`` (``self.config`` and ``self.tie_word_embeddings`` already set) reading ``width``-wide
-        hidden states."""
+        hidden states. Pipeline stages before the last have no LM head."""
+        if not is_last_stage():
+            self.lm_head = PPMissingLayer()
+            return
         self.lm_head = (embed if self.tie_word_embeddings else
                         VocabEmbedding(self.config.vocab_size, width, quant_config, "lm_head", dtype))
         self.lm_head.use_as_lm_head()

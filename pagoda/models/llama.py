@@ -8,12 +8,15 @@ attention reads and writes each layer's paged KV cache through the backend metad
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
+                                         make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
                                   VocabEmbedding, load_param, merged_param_name)
@@ -104,17 +107,20 @@ class LlamaModel(nn.Module):
         """``sliding_window``: every layer's window, or one per layer (``layer_types``: Qwen configs that slide
         only some layers)."""
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_config,
-                                           f"{prefix}.embed_tokens", dtype)
+        # Pipeline stages: the embedding on the first (and on the last, where the LM head is tied to it).
+        self.embed_tokens = first_stage_module(
+            lambda: VocabEmbedding(config.vocab_size, config.hidden_size, quant_config, f"{prefix}.embed_tokens",
+                                   dtype), also_on_last=bool(getattr(config, "tie_word_embeddings", False)))
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary = RotaryEmbedding(config, head_size, max_positions, dtype)
         windows = (list(sliding_window) if isinstance(sliding_window, Sequence) else
                    [sliding_window] * config.num_hidden_layers)
-        self.layers = nn.ModuleList(
-            layer_cls(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
-                      self.rotary, windows[i])
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda i: layer_cls(config, i, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config, arch,
+                                self.rotary, windows[i]))
+        self.norm = last_stage_module(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, dtype))
+        self.is_first_stage, self.is_last_stage = is_first_stage(), is_last_stage()
         self.attn_backend = backend.name
         # A platform's fused decode step (Platform.fused_decode), set by the runner once the KV caches exist.
         self.fused_decode = None
@@ -122,7 +128,7 @@ class LlamaModel(nn.Module):
     def decoder_stack(self) -> DecoderStack | None:
         """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
         if any(type(layer) is not LlamaDecoderLayer for layer in self.layers):
-            return None  # the "llama" recipe has no q/k norms and no expert blocks
+            return None  # the "llama" recipe has no q/k norms and no expert blocks (nor layers on other stages)
         layers = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -142,17 +148,23 @@ class LlamaModel(nn.Module):
                             epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend,
                             self.rotary.lookup, current_ops())
 
-    def forward(self, input_ids, positions, kv_caches, metadata):
-        hidden = self.embed_tokens(input_ids)
-        fused = self.fused_decode
-        if fused is not None and fused.applies(metadata, hidden.shape[0]):
-            hidden, residual = fused.run(hidden, positions, metadata)
-            hidden, _ = self.norm(hidden, residual)
-            return hidden
-        residual = None
+    def forward(self, input_ids, positions, kv_caches, metadata, intermediate_tensors=None):
+        """``kv_caches``: this stage's layers' caches. Non-first pipeline stages start from the previous stage's
+        ``intermediate_tensors``; non-last ones return theirs (:class:`IntermediateTensors`)."""
+        if self.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids), None
+            fused = self.fused_decode  # never set with pipeline parallelism (the runner declines it)
+            if fused is not None and fused.applies(metadata, hidden.shape[0]):
+                hidden, residual = fused.run(hidden, positions, metadata)
+                hidden, _ = self.norm(hidden, residual)
+                return hidden
+        else:
+            hidden, residual = stage_inputs(intermediate_tensors)
         rope = self.rotary.lookup(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(islice(self.layers, self.start_layer, self.end_layer), kv_caches):
             hidden, residual = layer(rope, hidden, residual, kv_cache, metadata)
+        if not self.is_last_stage:
+            return stage_outputs(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -161,6 +173,7 @@ class LlamaForCausalLM(CausalLM):
     """Llama-family causal LM. Subclasses change which projections carry a bias, or (``layer_cls``) the layer."""
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    supports_pp = True
 
     # checkpoint name → (our parameter, shard index)
     stacked_params = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
@@ -184,9 +197,10 @@ class LlamaForCausalLM(CausalLM):
         self.init_lm_head(self.model.embed_tokens, config.hidden_size, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden_size]`` after the final norm."""
-        return self.model(input_ids, positions, kv_caches, metadata)
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        """Hidden states ``[num_tokens, hidden_size]`` after the final norm (a non-last pipeline stage: its
+        IntermediateTensors)."""
+        return self.model(input_ids, positions, kv_caches, metadata, intermediate_tensors)
 
     def decoder_stack(self) -> DecoderStack | None:
         return self.model.decoder_stack()
@@ -199,6 +213,7 @@ class LlamaForCausalLM(CausalLM):
         params = dict(self.named_parameters(remove_duplicate=False))
         params.update(dict(self.named_buffers()))
         loaded: set[str] = set()
+        elsewhere = missing_prefixes(self)  # modules of other pipeline stages
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -207,6 +222,8 @@ class LlamaForCausalLM(CausalLM):
             if not name.startswith(("model.", "lm_head.")):
                 name = "model." + name  # checkpoints saved from the bare model
             name, shard = self.map_weight_name(name)
+            if elsewhere and name.startswith(elsewhere):
+                continue
             loaded.add(load_param(self, params, name, tensor, shard))
         return loaded
 

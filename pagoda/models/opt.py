@@ -17,12 +17,15 @@ decoder, ``decoder.*``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from pagoda.attention_backends.interface import AttentionBackend, AttentionConfig
+from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
+                                         make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.models.gpt_layers import Activation, LayerNorm
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param, merged_param_name
 from pagoda.plugins.hookspecs import hookimpl
@@ -89,32 +92,45 @@ class OPTDecoder(nn.Module):
                  backend: type[AttentionBackend], attn_config: AttentionConfig, prefix: str) -> None:
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabEmbedding(config.vocab_size, embed_dim, quant_config, f"{prefix}.embed_tokens",
-                                           dtype)
-        self.embed_positions = VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET, hidden,
-                                              quant_config, f"{prefix}.embed_positions", dtype)
+        # Pipeline stages: the embeddings and project_in on the first (the token table also on the last when the
+        # LM head is tied to it), the final norm and project_out on the last.
+        first, last = is_first_stage(), is_last_stage()
+        self.embed_tokens = first_stage_module(
+            lambda: VocabEmbedding(config.vocab_size, embed_dim, quant_config, f"{prefix}.embed_tokens", dtype),
+            also_on_last=bool(getattr(config, "tie_word_embeddings", True)))
+        self.embed_positions = first_stage_module(
+            lambda: VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET, hidden, quant_config,
+                                   f"{prefix}.embed_positions", dtype))
         self.project_in = self.project_out = None
         if embed_dim != hidden:
-            self.project_in = Linear(embed_dim, [hidden], False, quant_config, f"{prefix}.project_in", dtype)
-            self.project_out = Linear(hidden, [embed_dim], False, quant_config, f"{prefix}.project_out", dtype)
-        self.layers = nn.ModuleList(
-            OPTDecoderLayer(config, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config)
-            for i in range(config.num_hidden_layers))
+            self.project_in = first_stage_module(
+                lambda: Linear(embed_dim, [hidden], False, quant_config, f"{prefix}.project_in", dtype))
+            self.project_out = last_stage_module(
+                lambda: Linear(hidden, [embed_dim], False, quant_config, f"{prefix}.project_out", dtype))
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda i: OPTDecoderLayer(config, quant_config, f"{prefix}.layers.{i}", dtype, backend, attn_config))
         # Only pre-norm OPT has a final norm; _remove_final_layer_norm marks checkpoints fine-tuned without it.
         self.final_layer_norm = None
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
-            self.final_layer_norm = LayerNorm(hidden, LAYER_NORM_EPS, dtype,
-                                              bool(getattr(config, "layer_norm_elementwise_affine", True)))
+            self.final_layer_norm = last_stage_module(
+                lambda: LayerNorm(hidden, LAYER_NORM_EPS, dtype,
+                                  bool(getattr(config, "layer_norm_elementwise_affine", True))))
+        self.is_first_stage, self.is_last_stage = first, last
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        embeds = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            embeds = self.project_in(embeds)
-        hidden = embeds + self.embed_positions(positions + POSITION_OFFSET)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        if self.is_first_stage:
+            embeds = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                embeds = self.project_in(embeds)
+            hidden, residual = embeds + self.embed_positions(positions + POSITION_OFFSET), None
+        else:
+            hidden, residual = stage_inputs(intermediate_tensors)
+        for layer, kv_cache in zip(islice(self.layers, self.start_layer, self.end_layer), kv_caches):
             hidden, residual = layer(hidden, residual, kv_cache, metadata)
+        if not self.is_last_stage:
+            return stage_outputs(hidden, residual)
         if residual is not None:  # pre-norm: the last block's output still has to join the stream
             hidden = (self.final_layer_norm(hidden, residual)[0] if self.final_layer_norm is not None
                       else hidden + residual)
@@ -124,6 +140,7 @@ class OPTDecoder(nn.Module):
 
 
 class OPTForCausalLM(CausalLM):
+    supports_pp = True
     # checkpoint projection → (our merged projection, shard index)
     stacked_params = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2))
 
@@ -138,20 +155,24 @@ class OPTForCausalLM(CausalLM):
         self.init_lm_head(self.decoder.embed_tokens, config.word_embed_proj_dim, quant_config, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
-                metadata: Any) -> torch.Tensor:
-        """Hidden states ``[num_tokens, word_embed_proj_dim]``: what the LM head reads."""
-        return self.decoder(input_ids, positions, kv_caches, metadata)
+                metadata: Any, intermediate_tensors: Any = None) -> Any:
+        """Hidden states ``[num_tokens, word_embed_proj_dim]``: what the LM head reads (a non-last pipeline stage:
+        its IntermediateTensors)."""
+        return self.decoder(input_ids, positions, kv_caches, metadata, intermediate_tensors)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``model.decoder.*`` or ``decoder.*``, ``lm_head.*``);
         returns the names of the parameters that were loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
+        elsewhere = missing_prefixes(self)  # modules of other pipeline stages
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # the same table as the token embeddings
             name, shard = merged_param_name(name, self.stacked_params)
+            if elsewhere and name.startswith(elsewhere):
+                continue
             loaded.add(load_param(self, params, name, tensor, shard))
         return loaded
 

@@ -31,6 +31,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     ray_device_key = "GPU"
     uses_host_memory = False
+    device_control_env_var = "CUDA_VISIBLE_DEVICES"  # HIP honours it too (ROCm inherits it)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -57,6 +58,10 @@ class CudaPlatform(Platform):
     @classmethod
     def free_memory_bytes(cls) -> int:
         return torch.cuda.mem_get_info()[0]
+
+    @classmethod
+    def device_count(cls) -> int:
+        return torch.cuda.device_count()
 
     @classmethod
     def set_device(cls, index: int = 0) -> None:

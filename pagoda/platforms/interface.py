@@ -36,6 +36,9 @@ class Platform(ABC):
     #: The KV-cache budget is a fraction of device memory (``gpu_memory_utilization``) on devices with their own
     #: memory, and a size in GiB on host-memory platforms.
     uses_host_memory: ClassVar[bool] = False
+    #: The environment variable that limits which devices a process sees (vLLM's name), e.g.
+    #: ``CUDA_VISIBLE_DEVICES``: data-parallel replicas each get their own devices through it. ``None`` on the host.
+    device_control_env_var: ClassVar[str | None] = None
 
     @classmethod
     @abstractmethod
@@ -93,6 +96,11 @@ class Platform(ABC):
         KV caches exist; the default declines.
         """
         return None
+
+    @classmethod
+    def device_count(cls) -> int:
+        """Devices of this platform the process sees (the host counts as one)."""
+        return 1
 
     @classmethod
     def set_device(cls, index: int = 0) -> None:

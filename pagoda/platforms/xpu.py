@@ -31,6 +31,7 @@ class XpuPlatform(Platform):
     dist_backend = _xpu_dist_backend()
     ray_device_key = "GPU"
     uses_host_memory = False
+    device_control_env_var = "ZE_AFFINITY_MASK"  # Level Zero's device selection (vLLM's choice for XPU)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -52,6 +53,10 @@ class XpuPlatform(Platform):
             return torch.xpu.mem_get_info()[0]
         # Older torch: what this process has not reserved (other processes' use is invisible here).
         return cls.total_memory_bytes() - torch.xpu.memory_reserved()
+
+    @classmethod
+    def device_count(cls) -> int:
+        return torch.xpu.device_count()
 
     @classmethod
     def set_device(cls, index: int = 0) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from pagoda.ops import current_ops
 from pagoda.quantization.checkpoint_linear import CheckpointLinearMethod, expect_shape, matches_module
 from pagoda.quantization.int_kernels import OpKernel
+from pagoda.quantization.tensor_parallel import WHOLE, TensorLayout
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
@@ -29,6 +30,11 @@ class AQLMLinearMethod(CheckpointLinearMethod):
 
     def tensor_names(self) -> tuple[str, ...]:
         return ("codes", "codebooks", "scales")
+
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        # Codes split on output groups (column) or input groups (row); every rank needs the whole codebooks.
+        og, ig = self.out_group, self.in_group
+        return {"codes": TensorLayout(0, og, 1, ig), "codebooks": WHOLE, "scales": TensorLayout(0, og)}
 
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k, ig, og, m = layer.input_size, self.in_group, self.out_group, self.num_codebooks

@@ -17,6 +17,7 @@ from pagoda.quantization.checkpoint_linear import (AffineWeight, CheckpointLinea
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.packing import unpack_awq
+from pagoda.quantization.tensor_parallel import TensorLayout
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 
@@ -27,6 +28,13 @@ class AWQLinearMethod(CheckpointLinearMethod):
 
     def tensor_names(self) -> tuple[str, ...]:
         return ("qweight", "qzeros", "scales") if self.zero_point else ("qweight", "scales")
+
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        # Codes and zeros pack 8 outputs per int32 (interleaved within the word, so a rank takes whole words);
+        # one group over all inputs (group_size -1) serves every rank's inputs alike.
+        group = (0, self.group_size) if self.group_size > 0 else (None, 1)
+        return {"qweight": TensorLayout(1, 8, 0, 1), "qzeros": TensorLayout(1, 8, *group),
+                "scales": TensorLayout(1, 1, *group)}
 
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k = layer.input_size

@@ -24,6 +24,8 @@ from pagoda.models.interface import LinearKernel
 from pagoda.ops import current_ops
 from pagoda.quantization.int_kernels import Kernel, PermutedKernel, affine_kernel, release_freed_memory
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
+from pagoda.quantization.tensor_parallel import (PaddedPermutedKernel, TensorLayout, layer_partition,
+                                                 narrow_tensor, regroup_act_order, splits_inputs)
 
 
 def expect_shape(prefix: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...], why: str = "") -> None:
@@ -82,6 +84,9 @@ class AffineWeight:
     group: int
     bits: int
     perm: torch.Tensor | None = None
+    # The layer's input count when ``perm`` also reads a zero input past it (act-order groups padded to whole
+    # sub-groups on a rank holding part of the inputs, see tensor_parallel.regroup_act_order).
+    padded_inputs: int | None = None
 
 
 def affine_kernels(shards: list[AffineWeight], act_dtype: torch.dtype) -> list[Kernel]:
@@ -90,7 +95,7 @@ def affine_kernels(shards: list[AffineWeight], act_dtype: torch.dtype) -> list[K
     op = current_ops().linear_block_quant
     first = shards[0]
     same = all(s.group == first.group and s.bits == first.bits and (s.zero is None) == (first.zero is None)
-               and _same_perm(s.perm, first.perm) for s in shards)
+               and _same_perm(s.perm, first.perm) and s.padded_inputs == first.padded_inputs for s in shards)
     groups = [shards] if same else [[s] for s in shards]
     kernels: list[Kernel] = []
     for part in groups:
@@ -100,7 +105,9 @@ def affine_kernels(shards: list[AffineWeight], act_dtype: torch.dtype) -> list[K
         if part[0].zero is not None:
             zero = torch.cat([s.zero for s in part]) if len(part) > 1 else part[0].zero
         kernel = affine_kernel(codes, scale, zero, part[0].group, part[0].bits, act_dtype, op)
-        if part[0].perm is not None:
+        if part[0].padded_inputs is not None:
+            kernel = PaddedPermutedKernel(kernel, part[0].perm, part[0].padded_inputs)
+        elif part[0].perm is not None:
             kernel = PermutedKernel(kernel, part[0].perm)
         kernels.append(kernel)
     return kernels
@@ -127,6 +134,36 @@ def group_order(g_idx: torch.Tensor, group: int, prefix: str) -> torch.Tensor | 
     return perm
 
 
+def order_inputs(layer: nn.Module, codes: torch.Tensor, g_idx: torch.Tensor | None, scale: torch.Tensor,
+                 zero: torch.Tensor | None, group: int, group_size: int, full_groups: bool, prefix: str,
+                 g_idx_name: str = "g_idx"):
+    """A shard's codes [N, K] and per-group ``scale`` / ``zero`` put in an input order with contiguous groups,
+    from ``g_idx`` (the group of each of the layer's K inputs; None: already contiguous). ``group_size``: the
+    checkpoint's (−1: one group over all inputs). ``full_groups``: the scales are every group's (an act-order layer
+    on a rank holding part of the inputs) rather than the rank's own. Returns (codes, scale, zero, group, perm,
+    padded_inputs) for :class:`AffineWeight`."""
+    if g_idx is None:
+        if full_groups:
+            raise ValueError(f"{prefix}: an act-order layer split over its inputs needs its {g_idx_name}")
+        return codes, scale, zero, group, None, None
+    expect_shape(prefix, g_idx_name, g_idx, (codes.shape[1],), "in_features")
+    if full_groups:
+        codes, scale, zero, perm, sub = regroup_act_order(codes, g_idx, scale, zero, group)
+        return codes, scale, zero, sub, perm, g_idx.numel()
+    # A rank holding part of the inputs has the scales of its own groups only: number them from its first.
+    first = layer.partition.input_slice[0] // group_size if splits_inputs(layer) and group_size > 0 else 0
+    perm = group_order(g_idx.to(torch.int64) - first, group, prefix)
+    if perm is not None:
+        codes = codes.index_select(1, perm)
+    return codes, scale, zero, group, perm, None
+
+
+def keeps_full_groups(layer: nn.Module, act_order: bool, group_size: int) -> bool:
+    """Whether this rank loads every group's scales: an act-order layer whose inputs are split over the ranks
+    (its inputs belong to any group), as vLLM does."""
+    return act_order and group_size > 0 and splits_inputs(layer)
+
+
 class CheckpointLinearMethod(LinearMethod):
     """Base for formats whose linear layers load a fixed set of tensors; subclasses give :meth:`tensor_names` and
     :meth:`build`."""
@@ -146,6 +183,11 @@ class CheckpointLinearMethod(LinearMethod):
         """Kernels computing the layer from the loaded tensors of each shard (in output order)."""
         raise NotImplementedError
 
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        """How each checkpoint tensor runs over the layer's output and input features, so a tensor-parallel rank
+        loads only its part (:mod:`pagoda.quantization.tensor_parallel`); a tensor missing here can't be split."""
+        return {}
+
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool,
                        params_dtype: torch.dtype) -> None:
         layer.input_size = input_size
@@ -164,8 +206,12 @@ class CheckpointLinearMethod(LinearMethod):
 
     def _loader(self, layer: nn.Module, name: str):
         prefix = self.prefix
+        partition = layer_partition(layer, prefix)  # None: this rank holds the whole layer
 
         def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
+            if partition is not None:
+                loaded = narrow_tensor(partition, self.tensor_layouts(layer).get(name), loaded, shard_id, prefix,
+                                       name)
             # A merged layer takes its tensors shard by shard (Llama's q/k/v) or whole, when the checkpoint
             # stores it fused (Phi-3's qkv_proj): the whole is one shard spanning every output.
             whole = shard_id is None and len(layer.output_sizes) > 1
@@ -226,17 +272,20 @@ def register_bias(layer: nn.Module, output_sizes: list[int], bias: bool, dtype: 
     """The layer's ``bias`` parameter, loaded whole or shard by shard; None without one."""
     if bias:
         b = nn.Parameter(torch.zeros(sum(output_sizes), dtype=dtype), requires_grad=False)
-        b.weight_loader = bias_loader(output_sizes)
+        b.weight_loader = bias_loader(output_sizes, layer_partition(layer, getattr(layer, "prefix", "")))
         layer.register_parameter("bias", b)
     else:
         layer.bias = None
 
 
-def bias_loader(output_sizes: list[int]):
-    """The ``weight_loader`` of a (merged) layer's bias: the whole, or one shard at its offset."""
+def bias_loader(output_sizes: list[int], partition: Any = None):
+    """The ``weight_loader`` of a (merged) layer's bias: the whole, or one shard at its offset (``output_sizes``
+    this rank's; ``partition`` narrows the checkpoint's bias to them)."""
     offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if partition is not None:
+            loaded = partition.narrow_bias(loaded, shard_id)
         target = param.data if shard_id is None else param.data.narrow(0, offsets[shard_id], output_sizes[shard_id])
         if target.shape != loaded.shape:
             raise ValueError(f"bias shape mismatch for shard {shard_id}: parameter {tuple(target.shape)} vs "

@@ -20,21 +20,37 @@ import torch
 from torch import nn
 
 from pagoda.quantization.checkpoint_linear import (AffineWeight, CheckpointLinearMethod, affine_kernels,
-                                                   expect_dtype, expect_shape, group_order, matches_module)
+                                                   expect_dtype, expect_shape, keeps_full_groups, matches_module,
+                                                   order_inputs)
 from pagoda.quantization.fp8 import Fp8LinearMethod
 from pagoda.quantization.int8 import W8A8Int8LinearMethod
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.packing import unpack_int32
+from pagoda.quantization.tensor_parallel import WHOLE, TensorLayout
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 
 class PackedIntLinearMethod(CheckpointLinearMethod):
     """W4A16 / W8A16 (``pack-quantized``, or int8 codes stored unpacked)."""
 
-    def __init__(self, prefix: str, bits: int, group_size: int | None, symmetric: bool, packed: bool):
+    def __init__(self, prefix: str, bits: int, group_size: int | None, symmetric: bool, packed: bool,
+                 act_order: bool = False):
         super().__init__(prefix)
         self.bits, self.group_size, self.symmetric, self.packed = bits, group_size, symmetric, packed
+        self.act_order = act_order  # ``actorder: group``: the groups of ``weight_g_idx`` are not contiguous
+
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        # Codes pack 32 / bits inputs per int32 along the inputs, zero points 32 / bits outputs; per-group tensors
+        # split with the inputs, except where every rank needs every group's (channel scales; act-order row
+        # splits). ``weight_shape`` is the full layer's.
+        per_word = 32 // self.bits
+        group_size = self.group_size or 0
+        split_groups = group_size > 0 and not keeps_full_groups(layer, self.act_order, group_size)
+        group = (1, group_size) if split_groups else (None, 1)
+        return {"weight_packed": TensorLayout(0, 1, 1, per_word), "weight": TensorLayout(0, 1, 1, 1),
+                "weight_scale": TensorLayout(0, 1, *group), "weight_zero_point": TensorLayout(0, per_word, *group),
+                "weight_shape": WHOLE, "weight_g_idx": TensorLayout(None, 1, 0, 1)}
 
     def tensor_names(self) -> tuple[str, ...]:
         names = ("weight_packed" if self.packed else "weight", "weight_scale")
@@ -47,11 +63,12 @@ class PackedIntLinearMethod(CheckpointLinearMethod):
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k, bits = layer.input_size, self.bits
         group = self.group_size or k
-        if k % group:
+        full_groups = keeps_full_groups(layer, self.act_order, self.group_size or 0)
+        if k % group and not full_groups:
             raise ValueError(f"{self.prefix}: group_size {group} does not divide the input size {k}")
-        groups, half = k // group, 1 << (bits - 1)
+        groups, half = (layer.partition.input_size if full_groups else k) // group, 1 << (bits - 1)
         decoded = []
-        for n, tensors in zip(layer.output_sizes, shards):
+        for index, (n, tensors) in enumerate(zip(layer.output_sizes, shards)):
             if self.packed:
                 packed = tensors["weight_packed"]
                 expect_dtype(self.prefix, "weight_packed", packed, torch.int32)
@@ -62,9 +79,10 @@ class PackedIntLinearMethod(CheckpointLinearMethod):
                 expect_dtype(self.prefix, "weight", weight, torch.int8)
                 expect_shape(self.prefix, "weight", weight, (n, k))
                 stored = weight.to(torch.int32) + half
-            if "weight_shape" in tensors and tensors["weight_shape"].tolist() != [n, k]:
+            full_shape = _full_shape(layer, index, n, k)
+            if "weight_shape" in tensors and tensors["weight_shape"].tolist() != full_shape:
                 raise ValueError(f"{self.prefix}.weight_shape: {tensors['weight_shape'].tolist()} is not the layer's "
-                                 f"[{n}, {k}]")
+                                 f"{full_shape}")
             scale = tensors["weight_scale"].float()
             expect_shape(self.prefix, "weight_scale", scale, (n, groups), f"out, in / group_size {group}")
             if self.symmetric:
@@ -75,18 +93,27 @@ class PackedIntLinearMethod(CheckpointLinearMethod):
                 expect_shape(self.prefix, "weight_zero_point", zp, (-(-n // per_word), groups),
                              f"out * {bits} / 32, groups")
                 zeros = unpack_int32(zp, bits, 0)[:n].float()
-            perm = None
-            if "weight_g_idx" in tensors:
-                perm = group_order(tensors["weight_g_idx"], group, self.prefix)
-                if perm is not None:
-                    stored = stored.index_select(1, perm)
+            stored, scale, zeros, sub, perm, padded = order_inputs(layer, stored, tensors.get("weight_g_idx"), scale,
+                                                                   zeros, group, self.group_size or 0, full_groups,
+                                                                   self.prefix, "weight_g_idx")
             if bits == 4:
-                decoded.append(AffineWeight(stored.to(torch.uint8), scale, zeros, group, 4, perm))
+                decoded.append(AffineWeight(stored.to(torch.uint8), scale, zeros, sub, 4, perm, padded))
             else:
                 zero = zeros - half
                 decoded.append(AffineWeight((stored - half).to(torch.int8), scale, zero if zero.any() else None,
-                                            group, 8, perm))
+                                            sub, 8, perm, padded))
         return affine_kernels(decoded, layer.params_dtype)
+
+
+def _full_shape(layer: nn.Module, index: int, n: int, k: int) -> list[int]:
+    """The whole layer's [out, in] of output shard ``index`` (``n`` × ``k`` on this rank), as ``weight_shape``
+    records it."""
+    partition = getattr(layer, "partition", None)
+    if partition is None or partition.is_whole:
+        return [n, k]
+    out = sum(partition.output_sizes) if len(layer.output_sizes) != len(partition.output_sizes) \
+        else partition.output_sizes[index]
+    return [out, partition.input_size]
 
 
 class _Scheme:
@@ -132,7 +159,8 @@ class _Scheme:
                                  "channel")
             group = int(w.get("group_size") or 0) if strategy == "group" else None
             return PackedIntLinearMethod(prefix, bits, group, bool(w.get("symmetric", True)),
-                                         self.format != "naive-quantized" or bits == 4)
+                                         self.format != "naive-quantized" or bits == 4,
+                                         w.get("actorder") in ("group", True))
         raise ValueError(f"{where}: {kind}{bits} weights ({self.format}) are not supported; supported: FP8, W8A8 "
                          "INT8, W4A16/W8A16")
 

@@ -25,6 +25,7 @@ from pagoda.ops.reference_quant import FP8_MAX
 from pagoda.quantization.checkpoint_linear import (CheckpointLinearMethod, expect_dtype, expect_shape,
                                                    matches_module)
 from pagoda.quantization.int_kernels import OpKernel
+from pagoda.quantization.tensor_parallel import WHOLE, TensorLayout
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
@@ -54,6 +55,14 @@ class Fp8LinearMethod(CheckpointLinearMethod):
         if self.quantize:
             return ("weight",)
         return ("weight", self.scale_name) + (("input_scale",) if self.static_input else ())
+
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        # Block scales cover 128x128 tiles: a rank must hold whole tiles. A dense checkpoint quantized on load
+        # gets one scale per rank, from the rank's part.
+        scale = {"tensor": WHOLE, "channel": TensorLayout(0)}.get(self.strategy)
+        if scale is None:
+            scale = TensorLayout(0, self.block[0], 1, self.block[1])
+        return {"weight": TensorLayout(0, 1, 1, 1), self.scale_name: scale, "input_scale": WHOLE}
 
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k = layer.input_size

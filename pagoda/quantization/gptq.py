@@ -18,19 +18,21 @@ import torch
 from torch import nn
 
 from pagoda.quantization.checkpoint_linear import (AffineWeight, CheckpointLinearMethod, LinearHeadMethod,
-                                                   affine_kernels, expect_dtype, expect_shape, group_order)
+                                                   affine_kernels, expect_dtype, expect_shape, keeps_full_groups,
+                                                   order_inputs)
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod, QuantizationConfig
 from pagoda.quantization.packing import unpack_int32
+from pagoda.quantization.tensor_parallel import TensorLayout
 from pagoda.quantization.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 SUPPORTED_BITS = (4, 8)
 
 
 class GPTQLinearMethod(CheckpointLinearMethod):
-    def __init__(self, prefix: str, bits: int, group_size: int, v2_zeros: bool):
+    def __init__(self, prefix: str, bits: int, group_size: int, v2_zeros: bool, desc_act: bool = False):
         super().__init__(prefix)
-        self.bits, self.group_size, self.v2_zeros = bits, group_size, v2_zeros
+        self.bits, self.group_size, self.v2_zeros, self.desc_act = bits, group_size, v2_zeros, desc_act
 
     def tensor_names(self) -> tuple[str, ...]:
         return ("qweight", "qzeros", "scales")
@@ -38,15 +40,25 @@ class GPTQLinearMethod(CheckpointLinearMethod):
     def optional_tensor_names(self) -> tuple[str, ...]:
         return ("g_idx",)  # written by every recent tool; older files without act-order may lack it
 
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        # Codes pack 32 / bits inputs per int32, zeros 32 / bits outputs. Per-group tensors split with the inputs,
+        # except where every rank needs every group's (one group over all inputs; act-order row splits).
+        per_word = 32 // self.bits
+        split_groups = self.group_size > 0 and not keeps_full_groups(layer, self.desc_act, self.group_size)
+        group = (0, self.group_size) if split_groups else (None, 1)
+        return {"qweight": TensorLayout(1, 1, 0, per_word), "qzeros": TensorLayout(1, per_word, *group),
+                "scales": TensorLayout(1, 1, *group), "g_idx": TensorLayout(None, 1, 0, 1)}
+
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k, bits = layer.input_size, self.bits
         per_word = 32 // bits
         group = self.group_size if self.group_size > 0 else k
-        if k % group:
+        full_groups = keeps_full_groups(layer, self.desc_act, self.group_size)
+        if k % group and not full_groups:
             raise ValueError(f"{self.prefix}: group_size {group} does not divide the input size {k}")
         if k % per_word:
             raise ValueError(f"{self.prefix}: {bits}-bit GPTQ packs {per_word} inputs per int32; {k} is not a multiple")
-        groups = k // group
+        groups = layer.partition.input_size // group if full_groups else k // group
         decoded = []
         for n, tensors in zip(layer.output_sizes, shards):
             qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
@@ -59,25 +71,21 @@ class GPTQLinearMethod(CheckpointLinearMethod):
             if not self.v2_zeros:
                 zeros = zeros + 1  # the original format stores zero - 1 (and kernels add the 1 back unmasked)
             scale = scales.float().t().contiguous()
-            perm = None
-            if "g_idx" in tensors:
-                expect_shape(self.prefix, "g_idx", tensors["g_idx"], (k,), "in_features")
-                perm = group_order(tensors["g_idx"], group, self.prefix)
-            if perm is not None:
-                codes = codes.index_select(1, perm)
-            decoded.append(_affine(codes, scale, zeros, group, bits, perm))
+            codes, scale, zeros, sub, perm, padded = order_inputs(layer, codes, tensors.get("g_idx"), scale, zeros,
+                                                                  group, self.group_size, full_groups, self.prefix)
+            decoded.append(_affine(codes, scale, zeros, sub, bits, perm, padded))
         return affine_kernels(decoded, layer.params_dtype)
 
 
 def _affine(codes: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor, group: int, bits: int,
-            perm: torch.Tensor | None) -> AffineWeight:
+            perm: torch.Tensor | None, padded_inputs: int | None = None) -> AffineWeight:
     """``(q - z) * s``: 4-bit codes as they are; 8-bit codes centred on 128 (int8), with a zero only where the
     zero point is not 128."""
     if bits == 4:
-        return AffineWeight(codes.contiguous().to(torch.uint8), scale, zeros, group, 4, perm)
+        return AffineWeight(codes.contiguous().to(torch.uint8), scale, zeros, group, 4, perm, padded_inputs)
     centred = (codes - 128).to(torch.int8).contiguous()
     zero = zeros - 128
-    return AffineWeight(centred, scale, zero if zero.any() else None, group, 8, perm)
+    return AffineWeight(centred, scale, zero if zero.any() else None, group, 8, perm, padded_inputs)
 
 
 class GPTQConfig(QuantizationConfig):
@@ -112,14 +120,15 @@ class GPTQConfig(QuantizationConfig):
 
     def _method(self, prefix: str) -> GPTQLinearMethod | None:
         """This module's method after the ``dynamic`` overrides; None when they leave it dense."""
-        bits, group = self.bits, self.group_size
+        bits, group, desc_act = self.bits, self.group_size, self.desc_act
         for pattern, values in self.dynamic.items():
             if re.match(pattern.removeprefix("+:").removeprefix("-:"), prefix):
                 if pattern.startswith("-:"):
                     return None
                 bits, group = int(values.get("bits", bits)), int(values.get("group_size", group))
+                desc_act = bool(values.get("desc_act", desc_act))
                 break
-        return GPTQLinearMethod(prefix, bits, group, self.v2_zeros)
+        return GPTQLinearMethod(prefix, bits, group, self.v2_zeros, desc_act)
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
         return self._method(prefix) or UnquantizedLinearMethod()

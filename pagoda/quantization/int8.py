@@ -13,6 +13,7 @@ from torch import nn
 from pagoda.ops import current_ops
 from pagoda.quantization.checkpoint_linear import CheckpointLinearMethod, expect_dtype, expect_shape
 from pagoda.quantization.int_kernels import OpKernel
+from pagoda.quantization.tensor_parallel import WHOLE, TensorLayout
 
 
 def w8a8_kernel(weight: torch.Tensor, scale: torch.Tensor, input_scale: float | None) -> OpKernel:
@@ -30,6 +31,11 @@ class W8A8Int8LinearMethod(CheckpointLinearMethod):
 
     def optional_tensor_names(self) -> tuple[str, ...]:
         return ("weight_zero_point", "input_zero_point")  # written as zeros for symmetric schemes
+
+    def tensor_layouts(self, layer: nn.Module) -> dict[str, TensorLayout]:
+        per_output = TensorLayout(0) if self.per_channel else WHOLE
+        return {"weight": TensorLayout(0, 1, 1, 1), "weight_scale": per_output, "weight_zero_point": per_output,
+                "input_scale": WHOLE, "input_zero_point": WHOLE}
 
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
         k = layer.input_size

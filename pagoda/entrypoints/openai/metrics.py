@@ -60,6 +60,9 @@ class _EngineStatsCollector:
         spec = getattr(stats, "spec_decoding", None)
         if spec is not None:
             yield from _spec_decode_families(spec, self.model_name)
+        replicas = getattr(stats, "replicas", None)
+        if replicas:  # data parallel: the sums above, and each replica's load under its "engine" label
+            yield from _replica_families(replicas, self.model_name)
         lora = self.get_lora_info() if self.get_lora_info is not None else None
         if lora is not None:  # vLLM's: the adapters in use as labels, the time of the reading as the value
             running, waiting, max_lora, when = lora
@@ -83,6 +86,24 @@ def _spec_decode_families(spec: Any, model_name: str):
                                  "Accepted tokens per draft position.", labels=["model_name", "position"])
     for position, value in enumerate(spec.num_accepted_tokens_per_pos):
         family.add_metric([model_name, str(position)], float(value))
+    yield family
+
+
+def _replica_families(replicas: list[Any], model_name: str):
+    """Per data-parallel replica (label ``engine``, vLLM's name for the DP rank): its load, and the requests the
+    balancer has sent it."""
+    labels = ["model_name", "engine"]
+    for name, attr, text in (("num_requests_running", "num_running", "Requests in the replica's batches."),
+                             ("num_requests_waiting", "num_waiting", "Requests waiting in the replica."),
+                             ("num_requests_unfinished", "num_unfinished", "Requests routed to the replica and "
+                                                                           "not finished.")):
+        family = GaugeMetricFamily(f"pagoda:dp_engine_{name}", text, labels=labels)
+        for replica in replicas:
+            family.add_metric([model_name, str(replica.index)], float(getattr(replica, attr)))
+        yield family
+    family = CounterMetricFamily("pagoda:dp_engine_requests", "Requests routed to the replica.", labels=labels)
+    for replica in replicas:
+        family.add_metric([model_name, str(replica.index)], float(replica.requests_total))
     yield family
 
 

@@ -106,10 +106,10 @@ def _check_tool_args(args: argparse.Namespace) -> None:
 def _build_warm_engine(engine_args: EngineArgs, lora_modules: list[Any], loaded: list[Any]):
     """The engine with the ``--lora-modules`` adapters loaded (their ``LoRARequest``s appended to ``loaded``),
     warmed up (see ``LLMEngine.warm_up``); called on the engine thread."""
-    from pagoda.core.engine import LLMEngine
+    from pagoda.engine_dp import build_engine
     from pagoda.entrypoints.openai.serving_models import load_static_loras, static_lora_requests
 
-    engine = LLMEngine.from_engine_args(engine_args)
+    engine = build_engine(engine_args)  # with -dp N: N replica processes behind one engine interface
     names = _served_names(engine_args, engine)
     loaded += static_lora_requests(lora_modules, names, getattr(engine_args, "enable_lora", False))
     load_static_loras(engine, loaded)
@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine.build(lambda: _build_warm_engine(engine_args, lora_modules, loras))
     engine = async_engine.engine
     if args.max_waiting_requests >= 0:
-        async_engine.max_pending = engine.config.scheduler.max_num_seqs + args.max_waiting_requests
+        running = engine.config.scheduler.max_num_seqs * engine.config.parallel.data_parallel_size
+        async_engine.max_pending = running + args.max_waiting_requests
 
     names = _served_names(engine_args, engine)
     models = OpenAIServingModels(async_engine, names, loras)

@@ -6,6 +6,11 @@ turns the shards into kernels (:mod:`pagoda.quantization.gguf.kernels`). Shards 
 gate_up) that share a type are concatenated into one kernel, since blocks never cross rows; shards of mixed
 types (Q4_K_M files store v_proj as Q6_K next to Q4_K q/k) keep one kernel each and their outputs are
 concatenated.
+
+Under tensor parallelism each loader narrows the record to the rank's part before keeping it
+(:func:`_rank_part`): column-parallel layers keep whole rows (output features), row-parallel ones whole blocks of
+every row (a rank's input slice must be a whole number of blocks: 32 values for Q4_0/Q8_0, 256 for the
+K-quants), and embedding tables / LM heads the rank's vocabulary rows, the last rank padded with zero blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from torch import nn
 
 from pagoda.models.interface import LinearKernel
@@ -24,6 +29,7 @@ from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuant
                                               release_freed_memory)
 from pagoda.quantization.checkpoint_linear import apply_kernels, register_bias
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
+from pagoda.quantization.tensor_parallel import layer_partition, narrow_gguf_rows
 
 
 def _as_record(value: Any, prefix: str) -> GGUFWeight:
@@ -34,6 +40,16 @@ def _as_record(value: Any, prefix: str) -> GGUFWeight:
         data = value.detach().to(torch.float32).contiguous().view(torch.uint8)
         return GGUFWeight(prefix, data, T.F32, (value.shape[0], value.shape[1]))
     raise TypeError(f"{prefix}: GGUF layers load GGUFWeight records or 2-D float tensors, got {type(value).__name__}")
+
+
+def _rank_part(partition: Any, record: GGUFWeight, shard_id: int | None, prefix: str) -> GGUFWeight:
+    """The rank's part of a linear layer's record (``partition`` None: the whole)."""
+    if partition is None:
+        return record
+    block, type_size = GGML_QUANT_SIZES[T(record.ggml_type)]
+    data, shape = narrow_gguf_rows(partition, record.data, record.shape, block, type_size, record.type_name,
+                                   shard_id, prefix)
+    return GGUFWeight(record.name, data, record.ggml_type, shape)
 
 
 def _placeholder(loader) -> nn.Parameter:
@@ -54,9 +70,10 @@ class GGUFLinearMethod(LinearMethod):
         layer.gguf_kernels = None
         layer.gguf_dtype = params_dtype
         prefix = self.prefix
+        partition = layer_partition(layer, prefix)  # None: this rank holds the whole layer
 
         def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
-            record = _as_record(loaded, prefix)
+            record = _rank_part(partition, _as_record(loaded, prefix), shard_id, prefix)
             index = 0 if shard_id is None else shard_id
             expected = (sum(output_sizes), input_size) if shard_id is None else (output_sizes[index], input_size)
             if shard_id is None and len(output_sizes) > 1 and record.shape != expected:
@@ -119,9 +136,16 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         layer.gguf_table = None
         layer.gguf_head = None
         prefix = self.prefix
+        vocab = getattr(layer, "vocab_partition", None)  # this rank's rows of the table (set by the layer)
 
         def load(param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
             record = _as_record(loaded, prefix)
+            if vocab is not None and not vocab.is_whole:
+                if record.shape[0] != vocab.vocab_size:
+                    raise ValueError(f"{prefix}: the table has {vocab.vocab_size} rows, {record.name} has "
+                                     f"{record.shape[0]}")
+                data = vocab.narrow(record.data, 0).clone()  # zero bytes decode to zero rows (padding)
+                record = GGUFWeight(record.name, data, record.ggml_type, (data.shape[0], record.shape[1]))
             if record.shape != layer.gguf_shape:
                 raise ValueError(f"{prefix}: shape mismatch: layer expects {layer.gguf_shape}, "
                                  f"{record.name} is {record.shape}")
