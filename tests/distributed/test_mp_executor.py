@@ -78,6 +78,17 @@ def test_tp2_through_worker_processes_gives_the_single_process_tokens(tiny_model
     assert _gone(pids), "worker processes outlived their LLM"
 
 
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)])
+def test_pipeline_stages_in_worker_processes_give_the_single_process_tokens(tiny_model_dir, single_process_tokens,
+                                                                             tp, pp):
+    llm = LLM(**_engine_args(tiny_model_dir("llama")), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    executor = llm.llm_engine.executor
+    assert len(executor.worker_pids) == tp * pp
+    assert executor.output_rank == tp * pp - tp  # the first tensor-parallel rank of the last stage
+    assert _generate(llm) == single_process_tokens
+    llm.llm_engine.shutdown()
+
+
 def test_one_worker_process_equals_uni_and_a_failing_step_is_fatal(tiny_model_dir, single_process_tokens):
     llm = LLM(**_engine_args(tiny_model_dir("llama")), distributed_executor_backend="mp")
     executor = llm.llm_engine.executor
