@@ -44,6 +44,37 @@ def cpu_omp_threads() -> int | None:
     return int(value) if value is not None else None
 
 
+def worker_multiproc_method() -> str:
+    """VLLM_WORKER_MULTIPROC_METHOD: how the mp executor starts its worker processes (default spawn)."""
+    return _get("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def host_ip() -> str | None:
+    """VLLM_HOST_IP: this node's IP address, where the ranks meet (one per node with the ray executor)."""
+    return _get("VLLM_HOST_IP")
+
+
+def port() -> int | None:
+    """VLLM_PORT: the first port tried for the ranks' rendezvous (unset: any free port)."""
+    value = _get("VLLM_PORT")
+    if value is None:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ValueError(f"VLLM_PORT: must be a TCP port number, got {value!r}")
+    return int(value)
+
+
+def execute_model_timeout_s() -> float | None:
+    """VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: how long a step may wait for its workers before the executor is
+    declared dead (default 300; 0 or less: as long as the workers live)."""
+    value = _get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: must be a number of seconds, got {value!r}") from None
+    return seconds if seconds > 0 else None
+
+
 def cpu_kernels_enabled() -> bool:
     """PAGODA_CPU_KERNELS: build and use pagoda's native CPU kernels (default 1; 0 keeps torch's ops)."""
     return _get("PAGODA_CPU_KERNELS", "1") not in ("0", "false", "False")

@@ -105,7 +105,8 @@ class LLMEngine(LoRAEngineMixin):
     def pooler(self) -> Any:
         """The model's pooling head (``check(params, task)`` validates a request for it); None for generative
         models."""
-        return self.runner.model.get_pooler()
+        runner = self.runner
+        return runner.model.get_pooler() if runner is not None else None  # out of process: generative only
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -373,4 +374,16 @@ class LLMEngine(LoRAEngineMixin):
             num_total_blocks=self.config.cache.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions_total=self.scheduler.num_preemptions_total,
-            spec_decoding=self.runner.spec.stats.snapshot() if self.runner.spec is not None else None)
+            spec_decoding=self._spec_stats())
+
+    def _spec_stats(self) -> Any:
+        runner = self.runner  # None with worker processes, which refuse speculative decoding
+        return runner.spec.stats.snapshot() if runner is not None and runner.spec is not None else None
+
+    def check_health(self) -> None:
+        """Raise :class:`~pagoda.executor.interface.ExecutorDeadError` if a worker is gone (vLLM's name)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the workers; the engine can't step afterwards."""
+        self.executor.shutdown()

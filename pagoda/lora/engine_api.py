@@ -11,8 +11,12 @@ from pagoda.lora.request import LoRARequest
 class LoRAEngineMixin:
     runner: Any
 
+    def _runner_lora(self) -> Any:
+        runner = self.runner  # None with worker processes, which refuse enable_lora
+        return runner.lora if runner is not None else None
+
     def _lora_manager(self, what: str) -> Any:
-        manager = self.runner.lora
+        manager = self._runner_lora()
         if manager is None:
             raise ValueError(f"{what}: LoRA is not enabled; start the engine with enable_lora=True (--enable-lora)")
         return manager
@@ -23,7 +27,7 @@ class LoRAEngineMixin:
             return None
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request: must be a LoRARequest, got {type(lora_request).__name__}")
-        if self.runner.lora is None:
+        if self._runner_lora() is None:
             raise ValueError(f"Got lora_request {lora_request} but LoRA is not enabled! Start the engine with "
                              "enable_lora=True (--enable-lora)")
         self.runner.lora.add(lora_request)

@@ -53,6 +53,8 @@ class OpSet:
             setattr(self, name, impl)
 
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not set
+        if "_impls" not in self.__dict__:  # unpickling (a worker process receiving the config) asks before it's set
+            raise AttributeError(name)
         raise AttributeError(f"no op named {name!r}; ops: {', '.join(sorted(self._impls))}")
 
     def implementations(self) -> dict[str, OpImpl]:

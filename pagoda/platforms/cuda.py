@@ -29,6 +29,7 @@ class CudaPlatform(Platform):
     attention_backends = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "XFORMERS", "TORCH_SDPA")
     supported_quantization = None
     dist_backend = "nccl"
+    ray_device_key = "GPU"
     uses_host_memory = False
     device_control_env_var = "CUDA_VISIBLE_DEVICES"  # HIP honours it too (ROCm inherits it)
 

@@ -31,6 +31,8 @@ class Platform(ABC):
     supported_quantization: ClassVar[tuple[str, ...] | None] = None
     #: torch.distributed backend for tensor/pipeline parallelism.
     dist_backend: ClassVar[str] = "gloo"
+    #: The Ray resource one rank reserves with the ``ray`` executor (vLLM's ``ray_device_key``).
+    ray_device_key: ClassVar[str] = "CPU"
     #: The KV-cache budget is a fraction of device memory (``gpu_memory_utilization``) on devices with their own
     #: memory, and a size in GiB on host-memory platforms.
     uses_host_memory: ClassVar[bool] = False

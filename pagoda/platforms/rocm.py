@@ -20,6 +20,7 @@ class RocmPlatform(CudaPlatform):
     attention_backends = ("TRITON_ATTN", "TORCH_SDPA")
     # torch.distributed calls RCCL "nccl" on HIP builds.
     dist_backend = "nccl"
+    ray_device_key = "GPU"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

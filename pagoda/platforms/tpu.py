@@ -24,6 +24,7 @@ class TpuPlatform(Platform):
     attention_backends = ("PALLAS", "TORCH_SDPA")
     supported_quantization = ("none",)
     dist_backend = "xla"
+    ray_device_key = "TPU"
     uses_host_memory = False
 
     @classmethod

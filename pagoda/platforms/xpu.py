@@ -29,6 +29,7 @@ class XpuPlatform(Platform):
     attention_backends = ("IPEX", "TORCH_SDPA")
     supported_quantization = None
     dist_backend = _xpu_dist_backend()
+    ray_device_key = "GPU"
     uses_host_memory = False
     device_control_env_var = "ZE_AFFINITY_MASK"  # Level Zero's device selection (vLLM's choice for XPU)
 

@@ -54,7 +54,7 @@ def run_engine_ranks(job: Callable, *args: Any, world_size: int, backend: str = 
     num_procs = world_size if backend == "external_launcher" else 1
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, backend, job, args, results),
-                         daemon=True) for rank in range(num_procs)]
+                         daemon=backend == "external_launcher") for rank in range(num_procs)]
     try:
         for proc in procs:
             proc.start()

@@ -16,7 +16,7 @@ from pagoda import SamplingParams
 from pagoda.distributed.partition import LinearPartition, VocabPartition
 from pagoda.distributed.tensor_parallel import allowed_slice
 from pagoda.sampling_params import StructuredOutputsParams
-from tests.distributed.spmd import generate_jobs, run_engines
+from tests.distributed.spmd import EXECUTOR, generate_jobs, run_engines
 from tests.entrypoints.openai.conftest import tiny_chat_model_dir  # noqa: F401 - a fixture
 from tests.models.checkpoint_variants import randomize_vectors
 
@@ -101,7 +101,9 @@ def _jobs(tiny_model_dir, chat_dir: str, tmp_path) -> list[dict]:
         path = randomize_vectors(tiny_model_dir(f"tp_{kind}", config))
         runs = [(_prompts(config.vocab_size), greedy), (_prompts(config.vocab_size), with_logprobs)]
         jobs.append({"model": path, "engine": {"skip_tokenizer_init": True}, "runs": runs})
-        if kind == "llama":  # the generative layers as an embedding model (last token, normalized)
+        # the generative layers as an embedding model (last token, normalized); pooling runs in the engine's
+        # process, so only where every rank runs its own engine
+        if kind == "llama" and EXECUTOR == "external_launcher":
             jobs.append({"model": path, "engine": {"skip_tokenizer_init": True, "task": "embed"},
                          "runs": [(_prompts(config.vocab_size), "embed")]})
         if kind == "qwen2_moe":

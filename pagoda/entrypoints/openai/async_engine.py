@@ -26,7 +26,8 @@ barriers, so a model loaded on one thread and run on another slept and woke its 
 If ``step()`` raises, the requests that step was running get an :class:`EngineStepError` (their clients a 500)
 and are aborted, which frees their KV blocks; waiting requests and new ones are served on. Only when steps keep
 failing (``MAX_CONSECUTIVE_STEP_FAILURES`` in a row, nothing completing in between) or the clean-up itself fails
-is the engine dead: every open request gets an :class:`EngineDeadError`, ``/health`` turns 503 and new requests
+is the engine dead — at once when a worker process of the executor is gone (``ExecutorDeadError``, also checked
+while idle): every open request gets an :class:`EngineDeadError`, ``/health`` turns 503 and new requests
 are refused.
 
 The server holds at most ``max_pending`` unfinished engine requests (running plus waiting); a request that would
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pagoda.entrypoints.openai.metrics import ServerMetrics
+from pagoda.executor.interface import ExecutorDeadError
 from pagoda.logger import init_logger
 
 logger = init_logger(__name__)
@@ -286,6 +288,7 @@ class AsyncEngine:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         engine = self.engine
+        check_health = getattr(engine, "check_health", None)  # worker processes can die while the engine idles
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -299,6 +302,8 @@ class AsyncEngine:
                     else:
                         self._step_failures = 0
                         self._deliver(self._process(outputs))
+                elif check_health is not None:
+                    check_health()
                 self._refresh_stats(force=not engine.has_unfinished_requests())
         except BaseException as exc:  # noqa: BLE001 - anything here kills the engine; report it everywhere
             logger.exception("the engine loop failed; failing all requests")
@@ -338,7 +343,9 @@ class AsyncEngine:
 
     def _fail_step(self, exc: Exception) -> None:
         """A step raised: fail and abort the requests it was running, so the others are served on. Raises (which
-        kills the engine) when steps keep failing or the clean-up fails too."""
+        kills the engine) when steps keep failing, the clean-up fails too, or the executor's workers are gone."""
+        if isinstance(exc, ExecutorDeadError):
+            raise exc
         self._step_failures += 1
         if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise RuntimeError(f"{self._step_failures} engine steps failed in a row; the last: "
