@@ -107,7 +107,9 @@ def test_one_worker_process_equals_uni_and_a_failing_step_is_fatal(tiny_model_di
 
 
 @pytest.mark.parametrize("feature, match", [
-    ({"enable_lora": True}, "enable_lora: LoRA adapters are not supported with distributed_executor_backend 'mp'"),
+    # LoRA is refused twice over with tensor parallelism: by the layers (at configuration) and by mp
+    ({"enable_lora": True}, "enable_lora: LoRA adapters are not supported with distributed_executor_backend 'mp'"
+                            "|enable_lora is not supported with tensor_parallel_size 2"),
     ({"task": "embed"}, "task 'embed': pooling models are not supported with distributed_executor_backend 'mp'"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}},
      "speculative_config: speculative decoding is not supported with distributed_executor_backend 'mp'"),
