@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.core.beam_search.manager import BeamSearchManager
-from pagoda.core.config import EngineConfig, read_generation_config
+from pagoda.core.config import EngineConfig
+from pagoda.core.generation_config import read_generation_config
 from pagoda.core.engine_args import EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.model_runner import ModelRunner

@@ -32,7 +32,8 @@ from multiprocessing.connection import wait
 from typing import Any, Iterable
 
 from pagoda import envs
-from pagoda.core.config import EngineConfig, read_generation_config
+from pagoda.core.config import EngineConfig
+from pagoda.core.generation_config import read_generation_config
 from pagoda.core.engine import LLMEngine
 from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer

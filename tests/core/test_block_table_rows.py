@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from pagoda.core.model_runner import BlockTableRows, _runs
+from pagoda.core.block_table_rows import BlockTableRows, block_runs
 
 
 def _expected(lists: list[list[int]]) -> np.ndarray:
@@ -46,5 +46,5 @@ def test_rows_follow_block_lists_through_growth_shrinking_and_reuse():
 
 
 def test_runs_of_consecutive_block_ids():
-    assert _runs([5, 3, 4, 9, 10, 4, 0]) == [(0, 1), (3, 6), (9, 11)]
-    assert _runs([]) == []
+    assert block_runs([5, 3, 4, 9, 10, 4, 0]) == [(0, 1), (3, 6), (9, 11)]
+    assert block_runs([]) == []

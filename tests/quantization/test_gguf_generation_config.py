@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pagoda.core.config import read_generation_config
+from pagoda.core.generation_config import read_generation_config
 from pagoda.core.model_files import BUNDLED_GENERATION_CONFIG, bundled_model_path
 from pagoda.quantization.gguf import GGUFCheckpoint
 
