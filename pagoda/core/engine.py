@@ -55,6 +55,17 @@ def _cache_salt(prompt: Any) -> str | None:
     return cache_salt
 
 
+def check_beam_search(config: EngineConfig, params: BeamSearchParams) -> None:
+    """A beam search this engine can run, or a ``ValueError`` naming what stops it."""
+    if config.speculative_config is not None:
+        raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
+                         "speculative_config to use it")
+    budget = config.scheduler.max_num_batched_tokens
+    if params.beam_width > budget:
+        raise ValueError(f"beam_width: {params.beam_width} beams don't fit the step budget of {budget} tokens they "
+                         "must run in together; raise max_num_batched_tokens")
+
+
 def _sequence_ids(user_id: str, state: Any) -> list[str]:
     """The scheduler's ids of a user request: its own, and its samples' once it forks (``state``: its output
     state, if it still has one)."""
@@ -188,13 +199,7 @@ class LLMEngine(LoRAEngineMixin):
                                  arrival_time: float | None, lora_request: Any = None) -> None:
         if self.model_config.task != "generate":
             raise ValueError(f"this model serves the {self.model_config.task!r} task, not text generation")
-        if self.config.speculative_config is not None:
-            raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
-                             "speculative_config to use it")
-        budget = self.config.scheduler.max_num_batched_tokens
-        if params.beam_width > budget:
-            raise ValueError(f"beam_width: {params.beam_width} beams don't fit the step budget of {budget} tokens "
-                             "they must run in together; raise max_num_batched_tokens")
+        check_beam_search(self.config, params)
         text, token_ids = self.tokenize_prompt(prompt)
         self._validate(token_ids, SamplingParams(max_tokens=1))
         self.beam_search.add(request_id, text, token_ids, params, arrival_time, _cache_salt(prompt), lora_request)

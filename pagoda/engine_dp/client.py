@@ -34,7 +34,7 @@ from typing import Any, Iterable
 from pagoda import envs
 from pagoda.core.config import EngineConfig
 from pagoda.core.generation_config import read_generation_config
-from pagoda.core.engine import LLMEngine
+from pagoda.core.engine import LLMEngine, check_beam_search
 from pagoda.core.structured_output import StructuredOutputManager
 from pagoda.core.tokenizer import load_tokenizer
 from pagoda.engine_dp.balance import pick_replica
@@ -174,13 +174,7 @@ class DPEngineClient:
         """The checks ``LLMEngine.add_request`` makes before a request is queued (``ValueError`` naming the
         field)."""
         if isinstance(params, BeamSearchParams):
-            if self.config.speculative_config is not None:
-                raise ValueError("beam search can't be combined with speculative decoding; start the engine without "
-                                 "speculative_config to use it")
-            budget = self.config.scheduler.max_num_batched_tokens
-            if params.beam_width > budget:
-                raise ValueError(f"beam_width: {params.beam_width} beams don't fit the step budget of {budget} "
-                                 "tokens they must run in together; raise max_num_batched_tokens")
+            check_beam_search(self.config, params)
             LLMEngine._validate(self, token_ids, SamplingParams(max_tokens=1))
             return
         if not isinstance(params, SamplingParams):
