@@ -24,7 +24,9 @@ PACKAGES = ("pagoda-llm", "torch", "transformers", "tokenizers", "safetensors", 
             "flash-attn", "flashinfer-python", "xformers", "torch-xla", "intel-extension-for-pytorch", "fastapi",
             "openai")
 ENV_VARS = ("VLLM_PLUGINS", "VLLM_ATTENTION_BACKEND", "VLLM_CPU_KVCACHE_SPACE", "PAGODA_CPU_THREADS",
-            "PAGODA_CPU_KERNELS", "PAGODA_OP_IMPL", "PAGODA_CACHE_ROOT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK")
+            "PAGODA_CPU_KERNELS", "PAGODA_OP_IMPL", "PAGODA_CACHE_ROOT", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES",
+            "HIP_VISIBLE_DEVICES", "PJRT_DEVICE", "ZE_AFFINITY_MASK", "VLLM_HOST_IP", "VLLM_PORT",
+            "VLLM_PP_LAYER_PARTITION", "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
 DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
