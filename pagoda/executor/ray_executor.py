@@ -135,12 +135,7 @@ class RayExecutor(Executor):
         places = ray.get([a.node_and_ip.remote() for a in actors])
         driver_node = ray.get_runtime_context().get_node_id()
         node_ips = {node: _node_ip(node) for node, _ in places}
-        if len(set(node_ips.values())) != len(node_ips):
-            raise ValueError(f"Every node should have a unique IP address; the workers' nodes have IPs "
-                             f"{sorted(node_ips.values())}. Start each node with its own --node-ip-address and "
-                             "set VLLM_HOST_IP to it")
-        order = sorted(range(world), key=lambda i: (places[i][0] != driver_node,
-                                                    ipaddress.ip_address(node_ips[places[i][0]])))
+        order = rank_order([node for node, _ in places], node_ips, driver_node)
         self.workers[:] = [actors[i] for i in order]
         nodes = [places[i][0] for i in order]
         self.worker_nodes = [node_ips[n] for n in nodes]
@@ -223,6 +218,18 @@ def _release(workers: list[Any], pg: Any, owns_ray: bool) -> None:
             pass
     if owns_ray:
         ray.shutdown()
+
+
+def rank_order(worker_nodes: list[str], node_ips: dict[str, str], driver_node: str) -> list[int]:
+    """The workers (by index) in rank order: those on the driver's node first, then by their node's IP, so that a
+    node's ranks are consecutive and tensor-parallel groups stay within a node where they can. Two nodes with one
+    IP are an error: ranks are told apart by their node's IP (``VLLM_HOST_IP``)."""
+    if len(set(node_ips.values())) != len(node_ips):
+        raise ValueError(f"Every node should have a unique IP address; the workers' nodes have IPs "
+                         f"{sorted(node_ips.values())}. Start each node with its own --node-ip-address and "
+                         "set VLLM_HOST_IP to it")
+    return sorted(range(len(worker_nodes)), key=lambda i: (worker_nodes[i] != driver_node,
+                                                           ipaddress.ip_address(node_ips[worker_nodes[i]])))
 
 
 def _node_ip(node_id: str) -> str:

@@ -149,3 +149,15 @@ def test_two_ray_nodes_on_loopback_get_one_rank_each(tiny_model_dir, single_proc
         ray.shutdown()
         _stop(started + _our_ray_processes(temp))
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ranks_go_driver_node_first_then_by_ip_and_nodes_must_have_their_own_ip():
+    from pagoda.executor.ray_executor import rank_order
+
+    # Workers 0..4 placed on three nodes; the driver runs on node "b".
+    nodes = ["c", "a", "b", "c", "b"]
+    ips = {"a": "10.0.0.9", "b": "10.0.0.20", "c": "10.0.0.3"}
+    assert rank_order(nodes, ips, driver_node="b") == [2, 4, 0, 3, 1]  # b's, then c (10.0.0.3) before a (.9)
+    assert rank_order(nodes, ips, driver_node="a") == [1, 0, 3, 2, 4]  # numeric IP order, not string order
+    with pytest.raises(ValueError, match="unique IP address"):
+        rank_order(["a", "b"], {"a": "127.0.0.1", "b": "127.0.0.1"}, driver_node="a")
