@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 
 class FlexibleArgumentParser(argparse.ArgumentParser):
@@ -34,3 +37,18 @@ def _normalize(args: list[str]) -> list[str]:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@contextlib.contextmanager
+def environ_set(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the ``with`` block, then put back what was there (unset ones unset)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -35,6 +35,7 @@ from pagoda.core.scheduler import SchedulerOutput
 from pagoda.executor.interface import Executor, ExecutorDeadError
 from pagoda.executor.out_of_process import WorkerFailure, check_supported, worker_thread_env
 from pagoda.logger import init_logger
+from pagoda.utils import environ_set
 
 logger = init_logger(__name__)
 
@@ -50,7 +51,7 @@ class MultiprocExecutor(Executor):
         check_supported(self.config)
         parallel = self.config.parallel
         world = parallel.world_size
-        self.output_rank = world - parallel.tensor_parallel_size
+        self.output_rank = parallel.output_rank
         method = envs.worker_multiproc_method()
         if method not in START_METHODS:
             raise ValueError(f"VLLM_WORKER_MULTIPROC_METHOD: must be one of {', '.join(START_METHODS)}, got {method!r}")
@@ -69,7 +70,7 @@ class MultiprocExecutor(Executor):
         # Registered before the first start, so a failure part-way still stops the workers already running.
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._commands)
         atexit.register(self._finalizer)  # before multiprocessing's own exit hook, which would wait for them
-        with _environ(worker_thread_env(world)):  # read by the worker before it imports torch
+        with environ_set(worker_thread_env(world)):  # read by the worker before it imports torch
             for rank in range(world):
                 command_reader, command_writer = ctx.Pipe(duplex=False)
                 result_reader, result_writer = ctx.Pipe(duplex=False)
@@ -202,20 +203,6 @@ def _free_port(host: str) -> int:
                 continue
             return sock.getsockname()[1]
     raise ValueError(f"VLLM_PORT: no free port on {host} in {first}..{candidates[-1]}")
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # ---------------------------------------------------------------------------- the worker process

@@ -6,7 +6,6 @@ configurations pipeline parallelism refuses, in-process."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -16,6 +15,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.core.config import EngineConfig
 from pagoda.core.engine_args import EngineArgs
 from pagoda.distributed.pipeline import PARTITION_ENV, even_partition, get_pp_indices, layer_partition
+from pagoda.utils import environ_set
 from tests.distributed.pp_spawn import BACKEND, run_engine_ranks
 
 MAX_TOKENS = 12
@@ -47,9 +47,7 @@ def generate_scenarios(scenarios: list[dict]) -> list[dict]:
     logprobs, and the engine's preemption count."""
     results = []
     for scenario in scenarios:
-        saved = {name: os.environ.get(name) for name in scenario.get("env", {})}
-        os.environ.update(scenario.get("env", {}))
-        try:
+        with environ_set(scenario.get("env", {})):
             llm = LLM(scenario["model"], dtype="float32", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 24,
                       seed=0, **scenario["engine"])
             outputs = []
@@ -63,12 +61,6 @@ def generate_scenarios(scenarios: list[dict]) -> list[dict]:
                             "kv_caches": None if runner is None else len(runner.kv_caches),
                             "weights": None if runner is None else sum(p.numel() for p in runner.model.parameters())})
             del llm
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     return results
 
 
