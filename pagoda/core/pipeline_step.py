@@ -62,7 +62,7 @@ class PipelineStage:
         self.group = get_pp_group()
         self.is_first, self.is_last = self.group.is_first_rank, self.group.is_last_rank
         self.world = get_world_group()
-        self.output_rank = self.world.world_size - config.parallel.tensor_parallel_size
+        self.output_rank = config.parallel.output_rank
         self.device = runner.device
 
     def receive(self) -> IntermediateTensors | None:

@@ -23,6 +23,12 @@ class ParallelConfig:
         """Ranks of one engine replica (data parallel replicas are separate engines)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def output_rank(self) -> int:
+        """The global rank whose step output the engine reads: the first tensor-parallel rank of the last pipeline
+        stage (as vLLM)."""
+        return self.world_size - self.tensor_parallel_size
+
     @classmethod
     def from_engine_args(cls, args) -> ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -82,7 +82,7 @@ class RayExecutor(Executor):
         check_supported(self.config)
         parallel = self.config.parallel
         world = parallel.world_size
-        self.output_rank = world - parallel.tensor_parallel_size
+        self.output_rank = parallel.output_rank
         self.step_timeout_s = envs.execute_model_timeout_s()
         self._dead: str | None = None
         self._owns_ray = False
