@@ -165,11 +165,16 @@ class VocabPartition:
     def is_whole(self) -> bool:
         return self.tp_size == 1
 
-    def narrow(self, tensor: torch.Tensor, dim: int = 0, unit: int = 1) -> torch.Tensor:
-        """This rank's rows of a full table (``dim`` runs over tokens; ``unit`` tokens per element), zero-padded
-        to :attr:`rows`."""
+    def narrow(self, tensor: torch.Tensor, dim: int = 0, unit: int = 1, name: str = "table") -> torch.Tensor:
+        """This rank's rows of a full table (``dim`` runs over tokens; ``unit`` tokens per element, e.g. rows packed
+        into int32 words), zero-padded to :attr:`rows`. Rows that don't fall on whole elements are an error naming
+        ``name``."""
         if self.is_whole:
             return tensor
+        if self.start % unit or self.rows % unit:
+            raise ValueError(f"{name}: this rank's vocabulary rows [{self.start}, {self.start + self.rows}) don't "
+                             f"fall on whole elements of {unit} rows; tensor_parallel_size {self.tp_size} can't "
+                             "split it")
         part = tensor.narrow(dim, self.start // unit, cdiv(self.num_real_rows, unit))
         missing = cdiv(self.rows, unit) - part.shape[dim]
         if missing:

@@ -61,11 +61,7 @@ class VocabRows:
                out_unit: int = 1, in_unit: int = 1, name: str = "weight") -> torch.Tensor:
         if self.is_whole or out_dim is None:
             return tensor
-        if self.vocab.start % out_unit or self.vocab.rows % out_unit:
-            raise ValueError(f"{self.prefix}.{name}: this rank's vocabulary rows [{self.vocab.start}, "
-                             f"{self.vocab.start + self.vocab.rows}) don't fall on whole elements of {out_unit} "
-                             f"rows; tensor_parallel_size {self.vocab.tp_size} can't split it")
-        return self.vocab.narrow(tensor, out_dim, out_unit)
+        return self.vocab.narrow(tensor, out_dim, out_unit, f"{self.prefix}.{name}")
 
     def narrow_bias(self, bias: torch.Tensor, shard: int | None) -> torch.Tensor:
         return self.narrow(bias, shard, 0, None)
