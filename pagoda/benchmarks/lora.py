@@ -60,7 +60,7 @@ def write_random_adapter(llm: Any, path: str, rank: int, seed: int) -> str:
     tensors = {}
     for name, lora in manager.layers.items():
         parent, _, leaf = name.rpartition(".")
-        in_size = lora.lora_a.shape[2]
+        in_size = lora.input_size
         for shard, out_size in enumerate(lora.output_sizes):
             module = f"{parent}.{originals.get((leaf, shard), leaf)}"
             prefix = f"base_model.model.{module}"

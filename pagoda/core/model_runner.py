@@ -84,13 +84,14 @@ class ModelRunner:
         self.uses_token_type_ids = model.uses_token_type_ids
         with use_ops(config.ops or current_ops()):
             self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)
+        # Adapter slots first: a fused decode step applies them too.
+        self.lora = make_lora_manager(config, model, config.ops or current_ops(), self.device)
         # The platform may take over whole decode steps (the CPU's counterpart of CUDA-graph capture).
         pipelined = config.parallel.pipeline_parallel_size > 1
         stack = None if mc.is_encoder_only or pipelined else model.decoder_stack()
         self.fused_decode = (config.platform.fused_decode(stack, config.ops, self.kv_caches)
                              if stack is not None and config.ops is not None else None)
         model.use_fused_decode(self.fused_decode)
-        self.lora = make_lora_manager(config, model, config.ops or current_ops(), self.device)
         self._lora_requests: set[str] = set()  # requests with an adapter: while none, steps do no LoRA work
         self.sampler = Sampler()
         self.states: dict[str, RunnerRequestState] = {}
@@ -209,7 +210,7 @@ class ModelRunner:
         def forward() -> torch.Tensor:
             return self.model(batch["input_ids"], batch["positions"], self.kv_caches, batch["attn_metadata"], **extra)
 
-        hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts, self.fused_decode)
+        hidden = (self.lora.run_step(forward, [s.lora_request for s in states], counts)
                   if self._lora_requests else forward())
         if self.pipeline is not None and not self.pipeline.is_last:  # hand over; the last stage samples
             self.pipeline.send(hidden)

@@ -1,8 +1,7 @@
-"""Adapter slots on the device, per layer: the stacked A/B matrices a ``Linear`` adds its LoRA delta from.
+"""Adapter slots on the device, per layer: what a ``Linear`` adds its LoRA delta from.
 
-A merged layer (``qkv_proj``: q, k, v) holds its shards' A matrices one after another (``[S, shards * R, in]``) and
-their B matrices block-diagonally (``[S, out, shards * R]``), so one shrink/expand pair serves all its shards; each
-adapter is padded with zeros up to ``max_lora_rank`` (zeros add exactly nothing).
+The slots' layout belongs to the ``lora_shrink_expand`` implementation (stacked matrices for torch, packed tiles
+for a native kernel): each layer asks the op for its storage and writes adapters through it.
 """
 
 from __future__ import annotations
@@ -31,29 +30,20 @@ class LinearLoRA:
     def __init__(self, step: LoRAStep, input_size: int, output_sizes: list[int], num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.step = step
+        self.input_size = input_size
         self.output_sizes = list(output_sizes)
-        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-        self.max_rank = max_rank
-        shards = len(output_sizes)
-        self.lora_a = torch.zeros(num_slots, shards * max_rank, input_size, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, sum(output_sizes), shards * max_rank, dtype=dtype, device=device)
+        self.slots = step.op.create_slots(num_slots, max_rank, input_size, self.output_sizes, dtype, device)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step
         # Models run on one flat token batch: x and y are [T, features], added into in place.
         rows_y = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         rows_x = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        step.op.apply(step.plan, rows_y, rows_x, self.lora_a, self.lora_b, step.scales)
+        step.op.apply(step.plan, rows_y, rows_x, self.slots, step.scales)
 
     def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Write an adapter's matrices for this layer into ``slot`` (zeros where it doesn't adapt a shard)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        for shard, (a, b) in (shards or {}).items():
-            rank, base = a.shape[0], shard * self.max_rank
-            out = self.offsets[shard]
-            self.lora_a[slot, base:base + rank].copy_(a)
-            self.lora_b[slot, out:out + b.shape[0], base:base + rank].copy_(b)
+        self.step.op.set_slot(self.slots, slot, shards)
 
 
 def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank: int, dtype: torch.dtype,

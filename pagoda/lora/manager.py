@@ -26,7 +26,7 @@ class LoRAManager:
         self.model = model
         self.step = LoRAStep(op, config.max_loras, device)
         self.layers = attach_lora(model, self.step, config.max_loras, config.max_lora_rank, dtype, device)
-        self._layer_shapes = {name: (lora.lora_a.shape[2], lora.output_sizes) for name, lora in self.layers.items()}
+        self._layer_shapes = {name: (lora.input_size, lora.output_sizes) for name, lora in self.layers.items()}
         self._stacked = tuple(getattr(model, "stacked_params", ()))
         self.dtype = dtype
         self._host: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: least recently used first
@@ -120,20 +120,13 @@ class LoRAManager:
         token_slots = torch.from_numpy(np.repeat(row_slots, counts)).to(self.step.scales.device)
         self.step.plan = self.step.op.plan(token_slots, len(self.slot_ids))
 
-    def run_step(self, forward: Any, requests: list[LoRARequest | None], counts: np.ndarray,
-                 fused_decode: Any) -> torch.Tensor:
-        """``forward()`` for a step whose rows (``requests``, ``counts`` tokens each) may have adapters: their slots
-        mapped, and the platform's fused decode step (which knows nothing of adapters) declined for the step
-        through the model's ``use_fused_decode`` hook, then given back."""
+    def run_step(self, forward: Any, requests: list[LoRARequest | None], counts: np.ndarray) -> torch.Tensor:
+        """``forward()`` for a step whose rows (``requests``, ``counts`` tokens each) may have adapters, with their
+        slots mapped for the step (the layers and a platform's fused decode step read ``self.step``)."""
         self.prepare_step(requests, counts)
-        active = self.step.plan is not None
-        if active and fused_decode is not None:
-            self.model.use_fused_decode(None)
         try:
             return forward()
         finally:
-            if active and fused_decode is not None:
-                self.model.use_fused_decode(fused_decode)
             self.step.plan = None
 
 

@@ -44,6 +44,9 @@ class DecoderLayerSpec:
     gate_up: LinearKernel
     down: LinearKernel
     sliding_window: int | None
+    #: The LoRA adapter slots of qkv, o, gate_up and down (``pagoda.lora.layers.LinearLoRA``, or None for a layer
+    #: without) when the engine serves adapters; their ``slots`` are the ``lora_shrink_expand`` op's layout.
+    lora: tuple[Any, Any, Any, Any] | None = None
 
 
 @dataclass
@@ -70,6 +73,9 @@ class DecoderStack:
     #: Ranks the layers are split over: the linears hold this rank's part and the stack's step would need an
     #: all-reduce after each attention and MLP, which a platform's one-call fused step doesn't do.
     tensor_parallel_size: int = 1
+    #: The engine's ``pagoda.lora.layers.LoRAStep`` when it serves adapters: the ``lora_shrink_expand`` op, and the
+    #: step's plan (None while no row has an adapter) and per-slot scales, which a fused step must apply too.
+    lora_step: Any = None
 
 
 class PagodaModel(nn.Module):

@@ -138,15 +138,19 @@ class LlamaModel(nn.Module):
         """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
         if any(type(layer) is not LlamaDecoderLayer for layer in self.layers):
             return None  # the "llama" recipe has no q/k norms and no expert blocks (nor layers on other stages)
-        layers = []
+        layers, lora_step = [], None
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [m.quant_method.kernel(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                                          mlp.down_proj)]
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            linears = [m.quant_method.kernel(m) for m in projections]
             if any(k is None for k in linears):
                 return None
+            lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
+            if any(slots is not None for slots in lora):
+                lora_step = next(slots.step for slots in lora if slots is not None)
             layers.append(DecoderLayerSpec(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                           *linears, attn.attn.impl.sliding_window))
+                                           *linears, attn.attn.impl.sliding_window,
+                                           lora if lora_step is not None else None))
         first = self.layers[0]
         attn = first.self_attn
         epsilons = {n.eps for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
@@ -155,7 +159,7 @@ class LlamaModel(nn.Module):
         return DecoderStack("llama", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,
                             attn.head_size, first.mlp.gate_up_proj.output_sizes[0], self.rotary.rotary_dim,
                             epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend,
-                            self.rotary.lookup, current_ops(), get_tp_group().world_size)
+                            self.rotary.lookup, current_ops(), get_tp_group().world_size, lora_step)
 
     def forward(self, input_ids, positions, kv_caches, metadata, intermediate_tensors=None):
         """``kv_caches``: this stage's layers' caches. Non-first pipeline stages start from the previous stage's

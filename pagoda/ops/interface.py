@@ -48,7 +48,8 @@ OPS: dict[str, str] = {
     "fused_moe": "mixture-of-experts MLP of x [T, H] over each token's top-k experts (ids and weights [T, k]) with "
                  "stacked gate/up [E, 2I, H] and down [E, H, I] weights prepared once (prepare/apply)",
     "lora_shrink_expand": "y += (x @ A[s].T) @ B[s].T * scale[s] in place for each token by its adapter slot s "
-                          "(-1: none), tokens grouped by slot once per step (plan/apply)",
+                          "(-1: none), over slots the implementation lays out (create_slots/set_slot), tokens "
+                          "grouped by slot once per step (plan/apply)",
     "write_kv": "store a step's keys and values in the paged KV cache at the slot mapping",
     "paged_decode_attention": "one query token per sequence attending to its paged cache (plan once per step "
                               "and window; optional logit soft-capping)",

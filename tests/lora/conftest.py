@@ -9,12 +9,12 @@ import torch
 
 def make_peft_adapter(base, out_dir: str, seed: int, r: int = 8, alpha: int = 16,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                      use_rslora: bool = False, **extra) -> str:
+                      use_rslora: bool = False, std: float = 0.2, **extra) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    """A PEFT adapter with random non-zero A and B on ``base`` (a model directory, or a transformers model, which
-    is left as it was), saved to ``out_dir``."""
+    """A PEFT adapter with random non-zero A and B (normal, ``std``) on ``base`` (a model directory, or a
+    transformers model, which is left as it was), saved to ``out_dir``."""
     import copy
 
     torch.manual_seed(seed)
@@ -26,9 +26,9 @@ def make_peft_adapter(base, out_dir: str, seed: int, r: int = 8, alpha: int = 16
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero: make the adapter change the model
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
             elif "lora_A" in name:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     peft_model.save_pretrained(out_dir)
     return out_dir
 

@@ -1,6 +1,8 @@
-"""bf16 with the platform's fused decode step: steps with adapter rows decline it (it knows nothing of adapters)
-and the steps after them get it back; the adapter rows of a mixed batch equal the adapter run on its own, and the
-base rows equal the base model run on its own."""
+"""bf16 with the platform's fused decode step. With the native ``lora_shrink_expand`` the decode steps that have
+adapter rows run fused too, and give exactly the tokens of the layer-by-layer path (the same kernels, in the same
+order); with a torch implementation of the op those steps decline the fused step and the steps after them get it
+back. Either way, the adapter rows of a mixed batch equal the adapter run on its own, and the base rows equal the
+base model run on its own."""
 
 from __future__ import annotations
 
@@ -13,23 +15,49 @@ from tests.conftest import assert_all_blocks_free
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43]]
 
 
-def test_lora_steps_decline_fused_decode_and_agree_with_single_runs(tiny_model_dir, lora_adapters):
+def _tokens(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _count_fused_lora_steps(runner):
+    """Wraps the fused step's ``run`` (the real one still runs) to count the calls made while rows had adapters."""
+    fused, calls = runner.fused_decode, []
+    run = fused.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(runner.lora.step.plan is not None)
+        return run(*args, **kwargs)
+
+    fused.run = counting_run
+    return calls
+
+
+@pytest.mark.parametrize("op_impl", [None, "lora_shrink_expand=torch_all_slots"], ids=["default", "torch"])
+def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_model_dir, lora_adapters, op_impl):
     llm = LLM(tiny_model_dir("llama"), dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True,
-              max_model_len=128, num_gpu_blocks_override=64)
+              max_model_len=128, num_gpu_blocks_override=64, op_impl=op_impl)
     runner = llm.llm_engine.runner
     if runner.fused_decode is None:
         pytest.skip("this platform fuses no decode step for the tiny model in bf16")
+    native = runner.fused_decode.lora_fused
+    if op_impl is None and not native:
+        pytest.skip(f"lora_shrink_expand is {type(runner.lora.step.op).name}, not a native kernel")
+    assert native == (op_impl is None)
     lora = LoRARequest("a", 1, lora_adapters("llama", "a"))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
 
-    def tokens(outputs):
-        return [list(o.outputs[0].token_ids) for o in outputs]
-
-    mixed = tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora]))
-    assert runner.model.model.fused_decode is runner.fused_decode  # given back after the LoRA steps
-    alone = tokens(llm.generate([prompts[0], prompts[2]], params, use_tqdm=False, lora_request=lora))
-    base = tokens(llm.generate([prompts[1]], params, use_tqdm=False))
+    calls = _count_fused_lora_steps(runner)
+    mixed = _tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora]))
+    assert any(calls) == native and (native or calls == [])  # declined: every step of this batch has adapter rows
+    assert runner.model.model.fused_decode is runner.fused_decode
+    alone = _tokens(llm.generate([prompts[0], prompts[2]], params, use_tqdm=False, lora_request=lora))
+    base = _tokens(llm.generate([prompts[1]], params, use_tqdm=False))
     assert [mixed[0], mixed[2]] == alone and [mixed[1]] == base
-    assert mixed[0] != tokens(llm.generate([prompts[0]], params, use_tqdm=False))[0]  # the adapter does something
+    assert mixed[0] != _tokens(llm.generate([prompts[0]], params, use_tqdm=False))[0]  # the adapter does something
+    runner.model.use_fused_decode(None)  # layer by layer: the same kernels one op at a time
+    try:
+        assert _tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora])) == mixed
+    finally:
+        runner.model.use_fused_decode(runner.fused_decode)
     assert_all_blocks_free(llm)

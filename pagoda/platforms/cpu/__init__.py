@@ -83,8 +83,9 @@ def pagoda_register_platforms():
 
 @hookimpl
 def pagoda_register_ops():
+    from pagoda.platforms.cpu.lora_ops import CPU_LORA_OP_IMPLS
     from pagoda.platforms.cpu.moe_ops import CPU_MOE_OP_IMPLS
     from pagoda.platforms.cpu.ops import CPU_OP_IMPLS
     from pagoda.platforms.cpu.quant_ops import CPU_QUANT_OP_IMPLS
 
-    return CPU_OP_IMPLS + CPU_QUANT_OP_IMPLS + CPU_MOE_OP_IMPLS
+    return CPU_OP_IMPLS + CPU_QUANT_OP_IMPLS + CPU_MOE_OP_IMPLS + CPU_LORA_OP_IMPLS

@@ -7,7 +7,9 @@ native kernels it returns a :class:`FusedDecode`, which hands the whole layer lo
 ``pagoda_llama_decode`` (``kernels/csrc/cpu_decode.cpp``). That calls the same kernels in the same order, so its
 numbers are those of the per-op path. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run
 on AMX tiles as the AMX linear op runs them, and only steps small enough for its packed-weight kernels are fused
-(it hands prefill-sized batches to oneDNN).
+(it hands prefill-sized batches to oneDNN). When the engine serves LoRA adapters through this platform's native
+``lora_shrink_expand``, the step adds each layer's adapter delta with the same kernel the per-op path calls;
+with another implementation, steps that have adapter rows run layer by layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
 from pagoda.platforms.cpu.kernels import cpu
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
+from pagoda.platforms.cpu.lora_ops import NativeLoRAShrinkExpand
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p), ("v_cache", c_void_p)]
+                ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p), ("v_cache", c_void_p),
+                ("lora", c_void_p * 4)]
 
 
 class _Plan(ctypes.Structure):
@@ -108,6 +112,9 @@ class FusedDecode:
         self.max_tokens: int | None = None
         # AMX tiles for the GEMMs exactly where the per-op path takes them (the AMX linear ops).
         self.amx = isinstance(ops.linear_dense, cpu_op_impls.AmxDense)
+        # Adapters: applied in the step where the slots are the native kernel's, else such steps are declined.
+        self.lora_step = stack.lora_step
+        self.lora_fused = isinstance(getattr(self.lora_step, "op", None), NativeLoRAShrinkExpand)
         layers = (_Layer * len(stack.layers))()
         for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
             if any(w.dtype != torch.bfloat16 for w in (layer.input_norm, layer.post_attention_norm)):
@@ -122,8 +129,10 @@ class FusedDecode:
                 linears.append(linear)
                 if limit is not None:
                     self.max_tokens = min(limit, self.max_tokens or limit)
+            lora = [slots.slots.pointer if self.lora_fused and slots is not None else None
+                    for slots in layer.lora or (None,) * 4]
             layers[i] = _Layer(layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr(), *linears,
-                               kv[0].data_ptr(), kv[1].data_ptr())
+                               kv[0].data_ptr(), kv[1].data_ptr(), (c_void_p * 4)(*lora))
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size
@@ -135,10 +144,12 @@ class FusedDecode:
                           ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
-        """A decode-only step, small enough where the linear op changes kernels with the batch size."""
+        """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter
+        rows (if any) this step can apply."""
         plan = (getattr(metadata, "decode_plans", None) or {}).get(self.window)
         return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
-                and (self.max_tokens is None or num_tokens <= self.max_tokens))
+                and (self.max_tokens is None or num_tokens <= self.max_tokens)
+                and (self.lora_fused or self.lora_step is None or self.lora_step.plan is None))
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer for this step: ``hidden`` (embeddings) → (last layer output, residual), before the final
@@ -152,9 +163,11 @@ class FusedDecode:
         plan = metadata.decode_plans[self.window]
         table, seq_lens = plan.block_table, plan.seq_lens.contiguous()
         slots = metadata.slot_mapping.contiguous()
+        lora = self.lora_step.plan if self.lora_step is not None else None  # the step's tokens grouped by slot
         rc = self.lib.llama_decode(ctypes.byref(self.plan), tokens, hidden.data_ptr(), residual.data_ptr(),
                                    cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(), table.stride(0),
-                                   seq_lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                                   seq_lens.data_ptr(), scratch.data_ptr(), lora.pointer if lora else None,
+                                   self.lora_step.scales.data_ptr() if lora else None, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"pagoda_llama_decode failed with code {rc}")
         return hidden, residual
@@ -168,5 +181,10 @@ def build_fused_decode(stack: Any, ops: Any, kv_caches: list[torch.Tensor]) -> F
         logger.info("decode steps not fused: %s", exc)
         return None
     limit = f" of up to {fused.max_tokens} sequences" if fused.max_tokens else ""
-    logger.info("decode steps%s run fused on the native CPU kernels", limit)
+    lora = ""
+    if fused.lora_step is not None:
+        lora = (", LoRA adapters included" if fused.lora_fused else
+                f"; steps with LoRA adapter rows run layer by layer (lora_shrink_expand is "
+                f"{type(fused.lora_step.op).name}, not the native kernel)")
+    logger.info("decode steps%s run fused on the native CPU kernels%s", limit, lora)
     return fused

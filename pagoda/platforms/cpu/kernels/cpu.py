@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 20
+ABI_VERSION = 21
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -86,8 +86,12 @@ class CpuKernels:
         self.has_amx_int8 = bool(lib.pagoda_has_amx_int8())
         lib.pagoda_llama_decode.restype = c_int
         lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
-                                            c_void_p, c_int64, c_void_p, c_void_p, c_int]
+                                            c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
         self.llama_decode = lib.pagoda_llama_decode
+        lib.pagoda_lora_shrink_expand.restype = c_int
+        lib.pagoda_lora_shrink_expand.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64,
+                                                  c_int, c_int]
+        self.lora_shrink_expand = lib.pagoda_lora_shrink_expand
         lib.pagoda_linear_argmax.restype = c_int
         lib.pagoda_linear_argmax.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_int,
                                              c_int, c_void_p]

@@ -23,6 +23,7 @@ struct Layer {
   Linear qkv, o, gate_up, down;
   bf16_t* k_cache;  // [blocks, block_size, kv_heads, head_size]
   bf16_t* v_cache;
+  const LoRASlots* lora[4];  // adapter slots of qkv, o, gate_up, down (cpu_lora.h), or null
 };
 
 struct Plan {
@@ -54,6 +55,12 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
       for (int64_t i = 0; i < w.n; ++i)
         y[r * w.n + i] = f32_to_bf16(bf16_to_f32(y[r * w.n + i]) + bf16_to_f32(f32_to_bf16(w.bias[i])));
 }
+
+// The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
+void lora(const LoRASlots* slots, const LoRAGroups* groups, const float* scales, bf16_t* y, int64_t ldy,
+          const bf16_t* x, int64_t ldx, int nt, bool amx) {
+  if (groups && slots) lora_shrink_expand(*slots, *groups, scales, y, ldy, x, ldx, nt, amx);
+}
 #endif
 
 }  // namespace
@@ -63,10 +70,12 @@ extern "C" {
 // Runs every layer for `tokens` decode tokens (one per sequence). hidden [tokens, hidden]: the embeddings in,
 // the last layer's output out (before the final norm); residual [tokens, hidden]: the residual stream out.
 // cos/sin float32 [tokens, rot_dim]; slot_mapping int64 [tokens]; block_table int32 rows of table_stride; seq_lens int32.
-// scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). Returns -1 without AVX512-BF16.
+// scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). lora: the step's tokens grouped by
+// adapter slot (null: no row has an adapter), lora_scales each slot's scale. Returns -1 without AVX512-BF16.
 int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
                         const void* sin, const int64_t* slot_mapping, const int32_t* block_table,
-                        int64_t table_stride, const int32_t* seq_lens, void* scratch, int num_threads) {
+                        int64_t table_stride, const int32_t* seq_lens, void* scratch, const void* lora_groups,
+                        const float* lora_scales, int num_threads) {
 #if defined(__AVX512BF16__)
   const Plan& p = *plan;
   const int64_t q_size = p.num_heads * p.head_size, kv_size = p.num_kv_heads * p.head_size;
@@ -78,6 +87,7 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
   bf16_t* attn = qkv + tokens * qkv_n;
   bf16_t* gate_up = attn + tokens * q_size;
   bf16_t* act = gate_up + tokens * 2 * p.inter;
+  const LoRAGroups* groups = static_cast<const LoRAGroups*>(lora_groups);
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const Layer& L = p.layers[l];
     if (l == 0) {
@@ -87,6 +97,7 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
       rms_norm<bf16_t>(normed, residual, hidden, residual, L.input_norm, tokens, p.hidden, p.eps, num_threads);
     }
     linear(L.qkv, qkv, normed, tokens, num_threads, p.amx != 0);
+    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, num_threads, p.amx != 0);
     // q and k heads sit side by side in each row: one rotary pass over both.
     rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
                  static_cast<const float*>(sin), p.rot_dim, num_threads);
@@ -97,15 +108,19 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
                              p.token_stride, p.scale, p.window, num_threads, qkv_n);
     linear(L.o, hidden, attn, tokens, num_threads, p.amx != 0);
+    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, num_threads, p.amx != 0);
     rms_norm<bf16_t>(normed, residual, hidden, residual, L.post_norm, tokens, p.hidden, p.eps, num_threads);
     linear(L.gate_up, gate_up, normed, tokens, num_threads, p.amx != 0);
+    lora(L.lora[2], groups, lora_scales, gate_up, 2 * p.inter, normed, p.hidden, num_threads, p.amx != 0);
     silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
     linear(L.down, hidden, act, tokens, num_threads, p.amx != 0);
+    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, num_threads, p.amx != 0);
   }
   return 0;
 #else
   (void)plan; (void)tokens; (void)hidden_io; (void)residual_io; (void)cos; (void)sin; (void)slot_mapping;
-  (void)block_table; (void)table_stride; (void)seq_lens; (void)scratch; (void)num_threads;
+  (void)block_table; (void)table_stride; (void)seq_lens; (void)scratch; (void)lora_groups; (void)lora_scales;
+  (void)num_threads;
   return -1;
 #endif
 }

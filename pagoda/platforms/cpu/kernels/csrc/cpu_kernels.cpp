@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 20; }
+int pagoda_kernels_abi_version() { return 21; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -130,6 +130,21 @@ int pagoda_has_packed_bf16() {
   return 1;
 #else
   return 0;
+#endif
+}
+
+// y [T, out] (rows ldy elements apart) += each grouped token's LoRA delta (cpu_lora.h: slots is a LoRASlots,
+// groups a LoRAGroups, scales float32 per slot); x [T, in] rows ldx apart; bf16. amx: the caller holds AMX's
+// permission. -1 without AVX512-BF16.
+int pagoda_lora_shrink_expand(const void* slots, const void* groups, const float* scales, void* y, int64_t ldy,
+                              const void* x, int64_t ldx, int num_threads, int amx) {
+#if defined(__AVX512BF16__)
+  lora_shrink_expand(*static_cast<const LoRASlots*>(slots), *static_cast<const LoRAGroups*>(groups), scales,
+                     static_cast<bf16_t*>(y), ldy, static_cast<const bf16_t*>(x), ldx, num_threads, amx != 0);
+  return 0;
+#else
+  (void)slots; (void)groups; (void)scales; (void)y; (void)ldy; (void)x; (void)ldx; (void)num_threads; (void)amx;
+  return -1;
 #endif
 }
 

@@ -11,3 +11,4 @@
 #include "cpu_moe.h"
 #include "cpu_quant_gemm.h"
 #include "cpu_prefill_attention.h"
+#include "cpu_lora.h"
