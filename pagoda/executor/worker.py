@@ -16,12 +16,14 @@ from pagoda.core.model_runner import ModelRunner, RunnerOutput
 from pagoda.core.sampler import bad_words_to_token_ids
 from pagoda.core.scheduler import SchedulerOutput
 from pagoda.distributed import init_distributed_environment, initialize_model_parallel
+from pagoda.lora.manager import lora_device_bytes
+from pagoda.ops import current_ops
 from pagoda.utils import cdiv
 
 
 def num_kv_blocks(config: EngineConfig, weight_bytes: int) -> int:
-    """KV-cache blocks this rank can hold beside ``weight_bytes`` of weights (never more than every sequence at
-    full length could use)."""
+    """KV-cache blocks this rank can hold beside ``weight_bytes`` of weights and adapter slots (never more than
+    every sequence at full length could use)."""
     cache, model = config.cache, config.model
     if cache.num_blocks_override is not None:
         return cache.num_blocks_override
@@ -64,7 +66,8 @@ class Worker:
         self.model = load_model(self.config)
 
     def available_kv_blocks(self) -> int:
-        return num_kv_blocks(self.config, model_bytes(self.model))
+        ops = self.config.ops or current_ops()
+        return num_kv_blocks(self.config, model_bytes(self.model) + lora_device_bytes(self.config, self.model, ops))
 
     def initialize_cache(self, num_blocks: int, eos_token_ids: set[int]) -> None:
         self.config.cache.num_blocks = num_blocks

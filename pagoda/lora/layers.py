@@ -46,18 +46,27 @@ class LinearLoRA:
         self.step.op.set_slot(self.slots, slot, shards)
 
 
+def _lora_linears(model: torch.nn.Module) -> list[Any]:
+    """The ``Linear`` layers of ``model`` adapters may target."""
+    from pagoda.models.layers import Linear
+
+    return [module for module in model.modules()
+            if isinstance(module, Linear) and module.prefix.rpartition(".")[2] in LORA_LAYER_NAMES]
+
+
+def lora_slots_nbytes(model: torch.nn.Module, op: Any, num_slots: int, max_rank: int, dtype: torch.dtype) -> int:
+    """What :func:`attach_lora` will allocate on the device for ``model``'s adapter slots."""
+    return sum(op.slots_nbytes(num_slots, max_rank, m.input_size, m.output_sizes, dtype) for m in _lora_linears(model))
+
+
 def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank: int, dtype: torch.dtype,
                 device: torch.device) -> dict[str, LinearLoRA]:
     """Give every LoRA-capable ``Linear`` of ``model`` its slots; returns layer name (the ``Linear``'s prefix, as
     the checkpoint names it) → slots."""
-    from pagoda.models.layers import Linear
-
     layers = {}
-    for module in model.modules():
-        if isinstance(module, Linear) and module.prefix.rpartition(".")[2] in LORA_LAYER_NAMES:
-            module.lora = LinearLoRA(step, module.input_size, module.output_sizes, num_slots, max_rank, dtype,
-                                     device)
-            layers[module.prefix] = module.lora
+    for module in _lora_linears(model):
+        module.lora = LinearLoRA(step, module.input_size, module.output_sizes, num_slots, max_rank, dtype, device)
+        layers[module.prefix] = module.lora
     if not layers:
         raise ValueError(f"enable_lora: the model ({type(model).__name__}) has no layer LoRA adapters can target "
                          f"({', '.join(LORA_LAYER_NAMES)})")

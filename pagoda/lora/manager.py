@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pagoda.lora.config import LoRAConfig
-from pagoda.lora.layers import LoRAStep, attach_lora
+from pagoda.lora.layers import LoRAStep, attach_lora, lora_slots_nbytes
 from pagoda.lora.peft_loader import LoRAModel, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.logger import init_logger
@@ -128,6 +128,14 @@ class LoRAManager:
             return forward()
         finally:
             self.step.plan = None
+
+
+def lora_device_bytes(config: Any, model: Any, ops: Any) -> int:
+    """Device memory the adapter slots will take beside the weights (0 when the engine serves no adapters)."""
+    if config.lora is None:
+        return 0
+    return lora_slots_nbytes(model, ops.lora_shrink_expand, config.lora.max_loras, config.lora.max_lora_rank,
+                             config.model.dtype)
 
 
 def make_lora_manager(config: Any, model: Any, ops: Any, device: torch.device) -> LoRAManager | None:

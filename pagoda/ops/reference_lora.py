@@ -65,6 +65,13 @@ class StackedSlotsImpl(OpImpl):
         """Write an adapter's matrices for this layer into ``slot`` (``None``: empty it)."""
         slots.set_slot(slot, shards)
 
+    def slots_nbytes(self, num_slots: int, max_rank: int, input_size: int, output_sizes: list[int],
+                     dtype: torch.dtype) -> int:
+        """What ``create_slots`` with these arguments will allocate on the device (for the memory budget)."""
+        shards = len(output_sizes)
+        elements = num_slots * shards * max_rank * (input_size + sum(output_sizes))
+        return elements * torch.empty(0, dtype=dtype).element_size()
+
 
 @dataclass
 class LoRAPlan:

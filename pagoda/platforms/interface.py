@@ -92,8 +92,10 @@ class Platform(ABC):
         ``stack`` is the model's :class:`~pagoda.models.interface.DecoderStack` (weights as the chosen ops' handles,
         norms, rotary table), ``ops`` the engine's :class:`~pagoda.ops.OpSet`. The returned object has
         ``applies(metadata, num_tokens)`` and ``run(hidden, positions, metadata) -> (hidden, residual)`` and takes
-        the whole layer loop of the steps it applies to — what CUDA-graph capture is on a GPU. Called once the
-        KV caches exist; the default declines.
+        the whole layer loop of the steps it applies to — what CUDA-graph capture is on a GPU. When the engine
+        serves LoRA adapters, ``stack.lora_step`` holds the step's adapter plan: the fused step must add each
+        layer's delta from its slots, or not apply to steps whose plan is set. Called once the KV caches and
+        adapter slots exist; the default declines.
         """
         return None
 

@@ -130,3 +130,19 @@ def test_prefix_cache_never_shared_between_adapters(tiny_model_dir, lora_adapter
     assert results["b"][1] == peft_greedy(base, b, [prompt], GREEDY.max_tokens)[0]
     assert results["base"][1] == peft_greedy(base, None, [prompt], GREEDY.max_tokens)[0]
     assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_budget_counts_the_adapter_slots_the_engine_allocates(tiny_model_dir, dtype):
+    """The KV-cache budget on device platforms leaves room for the slots: what it counts is what they take."""
+    from pagoda.lora.manager import lora_device_bytes
+
+    llm = LLM(tiny_model_dir("llama"), dtype=dtype, enable_lora=True, max_loras=3, max_lora_rank=16,
+              skip_tokenizer_init=True, max_model_len=64, num_gpu_blocks_override=16)
+    engine = llm.llm_engine
+    manager = engine.runner.lora
+    allocated = sum(layer.slots.nbytes() for layer in manager.layers.values())
+    layers = len(engine.runner.model.model.layers)
+    assert allocated > 0 and len(manager.layers) == 4 * layers
+    assert engine.config.ops.lora_shrink_expand is manager.step.op
+    assert lora_device_bytes(engine.config, engine.runner.model, engine.config.ops) == allocated

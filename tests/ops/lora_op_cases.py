@@ -33,6 +33,8 @@ def lora_shrink_expand(impl, ref, dtype):
         d_out = sum(output_sizes)
         offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
         stores = [op.create_slots(slots, max_rank, d_in, output_sizes, dtype, torch.device("cpu")) for op in (impl, ref)]
+        for op, store in zip((impl, ref), stores):  # what the memory budget counts is what the slots take
+            assert op.slots_nbytes(slots, max_rank, d_in, output_sizes, dtype) == store.nbytes(), type(op).name
         # Every slot first holds another adapter (of full rank on every shard), then is written over.
         for slot in range(slots):
             stale = _adapter(g, [max_rank] * len(output_sizes), d_in, output_sizes, dtype)

@@ -30,6 +30,10 @@ class NativeLoRAShrinkExpand(_NativeBf16Gemm):
     def set_slot(self, slots: cpu_lora.PackedLoRASlots, slot: int, shards: Any) -> None:
         slots.set_slot(slot, shards)
 
+    def slots_nbytes(self, num_slots: int, max_rank: int, input_size: int, output_sizes: list[int],
+                     dtype: torch.dtype) -> int:
+        return cpu_lora.packed_slots_nbytes(num_slots, max_rank, input_size, output_sizes)
+
     def plan(self, token_slots: torch.Tensor, num_slots: int) -> cpu_lora.LoRAGroups:
         return cpu_lora.LoRAGroups(token_slots, num_slots)
 

@@ -28,6 +28,12 @@ def _packed_elems(n: int, k: int) -> int:
     return -(-n // 16) * 16 * (-(-k // 2)) * 2
 
 
+def packed_slots_nbytes(num_slots: int, max_rank: int, input_size: int, output_sizes: list[int]) -> int:
+    """Bytes of :class:`PackedLoRASlots` with these arguments."""
+    a = _packed_elems(len(output_sizes) * max_rank, input_size)
+    return num_slots * (a + sum(_packed_elems(n, max_rank) for n in output_sizes)) * 2
+
+
 class PackedLoRASlots:
     """One layer's adapter slots packed for the kernel: per slot, A [shards * rank, in] (shard i's rows from
     ``i * rank``) and each shard's B_i [out_i, rank], every one zero-padded to ``rank``."""
