@@ -1,7 +1,9 @@
-"""Adapters in bfloat16 on the real SmolLM2-135M-Instruct weights (the HF-format copy), through the platform's
-``lora_shrink_expand`` (pagoda's native kernel where the CPU has AVX512-BF16: prefill layer by layer, decode inside the
-fused step): a batch mixing two adapters and the base model must be as close to transformers + peft in float32 as
-transformers + peft's own bfloat16 forward is (teacher-forced log-probabilities of the tokens pagoda chose)."""
+"""Adapters in bfloat16 on the real SmolLM2-135M-Instruct weights — the HF-format copy, and the bundled Q4_1 GGUF
+(the adapter's delta in bf16 beside the quantized base) — through the platform's ``lora_shrink_expand`` (pagoda's
+native kernel where the CPU has AVX512-BF16: prefill layer by layer, decode inside the fused step): a batch mixing
+two adapters and the base model must be as close to transformers + peft in float32 as transformers + peft's own
+bfloat16 forward is (teacher-forced log-probabilities of the tokens pagoda chose; for the GGUF, on its exact
+float32 dequantization, which the HF-format copy is)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.lora.request import LoRARequest
-from tests.conftest import assert_all_blocks_free
+from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 from tests.lora.conftest import make_peft_adapter
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
@@ -33,13 +35,15 @@ def _peft_logprobs(base: torch.nn.Module, adapter: str | None, prompt: list[int]
 
 
 @pytest.mark.slow
-def test_bf16_adapters_as_close_to_float32_peft_as_bf16_peft(smollm2_hf_dir, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["safetensors", "gguf"])
+def test_bf16_adapters_as_close_to_float32_peft_as_bf16_peft(smollm2_hf_dir, tmp_path, checkpoint):
     from transformers import AutoModelForCausalLM
 
     adapters = [make_peft_adapter(smollm2_hf_dir, str(tmp_path / "a"), seed=5, r=16, alpha=16, std=0.05),
                 make_peft_adapter(smollm2_hf_dir, str(tmp_path / "b"), seed=6, r=8, alpha=16, std=0.05,
                                   target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"))]
-    llm = LLM(smollm2_hf_dir, dtype="bfloat16", kv_cache_memory_bytes=1 << 27, enable_lora=True, max_loras=2)
+    model = smollm2_hf_dir if checkpoint == "safetensors" else bundled_gguf_path()
+    llm = LLM(model, dtype="bfloat16", kv_cache_memory_bytes=1 << 27, enable_lora=True, max_loras=2)
     runner = llm.llm_engine.runner
     requests = [LoRARequest("a", 1, adapters[0]), LoRARequest("b", 2, adapters[1]), None]
     tokenizer = llm.get_tokenizer()

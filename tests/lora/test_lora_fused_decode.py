@@ -7,8 +7,11 @@ base model run on its own."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagoda import LLM, SamplingParams
+from pagoda.platforms import resolve_platform
+from pagoda.plugins.registry import get_registry
 from pagoda.lora.request import LoRARequest
 from tests.conftest import assert_all_blocks_free
 
@@ -32,17 +35,26 @@ def _count_fused_lora_steps(runner):
     return calls
 
 
-@pytest.mark.parametrize("op_impl", [None, "lora_shrink_expand=torch_all_slots"], ids=["default", "torch"])
-def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_model_dir, lora_adapters, op_impl):
+@pytest.mark.parametrize("impl", [None, "cpu_avx512_bf16", "torch_all_slots"])
+def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_model_dir, lora_adapters, impl):
+    """``impl``: the lora_shrink_expand implementation forced (None: the platform's choice; cpu_avx512_bf16 on an
+    AMX CPU: the native kernel without tiles, which the fused step must then not use either)."""
+    if impl is not None:
+        reason = get_registry().ops["lora_shrink_expand"][impl].unavailable_reason(resolve_platform("auto"),
+                                                                                  torch.bfloat16)
+        if reason:
+            pytest.skip(f"lora_shrink_expand/{impl}: {reason}")
     llm = LLM(tiny_model_dir("llama"), dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True,
-              max_model_len=128, num_gpu_blocks_override=64, op_impl=op_impl)
+              max_model_len=128, num_gpu_blocks_override=64,
+              op_impl=f"lora_shrink_expand={impl}" if impl else None)
     runner = llm.llm_engine.runner
     if runner.fused_decode is None:
         pytest.skip("this platform fuses no decode step for the tiny model in bf16")
     native = runner.fused_decode.lora_fused
-    if op_impl is None and not native:
+    if impl is None and not native:
         pytest.skip(f"lora_shrink_expand is {type(runner.lora.step.op).name}, not a native kernel")
-    assert native == (op_impl is None)
+    assert native == (impl != "torch_all_slots")
+    assert runner.fused_decode.plan.lora_amx == int(native and runner.lora.step.op.uses_amx)
     lora = LoRARequest("a", 1, lora_adapters("llama", "a"))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]

@@ -49,7 +49,7 @@ class _Layer(ctypes.Structure):
 class _Plan(ctypes.Structure):
     _fields_ = [(name, c_int64) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_size",
                                              "inter", "rot_dim", "block_size", "block_stride", "token_stride",
-                                             "window", "amx")] + [("eps", c_float), ("scale", c_float),
+                                             "window", "amx", "lora_amx")] + [("eps", c_float), ("scale", c_float),
                                                            ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -140,7 +140,8 @@ class FusedDecode:
         self.q_size = stack.num_heads * stack.head_size
         self.plan = _Plan(len(stack.layers), self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size,
                           self.inter, stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
-                          self.window or 0, int(self.amx), stack.norm_eps, stack.attention_scale,
+                          self.window or 0, int(self.amx), int(self.lora_fused and self.lora_step.op.uses_amx),
+                          stack.norm_eps, stack.attention_scale,
                           ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:

@@ -29,6 +29,7 @@ struct Layer {
 struct Plan {
   int64_t num_layers, hidden, num_heads, num_kv_heads, head_size, inter, rot_dim;
   int64_t block_size, block_stride, token_stride, window, amx;  // amx: bf16 GEMMs may use AMX tiles
+  int64_t lora_amx;  // the LoRA shrink/expand may use AMX tiles (as the per-op path's implementation does)
   float eps, scale;
   const Layer* layers;
 };
@@ -97,7 +98,7 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
       rms_norm<bf16_t>(normed, residual, hidden, residual, L.input_norm, tokens, p.hidden, p.eps, num_threads);
     }
     linear(L.qkv, qkv, normed, tokens, num_threads, p.amx != 0);
-    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, num_threads, p.amx != 0);
+    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, num_threads, p.lora_amx != 0);
     // q and k heads sit side by side in each row: one rotary pass over both.
     rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
                  static_cast<const float*>(sin), p.rot_dim, num_threads);
@@ -108,13 +109,13 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
                              p.token_stride, p.scale, p.window, num_threads, qkv_n);
     linear(L.o, hidden, attn, tokens, num_threads, p.amx != 0);
-    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, num_threads, p.amx != 0);
+    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, num_threads, p.lora_amx != 0);
     rms_norm<bf16_t>(normed, residual, hidden, residual, L.post_norm, tokens, p.hidden, p.eps, num_threads);
     linear(L.gate_up, gate_up, normed, tokens, num_threads, p.amx != 0);
-    lora(L.lora[2], groups, lora_scales, gate_up, 2 * p.inter, normed, p.hidden, num_threads, p.amx != 0);
+    lora(L.lora[2], groups, lora_scales, gate_up, 2 * p.inter, normed, p.hidden, num_threads, p.lora_amx != 0);
     silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
     linear(L.down, hidden, act, tokens, num_threads, p.amx != 0);
-    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, num_threads, p.amx != 0);
+    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, num_threads, p.lora_amx != 0);
   }
   return 0;
 #else
