@@ -3,8 +3,9 @@
 The op set is the one an engine would choose here (platform ``--device``, dtype ``--dtype``, ``--op-impl``);
 ``--all-impls`` times every runnable implementation instead. Shapes are SmolLM2-135M's (hidden 576, 9/3 heads of
 64, FFN 1536, vocab 49152): W1 is 64 decoding sequences at 192 cached tokens and 16 prompts of 128 tokens per
-prefill step, W2 one sequence (``fused_moe``: a small Mixtral's expert block, ``MOE``). Linear ops and
-``fused_moe`` report GFLOP/s, the rest GB/s of the tensors they must read and write.
+prefill step, W2 one sequence (``fused_moe``: a small Mixtral's expert block, ``MOE``; ``lora_shrink_expand``: W1's
+tokens spread over 8 rank-16 adapters). Linear ops, ``fused_moe`` and ``lora_shrink_expand`` report GFLOP/s (of each
+token's own adapter), the rest GB/s of the tensors they must read and write.
 The ceilings: torch's bf16 matmul at 2048³ and a read of 512 MiB.
 """
 
@@ -22,6 +23,9 @@ HIDDEN, HEADS, KV_HEADS, D, FFN, VOCAB = 576, 9, 3, 64, 1536, 49152
 LINEARS = {"qkv": (HEADS * D + 2 * KV_HEADS * D, HIDDEN), "o": (HIDDEN, HEADS * D), "gate_up": (2 * FFN, HIDDEN),
            "down": (HIDDEN, FFN)}
 MOE = dict(experts=8, top_k=2, hidden=1024, inter=2048)  # one layer of the benchmarks' small Mixtral-shaped config
+# Each projection's shards as the LoRA slots see them (q/k/v and gate/up merged), 8 slots of rank 16.
+LORA_SHARDS = {"qkv": [HEADS * D, KV_HEADS * D, KV_HEADS * D], "o": [HIDDEN], "gate_up": [FFN, FFN], "down": [HIDDEN]}
+LORA_SLOTS, LORA_RANK = 8, 16
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +111,21 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
             weights = torch.softmax(torch.randn(m, top_k), dim=-1)
             add(workload, f"{m} tokens, top-{top_k} of {experts} experts {hidden}->{inter}",
                 _median_s(lambda: impl.apply(handle, x, weights, ids), iters), flops=6.0 * m * top_k * hidden * inter)
+    elif op == "lora_shrink_expand":  # W1's 64 sequences, and a prefill step of 16 prompts, over 8 adapters
+        for name, shards in LORA_SHARDS.items():
+            k = LINEARS[name][1]
+            slots = impl.create_slots(LORA_SLOTS, LORA_RANK, k, shards, dtype, torch.device("cpu"))
+            for slot in range(LORA_SLOTS):
+                impl.set_slot(slots, slot, {i: ((torch.randn(LORA_RANK, k) / k ** 0.5).to(dtype),
+                                                (torch.randn(n, LORA_RANK) * 0.01).to(dtype))
+                                            for i, n in enumerate(shards)})
+            scales = torch.ones(LORA_SLOTS)
+            for workload, m, per_request in (("W1 decode", 64, 1), ("W1 prefill", 2048, 128)):
+                plan = impl.plan((torch.arange(m) // per_request) % LORA_SLOTS, LORA_SLOTS)
+                x, y = torch.randn(m, k).to(dtype), torch.randn(m, sum(shards)).to(dtype)
+                flops = 2.0 * m * LORA_RANK * (len(shards) * k + sum(shards))  # each token's own adapter only
+                add(workload, f"{name} {m}x{k}->{sum(shards)} r{LORA_RANK}",
+                    _median_s(lambda: impl.apply(plan, y, x, slots, scales), iters), flops=flops)
     elif op == "rotary_embedding":
         for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
             qkv = torch.randn(m, (HEADS + 2 * KV_HEADS) * D).to(dtype)
