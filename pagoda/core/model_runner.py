@@ -71,15 +71,20 @@ class ModelRunner:
         mc = config.model
         self.causal = not mc.is_encoder_only
         self.kv_caches: list[torch.Tensor | None]
+        self._zero_fresh_blocks = False
         if mc.is_encoder_only:  # encoders attend within the step's tokens only: no cache at all
             self.kv_caches = [None] * mc.num_layers
         else:
             shape = config.attention_backend.kv_cache_shape(num_blocks, self.block_size,
                                                             config.attention.num_kv_heads, mc.head_size)
-            # Uninitialized: blocks are zeroed on first use (SchedulerOutput.blocks_to_zero), not all up front.
-            self.kv_caches = [torch.empty(shape, dtype=mc.dtype, device=self.device)
-                              for _ in range(stage_num_layers(config))]  # this pipeline stage's layers
-            for cache in self.kv_caches:
+            # Memory that reads as zeros where the platform has it; else uninitialized, each block zeroed on first
+            # use (SchedulerOutput.blocks_to_zero), not all up front.
+            layers = stage_num_layers(config)  # this pipeline stage's layers
+            zeroed = [config.platform.zeroed_empty(shape, mc.dtype) for _ in range(layers)]
+            self._zero_fresh_blocks = any(cache is None for cache in zeroed)
+            self.kv_caches = ([torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(layers)]
+                              if self._zero_fresh_blocks else zeroed)
+            for cache in self.kv_caches if self._zero_fresh_blocks else ():
                 cache[:, 0] = 0  # block tables are padded with block 0
         self.uses_token_type_ids = model.uses_token_type_ids
         with use_ops(config.ops or current_ops()):
@@ -172,7 +177,7 @@ class ModelRunner:
                 self._set_blocks(state, cached.block_ids)
         # Slices, not an index tensor: on CPU, assigning through an index tensor on dimension 1 of the cache costs
         # ~100x more (20 ms per layer for 64 blocks). Fresh blocks mostly come in runs of consecutive ids.
-        if sched.blocks_to_zero and self.causal:
+        if sched.blocks_to_zero and self.causal and self._zero_fresh_blocks:
             for start, stop in block_runs(sched.blocks_to_zero):
                 for cache in self.kv_caches:
                     cache[:, start:stop] = 0

@@ -81,6 +81,13 @@ class Platform(ABC):
         return max(budget, 0)
 
     @classmethod
+    def zeroed_empty(cls, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor that reads as zeros without being written up front (memory the OS hands out zero-filled on
+        first touch), for the KV cache; ``None`` where the platform has no such memory (the engine then zeroes each
+        cache block when it is first used)."""
+        return None
+
+    @classmethod
     def capabilities(cls) -> frozenset[str]:
         """What op implementations may require of this platform (CPU ISA flags, a GPU's ``sm_XY``, …)."""
         return frozenset()
