@@ -54,6 +54,12 @@ def test_packed_weight_round_trips_and_serves_embedding_rows():
     assert torch.equal(weight.unpack(), w)
     ids = torch.tensor([[0, 5, 36], [17, 16, 15]])
     assert torch.equal(weight.rows(ids), w[ids])
+    many = torch.randint(0, 37, (300,))  # rows gathered on several threads
+    assert torch.equal(weight.rows(many), w[many])
+    assert weight.rows(torch.tensor([], dtype=torch.int64)).shape == (0, 33)
+    for bad in (37, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            weight.rows(torch.tensor([3, bad]))
 
 
 @packed

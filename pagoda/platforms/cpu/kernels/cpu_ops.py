@@ -207,9 +207,14 @@ class PackedWeight:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the original weight (an embedding lookup on a tied LM head)."""
-        flat = index.reshape(-1)
-        picked = self._tiles()[flat // 16, :, flat % 16, :]  # [len, k / 2, 2]
-        return picked.reshape(flat.numel(), -1)[:, : self.k].reshape(*index.shape, self.k)
+        flat = index.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel():
+            low, high = torch.aminmax(flat)
+            if int(low) < 0 or int(high) >= self.n:
+                raise IndexError(f"row index out of range for a weight of {self.n} rows")
+        out = torch.empty(flat.numel(), self.k, dtype=torch.bfloat16)
+        kernels().packed_rows(out.data_ptr(), self.ptrs[0], flat.data_ptr(), flat.numel(), self.k, _threads())
+        return out.reshape(*index.shape, self.k)
 
     def unpack(self) -> torch.Tensor:
         """The original ``[n, k]`` weight."""

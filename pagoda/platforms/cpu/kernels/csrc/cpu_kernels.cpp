@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 21; }
+int pagoda_kernels_abi_version() { return 22; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -159,6 +159,20 @@ void pagoda_pack_bf16(uint16_t* dst, const uint16_t* w, int64_t n, int64_t k) {
           const int64_t row = t * 16 + c, col = 2 * p + e;
           dst[((t * k2 + p) * 16 + c) * 2 + e] = (row < n && col < k) ? w[row * k + col] : 0;
         }
+}
+
+// dst [m, k] = rows idx [m] (int64) of the [n, k] bf16 weight packed by pagoda_pack_bf16 (an embedding lookup on a
+// tied LM head): each row's k-pairs are 64 bytes apart in the packed tiles, so rows are gathered pair by pair.
+void pagoda_packed_rows(uint16_t* dst, const uint16_t* packed, const int64_t* idx, int64_t m, int64_t k,
+                        int num_threads) {
+  const int64_t k2 = (k + 1) / 2;
+  share_tasks(m, num_threads, [&](int64_t i) {
+    const int64_t r = idx[i];
+    const uint16_t* src = packed + ((r / 16) * k2 * 16 + r % 16) * 2;  // pair 0 of row r
+    uint16_t* out = dst + i * k;
+    for (int64_t p = 0; p < k / 2; ++p) std::memcpy(out + 2 * p, src + p * 32, 4);
+    if (k % 2) out[k - 1] = src[(k2 - 1) * 32];
+  });
 }
 
 // y [m, n] (rows ldy elements apart) = x [m, k] @ W^T + bias with W packed by pagoda_pack_bf16; bias is float32
