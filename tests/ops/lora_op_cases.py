@@ -18,6 +18,7 @@ LAYERS = (
     (3, 16, 70, [48, 24, 24], [[16, 16, 16], [8, None, 8], [None, 16, None]]),
     (2, 16, 64, [100, 100], [[16, 16], [16, None]]),
     (2, 64, 128, [80], [[64], [40]]),
+    (2, 7, 64, [40, 24], [[7, 5], [3, None]]),  # an odd rank: the native expand pads each row to whole pairs
 )
 
 
