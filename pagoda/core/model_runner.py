@@ -79,13 +79,14 @@ class ModelRunner:
                                                             config.attention.num_kv_heads, mc.head_size)
             # Memory that reads as zeros where the platform has it; else uninitialized, each block zeroed on first
             # use (SchedulerOutput.blocks_to_zero), not all up front.
-            layers = stage_num_layers(config)  # this pipeline stage's layers
-            zeroed = [config.platform.zeroed_empty(shape, mc.dtype) for _ in range(layers)]
-            self._zero_fresh_blocks = any(cache is None for cache in zeroed)
-            self.kv_caches = ([torch.empty(shape, dtype=mc.dtype, device=self.device) for _ in range(layers)]
-                              if self._zero_fresh_blocks else zeroed)
-            for cache in self.kv_caches if self._zero_fresh_blocks else ():
-                cache[:, 0] = 0  # block tables are padded with block 0
+            self.kv_caches = []
+            for _ in range(stage_num_layers(config)):  # this pipeline stage's layers
+                cache = config.platform.zeroed_empty(shape, mc.dtype)
+                if cache is None:
+                    cache = torch.empty(shape, dtype=mc.dtype, device=self.device)
+                    cache[:, 0] = 0  # block tables are padded with block 0
+                    self._zero_fresh_blocks = True
+                self.kv_caches.append(cache)
         self.uses_token_type_ids = model.uses_token_type_ids
         with use_ops(config.ops or current_ops()):
             self.attn_builder = config.attention_backend.builder_cls()(config.attention, self.device)

@@ -9,6 +9,7 @@ from ctypes import c_int64, c_void_p
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
+from pagoda.platforms.cpu.kernels.cpu_ops import packed_elems
 
 MAX_SHARDS = 4  # cpu_lora.h's kLoRAMaxShards
 
@@ -23,15 +24,15 @@ class LoRAGroupsStruct(ctypes.Structure):
     _fields_ = [("order", c_void_p), ("counts", c_void_p), ("num_slots", c_int64)]
 
 
-def _packed_elems(n: int, k: int) -> int:
-    """Elements of an [n, k] matrix packed by pagoda_pack_bf16 (tiles of 16 rows, k in pairs, zero-padded)."""
-    return -(-n // 16) * 16 * (-(-k // 2)) * 2
+def _slot_layout(max_rank: int, input_size: int, output_sizes: list[int]) -> tuple[int, list[int]]:
+    """Elements of one slot's packed A, and of each shard's packed B."""
+    return (packed_elems(len(output_sizes) * max_rank, input_size), [packed_elems(n, max_rank) for n in output_sizes])
 
 
 def packed_slots_nbytes(num_slots: int, max_rank: int, input_size: int, output_sizes: list[int]) -> int:
     """Bytes of :class:`PackedLoRASlots` with these arguments."""
-    a = _packed_elems(len(output_sizes) * max_rank, input_size)
-    return num_slots * (a + sum(_packed_elems(n, max_rank) for n in output_sizes)) * 2
+    a, b = _slot_layout(max_rank, input_size, output_sizes)
+    return num_slots * (a + sum(b)) * 2
 
 
 class PackedLoRASlots:
@@ -43,8 +44,7 @@ class PackedLoRASlots:
             raise ValueError(f"a LoRA layer of {len(output_sizes)} shards; the native kernel takes {MAX_SHARDS}")
         self.rank, self.input_size, self.output_sizes = max_rank, input_size, list(output_sizes)
         shards = len(output_sizes)
-        a_stride = _packed_elems(shards * max_rank, input_size)
-        b_sizes = [_packed_elems(n, max_rank) for n in output_sizes]
+        a_stride, b_sizes = _slot_layout(max_rank, input_size, output_sizes)
         b_offsets = [sum(b_sizes[:i]) for i in range(shards)]
         b_stride = sum(b_sizes)
         self.a = torch.zeros(num_slots * a_stride, dtype=torch.bfloat16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
+from pagoda.platforms.cpu.kernels.cpu_ops import packed_elems
 
 
 class PackedExperts:
@@ -21,14 +22,10 @@ class PackedExperts:
         return (self.w13.numel() + self.w2.numel()) * 2
 
 
-def _packed_elems(n: int, k: int) -> int:
-    return -(-n // 16) * 16 * (-(-k // 2)) * 2
-
-
 def _pack_stack(weights: torch.Tensor) -> torch.Tensor:
     lib = kernels()
     experts, n, k = weights.shape
-    per = _packed_elems(n, k)
+    per = packed_elems(n, k)
     data = torch.empty(experts * per, dtype=torch.bfloat16)
     for e in range(experts):  # once, after loading
         w = weights[e].to(torch.bfloat16).contiguous()

@@ -224,11 +224,16 @@ class PackedWeight:
         return self.data.numel() * self.data.element_size()
 
 
+def packed_elems(n: int, k: int) -> int:
+    """Elements of an [n, k] matrix packed by ``pagoda_pack_bf16`` (tiles of 16 rows, k in pairs, zero-padded)."""
+    return -(-n // 16) * 16 * (-(-k // 2)) * 2
+
+
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
     """Repack a bf16 ``[n, k]`` weight (the library must have the packed GEMM: ``kernels().has_packed_bf16``)."""
     lib = kernels()
     n, k = weight.shape
-    data = torch.empty(-(-n // 16) * 16 * (-(-k // 2)) * 2, dtype=torch.bfloat16)
+    data = torch.empty(packed_elems(n, k), dtype=torch.bfloat16)
     weight = weight.contiguous()
     lib.pack_bf16(data.data_ptr(), weight.data_ptr(), n, k)
     return PackedWeight(data, n, k, bias.float().contiguous() if bias is not None else None)
