@@ -31,17 +31,20 @@ struct alignas(64) AmxTileConfig {
 
 // Tile registers: 0-3 float32 accumulators of row tiles 0-3 (16 columns each); 4-5 the A (x) tiles of full row
 // tiles, alternating; 7 the A tile of the last row tile, whose height (1-16 rows) its accumulator shares; 6 the B
-// (weight) tile. A tile load reads exactly its configured rows, so x is read in place, never padded.
-inline void amx_configure(int row_tiles, int last_rows) {
+// (weight) tile. A tile load reads exactly its configured rows, so x is read in place, never padded. kstep: the k
+// each tile step takes (32, or 16 for a K of 16: a LoRA expand).
+inline void amx_configure(int row_tiles, int last_rows, int kstep = 32) {
   AmxTileConfig cfg{};
   cfg.palette_id = 1;
   for (int t = 0; t < row_tiles; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(t == row_tiles - 1 ? last_rows : 16);
     cfg.colsb[t] = 64;
   }
-  cfg.rows[4] = cfg.rows[5] = cfg.rows[6] = 16;
+  cfg.rows[4] = cfg.rows[5] = 16;
+  cfg.rows[6] = static_cast<uint8_t>(kstep / 2);
   cfg.rows[7] = static_cast<uint8_t>(last_rows);
-  cfg.colsb[4] = cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = 64;
+  cfg.colsb[4] = cfg.colsb[5] = cfg.colsb[7] = static_cast<uint16_t>(kstep * 2);
+  cfg.colsb[6] = 64;
   // GCC's _tile_loadconfig (12.x) tells the compiler it reads only the config's first 8 bytes, so where this
   // function is not inlined the other stores were dropped as dead and LDTILECFG faulted on the garbage: this barrier
   // declares the whole struct read.
@@ -49,7 +52,8 @@ inline void amx_configure(int row_tiles, int last_rows) {
   _tile_loadconfig(&cfg);
 }
 
-// acc [RT * 16 rows][16] = x [RT row tiles, k] @ one packed column tile ``wt``, prefetching ``ahead`` meanwhile.
+// acc [RT * 16 rows][16] = x [RT row tiles, k] @ one packed column tile ``wt``, prefetching ``ahead`` meanwhile;
+// k a multiple of 32, or 16 (tiles configured with amx_configure's kstep to match).
 template <int RT>
 inline void amx_tile_pass(float* acc, const bf16_t* x, int64_t k, const bf16_t* wt, const char* ahead,
                           int64_t ahead_bytes) {
@@ -57,12 +61,13 @@ inline void amx_tile_pass(float* acc, const bf16_t* x, int64_t k, const bf16_t* 
   if constexpr (RT > 1) _tile_zero(1);
   if constexpr (RT > 2) _tile_zero(2);
   if constexpr (RT > 3) _tile_zero(3);
-  const int64_t steps = k / 32, lines = ahead_bytes / 64, per_step = (lines + steps - 1) / steps;
+  const int64_t kstep = k < 32 ? k : 32;
+  const int64_t steps = k / kstep, lines = ahead_bytes / 64, per_step = (lines + steps - 1) / steps;
   const int64_t lda = k * 2;
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(6, wt + s * 16 * 32, 64);
+    _tile_loadd(6, wt + s * kstep * 16, 64);  // kstep / 2 k-pairs of 16 columns
     for (int64_t l = s * per_step; l < (s + 1) * per_step && l < lines; ++l) _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
-    const bf16_t* xs = x + s * 32;
+    const bf16_t* xs = x + s * kstep;
     if constexpr (RT == 1) {
       _tile_loadd(7, xs, lda);
       _tile_dpbf16ps(0, 7, 6);

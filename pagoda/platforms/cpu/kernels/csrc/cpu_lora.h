@@ -90,49 +90,22 @@ inline void lora_expand_rows(int64_t rows, bf16_t* const* yrows, const bf16_t* z
 }
 
 #if defined(PAGODA_HAS_AMX)
-// The expand on AMX tiles: y rows [rows <= 64] (pointers) += z [rows, k] (rows kz apart) . the column tiles
-// [tile0, tile0 + tiles) of B packed [n, k], for k of 16 or a multiple of 32 (one tile step of min(k, 32)). Each
-// 16-column tile's products for up to four 16-row tiles are summed in float32 tiles, then added to the bf16 rows.
-inline void lora_expand_amx(int64_t rows, bf16_t* const* yrows, const bf16_t* z, int64_t kz, int64_t k,
-                            const bf16_t* bp, int64_t tile0, int64_t tiles, int64_t n) {
-  const int64_t kstep = k < 32 ? k : 32, steps = k / kstep, b_tile = k / 2 * kTile * 2;
+// The expand on AMX tiles: y rows [rows <= 64] (pointers) += z [rows, k] . the column tiles [tile0, tile0 + tiles)
+// of B packed [n, k], for k of 16 or a multiple of 32 (z's rows k apart). Each 16-column tile's products for up to
+// four 16-row tiles are summed in float32 tiles (the AMX GEMM's tile pass), then added to the bf16 rows.
+inline void lora_expand_amx(int64_t rows, bf16_t* const* yrows, const bf16_t* z, int64_t k, const bf16_t* bp,
+                            int64_t tile0, int64_t tiles, int64_t n) {
+  const int64_t b_tile = k / 2 * kTile * 2;
   const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
-  AmxTileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < row_tiles; ++t) {  // tiles 0-3: the float32 sums of row tiles 0-3
-    cfg.rows[t] = static_cast<uint8_t>(t == row_tiles - 1 ? last_rows : 16);
-    cfg.colsb[t] = 64;
-  }
-  cfg.rows[4] = 16;  // tile 4: z of a full row tile; tile 7: of the last one; tile 6: B
-  cfg.rows[7] = static_cast<uint8_t>(last_rows);
-  cfg.colsb[4] = cfg.colsb[7] = static_cast<uint16_t>(kstep * 2);
-  cfg.rows[6] = static_cast<uint8_t>(kstep / 2);
-  cfg.colsb[6] = 64;
-  __asm__ __volatile__("" : : "m"(cfg) : "memory");  // see amx_configure
-  _tile_loadconfig(&cfg);
+  amx_configure(row_tiles, last_rows, static_cast<int>(k < 32 ? k : 32));
   alignas(64) float acc[64 * 16];
   for (int64_t t = tile0; t < tile0 + tiles; ++t) {
-    _tile_zero(0);
-    if (row_tiles > 1) _tile_zero(1);
-    if (row_tiles > 2) _tile_zero(2);
-    if (row_tiles > 3) _tile_zero(3);
-    for (int64_t st = 0; st < steps; ++st) {
-      _tile_loadd(6, bp + t * b_tile + st * kstep * kTile, 64);
-      const bf16_t* zs = z + st * kstep;
-      const int64_t lda = kz * 2;
-      // Row tiles: 4 for full ones, 7 for the last (the tile numbers must be immediates).
-      if (row_tiles == 1) { _tile_loadd(7, zs, lda); _tile_dpbf16ps(0, 7, 6); }
-      else { _tile_loadd(4, zs, lda); _tile_dpbf16ps(0, 4, 6); }
-      if (row_tiles == 2) { _tile_loadd(7, zs + 16 * kz, lda); _tile_dpbf16ps(1, 7, 6); }
-      else if (row_tiles > 2) { _tile_loadd(4, zs + 16 * kz, lda); _tile_dpbf16ps(1, 4, 6); }
-      if (row_tiles == 3) { _tile_loadd(7, zs + 32 * kz, lda); _tile_dpbf16ps(2, 7, 6); }
-      else if (row_tiles > 3) { _tile_loadd(4, zs + 32 * kz, lda); _tile_dpbf16ps(2, 4, 6); }
-      if (row_tiles == 4) { _tile_loadd(7, zs + 48 * kz, lda); _tile_dpbf16ps(3, 7, 6); }
+    switch (row_tiles) {
+      case 4: amx_tile_pass<4>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
+      case 3: amx_tile_pass<3>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
+      case 2: amx_tile_pass<2>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
+      default: amx_tile_pass<1>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
     }
-    _tile_stored(0, acc, 64);
-    if (row_tiles > 1) _tile_stored(1, acc + 16 * 16, 64);
-    if (row_tiles > 2) _tile_stored(2, acc + 32 * 16, 64);
-    if (row_tiles > 3) _tile_stored(3, acc + 48 * 16, 64);
     const int64_t col = t * kTile, valid = n - col < kTile ? n - col : kTile;
     const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1u);
     for (int64_t r = 0; r < rows; ++r) {
@@ -249,7 +222,7 @@ inline void lora_shrink_expand(const LoRASlots& L, const LoRAGroups& G, const fl
     const int64_t tile0 = col0 / kTile;
 #if defined(PAGODA_HAS_AMX)
     if (amx && k.rows >= kAmxMinRows && (rank2 == 16 || rank2 % 32 == 0)) {
-      lora_expand_amx(k.rows, yr, z, rank2, rank2, bp, tile0, tiles, n);
+      lora_expand_amx(k.rows, yr, z, rank2, bp, tile0, tiles, n);
       return;
     }
 #endif
