@@ -110,9 +110,11 @@ template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, 
   return e4m3_to_bf16_32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)), tables);
 }
 
+// ahead: the tile this thread multiplies next (or null), prefetched a group at a time meanwhile: at decode sizes
+// the kernel streams its codes from memory, and the hardware prefetchers stop at page boundaries.
 template <int Bits, int MR, bool F32Out>
 inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum, int64_t k, const uint8_t* tile,
-                       int64_t col, int64_t n) {
+                       int64_t col, int64_t n, const uint8_t* ahead = nullptr) {
   constexpr int64_t G = QLayout<Bits>::group;
   const int64_t groups = k / G;
   const int64_t sum_groups = k / QLayout<Bits>::sum_width;  // xsum: sums of 32 (of G for the affine kinds)
@@ -122,6 +124,9 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
+    if (ahead != nullptr)
+      for (int64_t b = 0; b < QLayout<Bits>::block_bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + g * QLayout<Bits>::block_bytes + b), _MM_HINT_T0);
     __m512 part[MR];
     for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < G / 2; ++p) {
@@ -213,21 +218,24 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
     const uint8_t* tile = packed + t * tile_bytes;
+    // A thread takes its tasks in order: at one row block (decode sizes), its next tile is the following one.
+    const uint8_t* ahead = mblocks == 1 && t + 1 < tiles ? tile + tile_bytes : nullptr;
     int64_t r = mb * kBlockM;
     for (; r + kQMR <= r_end; r += kQMR)
       quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum + r * groups,
-                                     k, tile, t * 16, n);
+                                     k, tile, t * 16, n, r == mb * kBlockM ? ahead : nullptr);
     char* yr = static_cast<char*>(y) + r * n * esz;
     const bf16_t* xr = x + r * k;
     const float* sr = xsum + r * groups;
+    const uint8_t* rest_ahead = r == mb * kBlockM ? ahead : nullptr;
     switch (r_end - r) {
-      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
-      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n); break;
+      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
       default: break;
     }
   });
