@@ -274,6 +274,18 @@ def paged_decode_attention(impl, ref, dtype):
         out = impl.run(query, kc, vc, impl.plan(table, seq_lens, seq_lens, block_size, window), scale, cap)
         expected = ref.run(query, kc, vc, ref.plan(table, seq_lens, seq_lens, block_size, window), scale, cap)
         _close(out, expected, dtype, f"decode {heads}/{kv_heads}x{d} block {block_size} window {window} cap {cap}")
+    # One long sequence (single-stream decode), which a kernel may split over its threads and merge.
+    for heads, kv_heads, d, block_size, seq_len, window in ((9, 3, 64, 16, 300, None), (8, 1, 128, 32, 613, None),
+                                                            (9, 3, 64, 16, 520, 300), (4, 2, 64, 16, 513, 100)):
+        g = _gen(heads, kv_heads, d, block_size, seq_len)
+        num_blocks = -(-seq_len // block_size)
+        kc, vc = _paged_cache(num_blocks + 4, block_size, kv_heads, d, dtype, g)
+        table = torch.randperm(num_blocks + 4, generator=g)[:num_blocks].view(1, -1).to(torch.int32)
+        seq_lens = torch.tensor([seq_len], dtype=torch.int32)
+        query = torch.randn(1, heads, d, generator=g).to(dtype)
+        out = impl.run(query, kc, vc, impl.plan(table, seq_lens, seq_lens, block_size, window), d ** -0.5)
+        expected = ref.run(query, kc, vc, ref.plan(table, seq_lens, seq_lens, block_size, window), d ** -0.5)
+        _close(out, expected, dtype, f"decode of one {seq_len}-token sequence, {heads}/{kv_heads}x{d} window {window}")
 
 
 def prefill_attention(impl, ref, dtype):

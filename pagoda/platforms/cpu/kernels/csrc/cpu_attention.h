@@ -2,6 +2,7 @@
 // the writes of new key and value rows.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "cpu_common.h"
@@ -162,13 +163,22 @@ void decode_scores_f32(float* scores, int64_t ns, const T* q, int64_t start, int
 // the whole group, and nothing round-trips through memory per token. bf16 scores every head in one pass over the
 // keys (decode_scores_bf16); float32 per kv head. The values are then walked one kv head at a time, the first
 // head's pass prefetching whole rows so that the later passes find them in L2.
+// With `partial` set, only part `part` of `parts` equal token ranges is attended, and each head's unnormalised
+// output (D floats), its largest score and its sum of exponentials go to partial[h * (D + 2)] instead of out:
+// merge_partials combines the parts (a sequence split over threads when there are fewer sequences than threads).
 template <typename T, int NC, int G>
 void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* blocks, int64_t seq_len,
                      int64_t num_kv_heads, int64_t block_size, int64_t block_stride, int64_t token_stride,
-                     float scale, int64_t window, std::vector<float>& scratch) {
+                     float scale, int64_t window, std::vector<float>& scratch, float* partial, int64_t part,
+                     int64_t parts) {
   constexpr int64_t D = 16 * NC;
   constexpr int64_t kAhead = 6;
-  const int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
+  int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
+  if (partial != nullptr) {  // this part's token range [start, seq_len)
+    const int64_t len = seq_len - start, lo = start + len * part / parts, hi = start + len * (part + 1) / parts;
+    start = lo;
+    seq_len = hi;
+  }
   const int64_t n = seq_len - start;
   const int64_t ns = (n + 15) / 16 * 16;
   const int64_t row_bytes = num_kv_heads * D * static_cast<int64_t>(sizeof(T));
@@ -185,14 +195,16 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
 #if defined(__AVX512BF16__)
   if constexpr (all_heads_first) {
     decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at);
-    for (int64_t h = 0; h < num_kv_heads * G; ++h) softmax(scratch.data() + h * ns, n);
+    for (int64_t h = 0; h < num_kv_heads * G; ++h)
+      softmax(scratch.data() + h * ns, n, partial == nullptr ? nullptr : partial + h * (D + 2) + D);
   }
 #endif
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
     float* scores = scratch.data() + (all_heads_first ? kvh * G * ns : 0);  // [G, ns]
     if constexpr (!all_heads_first) {
       decode_scores_f32<T, NC, G>(scores, ns, q, start, seq_len, kvh, scale, at);
-      for (int g = 0; g < G; ++g) softmax(scores + g * ns, n);
+      for (int g = 0; g < G; ++g)
+        softmax(scores + g * ns, n, partial == nullptr ? nullptr : partial + (kvh * G + g) * (D + 2) + D);
     }
     __m512 acc[G][NC];
     for (int g = 0; g < G; ++g)
@@ -211,14 +223,39 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int c = 0; c < NC; ++c) store16(out + (kvh * G + g) * D + 16 * c, acc[g][c]);
+      for (int c = 0; c < NC; ++c) {
+        if (partial != nullptr) _mm512_storeu_ps(partial + (kvh * G + g) * (D + 2) + 16 * c, acc[g][c]);
+        else store16(out + (kvh * G + g) * D + 16 * c, acc[g][c]);
+      }
+  }
+}
+
+// out [num_heads, head_size] of one sequence from its `parts` partial results (decode_one_fast's layout).
+template <typename T>
+void merge_partials(T* out, const float* partial, int64_t parts, int64_t num_heads, int64_t head_size) {
+  const int64_t stride = num_heads * (head_size + 2);
+  std::vector<float> weight(static_cast<size_t>(parts));
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float* ph = partial + h * (head_size + 2);  // part p's: ph + p * stride
+    float m = -INFINITY, total = 0.f;
+    for (int64_t p = 0; p < parts; ++p) m = std::max(m, ph[p * stride + head_size]);
+    for (int64_t p = 0; p < parts; ++p) {
+      weight[p] = std::exp(ph[p * stride + head_size] - m);
+      total += weight[p] * ph[p * stride + head_size + 1];
+    }
+    for (int64_t p = 0; p < parts; ++p) weight[p] /= total;
+    for (int64_t i = 0; i < head_size; ++i) {
+      float v = 0.f;
+      for (int64_t p = 0; p < parts; ++p) v += weight[p] * ph[p * stride + i];
+      store(out, h * head_size + i, v);
+    }
   }
 }
 
 // The fast variant for this shape, or null: head sizes 64 and 128, up to 8 query heads per kv head.
 template <typename T>
 using DecodeFn = void (*)(T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, float, int64_t, std::vector<float>&);
+                          int64_t, float, int64_t, std::vector<float>&, float*, int64_t, int64_t);
 template <typename T, int NC>
 DecodeFn<T> pick_group(int64_t group) {
   switch (group) {
@@ -241,6 +278,8 @@ DecodeFn<T> pick_fast(int64_t head_size, int64_t group) {
 }
 #endif
 
+constexpr int64_t kMinSplitTokens = 128;  // the shortest token range a sequence is split into (measured)
+
 template <typename T>
 void decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
                       int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
@@ -250,6 +289,35 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
   if (q_stride < 0) q_stride = num_heads * head_size;  // rows of q: contiguous unless a fused QKV row is given
 #if defined(__AVX512F__)
   const DecodeFn<T> fast = pick_fast<T>(head_size, num_heads / num_kv_heads);
+  // Fewer sequences than threads (single-stream decode): each sequence is split into token ranges, one per thread,
+  // whose partial results are merged after, instead of one thread attending while the others wait.
+  int64_t shortest = INT64_MAX;
+  for (int64_t s = 0; s < num_seqs && num_seqs < num_threads; ++s) {
+    const int64_t len = window > 0 && seq_lens[s] > window ? window : seq_lens[s];
+    shortest = len < shortest ? len : shortest;
+  }
+  const int64_t parts =
+      num_seqs > 0 && num_seqs < num_threads ? std::min<int64_t>(num_threads / num_seqs, shortest / kMinSplitTokens) : 0;
+  if (fast && soft_cap <= 0.f && parts > 1) {
+    std::vector<float> partial(static_cast<size_t>(num_seqs * parts * num_heads * (head_size + 2)));
+    const int64_t stride = num_heads * (head_size + 2);
+#pragma omp parallel num_threads(num_threads)
+    {
+      std::vector<float> scratch;
+#pragma omp for schedule(static, 1)
+      for (int64_t task = 0; task < num_seqs * parts; ++task) {
+        const int64_t s = task / parts;
+        fast(nullptr, static_cast<const T*>(q) + s * q_stride, static_cast<const T*>(k_cache),
+             static_cast<const T*>(v_cache), block_table + s * table_stride, seq_lens[s], num_kv_heads, block_size,
+             block_stride, token_stride, scale, window, scratch, partial.data() + task * stride, task % parts, parts);
+      }
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < num_seqs; ++s)
+        merge_partials<T>(static_cast<T*>(out) + s * num_heads * head_size, partial.data() + s * parts * stride,
+                          parts, num_heads, head_size);
+    }
+    return;
+  }
 #endif
 #pragma omp parallel num_threads(num_threads)
   {
@@ -261,7 +329,7 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
 #if defined(__AVX512F__)
       if (fast && soft_cap <= 0.f) {  // soft-capped logits take the generic loop
         fast(o, qs, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_table + s * table_stride,
-             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, scratch);
+             seq_lens[s], num_kv_heads, block_size, block_stride, token_stride, scale, window, scratch, nullptr, 0, 1);
         continue;
       }
 #endif

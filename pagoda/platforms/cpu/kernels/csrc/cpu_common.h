@@ -173,7 +173,9 @@ __attribute__((noinline)) void soft_cap_scores(float* s, int64_t n, float cap) {
 }
 
 // In-place softmax of s[0..n); float32.
-inline void softmax(float* s, int64_t n) {
+// stats: null to normalise in place; otherwise the exponentials are left unnormalised and stats receives the largest
+// score and their sum (for results merged over several token ranges).
+inline void softmax(float* s, int64_t n, float* stats = nullptr) {
   float m = -INFINITY;
   int64_t j = 0;
 #if defined(__AVX512F__)
@@ -195,6 +197,11 @@ inline void softmax(float* s, int64_t n) {
   sum = _mm512_reduce_add_ps(sv);
 #endif
   for (; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+  if (stats != nullptr) {
+    stats[0] = m;
+    stats[1] = sum;
+    return;
+  }
   const float inv = 1.f / sum;
   for (j = 0; j < n; ++j) s[j] *= inv;
 }
