@@ -181,6 +181,16 @@ def linear_block_quant(impl, ref, dtype):
                     _check_masked_greedy(impl, handle, x, x.double() @ exact.T, what)
             ids = torch.tensor([[0, n - 1], [n // 2, 1]])
             torch.testing.assert_close(impl.rows(handle, ids, torch.float64), exact[ids], rtol=1e-6, atol=1e-7)
+            _check_rows_in_activation_dtypes(impl, handle, ids, exact[ids])
+
+
+def _check_rows_in_activation_dtypes(impl, handle, ids, exact):
+    """Embedding lookups in the dtypes models run in (where a kernel may gather natively): float32 to the exact
+    values' precision, bf16 the float32 rows rounded."""
+    rows32 = impl.rows(handle, ids, torch.float32)
+    assert rows32.dtype == torch.float32 and rows32.shape == exact.shape
+    torch.testing.assert_close(rows32.double(), exact, rtol=1e-6, atol=1e-7)
+    assert torch.equal(impl.rows(handle, ids, torch.bfloat16), rows32.to(torch.bfloat16)), "bf16 rows"
 
 
 def linear_block_quant_zero(impl, ref, dtype):
@@ -239,6 +249,7 @@ def linear_block_quant_affine(impl, ref, dtype):
         ids = torch.tensor([[0, n - 1], [n // 2, 1]])
         torch.testing.assert_close(impl.rows(handle, ids, torch.float64), ref.rows(ref_handle, ids, torch.float64),
                                    rtol=0, atol=0)
+        _check_rows_in_activation_dtypes(impl, handle, ids, ref.rows(ref_handle, ids, torch.float64))
 
 
 def _paged_cache(num_blocks, block_size, kv_heads, d, dtype, g):

@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 22
+ABI_VERSION = 23
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -117,6 +117,9 @@ class CpuKernels:
         lib.pagoda_packed_rows.restype = None
         lib.pagoda_packed_rows.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int]
         self.packed_rows = lib.pagoda_packed_rows
+        lib.pagoda_quant_rows.restype = c_int
+        lib.pagoda_quant_rows.argtypes = [c_int, c_int, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int]
+        self.quant_rows = lib.pagoda_quant_rows
         self.gemm_packed = lib.pagoda_gemm_packed
         # The packed bf16 GEMM needs AVX512-BF16 at build time (-march=native on a CPU that has it).
         self.has_packed_bf16 = bool(lib.pagoda_has_packed_bf16())

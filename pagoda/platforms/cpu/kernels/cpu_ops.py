@@ -281,7 +281,15 @@ class PackedQuant:
         if self.bits not in (4, 8) and self.bits not in AFFINE_KINDS:
             raise ValueError(f"rows of packed kind {self.bits} are not supported (only tables of 4/8-bit blocks "
                              "and int8 affine groups)")
-        flat = index.reshape(-1)
+        flat = index.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel() and dtype in (torch.bfloat16, torch.float32):  # one native gather, no per-step torch graph
+            low, high = torch.aminmax(flat)
+            if int(low) < 0 or int(high) >= self.n:
+                raise IndexError(f"row index out of range for a weight of {self.n} rows")
+            out = torch.empty(flat.numel(), self.k, dtype=dtype)
+            if kernels().quant_rows(self.bits, int(dtype == torch.float32), out.data_ptr(), self.ptr,
+                                    flat.data_ptr(), flat.numel(), self.k, _threads()) == 0:
+                return out.reshape(*index.shape, self.k)
         blocks = self.data[flat // 16]  # [T, G, block bytes]
         col = (flat % 16)[:, None, None]
         if self.bits in AFFINE_KINDS:

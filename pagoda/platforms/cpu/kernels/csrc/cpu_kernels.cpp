@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 22; }
+int pagoda_kernels_abi_version() { return 23; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -173,6 +173,30 @@ void pagoda_packed_rows(uint16_t* dst, const uint16_t* packed, const int64_t* id
     for (int64_t p = 0; p < k / 2; ++p) std::memcpy(out + 2 * p, src + p * 32, 4);
     if (k % 2) out[k - 1] = src[(k2 - 1) * 32];
   });
+}
+
+// dst [m, k] = rows idx of a weight packed for pagoda_quant_gemm (kinds 4, 8 and the int8 affine ones), dequantized
+// as code * scale + offset in float32 (then rounded to bf16 unless out_f32): the embedding lookups of a quantized
+// table. Returns -1 for another kind or without this build's block-quantized kernels.
+int pagoda_quant_rows(int kind, int out_f32, void* dst, const void* packed, const int64_t* idx, int64_t m, int64_t k,
+                      int num_threads) {
+#if defined(__AVX512BF16__)
+  if (kind != 4 && kind != 8 && kind != kAffineKind + 16 && kind != kAffineKind + 32) return -1;
+  share_tasks(m, num_threads, [&](int64_t i) {
+    switch (kind) {
+      case 4: quant_row<4>(dst, out_f32 != 0, i, static_cast<const uint8_t*>(packed), idx[i], k); break;
+      case 8: quant_row<8>(dst, out_f32 != 0, i, static_cast<const uint8_t*>(packed), idx[i], k); break;
+      case kAffineKind + 16:
+        quant_row<kAffineKind + 16>(dst, out_f32 != 0, i, static_cast<const uint8_t*>(packed), idx[i], k);
+        break;
+      default: quant_row<kAffineKind + 32>(dst, out_f32 != 0, i, static_cast<const uint8_t*>(packed), idx[i], k);
+    }
+  });
+  return 0;
+#else
+  (void)kind; (void)out_f32; (void)dst; (void)packed; (void)idx; (void)m; (void)k; (void)num_threads;
+  return -1;
+#endif
 }
 
 // y [m, n] (rows ldy elements apart) = x [m, k] @ W^T + bias with W packed by pagoda_pack_bf16; bias is float32

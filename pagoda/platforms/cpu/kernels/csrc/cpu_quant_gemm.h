@@ -171,6 +171,41 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   }
 }
 
+// Row r of a packed weight (column r % 16 of tile r / 16), dequantized into row i of dst (float32 or bf16).
+template <int Bits>
+inline void quant_row(void* dst, bool out_f32, int64_t i, const uint8_t* packed, int64_t r, int64_t k) {
+  using L = QLayout<Bits>;
+  const int64_t groups = k / L::group, col = r % 16;
+  const uint8_t* tile = packed + (r / 16) * groups * L::block_bytes;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* blk = tile + g * L::block_bytes;
+    const uint8_t* params = blk + L::code_bytes;
+    float scale, offset = 0.f;
+    if constexpr (Bits == 8) {
+      uint16_t h;
+      std::memcpy(&h, params + 2 * col, 2);
+      scale = _cvtsh_ss(h);
+    } else {
+      std::memcpy(&scale, params + 4 * col, 4);
+      std::memcpy(&offset, params + 64 + 4 * col, 4);
+    }
+    for (int64_t j = 0; j < L::group; ++j) {  // input g * group + j: pair j / 2, element j % 2
+      float code;
+      if constexpr (Bits == 4) {
+        const uint8_t byte = blk[(j / 2) * 16 + col];
+        code = static_cast<float>(j % 2 ? byte >> 4 : byte & 0xF);
+      } else {
+        code = static_cast<float>(static_cast<int8_t>(blk[(j / 2) * 32 + (j % 2) * 16 + col]));
+      }
+      const float product = code * scale;  // two roundings, as the reference's code * scale + offset
+      const float w = Bits == 8 ? product : product + offset;
+      const int64_t at = i * k + g * L::group + j;
+      if (out_f32) static_cast<float*>(dst)[at] = w;
+      else static_cast<bf16_t*>(dst)[at] = f32_to_bf16(w);
+    }
+  }
+}
+
 // The sum of x [m, k] over each group of `width` columns, per row ([m, k / width]): what the offsets multiply.
 inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k, int64_t width = kGroup) {
   const int64_t groups = k / width;
