@@ -18,21 +18,27 @@ def flat_batch_layout(counts: np.ndarray, starts: np.ndarray, query_start_loc: n
     (``query_start_loc``: the cumulative counts, from 0). Returns every token's position and the metadata."""
     num_reqs = counts.shape[0]
     num_tokens = int(query_start_loc[-1])
+    decodes_only = num_tokens == num_reqs  # one token per request: the steady state, kept to few array operations
     # Per-token request index and position, without a Python loop over tokens.
-    if num_tokens == num_reqs:
-        req_index, positions = np.arange(num_reqs), starts
+    if decodes_only:
+        blocks, offsets = np.divmod(starts, block_size)
+        slot_mapping = block_table[np.arange(num_reqs), blocks].astype(np.int64)
+        slot_mapping *= block_size
+        slot_mapping += offsets
+        positions, ends = starts, starts + 1
+        num_decodes, max_query_len = num_reqs, 1
     else:
         req_index = np.repeat(np.arange(num_reqs), counts)
         positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts)
-    slot_mapping = block_table[req_index, positions // block_size].astype(np.int64) * block_size \
-        + positions % block_size
-    ends = starts + counts
-    num_decodes = int(np.count_nonzero(counts == 1))
+        slot_mapping = block_table[req_index, positions // block_size].astype(np.int64) * block_size \
+            + positions % block_size
+        ends = starts + counts
+        num_decodes, max_query_len = int(np.count_nonzero(counts == 1)), int(counts.max())
     qsl_cpu = torch.from_numpy(query_start_loc)
     seq_lens_cpu = torch.from_numpy(ends.astype(np.int32))
     metadata = CommonAttentionMetadata(
         num_reqs=num_reqs, num_tokens=num_tokens, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-        max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
+        max_query_len=max_query_len, max_seq_len=int(ends.max()),
         query_start_loc=qsl_cpu.to(device), query_start_loc_cpu=qsl_cpu,
         seq_lens=seq_lens_cpu.to(device), seq_lens_cpu=seq_lens_cpu,
         num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),

@@ -209,7 +209,8 @@ class ModelRunner:
             states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
             num_reqs = len(states)
         ends = starts + counts
-        batch = self._build_batch(states, counts, starts, ends)
+        batch = self._build_batch(states, counts, starts, ends,
+                                  decodes_only=not spec_tokens and sched.total_num_scheduled_tokens == num_reqs)
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
         if self.pipeline is not None:
             extra["intermediate_tensors"] = self.pipeline.receive()
@@ -336,16 +337,24 @@ class ModelRunner:
             out.prompt_logprobs.setdefault(state.request_id, []).extend(zip(ids, lps, ranks))
 
     def _build_batch(self, states: list[RunnerRequestState], counts: np.ndarray, starts: np.ndarray,
-                     ends: np.ndarray) -> dict[str, Any]:
+                     ends: np.ndarray, decodes_only: bool = False) -> dict[str, Any]:
         num_reqs = len(states)
-        num_tokens = int(counts.sum())
-        num_decodes = int(np.count_nonzero(counts == 1))  # decodes come first
-        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-        np.cumsum(counts, out=query_start_loc[1:])
-        input_ids = np.empty(num_tokens, dtype=np.int64)
+        if decodes_only:  # the steady state: one token per request, each the one at its start
+            num_tokens = num_decodes = num_reqs
+            query_start_loc = np.arange(num_reqs + 1, dtype=np.int32)
+        else:
+            num_tokens = int(counts.sum())
+            num_decodes = int(np.count_nonzero(counts == 1))  # decodes come first
+            query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+            np.cumsum(counts, out=query_start_loc[1:])
         # A decode's token is the one at its start (its last one, or a draft being verified).
-        input_ids[:num_decodes] = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())),
-                                              dtype=np.int64, count=num_decodes)
+        decode_ids = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())), dtype=np.int64,
+                                 count=num_decodes)
+        if decodes_only:
+            input_ids = decode_ids
+        else:
+            input_ids = np.empty(num_tokens, dtype=np.int64)
+            input_ids[:num_decodes] = decode_ids
         for i in range(num_decodes, num_reqs):
             input_ids[query_start_loc[i]:query_start_loc[i + 1]] = states[i].token_ids[starts[i]:ends[i]]
         rows = np.fromiter((s.block_row for s in states), dtype=np.int64, count=num_reqs)
