@@ -319,7 +319,8 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
     return;
   }
 #endif
-#pragma omp parallel num_threads(num_threads)
+  // One sequence (a short one, unsplit) runs on the calling thread: no team to start and join per layer.
+#pragma omp parallel num_threads(num_threads) if (num_seqs > 1)
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
