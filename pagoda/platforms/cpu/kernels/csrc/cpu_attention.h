@@ -278,7 +278,7 @@ DecodeFn<T> pick_fast(int64_t head_size, int64_t group) {
 }
 #endif
 
-constexpr int64_t kMinSplitTokens = 128;  // the shortest token range a sequence is split into (measured)
+constexpr int64_t kMinSplitTokens = 64;  // the shortest token range a sequence is split into (measured)
 
 template <typename T>
 void decode_attention(void* out, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_table,
