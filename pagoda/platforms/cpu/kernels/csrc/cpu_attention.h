@@ -296,8 +296,8 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
     const int64_t len = window > 0 && seq_lens[s] > window ? window : seq_lens[s];
     shortest = len < shortest ? len : shortest;
   }
-  const int64_t parts =
-      num_seqs > 0 && num_seqs < num_threads ? std::min<int64_t>(num_threads / num_seqs, shortest / kMinSplitTokens) : 0;
+  const int64_t parts = num_seqs > 0 && num_seqs < num_threads
+                            ? std::min<int64_t>(num_threads / num_seqs, shortest / kMinSplitTokens) : 0;
   if (fast && soft_cap <= 0.f && parts > 1) {
     std::vector<float> partial(static_cast<size_t>(num_seqs * parts * num_heads * (head_size + 2)));
     const int64_t stride = num_heads * (head_size + 2);
