@@ -207,11 +207,7 @@ class PackedWeight:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the original weight (an embedding lookup on a tied LM head)."""
-        flat = index.reshape(-1).to(torch.int64).contiguous()
-        if flat.numel():
-            low, high = torch.aminmax(flat)
-            if int(low) < 0 or int(high) >= self.n:
-                raise IndexError(f"row index out of range for a weight of {self.n} rows")
+        flat = _row_indices(index, self.n)
         out = torch.empty(flat.numel(), self.k, dtype=torch.bfloat16)
         kernels().packed_rows(out.data_ptr(), self.ptrs[0], flat.data_ptr(), flat.numel(), self.k, _threads())
         return out.reshape(*index.shape, self.k)
@@ -222,6 +218,17 @@ class PackedWeight:
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+def _row_indices(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``index`` flattened to contiguous int64 for a native row gather, every entry checked to be a row of ``n``
+    (the kernels index without bounds checks)."""
+    flat = index.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel():
+        low, high = torch.aminmax(flat)
+        if int(low) < 0 or int(high) >= n:
+            raise IndexError(f"row index out of range for a weight of {n} rows")
+    return flat
 
 
 def packed_elems(n: int, k: int) -> int:
@@ -281,11 +288,8 @@ class PackedQuant:
         if self.bits not in (4, 8) and self.bits not in AFFINE_KINDS:
             raise ValueError(f"rows of packed kind {self.bits} are not supported (only tables of 4/8-bit blocks "
                              "and int8 affine groups)")
-        flat = index.reshape(-1).to(torch.int64).contiguous()
+        flat = _row_indices(index, self.n)
         if flat.numel() and dtype in (torch.bfloat16, torch.float32):  # one native gather, no per-step torch graph
-            low, high = torch.aminmax(flat)
-            if int(low) < 0 or int(high) >= self.n:
-                raise IndexError(f"row index out of range for a weight of {self.n} rows")
             out = torch.empty(flat.numel(), self.k, dtype=dtype)
             if kernels().quant_rows(self.bits, int(dtype == torch.float32), out.data_ptr(), self.ptr,
                                     flat.data_ptr(), flat.numel(), self.k, _threads()) == 0:

@@ -291,13 +291,13 @@ void decode_attention(void* out, const void* q, const void* k_cache, const void*
   const DecodeFn<T> fast = pick_fast<T>(head_size, num_heads / num_kv_heads);
   // Fewer sequences than threads (single-stream decode): each sequence is split into token ranges, one per thread,
   // whose partial results are merged after, instead of one thread attending while the others wait.
-  int64_t shortest = INT64_MAX;
-  for (int64_t s = 0; s < num_seqs && num_seqs < num_threads; ++s) {
-    const int64_t len = window > 0 && seq_lens[s] > window ? window : seq_lens[s];
-    shortest = len < shortest ? len : shortest;
+  int64_t parts = 0;  // token ranges per sequence; each at least kMinSplitTokens long
+  if (num_seqs > 0 && num_seqs < num_threads) {
+    int64_t shortest = INT64_MAX;
+    for (int64_t s = 0; s < num_seqs; ++s)
+      shortest = std::min<int64_t>(shortest, window > 0 && seq_lens[s] > window ? window : seq_lens[s]);
+    parts = std::min<int64_t>(num_threads / num_seqs, shortest / kMinSplitTokens);
   }
-  const int64_t parts = num_seqs > 0 && num_seqs < num_threads
-                            ? std::min<int64_t>(num_threads / num_seqs, shortest / kMinSplitTokens) : 0;
   if (fast && soft_cap <= 0.f && parts > 1) {
     std::vector<float> partial(static_cast<size_t>(num_seqs * parts * num_heads * (head_size + 2)));
     const int64_t stride = num_heads * (head_size + 2);

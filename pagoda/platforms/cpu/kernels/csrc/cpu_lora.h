@@ -2,8 +2,9 @@
 // grouped by adapter slot once per step, and each layer runs, per group of rows of one slot, one shrink
 // (x A_s^T, scaled) and one expand per shard of the layer (B_i), added into the base layer's output. A and each
 // B_i are packed per slot as pagoda_pack_bf16 packs a weight, so both products are the packed bf16 GEMM's
-// micro-kernels, or AMX tiles where the caller may use them (groups of 8 rows or more); B is kept per shard (a merged q/k/v layer's B is block-diagonal: only the shard's own rank
-// columns feed its outputs), so neither memory nor arithmetic is spent on the zeros.
+// micro-kernels, or AMX tiles where the caller may use them (groups of 8 rows or more); B is kept per shard (a
+// merged q/k/v layer's B is block-diagonal: only the shard's own rank columns feed its outputs), so neither memory
+// nor arithmetic is spent on the zeros.
 #pragma once
 
 #include "cpu_gemm.h"

@@ -253,24 +253,24 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
     const uint8_t* tile = packed + t * tile_bytes;
-    // A thread takes its tasks in order: at one row block (decode sizes), its next tile is the following one.
+    // A thread takes its tasks in order: at one row block (decode sizes), its next tile is the following one,
+    // prefetched during the first pass over this tile.
     const uint8_t* ahead = mblocks == 1 && t + 1 < tiles ? tile + tile_bytes : nullptr;
     int64_t r = mb * kBlockM;
-    for (; r + kQMR <= r_end; r += kQMR)
+    for (; r + kQMR <= r_end; r += kQMR, ahead = nullptr)
       quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum + r * groups,
-                                     k, tile, t * 16, n, r == mb * kBlockM ? ahead : nullptr);
+                                     k, tile, t * 16, n, ahead);
     char* yr = static_cast<char*>(y) + r * n * esz;
     const bf16_t* xr = x + r * k;
     const float* sr = xsum + r * groups;
-    const uint8_t* rest_ahead = r == mb * kBlockM ? ahead : nullptr;
     switch (r_end - r) {
-      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
-      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, rest_ahead); break;
+      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
+      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
       default: break;
     }
   });
