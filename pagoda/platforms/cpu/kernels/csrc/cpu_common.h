@@ -71,21 +71,33 @@ class TaskShares {
   Share* shares_;
 };
 
-// body(task) for every task in [0, tasks) on num_threads threads, shared out as TaskShares describes.
-template <class Body>
-inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
+// body(task, state) for every task in [0, tasks) on num_threads threads, shared out as TaskShares describes, with a
+// State each thread makes before its first task and destroys after its last: set-up that the tasks of one call share
+// (an AMX tile configuration).
+template <class State, class Body>
+inline void share_tasks_with(int64_t tasks, int num_threads, const Body& body) {
   if (tasks <= 0) return;
   if (num_threads <= 1) {  // e.g. a kernel run per task inside another's parallel loop: no team, no shares
-    for (int64_t task = 0; task < tasks; ++task) body(task);
+    State state;
+    for (int64_t task = 0; task < tasks; ++task) body(task, state);
     return;
   }
   if (num_threads > tasks) num_threads = static_cast<int>(tasks);
   TaskShares shares(tasks, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
+    State state;
     const int t = omp_get_thread_num();
-    for (int64_t task; (task = shares.next(t)) >= 0;) body(task);
+    for (int64_t task; (task = shares.next(t)) >= 0;) body(task, state);
   }
+}
+
+struct NoState {};
+
+// body(task) for every task in [0, tasks) on num_threads threads, shared out as TaskShares describes.
+template <class Body>
+inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
+  share_tasks_with<NoState>(tasks, num_threads, [&](int64_t task, NoState&) { body(task); });
 }
 
 inline float bf16_to_f32(bf16_t v) {

@@ -4,7 +4,7 @@
 // consecutive k-quads of a column tile are one 16-row x 64-byte tile (64 inputs). Activations are quantized per
 // row (symmetric, scale = amax / 127, round half to even: the same numbers as the torch reference) into int8 rows
 // that the A tiles read in place. Products accumulate exactly in int32 and each output is scaled once by its row's
-// and its column's scale. As in cpu_amx.h, each task configures the tiles and releases them when done.
+// and its column's scale. As in cpu_amx.h, each thread holds its tile configuration for a call's tasks (AmxTiles).
 #pragma once
 
 #include <algorithm>
@@ -53,8 +53,6 @@ inline void quantize_rows_int8(const bf16_t* x, int8_t* q, float* scale, int64_t
 
 #if defined(PAGODA_HAS_AMX) && defined(__AMX_INT8__)
 #define PAGODA_HAS_AMX_INT8 1
-
-inline void amx_configure_int8(int row_tiles, int last_rows) { amx_configure(row_tiles, last_rows); }
 
 // acc [RT * 16 rows][16] int32 = q [RT row tiles, k] . one packed column tile.
 template <int RT>
@@ -106,12 +104,12 @@ void gemm_int8_amx(void* y, const int8_t* q, const float* xscale, const int8_t* 
   constexpr int64_t kRows = 64;
   const int64_t tiles = (n + 15) / 16, tile_bytes = k * 16;
   const int64_t mblocks = (m + kRows - 1) / kRows;
-  share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
+  share_tasks_with<AmxTiles>(mblocks * tiles, num_threads, [&](int64_t task, AmxTiles& amx) {
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r0 = mb * kRows, rows = (m - r0) < kRows ? (m - r0) : kRows;
     const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
     alignas(64) int32_t acc[kRows * 16];
-    amx_configure_int8(row_tiles, last_rows);
+    amx.configure(row_tiles, last_rows);
     const int8_t* wt = wp + t * tile_bytes;
     const int8_t* qb = q + r0 * k;
     switch (row_tiles) {
@@ -120,7 +118,6 @@ void gemm_int8_amx(void* y, const int8_t* q, const float* xscale, const int8_t* 
       case 2: amx_int8_pass<2>(acc, qb, k, wt); break;
       default: amx_int8_pass<1>(acc, qb, k, wt); break;
     }
-    _tile_release();
     const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
     const __m512 ws = _mm512_maskz_loadu_ps(mask, wscale + col);

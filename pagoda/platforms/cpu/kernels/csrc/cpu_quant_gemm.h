@@ -336,7 +336,7 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
   const int64_t tile_bytes = groups * QLayout<Bits>::block_bytes;
   const int64_t mblocks = (m + kRows - 1) / kRows;
   const int64_t esz = F32Out ? 4 : 2;
-  share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
+  share_tasks_with<AmxTiles>(mblocks * tiles, num_threads, [&](int64_t task, AmxTiles& amx) {
     const int64_t mb = task / tiles, t = task % tiles;
     const int64_t r0 = mb * kRows, rows = (m - r0) < kRows ? (m - r0) : kRows;
     const int row_tiles = static_cast<int>((rows + 15) / 16), last_rows = static_cast<int>(rows - (row_tiles - 1) * 16);
@@ -346,7 +346,7 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     alignas(64) float part[kRows * 16];
     alignas(64) float out[kRows * 16];
     for (int64_t i = 0; i < rows * 16; ++i) out[i] = 0.f;
-    amx_configure(row_tiles, last_rows);
+    amx.configure(row_tiles, last_rows);
     const uint8_t* tile = packed + t * tile_bytes;
     const bf16_t* xb = x + r0 * k;
     for (int64_t g = 0; g < groups; ++g) {
@@ -366,7 +366,6 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
                                                           _mm512_load_ps(out + r * 16)));
       }
     }
-    _tile_release();
     const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
     char* yb = static_cast<char*>(y) + r0 * n * esz;
