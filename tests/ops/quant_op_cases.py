@@ -14,14 +14,16 @@ def fp8_weights(n: int, k: int, group: int, g: torch.Generator):
 
 
 def linear_fp8(impl, ref, dtype):
-    for n, k, group in ((37, 64, 64), (576, 576, 64), (256, 256, 128), (48, 128, 128), (33, 96, 96)):
+    # A group as wide as k is one scale per row (per-channel checkpoints); 300 rows span two 256-row chunks of
+    # the AMX path, with a short last 64-row block.
+    for n, k, group in ((37, 64, 64), (576, 576, 64), (256, 256, 128), (48, 128, 128), (33, 96, 96), (80, 576, 576)):
         if not impl.accepts(k, group, dtype):
             continue
         g = _gen(n, k, group)
         weight, scale = fp8_weights(n, k, group, g)
         handle, ref_handle = impl.prepare(weight, scale, group), ref.prepare(weight, scale, group)
         exact = ref.weight(ref_handle).double()
-        for rows in (1, 9, 64):
+        for rows in (1, 9, 64, 300):
             x = torch.randn(rows, k, generator=g).to(dtype)
             what = f"linear_fp8 {rows}x{k}->{n} group {group}"
             scale_of = (x.double() @ exact.T).abs().max().item()

@@ -11,19 +11,23 @@ from pagoda.platforms.cpu.kernels.cpu_ops import (AFFINE_KIND, PackedQuant, _bf1
                                                   tile_params)
 
 E4M3 = 9  # the ``bits`` of FP8 e4m3 codes (pagoda_quant_gemm's kE4M3)
+E4M3_CHANNEL = 10  # the same layout, one scale per output row (kE4M3Channel)
 E4M3_GROUP = 64  # inputs per FP8 scale in the packed form
 
 
 def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
     """Pack float8_e4m3fn ``weight`` [n, k] with float32 ``scale`` [n, k / 64] (``k`` a multiple of 64): per pair of
-    inputs, each of the tile's 16 columns' two bytes side by side (the order vdpbf16ps takes them), in groups of 64."""
+    inputs, each of the tile's 16 columns' two bytes side by side (the order vdpbf16ps takes them), in groups of 64.
+    Where every row has one scale (per-channel and per-tensor checkpoints) the kind says so, and the kernels sum a
+    row's products over all of ``k`` before scaling them once."""
     n, k = weight.shape
     groups = k // E4M3_GROUP
+    kind = E4M3_CHANNEL if bool((scale == scale[:, :1]).all()) else E4M3
     tiles, (codes, scale) = pad_to_tiles(n, weight.view(torch.uint8), scale)
     c = codes.reshape(tiles, 16, groups, E4M3_GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # [tile, group, pair, col, elem]
     code_bytes = c.reshape(tiles, groups, E4M3_GROUP * 16)
     params = tile_params(scale, torch.float32, tiles, groups)
-    return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, E4M3)
+    return PackedQuant(torch.cat([code_bytes, params], dim=-1).contiguous(), n, k, kind)
 
 
 ZERO_KIND = 100  # kind ZERO_KIND + group: 4-bit codes with a float16 scale and zero per group (pagoda_quant_gemm)

@@ -10,5 +10,6 @@
 #include "cpu_int8.h"
 #include "cpu_moe.h"
 #include "cpu_quant_gemm.h"
+#include "cpu_quant_layout.h"
 #include "cpu_prefill_attention.h"
 #include "cpu_lora.h"

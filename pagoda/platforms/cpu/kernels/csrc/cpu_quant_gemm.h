@@ -1,115 +1,15 @@
-// GEMMs on block-quantized weights packed once after loading: 4- and 8-bit codes (GGUF, AWQ, GPTQ,
-// compressed-tensors) and FP8 e4m3, with bf16 activations, on AVX512-BF16 and on AMX tiles.
+// GEMMs on block-quantized weights (the layouts of cpu_quant_layout.h) with bf16 activations, on AVX512-BF16 and on
+// AMX tiles.
 #pragma once
 
 #include "cpu_amx.h"
 #include "cpu_common.h"
 #include "cpu_gemm.h"
+#include "cpu_quant_layout.h"
 
 namespace {
 
 #if defined(__AVX512BF16__)
-// ---- Block-quantized weights (GGUF Q4_0 / Q4_1 / Q4_K / Q8_0; AWQ / GPTQ; FP8) with bf16 activations -----------
-// w[n, k] = code[n, k] * scale[n, g] + offset[n, g] for groups g of 32 consecutive k (64 for FP8). Codes (0..15,
-// -128..127, or FP8 e4m3 values) are exact in bf16, so the pairwise bf16 dot product of codes and activations is
-// exact too; each group's partial sum is then scaled in float32: out += scale * sum(code * x) + offset * sum(x).
-// Packed per (tile of 16 rows n, group): group / 2 pair steps of codes, then the 16 rows' scales (and offsets):
-//   int4: one byte per (pair, n): low nibble k = 2p, high nibble k = 2p + 1; float32 scales and offsets
-//         (Q4_K's products of scales are not exact in float16)                          -> 384 bytes
-//   int8: per pair, 16 bytes of k = 2p then 16 bytes of k = 2p + 1 (signed); float16 scales, no offset
-//         (Q8_0's own scale type, so the packed form is no larger than the file)       -> 544 bytes
-//   e4m3: per pair, 32 FP8 bytes interleaved (column n's k = 2p, k = 2p + 1), groups of 64 and float32 scales
-//         (1.06 bytes a weight)                                                         -> 1088 bytes
-//   int4 with zero points (kind kZeroKind + G, G = 32, 64 or 128): as int4 in groups of G, then float16 scales and
-//         float16 zeros: w = (code - zero) * scale, the form of AWQ / GPTQ / compressed-tensors checkpoints, at
-//         their own group size (0.53 to 0.63 bytes a weight)                                 -> 8 G + 64 bytes
-//   int8 affine (kind kAffineKind + G, G = 16 or 32): int8 codes as for int8 in groups of G, then float32 scales and
-//         float32 offsets: w = code * scale + offset, GGUF's Q2_K / Q5_K / Q6_K (sub-blocks of 16 or 32 values with
-//         a scale and min each; their products are not exact in float16; 1.25 or 1.5 bytes a weight) -> 16 G + 128
-constexpr int64_t kGroup = 32;
-constexpr int kE4M3 = 9;  // the "bits" value that selects FP8 e4m3 codes
-constexpr int kZeroKind = 100;
-constexpr int kAffineKind = 300;  // above every kZeroKind + G
-constexpr int kQMR = 8;
-
-template <int Bits> struct QLayout {
-  static constexpr bool zero = Bits > kZeroKind && Bits < kAffineKind;  // 4-bit codes, float16 scale and zero
-  static constexpr bool affine = Bits > kAffineKind;  // int8 codes, float32 scale and offset per group
-  static constexpr bool nibbles = Bits == 4 || zero;
-  static constexpr int decoder = nibbles ? 4 : affine ? 8 : Bits;  // which decode_pairs reads the codes
-  static constexpr int64_t group = affine ? Bits - kAffineKind : zero ? Bits - kZeroKind : Bits == kE4M3 ? 64 : kGroup;
-  static constexpr int64_t code_bytes = nibbles ? group * 8 : group * 16;
-  static constexpr int64_t block_bytes =
-      code_bytes + (Bits == 4 || affine ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
-  static constexpr bool sums = nibbles || affine;  // whether the kernel reads the activations' group sums
-  // inputs per activation sum: 32, or the group of the affine kinds (their offsets change every 16 inputs)
-  static constexpr int64_t sum_width = affine ? group : kGroup;
-};
-
-// The inputs per activation sum (xsum) the kind reads.
-inline int64_t quant_sum_width(int kind) { return kind > kAffineKind ? kind - kAffineKind : kGroup; }
-
-// bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), for vpermt2w lookups: normal numbers move their
-// exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) are listed.
-struct E4m3Table {
-  alignas(64) uint16_t v[128];
-};
-constexpr E4m3Table make_e4m3_table() {
-  E4m3Table t{};
-  constexpr uint16_t subnormal[8] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
-  for (int em = 0; em < 128; ++em) {
-    const int e = em >> 3, m = em & 7;
-    t.v[em] = e ? static_cast<uint16_t>(((e + 120) << 7) | (m << 4)) : subnormal[m];
-  }
-  return t;
-}
-constexpr E4m3Table kE4m3Table = make_e4m3_table();
-
-// The decode tables a kind needs, loaded into registers once per kernel call: the bf16 encodings of 0..15 for
-// 4-bit codes, the four quarters of kE4m3Table for FP8.
-template <int Bits> struct DecodeTables {
-  __m512i t[4];
-  DecodeTables() {
-    if constexpr (Bits == 4) {
-      alignas(64) uint16_t v[32];
-      for (int i = 0; i < 32; ++i) v[i] = f32_to_bf16(static_cast<float>(i));
-      t[0] = _mm512_load_si512(v);
-    } else if constexpr (Bits == kE4M3) {
-      for (int i = 0; i < 4; ++i) t[i] = _mm512_load_si512(kE4m3Table.v + 32 * i);
-    }
-  }
-};
-
-// 32 FP8 e4m3 bytes -> their 32 bf16 encodings: two 64-entry table lookups on the magnitude, then the sign.
-inline __m512i e4m3_to_bf16_32(__m256i bytes, const __m512i* t) {
-  const __m512i b = _mm512_cvtepu8_epi16(bytes);
-  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
-  const __m512i low = _mm512_permutex2var_epi16(t[0], em, t[1]);   // magnitudes 0..63 (index bit 5 picks the table)
-  const __m512i high = _mm512_permutex2var_epi16(t[2], em, t[3]);  // 64..127
-  const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(em, _mm512_set1_epi16(0x40)), low, high);
-  return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8));
-}
-
-// The 16 (pair of codes) lanes of pair step p as bf16 pairs.
-template <int Bits> inline __m512i decode_pairs(const uint8_t* codes, int64_t p, const __m512i* tables);
-template <> inline __m512i decode_pairs<4>(const uint8_t* codes, int64_t p, const __m512i* tables) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + p * 16)));
-  const __m512i pairs = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
-                                        _mm512_slli_epi32(_mm512_srli_epi32(d, 4), 16));
-  return _mm512_permutexvar_epi16(pairs, tables[0]);  // 0..15 -> their bf16 encodings
-}
-template <> inline __m512i decode_pairs<8>(const uint8_t* codes, int64_t p, const __m512i*) {
-  const __m128i* c = reinterpret_cast<const __m128i*>(codes + p * 32);
-  // int8 -> float32 is exact; a float32 with at most 8 significant bits is its own bf16 in the high half.
-  const __m512i lo = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
-  const __m512i hi = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
-  return _mm512_or_si512(_mm512_srli_epi32(lo, 16), _mm512_and_si512(hi, _mm512_set1_epi32(0xFFFF0000)));
-}
-template <> inline __m512i decode_pairs<kE4M3>(const uint8_t* codes, int64_t p, const __m512i* tables) {
-  // Packed pair-interleaved (column n's k = 2p, then its k = 2p + 1): the 32 bf16 values are the 16 pairs as they are.
-  return e4m3_to_bf16_32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)), tables);
-}
-
 // ahead: the tile this thread multiplies next (or null), prefetched a group at a time meanwhile: at decode sizes
 // the kernel streams its codes from memory, and the hardware prefetchers stop at page boundaries.
 template <int Bits, int MR, bool F32Out>
@@ -120,15 +20,15 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   const int64_t sum_groups = k / QLayout<Bits>::sum_width;  // xsum: sums of 32 (of G for the affine kinds)
   constexpr int D = QLayout<Bits>::decoder;
   const DecodeTables<D> tables;
-  __m512 out[MR];
-  for (int r = 0; r < MR; ++r) out[r] = _mm512_setzero_ps();
+  __m512 out[MR], part[MR];
+  for (int r = 0; r < MR; ++r) out[r] = part[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
     if (ahead != nullptr)
       for (int64_t b = 0; b < QLayout<Bits>::block_bytes; b += 64)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + g * QLayout<Bits>::block_bytes + b), _MM_HINT_T0);
-    __m512 part[MR];
-    for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
+    if constexpr (!QLayout<Bits>::uniform)
+      for (int r = 0; r < MR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < G / 2; ++p) {
       const __m512bh w = (__m512bh)decode_pairs<D>(blk, p, tables.t);
       for (int r = 0; r < MR; ++r) {
@@ -138,7 +38,12 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
       }
     }
     const uint8_t* params = blk + QLayout<Bits>::code_bytes;
-    if constexpr (Bits == 4 || QLayout<Bits>::affine) {  // one activation sum per group
+    if constexpr (QLayout<Bits>::uniform) {  // scaled once, after the last group
+      if (g == groups - 1) {
+        const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
+        for (int r = 0; r < MR; ++r) out[r] = _mm512_mul_ps(part[r], sc);
+      }
+    } else if constexpr (Bits == 4 || QLayout<Bits>::affine) {  // one activation sum per group
       const __m512 sc = _mm512_loadu_ps(reinterpret_cast<const float*>(params));
       const __m512 of = _mm512_loadu_ps(reinterpret_cast<const float*>(params + 64));
       for (int r = 0; r < MR; ++r)
@@ -171,59 +76,14 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
   }
 }
 
-// Row r of a packed weight (column r % 16 of tile r / 16), dequantized into row i of dst (float32 or bf16).
-template <int Bits>
-inline void quant_row(void* dst, bool out_f32, int64_t i, const uint8_t* packed, int64_t r, int64_t k) {
-  using L = QLayout<Bits>;
-  const int64_t groups = k / L::group, col = r % 16;
-  const uint8_t* tile = packed + (r / 16) * groups * L::block_bytes;
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* blk = tile + g * L::block_bytes;
-    const uint8_t* params = blk + L::code_bytes;
-    float scale, offset = 0.f;
-    if constexpr (Bits == 8) {
-      uint16_t h;
-      std::memcpy(&h, params + 2 * col, 2);
-      scale = _cvtsh_ss(h);
-    } else {
-      std::memcpy(&scale, params + 4 * col, 4);
-      std::memcpy(&offset, params + 64 + 4 * col, 4);
-    }
-    for (int64_t j = 0; j < L::group; ++j) {  // input g * group + j: pair j / 2, element j % 2
-      float code;
-      if constexpr (Bits == 4) {
-        const uint8_t byte = blk[(j / 2) * 16 + col];
-        code = static_cast<float>(j % 2 ? byte >> 4 : byte & 0xF);
-      } else {
-        code = static_cast<float>(static_cast<int8_t>(blk[(j / 2) * 32 + (j % 2) * 16 + col]));
-      }
-      const float product = code * scale;  // two roundings, as the reference's code * scale + offset
-      const float w = Bits == 8 ? product : product + offset;
-      const int64_t at = i * k + g * L::group + j;
-      if (out_f32) static_cast<float*>(dst)[at] = w;
-      else static_cast<bf16_t*>(dst)[at] = f32_to_bf16(w);
-    }
-  }
-}
-
-// The sum of x [m, k] over each group of `width` columns, per row ([m, k / width]): what the offsets multiply.
-inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k, int64_t width = kGroup) {
-  const int64_t groups = k / width;
-  std::vector<float> xsum(static_cast<size_t>(m * groups));
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t i = 0; i < width; ++i) s += bf16_to_f32(x[r * k + g * width + i]);
-      xsum[r * groups + g] = s;
-    }
-  return xsum;
-}
-
-// y [m, n] = x . W^T for W packed as above; xsum: group_sums(x, m, k, quant_sum_width(kind)), for callers that run several column ranges
-// of one x (computed here when null).
+// y [m, n] = x . W^T for W packed as cpu_quant_layout.h describes; xsum: group_sums(x, m, k, quant_sum_width(kind)),
+// for callers that run several column ranges of one x (computed here when null).
 template <int Bits, bool F32Out>
 void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                     int num_threads, const float* xsum);
+template <int Bits, bool F32Out>
+void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                            int num_threads);
 
 // amx: take AMX tiles from kAmxMinRows rows (the caller has AMX's permission).
 template <int Bits, bool F32Out>
@@ -241,7 +101,8 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
   // A tile product sums 32 inputs: groups of 16 (each with its own scale) stay on the AVX512-BF16 kernel.
   if constexpr (QLayout<Bits>::group >= 32) {
     if (amx && m >= kAmxMinRows) {
-      quant_gemm_amx<Bits, F32Out>(y, x, packed, m, n, k, num_threads, xsum);
+      if constexpr (QLayout<Bits>::uniform) quant_gemm_amx_uniform<Bits, F32Out>(y, x, packed, m, n, k, num_threads);
+      else quant_gemm_amx<Bits, F32Out>(y, x, packed, m, n, k, num_threads, xsum);
       return;
     }
   }
@@ -379,24 +240,64 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     }
   });
 }
-#endif
 
-// Bytes of one tile of 16 rows of a block-quantized weight of `kind` with k inputs; 0 for an unknown kind or a k
-// its groups don't divide.
-inline int64_t quant_tile_bytes(int kind, int64_t k) {
-  auto of = [k](int64_t group, int64_t block) { return k % group ? 0 : k / group * block; };
-  switch (kind) {
-    case 4: return of(QLayout<4>::group, QLayout<4>::block_bytes);
-    case 8: return of(QLayout<8>::group, QLayout<8>::block_bytes);
-    case kE4M3: return of(QLayout<kE4M3>::group, QLayout<kE4M3>::block_bytes);
-    case kZeroKind + 32: return of(32, QLayout<kZeroKind + 32>::block_bytes);
-    case kZeroKind + 64: return of(64, QLayout<kZeroKind + 64>::block_bytes);
-    case kZeroKind + 128: return of(128, QLayout<kZeroKind + 128>::block_bytes);
-    case kAffineKind + 16: return of(16, QLayout<kAffineKind + 16>::block_bytes);
-    case kAffineKind + 32: return of(32, QLayout<kAffineKind + 32>::block_bytes);
-    default: return 0;
-  }
+// A thread's tile configuration and its buffer for one column tile's codes decoded to bf16.
+struct AmxDecodeState {
+  AmxTiles tiles;
+  std::vector<bf16_t> wt;
+};
+
+// quant_gemm on AMX tiles for the kinds with one scale per column: a task decodes one column tile's codes (all of k,
+// exactly) into the bf16 GEMM's packed layout, multiplies up to kChunkRows rows by it in 64-row passes of the bf16
+// tile pass, summing all of k in the tiles, and scales each column once. Tasks are row-chunk major, so a thread's
+// rows stay in L2 across its column tiles, and a prefill-sized batch decodes each code once per chunk.
+template <int Bits, bool F32Out>
+void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                            int num_threads) {
+  constexpr int64_t G = QLayout<Bits>::group, kRows = 64, kChunkRows = 256;
+  const int64_t groups = k / G, tiles = (n + 15) / 16, tile_bytes = groups * QLayout<Bits>::block_bytes;
+  const int64_t chunks = (m + kChunkRows - 1) / kChunkRows, esz = F32Out ? 4 : 2;
+  share_tasks_with<AmxDecodeState>(chunks * tiles, num_threads, [&](int64_t task, AmxDecodeState& state) {
+    const int64_t t = task % tiles, c0 = task / tiles * kChunkRows;
+    const int64_t c1 = c0 + kChunkRows < m ? c0 + kChunkRows : m;
+    const DecodeTables<QLayout<Bits>::decoder> tables;
+    const uint8_t* tile = packed + t * tile_bytes;
+    state.wt.resize(static_cast<size_t>(k * 16));
+    bf16_t* wt = state.wt.data();
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t p = 0; p < G / 2; ++p)
+        _mm512_storeu_si512(wt + (g * G / 2 + p) * 32,
+                            decode_pairs<QLayout<Bits>::decoder>(tile + g * QLayout<Bits>::block_bytes, p, tables.t));
+    const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + QLayout<Bits>::code_bytes));
+    const char* ahead = t + 1 < tiles ? reinterpret_cast<const char*>(tile + tile_bytes) : nullptr;
+    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    alignas(64) float acc[kRows * 16];
+    for (int64_t r0 = c0; r0 < c1; r0 += kRows, ahead = nullptr) {
+      const int64_t rows = (c1 - r0) < kRows ? (c1 - r0) : kRows;
+      const int row_tiles = static_cast<int>((rows + 15) / 16);
+      state.tiles.configure(row_tiles, static_cast<int>(rows - (row_tiles - 1) * 16));
+      const bf16_t* xb = x + r0 * k;
+      const int64_t ahead_bytes = ahead ? tile_bytes : 0;
+      switch (row_tiles) {
+        case 4: amx_tile_pass<4>(acc, xb, k, wt, ahead, ahead_bytes); break;
+        case 3: amx_tile_pass<3>(acc, xb, k, wt, ahead, ahead_bytes); break;
+        case 2: amx_tile_pass<2>(acc, xb, k, wt, ahead, ahead_bytes); break;
+        default: amx_tile_pass<1>(acc, xb, k, wt, ahead, ahead_bytes); break;
+      }
+      char* yb = static_cast<char*>(y) + r0 * n * esz;
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 v = _mm512_mul_ps(_mm512_load_ps(acc + r * 16), scale);
+        if constexpr (F32Out) {
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(yb) + r * n + col, mask, v);
+        } else {
+          _mm256_mask_storeu_epi16(reinterpret_cast<bf16_t*>(yb) + r * n + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+  });
 }
+#endif
 
 // quant_gemm for a kind chosen at run time; false for a kind (or k) quant_tile_bytes doesn't take.
 template <bool F32Out>
@@ -407,6 +308,7 @@ bool quant_gemm_kind(int kind, void* y, const bf16_t* x, const uint8_t* packed, 
     case 4: quant_gemm<4, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case 8: quant_gemm<8, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case kE4M3: quant_gemm<kE4M3, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
+    case kE4M3Channel: quant_gemm<kE4M3Channel, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case kZeroKind + 32: quant_gemm<kZeroKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
     case kZeroKind + 128:
