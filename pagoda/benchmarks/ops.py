@@ -6,7 +6,9 @@ The op set is the one an engine would choose here (platform ``--device``, dtype 
 prefill step, W2 one sequence (``fused_moe``: a small Mixtral's expert block, ``MOE``; ``lora_shrink_expand``: W1's
 tokens spread over 8 rank-16 adapters). Linear ops, ``fused_moe`` and ``lora_shrink_expand`` report GFLOP/s (of each
 token's own adapter), the rest GB/s of the tensors they must read and write.
-The ceilings: torch's bf16 matmul at 2048³ and a read of 512 MiB.
+The ceilings: torch's bf16 matmul at 2048³ and a read of 512 MiB. ``--layers N`` also times the dense, FP8 and
+INT8 linear ops over N layers' distinct weights, one sweep per figure: the weights then come from memory, as in a
+model step, where the figures above have them in cache.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op-impl", default=None, help="forced implementations, as the engine flag")
     parser.add_argument("--all-impls", action="store_true", help="time every runnable implementation of each op")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per figure (median reported)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="also time the linear ops over this many layers' weights (SmolLM2-135M has 30)")
     parser.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
 
@@ -167,6 +171,40 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
     return out
 
 
+SWEPT_LINEARS = {"linear_dense": None, "linear_fp8": 1, "linear_int8": 1}  # op -> bytes a weight (None: dtype's)
+
+
+def _swept_weight(impl, n: int, k: int, dtype: torch.dtype):
+    """A random [n, k] weight in ``impl``'s form (FP8 and INT8 with a scale per row, as per-channel checkpoints
+    have), or None where the implementation doesn't take it."""
+    w = torch.randn(n, k) / k ** 0.5
+    if impl.op == "linear_dense":
+        return impl.prepare(w.to(dtype), None)
+    if impl.op == "linear_fp8":
+        scale = w.abs().amax(1, keepdim=True) / 448
+        return impl.prepare((w / scale).to(torch.float8_e4m3fn), scale, k) if impl.accepts(k, k, dtype) else None
+    scale = w.abs().amax(1) / 127
+    return impl.prepare(torch.round(w / scale[:, None]).to(torch.int8), scale) if impl.accepts(k, dtype) else None
+
+
+def _layer_sweep(impl, dtype: torch.dtype, layers: int, iters: int) -> list[dict]:
+    """One linear op over ``layers`` layers' four projections, each layer's weights its own, at W2, W1 decode and
+    W1 prefill batch sizes: GFLOP/s, and GB/s of weights read."""
+    handles = [(_swept_weight(impl, n, k, dtype), k) for _ in range(layers) for n, k in LINEARS.values()]
+    if any(h is None for h, _ in handles):
+        return []
+    per_weight = SWEPT_LINEARS[impl.op] or torch.finfo(dtype).bits // 8
+    weights = layers * sum(n * k for n, k in LINEARS.values())
+    out = []
+    for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+        xs = {k: torch.randn(m, k).to(dtype) for k in {k for _, k in LINEARS.values()}}
+        seconds = _median_s(lambda: [impl.apply(h, xs[k]) for h, k in handles], max(min(iters, 5), 1))
+        out.append({"op": impl.op, "impl": impl.name, "workload": workload, "shape": f"{layers} layers, {m} rows",
+                    "ms": seconds * 1e3, "rate": f"{2.0 * m * weights / seconds / 1e9:.0f} GFLOP/s, "
+                                                  f"{weights * per_weight / seconds / 1e9:.1f} GB/s of weights"})
+    return out
+
+
 def ceilings(iters: int) -> dict[str, str]:
     a, b = torch.randn(2048, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
     matmul = _median_s(lambda: a @ b, max(iters // 4, 3))
@@ -191,6 +229,9 @@ def main(args: argparse.Namespace) -> dict:
         impls = list(select_ops(platform, dtype, args.op_impl).implementations().values())
     describe = platform.describe()
     rows = [row for impl in impls for row in _rows(impl, dtype, args.iters)]
+    if args.layers > 0:
+        rows += [row for impl in impls if impl.op in SWEPT_LINEARS
+                 for row in _layer_sweep(impl, dtype, args.layers, args.iters)]
     result = {"platform": platform.name, "cpu": describe.get("cpu"), "isa": describe.get("isa"),
               "dtype": args.dtype, "threads": torch.get_num_threads(), "ceilings": ceilings(args.iters), "ops": rows}
     print(f"platform {platform.name} ({result['cpu'] or '-'}), {args.dtype}, {result['threads']} threads")

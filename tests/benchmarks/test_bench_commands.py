@@ -74,3 +74,19 @@ def test_bench_without_a_benchmark_prints_help(capsys):
 def test_bad_flag_value_is_a_one_line_error(tiny_chat_model_dir, capsys):
     assert cli_main(["bench", "latency", "--model", tiny_chat_model_dir, *ENGINE, "--batch-size", "0"]) == 1
     assert "batch_size: must be >= 1" in capsys.readouterr().err
+
+
+def test_ops_layer_sweep_reports_each_linear_at_three_batch_sizes(tmp_path):
+    result = _run(["ops", "--iters", "1", "--layers", "2"], tmp_path)
+    swept = [r for r in result["ops"] if r["shape"].startswith("2 layers")]
+    assert {r["op"] for r in swept} >= {"linear_dense"}
+    for op in {r["op"] for r in swept}:
+        rows = {r["workload"]: r for r in swept if r["op"] == op}
+        assert set(rows) == {"W2", "W1 decode", "W1 prefill"}
+        for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
+            row = rows[workload]
+            assert row["shape"] == f"2 layers, {m} rows" and row["ms"] > 0
+            # The rate is the work over the time: 2 layers of SmolLM2-135M's four projections.
+            flops = 2.0 * m * 2 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536)
+            gflops = float(row["rate"].split(" GFLOP/s")[0])
+            assert gflops == pytest.approx(flops / (row["ms"] / 1e3) / 1e9, rel=0.01, abs=1)
