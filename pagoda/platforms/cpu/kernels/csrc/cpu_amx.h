@@ -123,6 +123,38 @@ inline void amx_tile_pass(float* acc, const bf16_t* x, int64_t k, const bf16_t* 
   if constexpr (RT > 3) _tile_stored(3, acc + 48 * 16, 64);
 }
 
+// amx_tile_pass for a row-tile count (1 to 4) chosen at run time.
+inline void amx_tile_pass_rows(int row_tiles, float* acc, const bf16_t* x, int64_t k, const bf16_t* wt,
+                               const char* ahead, int64_t ahead_bytes) {
+  switch (row_tiles) {
+    case 4: amx_tile_pass<4>(acc, x, k, wt, ahead, ahead_bytes); break;
+    case 3: amx_tile_pass<3>(acc, x, k, wt, ahead, ahead_bytes); break;
+    case 2: amx_tile_pass<2>(acc, x, k, wt, ahead, ahead_bytes); break;
+    default: amx_tile_pass<1>(acc, x, k, wt, ahead, ahead_bytes); break;
+  }
+}
+
+// The lanes of the 16-column tile at col that an n-column output has.
+inline __mmask16 tile_columns(int64_t n, int64_t col) {
+  const int64_t valid = n - col < 16 ? n - col : 16;
+  return static_cast<__mmask16>((1u << valid) - 1u);
+}
+
+// Rows [0, rows) of a tile pass's float32 results acc, each through epilogue(v), into y's columns col.. (masked;
+// rows ldy elements apart), as float32 or rounded to bf16.
+template <bool F32Out, class Epilogue>
+inline void store_tile_rows(void* y, int64_t ldy, int64_t col, __mmask16 mask, const float* acc, int64_t rows,
+                            const Epilogue& epilogue) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 v = epilogue(_mm512_load_ps(acc + r * 16));
+    if constexpr (F32Out) {
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
+    } else {
+      _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
 // y [m, n] = x [m, k] @ W^T + bias on packed W; k a multiple of 32. Tasks are (block of 64 rows, column tile),
 // row-block major, as the AVX512-BF16 path shares them.
 template <bool F32Out>
@@ -142,24 +174,12 @@ void gemm_packed_amx(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, co
     const char* ahead = t + 1 < tiles ? reinterpret_cast<const char*>(wt + tile_elems) : nullptr;
     const int64_t ahead_bytes = ahead ? tile_elems * 2 : 0;
     const bf16_t* xb = x + r0 * k;
-    switch (row_tiles) {
-      case 4: amx_tile_pass<4>(acc, xb, k, wt, ahead, ahead_bytes); break;
-      case 3: amx_tile_pass<3>(acc, xb, k, wt, ahead, ahead_bytes); break;
-      case 2: amx_tile_pass<2>(acc, xb, k, wt, ahead, ahead_bytes); break;
-      default: amx_tile_pass<1>(acc, xb, k, wt, ahead, ahead_bytes); break;
-    }
-    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    amx_tile_pass_rows(row_tiles, acc, xb, k, wt, ahead, ahead_bytes);
+    const int64_t col = t * 16;
+    const __mmask16 mask = tile_columns(n, col);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
-    char* yb = static_cast<char*>(y) + r0 * ldy * esz;
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), bv);
-      if constexpr (F32Out) {
-        _mm512_mask_storeu_ps(reinterpret_cast<float*>(yb) + r * ldy + col, mask, v);
-      } else {
-        _mm256_mask_storeu_epi16(reinterpret_cast<bf16_t*>(yb) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
-      }
-    }
+    store_tile_rows<F32Out>(static_cast<char*>(y) + r0 * ldy * esz, ldy, col, mask, acc, rows,
+                            [&](__m512 v) { return _mm512_add_ps(v, bv); });
   });
 }
 #endif

@@ -101,14 +101,9 @@ inline void lora_expand_amx(int64_t rows, bf16_t* const* yrows, const bf16_t* z,
   amx_configure(row_tiles, last_rows, static_cast<int>(k < 32 ? k : 32));
   alignas(64) float acc[64 * 16];
   for (int64_t t = tile0; t < tile0 + tiles; ++t) {
-    switch (row_tiles) {
-      case 4: amx_tile_pass<4>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
-      case 3: amx_tile_pass<3>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
-      case 2: amx_tile_pass<2>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
-      default: amx_tile_pass<1>(acc, z, k, bp + t * b_tile, nullptr, 0); break;
-    }
-    const int64_t col = t * kTile, valid = n - col < kTile ? n - col : kTile;
-    const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1u);
+    amx_tile_pass_rows(row_tiles, acc, z, k, bp + t * b_tile, nullptr, 0);
+    const int64_t col = t * kTile;
+    const __mmask16 m = tile_columns(n, col);
     for (int64_t r = 0; r < rows; ++r) {
       bf16_t* yr = yrows[r] + col;
       const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, yr));

@@ -270,30 +270,16 @@ void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int
                             decode_pairs<QLayout<Bits>::decoder>(tile + g * QLayout<Bits>::block_bytes, p, tables.t));
     const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + QLayout<Bits>::code_bytes));
     const char* ahead = t + 1 < tiles ? reinterpret_cast<const char*>(tile + tile_bytes) : nullptr;
-    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const int64_t col = t * 16;
+    const __mmask16 mask = tile_columns(n, col);
     alignas(64) float acc[kRows * 16];
     for (int64_t r0 = c0; r0 < c1; r0 += kRows, ahead = nullptr) {
       const int64_t rows = (c1 - r0) < kRows ? (c1 - r0) : kRows;
       const int row_tiles = static_cast<int>((rows + 15) / 16);
       state.tiles.configure(row_tiles, static_cast<int>(rows - (row_tiles - 1) * 16));
-      const bf16_t* xb = x + r0 * k;
-      const int64_t ahead_bytes = ahead ? tile_bytes : 0;
-      switch (row_tiles) {
-        case 4: amx_tile_pass<4>(acc, xb, k, wt, ahead, ahead_bytes); break;
-        case 3: amx_tile_pass<3>(acc, xb, k, wt, ahead, ahead_bytes); break;
-        case 2: amx_tile_pass<2>(acc, xb, k, wt, ahead, ahead_bytes); break;
-        default: amx_tile_pass<1>(acc, xb, k, wt, ahead, ahead_bytes); break;
-      }
-      char* yb = static_cast<char*>(y) + r0 * n * esz;
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512 v = _mm512_mul_ps(_mm512_load_ps(acc + r * 16), scale);
-        if constexpr (F32Out) {
-          _mm512_mask_storeu_ps(reinterpret_cast<float*>(yb) + r * n + col, mask, v);
-        } else {
-          _mm256_mask_storeu_epi16(reinterpret_cast<bf16_t*>(yb) + r * n + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
-        }
-      }
+      amx_tile_pass_rows(row_tiles, acc, x + r0 * k, k, wt, ahead, ahead ? tile_bytes : 0);
+      store_tile_rows<F32Out>(static_cast<char*>(y) + r0 * n * esz, n, col, mask, acc, rows,
+                              [&](__m512 v) { return _mm512_mul_ps(v, scale); });
     }
   });
 }
