@@ -56,13 +56,14 @@ def linear_int8(impl, ref, dtype):
 
 
 def linear_codebook(impl, ref, dtype):
-    for n, k, og, ig, m, nbits in ((32, 64, 1, 8, 1, 16), (48, 64, 1, 8, 2, 8), (32, 32, 2, 4, 1, 8)):
+    for n, k, og, ig, m, nbits in ((32, 64, 1, 8, 1, 16), (48, 64, 1, 8, 2, 8), (40, 104, 1, 8, 2, 8),
+                                   (32, 32, 2, 4, 1, 8)):
         g = _gen(n, k, m, nbits)
         codes = torch.randint(0, 1 << nbits, (n // og, k // ig, m), generator=g)
         codebooks = torch.randn(m, 1 << nbits, og, ig, generator=g).half()
         scales = (torch.rand(n // og, 1, 1, 1, generator=g) + 0.5).half()
         handle, ref_handle = impl.prepare(codes, codebooks, scales), ref.prepare(codes, codebooks, scales)
-        for rows in (1, 9, 24):  # 24: above the native kernels' decode-sized limit
+        for rows in (1, 9, 24, 70):  # 24, 70: above the native kernels' decode-sized limit (70: a partial row tile)
             x = torch.randn(rows, k, generator=g).to(dtype)
             expected = ref.logits(ref_handle, x).double()
             scale_of = expected.abs().max().item()

@@ -6,7 +6,8 @@
 - ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch (VNNI, or AMX-INT8 tiles where the CPU has
   them) on its prepacked weight; activations quantized per token, the product scaled per token and channel.
 - ``linear_int8`` / ``cpu_amx``: pagoda's AMX-INT8 tile GEMM with the per-token quantization in the same call.
-- ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches).
+- ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches),
+  column tiles decoded to bf16 for larger ones; ``cpu_amx``: the same, larger batches on AMX tiles.
 """
 
 from __future__ import annotations
@@ -176,10 +177,12 @@ _REFERENCE_CODEBOOK = reference.LinearCodebook()
 
 class NativeCodebook(_NativeBf16Gemm):
     """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …): decode-sized batches build each 8-weight
-    tile in a register from the codebooks; larger batches dequantize once per call and use a dense matmul, whose
-    cost the batch's own arithmetic dominates. Other shapes keep the reference's form."""
+    tile in a register from the codebooks; larger bf16 batches decode one 16-output column tile at a time into
+    bf16 and multiply it by every row, so no call dequantizes the whole matrix. Float32 logits of a larger batch
+    (an AQLM LM head scoring a prefill) and other shapes keep the reference's exact form."""
 
     op, name = "linear_codebook", "cpu_native"
+    uses_amx = False  # whether batches above the decode size multiply on AMX tiles
 
     def prepare(self, codes, codebooks, scales):
         num_books, size, out_group, in_group = codebooks.shape
@@ -192,8 +195,10 @@ class NativeCodebook(_NativeBf16Gemm):
 
     def _run(self, handle, x, float_output):
         rows = x.reshape(-1, x.shape[-1])
-        if isinstance(handle, _Codebook) and rows.shape[0] <= cpu_quant_ops.CODEBOOK_MAX_ROWS:
-            out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output)
+        small = rows.shape[0] <= cpu_quant_ops.CODEBOOK_MAX_ROWS
+        if isinstance(handle, _Codebook) and (small or (x.dtype == torch.bfloat16 and not float_output)):
+            out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output,
+                                                amx=self.uses_amx)
             return out.reshape(*x.shape[:-1], -1)
         ref_handle = handle.reference_form() if isinstance(handle, _Codebook) else handle
         return (_REFERENCE_CODEBOOK.logits(ref_handle, x) if float_output
@@ -214,4 +219,8 @@ class NativeCodebook(_NativeBf16Gemm):
         return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
 
 
-CPU_QUANT_OP_IMPLS = [PackedFp8, AmxFp8, OneDnnInt8, AmxInt8, NativeCodebook]
+class AmxCodebook(AmxTiles, NativeCodebook):
+    """The same AQLM weights, with batches above the decode size multiplied on AMX tiles."""
+
+
+CPU_QUANT_OP_IMPLS = [PackedFp8, AmxFp8, OneDnnInt8, AmxInt8, NativeCodebook, AmxCodebook]

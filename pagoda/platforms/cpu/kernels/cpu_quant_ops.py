@@ -61,20 +61,22 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return PackedQuant(data, n, k, AFFINE_KIND + group)
 
 
-CODEBOOK_MAX_ROWS = 16  # pagoda_codebook_gemm's batch limit
+CODEBOOK_MAX_ROWS = 16  # up to here each 8-weight tile is built in a register; above, column tiles are decoded
 
 
 def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
-                    float_output: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x`` [m <= 16, k] and AQLM weights with one output and 8 inputs per code: ``codes``
-    int16 [n, k / 8, books] holding unsigned values, ``books`` float16 [books, size, 8], ``scales`` float32 [n]."""
+                    float_output: bool = False, amx: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [m, k] and AQLM weights with one output and 8 inputs per code: ``codes`` int16
+    [n, k / 8, books] holding unsigned values, ``books`` float16 [books, size, 8], ``scales`` float32 [n]. Above
+    ``CODEBOOK_MAX_ROWS`` rows the weights are multiplied as bf16 (each rounded once, as the dequantized matrix cast
+    to bf16 would be), 16 outputs at a time; ``amx``: on AMX tiles (where the process may use them)."""
     n, groups, num_books = codes.shape
     x2 = _bf16_rows(x, groups * 8, "codebook_linear")
     out = torch.empty(x2.shape[0], n, dtype=torch.float32 if float_output else torch.bfloat16)
     if x2.shape[0]:
         _check(kernels().codebook_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), codes.data_ptr(),
                                        books.data_ptr(), scales.data_ptr(), x2.shape[0], n, groups * 8, num_books,
-                                       books.shape[1], _threads()), "pagoda_codebook_gemm")
+                                       books.shape[1], _threads(), int(amx)), "pagoda_codebook_gemm")
     return out
 
 

@@ -1,12 +1,16 @@
-// Additive-codebook weights (AQLM) with bf16 activations, for decode-sized batches.
+// Additive-codebook weights (AQLM) with bf16 activations: decode-sized batches build each 8-weight tile in a
+// register; larger ones decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it
+// by the rows there (AMX tiles where granted), so no call dequantizes the whole matrix or keeps a dense copy.
 #pragma once
 
+#include "cpu_amx.h"
 #include "cpu_common.h"
+#include "cpu_gemm.h"
 
 namespace {
 
 constexpr int64_t kCodebookGroup = 8;    // inputs per code (AQLM's in_group_size this kernel takes)
-constexpr int64_t kCodebookMaxRows = 16;  // larger batches dequantize and use a dense matmul instead
+constexpr int64_t kCodebookMaxRows = 16;  // larger batches take codebook_gemm_tiles
 
 #if defined(__AVX512F__)
 // y [m, n] = x [m, k] . W^T where row n, inputs 8i .. 8i+7 of W are scale[n] * sum_b books[b][codes[n, i, b]]:
@@ -46,5 +50,85 @@ void codebook_gemm(void* y, const bf16_t* x, const uint16_t* codes, const uint16
   });
 }
 #endif  // __AVX512F__
+
+#if defined(__AVX512BF16__)
+// Column tile t of the weights (outputs 16 t .. 16 t + 15, all of k) into wt in the packed layout [k / 2][16][2]:
+// each weight scale[o] * sum_b books[b][code] in float32, rounded once to bf16 — the same bf16 weight a dense matmul
+// of the dequantized matrix multiplies by. Outputs past n are zero.
+inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16_t* books, const float* scales,
+                                 int64_t t, int64_t n, int64_t k, int num_books, int64_t book_size) {
+  const int64_t groups = k / kCodebookGroup;
+  for (int64_t c = 0; c < 16; ++c) {
+    const int64_t o = t * 16 + c;
+    uint32_t pairs[kCodebookGroup / 2] = {};
+    const uint16_t* code = codes + (o < n ? o : 0) * groups * num_books;
+    const __m256 scale = _mm256_set1_ps(o < n ? scales[o] : 0.f);
+    for (int64_t i = 0; i < groups; ++i, code += num_books) {
+      if (o < n) {
+        __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(books + code[0] * kCodebookGroup)));
+        for (int b = 1; b < num_books; ++b) {
+          const uint16_t* entry = books + (b * book_size + code[b]) * kCodebookGroup;
+          w = _mm256_add_ps(w, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entry))));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(w, scale)));
+      }
+      for (int64_t j = 0; j < kCodebookGroup / 2; ++j)  // inputs 8 i + 2 j, 8 i + 2 j + 1: one k-pair of column c
+        std::memcpy(wt + ((i * kCodebookGroup / 2 + j) * 16 + c) * 2, &pairs[j], 4);
+    }
+  }
+}
+
+// A thread's buffer for one decoded column tile, and its AMX tile configuration.
+struct CodebookTileState {
+  aligned_vector<bf16_t> wt;
+#if defined(PAGODA_HAS_AMX)
+  AmxTiles tiles;
+#endif
+};
+
+// codebook_gemm for batches of any size: tasks are (chunk of 256 rows, group of column tiles), row-chunk major;
+// each decodes its tiles (about 1/64 of their multiply-adds at a full chunk) and multiplies the chunk's rows by
+// them: on AMX tiles in 64-row passes, one tile a task, where `amx` (k a multiple of 32); else with the
+// AVX512-BF16 micro-kernels, kNT tiles a task (their widest form: one tile alone is bound by its broadcasts).
+template <bool F32Out>
+void codebook_gemm_tiles(void* y, const bf16_t* x, const uint16_t* codes, const uint16_t* books, const float* scales,
+                         int64_t m, int64_t n, int64_t k, int num_books, int64_t book_size, int num_threads,
+                         bool amx) {
+  constexpr int64_t kChunkRows = 256;
+#if defined(PAGODA_HAS_AMX)
+  amx = amx && k % 32 == 0;
+#else
+  amx = false;
+#endif
+  const int64_t group = amx ? 1 : kNT, tiles = (n + 15) / 16, groups = (tiles + group - 1) / group;
+  const int64_t chunks = (m + kChunkRows - 1) / kChunkRows, esz = F32Out ? 4 : 2;
+  share_tasks_with<CodebookTileState>(chunks * groups, num_threads, [&](int64_t task, CodebookTileState& state) {
+    const int64_t t0 = task % groups * group, c0 = task / groups * kChunkRows;
+    const int64_t c1 = c0 + kChunkRows < m ? c0 + kChunkRows : m;
+    const int64_t t1 = t0 + group < tiles ? t0 + group : tiles, col = t0 * 16;
+    state.wt.resize(static_cast<size_t>(group * k * 16));
+    bf16_t* wt = state.wt.data();
+    for (int64_t t = t0; t < t1; ++t)
+      decode_codebook_tile(wt + (t - t0) * k * 16, codes, books, scales, t, n, k, num_books, book_size);
+    if (!amx) {
+      gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, wt, c1 - c0,
+                                 n - col < group * 16 ? n - col : group * 16, k);
+      return;
+    }
+#if defined(PAGODA_HAS_AMX)
+    const __mmask16 mask = tile_columns(n, col);
+    alignas(64) float acc[64 * 16];
+    for (int64_t r0 = c0; r0 < c1; r0 += 64) {
+      const int64_t rows = c1 - r0 < 64 ? c1 - r0 : 64;
+      const int row_tiles = static_cast<int>((rows + 15) / 16);
+      state.tiles.configure(row_tiles, static_cast<int>(rows - (row_tiles - 1) * 16));
+      amx_tile_pass_rows(row_tiles, acc, x + r0 * k, k, wt, nullptr, 0);
+      store_tile_rows<F32Out>(static_cast<char*>(y) + r0 * n * esz, n, col, mask, acc, rows,
+                              [](__m512 v) { return v; });
+    }
+#endif
+  });
+}
+#endif  // __AVX512BF16__
 
 }  // namespace

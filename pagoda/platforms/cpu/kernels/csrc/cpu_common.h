@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -16,6 +17,28 @@
 namespace {
 
 typedef uint16_t bf16_t;
+
+// An allocator of whole, 64-byte aligned cache lines, for buffers that tile loads read (a 64-byte row that malloc's
+// 16-byte alignment splits over two lines costs a second line fill).
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64 + 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <class T>
+using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
 
 // Work sharing for loops over independent tasks: each thread of the team owns a contiguous share of the tasks (the
 // split of OpenMP's static schedule) and runs it in order, so a kernel can prefetch the data of its own next task;
