@@ -54,26 +54,48 @@ void codebook_gemm(void* y, const bf16_t* x, const uint16_t* codes, const uint16
 #if defined(__AVX512BF16__)
 // Column tile t of the weights (outputs 16 t .. 16 t + 15, all of k) into wt in the packed layout [k / 2][16][2]:
 // each weight scale[o] * sum_b books[b][code] in float32, rounded once to bf16 — the same bf16 weight a dense matmul
-// of the dequantized matrix multiplies by. Outputs past n are zero.
+// of the dequantized matrix multiplies by. Outputs past n are zero. Per group of 8 inputs, two outputs' entries
+// share a vector; the 16 outputs' 4 input pairs each are then transposed into 4 rows of the tile (a 64-byte row
+// holds one input pair of all 16 outputs).
+// The next tile's codes (16 rows of their own) are prefetched meanwhile, a line of each row at a time.
 inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16_t* books, const float* scales,
                                  int64_t t, int64_t n, int64_t k, int num_books, int64_t book_size) {
-  const int64_t groups = k / kCodebookGroup;
-  for (int64_t c = 0; c < 16; ++c) {
-    const int64_t o = t * 16 + c;
-    uint32_t pairs[kCodebookGroup / 2] = {};
-    const uint16_t* code = codes + (o < n ? o : 0) * groups * num_books;
-    const __m256 scale = _mm256_set1_ps(o < n ? scales[o] : 0.f);
-    for (int64_t i = 0; i < groups; ++i, code += num_books) {
-      if (o < n) {
-        __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(books + code[0] * kCodebookGroup)));
-        for (int b = 1; b < num_books; ++b) {
-          const uint16_t* entry = books + (b * book_size + code[b]) * kCodebookGroup;
-          w = _mm256_add_ps(w, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entry))));
-        }
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(w, scale)));
-      }
-      for (int64_t j = 0; j < kCodebookGroup / 2; ++j)  // inputs 8 i + 2 j, 8 i + 2 j + 1: one k-pair of column c
-        std::memcpy(wt + ((i * kCodebookGroup / 2 + j) * 16 + c) * 2, &pairs[j], 4);
+  const int64_t groups = k / kCodebookGroup, per_row = groups * num_books;
+  const int64_t line_groups = 32 / num_books > 0 ? 32 / num_books : 1;  // groups whose codes fill a 64-byte line
+  const int64_t next_rows = n - (t + 1) * 16 < 16 ? n - (t + 1) * 16 : 16;  // rows of the next tile (<= 0: none)
+  const uint16_t* next = codes + (t + 1) * 16 * per_row;
+  const uint16_t* code[16];
+  __m512 scale[8];
+  for (int c = 0; c < 16; ++c) code[c] = codes + (t * 16 + c < n ? t * 16 + c : 0) * per_row;
+  for (int c = 0; c < 16; c += 2) {
+    const float s0 = t * 16 + c < n ? scales[t * 16 + c] : 0.f, s1 = t * 16 + c + 1 < n ? scales[t * 16 + c + 1] : 0.f;
+    scale[c / 2] = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+  }
+  auto entry = [&](int b, uint16_t c) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + c) * kCodebookGroup));
+  };
+  // Output pair row j of a group takes dword 4 c + j of the staged [16 outputs][4 pairs] dwords: outputs 0-7 from
+  // the first 32 dwords, 8-15 from the last 32.
+  const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  alignas(64) uint32_t staged[64];
+  for (int64_t i = 0; i < groups; ++i) {
+    if (i % line_groups == 0)
+      for (int64_t c = 0; c < next_rows; ++c) _mm_prefetch(reinterpret_cast<const char*>(next + c * per_row + i * num_books), _MM_HINT_T0);
+    for (int c = 0; c < 16; c += 2) {
+      const uint16_t* c0 = code[c] + i * num_books;
+      const uint16_t* c1 = code[c + 1] + i * num_books;
+      __m512 w = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entry(0, c0[0])), entry(0, c1[0]), 1));
+      for (int b = 1; b < num_books; ++b)
+        w = _mm512_add_ps(w, _mm512_cvtph_ps(
+                                 _mm256_inserti128_si256(_mm256_castsi128_si256(entry(b, c0[b])), entry(b, c1[b]), 1)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, scale[c / 2])));
+    }
+    const __m512i z0 = _mm512_load_si512(staged), z1 = _mm512_load_si512(staged + 16);
+    const __m512i z2 = _mm512_load_si512(staged + 32), z3 = _mm512_load_si512(staged + 48);
+    for (int j = 0; j < kCodebookGroup / 2; ++j) {
+      const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(j));
+      const __m512i lo = _mm512_permutex2var_epi32(z0, idx, z1), hi = _mm512_permutex2var_epi32(z2, idx, z3);
+      _mm512_store_si512(wt + (i * kCodebookGroup / 2 + j) * 32, _mm512_mask_blend_epi32(0xFF00, lo, hi));
     }
   }
 }
