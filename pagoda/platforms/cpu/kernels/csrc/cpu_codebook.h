@@ -80,15 +80,18 @@ inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16
   alignas(64) uint32_t staged[64];
   for (int64_t i = 0; i < groups; ++i) {
     if (i % line_groups == 0)
-      for (int64_t c = 0; c < next_rows; ++c) _mm_prefetch(reinterpret_cast<const char*>(next + c * per_row + i * num_books), _MM_HINT_T0);
+      for (int64_t c = 0; c < next_rows; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(next + c * per_row + i * num_books), _MM_HINT_T0);
     for (int c = 0; c < 16; c += 2) {
       const uint16_t* c0 = code[c] + i * num_books;
       const uint16_t* c1 = code[c + 1] + i * num_books;
-      __m512 w = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entry(0, c0[0])), entry(0, c1[0]), 1));
-      for (int b = 1; b < num_books; ++b)
-        w = _mm512_add_ps(w, _mm512_cvtph_ps(
-                                 _mm256_inserti128_si256(_mm256_castsi128_si256(entry(b, c0[b])), entry(b, c1[b]), 1)));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, scale[c / 2])));
+      auto pair = [&](int b) {  // book b's entries of outputs c and c + 1, widened to float32
+        return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entry(b, c0[b])), entry(b, c1[b]), 1));
+      };
+      __m512 w = pair(0);
+      for (int b = 1; b < num_books; ++b) w = _mm512_add_ps(w, pair(b));
+      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, scale[c / 2]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), rounded);
     }
     const __m512i z0 = _mm512_load_si512(staged), z1 = _mm512_load_si512(staged + 16);
     const __m512i z2 = _mm512_load_si512(staged + 32), z3 = _mm512_load_si512(staged + 48);
