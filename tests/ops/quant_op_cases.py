@@ -57,7 +57,7 @@ def linear_int8(impl, ref, dtype):
 
 def linear_codebook(impl, ref, dtype):
     for n, k, og, ig, m, nbits in ((32, 64, 1, 8, 1, 16), (48, 64, 1, 8, 2, 8), (40, 104, 1, 8, 2, 8),
-                                   (32, 32, 2, 4, 1, 8)):
+                                   (24, 64, 1, 8, 1, 8), (32, 32, 2, 4, 1, 8)):
         g = _gen(n, k, m, nbits)
         codes = torch.randint(0, 1 << nbits, (n // og, k // ig, m), generator=g)
         codebooks = torch.randn(m, 1 << nbits, og, ig, generator=g).half()

@@ -167,8 +167,8 @@ class _Codebook:
     scales: torch.Tensor  # float32 [n]
 
     def reference_form(self) -> reference.CodebookWeight:
-        """The reference's handle over the same codes (for batches above the kernel's limit), built per call: the
-        dequantization it feeds costs far more than the conversion."""
+        """The reference's handle over the same codes (float32 activations, and float32 logits above
+        ``CODEBOOK_MAX_ROWS`` rows), built per call: the dequantization it feeds costs far more than the conversion."""
         return _REFERENCE_CODEBOOK.prepare(self.codes.long() & 0xFFFF, self.books.unsqueeze(2), self.scales)
 
 

@@ -13,6 +13,11 @@ constexpr int64_t kCodebookGroup = 8;    // inputs per code (AQLM's in_group_siz
 constexpr int64_t kCodebookMaxRows = 16;  // larger batches take codebook_gemm_tiles
 
 #if defined(__AVX512F__)
+// Entry `code` of codebook b (books float16 [num_books, book_size, 8]): its 8 float16 values.
+inline __m128i codebook_entry(const uint16_t* books, int64_t book_size, int b, int64_t code) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup));
+}
+
 constexpr int64_t kTableEntries = 256;  // codebooks of up to this many entries (2x8, 1x8 …) take the table kernel
 
 // One row of x against codebooks of at most 256 entries: each input group's dot product with every entry is
@@ -34,8 +39,7 @@ void codebook_gemv_table(void* y, const bf16_t* x, const uint16_t* codes, const 
   for (int b = 0; b < NB; ++b)
     for (int64_t e = 0; e < book_size; ++e) {
       alignas(32) float v[kCodebookGroup];
-      _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(
-                             reinterpret_cast<const __m128i*>(books + (b * book_size + e) * kCodebookGroup))));
+      _mm256_store_ps(v, _mm256_cvtph_ps(codebook_entry(books, book_size, b, e)));
       for (int d = 0; d < kCodebookGroup; ++d) books_tp[(b * kCodebookGroup + d) * kTableEntries + e] = v[d];
     }
 #pragma omp parallel num_threads(num_threads)
@@ -98,11 +102,9 @@ void codebook_gemm(void* y, const bf16_t* x, const uint16_t* codes, const uint16
       for (int64_t r = 0; r < m; ++r) acc[r] = _mm256_setzero_ps();
       const uint16_t* c = codes + row * groups * num_books;
       for (int64_t i = 0; i < groups; ++i, c += num_books) {
-        __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(books + c[0] * kCodebookGroup)));
-        for (int b = 1; b < num_books; ++b) {
-          const uint16_t* entry = books + (b * book_size + c[b]) * kCodebookGroup;
-          w = _mm256_add_ps(w, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entry))));
-        }
+        __m256 w = _mm256_cvtph_ps(codebook_entry(books, book_size, 0, c[0]));
+        for (int b = 1; b < num_books; ++b)
+          w = _mm256_add_ps(w, _mm256_cvtph_ps(codebook_entry(books, book_size, b, c[b])));
         for (int64_t r = 0; r < m; ++r)
           acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf.data() + r * k + i * kCodebookGroup), acc[r]);
       }
@@ -138,9 +140,6 @@ inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16
     const float s0 = t * 16 + c < n ? scales[t * 16 + c] : 0.f, s1 = t * 16 + c + 1 < n ? scales[t * 16 + c + 1] : 0.f;
     scale[c / 2] = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
   }
-  auto entry = [&](int b, uint16_t c) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + c) * kCodebookGroup));
-  };
   // Output pair row j of a group takes dword 4 c + j of the staged [16 outputs][4 pairs] dwords: outputs 0-7 from
   // the first 32 dwords, 8-15 from the last 32.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
@@ -153,7 +152,9 @@ inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16
       const uint16_t* c0 = code[c] + i * num_books;
       const uint16_t* c1 = code[c + 1] + i * num_books;
       auto pair = [&](int b) {  // book b's entries of outputs c and c + 1, widened to float32
-        return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entry(b, c0[b])), entry(b, c1[b]), 1));
+        const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(codebook_entry(books, book_size, b, c0[b])),
+                                                     codebook_entry(books, book_size, b, c1[b]), 1);
+        return _mm512_cvtph_ps(both);
       };
       __m512 w = pair(0);
       for (int b = 1; b < num_books; ++b) w = _mm512_add_ps(w, pair(b));
