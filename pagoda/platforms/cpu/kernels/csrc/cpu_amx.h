@@ -134,12 +134,6 @@ inline void amx_tile_pass_rows(int row_tiles, float* acc, const bf16_t* x, int64
   }
 }
 
-// The lanes of the 16-column tile at col that an n-column output has.
-inline __mmask16 tile_columns(int64_t n, int64_t col) {
-  const int64_t valid = n - col < 16 ? n - col : 16;
-  return static_cast<__mmask16>((1u << valid) - 1u);
-}
-
 // Rows [0, rows) of a tile pass's float32 results acc, each through epilogue(v), into y's columns col.. (masked;
 // rows ldy elements apart), as float32 or rounded to bf16.
 template <bool F32Out, class Epilogue>

@@ -147,6 +147,11 @@ template <> inline void store<bf16_t>(bf16_t* p, int64_t i, float v) { p[i] = f3
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// The lanes of the 16-column tile at col that an n-column output has.
+inline __mmask16 tile_columns(int64_t n, int64_t col) {
+  const int64_t valid = n - col < 16 ? n - col : 16;
+  return static_cast<__mmask16>((1u << valid) - 1u);
+}
 inline __m512 load16(const bf16_t* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));

@@ -52,8 +52,7 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
   }
   for (int t = 0; t < NT; ++t) {
     const int64_t col = (tile0 + t) * kTile;
-    const int64_t valid = n - col < kTile ? n - col : kTile;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __mmask16 mask = tile_columns(n, col);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
     for (int r = 0; r < MR; ++r) {
       const __m512 v = _mm512_add_ps(acc[r][t], bv);

@@ -118,8 +118,8 @@ void gemm_int8_amx(void* y, const int8_t* q, const float* xscale, const int8_t* 
       case 2: amx_int8_pass<2>(acc, qb, k, wt); break;
       default: amx_int8_pass<1>(acc, qb, k, wt); break;
     }
-    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const int64_t col = t * 16;
+    const __mmask16 mask = tile_columns(n, col);
     const __m512 ws = _mm512_maskz_loadu_ps(mask, wscale + col);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
     for (int64_t r = 0; r < rows; ++r) {

@@ -49,8 +49,8 @@ inline void lora_expand_kernel(bf16_t* const* yrows, const bf16_t* z, int64_t kz
   __m512 acc[MR][NT];
   __mmask16 mask[NT];
   for (int t = 0; t < NT; ++t) {
-    const int64_t col = (tile0 + t) * kTile, valid = n - col < kTile ? n - col : kTile;
-    mask[t] = static_cast<__mmask16>((1u << valid) - 1u);
+    const int64_t col = (tile0 + t) * kTile;
+    mask[t] = tile_columns(n, col);
     for (int r = 0; r < MR; ++r) {
       const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask[t], yrows[r] + col));
       acc[r][t] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));

@@ -65,8 +65,7 @@ inline void quant_tile(void* y, int64_t ldy, const bf16_t* x, const float* xsum,
       for (int r = 0; r < MR; ++r) out[r] = _mm512_fmadd_ps(part[r], sc, out[r]);
     }
   }
-  const int64_t valid = n - col < 16 ? n - col : 16;
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  const __mmask16 mask = tile_columns(n, col);
   for (int r = 0; r < MR; ++r) {
     if constexpr (F32Out) {
       _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, out[r]);
@@ -227,17 +226,9 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
                                                           _mm512_load_ps(out + r * 16)));
       }
     }
-    const int64_t col = t * 16, valid = n - col < 16 ? n - col : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    char* yb = static_cast<char*>(y) + r0 * n * esz;
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_load_ps(out + r * 16);
-      if constexpr (F32Out) {
-        _mm512_mask_storeu_ps(reinterpret_cast<float*>(yb) + r * n + col, mask, v);
-      } else {
-        _mm256_mask_storeu_epi16(reinterpret_cast<bf16_t*>(yb) + r * n + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
-      }
-    }
+    const int64_t col = t * 16;
+    store_tile_rows<F32Out>(static_cast<char*>(y) + r0 * n * esz, n, col, tile_columns(n, col), out, rows,
+                            [](__m512 v) { return v; });
   });
 }
 
