@@ -37,7 +37,9 @@ def linear_fp8(impl, ref, dtype):
 
 
 def linear_int8(impl, ref, dtype):
-    for n, k, input_scale in ((37, 64, None), (576, 576, None), (1536, 576, None), (64, 96, 0.02)):
+    # 80 and 20 outputs: a last group of two column tiles, then of one, in the 48-column micro-kernels
+    for n, k, input_scale in ((37, 64, None), (576, 576, None), (1536, 576, None), (64, 96, 0.02), (80, 128, None),
+                              (20, 192, 0.02)):
         if not impl.accepts(k, dtype):
             continue
         g = _gen(n, k, 8)

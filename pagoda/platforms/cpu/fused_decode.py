@@ -57,7 +57,9 @@ class NotFusable(Exception):
     """Why a model's decode steps can't be fused (kept for the log)."""
 
 
-INT8_AMX_KIND = 200  # cpu_decode.cpp's kInt8AmxKind: a PackedInt8 weight, activations quantized per token
+# cpu_decode.cpp's kInt8AmxKind / kInt8VnniKind: a PackedInt8 weight, activations quantized per token, multiplied on
+# AMX-INT8 tiles / with AVX512-VNNI (as the layer's linear_int8 implementation does).
+INT8_AMX_KIND, INT8_VNNI_KIND = 200, 201
 
 
 def _bias_ptr(kernel: Any, keep: list) -> int | None:
@@ -79,9 +81,9 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
         return _Linear(0, handle.ptrs[0], handle.ptrs[1], handle.n, handle.k), limit
     if isinstance(handle, PackedQuant):
         return _Linear(handle.bits, handle.ptr, _bias_ptr(kernel, keep), handle.n, handle.k), limit
-    if isinstance(handle, cpu_quant_op_impls.AmxInt8Weight) and handle.input_scale is None:
-        packed = handle.packed
-        return _Linear(INT8_AMX_KIND, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k), limit
+    if isinstance(handle, cpu_quant_op_impls.Int8Weight) and handle.input_scale is None:
+        packed, kind = handle.packed, INT8_AMX_KIND if kernel.op.uses_amx else INT8_VNNI_KIND
+        return _Linear(kind, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k), limit
     raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
 
 

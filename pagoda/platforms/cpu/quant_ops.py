@@ -5,7 +5,8 @@
   in registers — exact products, 1.06 bytes a weight, no dense copy.
 - ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch (VNNI, or AMX-INT8 tiles where the CPU has
   them) on its prepacked weight; activations quantized per token, the product scaled per token and channel.
-- ``linear_int8`` / ``cpu_amx``: pagoda's AMX-INT8 tile GEMM with the per-token quantization in the same call.
+- ``linear_int8`` / ``cpu_avx512_vnni``: pagoda's AVX512-VNNI GEMM with the per-token quantization in the same
+  call; ``cpu_amx``: the same on AMX-INT8 tiles.
 - ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches),
   column tiles decoded to bf16 for larger ones; ``cpu_amx``: the same, larger batches on AMX tiles.
 """
@@ -109,41 +110,39 @@ class OneDnnInt8(OpImpl):
 
 
 @dataclass
-class AmxInt8Weight:
+class Int8Weight:
     packed: cpu_quant_ops.PackedInt8
     input_scale: float | None
 
 
-_ONEDNN_INT8 = OneDnnInt8()  # AmxInt8's form for inputs that aren't a multiple of 64
+class VnniInt8(_NativeBf16Gemm):
+    """W8A8 with AVX512-VNNI (pagoda's kernel): the activations quantized per token in the same call, products summed
+    in int32, one float32 scaling per output; 8 rows x 48 columns of accumulators, as the bf16 GEMM."""
 
-
-class AmxInt8(_NativeBf16Gemm):
-    """W8A8 on AMX-INT8 tiles (pagoda's kernel): the activations quantized per token in the same call, products
-    summed in int32, one float32 scaling per output. Weights whose inputs aren't a multiple of 64 go to oneDNN."""
-
-    op, name = "linear_int8", "cpu_amx"
-    requires = ("amx_int8", "amx_tile", "avx512_bf16")
-    priority = 20
+    op, name = "linear_int8", "cpu_avx512_vnni"
+    requires = ("avx512_vnni", "avx512_bf16")
+    priority = 15
+    uses_amx = False  # whether its GEMMs take AMX-INT8 tiles (the fused decode step must agree)
 
     @classmethod
     def check(cls, platform) -> str | None:
         reason = super().check(platform)
-        if reason is None and not cpu.kernels().has_amx_int8:
-            return "the native library was built without AMX-INT8"
+        if reason is None and not cls._built():
+            return f"the native library was built without {'AMX-INT8' if cls.uses_amx else 'AVX512-VNNI'}"
         return reason
+
+    @staticmethod
+    def _built() -> bool:
+        return cpu.kernels().has_vnni_int8
 
     def accepts(self, in_features, act_dtype):
         return True
 
     def prepare(self, weight, scale, input_scale=None):
-        if weight.shape[1] % cpu_quant_ops.INT8_AMX_K:
-            return _ONEDNN_INT8.prepare(weight, scale, input_scale)
-        return AmxInt8Weight(cpu_quant_ops.PackedInt8(weight, scale), input_scale)
+        return Int8Weight(cpu_quant_ops.PackedInt8(weight, scale), input_scale)
 
     def _run(self, handle, x, float_output):
-        if isinstance(handle, _OneDnnInt8):
-            return _ONEDNN_INT8.logits(handle, x) if float_output else _ONEDNN_INT8.apply(handle, x)
-        return cpu_quant_ops.int8_linear(x, handle.packed, handle.input_scale, float_output)
+        return cpu_quant_ops.int8_linear(x, handle.packed, handle.input_scale, float_output, amx=self.uses_amx)
 
     def apply(self, handle, x):
         return self._run(handle, x, False)
@@ -155,9 +154,20 @@ class AmxInt8(_NativeBf16Gemm):
         return None
 
     def nbytes(self, handle):
-        if isinstance(handle, _OneDnnInt8):
-            return _ONEDNN_INT8.nbytes(handle)
         return handle.packed.data.numel()
+
+
+class AmxInt8(VnniInt8):
+    """The same packed weights on AMX-INT8 tiles."""
+
+    name = "cpu_amx"
+    requires = ("amx_int8", "amx_tile", "avx512_bf16")
+    priority = 20
+    uses_amx = True
+
+    @staticmethod
+    def _built() -> bool:
+        return cpu.kernels().has_amx_int8
 
 
 @dataclass
@@ -223,4 +233,4 @@ class AmxCodebook(AmxTiles, NativeCodebook):
     """The same AQLM weights, with batches above the decode size multiplied on AMX tiles."""
 
 
-CPU_QUANT_OP_IMPLS = [PackedFp8, AmxFp8, OneDnnInt8, AmxInt8, NativeCodebook, AmxCodebook]
+CPU_QUANT_OP_IMPLS = [PackedFp8, AmxFp8, OneDnnInt8, VnniInt8, AmxInt8, NativeCodebook, AmxCodebook]

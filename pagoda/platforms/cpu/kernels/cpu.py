@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 24
+ABI_VERSION = 25
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -79,11 +79,12 @@ class CpuKernels:
                                              c_int64, c_int64, c_int, c_int64, c_int, c_int]
         self.codebook_gemm = lib.pagoda_codebook_gemm
         lib.pagoda_int8_gemm.restype = c_int
-        lib.pagoda_int8_gemm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64,
-                                         c_int64, c_float, c_int]
+        lib.pagoda_int8_gemm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64,
+                                         c_float, c_int, c_int]
         self.int8_gemm = lib.pagoda_int8_gemm
-        lib.pagoda_has_amx_int8.restype = c_int
-        self.has_amx_int8 = bool(lib.pagoda_has_amx_int8())
+        lib.pagoda_int8_paths.restype = c_int
+        paths = lib.pagoda_int8_paths()
+        self.has_amx_int8, self.has_vnni_int8 = bool(paths & 1), bool(paths & 2)
         lib.pagoda_llama_decode.restype = c_int
         lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
                                             c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_int]

@@ -80,33 +80,36 @@ def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, s
     return out
 
 
-INT8_AMX_K = 64  # pagoda_int8_gemm's input multiple
-
-
 class PackedInt8:
-    """An int8 weight [n, k] (``k`` a multiple of 64) as AMX-INT8 B tiles, [tile of 16 rows][k / 4][16][4], followed
-    by its float32 scale per row (padded to whole tiles): one buffer, as the fused decode step reads it."""
+    """An int8 weight [n, k] with its inputs zero-padded to a multiple of 64, as AMX-INT8 B tiles, [tile of 16
+    rows][k / 4][16][4] (one k-quad of a tile is also the vector AVX512-VNNI multiplies), followed by its float32 scale
+    per row and the int32 sum of each row's codes (the VNNI path's correction for its offset activations), both padded
+    to whole tiles: one buffer, as the fused decode step reads it."""
 
-    __slots__ = ("data", "n", "k", "ptr", "scale_ptr")
+    __slots__ = ("data", "n", "k", "ptr")
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         n, k = weight.shape
         tiles, (weight, scale) = pad_to_tiles(n, weight, scale)
-        tiles_bytes = weight.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
-        self.data = torch.cat([tiles_bytes.reshape(-1), scale.float().contiguous().view(torch.uint8)])
+        kp = -(-k // 64) * 64
+        weight = torch.nn.functional.pad(weight, (0, kp - k))
+        tiles_bytes = weight.reshape(tiles, 16, kp // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
+        sums = weight.to(torch.int32).sum(1, dtype=torch.int32)
+        self.data = torch.cat([tiles_bytes.reshape(-1), scale.float().contiguous().view(torch.uint8),
+                               sums.contiguous().view(torch.uint8)])
         self.n, self.k = n, k
         self.ptr = self.data.data_ptr()
-        self.scale_ptr = self.ptr + tiles * 16 * k
 
 
 def int8_linear(x: torch.Tensor, weight: PackedInt8, input_scale: float | None = None,
-                float_output: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x`` [..., k]: rows quantized to int8 (per row, or with ``input_scale``), multiplied on
-    AMX-INT8 tiles by the packed int8 ``W`` and scaled by each row's and column's scale."""
+                float_output: bool = False, amx: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [..., k]: rows quantized to int8 (per row, or with ``input_scale``), multiplied by
+    the packed int8 ``W`` (on AMX-INT8 tiles with ``amx``, else AVX512-VNNI) and scaled by each row's and column's
+    scale."""
     x2 = _bf16_rows(x, weight.k, "int8_linear")
     out = torch.empty(x2.shape[0], weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if x2.shape[0]:
-        _check(kernels().int8_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, weight.scale_ptr,
-                                   None, x2.shape[0], weight.n, weight.k, float(input_scale or 0.0), _threads()),
+        _check(kernels().int8_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, None, x2.shape[0],
+                                   weight.n, weight.k, float(input_scale or 0.0), int(amx), _threads()),
                "pagoda_int8_gemm")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])

@@ -7,9 +7,9 @@
 
 namespace {
 
-// One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), or int8 for AMX-INT8 with
-// its scales after the tiles (kInt8AmxKind: activations quantized per token here).
-constexpr int64_t kInt8AmxKind = 200;
+// One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), or W8A8 int8 packed as in
+// cpu_int8.h, activations quantized per token here: on AMX-INT8 tiles (kInt8AmxKind) or with VNNI (kInt8VnniKind).
+constexpr int64_t kInt8AmxKind = 200, kInt8VnniKind = 201;
 struct Linear {
   int64_t kind;
   const void* data;
@@ -41,15 +41,9 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
     return;
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
-#if defined(PAGODA_HAS_AMX_INT8)
-  if (w.kind == kInt8AmxKind) {
-    std::vector<int8_t> q(static_cast<size_t>(m * w.k));
-    std::vector<float> xs(static_cast<size_t>(m));
-    quantize_rows_int8(x, q.data(), xs.data(), m, w.k, 0.f, nt);
-    const float* ws = reinterpret_cast<const float*>(p + (w.n + 15) / 16 * 16 * w.k);
-    gemm_int8_amx<false>(y, q.data(), xs.data(), reinterpret_cast<const int8_t*>(p), ws, nullptr, m, w.n, w.k, nt);
+  if (w.kind == kInt8AmxKind || w.kind == kInt8VnniKind) {
+    gemm_int8<false>(y, x, reinterpret_cast<const int8_t*>(p), nullptr, m, w.n, w.k, 0.f, w.kind == kInt8AmxKind, nt);
   } else
-#endif
   quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt, nullptr, amx);
   if (w.bias)  // the per-op path adds a quantized layer's bias in bf16 after the matmul: same here
     for (int64_t r = 0; r < m; ++r)

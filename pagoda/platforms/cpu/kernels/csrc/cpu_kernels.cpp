@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 24; }
+int pagoda_kernels_abi_version() { return 25; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -282,34 +282,28 @@ int pagoda_fused_moe(void* y, const void* x, const float* topk_w, const int64_t*
 #endif
 }
 
-// Whether this build has the AMX-INT8 W8A8 GEMM.
-int pagoda_has_amx_int8() {
+// Which W8A8 GEMMs this build has: bit 0 AMX-INT8, bit 1 AVX512-VNNI.
+int pagoda_int8_paths() {
+  int paths = 0;
 #if defined(PAGODA_HAS_AMX_INT8)
-  return 1;
-#else
-  return 0;
+  paths |= 1;
 #endif
+#if defined(PAGODA_HAS_VNNI_INT8)
+  paths |= 2;
+#endif
+  return paths;
 }
 
-// y [m, n] = x [m, k] (bf16, quantized to int8 per row here, or with static_scale > 0) . W^T * wscale (+ bias), W
-// int8 packed for AMX-INT8 (cpu_int8.h; k a multiple of 64); y float32 when out_f32 else bf16. The caller holds
-// AMX's permission. Returns -1 when this build lacks AMX-INT8 or k is not a multiple of 64.
-int pagoda_int8_gemm(int out_f32, void* y, const void* x, const void* wp, const float* wscale, const float* bias,
-                     int64_t m, int64_t n, int64_t k, float static_scale, int num_threads) {
-#if defined(PAGODA_HAS_AMX_INT8)
-  if (k % 64) return -1;
-  std::vector<int8_t> q(static_cast<size_t>(m * k));
-  std::vector<float> xscale(static_cast<size_t>(m));
-  quantize_rows_int8(static_cast<const bf16_t*>(x), q.data(), xscale.data(), m, k, static_scale, num_threads);
+// y [m, n] = x [m, k] (bf16, quantized to int8 per row here, or with static_scale > 0) . W^T * its scales (+ bias),
+// W int8 packed as in cpu_int8.h (wp: the whole buffer); y float32 when out_f32 else bf16. amx: on AMX-INT8 tiles (the
+// caller holds AMX's permission), else AVX512-VNNI. Returns -1 when this build lacks the path.
+int pagoda_int8_gemm(int out_f32, void* y, const void* x, const void* wp, const float* bias, int64_t m, int64_t n,
+                     int64_t k, float static_scale, int amx, int num_threads) {
+  const bf16_t* xb = static_cast<const bf16_t*>(x);
   const int8_t* w = static_cast<const int8_t*>(wp);
-  if (out_f32) gemm_int8_amx<true>(y, q.data(), xscale.data(), w, wscale, bias, m, n, k, num_threads);
-  else gemm_int8_amx<false>(y, q.data(), xscale.data(), w, wscale, bias, m, n, k, num_threads);
-  return 0;
-#else
-  (void)out_f32; (void)y; (void)x; (void)wp; (void)wscale; (void)bias; (void)m; (void)n; (void)k;
-  (void)static_scale; (void)num_threads;
-  return -1;
-#endif
+  const bool ok = out_f32 ? gemm_int8<true>(y, xb, w, bias, m, n, k, static_scale, amx != 0, num_threads)
+                          : gemm_int8<false>(y, xb, w, bias, m, n, k, static_scale, amx != 0, num_threads);
+  return ok ? 0 : -1;
 }
 
 // out[r] = argmax over n of (x @ W^T)[r, :] without writing the logits out. Each thread takes a contiguous range
