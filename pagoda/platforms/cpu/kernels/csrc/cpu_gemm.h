@@ -19,13 +19,15 @@ constexpr int kMR = 8;            // rows per micro-kernel: 8 x 3 accumulators +
 
 inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
 
-// ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while this pass
-// computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an LM
+// ``col_scale`` (or null): each column's sum is multiplied by it before the bias (weights decoded from codes with one
+// scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2
+// while this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an LM
 // head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps
 // the number in flight small enough not to be dropped.
 template <int MR, int NT, bool F32Out>
 inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
-                         int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes) {
+                         int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes,
+                         const float* col_scale) {
   const int64_t k2 = packed_k2(k), full = k / 2;
   const int64_t tile_elems = k2 * kTile * 2;
   const int64_t ahead_lines = ahead_bytes / 64, lines_per_step = (ahead_lines + k2 - 1) / k2;
@@ -54,8 +56,9 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
     const int64_t col = (tile0 + t) * kTile;
     const __mmask16 mask = tile_columns(n, col);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    const __m512 sv = col_scale ? _mm512_maskz_loadu_ps(mask, col_scale + col) : _mm512_set1_ps(1.f);
     for (int r = 0; r < MR; ++r) {
-      const __m512 v = _mm512_add_ps(acc[r][t], bv);
+      const __m512 v = col_scale ? _mm512_fmadd_ps(acc[r][t], sv, bv) : _mm512_add_ps(acc[r][t], bv);
       if constexpr (F32Out) {
         _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
       } else {
@@ -69,7 +72,8 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
 // Rows of x in passes of MR (kMR, or 6 with groups of 4 tiles: 24 accumulators either way).
 template <int NT, bool F32Out, int MR = kMR>
 inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp,
-                        int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead) {
+                        int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead,
+                        const float* col_scale = nullptr) {
   const int64_t esz = F32Out ? 4 : 2;
   const int64_t passes = (rows + MR - 1) / MR;
   const int64_t group_bytes = NT * packed_k2(k) * kTile * 2 * 2;
@@ -82,19 +86,19 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
   };
   for (; r + MR <= rows; r += MR, ++pass)
     micro_kernel<MR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
-                                  ahead_at(pass), ahead_len(pass));
+                                  ahead_at(pass), ahead_len(pass), col_scale);
   char* yr = static_cast<char*>(y) + r * ldy * esz;
   const bf16_t* xr = x + r * k;
   const char* pa = ahead_at(pass);
   const int64_t pl = ahead_len(pass);
   switch (rows - r) {
-    case 1: micro_kernel<1, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 2: micro_kernel<2, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 6: micro_kernel<6, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
-    case 7: micro_kernel<7, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl); break;
+    case 1: micro_kernel<1, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 2: micro_kernel<2, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 6: micro_kernel<6, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
+    case 7: micro_kernel<7, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
     default: break;
   }
 }
@@ -143,10 +147,10 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
 // column groups of GroupTiles tiles: kNT (8-row passes), or 4 (6-row passes) for small operands whose column count
 // is usually a multiple of 64 (attention: head sizes, chunks of keys), so no group is left with a lone,
 // broadcast-bound tile. With wp_end (the end of the packed matrix wp points into), each tile group prefetches the
-// next group's weights.
+// next group's weights. col_scale: as for micro_kernel.
 template <bool F32Out, int GroupTiles = kNT>
 void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, int64_t m, int64_t n, int64_t k,
-                        const bf16_t* wp_end = nullptr) {
+                        const bf16_t* wp_end = nullptr, const float* col_scale = nullptr) {
   static_assert(GroupTiles >= 1 && GroupTiles <= 4, "micro-kernels exist for 1 to 4 tiles");
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t group_elems = GroupTiles * packed_k2(k) * kTile * 2;
@@ -154,10 +158,10 @@ void gemm_packed_serial(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp,
     const bf16_t* next = wp + (tile0 + GroupTiles) * packed_k2(k) * kTile * 2;
     const bf16_t* ahead = wp_end && next + group_elems <= wp_end ? next : nullptr;
     switch (tiles - tile0 < GroupTiles ? tiles - tile0 : GroupTiles) {
-      case 4: rows_kernel<4, F32Out, 6>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
-      case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
-      case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
-      default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead); break;
+      case 4: rows_kernel<4, F32Out, 6>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead, col_scale); break;
+      case 3: rows_kernel<3, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead, col_scale); break;
+      case 2: rows_kernel<2, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead, col_scale); break;
+      default: rows_kernel<1, F32Out>(m, y, ldy, x, k, wp, tile0, n, nullptr, ahead, col_scale); break;
     }
   }
 }

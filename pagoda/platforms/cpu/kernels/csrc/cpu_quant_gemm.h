@@ -83,6 +83,10 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
 template <int Bits, bool F32Out>
 void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                             int num_threads);
+template <int Bits, bool F32Out>
+void quant_gemm_uniform_tiles(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                              int num_threads);
+constexpr int64_t kUniformTileRows = 16;  // from this many rows, one-scale-per-column kinds decode tiles first
 
 // amx: take AMX tiles from kAmxMinRows rows (the caller has AMX's permission).
 template <int Bits, bool F32Out>
@@ -108,6 +112,12 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
 #else
   (void)amx;
 #endif
+  if constexpr (QLayout<Bits>::uniform) {
+    if (m >= kUniformTileRows) {
+      quant_gemm_uniform_tiles<Bits, F32Out>(y, x, packed, m, n, k, num_threads);
+      return;
+    }
+  }
   const int64_t mblocks = (m + kBlockM - 1) / kBlockM;
   share_tasks(mblocks * tiles, num_threads, [&](int64_t task) {
     const int64_t mb = task / tiles, t = task % tiles;
@@ -232,10 +242,56 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
   });
 }
 
-// A thread's tile configuration and its buffer for one column tile's codes decoded to bf16.
+#endif  // PAGODA_HAS_AMX
+
+// One column tile's codes (all of k, exactly, without its scales) into the bf16 GEMM's packed layout at wt.
+template <int Bits>
+inline void decode_tile_bf16(bf16_t* wt, const uint8_t* tile, int64_t k) {
+  constexpr int64_t G = QLayout<Bits>::group;
+  const DecodeTables<QLayout<Bits>::decoder> tables;
+  for (int64_t g = 0; g < k / G; ++g)
+    for (int64_t p = 0; p < G / 2; ++p)
+      _mm512_storeu_si512(wt + (g * G / 2 + p) * 32,
+                          decode_pairs<QLayout<Bits>::decoder>(tile + g * QLayout<Bits>::block_bytes, p, tables.t));
+}
+
+// A thread's decoded column tiles (whole cache lines: tile rows are read as 64-byte lines) and their scales.
+struct DecodedTiles {
+  aligned_vector<bf16_t> wt;
+  float scale[kNT * 16];
+};
+
+// quant_gemm with the AVX512-BF16 micro-kernels for the kinds with one scale per column, from kUniformTileRows
+// rows: a task decodes kNT column tiles once (exactly) into the bf16 GEMM's packed layout and multiplies up to
+// kChunkRows rows by them, each column scaled once at the end. quant_tile instead decodes every code once per 8 rows
+// and multiplies one tile per broadcast, which binds it to its broadcasts.
+template <int Bits, bool F32Out>
+void quant_gemm_uniform_tiles(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
+                              int num_threads) {
+  constexpr int64_t kChunkRows = 256;
+  const int64_t tiles = (n + 15) / 16, tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
+  const int64_t groups = (tiles + kNT - 1) / kNT, chunks = (m + kChunkRows - 1) / kChunkRows, esz = F32Out ? 4 : 2;
+  share_tasks_with<DecodedTiles>(chunks * groups, num_threads, [&](int64_t task, DecodedTiles& state) {
+    const int64_t t0 = task % groups * kNT, c0 = task / groups * kChunkRows;
+    const int64_t t1 = t0 + kNT < tiles ? t0 + kNT : tiles, c1 = c0 + kChunkRows < m ? c0 + kChunkRows : m;
+    const int64_t col = t0 * 16;
+    state.wt.resize(static_cast<size_t>(kNT * k * 16));
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = packed + t * tile_bytes;
+      decode_tile_bf16<Bits>(state.wt.data() + (t - t0) * k * 16, tile, k);
+      std::memcpy(state.scale + (t - t0) * 16, tile + QLayout<Bits>::code_bytes, 16 * sizeof(float));
+    }
+    gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, state.wt.data(), c1 - c0,
+                               n - col < kNT * 16 ? n - col : kNT * 16, k, nullptr, state.scale);
+  });
+}
+
+#if defined(PAGODA_HAS_AMX)
+// A thread's tile configuration and its buffer for one column tile's codes decoded to bf16 (whole cache lines: B
+// tile rows are 64-byte loads).
 struct AmxDecodeState {
   AmxTiles tiles;
-  std::vector<bf16_t> wt;
+  aligned_vector<bf16_t> wt;
 };
 
 // quant_gemm on AMX tiles for the kinds with one scale per column: a task decodes one column tile's codes (all of k,
@@ -245,20 +301,16 @@ struct AmxDecodeState {
 template <int Bits, bool F32Out>
 void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                             int num_threads) {
-  constexpr int64_t G = QLayout<Bits>::group, kRows = 64, kChunkRows = 256;
-  const int64_t groups = k / G, tiles = (n + 15) / 16, tile_bytes = groups * QLayout<Bits>::block_bytes;
+  constexpr int64_t kRows = 64, kChunkRows = 256;
+  const int64_t tiles = (n + 15) / 16, tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
   const int64_t chunks = (m + kChunkRows - 1) / kChunkRows, esz = F32Out ? 4 : 2;
   share_tasks_with<AmxDecodeState>(chunks * tiles, num_threads, [&](int64_t task, AmxDecodeState& state) {
     const int64_t t = task % tiles, c0 = task / tiles * kChunkRows;
     const int64_t c1 = c0 + kChunkRows < m ? c0 + kChunkRows : m;
-    const DecodeTables<QLayout<Bits>::decoder> tables;
     const uint8_t* tile = packed + t * tile_bytes;
     state.wt.resize(static_cast<size_t>(k * 16));
     bf16_t* wt = state.wt.data();
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t p = 0; p < G / 2; ++p)
-        _mm512_storeu_si512(wt + (g * G / 2 + p) * 32,
-                            decode_pairs<QLayout<Bits>::decoder>(tile + g * QLayout<Bits>::block_bytes, p, tables.t));
+    decode_tile_bf16<Bits>(wt, tile, k);
     const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + QLayout<Bits>::code_bytes));
     const char* ahead = t + 1 < tiles ? reinterpret_cast<const char*>(tile + tile_bytes) : nullptr;
     const int64_t col = t * 16;
