@@ -40,6 +40,15 @@ struct CacheLineAllocator {
 template <class T>
 using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
 
+// Whether a one-row GEMM on block-quantized weights should prefetch the next column tile's codes while it multiplies
+// this one. Measured both ways: on the Intel Xeon with AMX it lifts one-row FP8 and GPTQ decode by 35-55 % (the
+// hardware prefetchers stop at page boundaries); on the AMD EPYC Zen 4 it costs 5-10 % of one-row Q4_1 and FP8
+// decode, whose own prefetchers already stream the codes.
+inline bool prefetch_next_quant_tile() {
+  static const bool on = !__builtin_cpu_is("amd");
+  return on;
+}
+
 // Work sharing for loops over independent tasks: each thread of the team owns a contiguous share of the tasks (the
 // split of OpenMP's static schedule) and runs it in order, so a kernel can prefetch the data of its own next task;
 // a thread whose share is done then takes the others' remaining tasks, one at a time from the end of their shares.

@@ -124,8 +124,9 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     const int64_t r_end = (mb + 1) * kBlockM < m ? (mb + 1) * kBlockM : m;
     const uint8_t* tile = packed + t * tile_bytes;
     // A thread takes its tasks in order: at one row block (decode sizes), its next tile is the following one,
-    // prefetched during the first pass over this tile.
-    const uint8_t* ahead = mblocks == 1 && t + 1 < tiles ? tile + tile_bytes : nullptr;
+    // prefetched during the first pass over this tile where that pays (prefetch_next_quant_tile).
+    const bool fetch = mblocks == 1 && t + 1 < tiles && prefetch_next_quant_tile();
+    const uint8_t* ahead = fetch ? tile + tile_bytes : nullptr;
     int64_t r = mb * kBlockM;
     for (; r + kQMR <= r_end; r += kQMR, ahead = nullptr)
       quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum + r * groups,
