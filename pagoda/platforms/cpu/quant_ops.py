@@ -3,8 +3,9 @@
 - ``linear_fp8`` / ``cpu_avx512_bf16``: FP8 e4m3 codes packed in the block-quantized layout (groups of 64 inputs,
   a float32 scale each) and multiplied with bf16 activations by pagoda's kernel, which widens each code to bf16
   in registers — exact products, 1.06 bytes a weight, no dense copy.
-- ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch (VNNI, or AMX-INT8 tiles where the CPU has
-  them) on its prepacked weight; activations quantized per token, the product scaled per token and channel.
+- ``linear_int8`` / ``cpu_onednn``: oneDNN's int8 GEMM through torch on its prepacked weight; activations quantized
+  per token, the product scaled per token and channel. Below pagoda's kernels: on the AMD EPYC Zen 4 torch's oneDNN
+  runs its scalar reference int8 kernel, seconds per layer call.
 - ``linear_int8`` / ``cpu_avx512_vnni``: pagoda's AVX512-VNNI GEMM with the per-token quantization in the same
   call; ``cpu_amx``: the same on AMX-INT8 tiles.
 - ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches),
@@ -123,17 +124,14 @@ class VnniInt8(_NativeBf16Gemm):
     requires = ("avx512_vnni", "avx512_bf16")
     priority = 15
     uses_amx = False  # whether its GEMMs take AMX-INT8 tiles (the fused decode step must agree)
+    built, isa = "has_vnni_int8", "AVX512-VNNI"  # the library's flag for this path, and what it was built with
 
     @classmethod
     def check(cls, platform) -> str | None:
         reason = super().check(platform)
-        if reason is None and not cls._built():
-            return f"the native library was built without {'AMX-INT8' if cls.uses_amx else 'AVX512-VNNI'}"
+        if reason is None and not getattr(cpu.kernels(), cls.built):
+            return f"the native library was built without {cls.isa}"
         return reason
-
-    @staticmethod
-    def _built() -> bool:
-        return cpu.kernels().has_vnni_int8
 
     def accepts(self, in_features, act_dtype):
         return True
@@ -164,10 +162,7 @@ class AmxInt8(VnniInt8):
     requires = ("amx_int8", "amx_tile", "avx512_bf16")
     priority = 20
     uses_amx = True
-
-    @staticmethod
-    def _built() -> bool:
-        return cpu.kernels().has_amx_int8
+    built, isa = "has_amx_int8", "AMX-INT8"
 
 
 @dataclass

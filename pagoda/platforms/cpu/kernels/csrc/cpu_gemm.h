@@ -20,10 +20,10 @@ constexpr int kMR = 8;            // rows per micro-kernel: 8 x 3 accumulators +
 inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
 
 // ``col_scale`` (or null): each column's sum is multiplied by it before the bias (weights decoded from codes with one
-// scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2
-// while this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an LM
-// head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps
-// the number in flight small enough not to be dropped.
+// scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while
+// this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an
+// LM head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps the
+// number in flight small enough not to be dropped.
 template <int MR, int NT, bool F32Out>
 inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
                          int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes,

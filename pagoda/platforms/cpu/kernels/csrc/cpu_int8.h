@@ -1,13 +1,12 @@
 // W8A8: int8 weights times int8 activations quantized per token, on AMX-INT8 tiles or with AVX512-VNNI.
 //
-// Weights are packed once, their inputs zero-padded to kp (k rounded up to 64), as AMX's int8 B-tile layout:
-// [tile of 16 columns][kp / 4][16][4], so sixteen
-// consecutive k-quads of a column tile are one 16-row x 64-byte tile (64 inputs), and one k-quad of a column tile
-// is the 64-byte vector vpdpbusd multiplies. After the tiles come the float32 scale per column and the int32 sum of
-// each column's codes (both padded to whole tiles). Activations are quantized per row (symmetric, scale = amax /
-// 127, round half to even: the same numbers as the torch reference) into int8 rows that the A tiles read in place.
-// Products accumulate exactly in int32 and each output is scaled once by its row's and its column's scale. As in
-// cpu_amx.h, each thread holds its tile configuration for a call's tasks (AmxTiles).
+// Weights are packed once, their inputs zero-padded to kp (k rounded up to 64), as AMX's int8 B-tile layout: [tile of
+// 16 columns][kp / 4][16][4], so sixteen consecutive k-quads of a column tile are one 16-row x 64-byte tile (64
+// inputs), and one k-quad of a column tile is the 64-byte vector vpdpbusd multiplies. After the tiles come the float32
+// scale per column and the int32 sum of each column's codes (both padded to whole tiles). Activations are quantized per
+// row (symmetric, scale = amax / 127, round half to even: the same numbers as the torch reference) into int8 rows that
+// the A tiles read in place. Products accumulate exactly in int32 and each output is scaled once by its row's and its
+// column's scale. As in cpu_amx.h, each thread holds its tile configuration for a call's tasks (AmxTiles).
 //
 // vpdpbusd multiplies unsigned by signed bytes, so the VNNI path stores activations offset by 128 (q + 128, 0..255)
 // and subtracts 128 x the column's code sum: sum((q + 128) w) - 128 sum(w) = sum(q w), the same exact integers.
@@ -247,7 +246,9 @@ void gemm_int8_vnni(void* y, const uint8_t* xu, const float* xscale, const int8_
     switch (nt) {
       case 3: int8_vnni_rows<3, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead); break;
       case 2: int8_vnni_rows<2, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead); break;
-      default: int8_vnni_rows<1, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead); break;
+      default:
+        int8_vnni_rows<1, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead);
+        break;
     }
   });
 }
