@@ -132,6 +132,25 @@ inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
   share_tasks_with<NoState>(tasks, num_threads, [&](int64_t task, NoState&) { body(task); });
 }
 
+// The tasks of a GEMM on column tiles: (block of rows, group of group_tiles tiles), row-block major, so the threads
+// sweep the weights together over one block of rows at a time. Row blocks of max_rows are halved (down to min_rows)
+// while there are too few tasks to balance the threads (an uneven split, 5 + 4 tasks on two threads, wastes a tenth
+// of the step). body(r0, rows, tile0, group_tiles_here, next_group): next_group whether a group follows this one.
+template <class Body>
+inline void share_gemm_tasks(int64_t m, int64_t tiles, int64_t group_tiles, int64_t max_rows, int64_t min_rows,
+                             int num_threads, const Body& body) {
+  const int64_t groups = (tiles + group_tiles - 1) / group_tiles;
+  int64_t block_m = max_rows;
+  while (block_m > min_rows && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
+  const int64_t mblocks = (m + block_m - 1) / block_m;
+  share_tasks(mblocks * groups, num_threads, [&](int64_t task) {
+    const int64_t mb = task / groups, g = task % groups;
+    const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
+    const int64_t tile0 = g * group_tiles, nt = (tiles - tile0) < group_tiles ? (tiles - tile0) : group_tiles;
+    body(r0, rows, tile0, nt, g + 1 < groups);
+  });
+}
+
 inline float bf16_to_f32(bf16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;

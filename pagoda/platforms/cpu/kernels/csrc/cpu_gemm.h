@@ -115,25 +115,14 @@ void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const 
 #else
   (void)amx;
 #endif
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t groups = (tiles + kNT - 1) / kNT;
-  // Row blocks of kBlockM, halved (down to 2 micro-kernels) while there are too few tasks to balance the
-  // threads (an uneven split, 5 + 4 tasks on two threads, wastes a tenth of the step).
-  int64_t block_m = kBlockM;
-  while (block_m > 2 * kMR && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
-  const int64_t mblocks = (m + block_m - 1) / block_m;
-  const int64_t esz = F32Out ? 4 : 2;
-  // Tasks are (row block, tile group), row-block major: the threads sweep the weights together over one block
-  // of rows at a time.
-  share_tasks(mblocks * groups, num_threads, [&](int64_t task) {
-    const int64_t mb = task / groups, g = task % groups;
-    const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
-    const int64_t tile0 = g * kNT, nt = (tiles - tile0) < kNT ? (tiles - tile0) : kNT;
+  const int64_t tiles = (n + kTile - 1) / kTile, esz = F32Out ? 4 : 2;
+  share_gemm_tasks(m, tiles, kNT, kBlockM, 2 * kMR, num_threads,
+                   [&](int64_t r0, int64_t rows, int64_t tile0, int64_t nt, bool next_group) {
     void* yb = static_cast<char*>(y) + r0 * ldy * esz;
     const bf16_t* xb = x + r0 * k;
     // This thread's next task is usually the next one of its share, the next group: prefetch its weights (a full
     // group of kNT tiles is valid memory whenever a next group exists).
-    const bf16_t* ahead = g + 1 < groups ? wp + (tile0 + kNT) * packed_k2(k) * kTile * 2 : nullptr;
+    const bf16_t* ahead = next_group ? wp + (tile0 + kNT) * packed_k2(k) * kTile * 2 : nullptr;
     switch (nt) {
       case 4: rows_kernel<4, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;
       case 3: rows_kernel<3, F32Out>(rows, yb, ldy, xb, k, wp, tile0, n, bias, ahead); break;

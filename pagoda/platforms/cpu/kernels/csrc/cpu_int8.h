@@ -227,28 +227,21 @@ inline void int8_vnni_rows(int64_t rows, void* y, int64_t n, const uint8_t* xu, 
 }
 
 // y [m, n] = (q [m, k] . W^T) * xscale[r] * wscale[c] (+ bias) with xu = q + 128 (quantize_rows_int8's offset form)
-// and W packed as above; k a multiple of 64. Tasks are (row block, group of kInt8NT column tiles), as in the bf16
-// GEMM: the row blocks are halved while there are too few tasks to balance the threads.
+// and W packed as above; k a multiple of 64. Tasks as in the bf16 GEMM (share_gemm_tasks), kInt8NT tiles a group.
 template <bool F32Out>
 void gemm_int8_vnni(void* y, const uint8_t* xu, const float* xscale, const int8_t* wp, const float* wscale,
                     const int32_t* colsum, const float* bias, int64_t m, int64_t n, int64_t k, int num_threads) {
-  const int64_t tiles = (n + 15) / 16, groups = (tiles + kInt8NT - 1) / kInt8NT;
-  int64_t block_m = 128;
-  while (block_m > 2 * kInt8MR && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
-  const int64_t mblocks = (m + block_m - 1) / block_m, esz = F32Out ? 4 : 2;
-  share_tasks(mblocks * groups, num_threads, [&](int64_t task) {
-    const int64_t mb = task / groups, g = task % groups;
-    const int64_t r0 = mb * block_m, rows = (m - r0) < block_m ? (m - r0) : block_m;
-    const int64_t tile0 = g * kInt8NT, nt = (tiles - tile0) < kInt8NT ? (tiles - tile0) : kInt8NT;
+  const int64_t esz = F32Out ? 4 : 2;
+  share_gemm_tasks(m, (n + 15) / 16, kInt8NT, 128, 2 * kInt8MR, num_threads,
+                   [&](int64_t r0, int64_t rows, int64_t tile0, int64_t nt, bool next_group) {
     void* yb = static_cast<char*>(y) + r0 * n * esz;
     const uint8_t* xb = xu + r0 * k;
-    const int8_t* ahead = g + 1 < groups ? wp + (tile0 + kInt8NT) * 16 * k : nullptr;
+    const float* xs = xscale + r0;
+    const int8_t* ahead = next_group ? wp + (tile0 + kInt8NT) * 16 * k : nullptr;
     switch (nt) {
-      case 3: int8_vnni_rows<3, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead); break;
-      case 2: int8_vnni_rows<2, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead); break;
-      default:
-        int8_vnni_rows<1, F32Out>(rows, yb, n, xb, xscale + r0, k, wp, wscale, colsum, bias, tile0, ahead);
-        break;
+      case 3: int8_vnni_rows<3, F32Out>(rows, yb, n, xb, xs, k, wp, wscale, colsum, bias, tile0, ahead); break;
+      case 2: int8_vnni_rows<2, F32Out>(rows, yb, n, xb, xs, k, wp, wscale, colsum, bias, tile0, ahead); break;
+      default: int8_vnni_rows<1, F32Out>(rows, yb, n, xb, xs, k, wp, wscale, colsum, bias, tile0, ahead); break;
     }
   });
 }
