@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -149,6 +150,31 @@ inline void share_gemm_tasks(int64_t m, int64_t tiles, int64_t group_tiles, int6
     const int64_t tile0 = g * group_tiles, nt = (tiles - tile0) < group_tiles ? (tiles - tile0) : group_tiles;
     body(r0, rows, tile0, nt, g + 1 < groups);
   });
+}
+
+// Calls pass(std::integral_constant<int, R>{}, r) for the last `left` rows (R == left) of a task, 0 < left < MR.
+template <int R, int MR, class Pass>
+inline void remainder_pass(int64_t left, int64_t r, const Pass& pass) {
+  if constexpr (R < MR) {
+    if (left == R) pass(std::integral_constant<int, R>{}, r);
+    else remainder_pass<R + 1, MR>(left, r, pass);
+  }
+}
+
+// A GEMM task's rows in micro-kernel passes: pass(mr, r, ahead_slice, slice_bytes) for rows r .. r + mr, with mr a
+// std::integral_constant (MR, then the remainder). The group_bytes at `ahead` (the weights this thread reads next,
+// or null) are split into equal whole-line slices, one per pass, which that pass prefetches as it computes.
+template <int MR, class Pass>
+inline void row_passes(int64_t rows, const void* ahead, int64_t group_bytes, const Pass& pass) {
+  const int64_t passes = (rows + MR - 1) / MR, slice = ((group_bytes / passes) + 63) / 64 * 64;
+  auto run = [&](auto mr, int64_t r) {
+    const int64_t i = r / MR, left = group_bytes - i * slice;
+    const char* at = ahead ? static_cast<const char*>(ahead) + i * slice : nullptr;
+    pass(mr, r, at, ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : int64_t{0});
+  };
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) run(std::integral_constant<int, MR>{}, r);
+  remainder_pass<1, MR>(rows - r, r, run);
 }
 
 inline float bf16_to_f32(bf16_t v) {

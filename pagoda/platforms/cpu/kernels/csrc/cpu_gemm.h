@@ -75,32 +75,10 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
                         int64_t tile0, int64_t n, const float* bias, const bf16_t* ahead,
                         const float* col_scale = nullptr) {
   const int64_t esz = F32Out ? 4 : 2;
-  const int64_t passes = (rows + MR - 1) / MR;
-  const int64_t group_bytes = NT * packed_k2(k) * kTile * 2 * 2;
-  const int64_t slice = ((group_bytes / passes) + 63) / 64 * 64;
-  int64_t r = 0, pass = 0;
-  auto ahead_at = [&](int64_t i) { return ahead ? reinterpret_cast<const char*>(ahead) + i * slice : nullptr; };
-  auto ahead_len = [&](int64_t i) {
-    const int64_t left = group_bytes - i * slice;
-    return ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : 0;
-  };
-  for (; r + MR <= rows; r += MR, ++pass)
-    micro_kernel<MR, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0, n, bias,
-                                  ahead_at(pass), ahead_len(pass), col_scale);
-  char* yr = static_cast<char*>(y) + r * ldy * esz;
-  const bf16_t* xr = x + r * k;
-  const char* pa = ahead_at(pass);
-  const int64_t pl = ahead_len(pass);
-  switch (rows - r) {
-    case 1: micro_kernel<1, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 2: micro_kernel<2, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 3: micro_kernel<3, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 4: micro_kernel<4, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 5: micro_kernel<5, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 6: micro_kernel<6, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    case 7: micro_kernel<7, NT, F32Out>(yr, ldy, xr, k, wp, tile0, n, bias, pa, pl, col_scale); break;
-    default: break;
-  }
+  row_passes<MR>(rows, ahead, NT * packed_k2(k) * kTile * 2 * 2, [&](auto mr, int64_t r, const char* pa, int64_t pl) {
+    micro_kernel<decltype(mr)::value, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0,
+                                                  n, bias, pa, pl, col_scale);
+  });
 }
 
 // ``amx``: take AMX tiles where they apply (the caller has AMX's permission; k a multiple of 32, enough rows).

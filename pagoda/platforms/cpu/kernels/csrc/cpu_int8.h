@@ -13,7 +13,6 @@
 #pragma once
 
 #include <algorithm>
-#include <type_traits>
 
 #include "cpu_amx.h"
 #include "cpu_common.h"
@@ -203,27 +202,11 @@ template <int NT, bool F32Out>
 inline void int8_vnni_rows(int64_t rows, void* y, int64_t n, const uint8_t* xu, const float* xscale, int64_t k,
                            const int8_t* wp, const float* wscale, const int32_t* colsum, const float* bias,
                            int64_t tile0, const int8_t* ahead) {
-  const int64_t esz = F32Out ? 4 : 2, passes = (rows + kInt8MR - 1) / kInt8MR;
-  const int64_t group_bytes = NT * 16 * k, slice = ((group_bytes / passes) + 63) / 64 * 64;
-  auto run = [&](auto mr, int64_t r, int64_t pass) {
-    const int64_t left = group_bytes - pass * slice;
-    const char* pa = ahead ? reinterpret_cast<const char*>(ahead) + pass * slice : nullptr;
-    const int64_t pl = ahead ? (left < slice ? (left > 0 ? left : 0) : slice) : 0;
+  const int64_t esz = F32Out ? 4 : 2;
+  row_passes<kInt8MR>(rows, ahead, NT * 16 * k, [&](auto mr, int64_t r, const char* pa, int64_t pl) {
     int8_vnni_micro_kernel<decltype(mr)::value, NT, F32Out>(static_cast<char*>(y) + r * n * esz, n, xu + r * k,
                                                             xscale + r, k, wp, wscale, colsum, bias, tile0, pa, pl);
-  };
-  int64_t r = 0, pass = 0;
-  for (; r + kInt8MR <= rows; r += kInt8MR, ++pass) run(std::integral_constant<int, kInt8MR>{}, r, pass);
-  switch (rows - r) {
-    case 1: run(std::integral_constant<int, 1>{}, r, pass); break;
-    case 2: run(std::integral_constant<int, 2>{}, r, pass); break;
-    case 3: run(std::integral_constant<int, 3>{}, r, pass); break;
-    case 4: run(std::integral_constant<int, 4>{}, r, pass); break;
-    case 5: run(std::integral_constant<int, 5>{}, r, pass); break;
-    case 6: run(std::integral_constant<int, 6>{}, r, pass); break;
-    case 7: run(std::integral_constant<int, 7>{}, r, pass); break;
-    default: break;
-  }
+  });
 }
 
 // y [m, n] = (q [m, k] . W^T) * xscale[r] * wscale[c] (+ bias) with xu = q + 128 (quantize_rows_int8's offset form)
