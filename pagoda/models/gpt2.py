@@ -25,7 +25,8 @@ from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
                                          make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.distributed.tensor_parallel import heads_per_rank
-from pagoda.models.gpt_layers import Activation, LayerNorm
+from pagoda.models.gpt_layers import Activation, GptLayerParts, LayerNorm, gpt_decoder_stack
+from pagoda.models.interface import DecoderStack
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -126,11 +127,27 @@ class GPT2Model(nn.Module):
             lambda i: GPT2Block(config, quant_config, f"{prefix}.h.{i}", dtype, backend, attn_config))
         self.ln_f = last_stage_module(lambda: LayerNorm(hidden, config.layer_norm_epsilon, dtype))
         self.is_first_stage, self.is_last_stage = is_first_stage(), is_last_stage()
+        self.hidden_size, self.attn_backend = hidden, backend.name
+        # A platform's fused decode step (Platform.fused_decode), set by the runner once the KV caches exist.
+        self.fused_decode = None
+
+    def decoder_stack(self) -> DecoderStack | None:
+        """The layer stack for a platform to fuse."""
+        if any(type(block) is not GPT2Block for block in self.h):
+            return None  # blocks on other pipeline stages
+        return gpt_decoder_stack([
+            GptLayerParts(block.ln_1, block.attn.c_attn, block.attn.c_proj, block.attn.attn, block.ln_2,
+                          block.mlp.c_fc, block.mlp.act, block.mlp.c_proj) for block in self.h],
+            self.hidden_size, self.attn_backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any, intermediate_tensors: Any = None) -> Any:
         if self.is_first_stage:
             hidden, residual = self.wte(input_ids) + self.wpe(positions), None
+            fused = self.fused_decode  # never set with pipeline parallelism (the runner declines it)
+            if fused is not None and fused.applies(metadata, hidden.shape[0]):
+                hidden, residual = fused.run(hidden, positions, metadata)
+                return self.ln_f(hidden, residual)[0]
         else:
             hidden, residual = stage_inputs(intermediate_tensors)
         for block, kv_cache in zip(islice(self.h, self.start_layer, self.end_layer), kv_caches):
@@ -159,6 +176,12 @@ class GPT2LMHeadModel(CausalLM):
         """Hidden states ``[num_tokens, hidden_size]`` after ``ln_f`` (a non-last pipeline stage: its
         IntermediateTensors)."""
         return self.transformer(input_ids, positions, kv_caches, metadata, intermediate_tensors)
+
+    def decoder_stack(self) -> DecoderStack | None:
+        return self.transformer.decoder_stack()
+
+    def use_fused_decode(self, step) -> None:
+        self.transformer.fused_decode = step
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``transformer.*`` or bare, ``lm_head.*``), transposing the

@@ -1,5 +1,6 @@
 """Building blocks of the GPT-style decoders (OPT, GPT-2): LayerNorm with a bias and a plain (non-gated)
-activation, both through the engine's ops, and the mapping from a checkpoint's activation name to the op's.
+activation, both through the engine's ops, the mapping from a checkpoint's activation name to the op's, and the
+declared ``"gpt"`` layer stack (:func:`gpt_decoder_stack`) that a platform may fuse.
 
 Like the blocks in ``layers.py``, they capture :func:`pagoda.ops.current_ops` when built, so models never see
 which implementation they got.
@@ -7,9 +8,14 @@ which implementation they got.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
+from pagoda.distributed.parallel_state import get_tp_group
+from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.ops import current_ops
 from pagoda.quantization.unquantized import default_weight_loader
 
@@ -53,3 +59,42 @@ class Activation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.name)
+
+
+class GptLayerParts(NamedTuple):
+    """One pre-norm GPT-style layer's modules, in the order the layer runs them."""
+
+    attention_norm: LayerNorm
+    qkv: nn.Module  # a Linear with the fused [q; k; v] projection
+    out: nn.Module
+    attention: nn.Module  # layers.Attention
+    mlp_norm: LayerNorm
+    fc1: nn.Module
+    activation: Activation
+    fc2: nn.Module
+
+
+def gpt_decoder_stack(layers: Sequence[GptLayerParts], hidden_size: int, attention_backend: str) -> DecoderStack | None:
+    """The ``"gpt"`` :class:`DecoderStack` of pre-norm layers, or None where a layer is not one op call per part
+    (a linear without a kernel handle) or the layers disagree on their norm epsilon or activation."""
+    specs, lora_step = [], None
+    for part in layers:
+        projections = (part.qkv, part.out, part.fc1, part.fc2)
+        linears = [m.quant_method.kernel(m) for m in projections]
+        if any(k is None for k in linears):
+            return None
+        lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
+        if any(slots is not None for slots in lora):
+            lora_step = next(slots.step for slots in lora if slots is not None)
+        specs.append(DecoderLayerSpec(
+            part.attention_norm.weight, part.mlp_norm.weight, *linears, part.attention.impl.sliding_window,
+            lora if lora_step is not None else None, part.attention_norm.bias, part.mlp_norm.bias))
+    epsilons = {n.eps for part in layers for n in (part.attention_norm, part.mlp_norm)}
+    activations = {part.activation.name for part in layers}
+    if len(epsilons) != 1 or len(activations) != 1:
+        return None
+    first: Any = layers[0]
+    attn = first.attention
+    return DecoderStack("gpt", specs, hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_size,
+                        first.fc1.output_sizes[0], 0, epsilons.pop(), attn.impl.scale, activations.pop(),
+                        attention_backend, None, current_ops(), get_tp_group().world_size, lora_step)

@@ -35,10 +35,12 @@ class LinearKernel:
 
 @dataclass
 class DecoderLayerSpec:
-    """One pre-norm decoder layer: RMSNorm → attention (fused QKV, rotary) → RMSNorm (+residual) → gated MLP."""
+    """One pre-norm decoder layer: norm → attention (fused QKV) → norm (+residual) → MLP, as its stack's ``kind``
+    says. ``gate_up`` is the MLP's first projection (gate and up fused in a gated MLP, ``fc1`` in a plain one) and
+    ``down`` its second."""
 
-    input_norm: torch.Tensor
-    post_attention_norm: torch.Tensor
+    input_norm: torch.Tensor | None  # None: a LayerNorm without elementwise affine
+    post_attention_norm: torch.Tensor | None
     qkv: LinearKernel
     o: LinearKernel
     gate_up: LinearKernel
@@ -47,14 +49,21 @@ class DecoderLayerSpec:
     #: The LoRA adapter slots of qkv, o, gate_up and down (``pagoda.lora.layers.LinearLoRA``, or None for a layer
     #: without) when the engine serves adapters; their ``slots`` are the ``lora_shrink_expand`` op's layout.
     lora: tuple[Any, Any, Any, Any] | None = None
+    #: The norms' biases (LayerNorm recipes), or None.
+    input_norm_bias: torch.Tensor | None = None
+    post_attention_norm_bias: torch.Tensor | None = None
 
 
 @dataclass
 class DecoderStack:
     """A declarative description of a decoder-only model's layer stack, enough to run its decode steps.
 
-    ``kind`` names the layer recipe (``"llama"``: rotate-half rotary on a fused QKV projection, RMSNorm with the
-    residual added in the next norm, ``activation``-and-mul MLP on a fused gate/up projection)."""
+    ``kind`` names the layer recipe; in both the residual is added in the next norm:
+
+    * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection, ``activation``-and-mul MLP on a fused
+      gate/up projection;
+    * ``"gpt"`` (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded: ``rotary_dim`` 0,
+      ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections."""
 
     kind: str
     layers: list[DecoderLayerSpec]
@@ -68,7 +77,7 @@ class DecoderStack:
     attention_scale: float
     activation: str
     attention_backend: str
-    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions → float32 cos/sin rows
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None  # positions → float32 cos/sin rows
     ops: Any  # the OpSet the layers were built with
     #: Ranks the layers are split over: the linears hold this rank's part and the stack's step would need an
     #: all-reduce after each attention and MLP, which a platform's one-call fused step doesn't do.

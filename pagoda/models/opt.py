@@ -28,7 +28,8 @@ from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
                                          make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.distributed.tensor_parallel import heads_per_rank
-from pagoda.models.gpt_layers import Activation, LayerNorm
+from pagoda.models.gpt_layers import Activation, GptLayerParts, LayerNorm, gpt_decoder_stack
+from pagoda.models.interface import DecoderStack
 from pagoda.models.layers import Attention, CausalLM, Linear, VocabEmbedding, load_param, merged_param_name
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -121,6 +122,18 @@ class OPTDecoder(nn.Module):
                 lambda: LayerNorm(hidden, LAYER_NORM_EPS, dtype,
                                   bool(getattr(config, "layer_norm_elementwise_affine", True))))
         self.is_first_stage, self.is_last_stage = first, last
+        self.hidden_size, self.attn_backend = hidden, backend.name
+        # A platform's fused decode step (Platform.fused_decode), set by the runner once the KV caches exist.
+        self.fused_decode = None
+
+    def decoder_stack(self) -> DecoderStack | None:
+        """The pre-norm layer stack for a platform to fuse (post-norm OPT has none)."""
+        if any(type(layer) is not OPTDecoderLayer or not layer.pre_norm for layer in self.layers):
+            return None  # post-norm layers, or layers on other pipeline stages
+        return gpt_decoder_stack([
+            GptLayerParts(layer.self_attn_layer_norm, layer.self_attn.qkv_proj, layer.self_attn.out_proj,
+                          layer.self_attn.attn, layer.final_layer_norm, layer.fc1, layer.activation, layer.fc2)
+            for layer in self.layers], self.hidden_size, self.attn_backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor | None],
                 metadata: Any, intermediate_tensors: Any = None) -> Any:
@@ -129,12 +142,20 @@ class OPTDecoder(nn.Module):
             if self.project_in is not None:
                 embeds = self.project_in(embeds)
             hidden, residual = embeds + self.embed_positions(positions + POSITION_OFFSET), None
+            fused = self.fused_decode  # never set with pipeline parallelism (the runner declines it)
+            if fused is not None and fused.applies(metadata, hidden.shape[0]):
+                hidden, residual = fused.run(hidden, positions, metadata)
+                return self._output(hidden, residual)
         else:
             hidden, residual = stage_inputs(intermediate_tensors)
         for layer, kv_cache in zip(islice(self.layers, self.start_layer, self.end_layer), kv_caches):
             hidden, residual = layer(hidden, residual, kv_cache, metadata)
         if not self.is_last_stage:
             return stage_outputs(hidden, residual)
+        return self._output(hidden, residual)
+
+    def _output(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's output (and the residual stream, pre-norm) → what the LM head reads."""
         if residual is not None:  # pre-norm: the last block's output still has to join the stream
             hidden = (self.final_layer_norm(hidden, residual)[0] if self.final_layer_norm is not None
                       else hidden + residual)
@@ -163,6 +184,12 @@ class OPTForCausalLM(CausalLM):
         """Hidden states ``[num_tokens, word_embed_proj_dim]``: what the LM head reads (a non-last pipeline stage:
         its IntermediateTensors)."""
         return self.decoder(input_ids, positions, kv_caches, metadata, intermediate_tensors)
+
+    def decoder_stack(self) -> DecoderStack | None:
+        return self.decoder.decoder_stack()
+
+    def use_fused_decode(self, step) -> None:
+        self.decoder.fused_decode = step
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load checkpoint tensors by Hugging Face name (``model.decoder.*`` or ``decoder.*``, ``lm_head.*``);

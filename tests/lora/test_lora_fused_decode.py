@@ -73,3 +73,37 @@ def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_mod
     finally:
         runner.model.use_fused_decode(runner.fused_decode)
     assert_all_blocks_free(llm)
+
+
+def test_gpt_style_lora_decode_steps_fused_equal_layer_by_layer(tiny_model_dir, monkeypatch, tmp_path):
+    """OPT (the "gpt" recipe: LayerNorm with biases, no rotary) with an adapter on q, k and v (OPT's LoRA-capable
+    layers): the fused steps with adapter rows give the layer-by-layer path's tokens."""
+    from transformers import OPTConfig
+
+    from pagoda.platforms.cpu import ops as cpu_op_impls
+    from tests.lora.conftest import make_peft_adapter
+    from tests.models.test_opt import KINDS, TINY
+
+    # Small batches' LayerNorm runs the native kernel per op too, as in the fused step (see test_fused_decode).
+    monkeypatch.setattr(cpu_op_impls, "LAYER_NORM_MIN_ELEMENTS", 0)
+    base = tiny_model_dir("opt_pre_norm", OPTConfig(**TINY, **KINDS["opt_pre_norm"]))
+    adapter = make_peft_adapter(base, str(tmp_path / "adapter"), 7,
+                                target_modules=("q_proj", "k_proj", "v_proj"))
+    llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True, max_model_len=128,
+              num_gpu_blocks_override=64)
+    runner = llm.llm_engine.runner
+    if runner.fused_decode is None or not runner.fused_decode.lora_fused:
+        pytest.skip("this platform fuses no decode step with adapters for the tiny OPT in bf16")
+    lora = LoRARequest("a", 1, adapter)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    calls = _count_fused_lora_steps(runner)
+    fused = _tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora]))
+    assert any(calls)
+    assert fused[0] != _tokens(llm.generate([prompts[0]], params, use_tqdm=False))[0]  # the adapter does something
+    runner.model.use_fused_decode(None)
+    try:
+        assert _tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora])) == fused
+    finally:
+        runner.model.use_fused_decode(runner.fused_decode)
+    assert_all_blocks_free(llm)

@@ -1,4 +1,5 @@
-"""Fused CPU decode steps compute exactly what the per-op path computes (same kernels, same order)."""
+"""Fused CPU decode steps compute exactly what the per-op path computes (same kernels, same order): the Llama recipe
+(dense, GGUF and quantized checkpoints) and the GPT-style one (OPT, GPT-2)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu.kernels import cpu
 from tests.conftest import assert_all_blocks_free, bundled_gguf_path
+from tests.models.checkpoint_variants import randomize_vectors
+from tests.models.test_gpt2 import gpt2_dir
+from tests.models.test_opt import KINDS as OPT_KINDS, TINY as OPT_TINY
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                                 reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
@@ -51,6 +56,39 @@ def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     fused = _run(llm, fused=True)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
     assert fused == per_op
+
+
+def _gpt_style_dir(tiny_model_dir, kind: str) -> str:
+    from transformers import OPTConfig
+
+    if kind == "gpt2":  # GELU (tanh), LayerNorm epsilon 1e-5
+        return gpt2_dir(tiny_model_dir)
+    if kind == "opt":  # ReLU, biases everywhere, tied head
+        return randomize_vectors(tiny_model_dir("opt_pre_norm", OPTConfig(**OPT_TINY, **OPT_KINDS["opt_pre_norm"])))
+    # no biases and LayerNorms without weights: the null pointers of the native step
+    config = OPTConfig(**OPT_TINY, **OPT_KINDS["opt_pre_norm"], enable_bias=False,
+                       layer_norm_elementwise_affine=False)
+    return tiny_model_dir("opt_plain", config)
+
+
+@pytest.mark.parametrize("kind", ["opt", "opt_plain", "gpt2"])
+def test_gpt_style_fused_decode_equals_per_op_path(tiny_model_dir, monkeypatch, kind):
+    # The per-op LayerNorm hands small batches to torch's, which may round a last bit differently: here it runs
+    # the native kernel at every size, as the fused step does.
+    monkeypatch.setattr(cpu_op_impls, "LAYER_NORM_MIN_ELEMENTS", 0)
+    llm = LLM(_gpt_style_dir(tiny_model_dir, kind), dtype="bfloat16", kv_cache_memory_bytes=1 << 24,
+              enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
+    assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
+def test_post_norm_opt_is_not_fused(tiny_model_dir):
+    from transformers import OPTConfig
+
+    config = OPTConfig(**OPT_TINY, **OPT_KINDS["opt_post_norm_projected"])
+    llm = LLM(tiny_model_dir("opt_post_norm_projected", config), dtype="bfloat16", kv_cache_memory_bytes=1 << 24,
+              skip_tokenizer_init=True, max_model_len=256)
+    assert llm.llm_engine.runner.fused_decode is None
 
 
 @pytest.mark.parametrize("kind", ["llama", "gguf"])

@@ -1,15 +1,18 @@
-"""Fused decode steps on the CPU: a declared Llama-style layer stack run by one native call per step.
+"""Fused decode steps on the CPU: a declared decoder layer stack run by one native call per step.
 
 At small batches a decode step is ~10 ms of weight streaming, and issuing ~12 kernels per layer from Python
 costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :class:`DecoderStack` (the layers'
 weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
-``pagoda_llama_decode`` (``kernels/csrc/cpu_decode.cpp``). That calls the same kernels in the same order, so its
-numbers are those of the per-op path. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run
-on AMX tiles as the AMX linear op runs them, and only steps small enough for its packed-weight kernels are fused
-(it hands prefill-sized batches to oneDNN). When the engine serves LoRA adapters through this platform's native
-``lora_shrink_expand``, the step adds each layer's adapter delta with the same kernel the per-op path calls;
-with another implementation, steps that have adapter rows run layer by layer.
+``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Both stack recipes are fused: ``"llama"`` and
+``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the per-op
+path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one call from
+Python costs more than the work), which may round a last bit differently from the native kernel. It plays the part
+CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only steps
+small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the engine
+serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter delta
+with the same kernel the per-op path calls; with another implementation, steps that have adapter rows run layer by
+layer.
 """
 
 from __future__ import annotations
@@ -24,16 +27,23 @@ import torch
 from pagoda.ops.reference_attention import DecodePlan
 from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
-from pagoda.platforms.cpu.kernels import cpu
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
 from pagoda.platforms.cpu.lora_ops import NativeLoRAShrinkExpand
 
 logger = logging.getLogger(__name__)
 
-#: The ops whose native kernels the fused step calls: fusing is only exact when the per-op path calls them too.
-_NATIVE_OPS = {"rms_norm": cpu_op_impls.NativeRmsNorm, "rotary_embedding": cpu_op_impls.NativeRotary,
-               "silu_and_mul": cpu_op_impls.NativeSiluAndMul, "write_kv": cpu_op_impls.NativeWriteKV,
-               "paged_decode_attention": cpu_op_impls.NativeDecodeAttention}
+#: Each recipe's ops whose native kernels the fused step calls: fusing is only exact when the per-op path calls
+#: them too.
+_ATTENTION_OPS = {"write_kv": cpu_op_impls.NativeWriteKV, "paged_decode_attention": cpu_op_impls.NativeDecodeAttention}
+_NATIVE_OPS = {
+    "llama": {"rms_norm": cpu_op_impls.NativeRmsNorm, "rotary_embedding": cpu_op_impls.NativeRotary,
+              "silu_and_mul": cpu_op_impls.NativeSiluAndMul, **_ATTENTION_OPS},
+    "gpt": {"layer_norm": cpu_op_impls.NativeLayerNorm, "activation": cpu_op_impls.NativeActivation, **_ATTENTION_OPS},
+}
+#: cpu_decode.cpp's Recipe, and the MLP activation each recipe can run.
+_RECIPES = {"llama": 0, "gpt": 1}
+_ACTIVATIONS = {"llama": {"silu": 0}, "gpt": cpu_ops.NATIVE_ACTIVATIONS}
 
 
 class _Linear(ctypes.Structure):
@@ -41,16 +51,17 @@ class _Linear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", _Linear), ("o", _Linear),
+    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("input_norm_bias", c_void_p),
+                ("post_norm_bias", c_void_p), ("qkv", _Linear), ("o", _Linear),
                 ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p), ("v_cache", c_void_p),
                 ("lora", c_void_p * 4)]
 
 
 class _Plan(ctypes.Structure):
-    _fields_ = [(name, c_int64) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_size",
-                                             "inter", "rot_dim", "block_size", "block_stride", "token_stride",
-                                             "window", "amx", "lora_amx")] + [("eps", c_float), ("scale", c_float),
-                                                           ("layers", ctypes.POINTER(_Layer))]
+    _fields_ = [(name, c_int64) for name in ("recipe", "activation", "num_layers", "hidden", "num_heads",
+                                             "num_kv_heads", "head_size", "inter", "rot_dim", "block_size",
+                                             "block_stride", "token_stride", "window", "amx", "lora_amx")] + [
+        ("eps", c_float), ("scale", c_float), ("layers", ctypes.POINTER(_Layer))]
 
 
 class NotFusable(Exception):
@@ -96,11 +107,11 @@ class FusedDecode:
         lib = cpu.kernels()
         if lib is None or not lib.has_packed_bf16:
             raise NotFusable("no native bf16 kernels")
-        if stack.kind != "llama" or stack.activation != "silu":
+        if stack.kind not in _RECIPES or stack.activation not in _ACTIVATIONS[stack.kind]:
             raise NotFusable(f"a {stack.kind} stack with {stack.activation}")
         if stack.attention_backend != "TORCH_SDPA":
             raise NotFusable(f"attention backend {stack.attention_backend}")
-        for op, impl in _NATIVE_OPS.items():
+        for op, impl in _NATIVE_OPS[stack.kind].items():
             if not isinstance(getattr(ops, op), impl):
                 raise NotFusable(f"op {op} runs {type(getattr(ops, op)).name}, not the native kernel")
         windows = {layer.sliding_window for layer in stack.layers}
@@ -119,8 +130,11 @@ class FusedDecode:
         self.lora_fused = isinstance(getattr(self.lora_step, "op", None), NativeLoRAShrinkExpand)
         layers = (_Layer * len(stack.layers))()
         for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
-            if any(w.dtype != torch.bfloat16 for w in (layer.input_norm, layer.post_attention_norm)):
+            norms = [w if w is None else w.contiguous() for w in (
+                layer.input_norm, layer.post_attention_norm, layer.input_norm_bias, layer.post_attention_norm_bias)]
+            if any(w is not None and w.dtype != torch.bfloat16 for w in norms):
                 raise NotFusable("norm weights are not bfloat16")
+            self.keep.extend(w for w in norms if w is not None)
             if kv.shape != cache.shape or kv.dtype != cache.dtype or not kv.is_contiguous():
                 raise NotFusable("KV caches of different layouts")
             linears = []
@@ -133,15 +147,16 @@ class FusedDecode:
                     self.max_tokens = min(limit, self.max_tokens or limit)
             lora = [slots.slots.pointer if self.lora_fused and slots is not None else None
                     for slots in layer.lora or (None,) * 4]
-            layers[i] = _Layer(layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr(), *linears,
+            layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears,
                                kv[0].data_ptr(), kv[1].data_ptr(), (c_void_p * 4)(*lora))
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size
         self.qkv_n = (stack.num_heads + 2 * stack.num_kv_heads) * stack.head_size
         self.q_size = stack.num_heads * stack.head_size
-        self.plan = _Plan(len(stack.layers), self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size,
-                          self.inter, stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
+        self.plan = _Plan(_RECIPES[stack.kind], _ACTIVATIONS[stack.kind][stack.activation], len(stack.layers),
+                          self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size, self.inter,
+                          stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
                           self.window or 0, int(self.amx), int(self.lora_fused and self.lora_step.op.uses_amx),
                           stack.norm_eps, stack.attention_scale,
                           ctypes.cast(layers, ctypes.POINTER(_Layer)))
@@ -160,19 +175,22 @@ class FusedDecode:
         tokens = hidden.shape[0]
         hidden = hidden.contiguous()
         residual = torch.empty_like(hidden)
-        cos, sin = self.stack.rope(positions)
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos = sin = None
+        if self.stack.rope is not None:
+            cos, sin = (t.contiguous() for t in self.stack.rope(positions))
         scratch = torch.empty(tokens * (self.hidden + self.qkv_n + self.q_size + 3 * self.inter), dtype=torch.bfloat16)
         plan = metadata.decode_plans[self.window]
         table, seq_lens = plan.block_table, plan.seq_lens.contiguous()
         slots = metadata.slot_mapping.contiguous()
         lora = self.lora_step.plan if self.lora_step is not None else None  # the step's tokens grouped by slot
-        rc = self.lib.llama_decode(ctypes.byref(self.plan), tokens, hidden.data_ptr(), residual.data_ptr(),
-                                   cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(), table.stride(0),
-                                   seq_lens.data_ptr(), scratch.data_ptr(), lora.pointer if lora else None,
-                                   self.lora_step.scales.data_ptr() if lora else None, torch.get_num_threads())
+        rc = self.lib.decode_layers(ctypes.byref(self.plan), tokens, hidden.data_ptr(), residual.data_ptr(),
+                                    cos.data_ptr() if cos is not None else None,
+                                    sin.data_ptr() if sin is not None else None, slots.data_ptr(), table.data_ptr(),
+                                    table.stride(0), seq_lens.data_ptr(), scratch.data_ptr(),
+                                    lora.pointer if lora else None,
+                                    self.lora_step.scales.data_ptr() if lora else None, torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"pagoda_llama_decode failed with code {rc}")
+            raise RuntimeError(f"pagoda_decode_layers failed with code {rc}")
         return hidden, residual
 
 

@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 25
+ABI_VERSION = 26
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -85,10 +85,10 @@ class CpuKernels:
         lib.pagoda_int8_paths.restype = c_int
         paths = lib.pagoda_int8_paths()
         self.has_amx_int8, self.has_vnni_int8 = bool(paths & 1), bool(paths & 2)
-        lib.pagoda_llama_decode.restype = c_int
-        lib.pagoda_llama_decode.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
-                                            c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
-        self.llama_decode = lib.pagoda_llama_decode
+        lib.pagoda_decode_layers.restype = c_int
+        lib.pagoda_decode_layers.argtypes = [c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+                                             c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+        self.decode_layers = lib.pagoda_decode_layers
         lib.pagoda_lora_shrink_expand.restype = c_int
         lib.pagoda_lora_shrink_expand.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_void_p, c_int64,
                                                   c_int, c_int]

@@ -1,7 +1,11 @@
-// A whole decode step of a Llama-family layer stack in one call, for bf16 models whose every layer already runs
-// on this library's kernels. At batch sizes of one to a few requests the step's arithmetic is ~10 ms of weight
+// A whole decode step of a pre-norm decoder stack in one call, for bf16 models whose every layer already runs on
+// this library's kernels. At batch sizes of one to a few requests the step's arithmetic is ~10 ms of weight
 // streaming, and calling ~12 kernels per layer from Python cost another ~6 ms; here the layer loop is C++ and
 // the kernels are the same ones the per-op path calls, so the two paths compute the same numbers.
+//
+// Two layer recipes (Plan::recipe): Llama's (RMSNorm, rotary on a fused QKV, SiLU-and-mul on a fused gate/up
+// projection) and the GPT-style one of OPT and GPT-2 (LayerNorm with a bias, no rotary: the positions were
+// embedded, a plain activation between the two MLP projections, biases in the projections' packed weights).
 
 #include "cpu_kernels.h"
 
@@ -18,15 +22,21 @@ struct Linear {
 };
 
 struct Layer {
-  const bf16_t* input_norm;
+  const bf16_t* input_norm;  // null: a LayerNorm without elementwise affine
   const bf16_t* post_norm;
-  Linear qkv, o, gate_up, down;
+  const bf16_t* input_norm_bias;  // LayerNorm recipes: the norms' biases, or null
+  const bf16_t* post_norm_bias;
+  Linear qkv, o, gate_up, down;  // gate_up: the MLP's first projection (gate and up fused where it is gated)
   bf16_t* k_cache;  // [blocks, block_size, kv_heads, head_size]
   bf16_t* v_cache;
   const LoRASlots* lora[4];  // adapter slots of qkv, o, gate_up, down (cpu_lora.h), or null
 };
 
+enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1 };
+
 struct Plan {
+  int64_t recipe;      // Recipe
+  int64_t activation;  // the GPT recipe's MLP activation (cpu_gpt_layers.h's Activation)
   int64_t num_layers, hidden, num_heads, num_kv_heads, head_size, inter, rot_dim;
   int64_t block_size, block_stride, token_stride, window, amx;  // amx: bf16 GEMMs may use AMX tiles
   int64_t lora_amx;  // the LoRA shrink/expand may use AMX tiles (as the per-op path's implementation does)
@@ -51,6 +61,15 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
         y[r * w.n + i] = f32_to_bf16(bf16_to_f32(y[r * w.n + i]) + bf16_to_f32(f32_to_bf16(w.bias[i])));
 }
 
+// out = norm(x + residual) with residual_out = x + residual (no residual: norm(x)), as the recipe normalizes.
+void norm(const Plan& p, bf16_t* out, bf16_t* residual_out, const bf16_t* x, const bf16_t* residual,
+          const bf16_t* weight, const bf16_t* bias, int64_t tokens, int nt) {
+  if (p.recipe == kGptRecipe)
+    layer_norm<bf16_t>(out, residual_out, x, residual, weight, bias, tokens, p.hidden, p.eps, nt);
+  else
+    rms_norm<bf16_t>(out, residual_out, x, residual, weight, tokens, p.hidden, p.eps, nt);
+}
+
 // The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
 void lora(const LoRASlots* slots, const LoRAGroups* groups, const float* scales, bf16_t* y, int64_t ldy,
           const bf16_t* x, int64_t ldx, int nt, bool amx) {
@@ -64,17 +83,20 @@ extern "C" {
 
 // Runs every layer for `tokens` decode tokens (one per sequence). hidden [tokens, hidden]: the embeddings in,
 // the last layer's output out (before the final norm); residual [tokens, hidden]: the residual stream out.
-// cos/sin float32 [tokens, rot_dim]; slot_mapping int64 [tokens]; block_table int32 rows of table_stride; seq_lens int32.
+// cos/sin float32 [tokens, rot_dim] (unread without rotary); slot_mapping int64 [tokens]; block_table int32 rows
+// of table_stride; seq_lens int32.
 // scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). lora: the step's tokens grouped by
 // adapter slot (null: no row has an adapter), lora_scales each slot's scale. Returns -1 without AVX512-BF16.
-int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
-                        const void* sin, const int64_t* slot_mapping, const int32_t* block_table,
-                        int64_t table_stride, const int32_t* seq_lens, void* scratch, const void* lora_groups,
-                        const float* lora_scales, int num_threads) {
+int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
+                         const void* sin, const int64_t* slot_mapping, const int32_t* block_table,
+                         int64_t table_stride, const int32_t* seq_lens, void* scratch, const void* lora_groups,
+                         const float* lora_scales, int num_threads) {
 #if defined(__AVX512BF16__)
   const Plan& p = *plan;
   const int64_t q_size = p.num_heads * p.head_size, kv_size = p.num_kv_heads * p.head_size;
   const int64_t qkv_n = q_size + 2 * kv_size;
+  const bool gated = p.recipe == kLlamaRecipe;
+  const int64_t up_n = gated ? 2 * p.inter : p.inter;  // the MLP's first projection's width
   bf16_t* hidden = static_cast<bf16_t*>(hidden_io);
   bf16_t* residual = static_cast<bf16_t*>(residual_io);
   bf16_t* normed = static_cast<bf16_t*>(scratch);
@@ -87,15 +109,16 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
     const Layer& L = p.layers[l];
     if (l == 0) {
       std::memcpy(residual, hidden, sizeof(bf16_t) * tokens * p.hidden);
-      rms_norm<bf16_t>(normed, nullptr, hidden, nullptr, L.input_norm, tokens, p.hidden, p.eps, num_threads);
+      norm(p, normed, nullptr, hidden, nullptr, L.input_norm, L.input_norm_bias, tokens, num_threads);
     } else {
-      rms_norm<bf16_t>(normed, residual, hidden, residual, L.input_norm, tokens, p.hidden, p.eps, num_threads);
+      norm(p, normed, residual, hidden, residual, L.input_norm, L.input_norm_bias, tokens, num_threads);
     }
     linear(L.qkv, qkv, normed, tokens, num_threads, p.amx != 0);
     lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, num_threads, p.lora_amx != 0);
     // q and k heads sit side by side in each row: one rotary pass over both.
-    rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
-                 static_cast<const float*>(sin), p.rot_dim, num_threads);
+    if (p.rot_dim > 0)
+      rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
+                   static_cast<const float*>(sin), p.rot_dim, num_threads);
     const int64_t e = sizeof(bf16_t);
     write_kv_rows(L.k_cache, L.v_cache, qkv + q_size, qkv_n * e, qkv + q_size + kv_size, qkv_n * e, slot_mapping,
                   tokens, kv_size * e, p.block_size, p.block_stride * e, p.token_stride * e, num_threads);
@@ -104,10 +127,13 @@ int pagoda_llama_decode(const Plan* plan, int64_t tokens, void* hidden_io, void*
                              p.token_stride, p.scale, p.window, num_threads, qkv_n);
     linear(L.o, hidden, attn, tokens, num_threads, p.amx != 0);
     lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, num_threads, p.lora_amx != 0);
-    rms_norm<bf16_t>(normed, residual, hidden, residual, L.post_norm, tokens, p.hidden, p.eps, num_threads);
+    norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, num_threads);
     linear(L.gate_up, gate_up, normed, tokens, num_threads, p.amx != 0);
-    lora(L.lora[2], groups, lora_scales, gate_up, 2 * p.inter, normed, p.hidden, num_threads, p.lora_amx != 0);
-    silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
+    lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, num_threads, p.lora_amx != 0);
+    if (gated)
+      silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
+    else
+      activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), num_threads);
     linear(L.down, hidden, act, tokens, num_threads, p.amx != 0);
     lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, num_threads, p.lora_amx != 0);
   }
