@@ -13,8 +13,8 @@ What sets them apart from Llama (:mod:`pagoda.models.llama`), each as transforme
   layers (``rope_parameters`` per layer type: ``rope_local_base_freq`` and the global base with its scaling).
   Multimodal checkpoints (``Gemma3ForConditionalGeneration``) run as their text model, for text prompts.
 
-The layers are plain calls of the engine's ops, so there is no fused decode stack: a platform's Llama-style fused
-step would not compute Gemma (``decoder_stack`` stays ``None``).
+The layers are plain calls of the engine's ops, declared to a platform as a ``"gemma"`` decoder stack
+(:meth:`GemmaModel.decoder_stack`) that it may fuse.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.pipeline import (PPMissingLayer, first_stage_module, is_first_stage, is_last_stage,
                                          last_stage_module, stage_inputs, stage_layer_range, stage_outputs)
 from pagoda.distributed.tensor_parallel import heads_per_rank
+from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import Attention, CausalLM, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
+from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
 
@@ -147,10 +149,58 @@ class GemmaModel(nn.Module):
                                                       unit_offset=True))
         self.is_first_stage, self.is_last_stage = is_first_stage(), is_last_stage()
         self.stage_rope_index = self.rope_index[self.start_layer:self.end_layer]
+        self.attn_backend = backend.name
+        # A platform's fused decode step (Platform.fused_decode), set by the runner once the KV caches exist.
+        self.fused_decode = None
+
+    def decoder_stack(self) -> DecoderStack | None:
+        """The layer stack as the ops' handles, for a platform to fuse (the ``"gemma"`` recipe)."""
+        if any(type(layer) is not GemmaDecoderLayer for layer in self.layers):
+            return None  # layers on other pipeline stages
+        layers, lora_step, epsilons = [], None, set()
+        for layer, table in zip(self.layers, self.rope_index):
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            linears = [m.quant_method.kernel(m) for m in projections]
+            if any(k is None for k in linears):
+                return None
+            lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
+            if any(slots is not None for slots in lora):
+                lora_step = next(slots.step for slots in lora if slots is not None)
+            sandwich = layer.sandwich_norms
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            extra = [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm] if sandwich else [None, None]
+            extra += [attn.q_norm, attn.k_norm]
+            epsilons |= {n.eps for n in norms + extra if n is not None}
+            layers.append(DecoderLayerSpec(
+                *(n.weight for n in norms), *linears, attn.attn.impl.sliding_window,
+                lora if lora_step is not None else None, None, None,
+                *(None if n is None else n.weight for n in extra), rope_table=table))
+        rotary_dims = {rotary.rotary_dim for rotary in self.rotaries}
+        if len(epsilons) != 1 or len(rotary_dims) != 1:
+            return None
+        first = self.layers[0]
+        attn = first.self_attn
+        rotaries = list(self.rotaries)
+
+        def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            tables = [rotary.lookup(positions) for rotary in rotaries]
+            return torch.stack([cos for cos, _ in tables]), torch.stack([sin for _, sin in tables])
+
+        return DecoderStack("gemma", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,
+                            attn.head_size, first.mlp.gate_up_proj.output_sizes[0], rotary_dims.pop(),
+                            epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend, rope,
+                            current_ops(), get_tp_group().world_size, lora_step,
+                            getattr(attn.attn.impl, "logits_soft_cap", None))
 
     def forward(self, input_ids, positions, kv_caches, metadata, intermediate_tensors=None):
         if self.is_first_stage:
             hidden, residual = self.embed_tokens(input_ids) * self.normalizer, None
+            fused = self.fused_decode  # never set with pipeline parallelism (the runner declines it)
+            if fused is not None and fused.applies(metadata, hidden.shape[0]):
+                hidden, residual = fused.run(hidden, positions, metadata)
+                hidden, _ = self.norm(hidden, residual)
+                return hidden
         else:
             hidden, residual = stage_inputs(intermediate_tensors)
         ropes = [rotary.lookup(positions) for rotary in self.rotaries]
@@ -199,6 +249,12 @@ class GemmaForCausalLM(CausalLM):
         """Hidden states ``[num_tokens, hidden_size]`` after the final norm (a non-last pipeline stage: its
         IntermediateTensors)."""
         return self.model(input_ids, positions, kv_caches, metadata, intermediate_tensors)
+
+    def decoder_stack(self) -> DecoderStack | None:
+        return self.model.decoder_stack()
+
+    def use_fused_decode(self, step) -> None:
+        self.model.fused_decode = step
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [n, hidden_size] → float32 logits [n, vocab_size], soft-capped where the config says."""

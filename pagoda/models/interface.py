@@ -52,18 +52,28 @@ class DecoderLayerSpec:
     #: The norms' biases (LayerNorm recipes), or None.
     input_norm_bias: torch.Tensor | None = None
     post_attention_norm_bias: torch.Tensor | None = None
+    #: Gemma 2/3: ``post_attention_norm`` norms the attention's output, ``pre_mlp_norm`` the stream before the MLP
+    #: and ``post_mlp_norm`` the MLP's output. Gemma 3: ``q_norm``/``k_norm`` norm each query and key head.
+    pre_mlp_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    #: Which of the stack's rotary tables (``rope``'s first dimension, where it has several) rotates this layer.
+    rope_table: int = 0
 
 
 @dataclass
 class DecoderStack:
     """A declarative description of a decoder-only model's layer stack, enough to run its decode steps.
 
-    ``kind`` names the layer recipe; in both the residual is added in the next norm:
+    ``kind`` names the layer recipe; in each the residual is added in the next norm:
 
     * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection, ``activation``-and-mul MLP on a fused
       gate/up projection;
     * ``"gpt"`` (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded: ``rotary_dim`` 0,
-      ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections."""
+      ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections;
+    * ``"gemma"``: Llama's, with RMSNorms scaling by ``1 + w`` and the layers' optional Gemma 2/3 norms (see
+      :class:`DecoderLayerSpec`); ``rope`` returns ``[tables, T, rotary_dim]`` rows, one table per layer type."""
 
     kind: str
     layers: list[DecoderLayerSpec]
@@ -85,6 +95,8 @@ class DecoderStack:
     #: The engine's ``pagoda.lora.layers.LoRAStep`` when it serves adapters: the ``lora_shrink_expand`` op, and the
     #: step's plan (None while no row has an adapter) and per-slot scales, which a fused step must apply too.
     lora_step: Any = None
+    #: The attention logits' soft cap (Gemma 2), or None.
+    attention_soft_cap: float | None = None
 
 
 class PagodaModel(nn.Module):

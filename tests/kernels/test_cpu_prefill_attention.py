@@ -118,7 +118,7 @@ def test_results_do_not_depend_on_how_tasks_are_shared_out():
         try:
             return [torch.cat([cpu_ops.packed_linear(x, weight) for _ in range(3)]),
                     cpu_ops.linear_argmax(x, weight), *cpu_ops.rms_norm(x, norm_weight, 1e-5, x),
-                    cpu_ops.silu_and_mul(x)]
+                    cpu_ops.gated_activation(x, "silu")]
         finally:
             torch.set_num_threads(before)
 

@@ -1,5 +1,5 @@
 """Fused CPU decode steps compute exactly what the per-op path computes (same kernels, same order): the Llama recipe
-(dense, GGUF and quantized checkpoints) and the GPT-style one (OPT, GPT-2)."""
+(dense, GGUF and quantized checkpoints), Gemma's and the GPT-style one (OPT, GPT-2)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu.kernels import cpu
 from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 from tests.models.checkpoint_variants import randomize_vectors
+from tests.models.test_gemma import gemma_dir  # noqa: F401  (a fixture)
 from tests.models.test_gpt2 import gpt2_dir
 from tests.models.test_opt import KINDS as OPT_KINDS, TINY as OPT_TINY
 
@@ -78,6 +79,16 @@ def test_gpt_style_fused_decode_equals_per_op_path(tiny_model_dir, monkeypatch, 
     monkeypatch.setattr(cpu_op_impls, "LAYER_NORM_MIN_ELEMENTS", 0)
     llm = LLM(_gpt_style_dir(tiny_model_dir, kind), dtype="bfloat16", kv_cache_memory_bytes=1 << 24,
               enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
+    assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3"])
+def test_gemma_fused_decode_equals_per_op_path(gemma_dir, kind):
+    # gemma2: sandwich norms, a sliding layer beside a global one, soft-capped attention logits; gemma3: q/k norms
+    # and a rotary table per layer type. The prompts run past the window of 8.
+    llm = LLM(gemma_dir(kind), dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
+              skip_tokenizer_init=True, max_model_len=256)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
     assert _run(llm, fused=True) == _run(llm, fused=False)
 

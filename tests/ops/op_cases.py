@@ -95,8 +95,9 @@ def silu_and_mul(impl, ref, dtype):
 
 def gelu_and_mul(impl, ref, dtype):
     for approximate in ("none", "tanh"):
-        x = (torch.randn(7, 2 * 80, generator=_gen(7, 80)) * 3).to(dtype)
-        _close(impl(x, approximate), ref(x, approximate), dtype, f"gelu_and_mul {approximate}")
+        for rows, inter in ((7, 80), (1, 40), (64, 96)):
+            x = (torch.randn(rows, 2 * inter, generator=_gen(rows, inter)) * 3).to(dtype)
+            _close(impl(x, approximate), ref(x, approximate), dtype, f"gelu_and_mul {approximate} {rows}x{inter}")
 
 
 def linear_dense(impl, ref, dtype):

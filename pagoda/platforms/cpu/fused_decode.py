@@ -4,8 +4,8 @@ At small batches a decode step is ~10 ms of weight streaming, and issuing ~12 ke
 costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :class:`DecoderStack` (the layers'
 weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
-``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Both stack recipes are fused: ``"llama"`` and
-``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the per-op
+``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``,
+``"gemma"`` and ``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the per-op
 path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one call from
 Python costs more than the work), which may round a last bit differently from the native kernel. It plays the part
 CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only steps
@@ -36,14 +36,22 @@ logger = logging.getLogger(__name__)
 #: Each recipe's ops whose native kernels the fused step calls: fusing is only exact when the per-op path calls
 #: them too.
 _ATTENTION_OPS = {"write_kv": cpu_op_impls.NativeWriteKV, "paged_decode_attention": cpu_op_impls.NativeDecodeAttention}
+_LLAMA_OPS = {"rms_norm": cpu_op_impls.NativeRmsNorm, "rotary_embedding": cpu_op_impls.NativeRotary,
+              **_ATTENTION_OPS}
 _NATIVE_OPS = {
-    "llama": {"rms_norm": cpu_op_impls.NativeRmsNorm, "rotary_embedding": cpu_op_impls.NativeRotary,
-              "silu_and_mul": cpu_op_impls.NativeSiluAndMul, **_ATTENTION_OPS},
+    "llama": _LLAMA_OPS,
+    "gemma": _LLAMA_OPS,
     "gpt": {"layer_norm": cpu_op_impls.NativeLayerNorm, "activation": cpu_op_impls.NativeActivation, **_ATTENTION_OPS},
 }
-#: cpu_decode.cpp's Recipe, and the MLP activation each recipe can run.
-_RECIPES = {"llama": 0, "gpt": 1}
-_ACTIVATIONS = {"llama": {"silu": 0}, "gpt": cpu_ops.NATIVE_ACTIVATIONS}
+#: cpu_decode.cpp's Recipe, and the MLP activations each recipe can run: (the library's code, the op and its native
+#: implementation the per-op path must be calling).
+_RECIPES = {"llama": 0, "gpt": 1, "gemma": 2}
+_GATED = {"silu": (0, "silu_and_mul", cpu_op_impls.NativeSiluAndMul),
+          "gelu_pytorch_tanh": (1, "gelu_and_mul", cpu_op_impls.NativeGeluAndMul),
+          "gelu_new": (1, "gelu_and_mul", cpu_op_impls.NativeGeluAndMul)}
+_ACTIVATIONS = {"llama": _GATED, "gemma": _GATED,
+                "gpt": {name: (code, "activation", cpu_op_impls.NativeActivation)
+                        for name, code in cpu_ops.NATIVE_ACTIVATIONS.items()}}
 
 
 class _Linear(ctypes.Structure):
@@ -51,17 +59,17 @@ class _Linear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("input_norm_bias", c_void_p),
-                ("post_norm_bias", c_void_p), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p), ("v_cache", c_void_p),
-                ("lora", c_void_p * 4)]
+    _fields_ = [(name, c_void_p) for name in ("input_norm", "post_norm", "input_norm_bias", "post_norm_bias",
+                                              "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")] + [
+        ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p),
+        ("v_cache", c_void_p), ("window", c_int64), ("rope_table", c_int64), ("lora", c_void_p * 4)]
 
 
 class _Plan(ctypes.Structure):
     _fields_ = [(name, c_int64) for name in ("recipe", "activation", "num_layers", "hidden", "num_heads",
                                              "num_kv_heads", "head_size", "inter", "rot_dim", "block_size",
-                                             "block_stride", "token_stride", "window", "amx", "lora_amx")] + [
-        ("eps", c_float), ("scale", c_float), ("layers", ctypes.POINTER(_Layer))]
+                                             "block_stride", "token_stride", "amx", "lora_amx")] + [
+        ("eps", c_float), ("scale", c_float), ("soft_cap", c_float), ("layers", ctypes.POINTER(_Layer))]
 
 
 class NotFusable(Exception):
@@ -111,13 +119,13 @@ class FusedDecode:
             raise NotFusable(f"a {stack.kind} stack with {stack.activation}")
         if stack.attention_backend != "TORCH_SDPA":
             raise NotFusable(f"attention backend {stack.attention_backend}")
-        for op, impl in _NATIVE_OPS[stack.kind].items():
+        activation, act_op, act_impl = _ACTIVATIONS[stack.kind][stack.activation]
+        for op, impl in {**_NATIVE_OPS[stack.kind], act_op: act_impl}.items():
             if not isinstance(getattr(ops, op), impl):
                 raise NotFusable(f"op {op} runs {type(getattr(ops, op)).name}, not the native kernel")
-        windows = {layer.sliding_window for layer in stack.layers}
-        if len(windows) != 1:
-            raise NotFusable("layers with different sliding windows")
-        self.window = windows.pop()  # the step's decode plan for this window is the one the kernel reads
+        # Every window's decode plan holds the same block table and lengths (the window is applied in the
+        # kernel): the step reads the first layer's, and passes each layer its own window.
+        self.window = stack.layers[0].sliding_window
         cache = kv_caches[0]
         if cache.dtype != torch.bfloat16 or cache.dim() != 5 or not cache.is_contiguous():
             raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
@@ -131,7 +139,8 @@ class FusedDecode:
         layers = (_Layer * len(stack.layers))()
         for i, (layer, kv) in enumerate(zip(stack.layers, kv_caches)):
             norms = [w if w is None else w.contiguous() for w in (
-                layer.input_norm, layer.post_attention_norm, layer.input_norm_bias, layer.post_attention_norm_bias)]
+                layer.input_norm, layer.post_attention_norm, layer.input_norm_bias, layer.post_attention_norm_bias,
+                layer.pre_mlp_norm, layer.post_mlp_norm, layer.q_norm, layer.k_norm)]
             if any(w is not None and w.dtype != torch.bfloat16 for w in norms):
                 raise NotFusable("norm weights are not bfloat16")
             self.keep.extend(w for w in norms if w is not None)
@@ -148,18 +157,18 @@ class FusedDecode:
             lora = [slots.slots.pointer if self.lora_fused and slots is not None else None
                     for slots in layer.lora or (None,) * 4]
             layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears,
-                               kv[0].data_ptr(), kv[1].data_ptr(), (c_void_p * 4)(*lora))
+                               kv[0].data_ptr(), kv[1].data_ptr(), layer.sliding_window or 0, layer.rope_table,
+                               (c_void_p * 4)(*lora))
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size
         self.qkv_n = (stack.num_heads + 2 * stack.num_kv_heads) * stack.head_size
         self.q_size = stack.num_heads * stack.head_size
-        self.plan = _Plan(_RECIPES[stack.kind], _ACTIVATIONS[stack.kind][stack.activation], len(stack.layers),
-                          self.hidden, stack.num_heads, stack.num_kv_heads, stack.head_size, self.inter,
-                          stack.rotary_dim, block_size, cache.stride(1), cache.stride(2),
-                          self.window or 0, int(self.amx), int(self.lora_fused and self.lora_step.op.uses_amx),
-                          stack.norm_eps, stack.attention_scale,
-                          ctypes.cast(layers, ctypes.POINTER(_Layer)))
+        self.plan = _Plan(_RECIPES[stack.kind], activation, len(stack.layers), self.hidden, stack.num_heads,
+                          stack.num_kv_heads, stack.head_size, self.inter, stack.rotary_dim, block_size,
+                          cache.stride(1), cache.stride(2), int(self.amx),
+                          int(self.lora_fused and self.lora_step.op.uses_amx), stack.norm_eps, stack.attention_scale,
+                          stack.attention_soft_cap or 0.0, ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter

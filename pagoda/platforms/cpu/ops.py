@@ -37,6 +37,7 @@ _REFERENCE_WRITE_KV = reference.WriteKV()
 _REFERENCE_PREFILL = reference.PrefillAttention()
 _REFERENCE_LAYER_NORM = reference.LayerNorm()
 _REFERENCE_ACTIVATION = reference.Activation()
+_REFERENCE_GELU_AND_MUL = reference.GeluAndMul()
 
 
 class _Native(OpImpl):
@@ -89,7 +90,18 @@ class NativeSiluAndMul(_Native):
     op, name, dtypes = "silu_and_mul", "cpu_native", (torch.bfloat16,)
 
     def __call__(self, x):
-        return cpu_ops.silu_and_mul(x)
+        return cpu_ops.gated_activation(x, "silu")
+
+
+class NativeGeluAndMul(_Native):
+    """GeGLU: the tanh approximation natively (Gemma's ``gelu_pytorch_tanh``); exact (erf) gelu through torch."""
+
+    op, name, dtypes = "gelu_and_mul", "cpu_native", (torch.bfloat16,)
+
+    def __call__(self, x, approximate="none"):
+        if approximate != "tanh":
+            return _REFERENCE_GELU_AND_MUL(x, approximate)
+        return cpu_ops.gated_activation(x, "gelu_tanh")
 
 
 class NativeLayerNorm(_Native):
@@ -338,5 +350,5 @@ class NativePrefillAttention(_NativeBf16Gemm):
         return out
 
 
-CPU_OP_IMPLS = [NativeRmsNorm, NativeLayerNorm, NativeActivation, NativeRotary, NativeSiluAndMul, PackedDense, AmxDense,
-                PackedBlockQuant, AmxBlockQuant, NativeWriteKV, NativeDecodeAttention, NativePrefillAttention]
+CPU_OP_IMPLS = [NativeRmsNorm, NativeLayerNorm, NativeActivation, NativeRotary, NativeSiluAndMul, NativeGeluAndMul,
+                PackedDense, AmxDense, PackedBlockQuant, AmxBlockQuant, NativeWriteKV, NativeDecodeAttention, NativePrefillAttention]

@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 26
+ABI_VERSION = 27
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -65,8 +65,8 @@ class CpuKernels:
         lib.pagoda_activation.restype = c_int
         lib.pagoda_activation.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int, c_int]
         self.activation = lib.pagoda_activation
-        lib.pagoda_silu_and_mul.restype = c_int
-        lib.pagoda_silu_and_mul.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int]
+        lib.pagoda_gated_activation.restype = c_int
+        lib.pagoda_gated_activation.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int, c_int]
         lib.pagoda_rope.restype = c_int
         lib.pagoda_rope.argtypes = [c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_int64,
                                     c_int]
@@ -111,7 +111,7 @@ class CpuKernels:
                                          c_int64, c_int64, c_int64, c_int, c_int]
         self.fused_moe = lib.pagoda_fused_moe
         self.rms_norm = lib.pagoda_rms_norm
-        self.silu_and_mul = lib.pagoda_silu_and_mul
+        self.gated_activation = lib.pagoda_gated_activation
         self.rope = lib.pagoda_rope
         self.decode_attention = lib.pagoda_decode_attention
         self.pack_bf16 = lib.pagoda_pack_bf16

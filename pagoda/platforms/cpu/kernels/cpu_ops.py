@@ -162,13 +162,19 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d]."""
+#: The gated activations the library computes (its GatedActivation codes).
+GATED_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
+def gated_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``act(x[..., :d]) * x[..., d:]`` for ``x`` [..., 2d], ``name`` a key of :data:`GATED_ACTIVATIONS`
+    (gelu_tanh: the activation rounded to ``x``'s dtype before the multiply, as torch computes it)."""
     lib = kernels()
     x = x.contiguous()
     inter = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
-    lib.silu_and_mul(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter, _threads())
+    _check(lib.gated_activation(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), x.numel() // x.shape[-1], inter,
+                                GATED_ACTIVATIONS[name], _threads()), "pagoda_gated_activation")
     return out
 
 

@@ -3,9 +3,13 @@
 // streaming, and calling ~12 kernels per layer from Python cost another ~6 ms; here the layer loop is C++ and
 // the kernels are the same ones the per-op path calls, so the two paths compute the same numbers.
 //
-// Two layer recipes (Plan::recipe): Llama's (RMSNorm, rotary on a fused QKV, SiLU-and-mul on a fused gate/up
-// projection) and the GPT-style one of OPT and GPT-2 (LayerNorm with a bias, no rotary: the positions were
-// embedded, a plain activation between the two MLP projections, biases in the projections' packed weights).
+// Three layer recipes (Plan::recipe):
+// - Llama's: RMSNorm, rotary on a fused QKV, a gated activation (SiLU or tanh GELU) on a fused gate/up projection;
+// - GPT-style (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded), a plain activation
+//   between the two MLP projections, biases in the projections' packed weights;
+// - Gemma's: Llama's with RMSNorm scaling by 1 + w, and in Gemma 2/3 a norm after attention and after the MLP too
+//   (before each residual add), Gemma 3's per-head q/k norms and a rotary table per layer type.
+// Every recipe may interleave sliding-window layers with global ones: each layer has its own window.
 
 #include "cpu_kernels.h"
 
@@ -23,24 +27,30 @@ struct Linear {
 
 struct Layer {
   const bf16_t* input_norm;  // null: a LayerNorm without elementwise affine
-  const bf16_t* post_norm;
+  const bf16_t* post_norm;   // before the MLP (Gemma 2/3: the norm of the attention's output)
   const bf16_t* input_norm_bias;  // LayerNorm recipes: the norms' biases, or null
   const bf16_t* post_norm_bias;
+  const bf16_t* pre_mlp_norm;   // Gemma 2/3: the norm before the MLP (after the residual add), else null
+  const bf16_t* post_mlp_norm;  // Gemma 2/3: the norm of the MLP's output, else null
+  const bf16_t* q_norm;  // Gemma 3: each query head's and key head's norm, else null
+  const bf16_t* k_norm;
   Linear qkv, o, gate_up, down;  // gate_up: the MLP's first projection (gate and up fused where it is gated)
   bf16_t* k_cache;  // [blocks, block_size, kv_heads, head_size]
   bf16_t* v_cache;
+  int64_t window;      // this layer's sliding window, 0: none
+  int64_t rope_table;  // which of the step's cos/sin tables rotates this layer
   const LoRASlots* lora[4];  // adapter slots of qkv, o, gate_up, down (cpu_lora.h), or null
 };
 
-enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1 };
+enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1, kGemmaRecipe = 2 };
 
 struct Plan {
   int64_t recipe;      // Recipe
-  int64_t activation;  // the GPT recipe's MLP activation (cpu_gpt_layers.h's Activation)
+  int64_t activation;  // the MLP's: GatedActivation (Llama, Gemma) or Activation (GPT; cpu_gpt_layers.h)
   int64_t num_layers, hidden, num_heads, num_kv_heads, head_size, inter, rot_dim;
-  int64_t block_size, block_stride, token_stride, window, amx;  // amx: bf16 GEMMs may use AMX tiles
+  int64_t block_size, block_stride, token_stride, amx;  // amx: bf16 GEMMs may use AMX tiles
   int64_t lora_amx;  // the LoRA shrink/expand may use AMX tiles (as the per-op path's implementation does)
-  float eps, scale;
+  float eps, scale, soft_cap;  // soft_cap: the attention logits' (Gemma 2), 0: none
   const Layer* layers;
 };
 
@@ -67,7 +77,18 @@ void norm(const Plan& p, bf16_t* out, bf16_t* residual_out, const bf16_t* x, con
   if (p.recipe == kGptRecipe)
     layer_norm<bf16_t>(out, residual_out, x, residual, weight, bias, tokens, p.hidden, p.eps, nt);
   else
-    rms_norm<bf16_t>(out, residual_out, x, residual, weight, tokens, p.hidden, p.eps, nt);
+    rms_norm<bf16_t>(out, residual_out, x, residual, weight, tokens, p.hidden, p.eps, nt, p.recipe == kGemmaRecipe);
+}
+
+// Gemma 3's norms of each query head and key head of the fused QKV rows, in place, before the rotation.
+void head_norms(const Plan& p, const Layer& L, bf16_t* qkv, int64_t qkv_n, int64_t tokens, int nt) {
+  const int64_t d = p.head_size;
+  share_rows(tokens, nt, [&](int64_t t) {
+    bf16_t* q = qkv + t * qkv_n;
+    bf16_t* k = q + p.num_heads * d;
+    rms_norm<bf16_t>(q, nullptr, q, nullptr, L.q_norm, p.num_heads, d, p.eps, 1, true);
+    rms_norm<bf16_t>(k, nullptr, k, nullptr, L.k_norm, p.num_kv_heads, d, p.eps, 1, true);
+  });
 }
 
 // The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
@@ -83,8 +104,8 @@ extern "C" {
 
 // Runs every layer for `tokens` decode tokens (one per sequence). hidden [tokens, hidden]: the embeddings in,
 // the last layer's output out (before the final norm); residual [tokens, hidden]: the residual stream out.
-// cos/sin float32 [tokens, rot_dim] (unread without rotary); slot_mapping int64 [tokens]; block_table int32 rows
-// of table_stride; seq_lens int32.
+// cos/sin float32 [tables, tokens, rot_dim] (unread without rotary); slot_mapping int64 [tokens]; block_table int32
+// rows of table_stride; seq_lens int32.
 // scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). lora: the step's tokens grouped by
 // adapter slot (null: no row has an adapter), lora_scales each slot's scale. Returns -1 without AVX512-BF16.
 int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
@@ -95,7 +116,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
   const Plan& p = *plan;
   const int64_t q_size = p.num_heads * p.head_size, kv_size = p.num_kv_heads * p.head_size;
   const int64_t qkv_n = q_size + 2 * kv_size;
-  const bool gated = p.recipe == kLlamaRecipe;
+  const bool gated = p.recipe != kGptRecipe;
   const int64_t up_n = gated ? 2 * p.inter : p.inter;  // the MLP's first projection's width
   bf16_t* hidden = static_cast<bf16_t*>(hidden_io);
   bf16_t* residual = static_cast<bf16_t*>(residual_io);
@@ -105,37 +126,47 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
   bf16_t* gate_up = attn + tokens * q_size;
   bf16_t* act = gate_up + tokens * 2 * p.inter;
   const LoRAGroups* groups = static_cast<const LoRAGroups*>(lora_groups);
+  const int nt = num_threads;
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const Layer& L = p.layers[l];
     if (l == 0) {
       std::memcpy(residual, hidden, sizeof(bf16_t) * tokens * p.hidden);
-      norm(p, normed, nullptr, hidden, nullptr, L.input_norm, L.input_norm_bias, tokens, num_threads);
+      norm(p, normed, nullptr, hidden, nullptr, L.input_norm, L.input_norm_bias, tokens, nt);
     } else {
-      norm(p, normed, residual, hidden, residual, L.input_norm, L.input_norm_bias, tokens, num_threads);
+      norm(p, normed, residual, hidden, residual, L.input_norm, L.input_norm_bias, tokens, nt);
     }
-    linear(L.qkv, qkv, normed, tokens, num_threads, p.amx != 0);
-    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, num_threads, p.lora_amx != 0);
+    linear(L.qkv, qkv, normed, tokens, nt, p.amx != 0);
+    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, nt, p.lora_amx != 0);
+    if (L.q_norm) head_norms(p, L, qkv, qkv_n, tokens, nt);
     // q and k heads sit side by side in each row: one rotary pass over both.
-    if (p.rot_dim > 0)
-      rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size, static_cast<const float*>(cos),
-                   static_cast<const float*>(sin), p.rot_dim, num_threads);
+    if (p.rot_dim > 0) {
+      const int64_t table = L.rope_table * tokens * p.rot_dim;
+      rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size,
+                   static_cast<const float*>(cos) + table, static_cast<const float*>(sin) + table, p.rot_dim, nt);
+    }
     const int64_t e = sizeof(bf16_t);
     write_kv_rows(L.k_cache, L.v_cache, qkv + q_size, qkv_n * e, qkv + q_size + kv_size, qkv_n * e, slot_mapping,
-                  tokens, kv_size * e, p.block_size, p.block_stride * e, p.token_stride * e, num_threads);
+                  tokens, kv_size * e, p.block_size, p.block_stride * e, p.token_stride * e, nt);
     decode_attention<bf16_t>(attn, qkv, L.k_cache, L.v_cache, block_table, table_stride, seq_lens, tokens,
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
-                             p.token_stride, p.scale, p.window, num_threads, qkv_n);
-    linear(L.o, hidden, attn, tokens, num_threads, p.amx != 0);
-    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, num_threads, p.lora_amx != 0);
-    norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, num_threads);
-    linear(L.gate_up, gate_up, normed, tokens, num_threads, p.amx != 0);
-    lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, num_threads, p.lora_amx != 0);
+                             p.token_stride, p.scale, L.window, nt, qkv_n, p.soft_cap);
+    linear(L.o, hidden, attn, tokens, nt, p.amx != 0);
+    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, nt, p.lora_amx != 0);
+    if (L.pre_mlp_norm) {  // Gemma 2/3: the attention's output normed before it joins the residual stream
+      norm(p, hidden, nullptr, hidden, nullptr, L.post_norm, nullptr, tokens, nt);
+      norm(p, normed, residual, hidden, residual, L.pre_mlp_norm, nullptr, tokens, nt);
+    } else {
+      norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, nt);
+    }
+    linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
+    lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
     if (gated)
-      silu_and_mul<bf16_t>(act, gate_up, tokens, p.inter, num_threads);
+      gated_activation<bf16_t>(act, gate_up, tokens, p.inter, static_cast<int>(p.activation), nt);
     else
-      activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), num_threads);
-    linear(L.down, hidden, act, tokens, num_threads, p.amx != 0);
-    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, num_threads, p.lora_amx != 0);
+      activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), nt);
+    linear(L.down, hidden, act, tokens, nt, p.amx != 0);
+    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
+    if (L.post_mlp_norm) norm(p, hidden, nullptr, hidden, nullptr, L.post_mlp_norm, nullptr, tokens, nt);
   }
   return 0;
 #else

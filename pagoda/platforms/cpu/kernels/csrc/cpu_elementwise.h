@@ -90,9 +90,24 @@ void rms_norm(T* out, T* residual_out, const T* x, const T* residual, const T* w
   });
 }
 
-// out [rows, inter] = silu(x[:, :inter]) * x[:, inter:]
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as x * sigmoid(2u), the
+// same function with one exp.
+constexpr float kGeluTanh2 = 2.f * 0.7978845608028654f;  // 2 sqrt(2/pi)
+inline float gelu_tanh1(float v) { return v / (1.f + std::exp(-kGeluTanh2 * (v + 0.044715f * v * v * v))); }
+#if defined(__AVX512F__)
+inline __m512 gelu_tanh16(__m512 v) {
+  const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), _mm512_set1_ps(0.044715f), v);
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_mul_ps(inner, _mm512_set1_ps(-kGeluTanh2)))));
+}
+#endif
+
+// The gated MLP activations: out [rows, inter] = act(x[:, :inter]) * x[:, inter:].
+enum GatedActivation { kSiluAndMul = 0, kGeluTanhAndMul = 1 };
+
+// silu: one rounding, of the product. gelu_tanh: the activation rounded to T before the multiply, as torch computes
+// gelu(gate) * up on T tensors (the reference Gemma's GeGLU numbers follow).
 template <typename T>
-void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threads) {
+void gated_activation(T* out, const T* x, int64_t rows, int64_t inter, int kind, int num_threads) {
   share_rows(rows, num_threads, [&](int64_t r) {
     const T* g = x + r * 2 * inter;
     const T* u = g + inter;
@@ -102,13 +117,15 @@ void silu_and_mul(T* out, const T* x, int64_t rows, int64_t inter, int num_threa
     const __m512 one = _mm512_set1_ps(1.f);
     for (; i + 16 <= inter; i += 16) {
       const __m512 gv = load16(g + i);
-      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      store16(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), load16(u + i)));
+      const __m512 a = kind == kSiluAndMul
+          ? _mm512_mul_ps(gv, _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))))
+          : round_like<T>(gelu_tanh16(gv));
+      store16(o + i, _mm512_mul_ps(a, load16(u + i)));
     }
 #endif
     for (; i < inter; ++i) {
       const float gv = load(g, i);
-      store(o, i, gv / (1.f + std::exp(-gv)) * load(u, i));
+      store(o, i, (kind == kSiluAndMul ? gv / (1.f + std::exp(-gv)) : load_rounded<T>(gelu_tanh1(gv))) * load(u, i));
     }
   });
 }

@@ -80,31 +80,23 @@ void layer_norm(T* out, T* residual_out, const T* x, const T* residual, const T*
 enum Activation { kRelu = 0, kGeluTanh = 1 };
 constexpr int64_t kActivationChunk = 4096;  // elements per task: enough to outweigh claiming it
 
-// out[i] = act(x[i]) over n elements. gelu_tanh(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
-// computed as x * sigmoid(2u), the same function with one exp.
+// out[i] = act(x[i]) over n elements (gelu_tanh: cpu_elementwise.h's).
 template <typename T>
 void activation(T* out, const T* x, int64_t n, int kind, int num_threads) {
   share_tasks((n + kActivationChunk - 1) / kActivationChunk, num_threads, [&](int64_t chunk) {
     const int64_t begin = chunk * kActivationChunk;
     const int64_t end = begin + kActivationChunk < n ? begin + kActivationChunk : n;
     int64_t i = begin;
-    constexpr float k2 = 2.f * 0.7978845608028654f;  // 2 sqrt(2/pi)
 #if defined(__AVX512F__)
-    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+    const __m512 zero = _mm512_setzero_ps();
     for (; i + 16 <= end; i += 16) {
       const __m512 v = load16(x + i);
-      if (kind == kRelu) {
-        store16(out + i, _mm512_max_ps(zero, v));  // NaN stays NaN, as in torch
-      } else {
-        const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), _mm512_set1_ps(0.044715f), v);
-        const __m512 e = exp16(_mm512_mul_ps(inner, _mm512_set1_ps(-k2)));
-        store16(out + i, _mm512_div_ps(v, _mm512_add_ps(one, e)));
-      }
+      store16(out + i, kind == kRelu ? _mm512_max_ps(zero, v) : gelu_tanh16(v));  // relu: NaN stays NaN, as in torch
     }
 #endif
     for (; i < end; ++i) {
       const float v = load(x, i);
-      store(out, i, kind == kRelu ? (v < 0.f ? 0.f : v) : v / (1.f + std::exp(-k2 * (v + 0.044715f * v * v * v))));
+      store(out, i, kind == kRelu ? (v < 0.f ? 0.f : v) : gelu_tanh1(v));
     }
   });
 }

@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 26; }
+int pagoda_kernels_abi_version() { return 27; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -68,10 +68,15 @@ int pagoda_rms_norm(int dtype, void* out, void* residual_out, const void* x, con
   return 0;
 }
 
-int pagoda_silu_and_mul(int dtype, void* out, const void* x, int64_t rows, int64_t inter, int num_threads) {
-  if (dtype == 0) silu_and_mul<float>(static_cast<float*>(out), static_cast<const float*>(x), rows, inter, num_threads);
+// out [rows, inter] = act(x[:, :inter]) * x[:, inter:]; kind: GatedActivation (0 silu, 1 tanh gelu).
+int pagoda_gated_activation(int dtype, void* out, const void* x, int64_t rows, int64_t inter, int kind,
+                            int num_threads) {
+  if (kind != kSiluAndMul && kind != kGeluTanhAndMul) return -2;
+  if (dtype == 0)
+    gated_activation<float>(static_cast<float*>(out), static_cast<const float*>(x), rows, inter, kind, num_threads);
   else if (dtype == 1)
-    silu_and_mul<bf16_t>(static_cast<bf16_t*>(out), static_cast<const bf16_t*>(x), rows, inter, num_threads);
+    gated_activation<bf16_t>(static_cast<bf16_t*>(out), static_cast<const bf16_t*>(x), rows, inter, kind,
+                             num_threads);
   else return -1;
   return 0;
 }

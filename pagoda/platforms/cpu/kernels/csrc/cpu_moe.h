@@ -87,7 +87,7 @@ inline bool fused_moe(bf16_t* y, const bf16_t* x, const float* topk_w, const int
     std::memcpy(xs.get() + row_of[p] * H, x + (p / k) * H, H * sizeof(bf16_t));
   });
   experts_gemm<false>(h.get(), xs.get(), active, start, count, w13, 2 * I, H, num_threads, amx);
-  silu_and_mul<bf16_t>(act.get(), h.get(), pairs, I, num_threads);
+  gated_activation<bf16_t>(act.get(), h.get(), pairs, I, kSiluAndMul, num_threads);
   experts_gemm<true>(out.get(), act.get(), active, start, count, w2, H, I, num_threads, amx);
   share_tasks(T, num_threads, [&](int64_t t) {
     bf16_t* yt = y + t * H;
