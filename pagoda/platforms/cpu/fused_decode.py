@@ -4,9 +4,9 @@ At small batches a decode step is ~10 ms of weight streaming, and issuing ~12 ke
 costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :class:`DecoderStack` (the layers'
 weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
-``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``,
-``"gemma"`` and ``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the per-op
-path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one call from
+``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``, ``"gemma"``
+and ``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the
+per-op path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one call from
 Python costs more than the work), which may round a last bit differently from the native kernel. It plays the part
 CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only steps
 small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the engine

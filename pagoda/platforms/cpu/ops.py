@@ -351,4 +351,5 @@ class NativePrefillAttention(_NativeBf16Gemm):
 
 
 CPU_OP_IMPLS = [NativeRmsNorm, NativeLayerNorm, NativeActivation, NativeRotary, NativeSiluAndMul, NativeGeluAndMul,
-                PackedDense, AmxDense, PackedBlockQuant, AmxBlockQuant, NativeWriteKV, NativeDecodeAttention, NativePrefillAttention]
+                PackedDense, AmxDense, PackedBlockQuant, AmxBlockQuant, NativeWriteKV, NativeDecodeAttention,
+                NativePrefillAttention]
