@@ -33,7 +33,7 @@ from pagoda.distributed.pipeline import (PPMissingLayer, first_stage_module, is_
 from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import Attention, CausalLM, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
-from pagoda.models.llama import LlamaForCausalLM, LlamaMLP
+from pagoda.models.llama import LlamaForCausalLM, LlamaMLP, llama_layer_kernels
 from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -159,14 +159,11 @@ class GemmaModel(nn.Module):
             return None  # layers on other pipeline stages
         layers, lora_step, epsilons = [], None, set()
         for layer, table in zip(self.layers, self.rope_index):
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            linears = [m.quant_method.kernel(m) for m in projections]
-            if any(k is None for k in linears):
+            attn = layer.self_attn
+            kernels = llama_layer_kernels(layer, lora_step)
+            if kernels is None:
                 return None
-            lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
-            if any(slots is not None for slots in lora):
-                lora_step = next(slots.step for slots in lora if slots is not None)
+            linears, lora, lora_step = kernels
             sandwich = layer.sandwich_norms
             norms = [layer.input_layernorm, layer.post_attention_layernorm]
             extra = [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm] if sandwich else [None, None]

@@ -16,6 +16,7 @@ from torch import nn
 
 from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
+from pagoda.models.layers import stack_kernels
 from pagoda.ops import current_ops
 from pagoda.quantization.unquantized import default_weight_loader
 
@@ -79,13 +80,10 @@ def gpt_decoder_stack(layers: Sequence[GptLayerParts], hidden_size: int, attenti
     (a linear without a kernel handle) or the layers disagree on their norm epsilon or activation."""
     specs, lora_step = [], None
     for part in layers:
-        projections = (part.qkv, part.out, part.fc1, part.fc2)
-        linears = [m.quant_method.kernel(m) for m in projections]
-        if any(k is None for k in linears):
+        kernels = stack_kernels((part.qkv, part.out, part.fc1, part.fc2), lora_step)
+        if kernels is None:
             return None
-        lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
-        if any(slots is not None for slots in lora):
-            lora_step = next(slots.step for slots in lora if slots is not None)
+        linears, lora, lora_step = kernels
         specs.append(DecoderLayerSpec(
             part.attention_norm.weight, part.mlp_norm.weight, *linears, part.attention.impl.sliding_window,
             lora if lora_step is not None else None, part.attention_norm.bias, part.mlp_norm.bias))

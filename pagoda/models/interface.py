@@ -53,7 +53,7 @@ class DecoderLayerSpec:
     input_norm_bias: torch.Tensor | None = None
     post_attention_norm_bias: torch.Tensor | None = None
     #: Gemma 2/3: ``post_attention_norm`` norms the attention's output, ``pre_mlp_norm`` the stream before the MLP
-    #: and ``post_mlp_norm`` the MLP's output. Gemma 3: ``q_norm``/``k_norm`` norm each query and key head.
+    #: and ``post_mlp_norm`` the MLP's output. Qwen3, Gemma 3: ``q_norm``/``k_norm`` norm each query and key head.
     pre_mlp_norm: torch.Tensor | None = None
     post_mlp_norm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
@@ -68,8 +68,8 @@ class DecoderStack:
 
     ``kind`` names the layer recipe; in each the residual is added in the next norm:
 
-    * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection, ``activation``-and-mul MLP on a fused
-      gate/up projection;
+    * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection (after per-head q/k norms where the layers
+      have them: Qwen3), ``activation``-and-mul MLP on a fused gate/up projection;
     * ``"gpt"`` (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded: ``rotary_dim`` 0,
       ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections;
     * ``"gemma"``: Llama's, with RMSNorms scaling by ``1 + w`` and the layers' optional Gemma 2/3 norms (see

@@ -72,6 +72,18 @@ class Linear(nn.Module):
         return y
 
 
+def stack_kernels(projections: tuple[Linear, ...], lora_step: Any) -> tuple[list[Any], tuple[Any, ...], Any] | None:
+    """A decoder layer's linear layers as a :class:`~pagoda.models.interface.DecoderStack` holds them: each one's
+    kernel (its quantization method's op and handle), their LoRA adapter slots (None without), and the engine's
+    ``LoRAStep`` once any layer's slots have shown it (``lora_step``: what the earlier layers showed). None where a
+    layer has no kernel handle, and so can't be fused."""
+    linears = [m.quant_method.kernel(m) for m in projections]
+    if any(k is None for k in linears):
+        return None
+    lora = tuple(m.lora for m in projections)
+    return linears, lora, lora_step or next((slots.step for slots in lora if slots is not None), None)
+
+
 class VocabEmbedding(nn.Module):
     """Token embedding table; also computes logits when used as (or tied to) the LM head.
 

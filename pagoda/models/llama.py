@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_
 from pagoda.distributed.tensor_parallel import heads_per_rank
 from pagoda.models.interface import DecoderLayerSpec, DecoderStack
 from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
-                                  VocabEmbedding, load_param, merged_param_name)
+                                  VocabEmbedding, load_param, merged_param_name, stack_kernels)
 from pagoda.ops import current_ops
 from pagoda.plugins.hookspecs import hookimpl
 from pagoda.quantization.interface import QuantizationConfig
@@ -82,6 +82,10 @@ class LlamaDecoderLayer(nn.Module):
     mixture-of-experts blocks) subclass it and override ``attention_cls`` or :meth:`make_mlp`."""
 
     attention_cls: type[LlamaAttention] = LlamaAttention
+    #: Whether the "llama" decoder-stack recipe computes this class's layers exactly. Each class says so itself
+    #: (:meth:`LlamaModel.decoder_stack` reads the class's own attribute, never an inherited one), so a subclass
+    #: with other maths, such as an expert block, is never fused by mistake.
+    llama_recipe: ClassVar[bool] = True
 
     def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, backend: type[AttentionBackend], attn_config: AttentionConfig,
@@ -106,6 +110,13 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(rope, hidden, kv_cache, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def llama_layer_kernels(layer: nn.Module, lora_step: Any) -> tuple[list[Any], tuple[Any, ...], Any] | None:
+    """:func:`stack_kernels` of a layer with Llama's projections (``self_attn.qkv_proj`` / ``o_proj``,
+    ``mlp.gate_up_proj`` / ``down_proj``)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return stack_kernels((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), lora_step)
 
 
 class LlamaModel(nn.Module):
@@ -136,24 +147,25 @@ class LlamaModel(nn.Module):
 
     def decoder_stack(self) -> DecoderStack | None:
         """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
-        if any(type(layer) is not LlamaDecoderLayer for layer in self.layers):
-            return None  # the "llama" recipe has no q/k norms and no expert blocks (nor layers on other stages)
-        layers, lora_step = [], None
+        if any(not vars(type(layer)).get("llama_recipe", False) for layer in self.layers):
+            return None  # expert blocks, other layer maths, or layers on other pipeline stages
+        layers, lora_step, epsilons = [], None, set()
         for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            linears = [m.quant_method.kernel(m) for m in projections]
-            if any(k is None for k in linears):
+            attn = layer.self_attn
+            kernels = llama_layer_kernels(layer, lora_step)
+            if kernels is None:
                 return None
-            lora = tuple(m.lora for m in projections)  # adapter slots, when the engine serves adapters
-            if any(slots is not None for slots in lora):
-                lora_step = next(slots.step for slots in lora if slots is not None)
+            linears, lora, lora_step = kernels
+            head_norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]  # Qwen3's
+            norms = [layer.input_layernorm, layer.post_attention_layernorm, *filter(None, head_norms)]
+            epsilons |= {n.eps for n in norms}
             layers.append(DecoderLayerSpec(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                                            *linears, attn.attn.impl.sliding_window,
-                                           lora if lora_step is not None else None))
+                                           lora if lora_step is not None else None,
+                                           q_norm=None if head_norms[0] is None else head_norms[0].weight,
+                                           k_norm=None if head_norms[1] is None else head_norms[1].weight))
         first = self.layers[0]
         attn = first.self_attn
-        epsilons = {n.eps for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
         if len(epsilons) != 1:
             return None
         return DecoderStack("llama", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,

@@ -41,6 +41,7 @@ class Qwen3Attention(LlamaAttention):
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen3Attention
+    llama_recipe = True  # the recipe's per-head q/k norms (DecoderLayerSpec.q_norm / k_norm)
 
 
 def qwen3_arch_flags(config: Any) -> dict[str, bool]:

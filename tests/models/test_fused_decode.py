@@ -15,6 +15,7 @@ from tests.models.checkpoint_variants import randomize_vectors
 from tests.models.test_gemma import gemma_dir  # noqa: F401  (a fixture)
 from tests.models.test_gpt2 import gpt2_dir
 from tests.models.test_opt import KINDS as OPT_KINDS, TINY as OPT_TINY
+from tests.models.test_qwen3 import qwen3_config
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                                 reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
@@ -90,6 +91,18 @@ def test_gemma_fused_decode_equals_per_op_path(gemma_dir, kind):
     llm = LLM(gemma_dir(kind), dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
               skip_tokenizer_init=True, max_model_len=256)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
+def test_qwen3_fused_decode_equals_per_op_path(tiny_model_dir):
+    """Qwen3's per-head q/k norms in the "llama" recipe (random norm weights, so they bite), with a sliding layer of
+    window 8 beside a global one."""
+    config = qwen3_config(use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                          layer_types=["sliding_attention", "full_attention"])
+    llm = LLM(randomize_vectors(tiny_model_dir("qwen3_windows", config)), dtype="bfloat16",
+              kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
+    assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
+    assert {layer.sliding_window for layer in llm.llm_engine.runner.fused_decode.stack.layers} == {8, None}
     assert _run(llm, fused=True) == _run(llm, fused=False)
 
 

@@ -4,7 +4,8 @@
 // the kernels are the same ones the per-op path calls, so the two paths compute the same numbers.
 //
 // Three layer recipes (Plan::recipe):
-// - Llama's: RMSNorm, rotary on a fused QKV, a gated activation (SiLU or tanh GELU) on a fused gate/up projection;
+// - Llama's: RMSNorm, rotary on a fused QKV (Qwen3: after per-head q/k norms), a gated activation (SiLU or tanh
+//   GELU) on a fused gate/up projection;
 // - GPT-style (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded), a plain activation
 //   between the two MLP projections, biases in the projections' packed weights;
 // - Gemma's: Llama's with RMSNorm scaling by 1 + w, and in Gemma 2/3 a norm after attention and after the MLP too
@@ -32,7 +33,7 @@ struct Layer {
   const bf16_t* post_norm_bias;
   const bf16_t* pre_mlp_norm;   // Gemma 2/3: the norm before the MLP (after the residual add), else null
   const bf16_t* post_mlp_norm;  // Gemma 2/3: the norm of the MLP's output, else null
-  const bf16_t* q_norm;  // Gemma 3: each query head's and key head's norm, else null
+  const bf16_t* q_norm;  // Qwen3, Gemma 3: each query head's and key head's norm, else null
   const bf16_t* k_norm;
   Linear qkv, o, gate_up, down;  // gate_up: the MLP's first projection (gate and up fused where it is gated)
   bf16_t* k_cache;  // [blocks, block_size, kv_heads, head_size]
@@ -80,14 +81,15 @@ void norm(const Plan& p, bf16_t* out, bf16_t* residual_out, const bf16_t* x, con
     rms_norm<bf16_t>(out, residual_out, x, residual, weight, tokens, p.hidden, p.eps, nt, p.recipe == kGemmaRecipe);
 }
 
-// Gemma 3's norms of each query head and key head of the fused QKV rows, in place, before the rotation.
+// The norms of each query head and key head of the fused QKV rows (Qwen3, Gemma 3), in place, before the rotation.
 void head_norms(const Plan& p, const Layer& L, bf16_t* qkv, int64_t qkv_n, int64_t tokens, int nt) {
   const int64_t d = p.head_size;
+  const bool unit_offset = p.recipe == kGemmaRecipe;
   share_rows(tokens, nt, [&](int64_t t) {
     bf16_t* q = qkv + t * qkv_n;
     bf16_t* k = q + p.num_heads * d;
-    rms_norm<bf16_t>(q, nullptr, q, nullptr, L.q_norm, p.num_heads, d, p.eps, 1, true);
-    rms_norm<bf16_t>(k, nullptr, k, nullptr, L.k_norm, p.num_kv_heads, d, p.eps, 1, true);
+    rms_norm<bf16_t>(q, nullptr, q, nullptr, L.q_norm, p.num_heads, d, p.eps, 1, unit_offset);
+    rms_norm<bf16_t>(k, nullptr, k, nullptr, L.k_norm, p.num_kv_heads, d, p.eps, 1, unit_offset);
   });
 }
 
