@@ -6,13 +6,13 @@ weights as the chosen ops' handles) and the engine's ops; when every op of the s
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
 ``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``, ``"gemma"``
 and ``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the
-per-op path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one call from
-Python costs more than the work), which may round a last bit differently from the native kernel. It plays the part
-CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only steps
-small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the engine
-serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter delta
-with the same kernel the per-op path calls; with another implementation, steps that have adapter rows run layer by
-layer.
+per-op path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one
+call from Python costs more than the work), which may round a last bit differently from the native kernel. It plays
+the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
+steps small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the
+engine serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter
+delta with the same kernel the per-op path calls; with another implementation, steps that have adapter rows run layer
+by layer.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ _NATIVE_OPS = {
 #: cpu_decode.cpp's Recipe, and the MLP activations each recipe can run: (the library's code, the op and its native
 #: implementation the per-op path must be calling).
 _RECIPES = {"llama": 0, "gpt": 1, "gemma": 2}
-_GATED = {"silu": (0, "silu_and_mul", cpu_op_impls.NativeSiluAndMul),
-          "gelu_pytorch_tanh": (1, "gelu_and_mul", cpu_op_impls.NativeGeluAndMul),
-          "gelu_new": (1, "gelu_and_mul", cpu_op_impls.NativeGeluAndMul)}
+_SILU = (cpu_ops.GATED_ACTIVATIONS["silu"], "silu_and_mul", cpu_op_impls.NativeSiluAndMul)
+_GELU_TANH = (cpu_ops.GATED_ACTIVATIONS["gelu_tanh"], "gelu_and_mul", cpu_op_impls.NativeGeluAndMul)
+_GATED = {"silu": _SILU, "gelu_pytorch_tanh": _GELU_TANH, "gelu_new": _GELU_TANH}  # Hugging Face hidden_act names
 _ACTIVATIONS = {"llama": _GATED, "gemma": _GATED,
                 "gpt": {name: (code, "activation", cpu_op_impls.NativeActivation)
                         for name, code in cpu_ops.NATIVE_ACTIVATIONS.items()}}

@@ -76,18 +76,12 @@ inline void lora_expand_kernel(bf16_t* const* yrows, const bf16_t* z, int64_t kz
 template <int NT>
 inline void lora_expand_rows(int64_t rows, bf16_t* const* yrows, const bf16_t* z, int64_t kz, int64_t k,
                              const bf16_t* bp, int64_t tile0, int64_t n) {
+  auto pass = [&](auto mr, int64_t r) {
+    lora_expand_kernel<decltype(mr)::value, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n);
+  };
   int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) lora_expand_kernel<kMR, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n);
-  switch (rows - r) {
-    case 1: lora_expand_kernel<1, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 2: lora_expand_kernel<2, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 3: lora_expand_kernel<3, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 4: lora_expand_kernel<4, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 5: lora_expand_kernel<5, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 6: lora_expand_kernel<6, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    case 7: lora_expand_kernel<7, NT>(yrows + r, z + r * kz, kz, k, bp, tile0, n); break;
-    default: break;
-  }
+  for (; r + kMR <= rows; r += kMR) pass(std::integral_constant<int, kMR>{}, r);
+  remainder_pass<1, kMR>(rows - r, r, pass);
 }
 
 #if defined(PAGODA_HAS_AMX)

@@ -128,22 +128,12 @@ void quant_gemm(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int6
     const bool fetch = mblocks == 1 && t + 1 < tiles && prefetch_next_quant_tile();
     const uint8_t* ahead = fetch ? tile + tile_bytes : nullptr;
     int64_t r = mb * kBlockM;
-    for (; r + kQMR <= r_end; r += kQMR, ahead = nullptr)
-      quant_tile<Bits, kQMR, F32Out>(static_cast<char*>(y) + r * n * esz, n, x + r * k, xsum + r * groups,
-                                     k, tile, t * 16, n, ahead);
-    char* yr = static_cast<char*>(y) + r * n * esz;
-    const bf16_t* xr = x + r * k;
-    const float* sr = xsum + r * groups;
-    switch (r_end - r) {
-      case 1: quant_tile<Bits, 1, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 2: quant_tile<Bits, 2, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 3: quant_tile<Bits, 3, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 4: quant_tile<Bits, 4, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 5: quant_tile<Bits, 5, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 6: quant_tile<Bits, 6, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      case 7: quant_tile<Bits, 7, F32Out>(yr, n, xr, sr, k, tile, t * 16, n, ahead); break;
-      default: break;
-    }
+    auto pass = [&](auto rows, int64_t r0) {
+      quant_tile<Bits, decltype(rows)::value, F32Out>(static_cast<char*>(y) + r0 * n * esz, n, x + r0 * k,
+                                                      xsum + r0 * groups, k, tile, t * 16, n, ahead);
+    };
+    for (; r + kQMR <= r_end; r += kQMR, ahead = nullptr) pass(std::integral_constant<int, kQMR>{}, r);
+    remainder_pass<1, kQMR>(r_end - r, r, pass);
   });
 }
 
