@@ -34,17 +34,35 @@ class LinearKernel:
 
 
 @dataclass
+class RoutedExperts:
+    """A layer's mixture of experts in place of its MLP (Mixtral, Qwen3-MoE): the ``router`` projection, the
+    ``moe_topk`` op's choice of each token's ``top_k`` experts (weights ``renormalize``-d, and rounded to the model
+    dtype where ``round_weights``), and the ``fused_moe`` op's ``handle`` over ``num_experts`` gated MLPs of
+    ``intermediate_size`` with ``activation``."""
+
+    router: LinearKernel
+    op: Any  # the fused_moe OpImpl instance
+    handle: Any
+    num_experts: int
+    intermediate_size: int
+    top_k: int
+    renormalize: bool
+    round_weights: bool
+    activation: str
+
+
+@dataclass
 class DecoderLayerSpec:
     """One pre-norm decoder layer: norm → attention (fused QKV) → norm (+residual) → MLP, as its stack's ``kind``
     says. ``gate_up`` is the MLP's first projection (gate and up fused in a gated MLP, ``fc1`` in a plain one) and
-    ``down`` its second."""
+    ``down`` its second; both None where ``experts`` replaces the MLP."""
 
     input_norm: torch.Tensor | None  # None: a LayerNorm without elementwise affine
     post_attention_norm: torch.Tensor | None
     qkv: LinearKernel
     o: LinearKernel
-    gate_up: LinearKernel
-    down: LinearKernel
+    gate_up: LinearKernel | None
+    down: LinearKernel | None
     sliding_window: int | None
     #: The LoRA adapter slots of qkv, o, gate_up and down (``pagoda.lora.layers.LinearLoRA``, or None for a layer
     #: without) when the engine serves adapters; their ``slots`` are the ``lora_shrink_expand`` op's layout.
@@ -60,6 +78,8 @@ class DecoderLayerSpec:
     k_norm: torch.Tensor | None = None
     #: Which of the stack's rotary tables (``rope``'s first dimension, where it has several) rotates this layer.
     rope_table: int = 0
+    #: The routed experts that replace the MLP (the "llama" recipe's MoE layers), or None.
+    experts: RoutedExperts | None = None
 
 
 @dataclass
@@ -69,7 +89,8 @@ class DecoderStack:
     ``kind`` names the layer recipe; in each the residual is added in the next norm:
 
     * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection (after per-head q/k norms where the layers
-      have them: Qwen3), ``activation``-and-mul MLP on a fused gate/up projection;
+      have them: Qwen3), ``activation``-and-mul MLP on a fused gate/up projection, or routed experts in its place
+      (Mixtral, Qwen3-MoE: :class:`RoutedExperts`; ``intermediate_size`` is then the dense layers', 0 if none);
     * ``"gpt"`` (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded: ``rotary_dim`` 0,
       ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections;
     * ``"gemma"``: Llama's, with RMSNorms scaling by ``1 + w`` and the layers' optional Gemma 2/3 norms (see

@@ -19,7 +19,7 @@ from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.pipeline import (first_stage_module, is_first_stage, is_last_stage, last_stage_module,
                                          make_layers, missing_prefixes, stage_inputs, stage_outputs)
 from pagoda.distributed.tensor_parallel import heads_per_rank
-from pagoda.models.interface import DecoderLayerSpec, DecoderStack
+from pagoda.models.interface import DecoderLayerSpec, DecoderStack, RoutedExperts
 from pagoda.models.layers import (Attention, CausalLM, GatedActivation, Linear, RMSNorm, RotaryEmbedding,
                                   VocabEmbedding, load_param, merged_param_name, stack_kernels)
 from pagoda.ops import current_ops
@@ -101,6 +101,11 @@ class LlamaDecoderLayer(nn.Module):
                  dtype: torch.dtype, arch: dict[str, bool]) -> nn.Module:
         return LlamaMLP(config, quant_config, prefix, dtype, arch["mlp_bias"])
 
+    def routed_experts(self) -> RoutedExperts | None:
+        """The routed experts in place of this layer's MLP, as a decoder stack declares them (None: the dense gated
+        MLP)."""
+        return None
+
     def forward(self, rope, hidden, residual, kv_cache, metadata):
         if residual is None:
             residual = hidden
@@ -112,11 +117,18 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-def llama_layer_kernels(layer: nn.Module, lora_step: Any) -> tuple[list[Any], tuple[Any, ...], Any] | None:
+def llama_layer_kernels(layer: nn.Module, lora_step: Any,
+                        experts: bool = False) -> tuple[list[Any], tuple[Any, ...], Any] | None:
     """:func:`stack_kernels` of a layer with Llama's projections (``self_attn.qkv_proj`` / ``o_proj``,
-    ``mlp.gate_up_proj`` / ``down_proj``)."""
+    ``mlp.gate_up_proj`` / ``down_proj``); with ``experts`` in place of the MLP, its two entries are None."""
     attn, mlp = layer.self_attn, layer.mlp
-    return stack_kernels((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), lora_step)
+    if not experts:
+        return stack_kernels((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj), lora_step)
+    kernels = stack_kernels((attn.qkv_proj, attn.o_proj), lora_step)
+    if kernels is None:
+        return None
+    linears, lora, lora_step = kernels
+    return [*linears, None, None], (*lora, None, None), lora_step
 
 
 class LlamaModel(nn.Module):
@@ -149,10 +161,13 @@ class LlamaModel(nn.Module):
         """The layer stack as the ops' handles, for a platform to fuse; None when a layer isn't one op call."""
         if any(not vars(type(layer)).get("llama_recipe", False) for layer in self.layers):
             return None  # expert blocks, other layer maths, or layers on other pipeline stages
-        layers, lora_step, epsilons = [], None, set()
+        layers, lora_step, epsilons, dense = [], None, set(), []
         for layer in self.layers:
             attn = layer.self_attn
-            kernels = llama_layer_kernels(layer, lora_step)
+            experts = layer.routed_experts()
+            if experts is None:
+                dense.append(layer.mlp)
+            kernels = llama_layer_kernels(layer, lora_step, experts is not None)
             if kernels is None:
                 return None
             linears, lora, lora_step = kernels
@@ -163,15 +178,18 @@ class LlamaModel(nn.Module):
                                            *linears, attn.attn.impl.sliding_window,
                                            lora if lora_step is not None else None,
                                            q_norm=None if head_norms[0] is None else head_norms[0].weight,
-                                           k_norm=None if head_norms[1] is None else head_norms[1].weight))
-        first = self.layers[0]
-        attn = first.self_attn
+                                           k_norm=None if head_norms[1] is None else head_norms[1].weight,
+                                           experts=experts))
+        attn = self.layers[0].self_attn
         if len(epsilons) != 1:
             return None
+        # The dense MLPs' width and activation (a stack of expert layers only: the experts' activation).
+        inter = dense[0].gate_up_proj.output_sizes[0] if dense else 0
+        activation = dense[0].act.act if dense else next(s.experts.activation for s in layers)
         return DecoderStack("llama", layers, self.norm.weight.shape[0], attn.num_heads, attn.num_kv_heads,
-                            attn.head_size, first.mlp.gate_up_proj.output_sizes[0], self.rotary.rotary_dim,
-                            epsilons.pop(), attn.attn.impl.scale, first.mlp.act.act, self.attn_backend,
-                            self.rotary.lookup, current_ops(), get_tp_group().world_size, lora_step)
+                            attn.head_size, inter, self.rotary.rotary_dim, epsilons.pop(), attn.attn.impl.scale,
+                            activation, self.attn_backend, self.rotary.lookup, current_ops(),
+                            get_tp_group().world_size, lora_step)
 
     def forward(self, input_ids, positions, kv_caches, metadata, intermediate_tensors=None):
         """``kv_caches``: this stage's layers' caches. Non-first pipeline stages start from the previous stage's

@@ -12,7 +12,9 @@ Each is its dense sibling (Llama / Qwen2 / Qwen3 attention) with the MLP of some
 
 In both Qwen families a layer is sparse unless it is listed in ``mlp_only_layers`` or ``(layer + 1)`` is not a
 multiple of ``decoder_sparse_step``; the others keep a dense MLP of ``intermediate_size``. Quantized checkpoints
-are refused (the experts load unquantized only).
+are refused (the experts load unquantized only). Mixtral and Qwen3-MoE layers declare their experts for a
+platform's fused decode step (:meth:`LlamaDecoderLayer.routed_experts`); Qwen2-MoE's shared expert has no place in
+that recipe, so its layers run one by one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda.models.interface import RoutedExperts
 from pagoda.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from pagoda.models.moe_layers import EXPERT_PROJECTIONS, SparseMoeBlock
 from pagoda.models.qwen3 import Qwen3Attention, qwen3_arch_flags
@@ -52,6 +55,11 @@ class MoeForCausalLM(LlamaForCausalLM):
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
+    llama_recipe = True  # its routed experts are the recipe's RoutedExperts
+
+    def routed_experts(self) -> RoutedExperts | None:
+        return self.mlp.routed_experts()
+
     def make_mlp(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, arch: dict[str, bool]) -> nn.Module:
         return SparseMoeBlock(config, quant_config, prefix, dtype, num_experts=config.num_local_experts,
@@ -97,6 +105,10 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
 class Qwen3MoeDecoderLayer(Qwen2MoeDecoderLayer):
     attention_cls = Qwen3Attention
     shared_expert = False
+    llama_recipe = True  # no shared expert: its sparse layers are the recipe's RoutedExperts (Qwen2-MoE's are not)
+
+    def routed_experts(self) -> RoutedExperts | None:
+        return self.mlp.routed_experts() if isinstance(self.mlp, SparseMoeBlock) else None
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):

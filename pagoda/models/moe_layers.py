@@ -15,6 +15,7 @@ from torch import nn
 
 from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.tensor_parallel import expert_parallel_enabled
+from pagoda.models.interface import RoutedExperts
 from pagoda.models.layers import Linear
 from pagoda.models.llama import LlamaMLP
 from pagoda.ops import current_ops
@@ -158,13 +159,11 @@ class TopKRouter(nn.Module):
             raise ValueError(f"num_experts_per_tok = {top_k} must be between 1 and the {num_experts} experts")
         self.top_k, self.renormalize, self.weights_dtype = top_k, renormalize, weights_dtype
         self.gate = Linear(hidden_size, [num_experts], False, quant_config, prefix, dtype)
+        self.topk = current_ops().moe_topk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` [T, H] → (float32 weights [T, k], expert ids [T, k])."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, ids = self.topk(self.gate(x), self.top_k, self.renormalize)
         if self.weights_dtype is not None:
             weights = weights.to(self.weights_dtype).float()
         return weights, ids
@@ -191,6 +190,16 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = LlamaMLP(shared, quant_config, f"{prefix}.shared_expert", dtype, False,
                                           reduce_output=False)
             self.shared_expert_gate = Linear(hidden, [1], False, quant_config, f"{prefix}.shared_expert_gate", dtype)
+
+    def routed_experts(self) -> RoutedExperts:
+        """This block as a decoder stack declares it (blocks without a shared expert: the stack has no place for
+        one)."""
+        if self.shared_expert is not None:
+            raise ValueError("a block with a shared expert is not a RoutedExperts")
+        router, experts = self.router, self.experts
+        return RoutedExperts(router.gate.quant_method.kernel(router.gate), experts.op, experts.handle,
+                             experts.num_experts, experts.intermediate_size, router.top_k, router.renormalize,
+                             router.weights_dtype is not None, experts.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)

@@ -45,6 +45,8 @@ OPS: dict[str, str] = {
     "linear_fp8": "x @ W.T for float8_e4m3fn weights with a float32 scale per group of inputs of each row",
     "linear_int8": "x @ W.T for int8 weights (a scale per row) with int8 activations (per-token dynamic scales)",
     "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row",
+    "moe_topk": "a router's choice: softmax of logits [T, E] in float32, each token's top-k experts (float32 weights "
+                "in descending order, int64 ids), renormalised to sum to one when asked",
     "fused_moe": "mixture-of-experts MLP of x [T, H] over each token's top-k experts (ids and weights [T, k]) with "
                  "stacked gate/up [E, 2I, H] and down [E, H, I] weights prepared once (prepare/apply)",
     "lora_shrink_expand": "y += (x @ A[s].T) @ B[s].T * scale[s] in place for each token by its adapter slot s "

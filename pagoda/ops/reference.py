@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pagoda.ops.interface import OpImpl
 from pagoda.ops.reference_attention import PagedDecodeAttention, PrefillAttention
 from pagoda.ops.reference_lora import LORA_REFERENCE_IMPLS
-from pagoda.ops.reference_moe import FusedMoE
+from pagoda.ops.reference_moe import FusedMoE, MoeTopK
 from pagoda.ops.reference_quant import QUANT_REFERENCE_IMPLS
 from pagoda.plugins.hookspecs import hookimpl
 
@@ -253,7 +253,7 @@ class WriteKV(OpImpl):
 
 
 REFERENCE_IMPLS = [RmsNorm, LayerNorm, Activation, RotaryEmbedding, SiluAndMul, GeluAndMul, LinearDense,
-                   LinearBlockQuant, WriteKV, PagedDecodeAttention, PrefillAttention, FusedMoE]
+                   LinearBlockQuant, WriteKV, PagedDecodeAttention, PrefillAttention, FusedMoE, MoeTopK]
 
 
 @hookimpl

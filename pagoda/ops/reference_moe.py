@@ -1,4 +1,5 @@
-"""The reference ``fused_moe`` op: a mixture-of-experts MLP over routed tokens, in plain torch.
+"""The reference mixture-of-experts ops in plain torch: ``moe_topk`` (a router's choice of experts) and ``fused_moe``
+(the MLP over routed tokens).
 
 Tokens are grouped by expert (a stable sort of the flattened expert ids), so each expert that received tokens
 runs one pair of matmuls over all of its rows; nothing loops over tokens in Python.
@@ -82,3 +83,16 @@ class FusedMoE(OpImpl):
 
     def nbytes(self, handle: ExpertWeights) -> int:
         return sum(t.numel() * t.element_size() for t in (handle.w13, handle.w2))
+
+
+class MoeTopK(OpImpl):
+    op, name, is_reference = "moe_topk", "torch", True
+
+    def __call__(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits`` [T, E] → (float32 weights [T, k], int64 expert ids [T, k]): the softmax over the experts in
+        float32, its ``top_k`` largest entries in descending order, divided by their sum when ``renormalize``."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids

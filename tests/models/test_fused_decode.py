@@ -1,5 +1,5 @@
 """Fused CPU decode steps compute exactly what the per-op path computes (same kernels, same order): the Llama recipe
-(dense, GGUF and quantized checkpoints), Gemma's and the GPT-style one (OPT, GPT-2)."""
+(dense, GGUF and quantized checkpoints, routed experts), Gemma's and the GPT-style one (OPT, GPT-2)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.conftest import assert_all_blocks_free, bundled_gguf_path
 from tests.models.checkpoint_variants import randomize_vectors
 from tests.models.test_gemma import gemma_dir  # noqa: F401  (a fixture)
 from tests.models.test_gpt2 import gpt2_dir
+from tests.models.test_moe import CONFIGS as MOE_CONFIGS
 from tests.models.test_opt import KINDS as OPT_KINDS, TINY as OPT_TINY
 from tests.models.test_qwen3 import qwen3_config
 
@@ -103,6 +104,23 @@ def test_qwen3_fused_decode_equals_per_op_path(tiny_model_dir):
               kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
     assert {layer.sliding_window for layer in llm.llm_engine.runner.fused_decode.stack.layers} == {8, None}
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_moe_fused_decode_equals_per_op_path(tiny_model_dir, family):
+    """Routed experts in the "llama" recipe: Mixtral (every layer sparse, renormalised float32 weights) and Qwen3-MoE
+    (a dense layer beside a sparse one, weights rounded to bf16). Qwen2-MoE's shared expert is not in the recipe,
+    so its decode steps run layer by layer."""
+    llm = LLM(randomize_vectors(tiny_model_dir(family, MOE_CONFIGS[family]())), dtype="bfloat16",
+              kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
+    fused = llm.llm_engine.runner.fused_decode
+    if family == "qwen2_moe":
+        assert fused is None
+        return
+    assert fused is not None, "decode steps were not fused"
+    sparse = [layer.experts is not None for layer in fused.stack.layers]
+    assert sparse == ([True, True] if family == "mixtral" else [False, True])
     assert _run(llm, fused=True) == _run(llm, fused=False)
 
 

@@ -364,9 +364,33 @@ def fused_moe(impl, ref, dtype):
             _close(expected, exact.to(dtype), dtype, what + " reference vs float64", scale)
 
 
+def moe_topk(impl, ref, dtype):
+    # (tokens, experts, top-k): a Mixtral router at decode and prefill sizes, Qwen-MoE's wide one, top-1 and all.
+    for tokens, experts, k in ((1, 8, 2), (37, 8, 2), (5, 64, 8), (9, 6, 1), (4, 4, 4)):
+        g = _gen(tokens, experts, k)
+        logits = (torch.randn(tokens, experts, generator=g) * 3).to(dtype)
+        for renormalize in (False, True):
+            what = f"moe_topk {tokens}x{experts} top{k} renormalize={renormalize}"
+            weights, ids = impl(logits, k, renormalize)
+            ref_weights, ref_ids = ref(logits, k, renormalize)
+            assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids), what
+            # Float32 weights either way: a softmax's exp may differ in its last bits.
+            torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6, msg=what)
+            # The reference computes what the op says: float64 softmax, its k largest, renormalised.
+            probs = torch.softmax(logits.double(), -1)
+            chosen = probs.gather(1, ref_ids)
+            assert torch.equal(chosen.argsort(dim=1, descending=True, stable=True),
+                               torch.arange(k).expand(tokens, k)), what + ": not in descending order"
+            assert (chosen.min(dim=1).values[:, None] >= probs.masked_fill(
+                torch.zeros_like(probs, dtype=torch.bool).scatter(1, ref_ids, True), -1)).all(), what + ": not top-k"
+            expected = chosen / chosen.sum(-1, keepdim=True) if renormalize else chosen
+            torch.testing.assert_close(ref_weights.double(), expected, rtol=1e-5, atol=1e-6, msg=what)
+
+
 CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
          "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense],
          "linear_block_quant": [linear_block_quant, linear_block_quant_zero, linear_block_quant_affine],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
-         "prefill_attention": [prefill_attention], "fused_moe": [fused_moe]}
+         "prefill_attention": [prefill_attention], "fused_moe": [fused_moe],
+         "moe_topk": [moe_topk]}
 

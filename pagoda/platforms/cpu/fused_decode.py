@@ -5,7 +5,8 @@ costs another ~6 ms. :meth:`CpuPlatform.fused_decode` is given the model's :clas
 weights as the chosen ops' handles) and the engine's ops; when every op of the stack is one of this platform's
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
 ``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``, ``"gemma"``
-and ``"gpt"`` (OPT, GPT-2). The step calls the same kernels in the same order, so its numbers are those of the
+and ``"gpt"`` (OPT, GPT-2); a Llama stack's layers may route to experts in place of their MLP (Mixtral,
+Qwen3-MoE). The step calls the same kernels in the same order, so its numbers are those of the
 per-op path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one
 call from Python costs more than the work), which may round a last bit differently from the native kernel. It plays
 the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
@@ -30,6 +31,7 @@ from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
 from pagoda.platforms.cpu.kernels import cpu, cpu_ops
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
 from pagoda.platforms.cpu.lora_ops import NativeLoRAShrinkExpand
+from pagoda.platforms.cpu.moe_ops import NativeMoeTopK, PackedFusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,13 @@ class _Layer(ctypes.Structure):
     _fields_ = [(name, c_void_p) for name in ("input_norm", "post_norm", "input_norm_bias", "post_norm_bias",
                                               "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")] + [
         ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("k_cache", c_void_p),
-        ("v_cache", c_void_p), ("window", c_int64), ("rope_table", c_int64), ("lora", c_void_p * 4)]
+        ("v_cache", c_void_p), ("window", c_int64), ("rope_table", c_int64), ("lora", c_void_p * 4),
+        ("experts", c_void_p)]
+
+
+class _Experts(ctypes.Structure):
+    _fields_ = [("router", _Linear), ("w13", c_void_p), ("w2", c_void_p)] + [
+        (name, c_int64) for name in ("num_experts", "inter", "top_k", "renormalize", "round_weights", "amx")]
 
 
 class _Plan(ctypes.Structure):
@@ -106,6 +114,21 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
 
 
+def _experts(experts: Any, router: _Linear, ops: Any, keep: list) -> int:
+    """The native step's descriptor of a layer's routed experts (kept alive in ``keep``), given its router's GEMM
+    descriptor: only where the per-op path runs the same native routing and expert kernels."""
+    if not isinstance(ops.moe_topk, NativeMoeTopK):
+        raise NotFusable(f"op moe_topk runs {type(ops.moe_topk).name}, not the native kernel")
+    if not isinstance(experts.op, PackedFusedMoE) or experts.activation != "silu":
+        raise NotFusable(f"experts on {type(experts.op).name} with {experts.activation}")
+    handle = experts.handle
+    descriptor = _Experts(router, handle.w13.data_ptr(), handle.w2.data_ptr(), experts.num_experts,
+                          experts.intermediate_size, experts.top_k, int(experts.renormalize),
+                          int(experts.round_weights), int(experts.op.uses_amx))
+    keep.append(descriptor)
+    return ctypes.addressof(descriptor)
+
+
 class FusedDecode:
     """A model's decode-step plan: pointers to every layer's weights and KV cache, built once."""
 
@@ -147,7 +170,11 @@ class FusedDecode:
             if kv.shape != cache.shape or kv.dtype != cache.dtype or not kv.is_contiguous():
                 raise NotFusable("KV caches of different layouts")
             linears = []
-            for kernel in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            router = [layer.experts.router] if layer.experts is not None else []
+            for kernel in (layer.qkv, layer.o, layer.gate_up, layer.down, *router):
+                if kernel is None:  # the MLP's projections of a layer with routed experts
+                    linears.append(_Linear())
+                    continue
                 if getattr(kernel.op, "uses_amx", self.amx) != self.amx:
                     raise NotFusable("quantized layers and dense ones disagree on AMX tiles")
                 linear, limit = _linear(kernel, self.keep)
@@ -156,9 +183,10 @@ class FusedDecode:
                     self.max_tokens = min(limit, self.max_tokens or limit)
             lora = [slots.slots.pointer if self.lora_fused and slots is not None else None
                     for slots in layer.lora or (None,) * 4]
-            layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears,
+            layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears[:4],
                                kv[0].data_ptr(), kv[1].data_ptr(), layer.sliding_window or 0, layer.rope_table,
-                               (c_void_p * 4)(*lora))
+                               (c_void_p * 4)(*lora),
+                               _experts(layer.experts, linears[4], ops, self.keep) if router else None)
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size
@@ -198,6 +226,8 @@ class FusedDecode:
                                     table.stride(0), seq_lens.data_ptr(), scratch.data_ptr(),
                                     lora.pointer if lora else None,
                                     self.lora_step.scales.data_ptr() if lora else None, torch.get_num_threads())
+        if rc == -2:
+            raise ValueError("fused decode step: the router chose an expert id out of range")
         if rc != 0:
             raise RuntimeError(f"pagoda_decode_layers failed with code {rc}")
         return hidden, residual

@@ -1,4 +1,5 @@
-"""The CPU platform's ``fused_moe`` implementations: pagoda's native kernel on packed expert weights.
+"""The CPU platform's mixture-of-experts ops: ``fused_moe`` (pagoda's native kernel on packed expert weights) and
+``moe_topk`` (the router's softmax and top-k in one native call instead of three torch ones).
 
 Registered because it measured faster than the torch reference on an AMX Xeon at decode shapes (T = 1-64,
 ``docs/benchmarks.md``, the fused-MoE table): at decode the reference multiplies one expert after another, each a
@@ -14,7 +15,7 @@ import torch
 
 from pagoda.ops.reference_moe import check_moe_activation
 from pagoda.platforms.cpu.kernels import cpu_moe
-from pagoda.platforms.cpu.ops import AmxTiles, _NativeBf16Gemm
+from pagoda.platforms.cpu.ops import AmxTiles, _Native, _NativeBf16Gemm
 
 
 class PackedFusedMoE(_NativeBf16Gemm):
@@ -39,4 +40,14 @@ class AmxFusedMoE(AmxTiles, PackedFusedMoE):
     """The same packed experts, with experts that received 8 rows or more multiplied on AMX tiles."""
 
 
-CPU_MOE_OP_IMPLS = [PackedFusedMoE, AmxFusedMoE]
+class NativeMoeTopK(_Native):
+    """The router's choice in one call (float32 softmax, top-k, renormalisation), the function the fused decode step
+    calls too, so the two paths route alike."""
+
+    op, name, dtypes = "moe_topk", "cpu_native", (torch.bfloat16,)
+
+    def __call__(self, logits, top_k, renormalize):
+        return cpu_moe.moe_topk(logits, top_k, renormalize)
+
+
+CPU_MOE_OP_IMPLS = [PackedFusedMoE, AmxFusedMoE, NativeMoeTopK]

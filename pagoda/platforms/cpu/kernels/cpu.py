@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 27
+ABI_VERSION = 28
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -110,6 +110,9 @@ class CpuKernels:
         lib.pagoda_fused_moe.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_void_p,
                                          c_int64, c_int64, c_int64, c_int, c_int]
         self.fused_moe = lib.pagoda_fused_moe
+        lib.pagoda_moe_topk.restype = c_int
+        lib.pagoda_moe_topk.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int]
+        self.moe_topk = lib.pagoda_moe_topk
         self.rms_norm = lib.pagoda_rms_norm
         self.gated_activation = lib.pagoda_gated_activation
         self.rope = lib.pagoda_rope

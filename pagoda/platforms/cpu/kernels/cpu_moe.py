@@ -1,4 +1,5 @@
-"""Tensor-level entry points to the native fused mixture-of-experts kernel (``cpu_moe.h``)."""
+"""Tensor-level entry points to the native mixture-of-experts kernels (``cpu_moe.h``): the router's top-k and the
+fused expert MLP."""
 
 from __future__ import annotations
 
@@ -67,3 +68,21 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
         if rc != 0:
             raise RuntimeError(f"pagoda_fused_moe failed with code {rc}")
     return out
+
+
+def moe_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``top_k`` experts from bf16 router ``logits`` [T, E]: float32 softmax weights in descending
+    order (divided by their sum when ``renormalize``) and int64 ids."""
+    if logits.dtype != torch.bfloat16:
+        raise TypeError(f"moe_topk takes bfloat16 logits, got {logits.dtype}")
+    logits = logits.contiguous()
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    rc = kernels().moe_topk(weights.data_ptr(), ids.data_ptr(), logits.data_ptr(), tokens, experts, top_k,
+                            int(renormalize))
+    if rc == -2:
+        raise ValueError(f"moe_topk: top_k {top_k} is not between 1 and the {experts} experts")
+    if rc != 0:
+        raise RuntimeError(f"pagoda_moe_topk failed with code {rc}")
+    return weights, ids

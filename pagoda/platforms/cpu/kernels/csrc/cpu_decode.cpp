@@ -10,6 +10,7 @@
 //   between the two MLP projections, biases in the projections' packed weights;
 // - Gemma's: Llama's with RMSNorm scaling by 1 + w, and in Gemma 2/3 a norm after attention and after the MLP too
 //   (before each residual add), Gemma 3's per-head q/k norms and a rotary table per layer type.
+// In Llama's, a layer may route each token to its top-k experts in place of the MLP (Mixtral, Qwen3-MoE).
 // Every recipe may interleave sliding-window layers with global ones: each layer has its own window.
 
 #include "cpu_kernels.h"
@@ -41,6 +42,18 @@ struct Layer {
   int64_t window;      // this layer's sliding window, 0: none
   int64_t rope_table;  // which of the step's cos/sin tables rotates this layer
   const LoRASlots* lora[4];  // adapter slots of qkv, o, gate_up, down (cpu_lora.h), or null
+  const struct Experts* experts;  // routed experts in place of the MLP (gate_up and down unused), or null
+};
+
+// A layer's mixture of experts (Mixtral, Qwen3-MoE): the router's projection, each token's top-k experts
+// (moe_topk) and the fused MLP over them (fused_moe; cpu_moe.h), as the per-op path's moe_topk and fused_moe ops
+// compute them.
+struct Experts {
+  Linear router;
+  const bf16_t* w13;  // every expert's packed gate/up weight, then ...
+  const bf16_t* w2;   // ... its down weight, one expert after another
+  int64_t num_experts, inter, top_k;
+  int64_t renormalize, round_weights, amx;  // amx: the fused_moe op's (AMX tiles from kAmxMinRows rows an expert)
 };
 
 enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1, kGemmaRecipe = 2 };
@@ -93,6 +106,18 @@ void head_norms(const Plan& p, const Layer& L, bf16_t* qkv, int64_t qkv_n, int64
   });
 }
 
+// y [tokens, hidden] = the layer's routed experts' mixture for x [tokens, hidden]. False on an expert id out of range.
+bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx) {
+  std::vector<bf16_t> logits(static_cast<size_t>(tokens * X.num_experts));
+  std::vector<float> weights(static_cast<size_t>(tokens * X.top_k));
+  std::vector<int64_t> ids(static_cast<size_t>(tokens * X.top_k));
+  linear(X.router, logits.data(), x, tokens, nt, amx);
+  moe_topk(weights.data(), ids.data(), logits.data(), tokens, X.num_experts, X.top_k, X.renormalize != 0,
+           X.round_weights != 0);
+  return fused_moe(y, x, weights.data(), ids.data(), tokens, X.top_k, X.w13, X.w2, X.num_experts, p.hidden, X.inter,
+                   nt, X.amx != 0);
+}
+
 // The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
 void lora(const LoRASlots* slots, const LoRAGroups* groups, const float* scales, bf16_t* y, int64_t ldy,
           const bf16_t* x, int64_t ldx, int nt, bool amx) {
@@ -109,7 +134,8 @@ extern "C" {
 // cos/sin float32 [tables, tokens, rot_dim] (unread without rotary); slot_mapping int64 [tokens]; block_table int32
 // rows of table_stride; seq_lens int32.
 // scratch: bf16 room for tokens * (hidden + qkv + heads*head_size + 3*inter). lora: the step's tokens grouped by
-// adapter slot (null: no row has an adapter), lora_scales each slot's scale. Returns -1 without AVX512-BF16.
+// adapter slot (null: no row has an adapter), lora_scales each slot's scale. Returns -1 without AVX512-BF16, -2 on
+// an expert id out of range.
 int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void* residual_io, const void* cos,
                          const void* sin, const int64_t* slot_mapping, const int32_t* block_table,
                          int64_t table_stride, const int32_t* seq_lens, void* scratch, const void* lora_groups,
@@ -160,14 +186,18 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     } else {
       norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, nt);
     }
-    linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
-    lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
-    if (gated)
-      gated_activation<bf16_t>(act, gate_up, tokens, p.inter, static_cast<int>(p.activation), nt);
-    else
-      activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), nt);
-    linear(L.down, hidden, act, tokens, nt, p.amx != 0);
-    lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
+    if (L.experts) {
+      if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0)) return -2;
+    } else {
+      linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
+      lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
+      if (gated)
+        gated_activation<bf16_t>(act, gate_up, tokens, p.inter, static_cast<int>(p.activation), nt);
+      else
+        activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), nt);
+      linear(L.down, hidden, act, tokens, nt, p.amx != 0);
+      lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
+    }
     if (L.post_mlp_norm) norm(p, hidden, nullptr, hidden, nullptr, L.post_mlp_norm, nullptr, tokens, nt);
   }
   return 0;

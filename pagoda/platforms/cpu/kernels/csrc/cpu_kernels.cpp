@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 27; }
+int pagoda_kernels_abi_version() { return 28; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -285,6 +285,15 @@ int pagoda_fused_moe(void* y, const void* x, const float* topk_w, const int64_t*
   (void)num_threads; (void)amx;
   return -1;
 #endif
+}
+
+// A router's top-k experts per token (moe_topk in cpu_moe.h): logits bf16 [T, E] → weights float32 and ids int64
+// [T, k]. Returns -2 when k is not in 1..E.
+int pagoda_moe_topk(float* weights, int64_t* ids, const void* logits, int64_t T, int64_t E, int64_t k,
+                    int renormalize) {
+  if (k < 1 || k > E) return -2;
+  moe_topk(weights, ids, static_cast<const bf16_t*>(logits), T, E, k, renormalize != 0, false);
+  return 0;
 }
 
 // Which W8A8 GEMMs this build has: bit 0 AMX-INT8, bit 1 AVX512-VNNI.

@@ -9,7 +9,10 @@
 // sum of a token's experts is taken in float32 from the down projection's float32 outputs and rounded once.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
+#include <vector>
 
 #include "cpu_amx.h"
 #include "cpu_common.h"
@@ -17,6 +20,39 @@
 #include "cpu_gemm.h"
 
 namespace {
+
+// A router's choice for each of T tokens: the softmax of its E logits (bf16) in float32, the k largest
+// probabilities in descending order (ties: the lower expert first) with their expert ids, divided by their sum when
+// `renormalize`, rounded to bf16 (and kept as float32) when `round_bf16`. Outside the AVX-512 guard: plain C++.
+inline void moe_topk(float* weights, int64_t* ids, const bf16_t* logits, int64_t T, int64_t E, int64_t k,
+                     bool renormalize, bool round_bf16) {
+  std::vector<float> probs(E);
+  std::vector<char> taken(E);
+  for (int64_t t = 0; t < T; ++t) {
+    const bf16_t* l = logits + t * E;
+    float max = bf16_to_f32(l[0]);
+    for (int64_t e = 1; e < E; ++e) max = std::max(max, bf16_to_f32(l[e]));
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += probs[e] = std::exp(bf16_to_f32(l[e]) - max);
+    for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+    std::fill(taken.begin(), taken.end(), 0);
+    float* w = weights + t * k;
+    int64_t* id = ids + t * k;
+    float chosen = 0.f;
+    for (int64_t s = 0; s < k; ++s) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+      taken[best] = 1;
+      id[s] = best;
+      chosen += w[s] = probs[best];
+    }
+    for (int64_t s = 0; s < k; ++s) {
+      if (renormalize) w[s] /= chosen;
+      if (round_bf16) w[s] = bf16_to_f32(f32_to_bf16(w[s]));
+    }
+  }
+}
 
 #if defined(__AVX512BF16__)
 
