@@ -104,6 +104,7 @@ void decode_scores_bf16(float* scores, int64_t ns, const bf16_t* q, int64_t star
     const char* p = reinterpret_cast<const char*>(r);
     for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
   };
+  for (int64_t t = start; t < start + 16 && t < seq_len; ++t) prefetch_row(row(0, t));  // the first sixteen
   for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
     const bf16_t* k[16];
     for (int j = 0; j < 16; ++j) {
@@ -172,7 +173,7 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
                      float scale, int64_t window, std::vector<float>& scratch, float* partial, int64_t part,
                      int64_t parts) {
   constexpr int64_t D = 16 * NC;
-  constexpr int64_t kAhead = 6;
+  constexpr int64_t kValuesAhead = 16;
   int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
   if (partial != nullptr) {  // this part's token range [start, seq_len)
     const int64_t len = seq_len - start, lo = start + len * part / parts, hi = start + len * (part + 1) / parts;
@@ -209,10 +210,19 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
     __m512 acc[G][NC];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
+    // The first head's pass requests every head's rows kValuesAhead tokens ahead, into L2, as the score pass does
+    // for the keys (the later heads' passes find them there): on the AMD EPYC Zen 4, 64 sequences of 192 tokens
+    // took 320-345 us a layer, against 435-455 with rows requested 6 tokens ahead into L1. (Written out twice: a
+    // lambda called in this loop was not inlined, and the call spilled the accumulators.)
+    if (kvh == 0)
+      for (int64_t t = start; t < start + kValuesAhead && t < seq_len; ++t) {
+        const char* p = reinterpret_cast<const char*>(at(1, t));
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+      }
     for (int64_t t = start; t < seq_len; ++t) {
-      if (kvh == 0 && t + kAhead < seq_len) {
-        const char* p = reinterpret_cast<const char*>(at(1, t + kAhead));
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+      if (kvh == 0 && t + kValuesAhead < seq_len) {
+        const char* p = reinterpret_cast<const char*>(at(1, t + kValuesAhead));
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
       }
       const T* v = at(1, t) + kvh * D;
       __m512 vv[NC];
