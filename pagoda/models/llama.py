@@ -84,7 +84,7 @@ class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
     #: Whether the "llama" decoder-stack recipe computes this class's layers exactly. Each class says so itself
     #: (:meth:`LlamaModel.decoder_stack` reads the class's own attribute, never an inherited one), so a subclass
-    #: with other maths, such as an expert block, is never fused by mistake.
+    #: with other maths, such as Qwen2-MoE's shared expert, is never fused by mistake.
     llama_recipe: ClassVar[bool] = True
 
     def __init__(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
