@@ -167,6 +167,8 @@ class LlamaModel(nn.Module):
             experts = layer.routed_experts()
             if experts is None:
                 dense.append(layer.mlp)
+            elif experts.router is None:  # a router whose quantization exposes no kernel handle
+                return None
             kernels = llama_layer_kernels(layer, lora_step, experts is not None)
             if kernels is None:
                 return None
