@@ -212,8 +212,9 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
     // The first head's pass requests every head's rows kValuesAhead tokens ahead, into L2, as the score pass does
     // for the keys (the later heads' passes find them there): on the AMD EPYC Zen 4, 64 sequences of 192 tokens
-    // took 320-345 us a layer, against 435-455 with rows requested 6 tokens ahead into L1. (Written out twice: a
-    // lambda called in this loop was not inlined, and the call spilled the accumulators.)
+    // (3 KV heads of 64) took 405-455 us a layer against 605-640 with rows requested 6 tokens ahead into L1, over
+    // 16 layers' caches (nothing left in L3). (Written out twice: a lambda called in this loop was not inlined, and
+    // the call spilled the accumulators.)
     if (kvh == 0)
       for (int64_t t = start; t < start + kValuesAhead && t < seq_len; ++t) {
         const char* p = reinterpret_cast<const char*>(at(1, t));
