@@ -18,16 +18,21 @@ constexpr int kMR = 8;            // rows per micro-kernel: 8 x 3 accumulators +
                                   // and a 64-row decode batch is 8 whole passes
 
 inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
+// A pass streams its tile group's weights through L1 (a 3-tile group is 55 KB at K = 576), so the next pass over the
+// same group starts on L1 misses until the hardware prefetcher catches up again; the last kRestart steps of a pass
+// that has a successor fetch the next one's first steps (and its input rows) into L1. 2048-row GEMMs at K = 576:
+// 375-390 -> 400-415 GFLOP/s on a Zen 4 core pair.
+constexpr int64_t kRestart = 16;
 
 // ``col_scale`` (or null): each column's sum is multiplied by it before the bias (weights decoded from codes with one
 // scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while
 // this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an
 // LM head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps the
-// number in flight small enough not to be dropped.
+// number in flight small enough not to be dropped. ``again``: another pass over the same weights follows this one.
 template <int MR, int NT, bool F32Out>
 inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
                          int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes,
-                         const float* col_scale) {
+                         const float* col_scale, bool again) {
   const int64_t k2 = packed_k2(k), full = k / 2;
   const int64_t tile_elems = k2 * kTile * 2;
   const int64_t ahead_lines = ahead_bytes / 64, lines_per_step = (ahead_lines + k2 - 1) / k2;
@@ -41,6 +46,12 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
       b[t] = (__m512bh)_mm512_loadu_si512(w0 + t * tile_elems + p * kTile * 2);
     for (int64_t l = p * lines_per_step; l < (p + 1) * lines_per_step && l < ahead_lines; ++l)
       _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
+    if (again && p >= k2 - kRestart) {  // the next pass's first weight lines and input rows, back into L1
+      const int64_t q = p - (k2 - kRestart);
+      for (int t = 0; t < NT; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + t * tile_elems + q * kTile * 2), _MM_HINT_T0);
+      if (q < MR) _mm_prefetch(reinterpret_cast<const char*>(x + (MR + q) * k), _MM_HINT_T0);
+    }
     for (int r = 0; r < MR; ++r) {
       uint32_t pair;
       if (p < full) {
@@ -77,7 +88,7 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
   const int64_t esz = F32Out ? 4 : 2;
   row_passes<MR>(rows, ahead, NT * packed_k2(k) * kTile * 2 * 2, [&](auto mr, int64_t r, const char* pa, int64_t pl) {
     micro_kernel<decltype(mr)::value, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0,
-                                                  n, bias, pa, pl, col_scale);
+                                                  n, bias, pa, pl, col_scale, r + decltype(mr)::value < rows);
   });
 }
 
