@@ -28,11 +28,12 @@ constexpr int64_t kRestart = 16;
 // scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while
 // this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an
 // LM head) otherwise arrives one miss at a time; spreading the prefetches over all the passes of a tile group keeps the
-// number in flight small enough not to be dropped. ``again``: another pass over the same weights follows this one.
+// number in flight small enough not to be dropped. ``next_rows``: the rows of the pass over the same weights that
+// follows this one (0: none).
 template <int MR, int NT, bool F32Out>
 inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const bf16_t* wp, int64_t tile0,
                          int64_t n, const float* bias, const char* ahead, int64_t ahead_bytes,
-                         const float* col_scale, bool again) {
+                         const float* col_scale, int64_t next_rows) {
   const int64_t k2 = packed_k2(k), full = k / 2;
   const int64_t tile_elems = k2 * kTile * 2;
   const int64_t ahead_lines = ahead_bytes / 64, lines_per_step = (ahead_lines + k2 - 1) / k2;
@@ -46,11 +47,11 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
       b[t] = (__m512bh)_mm512_loadu_si512(w0 + t * tile_elems + p * kTile * 2);
     for (int64_t l = p * lines_per_step; l < (p + 1) * lines_per_step && l < ahead_lines; ++l)
       _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
-    if (again && p >= k2 - kRestart) {  // the next pass's first weight lines and input rows, back into L1
+    if (next_rows > 0 && p >= k2 - kRestart) {  // the next pass's first weight lines and input rows, back into L1
       const int64_t q = p - (k2 - kRestart);
       for (int t = 0; t < NT; ++t)
         _mm_prefetch(reinterpret_cast<const char*>(w0 + t * tile_elems + q * kTile * 2), _MM_HINT_T0);
-      if (q < MR) _mm_prefetch(reinterpret_cast<const char*>(x + (MR + q) * k), _MM_HINT_T0);
+      if (q < next_rows) _mm_prefetch(reinterpret_cast<const char*>(x + (MR + q) * k), _MM_HINT_T0);
     }
     for (int r = 0; r < MR; ++r) {
       uint32_t pair;
@@ -88,7 +89,9 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
   const int64_t esz = F32Out ? 4 : 2;
   row_passes<MR>(rows, ahead, NT * packed_k2(k) * kTile * 2 * 2, [&](auto mr, int64_t r, const char* pa, int64_t pl) {
     micro_kernel<decltype(mr)::value, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0,
-                                                  n, bias, pa, pl, col_scale, r + decltype(mr)::value < rows);
+                                                  n, bias, pa, pl, col_scale,
+                                                  rows - r - decltype(mr)::value < MR ? rows - r - decltype(mr)::value
+                                                                                      : MR);
   });
 }
 
