@@ -40,7 +40,7 @@ class RoutedExperts:
     dtype where ``round_weights``), and the ``fused_moe`` op's ``handle`` over ``num_experts`` gated MLPs of
     ``intermediate_size`` with ``activation``."""
 
-    router: LinearKernel
+    router: LinearKernel | None  # None: the router's quantization exposes no kernel handle (not fusable)
     op: Any  # the fused_moe OpImpl instance
     handle: Any
     num_experts: int

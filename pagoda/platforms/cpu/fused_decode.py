@@ -170,8 +170,10 @@ class FusedDecode:
             if kv.shape != cache.shape or kv.dtype != cache.dtype or not kv.is_contiguous():
                 raise NotFusable("KV caches of different layouts")
             linears = []
-            router = [layer.experts.router] if layer.experts is not None else []
-            for kernel in (layer.qkv, layer.o, layer.gate_up, layer.down, *router):
+            kernels = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            if layer.experts is not None:
+                kernels += (layer.experts.router,)
+            for kernel in kernels:
                 if kernel is None:  # the MLP's projections of a layer with routed experts
                     linears.append(_Linear())
                     continue
@@ -186,7 +188,7 @@ class FusedDecode:
             layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears[:4],
                                kv[0].data_ptr(), kv[1].data_ptr(), layer.sliding_window or 0, layer.rope_table,
                                (c_void_p * 4)(*lora),
-                               _experts(layer.experts, linears[4], ops, self.keep) if router else None)
+                               None if layer.experts is None else _experts(layer.experts, linears[4], ops, self.keep))
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size

@@ -88,10 +88,9 @@ inline void rows_kernel(int64_t rows, void* y, int64_t ldy, const bf16_t* x, int
                         const float* col_scale = nullptr) {
   const int64_t esz = F32Out ? 4 : 2;
   row_passes<MR>(rows, ahead, NT * packed_k2(k) * kTile * 2 * 2, [&](auto mr, int64_t r, const char* pa, int64_t pl) {
+    const int64_t left = rows - r - decltype(mr)::value;  // rows after this pass
     micro_kernel<decltype(mr)::value, NT, F32Out>(static_cast<char*>(y) + r * ldy * esz, ldy, x + r * k, k, wp, tile0,
-                                                  n, bias, pa, pl, col_scale,
-                                                  rows - r - decltype(mr)::value < MR ? rows - r - decltype(mr)::value
-                                                                                      : MR);
+                                                  n, bias, pa, pl, col_scale, left < MR ? left : MR);
   });
 }
 
