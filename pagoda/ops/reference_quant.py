@@ -130,26 +130,35 @@ class LinearInt8(OpImpl):
 @dataclass
 class CodebookWeight:
     codes: torch.Tensor  # int64 [n / out_group, k / in_group, num_codebooks], values in 0 .. codebook_size - 1
-    codebooks: torch.Tensor  # float32 [num_codebooks, codebook_size, out_group, in_group]
+    codebooks: torch.Tensor  # float32 [shards, num_codebooks, codebook_size, out_group, in_group]
     scales: torch.Tensor  # float32 [n / out_group]
+    shard_sizes: list[int]  # outputs per shard (each shard's rows take its own codebooks)
 
 
 class LinearCodebook(OpImpl):
     """Additive vector quantization (AQLM): each ``out_group × in_group`` tile of ``w`` is the sum over the
-    codebooks of the entry its code picks, times the tile row's scale."""
+    codebooks of the entry its code picks, times the tile row's scale. ``prepare`` takes one layer's codebooks
+    [num_codebooks, codebook_size, out_group, in_group], or a merged layer's (q/k/v, gate/up) stacked per shard
+    [shards, …] with ``shard_sizes`` (each shard's outputs; codes and scales concatenated in that order)."""
 
     op, name, is_reference = "linear_codebook", "torch", True
 
-    def prepare(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> CodebookWeight:
-        return CodebookWeight(codes.long(), codebooks.float(), scales.float().reshape(-1))
+    def prepare(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                shard_sizes: list[int] | None = None) -> CodebookWeight:
+        codebooks, shard_sizes = codebook_shards(codes, codebooks, shard_sizes)
+        return CodebookWeight(codes.long(), codebooks.float(), scales.float().reshape(-1), shard_sizes)
 
     @staticmethod
     def weight(handle: CodebookWeight) -> torch.Tensor:
-        num_codebooks, _, out_group, in_group = handle.codebooks.shape
+        _, num_codebooks, _, out_group, in_group = handle.codebooks.shape
         rows, cols, _ = handle.codes.shape
         tiles = torch.zeros(rows, cols, out_group, in_group, device=handle.codes.device)
-        for m in range(num_codebooks):
-            tiles += handle.codebooks[m][handle.codes[..., m]]
+        start = 0
+        for books, size in zip(handle.codebooks, handle.shard_sizes):
+            end = start + size // out_group
+            for m in range(num_codebooks):
+                tiles[start:end] += books[m][handle.codes[start:end, :, m]]
+            start = end
         tiles = tiles * handle.scales.view(-1, 1, 1, 1)
         return tiles.permute(0, 2, 1, 3).reshape(rows * out_group, cols * in_group)
 
@@ -165,6 +174,20 @@ class LinearCodebook(OpImpl):
 
     def nbytes(self, handle: CodebookWeight) -> int:
         return sum(t.numel() * t.element_size() for t in (handle.codes, handle.codebooks, handle.scales))
+
+
+def codebook_shards(codes: torch.Tensor, codebooks: torch.Tensor, shard_sizes: list[int] | None
+                    ) -> tuple[torch.Tensor, list[int]]:
+    """``linear_codebook.prepare``'s codebooks with a leading shard dimension, and the outputs per shard."""
+    out_group = codebooks.shape[-2]
+    if codebooks.dim() == 4:
+        codebooks = codebooks.unsqueeze(0)
+    if shard_sizes is None:
+        shard_sizes = [codes.shape[0] * out_group]
+    if len(shard_sizes) != codebooks.shape[0] or sum(shard_sizes) != codes.shape[0] * out_group:
+        raise ValueError(f"linear_codebook: shard_sizes {shard_sizes} do not match {codebooks.shape[0]} codebook "
+                         f"shards over {codes.shape[0] * out_group} outputs")
+    return codebooks, list(shard_sizes)
 
 
 QUANT_REFERENCE_IMPLS = [LinearFp8, LinearInt8, LinearCodebook]

@@ -3,8 +3,8 @@
 Per linear layer: ``codes`` [N/og, K/ig, M] (int8 for codebooks of up to 256 entries, int16 up to 65536, stored
 signed: take them modulo 2^nbits), ``codebooks`` [M, 2^nbits, og, ig], ``scales`` [N/og, 1, 1, 1]. Each
 ``og × ig`` tile of the weight is the sum over the M codebooks of the entry its code picks, times the tile row's
-scale. The ``linear_codebook`` op multiplies by the codes; shards of a merged layer keep a kernel each (their
-codebooks differ).
+scale. The ``linear_codebook`` op multiplies by the codes; a merged layer (q/k/v, gate/up) is one op handle whose
+shards keep their own codebooks.
 """
 
 from __future__ import annotations
@@ -37,22 +37,26 @@ class AQLMLinearMethod(CheckpointLinearMethod):
         return {"codes": TensorLayout(0, og, 1, ig), "codebooks": WHOLE, "scales": TensorLayout(0, og)}
 
     def build(self, layer: nn.Module, shards: list[dict[str, torch.Tensor]]):
+        # One kernel for the whole (merged) layer: its shards' codes and scales side by side, their codebooks
+        # stacked, so a q/k/v or gate/up projection is one op call (and one weight for a fused decode step).
         k, ig, og, m = layer.input_size, self.in_group, self.out_group, self.num_codebooks
         if k % ig:
             raise ValueError(f"{self.prefix}: in_group_size {ig} does not divide the input size {k}")
-        kernels = []
-        for n, tensors in zip(layer.output_sizes, shards):
+        for index, (n, tensors) in enumerate(zip(layer.output_sizes, shards)):
+            shard = f" (shard {index})" if len(shards) > 1 else ""
             if n % og:
-                raise ValueError(f"{self.prefix}: out_group_size {og} does not divide the output size {n}")
+                raise ValueError(f"{self.prefix}{shard}: out_group_size {og} does not divide the output size {n}")
             codes, codebooks, scales = tensors["codes"], tensors["codebooks"], tensors["scales"]
-            expect_shape(self.prefix, "codes", codes, (n // og, k // ig, m), "out / og, in / ig, codebooks")
-            expect_shape(self.prefix, "codebooks", codebooks, (m, 1 << self.nbits, og, ig),
+            expect_shape(self.prefix + shard, "codes", codes, (n // og, k // ig, m), "out / og, in / ig, codebooks")
+            expect_shape(self.prefix + shard, "codebooks", codebooks, (m, 1 << self.nbits, og, ig),
                          "codebooks, 2^nbits, og, ig")
-            expect_shape(self.prefix, "scales", scales, (n // og, 1, 1, 1))
-            unsigned = codes.to(torch.int64) % (1 << self.nbits)  # stored signed
-            op = current_ops().linear_codebook
-            kernels.append(OpKernel(op, op.prepare(unsigned, codebooks, scales), n, k))
-        return kernels
+            expect_shape(self.prefix + shard, "scales", scales, (n // og, 1, 1, 1))
+        codes = torch.cat([t["codes"].to(torch.int64) % (1 << self.nbits) for t in shards])  # stored signed
+        codebooks = torch.stack([t["codebooks"] for t in shards])
+        scales = torch.cat([t["scales"] for t in shards])
+        op = current_ops().linear_codebook
+        sizes = list(layer.output_sizes)
+        return [OpKernel(op, op.prepare(codes, codebooks, scales, sizes), sum(sizes), k)]
 
 
 class AQLMConfig(QuantizationConfig):

@@ -26,11 +26,11 @@ PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7,
     [1, 40 + i, 300 + 7 * i, 12] for i in range(6)]
 
 
-def _run(llm: LLM, fused: bool):
+def _run(llm: LLM, fused: bool, prompts=PROMPTS):
     runner = llm.llm_engine.runner
     runner.model.use_fused_decode(runner.fused_decode if fused else None)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert_all_blocks_free(llm)
     return ([o.outputs[0].token_ids for o in outs],
             [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs])
@@ -39,14 +39,15 @@ def _run(llm: LLM, fused: bool):
 QUANT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
 
 
-QUANT_KINDS = ("gptq_sym_g32", "awq_g64_skip", "ct_w4a16_asym", "ct_w8a8_int8", "fp8_block")
+QUANT_KINDS = ("gptq_sym_g32", "awq_g64_skip", "ct_w4a16_asym", "ct_w8a8_int8", "fp8_block", "aqlm_2x8", "aqlm_1x16")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf", *QUANT_KINDS])
 def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop);
     # gptq / awq / ct_w4a16: 4-bit codes with zero points per group of 32 or 64 (awq: with dense down_proj layers);
-    # ct_w8a8_int8: AMX-INT8 tiles where the CPU has them; fp8_block: e4m3 codes.
+    # ct_w8a8_int8: AMX-INT8 tiles where the CPU has them; fp8_block: e4m3 codes; aqlm: codebooks of 256 entries
+    # (8-bit codes, the one-row table) and of 65536 (16-bit codes), merged q/k/v and gate/up with a book each.
     if kind in QUANT_KINDS:
         if not (QUANT_FIXTURES / kind).is_dir():
             pytest.skip(f"fixture {kind} missing")
@@ -59,6 +60,8 @@ def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     fused = _run(llm, fused=True)
     assert llm.llm_engine.runner.fused_decode is not None, "decode steps were not fused"
     assert fused == per_op
+    if kind.startswith("aqlm"):  # one sequence: the one-row kernels (2x8: the table)
+        assert _run(llm, fused=True, prompts=PROMPTS[2:3]) == _run(llm, fused=False, prompts=PROMPTS[2:3])
 
 
 def _gpt_style_dir(tiny_model_dir, kind: str) -> str:

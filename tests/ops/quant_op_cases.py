@@ -58,18 +58,24 @@ def linear_int8(impl, ref, dtype):
 
 
 def linear_codebook(impl, ref, dtype):
-    for n, k, og, ig, m, nbits in ((32, 64, 1, 8, 1, 16), (48, 64, 1, 8, 2, 8), (40, 104, 1, 8, 2, 8),
-                                   (24, 64, 1, 8, 1, 8), (32, 32, 2, 4, 1, 8)):
+    # shards: a merged layer's outputs per shard, each with its own codebooks (None: one layer, unstacked books).
+    for n, k, og, ig, m, nbits, shards in ((32, 64, 1, 8, 1, 16, None), (48, 64, 1, 8, 2, 8, None),
+                                           (40, 104, 1, 8, 2, 8, None), (24, 64, 1, 8, 1, 8, None),
+                                           (32, 32, 2, 4, 1, 8, None), (56, 104, 1, 8, 2, 8, [24, 8, 24]),
+                                           (40, 72, 1, 8, 2, 3, [18, 22]), (32, 64, 1, 8, 1, 16, [16, 16]),
+                                           (32, 32, 2, 4, 2, 8, [8, 24])):
         g = _gen(n, k, m, nbits)
         codes = torch.randint(0, 1 << nbits, (n // og, k // ig, m), generator=g)
-        codebooks = torch.randn(m, 1 << nbits, og, ig, generator=g).half()
+        books = torch.randn(len(shards or [n]), m, 1 << nbits, og, ig, generator=g).half()
+        codebooks = books if shards else books[0]
         scales = (torch.rand(n // og, 1, 1, 1, generator=g) + 0.5).half()
-        handle, ref_handle = impl.prepare(codes, codebooks, scales), ref.prepare(codes, codebooks, scales)
+        handle, ref_handle = (impl.prepare(codes, codebooks, scales, shards),
+                              ref.prepare(codes, codebooks, scales, shards))
         for rows in (1, 9, 24, 70):  # 24, 70: above the native kernels' decode-sized limit (70: a partial row tile)
             x = torch.randn(rows, k, generator=g).to(dtype)
             expected = ref.logits(ref_handle, x).double()
             scale_of = expected.abs().max().item()
-            what = f"linear_codebook {m}x{nbits} og {og} ig {ig} {rows}x{k}->{n}"
+            what = f"linear_codebook {m}x{nbits} og {og} ig {ig} shards {shards} {rows}x{k}->{n}"
             _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
             torch.testing.assert_close(impl.logits(handle, x).double(), expected, rtol=1e-5, atol=1e-5 * scale_of,
                                        msg=what + " logits")
@@ -105,3 +111,11 @@ def references_match_float64(ops: dict, dtype: torch.dtype) -> None:
                                                                        for m in range(2))
     out = ops["linear_codebook"].logits(ops["linear_codebook"].prepare(codes, books, scales), x).double()
     torch.testing.assert_close(out, x.double() @ w.T, rtol=1e-5, atol=1e-5)
+    # A merged layer: rows 0-2 take the first shard's codebooks, row 3 the second's.
+    books2 = torch.randn(2, 16, 1, 8, generator=g)
+    for i in range(8):
+        w[3, i * 8:(i + 1) * 8] = scales[3, 0, 0, 0].double() * sum(books2[m, codes[3, i, m], 0].double()
+                                                                   for m in range(2))
+    merged = ops["linear_codebook"].prepare(codes, torch.stack([books, books2]), scales, [3, 1])
+    torch.testing.assert_close(ops["linear_codebook"].logits(merged, x).double(), x.double() @ w.T, rtol=1e-5,
+                               atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 from pagoda.ops.reference_attention import DecodePlan
 from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_ops, cpu_quant_ops
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
 from pagoda.platforms.cpu.lora_ops import NativeLoRAShrinkExpand
 from pagoda.platforms.cpu.moe_ops import NativeMoeTopK, PackedFusedMoE
@@ -85,8 +85,9 @@ class NotFusable(Exception):
 
 
 # cpu_decode.cpp's kInt8AmxKind / kInt8VnniKind: a PackedInt8 weight, activations quantized per token, multiplied on
-# AMX-INT8 tiles / with AVX512-VNNI (as the layer's linear_int8 implementation does).
-INT8_AMX_KIND, INT8_VNNI_KIND = 200, 201
+# AMX-INT8 tiles / with AVX512-VNNI (as the layer's linear_int8 implementation does); kCodebookKind: a PackedCodebook
+# (AQLM) weight's descriptor.
+INT8_AMX_KIND, INT8_VNNI_KIND, CODEBOOK_KIND = 200, 201, 300
 
 
 def _bias_ptr(kernel: Any, keep: list) -> int | None:
@@ -111,6 +112,9 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     if isinstance(handle, cpu_quant_op_impls.Int8Weight) and handle.input_scale is None:
         packed, kind = handle.packed, INT8_AMX_KIND if kernel.op.uses_amx else INT8_VNNI_KIND
         return _Linear(kind, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k), limit
+    if isinstance(handle, cpu_quant_ops.PackedCodebook):
+        return _Linear(CODEBOOK_KIND, ctypes.addressof(handle.weight), _bias_ptr(kernel, keep), handle.n,
+                       handle.k), limit
     raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
 
 

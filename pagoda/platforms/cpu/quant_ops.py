@@ -8,8 +8,9 @@
   runs its scalar reference int8 kernel, seconds per layer call.
 - ``linear_int8`` / ``cpu_avx512_vnni``: pagoda's AVX512-VNNI GEMM with the per-token quantization in the same
   call; ``cpu_amx``: the same on AMX-INT8 tiles.
-- ``linear_codebook`` / ``cpu_native``: AQLM tiles built in registers from the codebooks (decode-sized batches),
-  column tiles decoded to bf16 for larger ones; ``cpu_amx``: the same, larger batches on AMX tiles.
+- ``linear_codebook`` / ``cpu_native``: AQLM codes against tabulated dot products (one row, books of up to 256
+  entries) or tiles built in registers from the codebooks (other decode-sized batches), column tiles decoded to bf16
+  for larger ones; ``cpu_amx``: the same, larger batches on AMX tiles.
 """
 
 from __future__ import annotations
@@ -165,47 +166,42 @@ class AmxInt8(VnniInt8):
     built, isa = "has_amx_int8", "AMX-INT8"
 
 
-@dataclass
-class _Codebook:
-    codes: torch.Tensor  # int16 [n, k / 8, books], unsigned values
-    books: torch.Tensor  # float16 [books, size, 8]
-    scales: torch.Tensor  # float32 [n]
-
-    def reference_form(self) -> reference.CodebookWeight:
-        """The reference's handle over the same codes (float32 activations, and float32 logits above
-        ``CODEBOOK_MAX_ROWS`` rows), built per call: the dequantization it feeds costs far more than the conversion."""
-        return _REFERENCE_CODEBOOK.prepare(self.codes.long() & 0xFFFF, self.books.unsqueeze(2), self.scales)
+def _reference_form(handle: cpu_quant_ops.PackedCodebook) -> reference.CodebookWeight:
+    """The reference's handle over the same codes (float32 activations, and float32 logits above
+    ``CODEBOOK_MAX_ROWS`` rows), built per call: the dequantization it feeds costs far more than the conversion."""
+    sizes = torch.diff(handle.shard_rows).tolist()
+    return _REFERENCE_CODEBOOK.prepare(handle.unblocked_codes(), handle.books_by_entry().unsqueeze(3), handle.scales,
+                                       sizes)
 
 
 _REFERENCE_CODEBOOK = reference.LinearCodebook()
 
 
 class NativeCodebook(_NativeBf16Gemm):
-    """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …): decode-sized batches build each 8-weight
-    tile in a register from the codebooks; larger bf16 batches decode one 16-output column tile at a time into
-    bf16 and multiply it by every row, so no call dequantizes the whole matrix. Float32 logits of a larger batch
+    """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …), a merged layer's shards in one weight: one
+    row against books of up to 256 entries sums tabulated dot products; other decode-sized batches build each
+    8-weight tile in a register from the codebooks; larger bf16 batches decode one 16-output column tile at a time
+    into bf16 and multiply it by every row, so no call dequantizes the whole matrix. Float32 logits of a larger batch
     (an AQLM LM head scoring a prefill) and other shapes keep the reference's exact form."""
 
     op, name = "linear_codebook", "cpu_native"
     uses_amx = False  # whether batches above the decode size multiply on AMX tiles
 
-    def prepare(self, codes, codebooks, scales):
-        num_books, size, out_group, in_group = codebooks.shape
+    def prepare(self, codes, codebooks, scales, shard_sizes=None):
+        books, sizes = reference.codebook_shards(codes, codebooks, shard_sizes)
+        _, num_books, size, out_group, in_group = books.shape
         if out_group != 1 or in_group != 8 or size > 1 << 16:
-            return _REFERENCE_CODEBOOK.prepare(codes, codebooks, scales)
-        wide = codes.to(torch.int32)
-        packed = torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)  # uint16 bits in int16
-        return _Codebook(packed.contiguous(), codebooks.reshape(num_books, size, 8).to(torch.float16).contiguous(),
-                         scales.float().reshape(-1).contiguous())
+            return _REFERENCE_CODEBOOK.prepare(codes, codebooks, scales, shard_sizes)
+        return cpu_quant_ops.PackedCodebook(codes, books.squeeze(3), scales, sizes)
 
     def _run(self, handle, x, float_output):
         rows = x.reshape(-1, x.shape[-1])
         small = rows.shape[0] <= cpu_quant_ops.CODEBOOK_MAX_ROWS
-        if isinstance(handle, _Codebook) and (small or (x.dtype == torch.bfloat16 and not float_output)):
-            out = cpu_quant_ops.codebook_linear(rows, handle.codes, handle.books, handle.scales, float_output,
-                                                amx=self.uses_amx)
+        native = isinstance(handle, cpu_quant_ops.PackedCodebook)
+        if native and (small or (x.dtype == torch.bfloat16 and not float_output)):
+            out = cpu_quant_ops.codebook_linear(rows, handle, float_output, amx=self.uses_amx)
             return out.reshape(*x.shape[:-1], -1)
-        ref_handle = handle.reference_form() if isinstance(handle, _Codebook) else handle
+        ref_handle = _reference_form(handle) if native else handle
         return (_REFERENCE_CODEBOOK.logits(ref_handle, x) if float_output
                 else _REFERENCE_CODEBOOK.apply(ref_handle, x))
 
@@ -219,9 +215,9 @@ class NativeCodebook(_NativeBf16Gemm):
         return None
 
     def nbytes(self, handle):
-        if not isinstance(handle, _Codebook):
+        if not isinstance(handle, cpu_quant_ops.PackedCodebook):
             return _REFERENCE_CODEBOOK.nbytes(handle)
-        return sum(t.numel() * t.element_size() for t in (handle.codes, handle.books, handle.scales))
+        return handle.nbytes()
 
 
 class AmxCodebook(AmxTiles, NativeCodebook):

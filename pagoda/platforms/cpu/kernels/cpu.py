@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 28
+ABI_VERSION = 29
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -75,8 +75,7 @@ class CpuKernels:
                                           c_int]
         self.quant_gemm = lib.pagoda_quant_gemm
         lib.pagoda_codebook_gemm.restype = c_int
-        lib.pagoda_codebook_gemm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_int64,
-                                             c_int64, c_int64, c_int, c_int64, c_int, c_int]
+        lib.pagoda_codebook_gemm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_int64, c_int, c_int]
         self.codebook_gemm = lib.pagoda_codebook_gemm
         lib.pagoda_int8_gemm.restype = c_int
         lib.pagoda_int8_gemm.argtypes = [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64,

@@ -4,6 +4,10 @@ codebooks and AMX-INT8 W8A8 weights."""
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+from ctypes import c_int64, c_void_p
+
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
@@ -62,21 +66,83 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 
 CODEBOOK_MAX_ROWS = 16  # up to here each 8-weight tile is built in a register; above, column tiles are decoded
+CODEBOOK_TABLE_ENTRIES = 256  # books of up to this many entries keep 8-bit codes (and one-row batches a table)
+CODE_BLOCK = 4  # input groups per block of the codes' layout (cpu_codebook.h's kCodeBlock)
 
 
-def codebook_linear(x: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
-                    float_output: bool = False, amx: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x`` [m, k] and AQLM weights with one output and 8 inputs per code: ``codes`` int16
-    [n, k / 8, books] holding unsigned values, ``books`` float16 [books, size, 8], ``scales`` float32 [n]. Above
-    ``CODEBOOK_MAX_ROWS`` rows the weights are multiplied as bf16 (each rounded once, as the dequantized matrix cast
-    to bf16 would be), 16 outputs at a time; ``amx``: on AMX tiles (where the process may use them)."""
-    n, groups, num_books = codes.shape
-    x2 = _bf16_rows(x, groups * 8, "codebook_linear")
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32 if float_output else torch.bfloat16)
+class _CodebookWeight(ctypes.Structure):  # cpu_codebook.h's CodebookWeight
+    _fields_ = [("codes", c_void_p), ("books", c_void_p), ("books_t", c_void_p), ("scales", c_void_p),
+                ("shard_rows", c_void_p)] + [
+        (name, c_int64) for name in ("shards", "num_books", "book_size", "book_stride", "n", "k")]
+
+
+class PackedCodebook:
+    """AQLM weights with one output and 8 inputs per code, as the native kernels read them: a merged layer's shards
+    side by side, each with its own books. ``codes`` are blocked by ``CODE_BLOCK`` input groups ([blocks][n][block's
+    groups][books]) so that a pass over every output reads a block in order. Books of up to 256 entries keep uint8
+    codes (the checkpoint's own size) and their entries by input, float32 ``books_t`` [shards, books, 8, size padded
+    to 16], from which the one-row kernel tabulates dot products; larger books keep int16 codes (unsigned values) and
+    float16 ``books`` [shards, books, size, 8]. ``weight`` is the descriptor both the op and the fused decode step
+    pass."""
+
+    def __init__(self, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, shard_sizes: list[int]):
+        n, groups, num_books = codes.shape
+        shards, _, size, _ = books.shape
+        small = size <= CODEBOOK_TABLE_ENTRIES
+        if small:
+            codes = codes.to(torch.uint8)
+        else:
+            wide = codes.to(torch.int32)
+            codes = torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)  # uint16 bits in int16
+        self.codes = torch.cat([codes[:, i:i + CODE_BLOCK].reshape(-1)
+                                for i in range(0, groups, CODE_BLOCK)]).contiguous()
+        books = books.to(torch.float16)
+        self.books = self.books_t = None
+        stride = -(-size // 16) * 16
+        if small:
+            self.books_t = torch.zeros(shards, num_books, 8, stride, dtype=torch.float32)
+            self.books_t[..., :size] = books.transpose(2, 3).float()
+        else:
+            self.books = books.contiguous()
+        self.scales = scales.float().reshape(-1).contiguous()
+        self.shard_rows = torch.tensor([0, *itertools.accumulate(shard_sizes)], dtype=torch.int64)
+        self.n, self.k, self.num_books, self.book_size = n, groups * 8, num_books, size
+        pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.weight = _CodebookWeight(self.codes.data_ptr(), pointer(self.books), pointer(self.books_t),
+                                      self.scales.data_ptr(), self.shard_rows.data_ptr(), shards, num_books, size,
+                                      stride, n, self.k)
+
+    def unblocked_codes(self) -> torch.Tensor:
+        """The codes as int64 [n, k / 8, books], unsigned."""
+        n, groups, num_books = self.n, self.k // 8, self.num_books
+        parts, offset = [], 0
+        for i in range(0, groups, CODE_BLOCK):
+            width = min(CODE_BLOCK, groups - i)
+            parts.append(self.codes[offset:offset + n * width * num_books].reshape(n, width, num_books))
+            offset += n * width * num_books
+        return torch.cat(parts, dim=1).long() & 0xFFFF
+
+    def books_by_entry(self) -> torch.Tensor:
+        """The books as float32 [shards, books, size, 8]."""
+        if self.books is not None:
+            return self.books.float()
+        return self.books_t[..., :self.book_size].transpose(2, 3)
+
+    def nbytes(self) -> int:
+        tensors = (self.codes, self.books, self.books_t, self.scales, self.shard_rows)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def codebook_linear(x: torch.Tensor, weight: PackedCodebook, float_output: bool = False,
+                    amx: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for bf16 ``x`` [m, k] and a :class:`PackedCodebook` weight. Above ``CODEBOOK_MAX_ROWS`` rows the
+    weights are multiplied as bf16 (each rounded once, as the dequantized matrix cast to bf16 would be), 16 outputs at
+    a time; ``amx``: on AMX tiles (where the process may use them)."""
+    x2 = _bf16_rows(x, weight.k, "codebook_linear")
+    out = torch.empty(x2.shape[0], weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if x2.shape[0]:
-        _check(kernels().codebook_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), codes.data_ptr(),
-                                       books.data_ptr(), scales.data_ptr(), x2.shape[0], n, groups * 8, num_books,
-                                       books.shape[1], _threads(), int(amx)), "pagoda_codebook_gemm")
+        _check(kernels().codebook_gemm(int(float_output), out.data_ptr(), x2.data_ptr(), ctypes.byref(weight.weight),
+                                       x2.shape[0], _threads(), int(amx)), "pagoda_codebook_gemm")
     return out
 
 

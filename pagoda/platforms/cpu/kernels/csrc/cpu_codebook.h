@@ -1,5 +1,5 @@
-// Additive-codebook weights (AQLM) with bf16 activations: decode-sized batches build each 8-weight tile in a
-// register; larger ones decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it
+// Additive-codebook weights (AQLM) with bf16 activations: one row against books of up to 256 entries sums
+// tabulated dot products, other decode-sized batches build each 8-weight tile in a register; larger ones decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it
 // by the rows there (AMX tiles where granted), so no call dequantizes the whole matrix or keeps a dense copy.
 #pragma once
 
@@ -9,109 +9,158 @@
 
 namespace {
 
-constexpr int64_t kCodebookGroup = 8;    // inputs per code (AQLM's in_group_size this kernel takes)
+constexpr int64_t kCodebookGroup = 8;     // inputs per code (AQLM's in_group_size this kernel takes)
 constexpr int64_t kCodebookMaxRows = 16;  // larger batches take codebook_gemm_tiles
+constexpr int64_t kCodeBlock = 4;         // input groups per block of the codes' layout
+constexpr int64_t kTableEntries = 256;    // books of up to this many entries (2x8, 1x8 …): 8-bit codes, table kernel
+
+// An AQLM weight as quant_ops.py's _Codebook prepares it. A merged layer (q/k/v, gate/up) is one weight whose
+// shards each have their own books. The codes are blocked by kCodeBlock input groups, so that a pass over every
+// output reads a block's codes in order ([blocks][n][block's groups][num_books]; the last block may be narrower).
+struct CodebookWeight {
+  const void* codes;          // uint8 where book_size <= kTableEntries, else uint16 (unsigned values)
+  const uint16_t* books;      // float16 [shards][num_books][book_size][8], for books of more than kTableEntries
+  const float* books_t;       // float32 [shards][num_books][8][book_stride]: books of up to kTableEntries by input
+                              // (book_stride: book_size rounded up to 16), which the one-row table is built from
+  const float* scales;        // float32 [n]
+  const int64_t* shard_rows;  // [shards + 1]: shard s holds outputs shard_rows[s] .. shard_rows[s + 1] - 1
+  int64_t shards, num_books, book_size, book_stride, n, k;
+};
+
+// Where output o's codes of input group i start in the blocked layout (`groups` = k / 8).
+inline int64_t code_offset(int64_t o, int64_t i, int64_t n, int64_t groups, int64_t num_books) {
+  const int64_t b0 = i - i % kCodeBlock, width = groups - b0 < kCodeBlock ? groups - b0 : kCodeBlock;
+  return (b0 * n + o * width + (i - b0)) * num_books;
+}
+
+// Output o's books: its shard's.
+inline const uint16_t* books_of(const CodebookWeight& w, int64_t o) {
+  int64_t s = 0;
+  while (o >= w.shard_rows[s + 1]) ++s;
+  return w.books + s * w.num_books * w.book_size * kCodebookGroup;
+}
 
 #if defined(__AVX512F__)
-// Entry `code` of codebook b (books float16 [num_books, book_size, 8]): its 8 float16 values.
+// Entry `code` of book b (books float16 [num_books, book_size, 8]): its 8 float16 values.
 inline __m128i codebook_entry(const uint16_t* books, int64_t book_size, int b, int64_t code) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup));
 }
 
-constexpr int64_t kTableEntries = 256;  // codebooks of up to this many entries (2x8, 1x8 …) take the table kernel
-
-// One row of x against codebooks of at most 256 entries: each input group's dot product with every entry is
-// tabulated first (table[i][b][e] = x[8i .. 8i+7] . books[b][e], 1 KiB per group and book, from the books
-// transposed to [b][input][entry] so that sixteen entries take eight multiply-adds), then each output sums NB table
-// loads per group — its codes' entries — and is scaled once. Building each 8-weight tile per output instead took
-// ~6.5 cycles a group per core; the table costs 2 KiB of multiply-adds per group, shared by all n outputs.
-template <bool F32Out, int NB>
-void codebook_gemv_table(void* y, const bf16_t* x, const uint16_t* codes, const uint16_t* books, const float* scales,
-                         int64_t n, int64_t k, int64_t book_size, int num_threads) {
-  const int64_t groups = k / kCodebookGroup;
-  // The calling thread's buffers, kept between calls (zeroing a fresh table cost as much as a tenth of the call).
-  static thread_local aligned_vector<float> books_t, table;
-  books_t.assign(static_cast<size_t>(NB * kCodebookGroup * kTableEntries), 0.f);
-  if (table.size() < static_cast<size_t>(groups * NB * kTableEntries))
-    table.resize(static_cast<size_t>(groups * NB * kTableEntries));
-  float* const books_tp = books_t.data();  // the team reaches them through these: thread_local names are per thread
-  float* const tablep = table.data();
-  for (int b = 0; b < NB; ++b)
-    for (int64_t e = 0; e < book_size; ++e) {
-      alignas(32) float v[kCodebookGroup];
-      _mm256_store_ps(v, _mm256_cvtph_ps(codebook_entry(books, book_size, b, e)));
-      for (int d = 0; d < kCodebookGroup; ++d) books_tp[(b * kCodebookGroup + d) * kTableEntries + e] = v[d];
+// sums[o] (+)= the table entries that outputs o0 .. o1 - 1's codes of one block (`width` groups) pick, summed (added
+// to sums unless `first`). Kept
+// scalar: vectorized across outputs (as the compiler otherwise does) each vector gathers from the table element by
+// element, ~3x slower here.
+template <int NB>
+__attribute__((optimize("no-tree-vectorize"))) void table_sums(float* sums, const uint8_t* block_codes,
+                                                              const float* table, int64_t o0, int64_t o1,
+                                                              int64_t width, bool first) {
+  if (width == kCodeBlock) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint8_t* c = block_codes + o * kCodeBlock * NB;
+      float a[4] = {0.f, 0.f, 0.f, 0.f};  // four chains of adds
+#pragma GCC unroll 8
+      for (int j = 0; j < kCodeBlock * NB; ++j) a[j & 3] += table[j * kTableEntries + c[j]];
+      const float v = (a[0] + a[1]) + (a[2] + a[3]);
+      sums[o] = first ? v : sums[o] + v;
     }
+    return;
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* c = block_codes + o * width * NB;
+    float a = 0.f;
+    for (int64_t j = 0; j < width * NB; ++j) a += table[j * kTableEntries + c[j]];
+    sums[o] = first ? a : sums[o] + a;
+  }
+}
+
+// One row of x against books of at most 256 entries (8-bit codes). Each thread takes a share of the code blocks;
+// per block and shard, the block's groups' dot products with every entry are tabulated (table[g][b][e] =
+// x[8i .. 8i+7] . books[b][e], 1 KiB a group and book, from books_t so that sixteen entries take eight
+// multiply-adds), and every output of the shard then sums its codes' entries from the table while it is in L1.
+// Each thread sums its blocks in order into its own row of `partial`, and the rows are summed in thread order at the
+// end. Walking all of k per output instead read the whole table (groups * NB KiB) from L2 at ~1.7 cycles a lookup
+// (~0.9 this way); building each 8-weight tile per output took ~6.5 cycles a group.
+template <bool F32Out, int NB>
+void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int num_threads) {
+  const int64_t n = w.n, groups = w.k / kCodebookGroup, blocks = (groups + kCodeBlock - 1) / kCodeBlock;
+  const uint8_t* const codes = static_cast<const uint8_t*>(w.codes);
+  static thread_local aligned_vector<float> partial_rows;  // the calling thread's, kept between calls
+  if (partial_rows.size() < static_cast<size_t>(blocks * n)) partial_rows.resize(static_cast<size_t>(blocks * n));
+  float* const partial = partial_rows.data();  // the team reaches it through this: thread_local names are per thread
 #pragma omp parallel num_threads(num_threads)
   {
     const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int64_t i = groups * tid / team; i < groups * (tid + 1) / team; ++i) {
-      __m512 xd[kCodebookGroup];
-      for (int d = 0; d < kCodebookGroup; ++d) xd[d] = _mm512_set1_ps(bf16_to_f32(x[i * kCodebookGroup + d]));
-      for (int b = 0; b < NB; ++b) {
-        const float* bt = books_tp + b * kCodebookGroup * kTableEntries;
-        float* out = tablep + (i * NB + b) * kTableEntries;
-        for (int64_t e = 0; e < kTableEntries; e += 16) {
-          __m512 acc = _mm512_mul_ps(xd[0], _mm512_load_ps(bt + e));
-          for (int d = 1; d < kCodebookGroup; ++d)
-            acc = _mm512_fmadd_ps(xd[d], _mm512_load_ps(bt + d * kTableEntries + e), acc);
-          _mm512_store_ps(out + e, acc);
+    alignas(64) float table[kCodeBlock * NB * kTableEntries];
+    for (int64_t blk = blocks * tid / team; blk < blocks * (tid + 1) / team; ++blk) {
+      const int64_t i0 = blk * kCodeBlock, width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock;
+      const uint8_t* const block_codes = codes + i0 * n * NB;
+      float* const sums = partial + blk * n;
+      for (int64_t s = 0; s < w.shards; ++s) {
+        const float* bt = w.books_t + s * NB * kCodebookGroup * w.book_stride;
+        for (int64_t g = 0; g < width; ++g) {
+          __m512 xd[kCodebookGroup];
+          for (int d = 0; d < kCodebookGroup; ++d) xd[d] = _mm512_set1_ps(bf16_to_f32(x[(i0 + g) * kCodebookGroup + d]));
+          for (int b = 0; b < NB; ++b) {
+            const float* book = bt + b * kCodebookGroup * w.book_stride;
+            float* out = table + (g * NB + b) * kTableEntries;
+            for (int64_t e = 0; e < w.book_size; e += 16) {
+              auto entries = [&](int d) {  // input d of entries e .. e + 15
+                return _mm512_loadu_ps(book + d * w.book_stride + e);
+              };
+              __m512 acc = _mm512_mul_ps(xd[0], entries(0));
+              for (int d = 1; d < kCodebookGroup; ++d) acc = _mm512_fmadd_ps(xd[d], entries(d), acc);
+              _mm512_store_ps(out + e, acc);
+            }
+          }
         }
+        table_sums<NB>(sums, block_codes, table, w.shard_rows[s], w.shard_rows[s + 1], width,
+                       true);
       }
     }
 #pragma omp barrier
-    const float* tb = tablep;
-    for (int64_t o = n * tid / team; o < n * (tid + 1) / team; ++o) {
-      const uint16_t* c = codes + o * groups * NB;
-      float a[4] = {0.f, 0.f, 0.f, 0.f};  // four groups in flight
-      auto group = [&](int64_t i) {
-        float v = tb[i * NB * kTableEntries + c[i * NB]];
-        for (int b = 1; b < NB; ++b) v += tb[(i * NB + b) * kTableEntries + c[i * NB + b]];
-        return v;
-      };
-      int64_t i = 0;
-      for (; i + 4 <= groups; i += 4)
-        for (int u = 0; u < 4; ++u) a[u] += group(i + u);
-      for (; i < groups; ++i) a[0] += group(i);
-      const float v = scales[o] * ((a[0] + a[1]) + (a[2] + a[3]));
+    const int64_t o0 = n * tid / team, o1 = n * (tid + 1) / team;
+    float* const sum = partial;
+    for (int64_t blk = 1; blk < blocks; ++blk)
+      for (int64_t o = o0; o < o1; ++o) sum[o] += partial[blk * n + o];
+    for (int64_t o = o0; o < o1; ++o) {
+      const float v = w.scales[o] * sum[o];
       if constexpr (F32Out) static_cast<float*>(y)[o] = v;
       else static_cast<bf16_t*>(y)[o] = f32_to_bf16(v);
     }
   }
 }
 
-// y [m, n] = x [m, k] . W^T where row n, inputs 8i .. 8i+7 of W are scale[n] * sum_b books[b][codes[n, i, b]]:
-// codes uint16 [n, k / 8, num_books] (unsigned), books float16 [num_books, book_size, 8], scales float32 [n].
-// Each tile of 8 weights is built in a register from the codebooks (which stay in cache: 2x8 codebooks are 8 KB,
+// y [m, n] = x [m, k] . W^T where row o, inputs 8i .. 8i+7 of W are scale[o] * sum_b books[b][code(o, i, b)].
+// Each tile of 8 weights is built in a register from its shard's books (which stay in cache: 2x8 books are 8 KB,
 // 1x16 ones 1 MB) and multiplied into every row of x, so each code is read once per call.
-template <bool F32Out>
-void codebook_gemm(void* y, const bf16_t* x, const uint16_t* codes, const uint16_t* books, const float* scales,
-                   int64_t m, int64_t n, int64_t k, int num_books, int64_t book_size, int num_threads) {
-  if (m == 1 && book_size <= kTableEntries) {
-    if (num_books == 1) return codebook_gemv_table<F32Out, 1>(y, x, codes, books, scales, n, k, book_size, num_threads);
-    if (num_books == 2) return codebook_gemv_table<F32Out, 2>(y, x, codes, books, scales, n, k, book_size, num_threads);
-  }
-  const int64_t groups = k / kCodebookGroup;
+template <bool F32Out, typename CodeT>
+void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads) {
+  const int64_t n = w.n, k = w.k, groups = k / kCodebookGroup, num_books = w.num_books;
+  const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   std::vector<float> xf(static_cast<size_t>(m * k));
   for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_to_f32(x[i]);
   constexpr int64_t kRowsPerTask = 16;
   share_tasks((n + kRowsPerTask - 1) / kRowsPerTask, num_threads, [&](int64_t task) {
     const int64_t n_end = (task + 1) * kRowsPerTask < n ? (task + 1) * kRowsPerTask : n;
     for (int64_t row = task * kRowsPerTask; row < n_end; ++row) {
+      const uint16_t* books = books_of(w, row);
       __m256 acc[kCodebookMaxRows];
       for (int64_t r = 0; r < m; ++r) acc[r] = _mm256_setzero_ps();
-      const uint16_t* c = codes + row * groups * num_books;
-      for (int64_t i = 0; i < groups; ++i, c += num_books) {
-        __m256 w = _mm256_cvtph_ps(codebook_entry(books, book_size, 0, c[0]));
-        for (int b = 1; b < num_books; ++b)
-          w = _mm256_add_ps(w, _mm256_cvtph_ps(codebook_entry(books, book_size, b, c[b])));
-        for (int64_t r = 0; r < m; ++r)
-          acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf.data() + r * k + i * kCodebookGroup), acc[r]);
+      for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
+        const int64_t i1 = i0 + kCodeBlock < groups ? i0 + kCodeBlock : groups;
+        const CodeT* c = codes + code_offset(row, i0, n, groups, num_books);
+        for (int64_t i = i0; i < i1; ++i, c += num_books) {
+          __m256 wv = _mm256_cvtph_ps(codebook_entry(books, w.book_size, 0, c[0]));
+          for (int b = 1; b < num_books; ++b)
+            wv = _mm256_add_ps(wv, _mm256_cvtph_ps(codebook_entry(books, w.book_size, b, c[b])));
+          for (int64_t r = 0; r < m; ++r)
+            acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf.data() + r * k + i * kCodebookGroup), acc[r]);
+        }
       }
       for (int64_t r = 0; r < m; ++r) {
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
         const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        const float v = scales[row] * _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+        const float v = w.scales[row] * _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
         if constexpr (F32Out) static_cast<float*>(y)[r * n + row] = v;
         else static_cast<bf16_t*>(y)[r * n + row] = f32_to_bf16(v);
       }
@@ -126,47 +175,57 @@ void codebook_gemm(void* y, const bf16_t* x, const uint16_t* codes, const uint16
 // of the dequantized matrix multiplies by. Outputs past n are zero. Per group of 8 inputs, two outputs' entries
 // share a vector; the 16 outputs' 4 input pairs each are then transposed into 4 rows of the tile (a 64-byte row
 // holds one input pair of all 16 outputs).
-// The next tile's codes (16 rows of their own) are prefetched meanwhile, a line of each row at a time.
-inline void decode_codebook_tile(bf16_t* wt, const uint16_t* codes, const uint16_t* books, const float* scales,
-                                 int64_t t, int64_t n, int64_t k, int num_books, int64_t book_size) {
-  const int64_t groups = k / kCodebookGroup, per_row = groups * num_books;
-  const int64_t line_groups = 32 / num_books > 0 ? 32 / num_books : 1;  // groups whose codes fill a 64-byte line
+// The next tile's codes in each block (16 outputs' worth, side by side) are prefetched as the block starts.
+template <typename CodeT>
+void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
+  const int64_t n = w.n, groups = w.k / kCodebookGroup, num_books = w.num_books, book_size = w.book_size;
+  const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   const int64_t next_rows = n - (t + 1) * 16 < 16 ? n - (t + 1) * 16 : 16;  // rows of the next tile (<= 0: none)
-  const uint16_t* next = codes + (t + 1) * 16 * per_row;
-  const uint16_t* code[16];
+  const uint16_t* books[16];
   __m512 scale[8];
-  for (int c = 0; c < 16; ++c) code[c] = codes + (t * 16 + c < n ? t * 16 + c : 0) * per_row;
+  for (int c = 0; c < 16; ++c) books[c] = books_of(w, t * 16 + c < n ? t * 16 + c : 0);
   for (int c = 0; c < 16; c += 2) {
-    const float s0 = t * 16 + c < n ? scales[t * 16 + c] : 0.f, s1 = t * 16 + c + 1 < n ? scales[t * 16 + c + 1] : 0.f;
+    const float s0 = t * 16 + c < n ? w.scales[t * 16 + c] : 0.f;
+    const float s1 = t * 16 + c + 1 < n ? w.scales[t * 16 + c + 1] : 0.f;
     scale[c / 2] = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
   }
   // Output pair row j of a group takes dword 4 c + j of the staged [16 outputs][4 pairs] dwords: outputs 0-7 from
   // the first 32 dwords, 8-15 from the last 32.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
   alignas(64) uint32_t staged[64];
-  for (int64_t i = 0; i < groups; ++i) {
-    if (i % line_groups == 0)
-      for (int64_t c = 0; c < next_rows; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(next + c * per_row + i * num_books), _MM_HINT_T0);
-    for (int c = 0; c < 16; c += 2) {
-      const uint16_t* c0 = code[c] + i * num_books;
-      const uint16_t* c1 = code[c + 1] + i * num_books;
-      auto pair = [&](int b) {  // book b's entries of outputs c and c + 1, widened to float32
-        const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(codebook_entry(books, book_size, b, c0[b])),
-                                                     codebook_entry(books, book_size, b, c1[b]), 1);
-        return _mm512_cvtph_ps(both);
-      };
-      __m512 w = pair(0);
-      for (int b = 1; b < num_books; ++b) w = _mm512_add_ps(w, pair(b));
-      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, scale[c / 2]));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), rounded);
+  for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
+    const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock, row_codes = width * num_books;
+    const CodeT* const block = codes + code_offset(0, i0, n, groups, num_books);
+    if (next_rows > 0) {
+      const char* next = reinterpret_cast<const char*>(block + (t + 1) * 16 * row_codes);
+      for (int64_t b = 0; b < next_rows * row_codes * static_cast<int64_t>(sizeof(CodeT)); b += 64)
+        _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    const __m512i z0 = _mm512_load_si512(staged), z1 = _mm512_load_si512(staged + 16);
-    const __m512i z2 = _mm512_load_si512(staged + 32), z3 = _mm512_load_si512(staged + 48);
-    for (int j = 0; j < kCodebookGroup / 2; ++j) {
-      const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(j));
-      const __m512i lo = _mm512_permutex2var_epi32(z0, idx, z1), hi = _mm512_permutex2var_epi32(z2, idx, z3);
-      _mm512_store_si512(wt + (i * kCodebookGroup / 2 + j) * 32, _mm512_mask_blend_epi32(0xFF00, lo, hi));
+    const CodeT* code[16];
+    for (int c = 0; c < 16; ++c) code[c] = block + (t * 16 + c < n ? t * 16 + c : 0) * row_codes;
+    for (int64_t g = 0; g < width; ++g) {
+      const int64_t i = i0 + g;
+      for (int c = 0; c < 16; c += 2) {
+        const CodeT* c0 = code[c] + g * num_books;
+        const CodeT* c1 = code[c + 1] + g * num_books;
+        auto pair = [&](int b) {  // book b's entries of outputs c and c + 1, widened to float32
+          const __m256i both = _mm256_inserti128_si256(
+              _mm256_castsi128_si256(codebook_entry(books[c], book_size, b, c0[b])),
+              codebook_entry(books[c + 1], book_size, b, c1[b]), 1);
+          return _mm512_cvtph_ps(both);
+        };
+        __m512 v = pair(0);
+        for (int b = 1; b < num_books; ++b) v = _mm512_add_ps(v, pair(b));
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, scale[c / 2]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), rounded);
+      }
+      const __m512i z0 = _mm512_load_si512(staged), z1 = _mm512_load_si512(staged + 16);
+      const __m512i z2 = _mm512_load_si512(staged + 32), z3 = _mm512_load_si512(staged + 48);
+      for (int j = 0; j < kCodebookGroup / 2; ++j) {
+        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(j));
+        const __m512i lo = _mm512_permutex2var_epi32(z0, idx, z1), hi = _mm512_permutex2var_epi32(z2, idx, z3);
+        _mm512_store_si512(wt + (i * kCodebookGroup / 2 + j) * 32, _mm512_mask_blend_epi32(0xFF00, lo, hi));
+      }
     }
   }
 }
@@ -183,11 +242,10 @@ struct CodebookTileState {
 // each decodes its tiles (about 1/64 of their multiply-adds at a full chunk) and multiplies the chunk's rows by
 // them: on AMX tiles in 64-row passes, one tile a task, where `amx` (k a multiple of 32); else with the
 // AVX512-BF16 micro-kernels, kNT tiles a task (their widest form: one tile alone is bound by its broadcasts).
-template <bool F32Out>
-void codebook_gemm_tiles(void* y, const bf16_t* x, const uint16_t* codes, const uint16_t* books, const float* scales,
-                         int64_t m, int64_t n, int64_t k, int num_books, int64_t book_size, int num_threads,
-                         bool amx) {
+template <bool F32Out, typename CodeT>
+void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads, bool amx) {
   constexpr int64_t kChunkRows = 256;
+  const int64_t n = w.n, k = w.k;
 #if defined(PAGODA_HAS_AMX)
   amx = amx && k % 32 == 0;
 #else
@@ -201,8 +259,7 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const uint16_t* codes, const 
     const int64_t t1 = t0 + group < tiles ? t0 + group : tiles, col = t0 * 16;
     state.wt.resize(static_cast<size_t>(group * k * 16));
     bf16_t* wt = state.wt.data();
-    for (int64_t t = t0; t < t1; ++t)
-      decode_codebook_tile(wt + (t - t0) * k * 16, codes, books, scales, t, n, k, num_books, book_size);
+    for (int64_t t = t0; t < t1; ++t) decode_codebook_tile<CodeT>(wt + (t - t0) * k * 16, w, t);
     if (!amx) {
       gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, wt, c1 - c0,
                                  n - col < group * 16 ? n - col : group * 16, k);
@@ -223,5 +280,64 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const uint16_t* codes, const 
   });
 }
 #endif  // __AVX512BF16__
+
+// Small books by entry, float16 [shards][num_books][book_size][8], from books_t (the weight keeps only that form):
+// the calling thread's buffer, rebuilt per call for the kernels that take whole entries (batches of two rows and
+// more; a small share of their work).
+inline const uint16_t* books_by_entry(const CodebookWeight& w) {
+  static thread_local aligned_vector<uint16_t> books;
+  const int64_t pairs = w.shards * w.num_books;
+  books.resize(static_cast<size_t>(pairs * w.book_size * kCodebookGroup));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const float* src = w.books_t + p * kCodebookGroup * w.book_stride;
+    uint16_t* dst = books.data() + p * w.book_size * kCodebookGroup;
+    for (int64_t e = 0; e < w.book_size; e += 16) {
+      alignas(32) uint16_t by_input[kCodebookGroup][16];  // fp16 -> fp32 -> fp16 is exact
+      for (int d = 0; d < kCodebookGroup; ++d)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(by_input[d]),
+                           _mm512_cvtps_ph(_mm512_loadu_ps(src + d * w.book_stride + e), _MM_FROUND_TO_NEAREST_INT));
+      const int64_t entries = w.book_size - e < 16 ? w.book_size - e : 16;
+      for (int64_t j = 0; j < entries; ++j)
+        for (int d = 0; d < kCodebookGroup; ++d) dst[(e + j) * kCodebookGroup + d] = by_input[d][j];
+    }
+  }
+  return books.data();
+}
+
+// y [m, n] = x [m, k] (bf16) . W^T for an AQLM weight, as both the linear_codebook op and the fused decode step run
+// it: one row against books of up to 256 entries takes the table, up to kCodebookMaxRows rows build each tile in a
+// register, larger batches multiply bf16-rounded column tiles (on AMX tiles where `amx`). False where this build
+// can't (no AVX-512; no AVX512-BF16 above kCodebookMaxRows rows).
+template <bool F32Out>
+bool codebook_linear(void* y, const bf16_t* x, const CodebookWeight& weight, int64_t m, int num_threads, bool amx) {
+#if defined(__AVX512F__)
+  const bool bytes = weight.book_size <= kTableEntries;
+  if (m == 1 && bytes && weight.num_books == 1) {
+    codebook_gemv_table<F32Out, 1>(y, x, weight, num_threads);
+    return true;
+  }
+  if (m == 1 && bytes && weight.num_books == 2) {
+    codebook_gemv_table<F32Out, 2>(y, x, weight, num_threads);
+    return true;
+  }
+  CodebookWeight w = weight;
+  if (bytes) w.books = books_by_entry(weight);
+  if (m > kCodebookMaxRows) {
+#if defined(__AVX512BF16__)
+    if (bytes) codebook_gemm_tiles<F32Out, uint8_t>(y, x, w, m, num_threads, amx);
+    else codebook_gemm_tiles<F32Out, uint16_t>(y, x, w, m, num_threads, amx);
+    return true;
+#else
+    return false;
+#endif
+  }
+  if (bytes) codebook_gemm<F32Out, uint8_t>(y, x, w, m, num_threads);
+  else codebook_gemm<F32Out, uint16_t>(y, x, w, m, num_threads);
+  return true;
+#else
+  (void)y; (void)x; (void)weight; (void)m; (void)num_threads; (void)amx;
+  return false;
+#endif
+}
 
 }  // namespace

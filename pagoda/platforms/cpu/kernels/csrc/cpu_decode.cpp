@@ -17,9 +17,10 @@
 
 namespace {
 
-// One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), or W8A8 int8 packed as in
-// cpu_int8.h, activations quantized per token here: on AMX-INT8 tiles (kInt8AmxKind) or with VNNI (kInt8VnniKind).
-constexpr int64_t kInt8AmxKind = 200, kInt8VnniKind = 201;
+// One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), W8A8 int8 packed as in
+// cpu_int8.h, activations quantized per token here: on AMX-INT8 tiles (kInt8AmxKind) or with VNNI (kInt8VnniKind),
+// or AQLM codes (kCodebookKind: data is a CodebookWeight, cpu_codebook.h).
+constexpr int64_t kInt8AmxKind = 200, kInt8VnniKind = 201, kCodebookKind = 300;
 struct Linear {
   int64_t kind;
   const void* data;
@@ -75,10 +76,12 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
     return;
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
-  if (w.kind == kInt8AmxKind || w.kind == kInt8VnniKind) {
+  if (w.kind == kInt8AmxKind || w.kind == kInt8VnniKind)
     gemm_int8<false>(y, x, reinterpret_cast<const int8_t*>(p), nullptr, m, w.n, w.k, 0.f, w.kind == kInt8AmxKind, nt);
-  } else
-  quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt, nullptr, amx);
+  else if (w.kind == kCodebookKind)
+    codebook_linear<false>(y, x, *static_cast<const CodebookWeight*>(w.data), m, nt, amx);
+  else
+    quant_gemm_kind<false>(static_cast<int>(w.kind), y, x, p, m, w.n, w.k, nt, nullptr, amx);
   if (w.bias)  // the per-op path adds a quantized layer's bias in bf16 after the matmul: same here
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < w.n; ++i)

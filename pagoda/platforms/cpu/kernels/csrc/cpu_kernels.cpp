@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 28; }
+int pagoda_kernels_abi_version() { return 29; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -240,34 +240,17 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
 #endif
 }
 
-// y [m, n] = x [m, k] (bf16) @ W^T for AQLM weights (see cpu_codebook.h; k a multiple of 8); y float32 when out_f32
-// else bf16. Batches over 16 rows multiply bf16-rounded column tiles (AMX tiles where amx and k allows). Returns -1
-// when this build lacks AVX-512 (AVX512-BF16 above 16 rows) or the shape is out of range.
-int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* codes, const void* books,
-                         const float* scales, int64_t m, int64_t n, int64_t k, int num_books, int64_t book_size,
-                         int num_threads, int amx) {
-#if defined(__AVX512F__)
-  if (k % kCodebookGroup || num_books < 1) return -1;
+// y [m, n] = x [m, k] (bf16) @ W^T for an AQLM weight (CodebookWeight, cpu_codebook.h; k a multiple of 8); y float32
+// when out_f32 else bf16. Batches over 16 rows multiply bf16-rounded column tiles (AMX tiles where amx and k allows).
+// Returns -1 when this build lacks AVX-512 (AVX512-BF16 above 16 rows) or the shape is out of range.
+int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* weight, int64_t m, int num_threads,
+                         int amx) {
+  const CodebookWeight& w = *static_cast<const CodebookWeight*>(weight);
+  if (w.k % kCodebookGroup || w.num_books < 1 || w.shards < 1) return -1;
   const bf16_t* xb = static_cast<const bf16_t*>(x);
-  const uint16_t* c = static_cast<const uint16_t*>(codes);
-  const uint16_t* b = static_cast<const uint16_t*>(books);
-  if (m > kCodebookMaxRows) {
-#if defined(__AVX512BF16__)
-    if (out_f32) codebook_gemm_tiles<true>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads, amx != 0);
-    else codebook_gemm_tiles<false>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads, amx != 0);
-    return 0;
-#else
-    return -1;
-#endif
-  }
-  if (out_f32) codebook_gemm<true>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads);
-  else codebook_gemm<false>(y, xb, c, b, scales, m, n, k, num_books, book_size, num_threads);
-  return 0;
-#else
-  (void)out_f32; (void)y; (void)x; (void)codes; (void)books; (void)scales; (void)m; (void)n; (void)k;
-  (void)num_books; (void)book_size; (void)num_threads; (void)amx;
-  return -1;
-#endif
+  const bool ok = out_f32 ? codebook_linear<true>(y, xb, w, m, num_threads, amx != 0)
+                          : codebook_linear<false>(y, xb, w, m, num_threads, amx != 0);
+  return ok ? 0 : -1;
 }
 
 // y [T, H] (bf16) = the mixture of each token's top-k experts (see fused_moe in cpu_moe.h): x [T, H] bf16,
