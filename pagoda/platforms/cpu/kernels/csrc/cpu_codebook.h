@@ -176,9 +176,10 @@ void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m,
 // share a vector; the 16 outputs' 4 input pairs each are then transposed into 4 rows of the tile (a 64-byte row
 // holds one input pair of all 16 outputs).
 // The next tile's codes in each block (16 outputs' worth, side by side) are prefetched as the block starts.
-template <typename CodeT>
+// NB: the number of books, where known at compile time (0: w.num_books).
+template <typename CodeT, int NB>
 void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
-  const int64_t n = w.n, groups = w.k / kCodebookGroup, num_books = w.num_books, book_size = w.book_size;
+  const int64_t n = w.n, groups = w.k / kCodebookGroup, num_books = NB ? NB : w.num_books, book_size = w.book_size;
   const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   const int64_t next_rows = n - (t + 1) * 16 < 16 ? n - (t + 1) * 16 : 16;  // rows of the next tile (<= 0: none)
   const uint16_t* books[16];
@@ -189,10 +190,10 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
     const float s1 = t * 16 + c + 1 < n ? w.scales[t * 16 + c + 1] : 0.f;
     scale[c / 2] = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
   }
-  // Output pair row j of a group takes dword 4 c + j of the staged [16 outputs][4 pairs] dwords: outputs 0-7 from
-  // the first 32 dwords, 8-15 from the last 32.
+  // Output pair row j of a group takes dword 4 c + j of the [16 outputs][4 pairs] dwords z0 .. z3 hold (outputs 0-7
+  // in z0, z1; 8-15 in z2, z3), assembled in registers: staging them through memory stalled each 64-byte load on
+  // the two 32-byte stores it spans.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
-  alignas(64) uint32_t staged[64];
   for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
     const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock, row_codes = width * num_books;
     const CodeT* const block = codes + code_offset(0, i0, n, groups, num_books);
@@ -205,6 +206,7 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
     for (int c = 0; c < 16; ++c) code[c] = block + (t * 16 + c < n ? t * 16 + c : 0) * row_codes;
     for (int64_t g = 0; g < width; ++g) {
       const int64_t i = i0 + g;
+      __m256i rounded[8];  // outputs c and c + 1's 4 input pairs each, for c = 0, 2, … 14
       for (int c = 0; c < 16; c += 2) {
         const CodeT* c0 = code[c] + g * num_books;
         const CodeT* c1 = code[c + 1] + g * num_books;
@@ -216,11 +218,10 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
         };
         __m512 v = pair(0);
         for (int b = 1; b < num_books; ++b) v = _mm512_add_ps(v, pair(b));
-        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, scale[c / 2]));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(staged + c * 4), rounded);
+        rounded[c / 2] = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, scale[c / 2]));
       }
-      const __m512i z0 = _mm512_load_si512(staged), z1 = _mm512_load_si512(staged + 16);
-      const __m512i z2 = _mm512_load_si512(staged + 32), z3 = _mm512_load_si512(staged + 48);
+      auto join = [&](int a) { return _mm512_inserti64x4(_mm512_castsi256_si512(rounded[a]), rounded[a + 1], 1); };
+      const __m512i z0 = join(0), z1 = join(2), z2 = join(4), z3 = join(6);
       for (int j = 0; j < kCodebookGroup / 2; ++j) {
         const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(j));
         const __m512i lo = _mm512_permutex2var_epi32(z0, idx, z1), hi = _mm512_permutex2var_epi32(z2, idx, z3);
@@ -259,7 +260,12 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int6
     const int64_t t1 = t0 + group < tiles ? t0 + group : tiles, col = t0 * 16;
     state.wt.resize(static_cast<size_t>(group * k * 16));
     bf16_t* wt = state.wt.data();
-    for (int64_t t = t0; t < t1; ++t) decode_codebook_tile<CodeT>(wt + (t - t0) * k * 16, w, t);
+    for (int64_t t = t0; t < t1; ++t) {
+      bf16_t* tile = wt + (t - t0) * k * 16;
+      if (w.num_books == 1) decode_codebook_tile<CodeT, 1>(tile, w, t);
+      else if (w.num_books == 2) decode_codebook_tile<CodeT, 2>(tile, w, t);
+      else decode_codebook_tile<CodeT, 0>(tile, w, t);
+    }
     if (!amx) {
       gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, wt, c1 - c0,
                                  n - col < group * 16 ? n - col : group * 16, k);
