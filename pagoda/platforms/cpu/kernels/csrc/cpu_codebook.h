@@ -255,9 +255,7 @@ struct CodebookTileState {
 // codebook_gemm for batches of any size: tasks are (chunk of rows, group of column tiles), row-chunk major; each
 // decodes its tiles and multiplies the chunk's rows by them: on AMX tiles in 64-row passes, one tile a task, where
 // `amx` (k a multiple of 32); else with the AVX512-BF16 micro-kernels, kNT tiles a task (their widest form: one tile
-// alone is bound by its broadcasts). Chunks are 1024 rows, halved (to 64) until there are 4 tasks a thread: decoding
-// a tile costs about 1/64 of its multiply-adds over 256 rows, and 2048-row products ran at 0.93-0.94x bf16's with
-// 256-row chunks against 0.97-0.98x with 1024 (Zen 4).
+// alone is bound by its broadcasts). Chunks of decoded_chunk_rows.
 template <bool F32Out, typename CodeT>
 void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads, bool amx) {
   const int64_t n = w.n, k = w.k;
@@ -267,8 +265,7 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int6
   amx = false;
 #endif
   const int64_t group = amx ? 1 : kNT, tiles = (n + 15) / 16, groups = (tiles + group - 1) / group;
-  int64_t chunk_rows = 1024;
-  while (chunk_rows > 64 && (m + chunk_rows - 1) / chunk_rows * groups < 4 * num_threads) chunk_rows /= 2;
+  const int64_t chunk_rows = decoded_chunk_rows(m, groups, num_threads);
   const int64_t chunks = (m + chunk_rows - 1) / chunk_rows, esz = F32Out ? 4 : 2;
   share_tasks_with<CodebookTileState>(chunks * groups, num_threads, [&](int64_t task, CodebookTileState& state) {
     const int64_t t0 = task % groups * group, c0 = task / groups * chunk_rows;

@@ -137,6 +137,16 @@ inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
 // sweep the weights together over one block of rows at a time. Row blocks of max_rows are halved (down to min_rows)
 // while there are too few tasks to balance the threads (an uneven split, 5 + 4 tasks on two threads, wastes a tenth
 // of the step). body(r0, rows, tile0, group_tiles_here, next_group): next_group whether a group follows this one.
+// Rows per task for GEMMs that decode their weights' column tiles once per task (AQLM, per-channel FP8): 1024, halved
+// (down to 64) until the m rows and `col_groups` column groups make 4 tasks a thread. Decoding a tile costs about
+// 1/64 of its multiply-adds over 256 rows; on Zen 4, 2048-row products ran at 0.93-0.94x the bf16 GEMM's with
+// 256-row chunks against 0.97-0.98x with 1024.
+inline int64_t decoded_chunk_rows(int64_t m, int64_t col_groups, int num_threads) {
+  int64_t rows = 1024;
+  while (rows > 64 && (m + rows - 1) / rows * col_groups < 4 * num_threads) rows /= 2;
+  return rows;
+}
+
 template <class Body>
 inline void share_gemm_tasks(int64_t m, int64_t tiles, int64_t group_tiles, int64_t max_rows, int64_t min_rows,
                              int num_threads, const Body& body) {

@@ -253,18 +253,18 @@ struct DecodedTiles {
 };
 
 // quant_gemm with the AVX512-BF16 micro-kernels for the kinds with one scale per column, from kUniformTileRows
-// rows: a task decodes kNT column tiles once (exactly) into the bf16 GEMM's packed layout and multiplies up to
-// kChunkRows rows by them, each column scaled once at the end. quant_tile instead decodes every code once per 8 rows
+// rows: a task decodes kNT column tiles once (exactly) into the bf16 GEMM's packed layout and multiplies a chunk of
+// decoded_chunk_rows rows by them, each column scaled once at the end. quant_tile instead decodes every code once per 8 rows
 // and multiplies one tile per broadcast, which binds it to its broadcasts.
 template <int Bits, bool F32Out>
 void quant_gemm_uniform_tiles(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                               int num_threads) {
-  constexpr int64_t kChunkRows = 256;
   const int64_t tiles = (n + 15) / 16, tile_bytes = k / QLayout<Bits>::group * QLayout<Bits>::block_bytes;
-  const int64_t groups = (tiles + kNT - 1) / kNT, chunks = (m + kChunkRows - 1) / kChunkRows, esz = F32Out ? 4 : 2;
+  const int64_t groups = (tiles + kNT - 1) / kNT, chunk_rows = decoded_chunk_rows(m, groups, num_threads);
+  const int64_t chunks = (m + chunk_rows - 1) / chunk_rows, esz = F32Out ? 4 : 2;
   share_tasks_with<DecodedTiles>(chunks * groups, num_threads, [&](int64_t task, DecodedTiles& state) {
-    const int64_t t0 = task % groups * kNT, c0 = task / groups * kChunkRows;
-    const int64_t t1 = t0 + kNT < tiles ? t0 + kNT : tiles, c1 = c0 + kChunkRows < m ? c0 + kChunkRows : m;
+    const int64_t t0 = task % groups * kNT, c0 = task / groups * chunk_rows;
+    const int64_t t1 = t0 + kNT < tiles ? t0 + kNT : tiles, c1 = c0 + chunk_rows < m ? c0 + chunk_rows : m;
     const int64_t col = t0 * 16;
     state.wt.resize(static_cast<size_t>(kNT * k * 16));
     for (int64_t t = t0; t < t1; ++t) {
