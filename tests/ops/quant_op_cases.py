@@ -71,7 +71,9 @@ def linear_codebook(impl, ref, dtype):
         scales = (torch.rand(n // og, 1, 1, 1, generator=g) + 0.5).half()
         handle, ref_handle = (impl.prepare(codes, codebooks, scales, shards),
                               ref.prepare(codes, codebooks, scales, shards))
-        for rows in (1, 9, 24, 70):  # 24, 70: above the native kernels' decode-sized limit (70: a partial row tile)
+        # 1, 2: the native one-row table (row by row); 9: logits from tiles built in registers, bf16 from column
+        # tiles; 24, 70: column tiles for both (70: a partial row tile)
+        for rows in (1, 2, 9, 24, 70):
             x = torch.randn(rows, k, generator=g).to(dtype)
             expected = ref.logits(ref_handle, x).double()
             scale_of = expected.abs().max().item()

@@ -8,9 +8,9 @@
   runs its scalar reference int8 kernel, seconds per layer call.
 - ``linear_int8`` / ``cpu_avx512_vnni``: pagoda's AVX512-VNNI GEMM with the per-token quantization in the same
   call; ``cpu_amx``: the same on AMX-INT8 tiles.
-- ``linear_codebook`` / ``cpu_native``: AQLM codes against tabulated dot products (one row, books of up to 256
-  entries) or tiles built in registers from the codebooks (other decode-sized batches), column tiles decoded to bf16
-  for larger ones; ``cpu_amx``: the same, larger batches on AMX tiles.
+- ``linear_codebook`` / ``cpu_native``: AQLM codes against tabulated dot products (one or two rows, books of up to
+  256 entries), column tiles decoded to bf16 for other bf16 batches, tiles built in registers from the codebooks for
+  float32 logits of up to 16 rows; ``cpu_amx``: the same, column tiles on AMX tiles.
 """
 
 from __future__ import annotations
@@ -179,10 +179,10 @@ _REFERENCE_CODEBOOK = reference.LinearCodebook()
 
 class NativeCodebook(_NativeBf16Gemm):
     """AQLM weights with one output and 8 inputs per code (1x16, 2x8 …), a merged layer's shards in one weight: one
-    row against books of up to 256 entries sums tabulated dot products; other decode-sized batches build each
-    8-weight tile in a register from the codebooks; larger bf16 batches decode one 16-output column tile at a time
-    into bf16 and multiply it by every row, so no call dequantizes the whole matrix. Float32 logits of a larger batch
-    (an AQLM LM head scoring a prefill) and other shapes keep the reference's exact form."""
+    or two rows against books of up to 256 entries sum tabulated dot products; other bf16 batches decode one
+    16-output column tile at a time into bf16 and multiply it by every row, so no call dequantizes the whole matrix;
+    float32 logits of up to 16 rows build each 8-weight tile in a register from the codebooks. Float32 logits of a
+    larger batch (an AQLM LM head scoring a prefill) and other shapes keep the reference's exact form."""
 
     op, name = "linear_codebook", "cpu_native"
     uses_amx = False  # whether batches above the decode size multiply on AMX tiles

@@ -65,7 +65,7 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return PackedQuant(data, n, k, AFFINE_KIND + group)
 
 
-CODEBOOK_MAX_ROWS = 16  # up to here each 8-weight tile is built in a register; above, column tiles are decoded
+CODEBOOK_MAX_ROWS = 16  # float32 logits up to here build each 8-weight tile in a register (exact); above: the reference
 CODEBOOK_TABLE_ENTRIES = 256  # books of up to this many entries keep 8-bit codes (and one-row batches a table)
 CODE_BLOCK = 4  # input groups per block of the codes' layout (cpu_codebook.h's kCodeBlock)
 
@@ -135,9 +135,10 @@ class PackedCodebook:
 
 def codebook_linear(x: torch.Tensor, weight: PackedCodebook, float_output: bool = False,
                     amx: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x`` [m, k] and a :class:`PackedCodebook` weight. Above ``CODEBOOK_MAX_ROWS`` rows the
-    weights are multiplied as bf16 (each rounded once, as the dequantized matrix cast to bf16 would be), 16 outputs at
-    a time; ``amx``: on AMX tiles (where the process may use them)."""
+    """``x @ W.T`` for bf16 ``x`` [m, k] and a :class:`PackedCodebook` weight. Outside the one-row table (one or two
+    rows) and float32 outputs of up to ``CODEBOOK_MAX_ROWS`` rows, the weights are multiplied as bf16 (each rounded
+    once, as the dequantized matrix cast to bf16 would be), 16 outputs at a time; ``amx``: on AMX tiles (where the
+    process may use them)."""
     x2 = _bf16_rows(x, weight.k, "codebook_linear")
     out = torch.empty(x2.shape[0], weight.n, dtype=torch.float32 if float_output else torch.bfloat16)
     if x2.shape[0]:

@@ -1,6 +1,7 @@
-// Additive-codebook weights (AQLM) with bf16 activations: one row against books of up to 256 entries sums
-// tabulated dot products, other decode-sized batches build each 8-weight tile in a register; larger ones decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it
-// by the rows there (AMX tiles where granted), so no call dequantizes the whole matrix or keeps a dense copy.
+// Additive-codebook weights (AQLM) with bf16 activations: one or two rows against books of up to 256 entries sum
+// tabulated dot products; float32 logits of up to 16 rows build each 8-weight tile in a register; other batches
+// decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it by the rows there (AMX
+// tiles where granted), so no call dequantizes the whole matrix or keeps a dense copy.
 #pragma once
 
 #include "cpu_amx.h"
@@ -10,7 +11,7 @@
 namespace {
 
 constexpr int64_t kCodebookGroup = 8;     // inputs per code (AQLM's in_group_size this kernel takes)
-constexpr int64_t kCodebookMaxRows = 16;  // larger batches take codebook_gemm_tiles
+constexpr int64_t kCodebookMaxRows = 16;  // the most rows codebook_gemm (tiles built in registers) takes
 constexpr int64_t kCodeBlock = 4;         // input groups per block of the codes' layout
 constexpr int64_t kTableEntries = 256;    // books of up to this many entries (2x8, 1x8 …): 8-bit codes, table kernel
 
@@ -33,17 +34,41 @@ inline int64_t code_offset(int64_t o, int64_t i, int64_t n, int64_t groups, int6
   return (b0 * n + o * width + (i - b0)) * num_books;
 }
 
-// Output o's books: its shard's.
-inline const uint16_t* books_of(const CodebookWeight& w, int64_t o) {
+// The books' entries a kernel reads for a code type: small books (8-bit codes) as float32, built per call from
+// books_t (a transpose, no conversion); larger ones as the weight's float16.
+template <typename CodeT> struct CodebookEntries { using T = float; };
+template <> struct CodebookEntries<uint16_t> { using T = uint16_t; };
+
+// Output o's books (entries [num_books][book_size][8] of `books`): its shard's.
+template <typename E>
+inline const E* books_of(const CodebookWeight& w, const E* books, int64_t o) {
   int64_t s = 0;
   while (o >= w.shard_rows[s + 1]) ++s;
-  return w.books + s * w.num_books * w.book_size * kCodebookGroup;
+  return books + s * w.num_books * w.book_size * kCodebookGroup;
 }
 
 #if defined(__AVX512F__)
-// Entry `code` of book b (books float16 [num_books, book_size, 8]): its 8 float16 values.
-inline __m128i codebook_entry(const uint16_t* books, int64_t book_size, int b, int64_t code) {
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup));
+// Entry `code` of book b: its 8 values as float32.
+inline __m256 codebook_entry(const float* books, int64_t book_size, int b, int64_t code) {
+  return _mm256_loadu_ps(books + (b * book_size + code) * kCodebookGroup);
+}
+inline __m256 codebook_entry(const uint16_t* books, int64_t book_size, int b, int64_t code) {
+  return _mm256_cvtph_ps(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup)));
+}
+// Two entries (code0 of books0, code1 of books1, book b of each) side by side, as float32.
+inline __m512 codebook_entry_pair(const float* books0, int64_t code0, const float* books1, int64_t code1,
+                                  int64_t book_size, int b) {
+  return _mm512_insertf32x8(
+      _mm512_castps256_ps512(_mm256_loadu_ps(books0 + (b * book_size + code0) * kCodebookGroup)),
+      _mm256_loadu_ps(books1 + (b * book_size + code1) * kCodebookGroup), 1);
+}
+inline __m512 codebook_entry_pair(const uint16_t* books0, int64_t code0, const uint16_t* books1, int64_t code1,
+                                  int64_t book_size, int b) {
+  auto half = [&](const uint16_t* books, int64_t code) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup));
+  };
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(half(books0, code0)), half(books1, code1), 1));
 }
 
 // sums[o] = the table entries that outputs o0 .. o1 - 1's codes of one block (`width` groups) pick, summed. Kept
@@ -147,7 +172,8 @@ void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int 
 // Each tile of 8 weights is built in a register from its shard's books (which stay in cache: 2x8 books are 8 KB,
 // 1x16 ones 1 MB) and multiplied into every row of x, so each code is read once per call.
 template <bool F32Out, typename CodeT>
-void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads) {
+void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
+                   int64_t m, int num_threads) {
   const int64_t n = w.n, k = w.k, groups = k / kCodebookGroup, num_books = w.num_books;
   const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   std::vector<float> xf(static_cast<size_t>(m * k));
@@ -156,16 +182,16 @@ void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m,
   share_tasks((n + kRowsPerTask - 1) / kRowsPerTask, num_threads, [&](int64_t task) {
     const int64_t n_end = (task + 1) * kRowsPerTask < n ? (task + 1) * kRowsPerTask : n;
     for (int64_t row = task * kRowsPerTask; row < n_end; ++row) {
-      const uint16_t* books = books_of(w, row);
+      const auto* books = books_of(w, entries, row);
       __m256 acc[kCodebookMaxRows];
       for (int64_t r = 0; r < m; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
         const int64_t i1 = i0 + kCodeBlock < groups ? i0 + kCodeBlock : groups;
         const CodeT* c = codes + code_offset(row, i0, n, groups, num_books);
         for (int64_t i = i0; i < i1; ++i, c += num_books) {
-          __m256 wv = _mm256_cvtph_ps(codebook_entry(books, w.book_size, 0, c[0]));
+          __m256 wv = codebook_entry(books, w.book_size, 0, c[0]);
           for (int b = 1; b < num_books; ++b)
-            wv = _mm256_add_ps(wv, _mm256_cvtph_ps(codebook_entry(books, w.book_size, b, c[b])));
+            wv = _mm256_add_ps(wv, codebook_entry(books, w.book_size, b, c[b]));
           for (int64_t r = 0; r < m; ++r)
             acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf.data() + r * k + i * kCodebookGroup), acc[r]);
         }
@@ -191,13 +217,14 @@ void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m,
 // The next tile's codes in each block (16 outputs' worth, side by side) are prefetched as the block starts.
 // NB: the number of books, where known at compile time (0: w.num_books).
 template <typename CodeT, int NB>
-void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
+void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
+                          int64_t t) {
   const int64_t n = w.n, groups = w.k / kCodebookGroup, num_books = NB ? NB : w.num_books, book_size = w.book_size;
   const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   const int64_t next_rows = n - (t + 1) * 16 < 16 ? n - (t + 1) * 16 : 16;  // rows of the next tile (<= 0: none)
-  const uint16_t* books[16];
+  const typename CodebookEntries<CodeT>::T* books[16];
   __m512 scale[8];
-  for (int c = 0; c < 16; ++c) books[c] = books_of(w, t * 16 + c < n ? t * 16 + c : 0);
+  for (int c = 0; c < 16; ++c) books[c] = books_of(w, entries, t * 16 + c < n ? t * 16 + c : 0);
   for (int c = 0; c < 16; c += 2) {
     const float s0 = t * 16 + c < n ? w.scales[t * 16 + c] : 0.f;
     const float s1 = t * 16 + c + 1 < n ? w.scales[t * 16 + c + 1] : 0.f;
@@ -223,11 +250,8 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, int64_t t) {
       for (int c = 0; c < 16; c += 2) {
         const CodeT* c0 = code[c] + g * num_books;
         const CodeT* c1 = code[c + 1] + g * num_books;
-        auto pair = [&](int b) {  // book b's entries of outputs c and c + 1, widened to float32
-          const __m256i both = _mm256_inserti128_si256(
-              _mm256_castsi128_si256(codebook_entry(books[c], book_size, b, c0[b])),
-              codebook_entry(books[c + 1], book_size, b, c1[b]), 1);
-          return _mm512_cvtph_ps(both);
+        auto pair = [&](int b) {  // book b's entries of outputs c and c + 1
+          return codebook_entry_pair(books[c], c0[b], books[c + 1], c1[b], book_size, b);
         };
         __m512 v = pair(0);
         for (int b = 1; b < num_books; ++b) v = _mm512_add_ps(v, pair(b));
@@ -257,7 +281,8 @@ struct CodebookTileState {
 // `amx` (k a multiple of 32); else with the AVX512-BF16 micro-kernels, kNT tiles a task (their widest form: one tile
 // alone is bound by its broadcasts). Chunks of decoded_chunk_rows.
 template <bool F32Out, typename CodeT>
-void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads, bool amx) {
+void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w,
+                         const typename CodebookEntries<CodeT>::T* entries, int64_t m, int num_threads, bool amx) {
   const int64_t n = w.n, k = w.k;
 #if defined(PAGODA_HAS_AMX)
   amx = amx && k % 32 == 0;
@@ -275,9 +300,9 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int6
     bf16_t* wt = state.wt.data();
     for (int64_t t = t0; t < t1; ++t) {
       bf16_t* tile = wt + (t - t0) * k * 16;
-      if (w.num_books == 1) decode_codebook_tile<CodeT, 1>(tile, w, t);
-      else if (w.num_books == 2) decode_codebook_tile<CodeT, 2>(tile, w, t);
-      else decode_codebook_tile<CodeT, 0>(tile, w, t);
+      if (w.num_books == 1) decode_codebook_tile<CodeT, 1>(tile, w, entries, t);
+      else if (w.num_books == 2) decode_codebook_tile<CodeT, 2>(tile, w, entries, t);
+      else decode_codebook_tile<CodeT, 0>(tile, w, entries, t);
     }
     if (!amx) {
       gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, wt, c1 - c0,
@@ -300,61 +325,52 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w, int6
 }
 #endif  // __AVX512BF16__
 
-// Small books by entry, float16 [shards][num_books][book_size][8], from books_t (the weight keeps only that form):
+// Small books by entry, float32 [shards][num_books][book_size][8], from books_t (the weight keeps only that form):
 // the calling thread's buffer, rebuilt per call for the kernels that take whole entries (batches of two rows and
 // more; a small share of their work).
-inline const uint16_t* books_by_entry(const CodebookWeight& w) {
-  static thread_local aligned_vector<uint16_t> books;
+inline const float* books_by_entry(const CodebookWeight& w) {
+  static thread_local aligned_vector<float> books;
   const int64_t pairs = w.shards * w.num_books;
   books.resize(static_cast<size_t>(pairs * w.book_size * kCodebookGroup));
   for (int64_t p = 0; p < pairs; ++p) {
     const float* src = w.books_t + p * kCodebookGroup * w.book_stride;
-    uint16_t* dst = books.data() + p * w.book_size * kCodebookGroup;
-    for (int64_t e = 0; e < w.book_size; e += 16) {
-      alignas(32) uint16_t by_input[kCodebookGroup][16];  // fp16 -> fp32 -> fp16 is exact
-      for (int d = 0; d < kCodebookGroup; ++d)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(by_input[d]),
-                           _mm512_cvtps_ph(_mm512_loadu_ps(src + d * w.book_stride + e), _MM_FROUND_TO_NEAREST_INT));
-      const int64_t entries = w.book_size - e < 16 ? w.book_size - e : 16;
-      for (int64_t j = 0; j < entries; ++j)
-        for (int d = 0; d < kCodebookGroup; ++d) dst[(e + j) * kCodebookGroup + d] = by_input[d][j];
-    }
+    float* dst = books.data() + p * w.book_size * kCodebookGroup;
+    for (int64_t e = 0; e < w.book_size; ++e)
+      for (int d = 0; d < kCodebookGroup; ++d) dst[e * kCodebookGroup + d] = src[d * w.book_stride + e];
   }
   return books.data();
 }
 
 // y [m, n] = x [m, k] (bf16) . W^T for an AQLM weight, as both the linear_codebook op and the fused decode step run
-// it: one row against books of up to 256 entries takes the table, up to kCodebookMaxRows rows build each tile in a
-// register, larger batches multiply bf16-rounded column tiles (on AMX tiles where `amx`). False where this build
-// can't (no AVX-512; no AVX512-BF16 above kCodebookMaxRows rows).
+// it. Books of up to 256 entries (one or two of them): one and two rows take the table, row by row. Other bf16
+// outputs multiply bf16-rounded column tiles (on AMX tiles where `amx`): building each 8-weight tile in a register
+// per row ran 3x slower at 8 rows (Zen 4); float32 outputs (logits) of up to kCodebookMaxRows rows keep the exact
+// float32 weights that way. False where this build can't (no AVX-512; no AVX512-BF16 above kCodebookMaxRows rows).
 template <bool F32Out>
-bool codebook_linear(void* y, const bf16_t* x, const CodebookWeight& weight, int64_t m, int num_threads, bool amx) {
+bool codebook_linear(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads, bool amx) {
 #if defined(__AVX512F__)
-  const bool bytes = weight.book_size <= kTableEntries;
-  if (m == 1 && bytes && weight.num_books == 1) {
-    codebook_gemv_table<F32Out, 1>(y, x, weight, num_threads);
+  const bool bytes = w.book_size <= kTableEntries;
+  if (m <= 2 && bytes && (w.num_books == 1 || w.num_books == 2)) {
+    for (int64_t r = 0; r < m; ++r) {
+      void* row = static_cast<char*>(y) + r * w.n * (F32Out ? 4 : 2);
+      if (w.num_books == 1) codebook_gemv_table<F32Out, 1>(row, x + r * w.k, w, num_threads);
+      else codebook_gemv_table<F32Out, 2>(row, x + r * w.k, w, num_threads);
+    }
     return true;
   }
-  if (m == 1 && bytes && weight.num_books == 2) {
-    codebook_gemv_table<F32Out, 2>(y, x, weight, num_threads);
-    return true;
-  }
-  CodebookWeight w = weight;
-  if (bytes) w.books = books_by_entry(weight);
-  if (m > kCodebookMaxRows) {
 #if defined(__AVX512BF16__)
-    if (bytes) codebook_gemm_tiles<F32Out, uint8_t>(y, x, w, m, num_threads, amx);
-    else codebook_gemm_tiles<F32Out, uint16_t>(y, x, w, m, num_threads, amx);
+  if (m > kCodebookMaxRows || !F32Out) {
+    if (bytes) codebook_gemm_tiles<F32Out, uint8_t>(y, x, w, books_by_entry(w), m, num_threads, amx);
+    else codebook_gemm_tiles<F32Out, uint16_t>(y, x, w, w.books, m, num_threads, amx);
     return true;
-#else
-    return false;
-#endif
   }
-  if (bytes) codebook_gemm<F32Out, uint8_t>(y, x, w, m, num_threads);
-  else codebook_gemm<F32Out, uint16_t>(y, x, w, m, num_threads);
+#endif
+  if (m > kCodebookMaxRows) return false;
+  if (bytes) codebook_gemm<F32Out, uint8_t>(y, x, w, books_by_entry(w), m, num_threads);
+  else codebook_gemm<F32Out, uint16_t>(y, x, w, w.books, m, num_threads);
   return true;
 #else
-  (void)y; (void)x; (void)weight; (void)m; (void)num_threads; (void)amx;
+  (void)y; (void)x; (void)w; (void)m; (void)num_threads; (void)amx;
   return false;
 #endif
 }
