@@ -111,9 +111,13 @@ void head_norms(const Plan& p, const Layer& L, bf16_t* qkv, int64_t qkv_n, int64
 
 // y [tokens, hidden] = the layer's routed experts' mixture for x [tokens, hidden]. False on an expert id out of range.
 bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx) {
-  std::vector<bf16_t> logits(static_cast<size_t>(tokens * X.num_experts));
-  std::vector<float> weights(static_cast<size_t>(tokens * X.top_k));
-  std::vector<int64_t> ids(static_cast<size_t>(tokens * X.top_k));
+  // The calling thread's buffers, kept between layers and steps.
+  static thread_local std::vector<bf16_t> logits;
+  static thread_local std::vector<float> weights;
+  static thread_local std::vector<int64_t> ids;
+  logits.resize(static_cast<size_t>(tokens * X.num_experts));
+  weights.resize(static_cast<size_t>(tokens * X.top_k));
+  ids.resize(static_cast<size_t>(tokens * X.top_k));
   linear(X.router, logits.data(), x, tokens, nt, amx);
   moe_topk(weights.data(), ids.data(), logits.data(), tokens, X.num_experts, X.top_k, X.renormalize != 0,
            X.round_weights != 0);
