@@ -44,7 +44,8 @@ OPS: dict[str, str] = {
                           "float32 scale and offset per 16 or 32 (prepare_affine)",
     "linear_fp8": "x @ W.T for float8_e4m3fn weights with a float32 scale per group of inputs of each row",
     "linear_int8": "x @ W.T for int8 weights (a scale per row) with int8 activations (per-token dynamic scales)",
-    "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row",
+    "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row; a merged "
+                       "layer's shards (q/k/v, gate/up) each with their own codebooks (prepare's shard_sizes)",
     "moe_topk": "a router's choice: softmax of logits [T, E] in float32, each token's top-k experts (float32 weights "
                 "in descending order, int64 ids), renormalised to sum to one when asked",
     "fused_moe": "mixture-of-experts MLP of x [T, H] over each token's top-k experts (ids and weights [T, k]) with "
