@@ -15,9 +15,10 @@ constexpr int64_t kCodebookMaxRows = 16;  // the most rows codebook_gemm (tiles 
 constexpr int64_t kCodeBlock = 4;         // input groups per block of the codes' layout
 constexpr int64_t kTableEntries = 256;    // books of up to this many entries (2x8, 1x8 …): 8-bit codes, table kernel
 
-// An AQLM weight as quant_ops.py's _Codebook prepares it. A merged layer (q/k/v, gate/up) is one weight whose
-// shards each have their own books. The codes are blocked by kCodeBlock input groups, so that a pass over every
-// output reads a block's codes in order ([blocks][n][block's groups][num_books]; the last block may be narrower).
+// An AQLM weight as kernels/cpu_quant_ops.py's PackedCodebook holds it. A merged layer (q/k/v, gate/up) is one
+// weight whose shards each have their own books. The codes are blocked by kCodeBlock input groups, so that a pass
+// over every output reads a block's codes in order ([blocks][n][block's groups][num_books]; the last block may be
+// narrower).
 struct CodebookWeight {
   const void* codes;          // uint8 where book_size <= kTableEntries, else uint16 (unsigned values)
   const uint16_t* books;      // float16 [shards][num_books][book_size][8], for books of more than kTableEntries
@@ -117,8 +118,8 @@ __attribute__((optimize("no-tree-vectorize"))) void table_sums(float* sums, cons
 // x[8i .. 8i+7] . books[b][e], 1 KiB a group and book, from books_t so that sixteen entries take eight
 // multiply-adds), and every output of the shard then sums its codes' entries from the table while it is in L1.
 // Each block's sums go to their own row of `partial`, summed in block order at the end, so the result does not
-// depend on the thread count. Walking all of k per output instead read the whole table (groups * NB KiB) from L2 at ~1.7 cycles a lookup
-// (~0.9 this way); building each 8-weight tile per output took ~6.5 cycles a group.
+// depend on the thread count. Walking all of k per output instead read the whole table (groups * NB KiB) from L2 at
+// ~1.7 cycles a lookup (~0.9 this way); building each 8-weight tile per output took ~6.5 cycles a group.
 template <bool F32Out, int NB>
 void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int num_threads) {
   const int64_t n = w.n, groups = w.k / kCodebookGroup, blocks = (groups + kCodeBlock - 1) / kCodeBlock;
@@ -138,7 +139,8 @@ void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int 
         const float* bt = w.books_t + s * NB * kCodebookGroup * w.book_stride;
         for (int64_t g = 0; g < width; ++g) {
           __m512 xd[kCodebookGroup];
-          for (int d = 0; d < kCodebookGroup; ++d) xd[d] = _mm512_set1_ps(bf16_to_f32(x[(i0 + g) * kCodebookGroup + d]));
+          for (int d = 0; d < kCodebookGroup; ++d)
+            xd[d] = _mm512_set1_ps(bf16_to_f32(x[(i0 + g) * kCodebookGroup + d]));
           for (int b = 0; b < NB; ++b) {
             const float* book = bt + b * kCodebookGroup * w.book_stride;
             float* out = table + (g * NB + b) * kTableEntries;
@@ -157,11 +159,10 @@ void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int 
     }
 #pragma omp barrier
     const int64_t o0 = n * tid / team, o1 = n * (tid + 1) / team;
-    float* const sum = partial;
-    for (int64_t blk = 1; blk < blocks; ++blk)
-      for (int64_t o = o0; o < o1; ++o) sum[o] += partial[blk * n + o];
+    for (int64_t blk = 1; blk < blocks; ++blk)  // block 0's row collects the sums
+      for (int64_t o = o0; o < o1; ++o) partial[o] += partial[blk * n + o];
     for (int64_t o = o0; o < o1; ++o) {
-      const float v = w.scales[o] * sum[o];
+      const float v = w.scales[o] * partial[o];
       if constexpr (F32Out) static_cast<float*>(y)[o] = v;
       else static_cast<bf16_t*>(y)[o] = f32_to_bf16(v);
     }
@@ -169,8 +170,8 @@ void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int 
 }
 
 // y [m, n] = x [m, k] . W^T where row o, inputs 8i .. 8i+7 of W are scale[o] * sum_b books[b][code(o, i, b)].
-// Each tile of 8 weights is built in a register from its shard's books (which stay in cache: 2x8 books are 8 KB,
-// 1x16 ones 1 MB) and multiplied into every row of x, so each code is read once per call.
+// Each tile of 8 weights is built in a register from its shard's books (which stay in cache: 2x8 books are 16 KB as
+// float32, 1x16 ones 1 MB) and multiplied into every row of x, so each code is read once per call.
 template <bool F32Out, typename CodeT>
 void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
                    int64_t m, int num_threads) {

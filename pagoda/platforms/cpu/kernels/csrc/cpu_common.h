@@ -133,26 +133,30 @@ inline void share_tasks(int64_t tasks, int num_threads, const Body& body) {
   share_tasks_with<NoState>(tasks, num_threads, [&](int64_t task, NoState&) { body(task); });
 }
 
-// The tasks of a GEMM on column tiles: (block of rows, group of group_tiles tiles), row-block major, so the threads
-// sweep the weights together over one block of rows at a time. Row blocks of max_rows are halved (down to min_rows)
-// while there are too few tasks to balance the threads (an uneven split, 5 + 4 tasks on two threads, wastes a tenth
-// of the step). body(r0, rows, tile0, group_tiles_here, next_group): next_group whether a group follows this one.
-// Rows per task for GEMMs that decode their weights' column tiles once per task (AQLM, per-channel FP8): 1024, halved
-// (down to 64) until the m rows and `col_groups` column groups make 4 tasks a thread. Decoding a tile costs about
-// 1/64 of its multiply-adds over 256 rows; on Zen 4, 2048-row products ran at 0.93-0.94x the bf16 GEMM's with
-// 256-row chunks against 0.97-0.98x with 1024.
-inline int64_t decoded_chunk_rows(int64_t m, int64_t col_groups, int num_threads) {
-  int64_t rows = 1024;
-  while (rows > 64 && (m + rows - 1) / rows * col_groups < 4 * num_threads) rows /= 2;
-  return rows;
+// Rows per block of a GEMM's (block of rows, group of column tiles) tasks: max_rows, halved (down to min_rows) while
+// the m rows and `groups` column groups make fewer than 4 tasks a thread (an uneven split, 5 + 4 tasks on two threads,
+// wastes a tenth of the step).
+inline int64_t gemm_block_rows(int64_t m, int64_t groups, int64_t max_rows, int64_t min_rows, int num_threads) {
+  int64_t block_m = max_rows;
+  while (block_m > min_rows && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
+  return block_m;
 }
 
+// Rows per block for the GEMMs that decode their weights' column tiles once per task (AQLM, per-channel FP8): up to
+// 1024, down to 64. Decoding a tile costs about 1/64 of its multiply-adds over 256 rows; on Zen 4, 2048-row products
+// ran at 0.93-0.94x the bf16 GEMM's with 256-row blocks against 0.97-0.98x with 1024.
+inline int64_t decoded_chunk_rows(int64_t m, int64_t col_groups, int num_threads) {
+  return gemm_block_rows(m, col_groups, 1024, 64, num_threads);
+}
+
+// The tasks of a GEMM on column tiles: (block of rows, group of group_tiles tiles), row-block major, so the threads
+// sweep the weights together over one block of rows at a time; blocks of gemm_block_rows(max_rows, min_rows).
+// body(r0, rows, tile0, group_tiles_here, next_group): next_group whether a group follows this one.
 template <class Body>
 inline void share_gemm_tasks(int64_t m, int64_t tiles, int64_t group_tiles, int64_t max_rows, int64_t min_rows,
                              int num_threads, const Body& body) {
   const int64_t groups = (tiles + group_tiles - 1) / group_tiles;
-  int64_t block_m = max_rows;
-  while (block_m > min_rows && ((m + block_m - 1) / block_m) * groups < 4 * num_threads) block_m /= 2;
+  const int64_t block_m = gemm_block_rows(m, groups, max_rows, min_rows, num_threads);
   const int64_t mblocks = (m + block_m - 1) / block_m;
   share_tasks(mblocks * groups, num_threads, [&](int64_t task) {
     const int64_t mb = task / groups, g = task % groups;

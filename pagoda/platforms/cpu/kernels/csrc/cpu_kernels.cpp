@@ -241,8 +241,9 @@ int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void*
 }
 
 // y [m, n] = x [m, k] (bf16) @ W^T for an AQLM weight (CodebookWeight, cpu_codebook.h; k a multiple of 8); y float32
-// when out_f32 else bf16. Batches over 16 rows multiply bf16-rounded column tiles (AMX tiles where amx and k allows).
-// Returns -1 when this build lacks AVX-512 (AVX512-BF16 above 16 rows) or the shape is out of range.
+// when out_f32 else bf16, by codebook_linear's choice of path (bf16-rounded column tiles on AMX tiles where amx and k
+// allow). Returns -1 when this build lacks the path (AVX-512; AVX512-BF16 for column tiles) or the shape is out of
+// range.
 int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* weight, int64_t m, int num_threads,
                          int amx) {
   const CodebookWeight& w = *static_cast<const CodebookWeight*>(weight);
