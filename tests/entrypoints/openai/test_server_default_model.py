@@ -95,15 +95,19 @@ def test_default_chat_requests_end_at_eos_with_readable_replies(default_client):
     def ask(question: str):
         return default_client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}])
 
-    def ended(reply) -> bool:
-        return reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 600
+    def good(reply) -> bool:
+        text = reply.choices[0].message.content
+        return reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 600 and _readable(text)
 
     with concurrent.futures.ThreadPoolExecutor(len(FIRST_QUESTIONS)) as pool:
         replies = list(pool.map(ask, FIRST_QUESTIONS))
-    # Sampled replies of a 135M model: now and then one rambles on past 600 tokens. A user asks again; what the
-    # defaults must not do is make that common, so each question gets one retry and must then have ended.
-    replies = [reply if ended(reply) else ask(question) for question, reply in zip(FIRST_QUESTIONS, replies)]
+    # Sampled replies of a 135M model: now and then one rambles on past 600 tokens or falls into a loop (measured
+    # on 96 samples each: "three tips for sleeping better" runs long 7% of the time, the haiku loops 1-4%). A user
+    # asks again; what the defaults must not do is make that common, so each question gets two more tries and
+    # must then have ended readably. Greedy decoding with no repetition penalty loops on Romeo and Juliet every try.
+    for _ in range(2):
+        replies = [reply if good(reply) else ask(question) for question, reply in zip(FIRST_QUESTIONS, replies)]
     for question, reply in zip(FIRST_QUESTIONS, replies):
         text = reply.choices[0].message.content
-        assert ended(reply), (question, text[:300])
+        assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 600, (question, text[:300])
         assert _readable(text), (question, text)
