@@ -34,11 +34,25 @@ class LinearKernel:
 
 
 @dataclass
+class SharedExpert:
+    """Qwen2-MoE's shared expert: a gated MLP every token takes (``gate_up`` fused, then ``down``, with the layer's
+    activation), its output scaled by ``sigmoid`` of the one-output ``gate`` projection, each product rounded to the
+    model dtype, then added to the routed experts' output."""
+
+    gate_up: LinearKernel | None  # None (each): a quantization that exposes no kernel handle (not fusable)
+    down: LinearKernel | None
+    gate: LinearKernel | None
+    intermediate_size: int
+    activation: str
+    lora: tuple[Any, Any] | None = None  # the adapter slots of gate_up and down, as DecoderLayerSpec.lora
+
+
+@dataclass
 class RoutedExperts:
-    """A layer's mixture of experts in place of its MLP (Mixtral, Qwen3-MoE): the ``router`` projection, the
-    ``moe_topk`` op's choice of each token's ``top_k`` experts (weights ``renormalize``-d, and rounded to the model
-    dtype where ``round_weights``), and the ``fused_moe`` op's ``handle`` over ``num_experts`` gated MLPs of
-    ``intermediate_size`` with ``activation``."""
+    """A layer's mixture of experts in place of its MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): the ``router`` projection,
+    the ``moe_topk`` op's choice of each token's ``top_k`` experts (weights ``renormalize``-d, and rounded to the
+    model dtype where ``round_weights``), the ``fused_moe`` op's ``handle`` over ``num_experts`` gated MLPs of
+    ``intermediate_size`` with ``activation``, and the ``shared`` expert where the block has one."""
 
     router: LinearKernel | None  # None: the router's quantization exposes no kernel handle (not fusable)
     op: Any  # the fused_moe OpImpl instance
@@ -49,6 +63,7 @@ class RoutedExperts:
     renormalize: bool
     round_weights: bool
     activation: str
+    shared: SharedExpert | None = None
 
 
 @dataclass
@@ -90,7 +105,8 @@ class DecoderStack:
 
     * ``"llama"``: RMSNorm, rotate-half rotary on a fused QKV projection (after per-head q/k norms where the layers
       have them: Qwen3), ``activation``-and-mul MLP on a fused gate/up projection, or routed experts in its place
-      (Mixtral, Qwen3-MoE: :class:`RoutedExperts`; ``intermediate_size`` is then the dense layers', 0 if none);
+      (Mixtral, Qwen2-MoE, Qwen3-MoE: :class:`RoutedExperts`; ``intermediate_size`` is then the dense layers', 0 if
+      none);
     * ``"gpt"`` (OPT, GPT-2): LayerNorm with a bias, no rotary (the positions were embedded: ``rotary_dim`` 0,
       ``rope`` None), ``activation`` between the MLP's two projections, biases in the projections;
     * ``"gemma"``: Llama's, with RMSNorms scaling by ``1 + w`` and the layers' optional Gemma 2/3 norms (see

@@ -167,8 +167,9 @@ class LlamaModel(nn.Module):
             experts = layer.routed_experts()
             if experts is None:
                 dense.append(layer.mlp)
-            elif experts.router is None:  # a router whose quantization exposes no kernel handle
-                return None
+            elif experts.router is None or (experts.shared is not None and None in (
+                    experts.shared.gate_up, experts.shared.down, experts.shared.gate)):
+                return None  # a projection whose quantization exposes no kernel handle
             kernels = llama_layer_kernels(layer, lora_step, experts is not None)
             if kernels is None:
                 return None

@@ -12,9 +12,8 @@ Each is its dense sibling (Llama / Qwen2 / Qwen3 attention) with the MLP of some
 
 In both Qwen families a layer is sparse unless it is listed in ``mlp_only_layers`` or ``(layer + 1)`` is not a
 multiple of ``decoder_sparse_step``; the others keep a dense MLP of ``intermediate_size``. Quantized checkpoints
-are refused (the experts load unquantized only). Mixtral and Qwen3-MoE layers declare their experts for a
-platform's fused decode step (:meth:`LlamaDecoderLayer.routed_experts`); Qwen2-MoE's shared expert has no place in
-that recipe, so its layers run one by one.
+are refused (the experts load unquantized only). Every family's sparse layers declare their experts, Qwen2-MoE's
+shared expert included, for a platform's fused decode step (:meth:`LlamaDecoderLayer.routed_experts`).
 """
 
 from __future__ import annotations
@@ -83,6 +82,10 @@ def is_sparse_layer(config: Any, layer_idx: int) -> bool:
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     #: Whether sparse layers have a shared expert (Qwen2-MoE), of shared_expert_intermediate_size.
     shared_expert = True
+    llama_recipe = True  # its sparse layers are the recipe's RoutedExperts, the shared expert included
+
+    def routed_experts(self) -> RoutedExperts | None:
+        return self.mlp.routed_experts() if isinstance(self.mlp, SparseMoeBlock) else None
 
     def make_mlp(self, config: Any, layer_idx: int, quant_config: QuantizationConfig, prefix: str,
                  dtype: torch.dtype, arch: dict[str, bool]) -> nn.Module:
@@ -105,10 +108,7 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
 class Qwen3MoeDecoderLayer(Qwen2MoeDecoderLayer):
     attention_cls = Qwen3Attention
     shared_expert = False
-    llama_recipe = True  # no shared expert: its sparse layers are the recipe's RoutedExperts (Qwen2-MoE's are not)
-
-    def routed_experts(self) -> RoutedExperts | None:
-        return self.mlp.routed_experts() if isinstance(self.mlp, SparseMoeBlock) else None
+    llama_recipe = True  # read from each class itself (LlamaDecoderLayer.llama_recipe)
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):

@@ -15,7 +15,7 @@ from torch import nn
 
 from pagoda.distributed.parallel_state import get_tp_group
 from pagoda.distributed.tensor_parallel import expert_parallel_enabled
-from pagoda.models.interface import RoutedExperts
+from pagoda.models.interface import RoutedExperts, SharedExpert
 from pagoda.models.layers import Linear
 from pagoda.models.llama import LlamaMLP
 from pagoda.ops import current_ops
@@ -192,14 +192,16 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = Linear(hidden, [1], False, quant_config, f"{prefix}.shared_expert_gate", dtype)
 
     def routed_experts(self) -> RoutedExperts:
-        """This block as a decoder stack declares it (blocks without a shared expert: the stack has no place for
-        one)."""
+        """This block as a decoder stack declares it (a kernel is None where a layer's quantization exposes none)."""
+        router, experts, shared = self.router, self.experts, None
         if self.shared_expert is not None:
-            raise ValueError("a block with a shared expert is not a RoutedExperts")
-        router, experts = self.router, self.experts
+            mlp, gate = self.shared_expert, self.shared_expert_gate
+            shared = SharedExpert(*(m.quant_method.kernel(m) for m in (mlp.gate_up_proj, mlp.down_proj, gate)),
+                                  mlp.gate_up_proj.output_sizes[0], mlp.act.act,
+                                  (mlp.gate_up_proj.lora, mlp.down_proj.lora))
         return RoutedExperts(router.gate.quant_method.kernel(router.gate), experts.op, experts.handle,
                              experts.num_experts, experts.intermediate_size, router.top_k, router.renormalize,
-                             router.weights_dtype is not None, experts.activation)
+                             router.weights_dtype is not None, experts.activation, shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)

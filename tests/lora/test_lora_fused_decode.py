@@ -75,25 +75,34 @@ def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_mod
     assert_all_blocks_free(llm)
 
 
-def test_gpt_style_lora_decode_steps_fused_equal_layer_by_layer(tiny_model_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("family", ["opt", "qwen2_moe"])
+def test_lora_decode_steps_of_other_recipes_fused_equal_layer_by_layer(tiny_model_dir, monkeypatch, tmp_path,
+                                                                         family):
     """OPT (the "gpt" recipe: LayerNorm with biases, no rotary) with an adapter on q, k and v (OPT's LoRA-capable
-    layers): the fused steps with adapter rows give the layer-by-layer path's tokens."""
+    layers), and Qwen2-MoE with one on every MLP projection (its dense layer's and its sparse layer's shared
+    expert): the fused steps with adapter rows give the layer-by-layer path's tokens."""
     from transformers import OPTConfig
 
     from pagoda.platforms.cpu import ops as cpu_op_impls
     from tests.lora.conftest import make_peft_adapter
+    from tests.models.checkpoint_variants import randomize_vectors
+    from tests.models.test_moe import qwen2_moe_config
     from tests.models.test_opt import KINDS, TINY
 
-    # Small batches' LayerNorm runs the native kernel per op too, as in the fused step (see test_fused_decode).
-    monkeypatch.setattr(cpu_op_impls, "LAYER_NORM_MIN_ELEMENTS", 0)
-    base = tiny_model_dir("opt_pre_norm", OPTConfig(**TINY, **KINDS["opt_pre_norm"]))
-    adapter = make_peft_adapter(base, str(tmp_path / "adapter"), 7,
-                                target_modules=("q_proj", "k_proj", "v_proj"))
+    if family == "opt":
+        # Small batches' LayerNorm runs the native kernel per op too, as in the fused step (see test_fused_decode).
+        monkeypatch.setattr(cpu_op_impls, "LAYER_NORM_MIN_ELEMENTS", 0)
+        base = tiny_model_dir("opt_pre_norm", OPTConfig(**TINY, **KINDS["opt_pre_norm"]))
+        targets = ("q_proj", "k_proj", "v_proj")
+    else:
+        base = randomize_vectors(tiny_model_dir("qwen2_moe", qwen2_moe_config()))
+        targets = ("gate_proj", "up_proj", "down_proj")
+    adapter = make_peft_adapter(base, str(tmp_path / "adapter"), 7, target_modules=targets)
     llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True, max_model_len=128,
               num_gpu_blocks_override=64)
     runner = llm.llm_engine.runner
     if runner.fused_decode is None or not runner.fused_decode.lora_fused:
-        pytest.skip("this platform fuses no decode step with adapters for the tiny OPT in bf16")
+        pytest.skip(f"this platform fuses no decode step with adapters for the tiny {family} in bf16")
     lora = LoRARequest("a", 1, adapter)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]

@@ -112,18 +112,17 @@ def test_qwen3_fused_decode_equals_per_op_path(tiny_model_dir):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_moe_fused_decode_equals_per_op_path(tiny_model_dir, family):
-    """Routed experts in the "llama" recipe: Mixtral (every layer sparse, renormalised float32 weights) and Qwen3-MoE
-    (a dense layer beside a sparse one, weights rounded to bf16). Qwen2-MoE's shared expert is not in the recipe,
-    so its decode steps run layer by layer."""
+    """Routed experts in the "llama" recipe: Mixtral (every layer sparse, renormalised float32 weights), Qwen3-MoE (a
+    dense layer beside a sparse one, weights rounded to bf16) and Qwen2-MoE (the same, plus the shared expert scaled
+    by the sigmoid of its gate)."""
     llm = LLM(randomize_vectors(tiny_model_dir(family, MOE_CONFIGS[family]())), dtype="bfloat16",
               kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False, skip_tokenizer_init=True, max_model_len=256)
     fused = llm.llm_engine.runner.fused_decode
-    if family == "qwen2_moe":
-        assert fused is None
-        return
     assert fused is not None, "decode steps were not fused"
     sparse = [layer.experts is not None for layer in fused.stack.layers]
     assert sparse == ([True, True] if family == "mixtral" else [False, True])
+    shared = [layer.experts.shared is not None for layer in fused.stack.layers if layer.experts]
+    assert shared == [family == "qwen2_moe"] * len(shared)
     assert _run(llm, fused=True) == _run(llm, fused=False)
 
 

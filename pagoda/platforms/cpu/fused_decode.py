@@ -6,9 +6,10 @@ weights as the chosen ops' handles) and the engine's ops; when every op of the s
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
 ``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``, ``"gemma"``
 and ``"gpt"`` (OPT, GPT-2); a Llama stack's layers may route to experts in place of their MLP (Mixtral,
-Qwen3-MoE). The step calls the same kernels in the same order, so its numbers are those of the
-per-op path, with one exception: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one
-call from Python costs more than the work), which may round a last bit differently from the native kernel. It plays
+Qwen3-MoE), with a shared expert beside them (Qwen2-MoE). The step calls the same kernels in the same order, so its numbers are those of the
+per-op path, with two exceptions: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one
+call from Python costs more than the work), and from 32 rows torch's sigmoid of Qwen2-MoE's shared-expert gate takes
+a vectorised exp; either may round a last bit differently from the native kernel. It plays
 the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
 steps small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the
 engine serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter
@@ -70,7 +71,9 @@ class _Layer(ctypes.Structure):
 
 class _Experts(ctypes.Structure):
     _fields_ = [("router", _Linear), ("w13", c_void_p), ("w2", c_void_p)] + [
-        (name, c_int64) for name in ("num_experts", "inter", "top_k", "renormalize", "round_weights", "amx")]
+        (name, c_int64) for name in ("num_experts", "inter", "top_k", "renormalize", "round_weights", "amx")] + [
+        ("shared_gate_up", _Linear), ("shared_down", _Linear), ("shared_gate", _Linear), ("shared_inter", c_int64),
+        ("shared_lora", c_void_p * 2)]
 
 
 class _Plan(ctypes.Structure):
@@ -118,17 +121,19 @@ def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
     raise NotFusable(f"a {type(kernel.op).__name__} weight is not on a native GEMM")
 
 
-def _experts(experts: Any, router: _Linear, ops: Any, keep: list) -> int:
-    """The native step's descriptor of a layer's routed experts (kept alive in ``keep``), given its router's GEMM
-    descriptor: only where the per-op path runs the same native routing and expert kernels."""
+def _experts(experts: Any, linears: list[_Linear], shared_lora: list[int | None], ops: Any, keep: list) -> int:
+    """The native step's descriptor of a layer's routed experts (kept alive in ``keep``), given the GEMM descriptors
+    of its router and (where it has one) its shared expert's three projections: only where the per-op path runs the
+    same native routing and expert kernels."""
     if not isinstance(ops.moe_topk, NativeMoeTopK):
         raise NotFusable(f"op moe_topk runs {type(ops.moe_topk).name}, not the native kernel")
     if not isinstance(experts.op, PackedFusedMoE) or experts.activation != "silu":
         raise NotFusable(f"experts on {type(experts.op).name} with {experts.activation}")
-    handle = experts.handle
-    descriptor = _Experts(router, handle.w13.data_ptr(), handle.w2.data_ptr(), experts.num_experts,
+    handle, shared = experts.handle, experts.shared
+    descriptor = _Experts(linears[0], handle.w13.data_ptr(), handle.w2.data_ptr(), experts.num_experts,
                           experts.intermediate_size, experts.top_k, int(experts.renormalize),
-                          int(experts.round_weights), int(experts.op.uses_amx))
+                          int(experts.round_weights), int(experts.op.uses_amx), *linears[1:4],
+                          shared.intermediate_size if shared else 0, (c_void_p * 2)(*shared_lora))
     keep.append(descriptor)
     return ctypes.addressof(descriptor)
 
@@ -173,12 +178,15 @@ class FusedDecode:
             self.keep.extend(w for w in norms if w is not None)
             if kv.shape != cache.shape or kv.dtype != cache.dtype or not kv.is_contiguous():
                 raise NotFusable("KV caches of different layouts")
-            linears = []
+            linears, experts = [], layer.experts
+            shared = experts.shared if experts is not None else None
+            if shared is not None and shared.activation != stack.activation:
+                raise NotFusable(f"a shared expert with {shared.activation} in a stack with {stack.activation}")
             kernels = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            if layer.experts is not None:
-                kernels += (layer.experts.router,)
+            if experts is not None:  # the router, then the shared expert's projections (None: no shared expert)
+                kernels += (experts.router,) + ((shared.gate_up, shared.down, shared.gate) if shared else (None,) * 3)
             for kernel in kernels:
-                if kernel is None:  # the MLP's projections of a layer with routed experts
+                if kernel is None:  # the MLP's projections of a layer with routed experts; no shared expert
                     linears.append(_Linear())
                     continue
                 if getattr(kernel.op, "uses_amx", self.amx) != self.amx:
@@ -187,12 +195,13 @@ class FusedDecode:
                 linears.append(linear)
                 if limit is not None:
                     self.max_tokens = min(limit, self.max_tokens or limit)
-            lora = [slots.slots.pointer if self.lora_fused and slots is not None else None
-                    for slots in layer.lora or (None,) * 4]
+            lora, shared_lora = (
+                [slots.slots.pointer if self.lora_fused and slots is not None else None for slots in layer_slots]
+                for layer_slots in (layer.lora or (None,) * 4, shared and shared.lora or (None,) * 2))
             layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears[:4],
                                kv[0].data_ptr(), kv[1].data_ptr(), layer.sliding_window or 0, layer.rope_table,
                                (c_void_p * 4)(*lora),
-                               None if layer.experts is None else _experts(layer.experts, linears[4], ops, self.keep))
+                               None if experts is None else _experts(experts, linears[4:], shared_lora, ops, self.keep))
         self.layers = layers
         _, _, block_size, kv_heads, head_size = cache.shape
         self.hidden, self.inter = stack.hidden_size, stack.intermediate_size

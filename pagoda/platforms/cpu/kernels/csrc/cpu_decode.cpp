@@ -10,7 +10,8 @@
 //   between the two MLP projections, biases in the projections' packed weights;
 // - Gemma's: Llama's with RMSNorm scaling by 1 + w, and in Gemma 2/3 a norm after attention and after the MLP too
 //   (before each residual add), Gemma 3's per-head q/k norms and a rotary table per layer type.
-// In Llama's, a layer may route each token to its top-k experts in place of the MLP (Mixtral, Qwen3-MoE).
+// In Llama's, a layer may route each token to its top-k experts in place of the MLP (Mixtral, Qwen3-MoE), plus a
+// shared expert every token takes (Qwen2-MoE).
 // Every recipe may interleave sliding-window layers with global ones: each layer has its own window.
 
 #include "cpu_kernels.h"
@@ -46,15 +47,20 @@ struct Layer {
   const struct Experts* experts;  // routed experts in place of the MLP (gate_up and down unused), or null
 };
 
-// A layer's mixture of experts (Mixtral, Qwen3-MoE): the router's projection, each token's top-k experts
+// A layer's mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the router's projection, each token's top-k experts
 // (moe_topk) and the fused MLP over them (fused_moe; cpu_moe.h), as the per-op path's moe_topk and fused_moe ops
-// compute them.
+// compute them; Qwen2-MoE's shared expert added as its SparseMoeBlock adds it.
 struct Experts {
   Linear router;
   const bf16_t* w13;  // every expert's packed gate/up weight, then ...
   const bf16_t* w2;   // ... its down weight, one expert after another
   int64_t num_experts, inter, top_k;
   int64_t renormalize, round_weights, amx;  // amx: the fused_moe op's (AMX tiles from kAmxMinRows rows an expert)
+  // The shared expert every token takes (shared_inter 0: none): a gated MLP of shared_inter with the step's
+  // activation, its output scaled by sigmoid of the one-output shared_gate; its MLP's adapter slots, or null.
+  Linear shared_gate_up, shared_down, shared_gate;
+  int64_t shared_inter;
+  const LoRASlots* shared_lora[2];
 };
 
 enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1, kGemmaRecipe = 2 };
@@ -109,8 +115,46 @@ void head_norms(const Plan& p, const Layer& L, bf16_t* qkv, int64_t qkv_n, int64
   });
 }
 
-// y [tokens, hidden] = the layer's routed experts' mixture for x [tokens, hidden]. False on an expert id out of range.
-bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx) {
+// The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
+void lora(const LoRASlots* slots, const LoRAGroups* groups, const float* scales, bf16_t* y, int64_t ldy,
+          const bf16_t* x, int64_t ldx, int nt, bool amx) {
+  if (groups && slots) lora_shrink_expand(*slots, *groups, scales, y, ldy, x, ldx, nt, amx);
+}
+
+// y += sigmoid(gate(x)) * mlp(x) for the shared expert, each product and sum rounded to bf16 as the per-op path's
+// torch calls round them. Its sigmoid is torch's scalar formula (std::exp in float), the one torch evaluates for a
+// batch under 32 rows; from 32 rows torch's vectorised exp may round a last float bit differently.
+void shared_expert(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx,
+                   const LoRAGroups* groups, const float* lora_scales, bool lora_amx) {
+  static thread_local std::vector<bf16_t> gate_up, act, out, gate;
+  const int64_t inter = X.shared_inter;
+  gate_up.resize(static_cast<size_t>(tokens * 2 * inter));
+  act.resize(static_cast<size_t>(tokens * inter));
+  out.resize(static_cast<size_t>(tokens * p.hidden));
+  gate.resize(static_cast<size_t>(tokens));
+  linear(X.shared_gate_up, gate_up.data(), x, tokens, nt, amx);
+  lora(X.shared_lora[0], groups, lora_scales, gate_up.data(), 2 * inter, x, p.hidden, nt, lora_amx);
+  gated_activation<bf16_t>(act.data(), gate_up.data(), tokens, inter, static_cast<int>(p.activation), nt);
+  linear(X.shared_down, out.data(), act.data(), tokens, nt, amx);
+  lora(X.shared_lora[1], groups, lora_scales, out.data(), p.hidden, act.data(), inter, nt, lora_amx);
+  linear(X.shared_gate, gate.data(), x, tokens, nt, amx);
+  // Pointers, not the buffers: a thread_local named in the lambda would be each worker thread's own (empty) one.
+  const bf16_t* gates = gate.data();
+  const bf16_t* outs = out.data();
+  share_rows(tokens, nt, [&](int64_t t) {
+    const float g = bf16_to_f32(gates[t]);
+    const float s = bf16_to_f32(f32_to_bf16(1.f / (1.f + std::exp(-g))));
+    bf16_t* row = y + t * p.hidden;
+    const bf16_t* o = outs + t * p.hidden;
+    for (int64_t i = 0; i < p.hidden; ++i)
+      row[i] = f32_to_bf16(bf16_to_f32(row[i]) + bf16_to_f32(f32_to_bf16(s * bf16_to_f32(o[i]))));
+  });
+}
+
+// y [tokens, hidden] = the layer's routed experts' mixture for x [tokens, hidden], plus its shared expert where it
+// has one. False on an expert id out of range.
+bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx,
+             const LoRAGroups* groups, const float* lora_scales, bool lora_amx) {
   // The calling thread's buffers, kept between layers and steps.
   static thread_local std::vector<bf16_t> logits;
   static thread_local std::vector<float> weights;
@@ -121,14 +165,11 @@ bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_
   linear(X.router, logits.data(), x, tokens, nt, amx);
   moe_topk(weights.data(), ids.data(), logits.data(), tokens, X.num_experts, X.top_k, X.renormalize != 0,
            X.round_weights != 0);
-  return fused_moe(y, x, weights.data(), ids.data(), tokens, X.top_k, X.w13, X.w2, X.num_experts, p.hidden, X.inter,
-                   nt, X.amx != 0);
-}
-
-// The layer's LoRA delta added to its output y (x its input), when this step has adapter rows and it has slots.
-void lora(const LoRASlots* slots, const LoRAGroups* groups, const float* scales, bf16_t* y, int64_t ldy,
-          const bf16_t* x, int64_t ldx, int nt, bool amx) {
-  if (groups && slots) lora_shrink_expand(*slots, *groups, scales, y, ldy, x, ldx, nt, amx);
+  if (!fused_moe(y, x, weights.data(), ids.data(), tokens, X.top_k, X.w13, X.w2, X.num_experts, p.hidden, X.inter,
+                 nt, X.amx != 0))
+    return false;
+  if (X.shared_inter) shared_expert(p, X, y, x, tokens, nt, amx, groups, lora_scales, lora_amx);
+  return true;
 }
 #endif
 
@@ -194,7 +235,8 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
       norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, nt);
     }
     if (L.experts) {
-      if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0)) return -2;
+      if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0, groups, lora_scales, p.lora_amx != 0))
+        return -2;
     } else {
       linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
       lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
