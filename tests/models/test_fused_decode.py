@@ -126,6 +126,24 @@ def test_moe_fused_decode_equals_per_op_path(tiny_model_dir, family):
     assert _run(llm, fused=True) == _run(llm, fused=False)
 
 
+@pytest.mark.parametrize("arch,qtype", [("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_K")])
+def test_gguf_moe_fused_decode_equals_per_op_path(tmp_path, arch, qtype):
+    """A GGUF MoE file: block-quantized attention projections (Qwen2-MoE's with q/k/v biases) and shared-expert
+    projections beside the dequantized experts, in the fused step as in the per-op path."""
+    from gguf.constants import GGMLQuantizationType
+
+    from tests.quantization.gguf_families import tiny_model, write_gguf
+
+    path = write_gguf(str(tmp_path / f"{arch}.gguf"), arch, tiny_model(arch), GGMLQuantizationType[qtype])
+    llm = LLM(path, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False,
+              skip_tokenizer_init=True, max_model_len=256)
+    fused = llm.llm_engine.runner.fused_decode
+    assert fused is not None, "decode steps were not fused"
+    shared = [layer.experts.shared is not None for layer in fused.stack.layers if layer.experts]
+    assert shared and all(shared) == (arch == "qwen2moe")
+    assert _run(llm, fused=True) == _run(llm, fused=False)
+
+
 def test_post_norm_opt_is_not_fused(tiny_model_dir):
     from transformers import OPTConfig
 

@@ -11,18 +11,20 @@ from torch import nn
 
 from pagoda.quantization.gguf import GGUFConfig, GGUFWeight
 from pagoda.quantization.gguf.dequant import dequantize
-from pagoda.ops import reference_ops, select_ops, use_ops
+from pagoda.ops import current_ops, reference_ops, select_ops, use_ops
 from pagoda.platforms import resolve_platform
 from pagoda.platforms.cpu.kernels import cpu
-from pagoda.quantization.gguf.kernels import (DenseKernel, Int4Kernel, Int8Kernel, BlockQuantKernel,
+from pagoda.quantization.gguf.kernels import (DenseKernel, Int4Kernel, Int8Kernel, BlockQuantKernel, OpKernel,
                                               RawKernel)
 
 from .conftest import random_blocks
 
 TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 INT8_CODED = (T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q5_K, T.Q6_K)
+# Float records go to the engine's linear_dense op, as an unquantized checkpoint's layers do (torch's reference in
+# these tests' default ops); where that op does not take the model's dtype, torch's matmul on the weight.
 EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, **{t: Int8Kernel for t in INT8_CODED},
-                   T.F32: DenseKernel, T.F16: DenseKernel, T.BF16: DenseKernel}
+                   T.F32: OpKernel, T.F16: OpKernel, T.BF16: OpKernel}
 EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int8Kernel, T.Q4_1: Int8Kernel,
                        T.Q4_K: Int8Kernel}
 # bf16 with pagoda's native CPU kernels (a CPU with AVX512-BF16): every block type.
@@ -95,6 +97,9 @@ def test_linear_matches_float64_reference(qtype, batch, dtype, kernel_path):
     layer, method = _linear([96], 512, [w], dtype=dtype)  # the model computes in the activations' dtype
     expected = (EXPECTED_KERNEL_F32 if dtype == torch.float32 else
                 EXPECTED_KERNEL_NATIVE if kernel_path == "native" else EXPECTED_KERNEL)
+    dense = current_ops().linear_dense
+    if qtype in (T.F32, T.F16, T.BF16) and dense.dtypes is not None and dtype not in dense.dtypes:
+        expected = {qtype: DenseKernel}  # the native bf16 GEMM paired with a float32 layer: torch's matmul
     assert isinstance(layer.gguf_kernels[0], expected.get(qtype, RawKernel))
     x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(1)).to(dtype)
     _check(method.apply(layer, x), x, w.dequantize().double(), None, dtype)

@@ -26,7 +26,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from pagoda.quantization.gguf.dequant import dequantize, int4_affine, int8_affine, int8_blocks, int8_scaled
 from pagoda.quantization.int_kernels import (CHUNK_ROWS, BlockQuantKernel, DenseKernel, Int4Kernel, Int8Kernel,
-                                             Kernel, block_quant_op_for, release_freed_memory)
+                                             Kernel, OpKernel, block_quant_op_for, release_freed_memory)
 
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
 INT8_TYPES = (T.Q8_0, T.Q6_K)
@@ -54,6 +54,17 @@ class RawKernel(Kernel):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
         return dequantize(self.raw.index_select(0, flat), self.ggml_type, dtype).reshape(*ids.shape, -1)
+
+
+def dense_op_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int], dtype: torch.dtype,
+                    dense_op) -> OpKernel:
+    """A float-typed linear weight (F32 / F16 / BF16 records: routers, gates, small projections) in the model's
+    dtype, held by the engine's ``linear_dense`` implementation ``dense_op`` as an unquantized checkpoint's layer is,
+    so it multiplies on the same kernels and a fused step can take it."""
+    ggml_type = T(ggml_type)
+    source = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[ggml_type]
+    weight = dequantize(data, ggml_type, source).reshape(shape).to(dtype)
+    return OpKernel(dense_op, dense_op.prepare(weight, None), *shape)
 
 
 def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],

@@ -24,8 +24,8 @@ from torch import nn
 from pagoda.models.interface import LinearKernel
 from pagoda.ops import current_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel, RawKernel,
-                                              block_quant_op_for, make_kernel,
+from pagoda.quantization.gguf.kernels import (FLOAT_TYPES, INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel,
+                                              OpKernel, RawKernel, block_quant_op_for, dense_op_kernel, make_kernel,
                                               release_freed_memory)
 from pagoda.quantization.checkpoint_linear import apply_kernels, register_bias
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
@@ -101,7 +101,13 @@ class GGUFLinearMethod(LinearMethod):
         op = current_ops().linear_block_quant
         if len(types) == 1:
             data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
-            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k), layer.gguf_dtype, op)]
+            shape = (data.shape[0], k)
+            dense = current_ops().linear_dense  # chosen for the model's dtype (a test may pair others: then torch's)
+            if shards[0].ggml_type in FLOAT_TYPES and (dense.dtypes is None or layer.gguf_dtype in dense.dtypes):
+                kernel = dense_op_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, dense)
+            else:
+                kernel = make_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, op)
+            layer.gguf_kernels = [kernel]
         else:
             layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape, layer.gguf_dtype, op) for s in shards]
         layer.gguf_shards = None  # drop the views of the file
@@ -114,7 +120,7 @@ class GGUFLinearMethod(LinearMethod):
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
         kernels = layer.gguf_kernels
-        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], BlockQuantKernel):
+        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], (BlockQuantKernel, OpKernel)):
             return None
         return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
 
