@@ -14,7 +14,9 @@ gather dequantized rows (for embedding tables). Which form a type gets:
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
 - **Int8Kernel** (the other block types without the native op, e.g. float32 models; Q4 codes widened to int8):
   the same int8 codes with one float scale (and offset) per 16 or 32 values, run per group at decode sizes.
-- **DenseKernel** (F32, F16, BF16): the tensor itself.
+- **OpKernel** over the engine's ``linear_dense`` (F32, F16, BF16 linear records: routers, gates): in the model's
+  dtype, as an unquantized layer holds it (:func:`dense_op_kernel`); **DenseKernel**, the tensor itself, where that
+  op does not take the model's dtype and for float shards of a merged layer of mixed types.
 - **RawKernel** (embedding tables of Q4 types without the native op): the file's bytes, dequantized per call.
 """
 
