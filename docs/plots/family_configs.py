@@ -1,6 +1,7 @@
 """Write the model directories the model-family benchmarks run with ``--load-format dummy``: an OPT-125m-shaped, a
-Gemma-3-270m-shaped, a small Mixtral-shaped, a small Qwen2-MoE-shaped and a Qwen3-0.6B-shaped config (config.json plus the bundled SmolLM2 tokenizer, so both
-engines can start; the workloads feed random token ids, so the tokenizer's vocabulary never matters).
+Gemma-3-270m-shaped, a small Mixtral-shaped, a small Qwen2-MoE-shaped and a Qwen3-0.6B-shaped config (config.json
+plus the bundled SmolLM2 tokenizer, so both engines can start; the workloads feed random token ids, so the
+tokenizer's vocabulary never matters).
 
 Usage: python docs/plots/family_configs.py OUT_DIR [TOKENIZER_DIR]
 """

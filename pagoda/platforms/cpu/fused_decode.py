@@ -6,11 +6,11 @@ weights as the chosen ops' handles) and the engine's ops; when every op of the s
 native kernels it returns a :class:`FusedDecode`, which hands the whole layer loop of a decode-only step to
 ``pagoda_decode_layers`` (``kernels/csrc/cpu_decode.cpp``). Every stack recipe is fused: ``"llama"``, ``"gemma"``
 and ``"gpt"`` (OPT, GPT-2); a Llama stack's layers may route to experts in place of their MLP (Mixtral,
-Qwen3-MoE), with a shared expert beside them (Qwen2-MoE). The step calls the same kernels in the same order, so its numbers are those of the
-per-op path, with two exceptions: the per-op LayerNorm takes torch's below ``LAYER_NORM_MIN_ELEMENTS`` (where one
-call from Python costs more than the work), and from 32 rows torch's sigmoid of Qwen2-MoE's shared-expert gate takes
-a vectorised exp; either may round a last bit differently from the native kernel. It plays
-the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
+Qwen3-MoE), with a shared expert beside them (Qwen2-MoE). The step calls the same kernels in the same order, so its
+numbers are those of the per-op path, with two exceptions: the per-op LayerNorm takes torch's below
+``LAYER_NORM_MIN_ELEMENTS`` (where one call from Python costs more than the work), and from 32 rows torch's sigmoid
+of Qwen2-MoE's shared-expert gate takes a vectorised exp; either may round a last bit differently from the native
+kernel. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
 steps small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the
 engine serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter
 delta with the same kernel the per-op path calls; with another implementation, steps that have adapter rows run layer
