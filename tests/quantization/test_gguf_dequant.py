@@ -14,7 +14,7 @@ from pagoda.quantization.gguf.dequant import dequantize
 from pagoda.ops import current_ops, reference_ops, select_ops, use_ops
 from pagoda.platforms import resolve_platform
 from pagoda.platforms.cpu.kernels import cpu
-from pagoda.quantization.gguf.kernels import (DenseKernel, Int4Kernel, Int8Kernel, BlockQuantKernel, OpKernel,
+from pagoda.quantization.gguf.kernels import (DenseKernel, Int4Kernel, Int8Kernel, BlockQuantKernel, DenseOpKernel,
                                               RawKernel)
 
 from .conftest import random_blocks
@@ -24,7 +24,7 @@ INT8_CODED = (T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q5_K, T.Q6_K)
 # Float records go to the engine's linear_dense op, as an unquantized checkpoint's layers do (torch's reference in
 # these tests' default ops); where that op does not take the model's dtype, torch's matmul on the weight.
 EXPECTED_KERNEL = {T.Q4_0: Int4Kernel, T.Q4_1: Int4Kernel, T.Q4_K: Int4Kernel, **{t: Int8Kernel for t in INT8_CODED},
-                   T.F32: OpKernel, T.F16: OpKernel, T.BF16: OpKernel}
+                   T.F32: DenseOpKernel, T.F16: DenseOpKernel, T.BF16: DenseOpKernel}
 EXPECTED_KERNEL_F32 = {**EXPECTED_KERNEL, T.Q4_0: Int8Kernel, T.Q4_1: Int8Kernel,
                        T.Q4_K: Int8Kernel}
 # bf16 with pagoda's native CPU kernels (a CPU with AVX512-BF16): every block type.
@@ -148,6 +148,9 @@ def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype, kernel_pa
         logits = method.logits(layer, hidden)
         assert logits.dtype == torch.float32
         _check(logits.to(dtype), hidden, full.double(), None, dtype)
+        greedy = method.greedy(layer, hidden)  # None: the form has no in-kernel argmax (the sampler takes logits)
+        if greedy is not None:
+            assert greedy.tolist() == logits.argmax(-1).tolist()
 
 
 def test_weights_stay_compact(kernel_path):

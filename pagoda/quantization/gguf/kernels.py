@@ -14,9 +14,10 @@ gather dequantized rows (for embedding tables). Which form a type gets:
   weight plus the scales, about the size of the file. Scales are rounded to the activation dtype.
 - **Int8Kernel** (the other block types without the native op, e.g. float32 models; Q4 codes widened to int8):
   the same int8 codes with one float scale (and offset) per 16 or 32 values, run per group at decode sizes.
-- **OpKernel** over the engine's ``linear_dense`` (F32, F16, BF16 linear records: routers, gates): in the model's
-  dtype, as an unquantized layer holds it (:func:`dense_op_kernel`); **DenseKernel**, the tensor itself, where that
-  op does not take the model's dtype and for float shards of a merged layer of mixed types.
+- **DenseOpKernel** over the engine's ``linear_dense`` (F32, F16, BF16 records: routers, gates, whole float files'
+  layers and tables): in the model's dtype, as an unquantized weight is held (:func:`dense_op_kernel`);
+  **DenseKernel**, the tensor itself, where that op does not take the model's dtype and for float shards of a
+  merged layer of mixed types.
 - **RawKernel** (embedding tables of Q4 types without the native op): the file's bytes, dequantized per call.
 """
 
@@ -58,15 +59,32 @@ class RawKernel(Kernel):
         return dequantize(self.raw.index_select(0, flat), self.ggml_type, dtype).reshape(*ids.shape, -1)
 
 
+class DenseOpKernel(OpKernel):
+    """A float weight held by the engine's ``linear_dense`` op: products, logits, in-kernel argmax and row gathers
+    (an embedding table that is also the LM head) all go to the op, as for an unquantized checkpoint's layers."""
+
+    def argmax(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.op.greedy(self.handle, x, allowed)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.op.rows(self.handle, ids).to(dtype)
+
+
 def dense_op_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int], dtype: torch.dtype,
-                    dense_op) -> OpKernel:
-    """A float-typed linear weight (F32 / F16 / BF16 records: routers, gates, small projections) in the model's
-    dtype, held by the engine's ``linear_dense`` implementation ``dense_op`` as an unquantized checkpoint's layer is,
+                    dense_op) -> DenseOpKernel:
+    """A float-typed record (F32 / F16 / BF16: routers, gates, whole F16 files' layers and tables) in the model's
+    dtype, held by the engine's ``linear_dense`` implementation ``dense_op`` as an unquantized checkpoint's weight is,
     so it multiplies on the same kernels and a fused step can take it."""
     ggml_type = T(ggml_type)
     source = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[ggml_type]
     weight = dequantize(data, ggml_type, source).reshape(shape).to(dtype)
-    return OpKernel(dense_op, dense_op.prepare(weight, None), *shape)
+    return DenseOpKernel(dense_op, dense_op.prepare(weight, None), *shape)
+
+
+def takes_dense_op(ggml_type: int, dtype: torch.dtype, dense_op) -> bool:
+    """Whether a record of ``ggml_type`` goes to the ``linear_dense`` implementation ``dense_op`` in a model of
+    ``dtype``: float records, where the op computes in that dtype (else torch's matmul on the tensor)."""
+    return ggml_type in FLOAT_TYPES and (dense_op.dtypes is None or dtype in dense_op.dtypes)
 
 
 def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],

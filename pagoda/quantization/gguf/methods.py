@@ -24,9 +24,9 @@ from torch import nn
 from pagoda.models.interface import LinearKernel
 from pagoda.ops import current_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
-from pagoda.quantization.gguf.kernels import (FLOAT_TYPES, INT4_TYPES, INT8_TYPES, BlockQuantKernel, Kernel,
-                                              OpKernel, RawKernel, block_quant_op_for, dense_op_kernel, make_kernel,
-                                              release_freed_memory)
+from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, DenseOpKernel, Kernel,
+                                              RawKernel, block_quant_op_for, dense_op_kernel, make_kernel,
+                                              release_freed_memory, takes_dense_op)
 from pagoda.quantization.checkpoint_linear import apply_kernels, register_bias
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 from pagoda.quantization.tensor_parallel import layer_partition, narrow_gguf_rows
@@ -102,8 +102,8 @@ class GGUFLinearMethod(LinearMethod):
         if len(types) == 1:
             data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
             shape = (data.shape[0], k)
-            dense = current_ops().linear_dense  # chosen for the model's dtype (a test may pair others: then torch's)
-            if shards[0].ggml_type in FLOAT_TYPES and (dense.dtypes is None or layer.gguf_dtype in dense.dtypes):
+            dense = current_ops().linear_dense
+            if takes_dense_op(shards[0].ggml_type, layer.gguf_dtype, dense):
                 kernel = dense_op_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, dense)
             else:
                 kernel = make_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, op)
@@ -120,16 +120,16 @@ class GGUFLinearMethod(LinearMethod):
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
         kernels = layer.gguf_kernels
-        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], (BlockQuantKernel, OpKernel)):
+        if kernels is None or len(kernels) != 1 or not isinstance(kernels[0], (BlockQuantKernel, DenseOpKernel)):
             return None
         return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
 
 
 class GGUFEmbeddingMethod(EmbeddingMethod):
-    """The table keeps a form that gathers rows cheaply (int8 codes for Q8_0/Q6_K, the file's bytes
-    otherwise); ``logits`` uses that same form for Q8_0/Q6_K/float tables, and builds an int4 copy on
-    first use for Q4 tables (torch's int4 layout cannot be gathered). On the native bf16 CPU kernel one packed
-    form serves both."""
+    """The table keeps a form that gathers rows cheaply (int8 codes for Q8_0/Q6_K, the ``linear_dense`` op's form
+    for float tables, the file's bytes otherwise); ``logits`` uses that same form for Q8_0/Q6_K/float tables, and
+    builds an int4 copy on first use for Q4 tables (torch's int4 layout cannot be gathered). On the native bf16 CPU
+    kernel one packed form serves both."""
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
@@ -166,7 +166,10 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         if record is None:
             raise ValueError(f"{self.prefix}: no embedding table was loaded")
         op = block_quant_op_for(current_ops().linear_block_quant, record.shape[1], layer.gguf_dtype)
-        if record.ggml_type in INT4_TYPES and op is None:
+        dense = current_ops().linear_dense
+        if takes_dense_op(record.ggml_type, layer.gguf_dtype, dense):  # gathers, logits and argmax on the op
+            layer.gguf_table = dense_op_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, dense)
+        elif record.ggml_type in INT4_TYPES and op is None:
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
         else:
             layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, op)
