@@ -31,6 +31,9 @@ class LinearKernel:
     op: Any  # an OpImpl instance
     handle: Any
     bias: torch.Tensor | None = None
+    #: The order of the layer's inputs the handle's columns follow (GPTQ act-order: int64 indices, the handle
+    #: multiplies ``x[:, input_order]``), or None for the layer's own order.
+    input_order: torch.Tensor | None = None
 
 
 @dataclass

@@ -252,11 +252,17 @@ class CheckpointLinearMethod(LinearMethod):
 
     def kernel(self, layer: nn.Module) -> LinearKernel | None:
         # One op call computes the layer when it has one kernel that is an op's handle (block-quantized, FP8,
-        # INT8, codebook — not a permuted or torch-form kernel); the platform decides what it can fuse.
+        # INT8, codebook — not a torch-form kernel), its inputs reordered first for act-order GPTQ; the platform
+        # decides what it can fuse.
         kernels = layer.quant_kernels
-        if kernels is None or len(kernels) != 1 or getattr(kernels[0], "handle", None) is None:
+        if kernels is None or len(kernels) != 1:
             return None
-        return LinearKernel(kernels[0].op, kernels[0].handle, layer.bias)
+        kernel, order = kernels[0], None
+        if isinstance(kernel, PermutedKernel):
+            kernel, order = kernel.inner, kernel.perm
+        if getattr(kernel, "handle", None) is None:
+            return None
+        return LinearKernel(kernel.op, kernel.handle, layer.bias, order)
 
 
 def apply_kernels(kernels: list[Kernel], bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ _ACTIVATIONS = {"llama": _GATED, "gemma": _GATED,
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", c_int64), ("data", c_void_p), ("bias", c_void_p), ("n", c_int64), ("k", c_int64)]
+    _fields_ = [("kind", c_int64), ("data", c_void_p), ("bias", c_void_p), ("n", c_int64), ("k", c_int64),
+                ("input_order", c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -103,7 +104,20 @@ def _bias_ptr(kernel: Any, keep: list) -> int | None:
 
 
 def _linear(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
-    """The native GEMM descriptor of a layer's kernel, and the most rows it may take fused (None: any)."""
+    """The native GEMM descriptor of a layer's kernel (with its input order, act-order GPTQ's), and the most rows it
+    may take fused (None: any)."""
+    linear, limit = _weight(kernel, keep)
+    if kernel.input_order is not None:
+        order = kernel.input_order.to(torch.int64).contiguous()
+        if order.shape != (linear.k,):
+            raise NotFusable(f"an input order of {tuple(order.shape)} for {linear.k} inputs")
+        keep.append(order)
+        linear.input_order = order.data_ptr()
+    return linear, limit
+
+
+def _weight(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
+    """:func:`_linear` without the input order."""
     handle, limit = kernel.handle, None
     if isinstance(kernel.op, cpu_op_impls.AmxDense):
         # The per-op path hands larger batches to oneDNN: fuse only what it runs on the packed weight.

@@ -27,6 +27,7 @@ struct Linear {
   const void* data;
   const float* bias;  // float32 [n] or null
   int64_t n, k;
+  const int64_t* input_order;  // GPTQ act-order: the weight multiplies x[:, input_order] (int64 [k]), or null
 };
 
 struct Layer {
@@ -77,6 +78,16 @@ struct Plan {
 
 #if defined(__AVX512BF16__)
 void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool amx) {
+  if (w.input_order) {  // the inputs in the weight's order first, as the per-op path's index_select
+    static thread_local std::vector<bf16_t> ordered;
+    ordered.resize(static_cast<size_t>(m * w.k));
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < w.k; ++i) ordered[r * w.k + i] = x[r * w.k + w.input_order[i]];
+    Linear inner = w;
+    inner.input_order = nullptr;
+    linear(inner, y, ordered.data(), m, nt, amx);
+    return;
+  }
   if (w.kind == 0) {
     gemm_packed<false>(y, w.n, x, static_cast<const bf16_t*>(w.data), w.bias, m, w.n, w.k, nt, amx);
     return;
