@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.platforms.cpu import ops as cpu_op_impls
@@ -64,6 +65,40 @@ def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     assert fused == per_op
     if kind.startswith("aqlm"):  # one sequence: the one-row kernels (2x8: the table)
         assert _run(llm, fused=True, prompts=PROMPTS[2:3]) == _run(llm, fused=False, prompts=PROMPTS[2:3])
+
+
+def _static_int8_dir(tmp_path) -> str:
+    """The W8A8 INT8 fixture as a static scheme: one input scale per layer (compressed-tensors' ``tensor`` strategy)
+    in place of per-token scales."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "ct_w8a8_int8_static"
+    shutil.copytree(QUANT_FIXTURES / "ct_w8a8_int8", target)
+    config = json.loads((target / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["input_activations"].update(dynamic=False, strategy="tensor")
+    (target / "config.json").write_text(json.dumps(config))
+    for path in target.glob("*.safetensors"):
+        tensors = load_file(path)
+        scales = {name.replace("weight_scale", "input_scale"): torch.tensor([0.02 + 0.001 * i])
+                  for i, name in enumerate(sorted(tensors)) if name.endswith("weight_scale")}
+        save_file({**tensors, **scales}, path, metadata={"format": "pt"})
+    return str(target)
+
+
+def test_static_int8_fused_decode_equals_per_op_path(tmp_path):
+    """W8A8 INT8 with static activation scales: the fused step quantizes each layer's input by its own scale."""
+    if not (QUANT_FIXTURES / "ct_w8a8_int8").is_dir():
+        pytest.skip("fixture ct_w8a8_int8 missing")
+    llm = LLM(_static_int8_dir(tmp_path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24,
+              enable_prefix_caching=False, max_model_len=256)
+    fused = llm.llm_engine.runner.fused_decode
+    assert fused is not None, "decode steps were not fused"
+    assert fused.layers[0].qkv.input_scale > 0
+    assert _run(llm, fused=True) == _run(llm, fused=False)
 
 
 def _gpt_style_dir(tiny_model_dir, kind: str) -> str:

@@ -59,7 +59,7 @@ _ACTIVATIONS = {"llama": _GATED, "gemma": _GATED,
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", c_int64), ("data", c_void_p), ("bias", c_void_p), ("n", c_int64), ("k", c_int64),
-                ("input_order", c_void_p)]
+                ("input_order", c_void_p), ("input_scale", c_float)]
 
 
 class _Layer(ctypes.Structure):
@@ -88,9 +88,9 @@ class NotFusable(Exception):
     """Why a model's decode steps can't be fused (kept for the log)."""
 
 
-# cpu_decode.cpp's kInt8AmxKind / kInt8VnniKind: a PackedInt8 weight, activations quantized per token, multiplied on
-# AMX-INT8 tiles / with AVX512-VNNI (as the layer's linear_int8 implementation does); kCodebookKind: a PackedCodebook
-# (AQLM) weight's descriptor.
+# cpu_decode.cpp's kInt8AmxKind / kInt8VnniKind: a PackedInt8 weight, activations quantized per token (or by the
+# layer's static input scale), multiplied on AMX-INT8 tiles / with AVX512-VNNI (as the layer's linear_int8
+# implementation does); kCodebookKind: a PackedCodebook (AQLM) weight's descriptor.
 INT8_AMX_KIND, INT8_VNNI_KIND, CODEBOOK_KIND = 200, 201, 300
 
 
@@ -126,9 +126,10 @@ def _weight(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
         return _Linear(0, handle.ptrs[0], handle.ptrs[1], handle.n, handle.k), limit
     if isinstance(handle, PackedQuant):
         return _Linear(handle.bits, handle.ptr, _bias_ptr(kernel, keep), handle.n, handle.k), limit
-    if isinstance(handle, cpu_quant_op_impls.Int8Weight) and handle.input_scale is None:
+    if isinstance(handle, cpu_quant_op_impls.Int8Weight):  # a static input scale, or 0: quantized per token
         packed, kind = handle.packed, INT8_AMX_KIND if kernel.op.uses_amx else INT8_VNNI_KIND
-        return _Linear(kind, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k), limit
+        return _Linear(kind, packed.ptr, _bias_ptr(kernel, keep), packed.n, packed.k, None,
+                       handle.input_scale or 0.0), limit
     if isinstance(handle, cpu_quant_ops.PackedCodebook):
         return _Linear(CODEBOOK_KIND, ctypes.addressof(handle.weight), _bias_ptr(kernel, keep), handle.n,
                        handle.k), limit

@@ -19,7 +19,7 @@
 namespace {
 
 // One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), W8A8 int8 packed as in
-// cpu_int8.h, activations quantized per token here: on AMX-INT8 tiles (kInt8AmxKind) or with VNNI (kInt8VnniKind),
+// cpu_int8.h, activations quantized per token (or by a static scale) here: on AMX-INT8 tiles (kInt8AmxKind) or with VNNI (kInt8VnniKind),
 // or AQLM codes (kCodebookKind: data is a CodebookWeight, cpu_codebook.h).
 constexpr int64_t kInt8AmxKind = 200, kInt8VnniKind = 201, kCodebookKind = 300;
 struct Linear {
@@ -28,6 +28,7 @@ struct Linear {
   const float* bias;  // float32 [n] or null
   int64_t n, k;
   const int64_t* input_order;  // GPTQ act-order: the weight multiplies x[:, input_order] (int64 [k]), or null
+  float input_scale;  // W8A8 INT8 with a static activation scale (0: activations quantized per token)
 };
 
 struct Layer {
@@ -94,7 +95,8 @@ void linear(const Linear& w, bf16_t* y, const bf16_t* x, int64_t m, int nt, bool
   }
   const uint8_t* p = static_cast<const uint8_t*>(w.data);
   if (w.kind == kInt8AmxKind || w.kind == kInt8VnniKind)
-    gemm_int8<false>(y, x, reinterpret_cast<const int8_t*>(p), nullptr, m, w.n, w.k, 0.f, w.kind == kInt8AmxKind, nt);
+    gemm_int8<false>(y, x, reinterpret_cast<const int8_t*>(p), nullptr, m, w.n, w.k, w.input_scale,
+                     w.kind == kInt8AmxKind, nt);
   else if (w.kind == kCodebookKind)
     codebook_linear<false>(y, x, *static_cast<const CodebookWeight*>(w.data), m, nt, amx);
   else
