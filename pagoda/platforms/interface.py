@@ -101,7 +101,9 @@ class Platform(ABC):
         ``applies(metadata, num_tokens)`` and ``run(hidden, positions, metadata) -> (hidden, residual)`` and takes
         the whole layer loop of the steps it applies to — what CUDA-graph capture is on a GPU. When the engine
         serves LoRA adapters, ``stack.lora_step`` holds the step's adapter plan: the fused step must add each
-        layer's delta from its slots, or not apply to steps whose plan is set. Called once the KV caches and
+        layer's delta from its slots, or not apply to steps whose plan is set. A platform declines any part of the
+        stack it does not compute exactly — the description grows (a kernel's ``input_order``, routed experts'
+        ``shared`` expert), and a field it ignores would compute something else. Called once the KV caches and
         adapter slots exist; the default declines.
         """
         return None
