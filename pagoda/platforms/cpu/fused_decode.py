@@ -10,11 +10,11 @@ Qwen3-MoE), with a shared expert beside them (Qwen2-MoE). The step calls the sam
 numbers are those of the per-op path, with two exceptions: the per-op LayerNorm takes torch's below
 ``LAYER_NORM_MIN_ELEMENTS`` (where one call from Python costs more than the work), and from 32 rows torch's sigmoid
 of Qwen2-MoE's shared-expert gate takes a vectorised exp; either may round a last bit differently from the native
-kernel. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op runs them, and only
-steps small enough for its packed-weight kernels are fused (it hands prefill-sized batches to oneDNN). When the
-engine serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds each layer's adapter
-delta with the same kernel the per-op path calls; with another implementation, steps that have adapter rows run layer
-by layer.
+kernel. It plays the part CUDA graphs play on a GPU. On AMX CPUs the GEMMs run on AMX tiles as the AMX linear op
+runs them, and only steps small enough for its packed-weight kernels are fused (it hands prefill-sized batches to
+oneDNN). When the engine serves LoRA adapters through this platform's native ``lora_shrink_expand``, the step adds
+each layer's adapter delta with the same kernel the per-op path calls; with another implementation, steps that have
+adapter rows run layer by layer.
 """
 
 from __future__ import annotations
