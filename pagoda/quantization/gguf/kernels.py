@@ -15,7 +15,7 @@ gather dequantized rows (for embedding tables). Which form a type gets:
 - **Int8Kernel** (the other block types without the native op, e.g. float32 models; Q4 codes widened to int8):
   the same int8 codes with one float scale (and offset) per 16 or 32 values, run per group at decode sizes.
 - **DenseOpKernel** over the engine's ``linear_dense`` (F32, F16, BF16 records: routers, gates, whole float files'
-  layers and tables): in the model's dtype, as an unquantized weight is held (:func:`dense_op_kernel`);
+  layers and tables): in the model's dtype, as an unquantized weight is held (``make_kernel``'s ``dense_op``);
   **DenseKernel**, the tensor itself, where that op does not take the model's dtype and for float shards of a
   merged layer of mixed types.
 - **RawKernel** (embedding tables of Q4 types without the native op): the file's bytes, dequantized per call.
@@ -70,36 +70,24 @@ class DenseOpKernel(OpKernel):
         return self.op.rows(self.handle, ids).to(dtype)
 
 
-def dense_op_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int], dtype: torch.dtype,
-                    dense_op) -> DenseOpKernel:
-    """A float-typed record (F32 / F16 / BF16: routers, gates, whole F16 files' layers and tables) in the model's
-    dtype, held by the engine's ``linear_dense`` implementation ``dense_op`` as an unquantized checkpoint's weight is,
-    so it multiplies on the same kernels and a fused step can take it."""
-    ggml_type = T(ggml_type)
-    source = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[ggml_type]
-    weight = dequantize(data, ggml_type, source).reshape(shape).to(dtype)
-    return DenseOpKernel(dense_op, dense_op.prepare(weight, None), *shape)
-
-
-def takes_dense_op(ggml_type: int, dtype: torch.dtype, dense_op) -> bool:
-    """Whether a record of ``ggml_type`` goes to the ``linear_dense`` implementation ``dense_op`` in a model of
-    ``dtype``: float records, where the op computes in that dtype (else torch's matmul on the tensor)."""
-    return ggml_type in FLOAT_TYPES and (dense_op.dtypes is None or dtype in dense_op.dtypes)
-
-
 def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
-                act_dtype: torch.dtype = torch.bfloat16, block_quant_op=None) -> Kernel:
+                act_dtype: torch.dtype = torch.bfloat16, block_quant_op=None, dense_op=None) -> Kernel:
     """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor), for a
     model computing in ``act_dtype`` (any dtype still works; this picks the fast form). ``block_quant_op`` is the
-    engine's ``linear_block_quant`` implementation (see :func:`block_quant_op_for`)."""
+    engine's ``linear_block_quant`` implementation (see :func:`block_quant_op_for`); ``dense_op`` its ``linear_dense``
+    one, which then holds float records (routers, gates, whole float files' layers and tables) in the model's dtype as
+    it holds an unquantized weight, where it computes in that dtype (else torch's matmul on the tensor)."""
     ggml_type = T(ggml_type)
     n, k = shape
     block_size = GGML_QUANT_SIZES[ggml_type][0]
     if k % block_size:
         raise ValueError(f"{ggml_type.name} weights need rows of a multiple of {block_size} values, got {k}")
     if ggml_type in FLOAT_TYPES:
-        return DenseKernel(dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
-                                                        T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k))
+        weight = dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
+                                              T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k)
+        if dense_op is not None and (dense_op.dtypes is None or act_dtype in dense_op.dtypes):
+            return DenseOpKernel(dense_op, dense_op.prepare(weight.to(act_dtype), None), n, k)
+        return DenseKernel(weight)
     op = block_quant_op_for(block_quant_op, k, act_dtype)
     if ggml_type in INT4_TYPES:
         codes, scale, offset = int4_affine(data, ggml_type)

@@ -25,8 +25,7 @@ from pagoda.models.interface import LinearKernel
 from pagoda.ops import current_ops
 from pagoda.quantization.gguf.checkpoint import GGUFWeight
 from pagoda.quantization.gguf.kernels import (INT4_TYPES, INT8_TYPES, BlockQuantKernel, DenseOpKernel, Kernel,
-                                              RawKernel, block_quant_op_for, dense_op_kernel, make_kernel,
-                                              release_freed_memory, takes_dense_op)
+                                              RawKernel, block_quant_op_for, make_kernel, release_freed_memory)
 from pagoda.quantization.checkpoint_linear import apply_kernels, register_bias
 from pagoda.quantization.interface import EmbeddingMethod, LinearMethod
 from pagoda.quantization.tensor_parallel import layer_partition, narrow_gguf_rows
@@ -101,13 +100,8 @@ class GGUFLinearMethod(LinearMethod):
         op = current_ops().linear_block_quant
         if len(types) == 1:
             data = shards[0].data if len(shards) == 1 else torch.cat([s.data for s in shards])
-            shape = (data.shape[0], k)
-            dense = current_ops().linear_dense
-            if takes_dense_op(shards[0].ggml_type, layer.gguf_dtype, dense):
-                kernel = dense_op_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, dense)
-            else:
-                kernel = make_kernel(data, shards[0].ggml_type, shape, layer.gguf_dtype, op)
-            layer.gguf_kernels = [kernel]
+            layer.gguf_kernels = [make_kernel(data, shards[0].ggml_type, (data.shape[0], k), layer.gguf_dtype, op,
+                                              current_ops().linear_dense)]
         else:
             layer.gguf_kernels = [make_kernel(s.data, s.ggml_type, s.shape, layer.gguf_dtype, op) for s in shards]
         layer.gguf_shards = None  # drop the views of the file
@@ -166,13 +160,11 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         if record is None:
             raise ValueError(f"{self.prefix}: no embedding table was loaded")
         op = block_quant_op_for(current_ops().linear_block_quant, record.shape[1], layer.gguf_dtype)
-        dense = current_ops().linear_dense
-        if takes_dense_op(record.ggml_type, layer.gguf_dtype, dense):  # gathers, logits and argmax on the op
-            layer.gguf_table = dense_op_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, dense)
-        elif record.ggml_type in INT4_TYPES and op is None:
+        if record.ggml_type in INT4_TYPES and op is None:
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
-        else:
-            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, op)
+        else:  # float tables: gathers, logits and argmax on the linear_dense op
+            layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, op,
+                                           current_ops().linear_dense)
         layer.gguf_record = None
         release_freed_memory()
 
