@@ -210,9 +210,8 @@ class FusedDecode:
                 linears.append(linear)
                 if limit is not None:
                     self.max_tokens = min(limit, self.max_tokens or limit)
-            lora, shared_lora = (
-                [slots.slots.pointer if self.lora_fused and slots is not None else None for slots in layer_slots]
-                for layer_slots in (layer.lora or (None,) * 4, shared and shared.lora or (None,) * 2))
+            lora = self._slot_pointers(layer.lora or (None,) * 4)
+            shared_lora = self._slot_pointers(shared.lora if shared and shared.lora else (None,) * 2)
             layers[i] = _Layer(*(None if w is None else w.data_ptr() for w in norms), *linears[:4],
                                kv[0].data_ptr(), kv[1].data_ptr(), layer.sliding_window or 0, layer.rope_table,
                                (c_void_p * 4)(*lora),
@@ -227,6 +226,10 @@ class FusedDecode:
                           cache.stride(1), cache.stride(2), int(self.amx),
                           int(self.lora_fused and self.lora_step.op.uses_amx), stack.norm_eps, stack.attention_scale,
                           stack.attention_soft_cap or 0.0, ctypes.cast(layers, ctypes.POINTER(_Layer)))
+
+    def _slot_pointers(self, slots: tuple[Any, ...]) -> list[int | None]:
+        """Each projection's adapter slots as the native step reads them (None: no slots, or not the native op's)."""
+        return [s.slots.pointer if self.lora_fused and s is not None else None for s in slots]
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter
