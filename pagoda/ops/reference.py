@@ -124,6 +124,11 @@ class LinearDense(OpImpl):
         weight's device."""
         return DenseWeight(weight, bias)
 
+    def prepare_lm_head(self, weight: torch.Tensor, bias: torch.Tensor | None) -> DenseWeight:
+        """:meth:`prepare` for an LM head's weight: implementations whose :meth:`greedy` reads a form of its own
+        (a screened copy) build it here as well."""
+        return self.prepare(weight, bias)
+
     def apply(self, handle: DenseWeight, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` in ``x``'s dtype."""
         return F.linear(x, handle.weight, handle.bias)

@@ -58,11 +58,12 @@ def _vocab_loader(layer: nn.Module):
     return load
 
 
-def _prepare(layer: nn.Module, bias: torch.Tensor | None) -> None:
-    """Hand the loaded weight to the ``linear_dense`` op; drop the parameters when the op made its own copy."""
+def _prepare(layer: nn.Module, bias: torch.Tensor | None, lm_head: bool = False) -> None:
+    """Hand the loaded weight to the ``linear_dense`` op (as an LM head's, with ``lm_head``); drop the parameters
+    when the op made its own copy."""
     op = current_ops().linear_dense
     layer.dense_op = op
-    layer.dense_handle = op.prepare(layer.weight, bias)
+    layer.dense_handle = (op.prepare_lm_head if lm_head else op.prepare)(layer.weight, bias)
     if not op.keeps_weight:
         layer.weight = None
         if bias is not None:
@@ -104,7 +105,7 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if getattr(layer, "serves_logits", False):
-            _prepare(layer, None)
+            _prepare(layer, None, lm_head=True)
 
     def embed(self, layer: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
         if hasattr(layer, "dense_handle"):

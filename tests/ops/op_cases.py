@@ -121,6 +121,33 @@ def linear_dense(impl, ref, dtype):
                     _check_masked_greedy(impl, handle, x, x.double() @ w.double().T, what)
             ids = torch.tensor([[0, n - 1], [n // 2, 1]])
             assert torch.equal(impl.rows(handle, ids), w[ids]), "rows must be the weight's rows exactly"
+            if b is None:
+                _lm_head_greedy(impl, w, g, dtype)
+
+
+def _lm_head_greedy(impl, w: torch.Tensor, g: torch.Generator, dtype: torch.dtype) -> None:
+    """An LM head's form (which may carry a greedy path of its own, a screened one on CPUs): its greedy argmax is
+    the argmax of its own logits exactly, masked or not, at the row counts a decode step sends."""
+    n, k = w.shape
+    w = w.clone()
+    near = torch.arange(1, n, max(1, n // 8))[:6]
+    w[near] = (w[0].float() + torch.randn(len(near), k, generator=g) * 2e-3 * w[0].float().abs().max()).to(dtype)
+    head = impl.prepare_lm_head(w, None)
+    for rows in (1, 3, 4, 5, 8):
+        # Rows along column 0, which a few columns nearly tie: the order among them needs the exact products.
+        x = (w[0].float() * k ** 0.5 + torch.randn(rows, k, generator=g) * 0.1).to(dtype)
+        logits = impl.logits(head, x)
+        greedy = impl.greedy(head, x)
+        if greedy is None:
+            continue
+        what = f"linear_dense LM head {rows}x{k}->{n}"
+        assert torch.equal(greedy, logits.argmax(-1)), f"{what}: greedy must be the argmax of the logits"
+        allowed = torch.rand(rows, n, generator=g) < 0.3
+        words = torch.zeros(rows, -(-n // 32) * 32, dtype=torch.bool)
+        words[:, :n] = allowed
+        words = (words.reshape(rows, -1, 32).to(torch.int64) << torch.arange(32)).sum(-1).to(torch.int32)
+        expected = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        assert torch.equal(impl.greedy(head, x, words), expected), f"{what}: masked greedy"
 
 
 def _check_argmax(greedy: torch.Tensor, exact: torch.Tensor, what: str) -> None:

@@ -201,10 +201,11 @@ class PackedWeight:
     (``[n / 16][k / 2][16][2]``, zero-padded), the order AVX512-BF16's pairwise dot product reads.
     """
 
-    __slots__ = ("data", "n", "k", "bias", "ptrs")
+    __slots__ = ("data", "n", "k", "bias", "ptrs", "screen")
 
     def __init__(self, data: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
         self.data, self.n, self.k, self.bias = data, n, k, bias
+        self.screen = None  # an LM head's int8 screen for its greedy argmax (cpu_head.HeadScreen), where it has one
         # Looked up once: a decode step makes ~120 of these calls, each on the critical path.
         self.ptrs = (data.data_ptr(), bias.data_ptr() if bias is not None else None)
 
@@ -223,7 +224,7 @@ class PackedWeight:
         return self._tiles().permute(0, 2, 1, 3).reshape(-1, self._tiles().shape[1] * 2)[: self.n, : self.k]
 
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return self.data.numel() * self.data.element_size() + (self.screen.nbytes() if self.screen else 0)
 
 
 def _row_indices(index: torch.Tensor, n: int) -> torch.Tensor:

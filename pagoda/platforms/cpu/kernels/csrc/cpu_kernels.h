@@ -7,6 +7,7 @@
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
 #include "cpu_gpt_layers.h"
+#include "cpu_head.h"
 #include "cpu_int8.h"
 #include "cpu_moe.h"
 #include "cpu_quant_gemm.h"

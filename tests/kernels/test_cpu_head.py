@@ -1,0 +1,122 @@
+"""The greedy LM head's int8 screen (cpu_head): the same argmax as the full bf16 pass, bit for bit, on any input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.platforms.cpu.kernels import cpu, cpu_head, cpu_ops
+
+pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_vnni_int8),
+                                reason="the native library has no AVX512-VNNI int8 path on this CPU")
+
+
+def _screened(weight: torch.Tensor):
+    packed = cpu_ops.pack_weight(weight)
+    screen = cpu_head.head_screen(weight)
+    assert screen is not None
+    return packed, screen
+
+
+def _full(x, packed, allowed=None):
+    """The full pass's answer, checked against the argmax of the kernel's own logits where no mask applies."""
+    out = cpu_ops.linear_argmax(x, packed, allowed=allowed)
+    if allowed is None:
+        assert torch.equal(out, cpu_ops.packed_linear(x, packed, float_output=True).argmax(-1))
+    return out
+
+
+def _mask(rows: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    allowed = torch.rand(rows, n, generator=g) < 0.4
+    padded = torch.zeros(rows, -(-n // 32) * 32, dtype=torch.bool)
+    padded[:, :n] = allowed
+    bits = padded.reshape(rows, -1, 32).to(torch.int64) << torch.arange(32)
+    return allowed, bits.sum(-1).to(torch.int64).to(torch.int32)
+
+
+@pytest.mark.parametrize("n, k", [(5000, 96), (1000, 70), (49152, 576), (257, 640)])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_screened_argmax_equals_the_full_pass(n, k, rows):
+    g = torch.Generator().manual_seed(n + k + rows)
+    weight = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    packed, screen = _screened(weight)
+    for scale in (1.0, 30.0):
+        x = (torch.randn(rows, k, generator=g) * scale).bfloat16()
+        x[:, 0] *= 200  # an outlier channel, as final hidden states have
+        assert torch.equal(cpu_head.screened_argmax(x, packed, screen), _full(x, packed))
+        allowed, words = _mask(rows, n, g)
+        picked = cpu_head.screened_argmax(x, packed, screen, words)
+        assert torch.equal(picked, _full(x, packed, words))
+        assert allowed.gather(1, picked[:, None]).all()
+
+
+def test_near_ties_are_decided_by_the_exact_products():
+    """Columns that differ from each other by less than the int8 codes resolve: the screen alone can't order them,
+    the exact products must."""
+    g = torch.Generator().manual_seed(7)
+    n, k = 4096, 256
+    base = torch.randn(1, k, generator=g)
+    weight = (base + torch.randn(n, k, generator=g) * 2e-3).bfloat16()  # within a few int8 steps of each other
+    packed, screen = _screened(weight)
+    for trial in range(20):
+        x = (base + torch.randn(1, k, generator=g) * 0.3).bfloat16().repeat(3, 1)
+        x[1:] += (torch.randn(2, k, generator=g) * 0.05).bfloat16()
+        assert torch.equal(cpu_head.screened_argmax(x, packed, screen), _full(x, packed)), f"trial {trial}"
+
+
+def test_the_bound_holds_where_the_int8_error_lines_up_with_the_input():
+    """The worst case of the screen's bound: the input points along column A's int8 rounding error, so A's screened
+    product falls short of its exact one by the whole bound, and column B (exact in int8) lies between the two. A
+    is the argmax; a screen that trusted less than its full bound would drop it."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 512, 64
+    weight = torch.randn(n, k, generator=g) * 0.01  # other columns, far below
+    codes_a = torch.randint(-120, 121, (k,), generator=g)
+    codes_a[0] = 127  # the scale is then exactly 1/128
+    a = (codes_a + torch.rand(k, generator=g) - 0.5).clamp(-127.4, 127.4) / 128  # A = codes + rounding error
+    a = a.bfloat16().double()
+    codes_a = torch.round(a * 128)
+    error = a - codes_a / 128
+    x = (error * 2000).bfloat16().double()
+    gap = float(error @ x)  # A's exact product minus its screened one
+    codes_b = codes_a.clone()
+    added = 0.0
+    for i in error.abs().argsort(descending=True).tolist():  # nudge B's codes along x up to ~97 % of the gap
+        if i != 0 and abs(codes_b[i]) < 127 and added + abs(float(x[i])) / 128 < 0.97 * gap:
+            codes_b[i] += torch.sign(error[i])
+            added += abs(float(x[i])) / 128
+    b = codes_b / 128
+    s_a, s_b, screened_a = float(a @ x), float(b @ x), float(codes_a / 128 @ x)
+    assert screened_a + 0.9 * gap < s_b < s_a, "the construction must put B between A's screened and exact products"
+    weight[100], weight[300] = a.float(), b.float()
+    packed, screen = _screened(weight.bfloat16())
+    x = x.bfloat16()[None]
+    assert _full(x, packed).item() == 100
+    assert cpu_head.screened_argmax(x, packed, screen).item() == 100
+
+
+def test_ties_non_finite_inputs_and_crowded_rows_take_the_full_pass_rules():
+    n, k = 16384, 64
+    same = torch.full((n, k), 0.25).bfloat16()  # every column ties: too many candidates, the full pass decides
+    packed, screen = _screened(same)
+    x = torch.ones(2, k).bfloat16()
+    assert cpu_head.screened_argmax(x, packed, screen).tolist() == [0, 0]  # the first of equal maxima
+    allowed = torch.ones(2, n // 32, dtype=torch.int32).neg()  # all bits set
+    allowed[:, 0] = -2  # column 0 forbidden
+    assert cpu_head.screened_argmax(x, packed, screen, allowed).tolist() == [1, 1]
+    w = torch.randn(300, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    w[[7, 250]] = w[120].clone()  # exact ties among a few columns
+    packed, screen = _screened(w)
+    x = w[120:121].float().repeat(4, 1).bfloat16()
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = 0  # all products zero: the first column
+    picked = cpu_head.screened_argmax(x, packed, screen)
+    assert torch.equal(picked, _full(x, packed))
+    assert picked[0] == 7 and picked[3] == 0
+
+
+def test_no_screen_for_non_finite_heads():
+    w = torch.randn(64, 32).bfloat16()
+    w[5, 3] = float("inf")
+    assert cpu_head.head_screen(w) is None
