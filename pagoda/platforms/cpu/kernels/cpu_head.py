@@ -1,10 +1,11 @@
 """The greedy LM head screened by an int8 copy of its weight (``csrc/cpu_head.h``): the full pass's argmax, bit for
-bit, from about half the bytes.
+bit, from about half the bytes and multiply-adds.
 
-At a few rows a greedy head is bound by memory: it reads the whole bf16 matrix to find one column. The screen reads an
-int8 copy instead (one code per weight, a scale per column) and bounds, per column, how far its product can be from
-the exact one; only the columns whose bounds reach the best column's lower bound are multiplied exactly. The bound
-terms are computed here once, in float64, and rounded up.
+A greedy head multiplies the whole bf16 matrix to find one column per row. The screen multiplies an int8 copy instead
+(one code per weight, a scale per column) by the rows quantized to int8 (their few largest channels in float) and
+bounds, per column, how far that product can be from the exact one; only the columns whose bounds reach the best
+column's lower bound are multiplied exactly. The copy costs half the head's bf16 bytes again. The bound terms are
+computed here once, in float64, and rounded up.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-// The greedy LM head's argmax, screened by an int8 copy of the head: exact, at about half the bytes read.
+// The greedy LM head's argmax, screened by an int8 copy of the head: exact, from about half the bytes and products.
 //
-// A greedy head reads the whole [n, k] bf16 matrix per step to find one column, and at a few rows it is bound by
-// memory. Here an int8 copy (codes per column, symmetric, scale amax / 127: cpu_int8.h's packing) is read instead,
-// with the input quantized in two levels (its int8 codes, then the int8 codes of what those leave), so each column's
-// screened value s~ differs from the exact product by at most
-//   B = |x| (e + g_k |w|) + |w~| (|x - x~| + 5u (|x~1| + |x~2|)) + tiny + 2^-21 |s~|,
+// A greedy head multiplies the whole [n, k] bf16 matrix to find one column per row: bound by memory at a few rows, by
+// the multiply-adds at a decode batch. Here an int8 copy (codes per column, symmetric, scale amax / 127: cpu_int8.h's
+// packing) is multiplied instead, by the input quantized to int8 per row, except its largest channels (kScreenOutliers
+// chosen per call, where final hidden states keep their few huge activations): those are multiplied in float, so
+// they neither widen the input's int8 step nor its error. Each column's screened value s~ then differs from the
+// exact product by at most
+//   B = |x| (e + g_k |w|) + |w~| (|x_in - x~_in| + 12u (|x_out| + |x~_in|)) + tiny + 2^-21 |s~|,
 // e = |w - w~| (Python computes it per column with g_k = k u / (1 - k u), the float32 summation bound of the exact
-// kernel, and rounds both per-column terms up), u = 2^-24, norms Euclidean. Every column whose upper bound s~ + B
-// reaches the largest lower bound s~ - B of the row is a candidate; the argmax lies among them, so only their tiles
-// are multiplied exactly, by the bf16 kernel that the full pass uses (same instructions, same order: the same floats).
-// Ties and the first-index rule therefore come out as in the full pass. A row the screen can't bound (a non-finite
-// input, or too many candidates) is left to the full pass.
+// kernel, and rounds both per-column terms up), u = 2^-24, norms Euclidean, x_in / x_out the input without / with only
+// the outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the row is a
+// candidate; the argmax lies among them, so only their tiles are multiplied exactly, by the bf16 kernel the full pass
+// uses (same instructions, same order: the same floats), and ties and the first-index rule come out as in the full
+// pass. A row the screen can't bound (a non-finite input, or too many candidates) is left to the full pass.
 #pragma once
 
 #include <algorithm>
@@ -25,49 +27,87 @@ namespace {
 
 constexpr int64_t kScreenCols = 5 * kInt8NT * 16;  // 240 columns a slice: whole int8 micro-kernel tile groups
 constexpr int64_t kScreenCap = 4096;                // candidates a row may keep per thread before the full pass takes it
+constexpr int kScreenOutliers = 8;                  // input channels multiplied in float, the same for every row
 
-struct ScreenRow {  // one input row, quantized in two levels, and its bound terms
-  float x_norm, resid;  // |x| and |x - x~| + 5u (|x~1| + |x~2|), both rounded up
+struct ScreenRow {      // one input row's bound terms
+  float x_norm, resid;  // |x| and |x_in - x~_in| + 12u (|x_out| + |x~_in|), both rounded up
   float tiny;           // flush-to-zero and denormal slack of the exact kernel
   bool ok;              // finite: the screen applies
 };
 
-// Two-level int8 form of x row r into xu rows 2r, 2r + 1 (VNNI's offset codes) and their scales; the row's terms.
-inline ScreenRow screen_quantize(const bf16_t* xr, uint8_t* xu, float* xscale, int64_t k, int64_t kp,
-                                 float max_col_norm) {
-  int8_t* q1 = reinterpret_cast<int8_t*>(xu);
-  quantize_row_int8(xr, q1, xscale, k, kp, 0.f, true);
-  const float s1 = xscale[0];
-  std::vector<float> res(static_cast<size_t>(k));
-  float amax = 0.f;
-  for (int64_t i = 0; i < k; ++i) {
-    res[i] = bf16_to_f32(xr[i]) - s1 * static_cast<float>(static_cast<int>(xu[i]) - 128);
-    amax = std::max(amax, std::fabs(res[i]));
+// The channels multiplied in float: the kScreenOutliers largest relative to their row's norm (finite rows only).
+inline std::vector<int64_t> screen_outliers(const bf16_t* x, int64_t m, int64_t k) {
+  std::vector<float> score(static_cast<size_t>(k), 0.f);
+  for (int64_t r = 0; r < m; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < k; ++i) ss += double(bf16_to_f32(x[r * k + i])) * bf16_to_f32(x[r * k + i]);
+    if (!std::isfinite(ss) || ss == 0) continue;
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss));
+    for (int64_t i = 0; i < k; ++i) score[i] = std::max(score[i], std::fabs(bf16_to_f32(x[r * k + i])) * inv);
   }
-  const float s2 = amax > 0.f ? amax / 127.0f : 1.f;
-  xscale[1] = s2;
-  uint8_t* q2 = xu + kp;
-  double xx = 0, dd = 0, n1 = 0, n2 = 0;
+  std::vector<int64_t> order(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) order[i] = i;
+  const int64_t keep = std::min<int64_t>(kScreenOutliers, k);
+  std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+                    [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+  order.resize(static_cast<size_t>(keep));
+  return order;
+}
+
+// Row r's int8 form without the outlier channels (VNNI's offset codes, zero there) and its scale, the outliers'
+// values (xo), and the row's bound terms.
+inline ScreenRow screen_quantize(const bf16_t* xr, const std::vector<int64_t>& outliers, uint8_t* xu, float* xscale,
+                                 float* xo, int64_t k, int64_t kp, float max_col_norm) {
+  std::vector<bf16_t> inliers(xr, xr + k);
+  double out_sq = 0;
+  for (size_t o = 0; o < outliers.size(); ++o) {
+    xo[o] = bf16_to_f32(xr[outliers[o]]);
+    out_sq += double(xo[o]) * xo[o];
+    inliers[outliers[o]] = 0;
+  }
+  quantize_row_int8(inliers.data(), reinterpret_cast<int8_t*>(xu), xscale, k, kp, 0.f, true);
+  const double s = *xscale;
+  double xx = 0, dd = 0, qq = 0;
   for (int64_t i = 0; i < k; ++i) {
-    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(res[i] / s2)));
-    q2[i] = static_cast<uint8_t>(static_cast<int>(c) + 128);
-    const double xi = bf16_to_f32(xr[i]), t1 = double(s1) * (int(xu[i]) - 128), t2 = double(s2) * c;
-    const double d = xi - t1 - t2;
+    const double xi = bf16_to_f32(xr[i]), xin = bf16_to_f32(inliers[i]), q = s * (int(xu[i]) - 128);
     xx += xi * xi;
-    dd += d * d;
-    n1 += t1 * t1;
-    n2 += t2 * t2;
+    dd += (xin - q) * (xin - q);
+    qq += q * q;
   }
-  std::memset(q2 + k, 0x80, static_cast<size_t>(kp - k));
   ScreenRow row;
   const double x_norm = std::sqrt(xx), up = 1.0 + 1e-6;
-  const double resid = std::sqrt(dd) + 5.0 * std::ldexp(1.0, -24) * (std::sqrt(n1) + std::sqrt(n2));
+  const double resid = std::sqrt(dd) + 12.0 * std::ldexp(1.0, -24) * (std::sqrt(out_sq) + std::sqrt(qq));
   // Past 1e30 the screened sums could overflow float: the full pass takes the row.
   row.ok = std::isfinite(x_norm) && x_norm * (1.0 + max_col_norm) < 1e30;
   row.x_norm = static_cast<float>(x_norm * up);
   row.resid = static_cast<float>(resid * up);
   row.tiny = static_cast<float>(double(k) * std::ldexp(1.0, -120) * (1.0 + x_norm * std::sqrt(double(k)) + max_col_norm));
   return row;
+}
+
+// y [rows, cols] += each row's outlier values . the slice's int8 codes of those channels, times the column scales.
+inline void add_outliers(float* y, int64_t rows, int64_t cols, const float* xo, int64_t n_out,
+                         const int64_t* outliers, const int8_t* base, int64_t kp, const float* wscale) {
+  alignas(64) float codes[kScreenOutliers][16];
+  for (int64_t t = 0; t * 16 < cols; ++t) {
+    const int8_t* tile = base + t * 16 * kp;
+    for (int64_t o = 0; o < n_out; ++o) {  // byte i % 4 of each column's quad i / 4, sign-extended
+      const int64_t i = outliers[o];
+      const __m512i raw = _mm512_loadu_si512(tile + (i / 4) * 64);
+      const __m512i v = _mm512_srai_epi32(_mm512_sllv_epi32(raw, _mm512_set1_epi32(static_cast<int>(24 - 8 * (i % 4)))),
+                                          24);
+      _mm512_store_ps(codes[o], _mm512_cvtepi32_ps(v));
+    }
+    const __mmask16 mask = tile_columns(cols, t * 16);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, wscale + t * 16);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t o = 0; o < n_out; ++o)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(xo[r * kScreenOutliers + o]), _mm512_load_ps(codes[o]), acc);
+      float* yr = y + r * cols + t * 16;
+      _mm512_mask_storeu_ps(yr, mask, _mm512_fmadd_ps(acc, ws, _mm512_maskz_loadu_ps(mask, yr)));
+    }
+  }
 }
 
 struct ScreenHit {
@@ -85,13 +125,15 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
   const int64_t kp = (k + 63) / 64 * 64, cols_padded = (n + 15) / 16 * 16, tile_bytes = 16 * kp;
   const float* wscale = reinterpret_cast<const float*>(sp + cols_padded * kp);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(wscale + cols_padded);
-  aligned_vector<uint8_t> xu(static_cast<size_t>(2 * m * kp));
-  std::vector<float> xscale(static_cast<size_t>(2 * m));
+  aligned_vector<uint8_t> xu(static_cast<size_t>(m * kp));
+  std::vector<float> xscale(static_cast<size_t>(m)), xo(static_cast<size_t>(m * kScreenOutliers));
   std::vector<ScreenRow> rows(static_cast<size_t>(m));
-  for (int64_t r = 0; r < m; ++r) {
-    rows[r] = screen_quantize(x + r * k, xu.data() + 2 * r * kp, xscale.data() + 2 * r, k, kp, max_col_norm);
+  const std::vector<int64_t> outliers = screen_outliers(x, m, k);
+  share_tasks(m, m >= 16 ? num_threads : 1, [&](int64_t r) {
+    rows[r] = screen_quantize(x + r * k, outliers, xu.data() + r * kp, xscale.data() + r,
+                              xo.data() + r * kScreenOutliers, k, kp, max_col_norm);
     full[r] = rows[r].ok ? 0 : 1;
-  }
+  });
   const int64_t slices = (n + kScreenCols - 1) / kScreenCols;
   std::vector<float> lower(static_cast<size_t>(num_threads * m), -INFINITY);
   std::vector<std::vector<ScreenHit>> hits(static_cast<size_t>(num_threads));
@@ -101,7 +143,7 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
 #pragma omp parallel num_threads(num_threads)
   {
     const int t = omp_get_thread_num();
-    std::vector<float> buf(static_cast<size_t>(2 * m * kScreenCols));
+    std::vector<float> buf(static_cast<size_t>(m * kScreenCols));
     std::vector<int64_t> kept(static_cast<size_t>(m), 0);
     float* lo = lower.data() + t * m;
     for (int64_t sl; (sl = shares.next(t)) >= 0;) {
@@ -112,56 +154,46 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
         const int8_t* next = base + (tile0 + kInt8NT) * tile_bytes;
         const int8_t* ahead = next + kInt8NT * tile_bytes <= s_end ? next : nullptr;
         if (left >= 3)
-          int8_vnni_rows<3, true>(2 * m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
+          int8_vnni_rows<3, true>(m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
                                   colsum + c0, nullptr, tile0, ahead);
         else if (left == 2)
-          int8_vnni_rows<2, true>(2 * m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
+          int8_vnni_rows<2, true>(m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
                                   colsum + c0, nullptr, tile0, ahead);
         else
-          int8_vnni_rows<1, true>(2 * m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
+          int8_vnni_rows<1, true>(m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
                                   colsum + c0, nullptr, tile0, ahead);
       }
+      add_outliers(buf.data(), m, cols, xo.data(), static_cast<int64_t>(outliers.size()), outliers.data(), base, kp,
+                   wscale + c0);
       for (int64_t r = 0; r < m; ++r) {
         if (!rows[r].ok || overflow[t * m + r]) continue;
-        const float* y1 = buf.data() + 2 * r * cols;
-        const float* y2 = y1 + cols;
+        float* y = buf.data() + r * cols;  // screened values, overwritten by their upper bounds
         const __m512 xn = _mm512_set1_ps(rows[r].x_norm), rs = _mm512_set1_ps(rows[r].resid);
         const __m512 tiny = _mm512_set1_ps(rows[r].tiny), rel = _mm512_set1_ps(std::ldexp(1.0f, -21));
+        const __m512 none = _mm512_set1_ps(-INFINITY);
         const uint32_t* words = allowed ? reinterpret_cast<const uint32_t*>(allowed) + r * ((n + 31) / 32) : nullptr;
-        auto bounds = [&](int64_t j, __mmask16 mask, __m512& s, __m512& b) {
-          s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y1 + j), _mm512_maskz_loadu_ps(mask, y2 + j));
-          b = _mm512_fmadd_ps(rel, _mm512_abs_ps(s), tiny);
-          b = _mm512_fmadd_ps(rs, _mm512_maskz_loadu_ps(mask, qnorm + c0 + j), b);
-          b = _mm512_fmadd_ps(xn, _mm512_maskz_loadu_ps(mask, err + c0 + j), b);
-        };
-        auto usable = [&](int64_t j) -> __mmask16 {  // valid columns, and allowed ones where a mask is given
-          __mmask16 mask = tile_columns(cols, j);
+        __m512 lower = none;
+        for (int64_t j = 0; j < cols; j += 16) {
+          __mmask16 mask = tile_columns(cols, j);  // valid columns, and allowed ones where a mask is given
           if (words) {
             const int64_t c = c0 + j;  // c0 and j are multiples of 16: the 16 bits sit in one word
             mask &= static_cast<__mmask16>(words[c >> 5] >> (c & 31));
           }
-          return mask;
-        };
-        float best = lo[r];
-        for (int64_t j = 0; j < cols; j += 16) {
-          const __mmask16 mask = usable(j);
-          __m512 s, b;
-          bounds(j, mask, s, b);
-          best = std::max(best, _mm512_mask_reduce_max_ps(mask, _mm512_sub_ps(s, b)));
+          const __m512 sv = _mm512_maskz_loadu_ps(mask, y + j);
+          __m512 b = _mm512_fmadd_ps(rel, _mm512_abs_ps(sv), tiny);
+          b = _mm512_fmadd_ps(rs, _mm512_maskz_loadu_ps(mask, qnorm + c0 + j), b);
+          b = _mm512_fmadd_ps(xn, _mm512_maskz_loadu_ps(mask, err + c0 + j), b);
+          lower = _mm512_mask_max_ps(lower, mask, lower, _mm512_sub_ps(sv, b));
+          _mm512_mask_storeu_ps(y + j, tile_columns(cols, j), _mm512_mask_blend_ps(mask, none, _mm512_add_ps(sv, b)));
         }
-        lo[r] = best;
-        const __m512 floor = _mm512_set1_ps(best);
+        lo[r] = std::max(lo[r], _mm512_reduce_max_ps(lower));
+        const __m512 floor = _mm512_set1_ps(lo[r]);
         for (int64_t j = 0; j < cols; j += 16) {
-          __mmask16 mask = usable(j);
-          __m512 s, b;
-          bounds(j, mask, s, b);
-          const __m512 up = _mm512_add_ps(s, b);
-          mask = _mm512_mask_cmp_ps_mask(mask, up, floor, _CMP_GE_OQ);
-          alignas(64) float ups[16];
-          _mm512_store_ps(ups, up);
-          for (; mask; mask &= mask - 1, ++kept[r]) {
+          const __mmask16 valid = tile_columns(cols, j);
+          const __m512 up = _mm512_maskz_loadu_ps(valid, y + j);
+          for (__mmask16 mask = _mm512_mask_cmp_ps_mask(valid, up, floor, _CMP_GE_OQ); mask; mask &= mask - 1, ++kept[r]) {
             const int i = __builtin_ctz(mask);
-            hits[t].push_back({r, c0 + j + i, ups[i]});
+            hits[t].push_back({r, c0 + j + i, y[j + i]});
           }
         }
         if (kept[r] > kScreenCap) overflow[t * m + r] = 1;
