@@ -64,7 +64,8 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
 
     if op == "linear_dense":
         for name, (n, k) in {**LINEARS, "lm_head": (VOCAB, HIDDEN)}.items():
-            handle = impl.prepare((torch.randn(n, k) / k ** 0.5).to(dtype), None)
+            weight = (torch.randn(n, k) / k ** 0.5).to(dtype)
+            handle = impl.prepare_lm_head(weight, None) if name == "lm_head" else impl.prepare(weight, None)
             for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
                 if name == "lm_head" and m > 64:
                     continue

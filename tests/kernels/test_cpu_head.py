@@ -69,25 +69,25 @@ def test_the_bound_holds_where_the_int8_error_lines_up_with_the_input():
     product falls short of its exact one by nearly the whole bound, and column B (exact in int8) lies between the
     two. A is the argmax; a screen that trusted less than its full bound would drop it."""
     g = torch.Generator().manual_seed(3)
-    n, k = 512, 64
+    n, k, big = 512, 64, 9
     weight = torch.randn(n, k, generator=g) * 0.01  # other columns, far below
-    codes_a = torch.randint(-120, 121, (k,), generator=g)
-    codes_a[0] = 127  # the scale is then exactly 1/128
-    a = (codes_a + torch.rand(k, generator=g) - 0.5).clamp(-127.4, 127.4) / 128  # A = codes + rounding error
-    a = a.bfloat16().double()
+    codes_a = torch.randint(-120, 121, (k,), generator=g).double()
+    codes_a[:big] = 127  # the scale is then exactly 1/128, and A leads the other columns by far
+    frac = torch.rand(k, generator=g, dtype=torch.float64) - 0.5
+    frac[:big] = 0  # exact on the channels the screen takes in float
+    a = ((codes_a + frac) / 128).bfloat16().double()
     codes_a = torch.round(a * 128)
     error = a - codes_a / 128
-    # x along the error, on an int8 grid that still has a full-scale value once the largest channels (which the
-    # screen multiplies in float) are set aside: its int8 form is then exact and only the weight's error is left.
-    steps = torch.round(error / error.abs().max() * 127)
-    largest = error.abs().argsort(descending=True)[:12]
-    steps[largest] = 127 * torch.sign(error[largest])
+    # x along the error, on an int8 grid whose full-scale value survives setting the eight largest channels aside
+    # (nine of them at full scale, all error-free): its int8 form is then exact and only the weight's error is left.
+    steps = torch.round(error / error.abs().max() * 120)
+    steps[:big] = 127
     x = steps / 16
     gap = float(error @ x)  # A's exact product minus its screened one
     codes_b = codes_a.clone()
     added = 0.0
     for i in error.abs().argsort(descending=True).tolist():  # nudge B's codes along x up to ~97 % of the gap
-        if i != 0 and abs(codes_b[i]) < 127 and added + abs(float(x[i])) / 128 < 0.97 * gap:
+        if abs(codes_b[i]) < 127 and added + abs(float(x[i])) / 128 < 0.97 * gap:
             codes_b[i] += torch.sign(error[i])
             added += abs(float(x[i])) / 128
     b = codes_b / 128

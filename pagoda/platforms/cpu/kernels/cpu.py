@@ -97,8 +97,8 @@ class CpuKernels:
                                              c_int, c_void_p]
         self.linear_argmax = lib.pagoda_linear_argmax
         lib.pagoda_screened_argmax.restype = c_int
-        lib.pagoda_screened_argmax.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_float, c_int64,
-                                               c_int64, c_int64, c_void_p, c_int, c_void_p]
+        lib.pagoda_screened_argmax.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_float,
+                                               c_int64, c_int64, c_int64, c_void_p, c_int, c_void_p]
         self.screened_argmax = lib.pagoda_screened_argmax
         lib.pagoda_prefill_attention.restype = c_int
         lib.pagoda_prefill_attention.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64,

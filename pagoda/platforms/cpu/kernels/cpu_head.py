@@ -24,10 +24,11 @@ MAX_K = 65536
 
 
 class HeadScreen:
-    """The int8 copy of a head [n, k] (:class:`PackedInt8`) and each column's bound terms: ``err`` = |w - w~| +
-    g_k |w| (g_k the float32 summation bound of a k-term dot product) and ``qnorm`` = |w~|, rounded up."""
+    """The int8 copy of a head [n, k] (:class:`PackedInt8`) and each column's bound terms, rounded up: ``err`` =
+    |w - w~|, ``qnorm`` = |w~| and ``sum_err`` = (g_k + 16u) |w| (g_k the float32 summation bound of a k-term dot
+    product, 16u that of the outlier channels' float sums)."""
 
-    __slots__ = ("int8", "err", "qnorm", "max_col_norm")
+    __slots__ = ("int8", "err", "qnorm", "sum_err", "max_col_norm")
 
     def __init__(self, weight: torch.Tensor) -> None:
         n, k = weight.shape
@@ -36,6 +37,7 @@ class HeadScreen:
         scale = torch.empty(n, dtype=torch.float32)
         err = torch.empty(n, dtype=torch.float64)
         qnorm = torch.empty(n, dtype=torch.float64)
+        wnorm = torch.empty(n, dtype=torch.float64)
         col_norm = 0.0
         for start in range(0, n, _CHUNK_ROWS):
             w = weight[start:start + _CHUNK_ROWS].double()
@@ -46,16 +48,18 @@ class HeadScreen:
             norms = w.norm(dim=1)
             codes[start:start + _CHUNK_ROWS] = c.to(torch.int8)
             scale[start:start + _CHUNK_ROWS] = s
-            err[start:start + _CHUNK_ROWS] = (w - approx).norm(dim=1) + gamma * norms
+            err[start:start + _CHUNK_ROWS] = (w - approx).norm(dim=1)
+            wnorm[start:start + _CHUNK_ROWS] = norms
             qnorm[start:start + _CHUNK_ROWS] = approx.norm(dim=1)
             col_norm = max(col_norm, float(norms.max()), float(qnorm[start:start + _CHUNK_ROWS].max()))
         self.int8 = PackedInt8(codes, scale)
         self.err = (err * _ROUND_UP).float()
         self.qnorm = (qnorm * _ROUND_UP).float()
+        self.sum_err = (wnorm * ((gamma + 16 * _UNIT_ROUNDOFF) * _ROUND_UP)).float()
         self.max_col_norm = col_norm * _ROUND_UP
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.int8.data, self.err, self.qnorm))
+        return sum(t.numel() * t.element_size() for t in (self.int8.data, self.err, self.qnorm, self.sum_err))
 
 
 def head_screen(weight: torch.Tensor) -> HeadScreen | None:
@@ -80,8 +84,8 @@ def screened_argmax(x: torch.Tensor, weight: PackedWeight, screen: HeadScreen,
     out = torch.empty(x2.shape[0], dtype=torch.int64)
     if x2.shape[0]:
         _check(kernels().screened_argmax(x2.data_ptr(), weight.ptrs[0], screen.int8.ptr, screen.err.data_ptr(),
-                                         screen.qnorm.data_ptr(), screen.max_col_norm, x2.shape[0], weight.n,
-                                         weight.k, out.data_ptr(), _threads(),
+                                         screen.qnorm.data_ptr(), screen.sum_err.data_ptr(), screen.max_col_norm,
+                                         x2.shape[0], weight.n, weight.k, out.data_ptr(), _threads(),
                                          None if allowed is None else allowed.data_ptr()),
                "pagoda_screened_argmax")
     return out

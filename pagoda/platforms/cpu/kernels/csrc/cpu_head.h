@@ -3,13 +3,13 @@
 // A greedy head multiplies the whole [n, k] bf16 matrix to find one column per row: bound by memory at a few rows, by
 // the multiply-adds at a decode batch. Here an int8 copy (codes per column, symmetric, scale amax / 127: cpu_int8.h's
 // packing) is multiplied instead, by the input quantized to int8 per row, except its largest channels (kScreenOutliers
-// chosen per call, where final hidden states keep their few huge activations): those are multiplied in float, so
-// they neither widen the input's int8 step nor its error. Each column's screened value s~ then differs from the
-// exact product by at most
-//   B = |x| (e + g_k |w|) + |w~| (|x_in - x~_in| + 12u (|x_out| + |x~_in|)) + tiny + 2^-21 |s~|,
-// e = |w - w~| (Python computes it per column with g_k = k u / (1 - k u), the float32 summation bound of the exact
-// kernel, and rounds both per-column terms up), u = 2^-24, norms Euclidean, x_in / x_out the input without / with only
-// the outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the row is a
+// chosen per call, where final hidden states keep their few huge activations): those are multiplied in float by the
+// exact bf16 weights, so they add neither to the input's int8 step nor to the weights' error. Each column's screened
+// value s~ then differs from the exact product by at most
+//   B = |x_in| e + |x| f + |w~| (|x_in - x~_in| + 12u |x~_in|) + tiny + 2^-21 |s~|,
+// e = |w - w~| and f = (g_k + 16u) |w| (g_k = k u / (1 - k u): the float32 summation bound of the exact kernel; 16u the
+// outliers' float sums), computed per column by Python and rounded up; u = 2^-24, norms Euclidean, x_in the input
+// without its outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the row is a
 // candidate; the argmax lies among them, so only their tiles are multiplied exactly, by the bf16 kernel the full pass
 // uses (same instructions, same order: the same floats), and ties and the first-index rule come out as in the full
 // pass. A row the screen can't bound (a non-finite input, or too many candidates) is left to the full pass.
@@ -30,7 +30,7 @@ constexpr int64_t kScreenCap = 4096;                // candidates a row may keep
 constexpr int kScreenOutliers = 8;                  // input channels multiplied in float, the same for every row
 
 struct ScreenRow {      // one input row's bound terms
-  float x_norm, resid;  // |x| and |x_in - x~_in| + 12u (|x_out| + |x~_in|), both rounded up
+  float x_norm, in_norm, resid;  // |x|, |x_in| and |x_in - x~_in| + 12u |x~_in|, rounded up
   float tiny;           // flush-to-zero and denormal slack of the exact kernel
   bool ok;              // finite: the screen applies
 };
@@ -59,53 +59,62 @@ inline std::vector<int64_t> screen_outliers(const bf16_t* x, int64_t m, int64_t 
 inline ScreenRow screen_quantize(const bf16_t* xr, const std::vector<int64_t>& outliers, uint8_t* xu, float* xscale,
                                  float* xo, int64_t k, int64_t kp, float max_col_norm) {
   std::vector<bf16_t> inliers(xr, xr + k);
-  double out_sq = 0;
   for (size_t o = 0; o < outliers.size(); ++o) {
     xo[o] = bf16_to_f32(xr[outliers[o]]);
-    out_sq += double(xo[o]) * xo[o];
     inliers[outliers[o]] = 0;
   }
   quantize_row_int8(inliers.data(), reinterpret_cast<int8_t*>(xu), xscale, k, kp, 0.f, true);
   const double s = *xscale;
-  double xx = 0, dd = 0, qq = 0;
+  double xx = 0, ii = 0, dd = 0, qq = 0;
   for (int64_t i = 0; i < k; ++i) {
     const double xi = bf16_to_f32(xr[i]), xin = bf16_to_f32(inliers[i]), q = s * (int(xu[i]) - 128);
     xx += xi * xi;
+    ii += xin * xin;
     dd += (xin - q) * (xin - q);
     qq += q * q;
   }
   ScreenRow row;
   const double x_norm = std::sqrt(xx), up = 1.0 + 1e-6;
-  const double resid = std::sqrt(dd) + 12.0 * std::ldexp(1.0, -24) * (std::sqrt(out_sq) + std::sqrt(qq));
+  const double resid = std::sqrt(dd) + 12.0 * std::ldexp(1.0, -24) * std::sqrt(qq);
   // Past 1e30 the screened sums could overflow float: the full pass takes the row.
   row.ok = std::isfinite(x_norm) && x_norm * (1.0 + max_col_norm) < 1e30;
   row.x_norm = static_cast<float>(x_norm * up);
+  row.in_norm = static_cast<float>(std::sqrt(ii) * up);
   row.resid = static_cast<float>(resid * up);
   row.tiny = static_cast<float>(double(k) * std::ldexp(1.0, -120) * (1.0 + x_norm * std::sqrt(double(k)) + max_col_norm));
   return row;
 }
 
-// y [rows, cols] += each row's outlier values . the slice's int8 codes of those channels, times the column scales.
+// The cache lines add_outliers reads from a slice's bf16 tiles (one per outlier channel and tile, scattered over the
+// matrix: the hardware prefetchers don't see them coming), fetched into L2 a slice ahead.
+inline void prefetch_outliers(const bf16_t* tiles, int64_t cols, const int64_t* outliers, int64_t n_out, int64_t k) {
+  const int64_t tile_elems = packed_k2(k) * kTile * 2;
+  for (int64_t t = 0; t * 16 < cols; ++t)
+    for (int64_t o = 0; o < n_out; ++o)
+      _mm_prefetch(reinterpret_cast<const char*>(tiles + t * tile_elems + (outliers[o] / 2) * kTile * 2), _MM_HINT_T1);
+}
+
+// y [rows, cols] += each row's outlier values . the exact bf16 weights of those channels (the packed bf16 tiles of
+// the slice, `tiles`: packed_k2(k) pairs of 16 columns each).
 inline void add_outliers(float* y, int64_t rows, int64_t cols, const float* xo, int64_t n_out,
-                         const int64_t* outliers, const int8_t* base, int64_t kp, const float* wscale) {
-  alignas(64) float codes[kScreenOutliers][16];
+                         const int64_t* outliers, const bf16_t* tiles, int64_t k) {
+  alignas(64) float weights[kScreenOutliers][16];
+  const int64_t tile_elems = packed_k2(k) * kTile * 2;
   for (int64_t t = 0; t * 16 < cols; ++t) {
-    const int8_t* tile = base + t * 16 * kp;
-    for (int64_t o = 0; o < n_out; ++o) {  // byte i % 4 of each column's quad i / 4, sign-extended
+    for (int64_t o = 0; o < n_out; ++o) {  // half i % 2 of each column's pair i / 2: the bf16 bits, as float
       const int64_t i = outliers[o];
-      const __m512i raw = _mm512_loadu_si512(tile + (i / 4) * 64);
-      const __m512i v = _mm512_srai_epi32(_mm512_sllv_epi32(raw, _mm512_set1_epi32(static_cast<int>(24 - 8 * (i % 4)))),
-                                          24);
-      _mm512_store_ps(codes[o], _mm512_cvtepi32_ps(v));
+      const __m512i pair = _mm512_loadu_si512(tiles + t * tile_elems + (i / 2) * kTile * 2);
+      const __m512i bits = i % 2 ? _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))
+                                 : _mm512_slli_epi32(pair, 16);
+      _mm512_store_ps(weights[o], _mm512_castsi512_ps(bits));
     }
     const __mmask16 mask = tile_columns(cols, t * 16);
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, wscale + t * 16);
     for (int64_t r = 0; r < rows; ++r) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t o = 0; o < n_out; ++o)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(xo[r * kScreenOutliers + o]), _mm512_load_ps(codes[o]), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(xo[r * kScreenOutliers + o]), _mm512_load_ps(weights[o]), acc);
       float* yr = y + r * cols + t * 16;
-      _mm512_mask_storeu_ps(yr, mask, _mm512_fmadd_ps(acc, ws, _mm512_maskz_loadu_ps(mask, yr)));
+      _mm512_mask_storeu_ps(yr, mask, _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, yr)));
     }
   }
 }
@@ -117,10 +126,10 @@ struct ScreenHit {
 
 // out[r] = argmax of row r of x [m, k] . W^T (W bf16, packed for the bf16 GEMM at wp) for the rows whose screen
 // holds; full[r] is set for the others (the caller runs the full pass on them). sp: the int8 copy (cpu_int8.h's
-// buffer: tiles, scales, code sums); err, qnorm: each column's e + g_k |w| and |w~|, rounded up; max_col_norm: the
+// buffer: tiles, scales, code sums); err, qnorm, sum_err: each column's e, |w~| and f, rounded up; max_col_norm: the
 // largest |w| and |w~|. allowed: as for pagoda_linear_argmax.
 inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t* sp, const float* err,
-                                 const float* qnorm, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out,
+                                 const float* qnorm, const float* sum_err, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out,
                                  uint8_t* full, int num_threads, const int32_t* allowed) {
   const int64_t kp = (k + 63) / 64 * 64, cols_padded = (n + 15) / 16 * 16, tile_bytes = 16 * kp;
   const float* wscale = reinterpret_cast<const float*>(sp + cols_padded * kp);
@@ -149,6 +158,10 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
     for (int64_t sl; (sl = shares.next(t)) >= 0;) {
       const int64_t c0 = sl * kScreenCols, cols = n - c0 < kScreenCols ? n - c0 : kScreenCols;
       const int8_t* base = sp + (c0 / 16) * tile_bytes;
+      if (c0 + kScreenCols < n)  // this thread's next slice, usually (TaskShares hands out contiguous shares)
+        prefetch_outliers(wp + (c0 / 16 + kScreenCols / 16) * packed_k2(k) * kTile * 2,
+                          std::min(kScreenCols, n - c0 - kScreenCols), outliers.data(),
+                          static_cast<int64_t>(outliers.size()), k);
       for (int64_t g = 0; g * 16 * kInt8NT < cols; ++g) {
         const int64_t tile0 = g * kInt8NT, left = (cols - tile0 * 16 + 15) / 16;
         const int8_t* next = base + (tile0 + kInt8NT) * tile_bytes;
@@ -163,12 +176,13 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
           int8_vnni_rows<1, true>(m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
                                   colsum + c0, nullptr, tile0, ahead);
       }
-      add_outliers(buf.data(), m, cols, xo.data(), static_cast<int64_t>(outliers.size()), outliers.data(), base, kp,
-                   wscale + c0);
+      add_outliers(buf.data(), m, cols, xo.data(), static_cast<int64_t>(outliers.size()), outliers.data(),
+                   wp + (c0 / 16) * packed_k2(k) * kTile * 2, k);
       for (int64_t r = 0; r < m; ++r) {
         if (!rows[r].ok || overflow[t * m + r]) continue;
         float* y = buf.data() + r * cols;  // screened values, overwritten by their upper bounds
         const __m512 xn = _mm512_set1_ps(rows[r].x_norm), rs = _mm512_set1_ps(rows[r].resid);
+        const __m512 xi = _mm512_set1_ps(rows[r].in_norm);
         const __m512 tiny = _mm512_set1_ps(rows[r].tiny), rel = _mm512_set1_ps(std::ldexp(1.0f, -21));
         const __m512 none = _mm512_set1_ps(-INFINITY);
         const uint32_t* words = allowed ? reinterpret_cast<const uint32_t*>(allowed) + r * ((n + 31) / 32) : nullptr;
@@ -182,7 +196,8 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
           const __m512 sv = _mm512_maskz_loadu_ps(mask, y + j);
           __m512 b = _mm512_fmadd_ps(rel, _mm512_abs_ps(sv), tiny);
           b = _mm512_fmadd_ps(rs, _mm512_maskz_loadu_ps(mask, qnorm + c0 + j), b);
-          b = _mm512_fmadd_ps(xn, _mm512_maskz_loadu_ps(mask, err + c0 + j), b);
+          b = _mm512_fmadd_ps(xi, _mm512_maskz_loadu_ps(mask, err + c0 + j), b);
+          b = _mm512_fmadd_ps(xn, _mm512_maskz_loadu_ps(mask, sum_err + c0 + j), b);
           lower = _mm512_mask_max_ps(lower, mask, lower, _mm512_sub_ps(sv, b));
           _mm512_mask_storeu_ps(y + j, tile_columns(cols, j), _mm512_mask_blend_ps(mask, none, _mm512_add_ps(sv, b)));
         }

@@ -380,23 +380,23 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
 }
 
 // pagoda_linear_argmax's answer for bf16 weights packed by pagoda_pack_bf16 (w), screened by their int8 copy (screen:
-// pagoda_int8_gemm's buffer; err, qnorm, max_col_norm: each column's bound terms) so that only candidate columns are
+// pagoda_int8_gemm's buffer; err, qnorm, sum_err, max_col_norm: each column's bound terms) so that only candidate columns are
 // multiplied exactly: cpu_head.h. Rows the screen can't bound take the full pass. -1 if not built.
 int pagoda_screened_argmax(const void* x, const void* w, const void* screen, const float* err, const float* qnorm,
-                           float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out, int num_threads,
+                           const float* sum_err, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out, int num_threads,
                            const int32_t* allowed) {
 #if defined(PAGODA_HAS_SCREENED_HEAD)
   std::vector<uint8_t> full(static_cast<size_t>(m));
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   screened_head_argmax(xb, static_cast<const bf16_t*>(w), static_cast<const int8_t*>(screen), err, qnorm,
-                       max_col_norm, m, n, k, out, full.data(), num_threads, allowed);
+                       sum_err, max_col_norm, m, n, k, out, full.data(), num_threads, allowed);
   for (int64_t r = 0; r < m; ++r)
     if (full[r])
       pagoda_linear_argmax(0, xb + r * k, w, 1, n, k, out + r, num_threads, 0,
                            allowed ? allowed + r * ((n + 31) / 32) : nullptr);
   return 0;
 #else
-  (void)x; (void)w; (void)screen; (void)err; (void)qnorm; (void)max_col_norm; (void)m; (void)n; (void)k; (void)out;
+  (void)x; (void)w; (void)screen; (void)err; (void)qnorm; (void)sum_err; (void)max_col_norm; (void)m; (void)n; (void)k; (void)out;
   (void)num_threads; (void)allowed;
   return -1;
 #endif
