@@ -20,7 +20,7 @@ def _screened(weight: torch.Tensor):
 
 def _full(x, packed, allowed=None):
     """The full pass's answer, checked against the argmax of the kernel's own logits where no mask applies."""
-    out = cpu_ops.linear_argmax(x, packed, allowed=allowed)
+    out = cpu_head.linear_argmax(x, packed, allowed=allowed)
     if allowed is None:
         assert torch.equal(out, cpu_ops.packed_linear(x, packed, float_output=True).argmax(-1))
     return out

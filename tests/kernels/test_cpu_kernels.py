@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pagoda.ops.reference import rotate
 from tests.ops.op_cases import block_quant_weights
 from pagoda.platforms.cpu import features
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_head, cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu.kernels() is None, reason=f"native CPU kernels: {cpu.unavailable_reason()}")
 
@@ -271,17 +271,17 @@ def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
         offset = torch.randn(n, k // 32, generator=g) * 0.01 if bits == 4 else None
         weight = cpu_ops.pack_quantized(codes, scale, offset, bits)
         logits = cpu_ops.quant_linear(x, weight, float_output=True)
-    assert torch.equal(cpu_ops.linear_argmax(x, weight, amx=amx), logits.argmax(-1))
+    assert torch.equal(cpu_head.linear_argmax(x, weight, amx=amx), logits.argmax(-1))
     # a tie across chunks: the first maximum wins
     if form == "bf16":
         w = torch.zeros(n, k).bfloat16()
         w[[3000, 100, 4500], 0] = 1.0
         tied = cpu_ops.pack_weight(w)
         ones = torch.ones(rows, k).bfloat16()
-        assert (cpu_ops.linear_argmax(ones, tied, amx=amx) == 100).all()
+        assert (cpu_head.linear_argmax(ones, tied, amx=amx) == 100).all()
         # NaN columns win over any number, the first NaN among them (torch's argmax)
         w[[4500, 3000], 1] = float("nan")
         with_nan = cpu_ops.pack_weight(w)
-        assert (cpu_ops.linear_argmax(ones, with_nan, amx=amx) == 3000).all()
+        assert (cpu_head.linear_argmax(ones, with_nan, amx=amx) == 3000).all()
         assert torch.equal(cpu_ops.packed_linear(ones, with_nan, float_output=True, amx=amx).argmax(-1),
-                           cpu_ops.linear_argmax(ones, with_nan, amx=amx))
+                           cpu_head.linear_argmax(ones, with_nan, amx=amx))

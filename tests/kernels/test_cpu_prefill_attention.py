@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_head, cpu_ops
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
                                 reason="this CPU has no AVX512-BF16: the native prefill attention is not built")
@@ -117,7 +117,7 @@ def test_results_do_not_depend_on_how_tasks_are_shared_out():
         torch.set_num_threads(threads)
         try:
             return [torch.cat([cpu_ops.packed_linear(x, weight) for _ in range(3)]),
-                    cpu_ops.linear_argmax(x, weight), *cpu_ops.rms_norm(x, norm_weight, 1e-5, x),
+                    cpu_head.linear_argmax(x, weight), *cpu_ops.rms_norm(x, norm_weight, 1e-5, x),
                     cpu_ops.gated_activation(x, "silu")]
         finally:
             torch.set_num_threads(before)

@@ -160,7 +160,7 @@ class PackedDense(_NativeBf16Gemm):
             return None
         if handle.screen is not None:  # 1.4-2.2x the full pass's speed from 1 to 64 rows (docs/benchmarks.md)
             return cpu_head.screened_argmax(x, handle, handle.screen, allowed)
-        return cpu_ops.linear_argmax(x, handle, allowed=allowed)
+        return cpu_head.linear_argmax(x, handle, allowed=allowed)
 
     def rows(self, handle, ids):
         return handle.rows(ids)
@@ -233,7 +233,7 @@ class AmxDense(_NativeBf16Gemm):
         if packed.screen is not None and x.numel() < AMX_MIN_ROWS * packed.k:
             return cpu_head.screened_argmax(x, packed, packed.screen, allowed)
         # From 8 rows the argmax kernel multiplies on AMX tiles (64 x 49152 x 576: 18.7 ms on AVX512-BF16).
-        return cpu_ops.linear_argmax(x, packed, amx=True, allowed=allowed)
+        return cpu_head.linear_argmax(x, packed, amx=True, allowed=allowed)
 
     def rows(self, handle, ids):
         return handle.packed.rows(ids)
@@ -282,7 +282,7 @@ class PackedBlockQuant(_NativeBf16Gemm):
         return cpu_ops.quant_linear(x, handle, float_output=True)
 
     def greedy(self, handle, x, allowed=None):
-        return cpu_ops.linear_argmax(x, handle, allowed=allowed)
+        return cpu_head.linear_argmax(x, handle, allowed=allowed)
 
     def rows(self, handle, ids, dtype):
         return handle.rows(ids, dtype)
@@ -318,7 +318,7 @@ class AmxBlockQuant(AmxTiles, PackedBlockQuant):
         return cpu_ops.quant_linear(x, handle, float_output=True, amx=True)
 
     def greedy(self, handle, x, allowed=None):
-        return cpu_ops.linear_argmax(x, handle, amx=True, allowed=allowed)
+        return cpu_head.linear_argmax(x, handle, amx=True, allowed=allowed)
 
 
 class NativeWriteKV(_Native):

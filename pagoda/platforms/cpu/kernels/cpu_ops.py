@@ -394,29 +394,3 @@ def quant_linear(x: torch.Tensor, weight: PackedQuant, float_output: bool = Fals
         _check(kernels().quant_gemm(weight.bits, int(float_output), out.data_ptr(), x2.data_ptr(), weight.ptr, rows,
                                     weight.n, weight.k, _threads(), int(amx)), "pagoda_quant_gemm")
     return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
-
-
-def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant, amx: bool = False,
-                  allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x @ W.T).argmax(-1)`` for bf16 ``x`` [rows, k] and a packed weight, without writing the logits out
-    (torch's rules: the first maximum, a NaN wins). A greedy LM head. ``amx``: bf16 weights on AMX tiles from 8
-    rows (only where the process may use them). ``allowed``: a token bitmask per row (int32 [rows, ceil(n / 32)],
-    bit ``t % 32`` of word ``t // 32`` set: token ``t`` allowed); the argmax is then over the allowed tokens."""
-    x2 = _bf16_rows(x, weight.k, "linear_argmax")
-    if allowed is not None:
-        allowed = allowed.to(torch.int32).contiguous()
-        if tuple(allowed.shape) != (x2.shape[0], (weight.n + 31) // 32):
-            raise ValueError(f"linear_argmax: allowed must be [{x2.shape[0]}, {(weight.n + 31) // 32}] int32 words, "
-                             f"got {list(allowed.shape)}")
-    out = torch.empty(x2.shape[0], dtype=torch.int64)
-    if isinstance(weight, PackedWeight):
-        kind, ptr = 0, weight.ptrs[0]
-        if weight.bias is not None:
-            raise ValueError("linear_argmax takes weights without bias")
-    else:
-        kind, ptr = weight.bits, weight.ptr
-    if x2.shape[0]:
-        _check(kernels().linear_argmax(kind, x2.data_ptr(), ptr, x2.shape[0], weight.n, weight.k, out.data_ptr(),
-                                       _threads(), int(amx), None if allowed is None else allowed.data_ptr()),
-               "pagoda_linear_argmax")
-    return out
