@@ -9,10 +9,10 @@
 //   B = |x_in| e + |x| f + |w~| (|x_in - x~_in| + 12u |x~_in|) + tiny + 2^-21 |s~|,
 // e = |w - w~| and f = (g_k + 16u) |w| (g_k = k u / (1 - k u): the float32 summation bound of the exact kernel; 16u the
 // outliers' float sums), computed per column by Python and rounded up; u = 2^-24, norms Euclidean, x_in the input
-// without its outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the row is a
-// candidate; the argmax lies among them, so only their tiles are multiplied exactly, by the bf16 kernel the full pass
-// uses (same instructions, same order: the same floats), and ties and the first-index rule come out as in the full
-// pass. A row the screen can't bound (a non-finite input, or too many candidates) is left to the full pass.
+// without its outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the
+// row is a candidate; the argmax lies among them, so only their tiles are multiplied exactly, by the bf16 kernel the
+// full pass uses (same instructions, same order: the same floats), and ties and the first-index rule come out as in
+// the full pass. A row the screen can't bound (a non-finite input, or too many candidates) is left to the full pass.
 #pragma once
 
 #include <algorithm>
@@ -26,7 +26,7 @@ namespace {
 #define PAGODA_HAS_SCREENED_HEAD 1
 
 constexpr int64_t kScreenCols = 5 * kInt8NT * 16;  // 240 columns a slice: whole int8 micro-kernel tile groups
-constexpr int64_t kScreenCap = 4096;                // candidates a row may keep per thread before the full pass takes it
+constexpr int64_t kScreenCap = 4096;                // a row's candidates per thread before the full pass takes it
 constexpr int kScreenOutliers = 8;                  // input channels multiplied in float, the same for every row
 
 struct ScreenRow {      // one input row's bound terms
@@ -81,7 +81,8 @@ inline ScreenRow screen_quantize(const bf16_t* xr, const std::vector<int64_t>& o
   row.x_norm = static_cast<float>(x_norm * up);
   row.in_norm = static_cast<float>(std::sqrt(ii) * up);
   row.resid = static_cast<float>(resid * up);
-  row.tiny = static_cast<float>(double(k) * std::ldexp(1.0, -120) * (1.0 + x_norm * std::sqrt(double(k)) + max_col_norm));
+  row.tiny = static_cast<float>(double(k) * std::ldexp(1.0, -120) *
+                                (1.0 + x_norm * std::sqrt(double(k)) + max_col_norm));
   return row;
 }
 
@@ -129,8 +130,8 @@ struct ScreenHit {
 // buffer: tiles, scales, code sums); err, qnorm, sum_err: each column's e, |w~| and f, rounded up; max_col_norm: the
 // largest |w| and |w~|. allowed: as for pagoda_linear_argmax.
 inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t* sp, const float* err,
-                                 const float* qnorm, const float* sum_err, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out,
-                                 uint8_t* full, int num_threads, const int32_t* allowed) {
+                                 const float* qnorm, const float* sum_err, float max_col_norm, int64_t m, int64_t n,
+                                 int64_t k, int64_t* out, uint8_t* full, int num_threads, const int32_t* allowed) {
   const int64_t kp = (k + 63) / 64 * 64, cols_padded = (n + 15) / 16 * 16, tile_bytes = 16 * kp;
   const float* wscale = reinterpret_cast<const float*>(sp + cols_padded * kp);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(wscale + cols_padded);
@@ -186,7 +187,7 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
         const __m512 tiny = _mm512_set1_ps(rows[r].tiny), rel = _mm512_set1_ps(std::ldexp(1.0f, -21));
         const __m512 none = _mm512_set1_ps(-INFINITY);
         const uint32_t* words = allowed ? reinterpret_cast<const uint32_t*>(allowed) + r * ((n + 31) / 32) : nullptr;
-        __m512 lower = none;
+        __m512 best_lower = none;
         for (int64_t j = 0; j < cols; j += 16) {
           __mmask16 mask = tile_columns(cols, j);  // valid columns, and allowed ones where a mask is given
           if (words) {
@@ -198,15 +199,17 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
           b = _mm512_fmadd_ps(rs, _mm512_maskz_loadu_ps(mask, qnorm + c0 + j), b);
           b = _mm512_fmadd_ps(xi, _mm512_maskz_loadu_ps(mask, err + c0 + j), b);
           b = _mm512_fmadd_ps(xn, _mm512_maskz_loadu_ps(mask, sum_err + c0 + j), b);
-          lower = _mm512_mask_max_ps(lower, mask, lower, _mm512_sub_ps(sv, b));
-          _mm512_mask_storeu_ps(y + j, tile_columns(cols, j), _mm512_mask_blend_ps(mask, none, _mm512_add_ps(sv, b)));
+          best_lower = _mm512_mask_max_ps(best_lower, mask, best_lower, _mm512_sub_ps(sv, b));
+          const __m512 upper = _mm512_mask_blend_ps(mask, none, _mm512_add_ps(sv, b));
+          _mm512_mask_storeu_ps(y + j, tile_columns(cols, j), upper);
         }
-        lo[r] = std::max(lo[r], _mm512_reduce_max_ps(lower));
+        lo[r] = std::max(lo[r], _mm512_reduce_max_ps(best_lower));
         const __m512 floor = _mm512_set1_ps(lo[r]);
         for (int64_t j = 0; j < cols; j += 16) {
           const __mmask16 valid = tile_columns(cols, j);
           const __m512 up = _mm512_maskz_loadu_ps(valid, y + j);
-          for (__mmask16 mask = _mm512_mask_cmp_ps_mask(valid, up, floor, _CMP_GE_OQ); mask; mask &= mask - 1, ++kept[r]) {
+          __mmask16 mask = _mm512_mask_cmp_ps_mask(valid, up, floor, _CMP_GE_OQ);
+          for (; mask; mask &= mask - 1, ++kept[r]) {
             const int i = __builtin_ctz(mask);
             hits[t].push_back({r, c0 + j + i, y[j + i]});
           }
