@@ -26,10 +26,6 @@ from pagoda.platforms.cpu.kernels import cpu, cpu_head, cpu_ops, cpu_quant_ops
 #: TFLOP/s at 512-2048 rows against 1.1-1.8 for pagoda's tile kernel, which leads up to 64 rows).
 ONEDNN_MIN_ROWS = 256
 
-#: Rows from which pagoda's AMX kernels take a product (cpu_amx.h's kAmxMinRows); an LM head's int8 screen
-#: (cpu_head) serves the greedy argmax below it on AMX CPUs, since its exact products are the AVX512-BF16 kernel's.
-AMX_MIN_ROWS = 8
-
 #: Sizes from which the native LayerNorm and ReLU beat torch's own kernels (bf16, measured on a Xeon with AMX; see
 #: NativeLayerNorm and NativeActivation).
 LAYER_NORM_MIN_ELEMENTS = 16 * 768
@@ -156,11 +152,7 @@ class PackedDense(_NativeBf16Gemm):
         return handle
 
     def greedy(self, handle, x, allowed=None):
-        if handle.bias is not None:
-            return None
-        if handle.screen is not None:  # 1.4-2.2x the full pass's speed from 1 to 64 rows (docs/benchmarks.md)
-            return cpu_head.screened_argmax(x, handle, handle.screen, allowed)
-        return cpu_head.linear_argmax(x, handle, allowed=allowed)
+        return cpu_head.linear_argmax(x, handle, allowed=allowed) if handle.bias is None else None
 
     def rows(self, handle, ids):
         return handle.rows(ids)
@@ -228,12 +220,9 @@ class AmxDense(_NativeBf16Gemm):
     def greedy(self, handle, x, allowed=None):
         if handle.bias is not None:
             return None
-        packed = handle.packed
-        # The screen's exact products are the AVX512-BF16 kernel's, which the full pass also takes below 8 rows.
-        if packed.screen is not None and x.numel() < AMX_MIN_ROWS * packed.k:
-            return cpu_head.screened_argmax(x, packed, packed.screen, allowed)
-        # From 8 rows the argmax kernel multiplies on AMX tiles (64 x 49152 x 576: 18.7 ms on AVX512-BF16).
-        return cpu_head.linear_argmax(x, packed, amx=True, allowed=allowed)
+        # From 8 rows the argmax kernel multiplies on AMX tiles (64 x 49152 x 576: 18.7 ms on AVX512-BF16); below,
+        # an LM head's screen serves it (cpu_head).
+        return cpu_head.linear_argmax(x, handle.packed, amx=True, allowed=allowed)
 
     def rows(self, handle, ids):
         return handle.packed.rows(ids)

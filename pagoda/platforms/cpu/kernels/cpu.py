@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 33
+ABI_VERSION = 34
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -98,7 +98,7 @@ class CpuKernels:
         self.linear_argmax = lib.pagoda_linear_argmax
         lib.pagoda_screened_argmax.restype = c_int
         lib.pagoda_screened_argmax.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_float,
-                                               c_int64, c_int64, c_int64, c_void_p, c_int, c_void_p]
+                                               c_int64, c_int64, c_int64, c_void_p, c_int, c_int, c_void_p]
         self.screened_argmax = lib.pagoda_screened_argmax
         lib.pagoda_prefill_attention.restype = c_int
         lib.pagoda_prefill_attention.argtypes = [c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_void_p, c_int64,

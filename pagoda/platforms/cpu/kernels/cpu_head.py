@@ -73,16 +73,16 @@ def head_screen(weight: torch.Tensor) -> HeadScreen | None:
 
 
 def screened_argmax(x: torch.Tensor, weight: PackedWeight, screen: HeadScreen,
-                    allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x @ W.T).argmax(-1)`` exactly as :func:`linear_argmax` gives it (without AMX), through the screen;
-    ``allowed`` as there."""
+                    allowed: torch.Tensor | None = None, amx: bool = False) -> torch.Tensor:
+    """``(x @ W.T).argmax(-1)`` exactly as the full pass gives it, through the screen; ``allowed`` and ``amx`` as
+    for :func:`linear_argmax` (where the full pass would multiply on AMX tiles, it runs instead)."""
     x2 = _bf16_rows(x, weight.k, "screened_argmax")
     allowed = allowed_words(allowed, x2.shape[0], weight.n, "screened_argmax")
     out = torch.empty(x2.shape[0], dtype=torch.int64)
     if x2.shape[0]:
         _check(kernels().screened_argmax(x2.data_ptr(), weight.ptrs[0], screen.int8.ptr, screen.err.data_ptr(),
                                          screen.qnorm.data_ptr(), screen.sum_err.data_ptr(), screen.max_col_norm,
-                                         x2.shape[0], weight.n, weight.k, out.data_ptr(), _threads(),
+                                         x2.shape[0], weight.n, weight.k, out.data_ptr(), _threads(), int(amx),
                                          None if allowed is None else allowed.data_ptr()),
                "pagoda_screened_argmax")
     return out
@@ -104,7 +104,10 @@ def linear_argmax(x: torch.Tensor, weight: PackedWeight | PackedQuant, amx: bool
     """``(x @ W.T).argmax(-1)`` for bf16 ``x`` [rows, k] and a packed weight, without writing the logits out
     (torch's rules: the first maximum, a NaN wins). A greedy LM head. ``amx``: bf16 weights on AMX tiles from 8
     rows (only where the process may use them). ``allowed``: a token bitmask per row (int32 [rows, ceil(n / 32)],
-    bit ``t % 32`` of word ``t // 32`` set: token ``t`` allowed); the argmax is then over the allowed tokens."""
+    bit ``t % 32`` of word ``t // 32`` set: token ``t`` allowed); the argmax is then over the allowed tokens. A bf16
+    weight prepared as an LM head (with a :class:`HeadScreen`) is screened: the same answer, from fewer bytes."""
+    if isinstance(weight, PackedWeight) and weight.screen is not None:
+        return screened_argmax(x, weight, weight.screen, allowed, amx)
     x2 = _bf16_rows(x, weight.k, "linear_argmax")
     allowed = allowed_words(allowed, x2.shape[0], weight.n, "linear_argmax")
     out = torch.empty(x2.shape[0], dtype=torch.int64)

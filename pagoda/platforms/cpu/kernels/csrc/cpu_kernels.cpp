@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 33; }
+int pagoda_kernels_abi_version() { return 34; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -379,13 +379,19 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
 #endif
 }
 
-// pagoda_linear_argmax's answer for bf16 weights packed by pagoda_pack_bf16 (w), screened by their int8 copy (screen:
-// pagoda_int8_gemm's buffer; err, qnorm, sum_err, max_col_norm: each column's bound terms) so that only candidate columns are
-// multiplied exactly: cpu_head.h. Rows the screen can't bound take the full pass. -1 if not built.
+// pagoda_linear_argmax's answer for bf16 weights packed by pagoda_pack_bf16 (w), screened by their int8 copy
+// (screen: pagoda_int8_gemm's buffer; err, qnorm, sum_err, max_col_norm: each column's bound terms) so that only
+// candidate columns are multiplied exactly: cpu_head.h. Rows the screen can't bound take the full pass, and so does
+// the whole call where the full pass would run on AMX tiles (amx, as for pagoda_linear_argmax), whose sums the
+// screen's exact products (the AVX512-BF16 kernel's) need not match. -1 if not built.
 int pagoda_screened_argmax(const void* x, const void* w, const void* screen, const float* err, const float* qnorm,
-                           const float* sum_err, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out, int num_threads,
-                           const int32_t* allowed) {
+                           const float* sum_err, float max_col_norm, int64_t m, int64_t n, int64_t k, int64_t* out,
+                           int num_threads, int amx, const int32_t* allowed) {
 #if defined(PAGODA_HAS_SCREENED_HEAD)
+#if defined(PAGODA_HAS_AMX)
+  if (amx && m >= kAmxMinRows && k % 32 == 0)
+    return pagoda_linear_argmax(0, x, w, m, n, k, out, num_threads, 1, allowed);
+#endif
   std::vector<uint8_t> full(static_cast<size_t>(m));
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   screened_head_argmax(xb, static_cast<const bf16_t*>(w), static_cast<const int8_t*>(screen), err, qnorm,
@@ -396,8 +402,8 @@ int pagoda_screened_argmax(const void* x, const void* w, const void* screen, con
                            allowed ? allowed + r * ((n + 31) / 32) : nullptr);
   return 0;
 #else
-  (void)x; (void)w; (void)screen; (void)err; (void)qnorm; (void)sum_err; (void)max_col_norm; (void)m; (void)n; (void)k; (void)out;
-  (void)num_threads; (void)allowed;
+  (void)x; (void)w; (void)screen; (void)err; (void)qnorm; (void)sum_err; (void)max_col_norm; (void)m; (void)n;
+  (void)k; (void)out; (void)num_threads; (void)amx; (void)allowed;
   return -1;
 #endif
 }
