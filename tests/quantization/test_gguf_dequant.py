@@ -134,10 +134,14 @@ def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype, kernel_pa
     vocab, dim = 4200, 256  # more rows than one dequantization chunk (4096)
     w = _weight(qtype, vocab, dim)
     layer = nn.Module()
+    layer.serves_logits = True  # as VocabEmbedding.use_as_lm_head marks a tied table
     method = GGUFConfig().get_embedding_method("model.embed_tokens")
     method.create_weights(layer, vocab, dim, dtype)
     layer.weight.weight_loader(layer.weight, w)
     method.process_weights_after_loading(layer)
+    table = layer.gguf_table
+    if isinstance(table, DenseOpKernel) and hasattr(table.handle, "screen") and cpu.kernels().has_vnni_int8:
+        assert table.handle.screen is not None, "a float table serving logits is prepared as an LM head"
     full = w.dequantize()
     ids = torch.tensor([[0, 4199, 17], [4096, 5, 5]])
     embedded = method.embed(layer, ids)

@@ -71,12 +71,14 @@ class DenseOpKernel(OpKernel):
 
 
 def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
-                act_dtype: torch.dtype = torch.bfloat16, block_quant_op=None, dense_op=None) -> Kernel:
+                act_dtype: torch.dtype = torch.bfloat16, block_quant_op=None, dense_op=None,
+                lm_head: bool = False) -> Kernel:
     """The compact kernel for a weight of ``shape`` stored as ``data`` (raw rows, or a float tensor), for a
     model computing in ``act_dtype`` (any dtype still works; this picks the fast form). ``block_quant_op`` is the
     engine's ``linear_block_quant`` implementation (see :func:`block_quant_op_for`); ``dense_op`` its ``linear_dense``
     one, which then holds float records (routers, gates, whole float files' layers and tables) in the model's dtype as
-    it holds an unquantized weight, where it computes in that dtype (else torch's matmul on the tensor)."""
+    it holds an unquantized weight, where it computes in that dtype (else torch's matmul on the tensor); ``lm_head``:
+    the record also serves as the LM head, so that op prepares it as one (``prepare_lm_head``)."""
     ggml_type = T(ggml_type)
     n, k = shape
     block_size = GGML_QUANT_SIZES[ggml_type][0]
@@ -86,7 +88,8 @@ def make_kernel(data: torch.Tensor, ggml_type: int, shape: tuple[int, int],
         weight = dequantize(data, ggml_type, {T.F32: torch.float32, T.F16: torch.float16,
                                               T.BF16: torch.bfloat16}[ggml_type]).reshape(n, k)
         if dense_op is not None and (dense_op.dtypes is None or act_dtype in dense_op.dtypes):
-            return DenseOpKernel(dense_op, dense_op.prepare(weight.to(act_dtype), None), n, k)
+            prepare = dense_op.prepare_lm_head if lm_head else dense_op.prepare
+            return DenseOpKernel(dense_op, prepare(weight.to(act_dtype), None), n, k)
         return DenseKernel(weight)
     op = block_quant_op_for(block_quant_op, k, act_dtype)
     if ggml_type in INT4_TYPES:

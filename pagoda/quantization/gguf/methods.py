@@ -164,7 +164,7 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
             layer.gguf_table = RawKernel(record.data.clone(), record.ggml_type, record.shape[1])
         else:  # float tables: gathers, logits and argmax on the linear_dense op
             layer.gguf_table = make_kernel(record.data, record.ggml_type, record.shape, layer.gguf_dtype, op,
-                                           current_ops().linear_dense)
+                                           current_ops().linear_dense, getattr(layer, "serves_logits", False))
         layer.gguf_record = None
         release_freed_memory()
 
