@@ -36,6 +36,27 @@ def linear_fp8(impl, ref, dtype):
                 _check_masked_greedy(impl, handle, x, ref.logits(ref_handle, x).double(), what)
 
 
+def linear_fp8_every_code(impl, ref, dtype):
+    # Every e4m3 code but the two NaNs (zero, the subnormals, both signs), each at every input position across the
+    # 256 columns, read back exactly through one-hot rows: 1 row (the one-row kernel), 16 and 64 (the GEMMs).
+    k = 64
+    codes = (torch.arange(256)[:, None] + 37 * torch.arange(k)[None, :]) % 256
+    codes[(codes & 0x7F) == 0x7F] = 0
+    weight = codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    for group in (k, 32):
+        if not impl.accepts(k, group, dtype):
+            continue
+        scale = torch.ones(256, k // group)
+        handle, ref_handle = impl.prepare(weight, scale, group), ref.prepare(weight, scale, group)
+        exact = ref.weight(ref_handle).float()
+        assert torch.equal(exact, weight.float()), "linear_fp8 reference: e4m3 codes"
+        for rows in (1, 16, 64):
+            x = torch.eye(k)[:rows].to(dtype)
+            what = f"linear_fp8 every code, {rows} one-hot rows, group {group}"
+            torch.testing.assert_close(impl.logits(handle, x).float(), exact.T[:rows], rtol=0, atol=0, msg=what)
+            torch.testing.assert_close(impl.apply(handle, x).float(), exact.T[:rows], rtol=0, atol=0, msg=what)
+
+
 def linear_int8(impl, ref, dtype):
     # 80 and 20 outputs: a last group of two column tiles, then of one, in the 48-column micro-kernels
     for n, k, input_scale in ((37, 64, None), (576, 576, None), (1536, 576, None), (64, 96, 0.02), (80, 128, None),
@@ -83,7 +104,8 @@ def linear_codebook(impl, ref, dtype):
                                        msg=what + " logits")
 
 
-CASES = {"linear_fp8": [linear_fp8], "linear_int8": [linear_int8], "linear_codebook": [linear_codebook]}
+CASES = {"linear_fp8": [linear_fp8, linear_fp8_every_code], "linear_int8": [linear_int8],
+         "linear_codebook": [linear_codebook]}
 
 
 def references_match_float64(ops: dict, dtype: torch.dtype) -> None:
