@@ -22,6 +22,11 @@ namespace {
 
 constexpr int64_t kAmxMinRows = 8;  // below this the AVX512-BF16 micro-kernel streams the weights as fast
 
+// Whether a product of m rows by packed bf16 weights of k inputs runs on AMX tiles (amx: the caller may use them)
+// rather than on the AVX512-BF16 micro-kernels. The two round differently, so every path that must reproduce another's
+// sums (the argmax's against the GEMM's, the screened head's against the full pass) asks here.
+inline bool bf16_on_amx(bool amx, int64_t m, int64_t k) { return amx && m >= kAmxMinRows && k % 32 == 0; }
+
 struct alignas(64) AmxTileConfig {
   uint8_t palette_id;
   uint8_t start_row;

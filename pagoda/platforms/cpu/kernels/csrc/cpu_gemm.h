@@ -99,7 +99,7 @@ template <bool F32Out>
 void gemm_packed(void* y, int64_t ldy, const bf16_t* x, const bf16_t* wp, const float* bias, int64_t m, int64_t n,
                  int64_t k, int num_threads, bool amx = false) {
 #if defined(PAGODA_HAS_AMX)
-  if (amx && m >= kAmxMinRows && k % 32 == 0) {
+  if (bf16_on_amx(amx, m, k)) {
     gemm_packed_amx<F32Out>(y, ldy, x, wp, bias, m, n, k, num_threads);
     return;
   }

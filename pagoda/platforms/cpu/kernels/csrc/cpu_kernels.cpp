@@ -336,7 +336,7 @@ int pagoda_linear_argmax(int kind, const void* x, const void* w, int64_t m, int6
       if (kind == 0) {
         const bf16_t* wb = static_cast<const bf16_t*>(w) + tile0 * packed_k2(k) * kTile * 2;
 #if defined(PAGODA_HAS_AMX)
-        if (amx && m >= kAmxMinRows && k % 32 == 0) gemm_packed_amx<true>(buf.data(), cols, xb, wb, nullptr, m, cols, k, 1);
+        if (bf16_on_amx(amx, m, k)) gemm_packed_amx<true>(buf.data(), cols, xb, wb, nullptr, m, cols, k, 1);
         else
 #endif
         gemm_packed_serial<true>(buf.data(), cols, xb, wb, m, cols, k, w_end);
@@ -389,8 +389,7 @@ int pagoda_screened_argmax(const void* x, const void* w, const void* screen, con
                            int num_threads, int amx, const int32_t* allowed) {
 #if defined(PAGODA_HAS_SCREENED_HEAD)
 #if defined(PAGODA_HAS_AMX)
-  if (amx && m >= kAmxMinRows && k % 32 == 0)
-    return pagoda_linear_argmax(0, x, w, m, n, k, out, num_threads, 1, allowed);
+  if (bf16_on_amx(amx, m, k)) return pagoda_linear_argmax(0, x, w, m, n, k, out, num_threads, 1, allowed);
 #endif
   std::vector<uint8_t> full(static_cast<size_t>(m));
   const bf16_t* xb = static_cast<const bf16_t*>(x);

@@ -65,7 +65,7 @@ template <bool F32Out>
 inline void expert_columns(void* y, int64_t ldy, const bf16_t* x, int64_t rows, int64_t k, const bf16_t* wp,
                            int64_t n, int64_t tile0, int64_t nt, bool amx) {
 #if defined(PAGODA_HAS_AMX)
-  if (amx && rows >= kAmxMinRows && k % 32 == 0) {
+  if (bf16_on_amx(amx, rows, k)) {
     const int64_t col = tile0 * kTile, cols = (n - col) < nt * kTile ? (n - col) : nt * kTile;
     void* yc = static_cast<char*>(y) + col * (F32Out ? 4 : 2);
     gemm_packed_amx<F32Out>(yc, ldy, x, wp + tile0 * packed_k2(k) * kTile * 2, nullptr, rows, cols, k, 1);
