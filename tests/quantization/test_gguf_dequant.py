@@ -140,8 +140,10 @@ def test_embedding_gathers_rows_and_computes_tied_logits(qtype, dtype, kernel_pa
     layer.weight.weight_loader(layer.weight, w)
     method.process_weights_after_loading(layer)
     table = layer.gguf_table
-    if isinstance(table, DenseOpKernel) and hasattr(table.handle, "screen") and cpu.kernels().has_vnni_int8:
-        assert table.handle.screen is not None, "a float table serving logits is prepared as an LM head"
+    handle = getattr(table, "handle", None)
+    packed = getattr(handle, "packed", handle)  # AmxDense keeps the packed weight inside its handle
+    if isinstance(table, DenseOpKernel) and hasattr(packed, "screen") and cpu.kernels().has_vnni_int8:
+        assert packed.screen is not None, "a float table serving logits is prepared as an LM head"
     full = w.dequantize()
     ids = torch.tensor([[0, 4199, 17], [4096, 5, 5]])
     embedded = method.embed(layer, ids)
