@@ -17,7 +17,6 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
-        self._num_hashed: dict[str, int] = {}  # per request: leading blocks already in the prefix cache
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for copy-on-write
 
     @property
@@ -71,7 +70,7 @@ class KVCacheManager:
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
-            self._num_hashed[request.request_id] = len(blocks)
+            request.num_hashed_blocks = len(blocks)
         if needs_copy:
             shared = blocks[-1]
             (copy,) = self.pool.allocate(1)
@@ -90,13 +89,13 @@ class KVCacheManager:
         if not blocks:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        start = self._num_hashed.get(request.request_id, 0)
+        start = request.num_hashed_blocks
         if num_full <= start:
             return
         hashes = request.update_block_hashes(self.block_size)
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], hashes[i])
-        self._num_hashed[request.request_id] = num_full
+        request.num_hashed_blocks = num_full
 
     def free_blocks_past(self, request: Request, num_slots: int) -> bool:
         """Give back the request's trailing blocks beyond the first ``num_slots`` token slots (speculative
@@ -114,12 +113,12 @@ class KVCacheManager:
         blocks = list(self.req_blocks.get(parent.request_id, ()))
         self.pool.touch(blocks)
         self.req_blocks[child.request_id] = blocks
-        self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
+        child.num_hashed_blocks = parent.num_hashed_blocks
         child.block_hashes = list(parent.block_hashes)
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, None)
-        self._num_hashed.pop(request.request_id, None)
+        request.num_hashed_blocks = 0
         if blocks:
             self.pool.free(reversed(blocks))
 

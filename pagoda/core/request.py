@@ -62,6 +62,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cache_salt = cache_salt  # requests share cached blocks only with requests of the same salt
         self.block_hashes: list[bytes] = []
+        self.num_hashed_blocks = 0  # leading blocks of this request already entered into the prefix cache
         self.num_preemptions = 0
         self.spec_token_ids: list[int] = []  # draft tokens to verify next step (speculative decoding)
         self.token_type_ids = token_type_ids  # segment ids of sentence pairs (BERT-style cross-encoders)

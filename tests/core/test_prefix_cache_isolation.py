@@ -87,3 +87,21 @@ def test_engine_shares_cached_prompts_only_within_a_salt(tiny_model_dir):
     assert cached(None) == 64
     with pytest.raises(ValueError, match="cache_salt"):
         llm.generate([{"prompt_token_ids": ids, "cache_salt": ""}], params, use_tqdm=False)
+
+
+def test_blocks_filled_by_decoding_enter_the_cache_as_they_fill(tiny_model_dir):
+    """Generated tokens are cached block by block as the decode completes them, up to the last full block."""
+    from pagoda import LLM
+
+    llm = LLM(model=tiny_model_dir("llama"), dtype="float32", max_model_len=256, block_size=8,
+              kv_cache_memory_bytes=8 << 20, skip_tokenizer_init=True)
+    prompt = list(range(5, 13))  # one full block
+    for num_generated in (17, 24):  # the last computed token ends block 3, or lies inside block 4
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+            temperature=0, max_tokens=num_generated, ignore_eos=True, detokenize=False), use_tqdm=False)[0]
+        tokens = prompt + list(out.outputs[0].token_ids)
+        # Every token but the last was computed: its full blocks are cached, decoded ones included.
+        full_blocks = (len(tokens) - 1) // 8
+        again = llm.generate([{"prompt_token_ids": tokens + [3]}], SamplingParams(max_tokens=1, detokenize=False),
+                             use_tqdm=False)[0]
+        assert again.num_cached_tokens == 8 * full_blocks
