@@ -263,7 +263,10 @@ class IncrementalDetokenizer:
         if token_stop is None and self._deferred:  # only collect the ids (update's deferred branch, inlined)
             self.token_ids.extend(new_token_ids)
             if self.skip_special_tokens:
-                self._pending.extend(t for t in new_token_ids if t not in self._special_ids)
+                special, pending = self._special_ids, self._pending
+                for t in new_token_ids:  # usually one token: a loop is cheaper than a generator here
+                    if t not in special:
+                        pending.append(t)
             else:
                 self._pending.extend(new_token_ids)
             return None

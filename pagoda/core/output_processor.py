@@ -29,6 +29,22 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_sent_tokens: int = 0
+    # check_stop can only stop the sample from this many output tokens on, or on one of these tokens: below the
+    # one and off the other, a step needs no call to it (the per-token common case).
+    length_limit: float = 0
+    stop_token_set: frozenset[int] = frozenset()
+
+
+def _quick_stop_rule(request: Request, max_model_len: int | None) -> tuple[float, frozenset[int]]:
+    """SampleState.length_limit and stop_token_set for the samples of ``request``."""
+    params = request.params
+    limit = float("inf") if params.max_tokens is None else params.max_tokens
+    if max_model_len is not None:
+        limit = min(limit, max_model_len - request.num_prompt_tokens)
+    stops = set(params.stop_token_ids or ())
+    if not params.ignore_eos:
+        stops |= set(request.eos_token_ids)
+    return limit, frozenset(stops)
 
 
 @dataclass
@@ -97,11 +113,12 @@ class OutputProcessor:
             if sample is None:
                 # Only the final text is returned: decode once at the end (same text; see the detokenizer).
                 defer = state.params.output_kind == RequestOutputKind.FINAL_ONLY
+                limit, stops = _quick_stop_rule(request, max_model_len)
                 sample = state.samples[request.index] = SampleState(
                     request.index,
                     IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params, defer=defer),
                     [] if request.params.logprobs is not None else None,
-                    0.0 if request.params.logprobs is not None else None)
+                    0.0 if request.params.logprobs is not None else None, length_limit=limit, stop_token_set=stops)
             metrics = state.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
@@ -114,8 +131,12 @@ class OutputProcessor:
                     sample.logprobs.append(position_logprobs(ids, lps, rank, request.params.logprobs,
                                                              self.tokenizer))
                     sample.cumulative_logprob += lps[0]
-            token_stop = check_stop(request.params, request.output_token_ids, request.eos_token_ids,
-                                    num_prompt_tokens=request.num_prompt_tokens, max_model_len=max_model_len)
+            outputs_so_far = request.output_token_ids
+            if 0 < len(outputs_so_far) < sample.length_limit and outputs_so_far[-1] not in sample.stop_token_set:
+                token_stop = None
+            else:
+                token_stop = check_stop(request.params, outputs_so_far, request.eos_token_ids,
+                                        num_prompt_tokens=request.num_prompt_tokens, max_model_len=max_model_len)
             decision: StopDecision | None = sample.detokenizer.process(new_tokens, token_stop)
             if decision is not None:
                 sample.finish_reason, sample.stop_reason = decision.finish_reason, decision.stop_reason
