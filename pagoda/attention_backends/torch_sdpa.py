@@ -52,7 +52,7 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
         nd = common.num_decodes if common.causal else 0
         decode_plans: dict[int | None, Any] = {}
         prefill_plans: dict[int | None, Any] = {}
-        qsl = common.query_start_loc_cpu.tolist()
+        qsl = common.query_start_loc_cpu.tolist() if nd < common.num_reqs else []  # decode-only steps need none
         prefills = [(qsl[i], qsl[i + 1]) for i in range(nd, common.num_reqs)]
         for window in self.config.windows():
             if nd:

@@ -79,6 +79,7 @@ def instrument(engine) -> StageTimer:
     timer.wrap(engine.scheduler, "schedule", "scheduler.schedule")
     timer.wrap(runner, "_update_states", "runner.update_states")
     timer.wrap(runner, "_build_batch", "runner.build_batch")
+    timer.wrap(runner, "_build_decode_batch", "runner.build_batch")  # decode-only steps
     timer.wrap(runner, "sampler", "runner.sampler")
     timer.wrap(runner, "_record_samples", "runner.record_samples")
     timer.wrap(engine.scheduler, "update_from_output", "scheduler.update_from_output")

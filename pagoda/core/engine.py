@@ -103,7 +103,8 @@ class LLMEngine(LoRAEngineMixin):
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._pooling: dict[str, tuple[str | None, list[int]]] = {}  # pooling request id → (prompt, token ids)
-        self._step_request_ids: list[str] | None = []  # scheduled by the current step; None before scheduling
+        # Scheduled by the current step (the keys: its num_scheduled_tokens); None before scheduling.
+        self._step_request_ids: dict[str, int] | None = {}
         logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
                     config.attention_backend.name, num_blocks, config.cache.block_size,
                     num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
@@ -292,7 +293,7 @@ class LLMEngine(LoRAEngineMixin):
         self._step_request_ids = None
         ended = self._admit_constrained() if self.structured_output.pending else []
         sched = self.scheduler.schedule()
-        self._step_request_ids = list(sched.num_scheduled_tokens)
+        self._step_request_ids = sched.num_scheduled_tokens  # its keys (a dict no one changes after scheduling)
         if not sched.total_num_scheduled_tokens:
             self.executor.execute_model(sched)  # still drops finished requests' state
             return ended + self._unschedulable()
@@ -342,8 +343,7 @@ class LLMEngine(LoRAEngineMixin):
         whose state can no longer be trusted; every unfinished request if it failed before scheduling them.
         Requests that were only waiting are not among them and can still be served."""
         ids = self._step_request_ids
-        if ids is None:
-            ids = list(self.scheduler.requests)
+        ids = list(self.scheduler.requests if ids is None else ids)
         requests = self.scheduler.requests
         users = (requests[rid].parent_id or rid if rid in requests else rid for rid in ids)
         return list(dict.fromkeys(users))

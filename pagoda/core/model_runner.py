@@ -8,6 +8,7 @@ and logits are computed only for rows that sample (plus prompt positions where p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from pagoda.core.block_table_rows import BlockTableRows, block_runs
 from pagoda.core.config import EngineConfig
-from pagoda.core.flat_batch import flat_batch_layout
+from pagoda.core.flat_batch import decode_batch_metadata, flat_batch_layout
 from pagoda.core.pipeline_step import PipelineStage, stage_num_layers
 from pagoda.core.request import child_request_id, sample_params
 from pagoda.core.sampler import (LogprobsTensors, Sampler, SamplingRequestState, compute_prompt_logprobs,
@@ -197,20 +198,22 @@ class ModelRunner:
         scheduled = sched.num_scheduled_tokens
         num_reqs = len(scheduled)
         spec_tokens = sched.scheduled_spec_decode_tokens
-        if sched.total_num_scheduled_tokens == num_reqs:  # decodes only (the steady state): one token each
+        if sched.total_num_scheduled_tokens == num_reqs and not spec_tokens:  # decodes only: the steady state
             states = [self.states[rid] for rid in scheduled]
-            counts = np.ones(num_reqs, dtype=np.int64)
+            counts = np.ones(num_reqs, dtype=np.int64) if self._lora_requests else None
+            batch, starts, sampling_reqs = self._build_decode_batch(states)
+            ends = None  # starts + 1, made where needed
         else:  # decodes (one query token) first, as the attention metadata promises
             order = sorted(scheduled.items(), key=lambda item: item[1] != 1)
             states = [self.states[rid] for rid, _ in order]
             counts = np.fromiter((n for _, n in order), dtype=np.int64, count=num_reqs)
-        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
-        if spec_tokens:  # drafts to verify: each of a request's tokens becomes a one-token (decode) row
-            states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
-            num_reqs = len(states)
-        ends = starts + counts
-        batch = self._build_batch(states, counts, starts, ends,
-                                  decodes_only=not spec_tokens and sched.total_num_scheduled_tokens == num_reqs)
+            starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
+            if spec_tokens:  # drafts to verify: each of a request's tokens becomes a one-token (decode) row
+                states, counts, starts = self.spec.as_decode_rows(states, counts, starts, spec_tokens)
+                num_reqs = len(states)
+            ends = starts + counts
+            batch = self._build_batch(states, counts, starts, ends)
+            sampling_reqs = None
         extra = {"token_type_ids": batch["token_type_ids"]} if self.uses_token_type_ids else {}
         if self.pipeline is not None:
             extra["intermediate_tensors"] = self.pipeline.receive()
@@ -224,20 +227,22 @@ class ModelRunner:
             return self.pipeline.share_output(out)
         usual = not self._unusual
         if not usual:
+            ends = starts + 1 if ends is None else ends
             self._pool(out, hidden, states, ends, batch["query_start_loc"])
 
         # Rows that sample: every scheduled token of the request is now computed.
-        lengths = np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
-        sampling_reqs = ends == lengths
+        if sampling_reqs is None:
+            sampling_reqs = ends == np.fromiter((len(s.token_ids) for s in states), dtype=np.int64, count=num_reqs)
         if spec_tokens:
             sampling_reqs[self.spec.verify(out, hidden, states, batch["query_start_loc"], spec_tokens)] = False
-        last_token_index = batch["query_start_loc"][1:] - 1
         if sampling_reqs.all() and (usual or all(len(s.sampling) == 1 for s in states)):
             sample_states = [s.sampling[0] for s in states]
-            owners = states
+            owners, one_each = states, True  # one sample of each request: no fork
             # Decodes only: the hidden states are already the sampling rows, in order.
-            rows = None if hidden.shape[0] == num_reqs else last_token_index
+            rows = None if hidden.shape[0] == num_reqs else batch["query_start_loc"][1:] - 1
         else:
+            last_token_index = batch["query_start_loc"][1:] - 1
+            one_each = None  # _record_samples finds out
             rows_list: list[int] = []
             sample_states, owners = [], []
             for i in np.flatnonzero(sampling_reqs).tolist():
@@ -259,13 +264,14 @@ class ModelRunner:
                 greedy = (self.model.compute_greedy(sample_hidden) if allowed is None
                           else self.model.compute_greedy(sample_hidden, allowed))
             if greedy is not None:
-                self._record_samples(out, greedy.tolist(), None, sample_states, owners)
+                self._record_samples(out, greedy.tolist(), None, sample_states, owners, one_each)
             else:
                 logits = self.model.compute_logits(sample_hidden)
                 if grammar is not None:
                     logits = grammar.apply_to_logits(logits, owners)
                 result = self.sampler(logits, sample_states)
-                self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners)
+                self._record_samples(out, result.sampled_token_ids.tolist(), result.logprobs, sample_states, owners,
+                                     one_each)
         if not usual:
             self._prompt_logprobs(out, hidden, states, starts, ends, batch["query_start_loc"])
         if self.spec is not None and out.sampled:
@@ -273,9 +279,13 @@ class ModelRunner:
         return out if self.pipeline is None else self.pipeline.share_output(out)
 
     def _record_samples(self, out: RunnerOutput, tokens: list[int], logprobs: LogprobsTensors | None,
-                        sample_states: list[SamplingRequestState], owners: list[RunnerRequestState]) -> None:
+                        sample_states: list[SamplingRequestState], owners: list[RunnerRequestState],
+                        one_each: bool | None = None) -> None:
+        """Append the sampled tokens; ``one_each``: whether each owner appears once (no fork), when known."""
         lp_lists = logprobs.tolists() if logprobs is not None else None
-        if len(owners) == len({id(s) for s in owners}):  # no fork this step: one sample per request
+        if one_each is None:
+            one_each = len(owners) == len({id(s) for s in owners})
+        if one_each:  # no fork this step: one sample per request
             sampled = out.sampled
             for token, sampling, state in zip(tokens, sample_states, owners):
                 sampled[state.request_id] = [token]
@@ -336,25 +346,39 @@ class ModelRunner:
             ids, lps, ranks = compute_prompt_logprobs(logits, targets, k).tolists()
             out.prompt_logprobs.setdefault(state.request_id, []).extend(zip(ids, lps, ranks))
 
-    def _build_batch(self, states: list[RunnerRequestState], counts: np.ndarray, starts: np.ndarray,
-                     ends: np.ndarray, decodes_only: bool = False) -> dict[str, Any]:
+    def _build_decode_batch(self, states: list[RunnerRequestState]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """The batch of a decode-only step (one token per request, the one at its start); also each request's start
+        and which requests sample (all but a prompt's chunk of one token that is not its last). One pass over the
+        requests reads all four numbers each contributes."""
         num_reqs = len(states)
-        if decodes_only:  # the steady state: one token per request, each the one at its start
-            num_tokens = num_decodes = num_reqs
-            query_start_loc = np.arange(num_reqs + 1, dtype=np.int32)
-        else:
-            num_tokens = int(counts.sum())
-            num_decodes = int(np.count_nonzero(counts == 1))  # decodes come first
-            query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-            np.cumsum(counts, out=query_start_loc[1:])
+        per_request = chain.from_iterable(((start := s.num_computed_tokens), s.token_ids[start],
+                                           len(s.token_ids) - start, s.block_row) for s in states)
+        starts, input_ids, unscheduled, rows = \
+            np.fromiter(per_request, dtype=np.int64, count=4 * num_reqs).reshape(num_reqs, 4).T.copy()
+        metadata = decode_batch_metadata(starts, self.block_rows.gather(rows), self.block_size, self.device,
+                                         self.causal)
+        input_ids_dev, positions_dev = torch.from_numpy(input_ids), torch.from_numpy(starts)
+        if metadata.query_start_loc is not metadata.query_start_loc_cpu:  # the device is not the host
+            input_ids_dev, positions_dev = input_ids_dev.to(self.device), positions_dev.to(self.device)
+        batch = {"input_ids": input_ids_dev, "positions": positions_dev,
+                 "attn_metadata": self.attn_builder.build(metadata),
+                 "query_start_loc": metadata.query_start_loc_cpu.numpy(), "token_type_ids": None}
+        if self.uses_token_type_ids:
+            batch["token_type_ids"] = torch.tensor([s.token_type_ids[c] if s.token_type_ids else 0 for s, c in
+                                                    zip(states, starts.tolist())], dtype=torch.int64).to(self.device)
+        return batch, starts, unscheduled == 1
+
+    def _build_batch(self, states: list[RunnerRequestState], counts: np.ndarray, starts: np.ndarray,
+                     ends: np.ndarray) -> dict[str, Any]:
+        num_reqs = len(states)
+        num_tokens = int(counts.sum())
+        num_decodes = int(np.count_nonzero(counts == 1))  # decodes come first
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
         # A decode's token is the one at its start (its last one, or a draft being verified).
-        decode_ids = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())), dtype=np.int64,
-                                 count=num_decodes)
-        if decodes_only:
-            input_ids = decode_ids
-        else:
-            input_ids = np.empty(num_tokens, dtype=np.int64)
-            input_ids[:num_decodes] = decode_ids
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        input_ids[:num_decodes] = np.fromiter((s.token_ids[start] for s, start in zip(states, starts.tolist())),
+                                              dtype=np.int64, count=num_decodes)
         for i in range(num_decodes, num_reqs):
             input_ids[query_start_loc[i]:query_start_loc[i + 1]] = states[i].token_ids[starts[i]:ends[i]]
         rows = np.fromiter((s.block_row for s in states), dtype=np.int64, count=num_reqs)
@@ -369,10 +393,6 @@ class ModelRunner:
         dev = self.device
         positions, metadata = flat_batch_layout(counts, starts, query_start_loc, block_table, self.block_size, dev,
                                                 self.causal)
-        return {
-            "input_ids": torch.from_numpy(input_ids).to(dev),
-            "positions": torch.from_numpy(positions).to(dev),
-            "attn_metadata": self.attn_builder.build(metadata),
-            "query_start_loc": query_start_loc,
-            "token_type_ids": torch.from_numpy(token_type_ids).to(dev) if token_type_ids is not None else None,
-        }
+        return {"input_ids": torch.from_numpy(input_ids).to(dev), "positions": torch.from_numpy(positions).to(dev),
+                "attn_metadata": self.attn_builder.build(metadata), "query_start_loc": query_start_loc,
+                "token_type_ids": torch.from_numpy(token_type_ids).to(dev) if token_type_ids is not None else None}
