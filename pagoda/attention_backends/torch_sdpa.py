@@ -46,6 +46,7 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
         super().__init__(config, device)
         ops = current_ops()
         self.decode_op, self.prefill_op = ops.paged_decode_attention, ops.prefill_attention
+        self.windows = config.windows()
 
     def build(self, common: CommonAttentionMetadata) -> SdpaMetadata:
         block_size = self.config.block_size
@@ -54,10 +55,12 @@ class SdpaMetadataBuilder(AttentionMetadataBuilder):
         prefill_plans: dict[int | None, Any] = {}
         qsl = common.query_start_loc_cpu.tolist() if nd < common.num_reqs else []  # decode-only steps need none
         prefills = [(qsl[i], qsl[i + 1]) for i in range(nd, common.num_reqs)]
-        for window in self.config.windows():
+        decodes = (common.block_table, common.seq_lens, common.seq_lens_cpu)
+        if nd < common.num_reqs:
+            decodes = tuple(t[:nd] for t in decodes)
+        for window in self.windows:
             if nd:
-                decode_plans[window] = self.decode_op.plan(common.block_table[:nd], common.seq_lens[:nd],
-                                                           common.seq_lens_cpu[:nd], block_size, window)
+                decode_plans[window] = self.decode_op.plan(*decodes, block_size, window)
             if prefills and common.causal:
                 first = qsl[nd]
                 prefill_plans[window] = self.prefill_op.plan(

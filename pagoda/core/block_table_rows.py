@@ -50,8 +50,9 @@ class BlockTableRows:
         self._free_rows.append(row)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The block table of a step's requests (in ``rows`` order), as wide as the longest block list."""
-        return self.table[rows, : max(int(self.lengths[rows].max()), 1)]
+        """The block table of a step's requests (in ``rows`` order), as wide as the longest block list of any row:
+        a request's tail columns are 0 (padding), and the width costs no per-step pass over the step's rows."""
+        return self.table[rows, : max(int(self.lengths.max()), 1)]
 
     def _grow(self, num_rows: int, num_cols: int) -> None:
         table = np.zeros((num_rows, num_cols), dtype=np.int32)
