@@ -353,7 +353,7 @@ class ModelRunner:
         num_reqs = len(states)
         per_request = chain.from_iterable(((start := s.num_computed_tokens), s.token_ids[start],
                                            len(s.token_ids) - start, s.block_row) for s in states)
-        starts, input_ids, unscheduled, rows = \
+        starts, input_ids, tokens_left, rows = \
             np.fromiter(per_request, dtype=np.int64, count=4 * num_reqs).reshape(num_reqs, 4).T.copy()
         metadata = decode_batch_metadata(starts, self.block_rows.gather(rows), self.block_size, self.device,
                                          self.causal)
@@ -366,7 +366,7 @@ class ModelRunner:
         if self.uses_token_type_ids:
             batch["token_type_ids"] = torch.tensor([s.token_type_ids[c] if s.token_type_ids else 0 for s, c in
                                                     zip(states, starts.tolist())], dtype=torch.int64).to(self.device)
-        return batch, starts, unscheduled == 1
+        return batch, starts, tokens_left == 1  # a request samples when the step computes its last token
 
     def _build_batch(self, states: list[RunnerRequestState], counts: np.ndarray, starts: np.ndarray,
                      ends: np.ndarray) -> dict[str, Any]:
