@@ -82,8 +82,10 @@ class KVCacheManager:
         return True
 
     def cache_computed_blocks(self, request: Request) -> None:
-        """Enter the request's newly computed full blocks into the prefix cache."""
-        if not self.enable_caching:
+        """Enter the request's newly computed full blocks into the prefix cache. Called for every running request
+        after every step; a decode completes a block once every ``block_size`` steps, so the first test (on the
+        request alone) ends most calls."""
+        if not self.enable_caching or request.num_computed_tokens < (request.num_hashed_blocks + 1) * self.block_size:
             return
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:

@@ -249,10 +249,7 @@ class Scheduler(BeamGroupScheduling):
         speculative decoding, ``spec_token_ids`` are the next drafts of requests that got tokens."""
         results = []
         verifying, self._verifying = self._verifying, {}
-        kv, block_size, speculative = self.kv, self.kv.block_size, self.speculative is not None
-        # Only a request that has completed a block since it last entered blocks into the prefix cache (once every
-        # block_size decode steps) needs the cache's call: the test is inlined for the other 15 of 16.
-        caching = kv.enable_caching
+        speculative = self.speculative is not None
         for request in list(self.running):
             tokens = sampled.get(request.request_id)
             if speculative and tokens:
@@ -263,13 +260,11 @@ class Scheduler(BeamGroupScheduling):
                         self._known_blocks[request.request_id] = -1
                     results.append((request, tokens))
                     continue
-            if caching and request.num_computed_tokens >= (request.num_hashed_blocks + 1) * block_size:
-                kv.cache_computed_blocks(request)
+            self.kv.cache_computed_blocks(request)
             if not tokens:
                 continue
             if len(tokens) == 1:
-                request.all_token_ids.append(tokens[0])  # Request.append_token, inlined on this per-token path
-                request.output_token_ids.append(tokens[0])
+                request.append_token(tokens[0])
                 results.append((request, tokens))
             else:
                 for child in self._fork(request, tokens):
