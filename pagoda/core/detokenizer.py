@@ -82,6 +82,19 @@ def check_stop(
     return None
 
 
+def stop_bounds(params: SamplingParams, eos_token_ids: set[int] | frozenset[int], *, num_prompt_tokens: int = 0,
+                max_model_len: int | None = None) -> tuple[float, frozenset[int]]:
+    """What :func:`check_stop` (same arguments) can stop on: from how many output tokens on (a length), and on which
+    last tokens. Below the length and off those tokens it returns None, so callers skip it there."""
+    limit = float("inf") if params.max_tokens is None else params.max_tokens
+    if max_model_len is not None:
+        limit = min(limit, max_model_len - num_prompt_tokens)
+    stops = set(params.stop_token_ids or ())
+    if not params.ignore_eos:
+        stops |= set(eos_token_ids)
+    return limit, frozenset(stops)
+
+
 def find_stop_string(text: str, new_char_count: int, stops: list[str], include_in_output: bool) -> tuple[str, int] | None:
     """The earliest stop string that ends in the last ``new_char_count`` characters of ``text``.
 

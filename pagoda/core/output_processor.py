@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagoda.core.detokenizer import IncrementalDetokenizer, StopDecision, check_stop, position_logprobs
+from pagoda.core.detokenizer import IncrementalDetokenizer, StopDecision, check_stop, position_logprobs, stop_bounds
 from pagoda.core.model_runner import RunnerOutput
 from pagoda.core.request import Request, RequestStatus
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -33,18 +33,6 @@ class SampleState:
     # one and off the other, a step needs no call to it (the per-token common case).
     length_limit: float = 0
     stop_token_set: frozenset[int] = frozenset()
-
-
-def _quick_stop_rule(request: Request, max_model_len: int | None) -> tuple[float, frozenset[int]]:
-    """SampleState.length_limit and stop_token_set for the samples of ``request``."""
-    params = request.params
-    limit = float("inf") if params.max_tokens is None else params.max_tokens
-    if max_model_len is not None:
-        limit = min(limit, max_model_len - request.num_prompt_tokens)
-    stops = set(params.stop_token_ids or ())
-    if not params.ignore_eos:
-        stops |= set(request.eos_token_ids)
-    return limit, frozenset(stops)
 
 
 @dataclass
@@ -113,7 +101,8 @@ class OutputProcessor:
             if sample is None:
                 # Only the final text is returned: decode once at the end (same text; see the detokenizer).
                 defer = state.params.output_kind == RequestOutputKind.FINAL_ONLY
-                limit, stops = _quick_stop_rule(request, max_model_len)
+                limit, stops = stop_bounds(request.params, request.eos_token_ids,
+                                           num_prompt_tokens=request.num_prompt_tokens, max_model_len=max_model_len)
                 sample = state.samples[request.index] = SampleState(
                     request.index,
                     IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params, defer=defer),

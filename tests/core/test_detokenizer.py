@@ -21,6 +21,7 @@ from pagoda.core.detokenizer import (
     find_stop_string,
     position_logprobs,
     prompt_logprobs_list,
+    stop_bounds,
 )
 from pagoda.core.sampler import bad_words_to_token_ids, compute_prompt_logprobs
 from pagoda.sampling_params import SamplingParams
@@ -401,3 +402,29 @@ def test_step_by_step_decodes_valid_byte_level_text_once_per_token(smollm_tokeni
     calls = _counting(detok)
     deltas = [detok.update([t]) for t in ids]
     assert "".join(deltas) == text and calls[0] == len(ids)
+
+
+def test_skipping_check_stop_never_misses_a_stop():
+    """Wherever stop_bounds lets the output processor skip check_stop, check_stop says go on."""
+    eos = {2, 7}
+    rng = random.Random(11)
+    decided = skipped = 0
+    for _ in range(400):
+        prompt = list(range(rng.randrange(1, 30)))
+        max_model_len = rng.choice([None, len(prompt) + rng.randrange(1, 40)])
+        max_tokens = rng.choice([None, rng.randrange(1, 30)])
+        min_tokens = min(rng.choice([0, 0, rng.randrange(0, 8)]), max_tokens or 8)
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=rng.random() < 0.3,
+                                stop_token_ids=rng.sample(range(12), rng.randrange(0, 3)))
+        limit, stops = stop_bounds(params, eos, num_prompt_tokens=len(prompt), max_model_len=max_model_len)
+        outputs: list[int] = []
+        for _ in range(45):
+            outputs.append(rng.randrange(12))
+            decision = check_stop(params, outputs, eos, num_prompt_tokens=len(prompt), max_model_len=max_model_len)
+            if len(outputs) < limit and outputs[-1] not in stops:
+                skipped += 1
+                assert decision is None, (params, max_model_len, outputs)
+            if decision is not None:
+                decided += 1
+                break
+    assert decided > 200 and skipped > 1000  # both sides of the rule were exercised
