@@ -25,6 +25,7 @@ from pagoda.benchmarks.common import greedy_params, make_llm, summarize, write_j
 from pagoda.benchmarks.datasets import random_requests
 
 MODEL_STAGES = ("model.forward", "model.compute_logits", "model.compute_greedy")
+FUSED = "fused."  # the phases of the fused decode step's layer loop (inside model.forward)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +115,11 @@ def main(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"only {engine.scheduler.num_running} of {args.num_requests} requests are running; give "
                            "the KV cache more memory (--kv-cache-memory-bytes) or raise --max-num-seqs")
     timer = instrument(engine)
+    # A platform's fused decode step may time the phases of its layer loop (the per-op path's ops are not timed).
+    fused = getattr(engine.runner, "fused_decode", None)
+    phases = fused if hasattr(fused, "take_phase_times") else None
+    if phases is not None:
+        phases.profile(True)
     profiler = cProfile.Profile() if args.cprofile else None
     steps, stages = [], defaultdict(list)
     for _ in range(args.num_steps):
@@ -125,6 +131,8 @@ def main(args: argparse.Namespace) -> dict:
         if profiler is not None:
             profiler.disable()
         taken = timer.take()
+        if phases is not None:
+            taken.update({f"{FUSED}{name}": seconds for name, seconds in phases.take_phase_times().items()})
         for name in MODEL_STAGES:  # a step runs compute_logits or compute_greedy: count the other as 0
             taken.setdefault(name, 0.0)
         for name, value in taken.items():
@@ -142,8 +150,15 @@ def main(args: argparse.Namespace) -> dict:
           f"   (mean {result['overhead_ms']['mean']:.3f}, p99 {result['overhead_ms']['p99']:.3f})")
     print("  of which, timed stages (median ms):")
     for name, values in result["stages_ms"].items():
-        if name not in MODEL_STAGES:
+        if name not in MODEL_STAGES and not name.startswith(FUSED):
             print(f"    {name:<32} {values['median']:9.3f}")
+    if phases is not None:
+        phases.profile(False)
+        ran = [name for name in stages if name.startswith(FUSED) and max(stages[name]) > 0]  # the step's order
+        if ran:
+            print("  inside the model's fused decode step, all layers (median ms):")
+            for name in ran:
+                print(f"    {name[len(FUSED):]:<32} {result['stages_ms'][name]['median']:9.3f}")
     if profiler is not None:
         stream = io.StringIO()
         pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)

@@ -104,7 +104,9 @@ class Platform(ABC):
         layer's delta from its slots, or not apply to steps whose plan is set. A platform declines any part of the
         stack it does not compute exactly — the description grows (a kernel's ``input_order``, routed experts'
         ``shared`` expert), and a field it ignores would compute something else. Called once the KV caches and
-        adapter slots exist; the default declines.
+        adapter slots exist; the default declines. The object may also offer ``profile(on)`` and
+        ``take_phase_times() -> {phase: seconds}``, the time each phase of its layer loop took since the last call
+        (``pagoda bench step-overhead`` prints them).
         """
         return None
 

@@ -66,6 +66,24 @@ def test_step_overhead_splits_model_from_engine(tiny_chat_model_dir, tmp_path, c
     assert "engine overhead" in capsys.readouterr().out
 
 
+def test_step_overhead_times_the_phases_of_a_fused_decode_step(tiny_chat_model_dir, tmp_path, capsys):
+    from pagoda.platforms.cpu.kernels import cpu
+
+    if not (cpu.kernels() and cpu.kernels().has_packed_bf16):
+        pytest.skip(f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
+    engine = [*ENGINE[2:], "--dtype", "bfloat16"]  # the CPU fuses bf16 decode steps
+    result = _run(["step-overhead", "--model", tiny_chat_model_dir, *engine, "--load-format", "dummy",
+                   "--num-requests", "3", "--input-len", "8", "--num-steps", "4"], tmp_path)
+    stages = result["stages_ms"]
+    for name in ("norms", "qkv_proj", "write_kv", "attention", "o_proj", "mlp_in", "activation", "mlp_out"):
+        assert stages[f"fused.{name}"]["mean"] > 0, name
+    assert stages["fused.experts"]["mean"] == 0  # a dense model
+    inside = sum(v["mean"] for name, v in stages.items() if name.startswith("fused."))
+    assert inside < stages["model.forward"]["mean"]  # the phases lie inside the model's forward
+    out = capsys.readouterr().out
+    assert "inside the model's fused decode step" in out and "experts" not in out
+
+
 def test_bench_without_a_benchmark_prints_help(capsys):
     assert cli_main(["bench"]) == 2
     assert "step-overhead" in capsys.readouterr().out

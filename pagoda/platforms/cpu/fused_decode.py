@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from ctypes import c_float, c_int64, c_void_p
+from ctypes import c_double, c_float, c_int64, c_void_p
 from typing import Any
 
 import torch
@@ -81,7 +81,14 @@ class _Plan(ctypes.Structure):
     _fields_ = [(name, c_int64) for name in ("recipe", "activation", "num_layers", "hidden", "num_heads",
                                              "num_kv_heads", "head_size", "inter", "rot_dim", "block_size",
                                              "block_stride", "token_stride", "amx", "lora_amx")] + [
-        ("eps", c_float), ("scale", c_float), ("soft_cap", c_float), ("layers", ctypes.POINTER(_Layer))]
+        ("eps", c_float), ("scale", c_float), ("soft_cap", c_float), ("layers", ctypes.POINTER(_Layer)),
+        ("phase_seconds", ctypes.POINTER(c_double))]
+
+#: The phases of a layer the step can time (cpu_decode.cpp's Phase, in its order), summed over the layers: the norms
+#: (residual adds included), the projections, q/k norms (Qwen3, Gemma 3), rotary, the KV-cache write, decode
+#: attention, the MLP's activation, routed experts (router, top-k and expert MLPs) and the LoRA adapter deltas.
+PHASES = ("norms", "qkv_proj", "qk_norms", "rotary", "write_kv", "attention", "o_proj", "mlp_in", "activation",
+          "mlp_out", "experts", "lora")
 
 
 class NotFusable(Exception):
@@ -178,6 +185,7 @@ class FusedDecode:
             raise NotFusable(f"KV cache {cache.dtype} {tuple(cache.shape)}")
         self.lib, self.stack, self.keep = lib, stack, []
         self.max_tokens: int | None = None
+        self._phase_seconds: ctypes.Array | None = None  # per-phase sums while profiling
         # AMX tiles for the GEMMs exactly where the per-op path takes them (the AMX linear ops).
         self.amx = isinstance(ops.linear_dense, cpu_op_impls.AmxDense)
         # Adapters: applied in the step where the slots are the native kernel's, else such steps are declined.
@@ -226,6 +234,22 @@ class FusedDecode:
                           cache.stride(1), cache.stride(2), int(self.amx),
                           int(self.lora_fused and self.lora_step.op.uses_amx), stack.norm_eps, stack.attention_scale,
                           stack.attention_soft_cap or 0.0, ctypes.cast(layers, ctypes.POINTER(_Layer)))
+
+    def profile(self, on: bool = True) -> None:
+        """Time each phase of the layer loop (:data:`PHASES`) from the next step on, or stop timing: two clock reads
+        a phase and layer, inside the native step; phases a layer does not have stay at zero."""
+        self._phase_seconds = (c_double * len(PHASES))() if on else None
+        self.plan.phase_seconds = ctypes.cast(self._phase_seconds, ctypes.POINTER(c_double)) if on else None
+
+    def take_phase_times(self) -> dict[str, float]:
+        """Seconds spent in each phase by the steps since the last call (or since :meth:`profile`), all layers
+        together; the sums restart from zero. Empty when not profiling."""
+        sums = self._phase_seconds
+        if sums is None:
+            return {}
+        taken = dict(zip(PHASES, sums))
+        ctypes.memset(sums, 0, ctypes.sizeof(sums))
+        return taken
 
     def _slot_pointers(self, slots: tuple[Any, ...]) -> list[int | None]:
         """Each projection's adapter slots as the native step reads them (None: no slots, or not the native op's)."""

@@ -75,6 +75,28 @@ struct Plan {
   int64_t lora_amx;  // the LoRA shrink/expand may use AMX tiles (as the per-op path's implementation does)
   float eps, scale, soft_cap;  // soft_cap: the attention logits' (Gemma 2), 0: none
   const Layer* layers;
+  double* phase_seconds;  // null, or kPhases sums the step adds each phase's wall time to (profiling)
+};
+
+// The phases of a layer that phase_seconds times (fused_decode.py's PHASES, in this order).
+enum Phase : int { kNorms, kQKV, kHeadNorms, kRotary, kKVWrite, kAttention, kOutProj, kMlpIn, kActivation, kMlpOut,
+                   kExperts, kLoRA, kPhases };
+
+// Adds the time since the previous lap to a phase, when the plan asks for phase times (a clock read a phase). A
+// phase a layer doesn't have is not lapped: it stays at zero.
+class PhaseClock {
+ public:
+  explicit PhaseClock(double* sums) : sums_(sums), last_(sums ? omp_get_wtime() : 0.0) {}
+  void lap(Phase phase) {
+    if (sums_ == nullptr) return;
+    const double now = omp_get_wtime();
+    sums_[phase] += now - last_;
+    last_ = now;
+  }
+
+ private:
+  double* sums_;
+  double last_;
 };
 
 #if defined(__AVX512BF16__)
@@ -216,6 +238,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
   bf16_t* act = gate_up + tokens * 2 * p.inter;
   const LoRAGroups* groups = static_cast<const LoRAGroups*>(lora_groups);
   const int nt = num_threads;
+  PhaseClock clock(p.phase_seconds);
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const Layer& L = p.layers[l];
     if (l == 0) {
@@ -224,43 +247,72 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     } else {
       norm(p, normed, residual, hidden, residual, L.input_norm, L.input_norm_bias, tokens, nt);
     }
+    clock.lap(kNorms);
     linear(L.qkv, qkv, normed, tokens, nt, p.amx != 0);
-    lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, nt, p.lora_amx != 0);
-    if (L.q_norm) head_norms(p, L, qkv, qkv_n, tokens, nt);
+    clock.lap(kQKV);
+    if (groups) {
+      lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, nt, p.lora_amx != 0);
+      clock.lap(kLoRA);
+    }
+    if (L.q_norm) {
+      head_norms(p, L, qkv, qkv_n, tokens, nt);
+      clock.lap(kHeadNorms);
+    }
     // q and k heads sit side by side in each row: one rotary pass over both.
     if (p.rot_dim > 0) {
       const int64_t table = L.rope_table * tokens * p.rot_dim;
       rope<bf16_t>(qkv, qkv_n, tokens, p.num_heads + p.num_kv_heads, p.head_size,
                    static_cast<const float*>(cos) + table, static_cast<const float*>(sin) + table, p.rot_dim, nt);
+      clock.lap(kRotary);
     }
     const int64_t e = sizeof(bf16_t);
     write_kv_rows(L.k_cache, L.v_cache, qkv + q_size, qkv_n * e, qkv + q_size + kv_size, qkv_n * e, slot_mapping,
                   tokens, kv_size * e, p.block_size, p.block_stride * e, p.token_stride * e, nt);
+    clock.lap(kKVWrite);
     decode_attention<bf16_t>(attn, qkv, L.k_cache, L.v_cache, block_table, table_stride, seq_lens, tokens,
                              p.num_heads, p.num_kv_heads, p.head_size, p.block_size, p.block_stride,
                              p.token_stride, p.scale, L.window, nt, qkv_n, p.soft_cap);
+    clock.lap(kAttention);
     linear(L.o, hidden, attn, tokens, nt, p.amx != 0);
-    lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, nt, p.lora_amx != 0);
+    clock.lap(kOutProj);
+    if (groups) {
+      lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, nt, p.lora_amx != 0);
+      clock.lap(kLoRA);
+    }
     if (L.pre_mlp_norm) {  // Gemma 2/3: the attention's output normed before it joins the residual stream
       norm(p, hidden, nullptr, hidden, nullptr, L.post_norm, nullptr, tokens, nt);
       norm(p, normed, residual, hidden, residual, L.pre_mlp_norm, nullptr, tokens, nt);
     } else {
       norm(p, normed, residual, hidden, residual, L.post_norm, L.post_norm_bias, tokens, nt);
     }
+    clock.lap(kNorms);
     if (L.experts) {
       if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0, groups, lora_scales, p.lora_amx != 0))
         return -2;
+      clock.lap(kExperts);
     } else {
       linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
-      lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
+      clock.lap(kMlpIn);
+      if (groups) {
+        lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
+        clock.lap(kLoRA);
+      }
       if (gated)
         gated_activation<bf16_t>(act, gate_up, tokens, p.inter, static_cast<int>(p.activation), nt);
       else
         activation<bf16_t>(act, gate_up, tokens * p.inter, static_cast<int>(p.activation), nt);
+      clock.lap(kActivation);
       linear(L.down, hidden, act, tokens, nt, p.amx != 0);
-      lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
+      clock.lap(kMlpOut);
+      if (groups) {
+        lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
+        clock.lap(kLoRA);
+      }
     }
-    if (L.post_mlp_norm) norm(p, hidden, nullptr, hidden, nullptr, L.post_mlp_norm, nullptr, tokens, nt);
+    if (L.post_mlp_norm) {
+      norm(p, hidden, nullptr, hidden, nullptr, L.post_mlp_norm, nullptr, tokens, nt);
+      clock.lap(kNorms);
+    }
   }
   return 0;
 #else
