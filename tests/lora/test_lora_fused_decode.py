@@ -60,8 +60,12 @@ def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_mod
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
 
     calls = _count_fused_lora_steps(runner)
+    runner.fused_decode.profile(True)
     mixed = _tokens(llm.generate(prompts, params, use_tqdm=False, lora_request=[lora, None, lora]))
+    lora_seconds = runner.fused_decode.take_phase_times()["lora"]
+    runner.fused_decode.profile(False)
     assert any(calls) == native and (native or calls == [])  # declined: every step of this batch has adapter rows
+    assert (lora_seconds > 0) == native  # the fused steps time the adapter deltas as a phase of their own
     assert runner.model.model.fused_decode is runner.fused_decode
     alone = _tokens(llm.generate([prompts[0], prompts[2]], params, use_tqdm=False, lora_request=lora))
     base = _tokens(llm.generate([prompts[1]], params, use_tqdm=False))

@@ -236,7 +236,7 @@ class FusedDecode:
                           stack.attention_soft_cap or 0.0, ctypes.cast(layers, ctypes.POINTER(_Layer)))
 
     def profile(self, on: bool = True) -> None:
-        """Time each phase of the layer loop (:data:`PHASES`) from the next step on, or stop timing: two clock reads
+        """Time each phase of the layer loop (:data:`PHASES`) from the next step on, or stop timing: one clock read
         a phase and layer, inside the native step; phases a layer does not have stay at zero."""
         self._phase_seconds = (c_double * len(PHASES))() if on else None
         self.plan.phase_seconds = ctypes.cast(self._phase_seconds, ctypes.POINTER(c_double)) if on else None
