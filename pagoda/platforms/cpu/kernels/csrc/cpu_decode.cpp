@@ -239,6 +239,12 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
   const LoRAGroups* groups = static_cast<const LoRAGroups*>(lora_groups);
   const int nt = num_threads;
   PhaseClock clock(p.phase_seconds);
+  // A projection's adapter delta, timed as the LoRA phase, in steps that have adapter rows.
+  auto layer_lora = [&](const LoRASlots* slots, bf16_t* y, int64_t ldy, const bf16_t* x, int64_t ldx) {
+    if (groups == nullptr) return;
+    lora(slots, groups, lora_scales, y, ldy, x, ldx, nt, p.lora_amx != 0);
+    clock.lap(kLoRA);
+  };
   for (int64_t l = 0; l < p.num_layers; ++l) {
     const Layer& L = p.layers[l];
     if (l == 0) {
@@ -250,10 +256,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     clock.lap(kNorms);
     linear(L.qkv, qkv, normed, tokens, nt, p.amx != 0);
     clock.lap(kQKV);
-    if (groups) {
-      lora(L.lora[0], groups, lora_scales, qkv, qkv_n, normed, p.hidden, nt, p.lora_amx != 0);
-      clock.lap(kLoRA);
-    }
+    layer_lora(L.lora[0], qkv, qkv_n, normed, p.hidden);
     if (L.q_norm) {
       head_norms(p, L, qkv, qkv_n, tokens, nt);
       clock.lap(kHeadNorms);
@@ -275,10 +278,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     clock.lap(kAttention);
     linear(L.o, hidden, attn, tokens, nt, p.amx != 0);
     clock.lap(kOutProj);
-    if (groups) {
-      lora(L.lora[1], groups, lora_scales, hidden, p.hidden, attn, q_size, nt, p.lora_amx != 0);
-      clock.lap(kLoRA);
-    }
+    layer_lora(L.lora[1], hidden, p.hidden, attn, q_size);
     if (L.pre_mlp_norm) {  // Gemma 2/3: the attention's output normed before it joins the residual stream
       norm(p, hidden, nullptr, hidden, nullptr, L.post_norm, nullptr, tokens, nt);
       norm(p, normed, residual, hidden, residual, L.pre_mlp_norm, nullptr, tokens, nt);
@@ -293,10 +293,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     } else {
       linear(L.gate_up, gate_up, normed, tokens, nt, p.amx != 0);
       clock.lap(kMlpIn);
-      if (groups) {
-        lora(L.lora[2], groups, lora_scales, gate_up, up_n, normed, p.hidden, nt, p.lora_amx != 0);
-        clock.lap(kLoRA);
-      }
+      layer_lora(L.lora[2], gate_up, up_n, normed, p.hidden);
       if (gated)
         gated_activation<bf16_t>(act, gate_up, tokens, p.inter, static_cast<int>(p.activation), nt);
       else
@@ -304,10 +301,7 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
       clock.lap(kActivation);
       linear(L.down, hidden, act, tokens, nt, p.amx != 0);
       clock.lap(kMlpOut);
-      if (groups) {
-        lora(L.lora[3], groups, lora_scales, hidden, p.hidden, act, p.inter, nt, p.lora_amx != 0);
-        clock.lap(kLoRA);
-      }
+      layer_lora(L.lora[3], hidden, p.hidden, act, p.inter);
     }
     if (L.post_mlp_norm) {
       norm(p, hidden, nullptr, hidden, nullptr, L.post_mlp_norm, nullptr, tokens, nt);
