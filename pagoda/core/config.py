@@ -31,7 +31,6 @@ logger = init_logger(__name__)
 
 _DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32,
            "float32": torch.float32}
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 @dataclass
@@ -141,7 +140,7 @@ class EngineConfig:
                              "offloading only applies to device platforms")
         max_batched = args.max_num_batched_tokens
         if max_batched is None:
-            max_batched = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            max_batched = platform.default_max_num_batched_tokens(args.usage_context)
             if not args.enable_chunked_prefill:
                 max_batched = max(max_batched, model_config.max_model_len)
         elif not args.enable_chunked_prefill and max_batched < model_config.max_model_len:

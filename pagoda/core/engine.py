@@ -105,9 +105,10 @@ class LLMEngine(LoRAEngineMixin):
         self._pooling: dict[str, tuple[str | None, list[int]]] = {}  # pooling request id → (prompt, token ids)
         # Scheduled by the current step (the keys: its num_scheduled_tokens); None before scheduling.
         self._step_request_ids: dict[str, int] | None = {}
-        logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB)", platform.name,
-                    config.attention_backend.name, num_blocks, config.cache.block_size,
-                    num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30))
+        logger.info("engine ready: platform %s, attention %s, %d KV blocks of %d tokens (%.2f GiB), "
+                    "%d tokens a step", platform.name, config.attention_backend.name, num_blocks,
+                    config.cache.block_size, num_blocks * ModelRunner.kv_bytes_per_block(config) / (1 << 30),
+                    config.scheduler.max_num_batched_tokens)
 
     @property
     def runner(self) -> ModelRunner | None:

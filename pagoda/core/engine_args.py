@@ -13,6 +13,9 @@ from pagoda.distributed.config import EXECUTOR_BACKENDS
 TASKS = ("auto", "generate", "embed", "classify", "score", "reward")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+# Where the engine runs (vLLM's UsageContext): some defaults differ between offline use and a server. Set by the
+# entry point, not a command-line flag.
+USAGE_CONTEXTS = ("llm_class", "openai_api_server")
 GENERATION_CONFIG_HELP = '"auto" reads the model\'s generation_config.json, "vllm" ignores it, or a folder path'
 
 
@@ -68,6 +71,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    usage_context: str = "llm_class"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,6 +98,8 @@ class EngineArgs:
         LoRAConfig.from_engine_args(self)  # max_loras / max_lora_rank / max_cpu_loras checked
         if self.task not in TASKS:
             bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            bad("usage_context", f"must be one of {', '.join(USAGE_CONTEXTS)}, got {self.usage_context!r}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
@@ -141,15 +147,16 @@ class EngineArgs:
         return cls(**kwargs)
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
         """Add every engine flag to ``parser`` (as vLLM's ``EngineArgs.add_cli_args``)."""
         group = parser.add_argument_group("engine arguments")
         for f in dataclasses.fields(EngineArgs):
-            if f.name == "model" and model_positional:
+            if f.name == "usage_context" or (f.name == "model" and model_positional):
                 continue
             flag = "--" + f.name.replace("_", "-")
             flags = (_SHORT_FLAGS[f.name], flag) if f.name in _SHORT_FLAGS else (flag,)
@@ -230,6 +237,7 @@ _HELP = {
     "max_loras": "most distinct LoRA adapters in one engine step (adapter slots on the device)",
     "max_lora_rank": "largest LoRA rank an adapter may have (slots are padded to it)",
     "max_cpu_loras": "LoRA adapters kept in host memory (LRU; default: max_loras)",
+    "usage_context": "llm_class or openai_api_server, set by the entry point (platform defaults may differ)",
 }
 
 assert set(_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}, "every engine argument needs help text"

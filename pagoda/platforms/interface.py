@@ -88,6 +88,13 @@ class Platform(ABC):
         return None
 
     @classmethod
+    def default_max_num_batched_tokens(cls, usage_context: str) -> int:
+        """The token budget of one engine step when ``max_num_batched_tokens`` is not given. ``usage_context`` is
+        ``"llm_class"`` (offline, :class:`pagoda.LLM`) or ``"openai_api_server"`` (``pagoda serve``): as in vLLM,
+        a server may prefer smaller steps, so the prompts of a burst finish their prefill in smaller groups."""
+        return 2048
+
+    @classmethod
     def capabilities(cls) -> frozenset[str]:
         """What op implementations may require of this platform (CPU ISA flags, a GPU's ``sm_XY``, …)."""
         return frozenset()

@@ -69,3 +69,33 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*supported architectures: .*Gemma3ForCausalLM.*"
                                          "LlamaForCausalLM.*OPTForCausalLM"):
         LLM(str(tmp_path), skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize("usage_context", ["llm_class", "openai_api_server"])
+def test_step_budget_defaults_to_the_platforms_choice_for_where_it_runs(tiny_model_dir, usage_context):
+    from pagoda.core.config import EngineConfig
+    from pagoda.platforms import resolve_platform
+
+    model = tiny_model_dir("llama")
+    config = EngineConfig.from_engine_args(EngineArgs(model=model, usage_context=usage_context))
+    expected = resolve_platform("auto").default_max_num_batched_tokens(usage_context)
+    assert config.scheduler.max_num_batched_tokens == expected
+    given = EngineArgs(model=model, usage_context=usage_context, max_num_batched_tokens=333)
+    assert EngineConfig.from_engine_args(given).scheduler.max_num_batched_tokens == 333
+
+
+def test_cpu_serves_in_smaller_steps_than_it_runs_offline():
+    from pagoda.platforms.cpu import CpuPlatform
+
+    assert CpuPlatform.default_max_num_batched_tokens("openai_api_server") == 1024
+    assert CpuPlatform.default_max_num_batched_tokens("llm_class") == 2048
+
+
+def test_usage_context_is_checked_and_not_a_flag():
+    with pytest.raises(ValueError, match="usage_context.*llm_class, openai_api_server"):
+        EngineArgs(usage_context="batch")
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--usage-context", "openai_api_server"])
+    assert EngineArgs.from_cli_args(parser.parse_args([]), usage_context="openai_api_server").usage_context == \
+        "openai_api_server"

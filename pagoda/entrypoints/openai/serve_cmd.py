@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     chat_template = _read_chat_template(args.chat_template)
     _check_tool_args(args)
     lora_modules = [parse_lora_module(value) for value in args.lora_modules or []]
-    engine_args = EngineArgs.from_cli_args(args)
+    engine_args = EngineArgs.from_cli_args(args, usage_context="openai_api_server")
     # the flags' own mistakes before the model loads (names against the served names once it has)
     static_lora_requests(lora_modules, None, getattr(engine_args, "enable_lora", False))
     loras: list[Any] = []

@@ -49,6 +49,14 @@ class CpuPlatform(Platform):
         return build_fused_decode(stack, ops, kv_caches)
 
     @classmethod
+    def default_max_num_batched_tokens(cls, usage_context):
+        # A server takes bursts of prompts: with 1024-token steps a burst's prompts finish their prefill eight at a
+        # time instead of sixteen, so the mean time to first token drops (W3 on an AMD EPYC Zen 4: 3.02-3.13 s
+        # against 3.25-3.49 s at 2048) while output tokens/s is unchanged. Offline throughput is the same at 1024,
+        # 2048 and 4096 there; 2048 keeps prefill's GEMMs tall.
+        return 1024 if usage_context == "openai_api_server" else 2048
+
+    @classmethod
     def zeroed_empty(cls, shape, dtype):
         # Anonymous pages are zero-filled by the kernel when first touched: the cache needs no zeroing pass, and a
         # block costs nothing until a request writes it (the engine's own zeroing of fresh blocks took a memset of

@@ -29,3 +29,10 @@ def test_conflicting_models_are_an_error():
 def test_bad_chat_template_is_an_error():
     result = pagoda("--chat-template", "/no/such/template.jinja")
     assert result.returncode == 1 and "--chat-template" in result.stderr
+
+
+def test_server_steps_take_the_platforms_serving_budget(tiny_server):
+    from pagoda.platforms import resolve_platform
+
+    budget = resolve_platform("auto").default_max_num_batched_tokens("openai_api_server")
+    assert f"{budget} tokens a step" in tiny_server.output()
