@@ -212,8 +212,7 @@ void quant_gemm_amx(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, 
     const bf16_t* xb = x + r0 * k;
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* blk = tile + g * QLayout<Bits>::block_bytes;
-      for (int64_t p = 0; p < G / 2; ++p)
-        _mm512_store_si512(wt + p * 32, decode_pairs<D>(blk, p, tables.t));
+      for (int64_t p = 0; p < G / 2; p += 2) decode_two_pair_steps<D>(wt + p * 32, blk, p, tables.t);
       switch (row_tiles) {
         case 4: amx_pass_steps<4>(part, xb + g * G, k * 2, G / 32, wt); break;
         case 3: amx_pass_steps<3>(part, xb + g * G, k * 2, G / 32, wt); break;
@@ -241,9 +240,9 @@ inline void decode_tile_bf16(bf16_t* wt, const uint8_t* tile, int64_t k) {
   constexpr int64_t G = QLayout<Bits>::group;
   const DecodeTables<QLayout<Bits>::decoder> tables;
   for (int64_t g = 0; g < k / G; ++g)
-    for (int64_t p = 0; p < G / 2; ++p)
-      _mm512_storeu_si512(wt + (g * G / 2 + p) * 32,
-                          decode_pairs<QLayout<Bits>::decoder>(tile + g * QLayout<Bits>::block_bytes, p, tables.t));
+    for (int64_t p = 0; p < G / 2; p += 2)
+      decode_two_pair_steps<QLayout<Bits>::decoder>(wt + (g * G / 2 + p) * 32, tile + g * QLayout<Bits>::block_bytes,
+                                                    p, tables.t);
 }
 
 // A thread's decoded column tiles (whole cache lines: tile rows are read as 64-byte lines) and their scales.
