@@ -84,7 +84,7 @@ constexpr E4m3ByteTables make_e4m3_byte_tables() {
 constexpr E4m3ByteTables kE4m3ByteTables = make_e4m3_byte_tables();
 
 // The decode tables a kind needs, loaded into registers once per kernel call: the bf16 encodings of 0..15 for
-// 4-bit codes, the four quarters of kE4m3Table for FP8.
+// 4-bit codes; for FP8 the four quarters of kE4m3Table, or with AVX512-VBMI its high and low bytes' halves.
 template <int Bits> struct DecodeTables {
   __m512i t[4];
   DecodeTables() {
