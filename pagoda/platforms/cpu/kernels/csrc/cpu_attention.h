@@ -95,7 +95,7 @@ inline __m512 reduce16(const __m512* x) {
 // bf16 rows, and reduce16 turns sixteen tokens' partial sums into one vector of scores.
 template <int NC, int G, typename RowFn>
 void decode_scores_bf16(float* scores, int64_t ns, const bf16_t* q, int64_t start, int64_t seq_len,
-                        int64_t num_kv_heads, float scale, RowFn row) {
+                        int64_t num_kv_heads, float scale, RowFn row, bool values_too) {
   constexpr int64_t D = 16 * NC;
   constexpr int NB = NC / 2;  // 32 bf16 per vector
   const int64_t row_bytes = num_kv_heads * D * 2;
@@ -105,13 +105,22 @@ void decode_scores_bf16(float* scores, int64_t ns, const bf16_t* q, int64_t star
     for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
   };
   for (int64_t t = start; t < start + 16 && t < seq_len; ++t) prefetch_row(row(0, t));  // the first sixteen
+  // The next sixteen rows' lines are requested a few at a time between the dot products: issued all at once, most
+  // of them were dropped (more than the L2 can have in flight), and the next group started on misses. With
+  // values_too, this group's value rows are requested the same way, for the value pass that follows.
+  const int64_t row_lines = row_bytes / 64, group_lines = 16 * row_lines;
+  const int64_t all_lines = values_too ? 2 * group_lines : group_lines;
+  const int64_t per_dot = (all_lines + 16 * num_kv_heads * G - 1) / (16 * num_kv_heads * G);
   for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
     const bf16_t* k[16];
+    const char* next[32];  // the next group's key rows, then this group's value rows
     for (int j = 0; j < 16; ++j) {
       const int64_t t = t0 + j < seq_len ? t0 + j : seq_len - 1;  // past the end: a repeat, its lanes unused
       k[j] = row(0, t);
-      if (t0 + 16 + j < seq_len) prefetch_row(row(0, t0 + 16 + j));
+      next[j] = t0 + 16 + j < seq_len ? reinterpret_cast<const char*>(row(0, t0 + 16 + j)) : nullptr;
+      next[16 + j] = values_too && t0 + j < seq_len ? reinterpret_cast<const char*>(row(1, t0 + j)) : nullptr;
     }
+    int64_t line = 0;
     for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
       for (int g = 0; g < G; ++g) {
         const bf16_t* qh = q + (kvh * G + g) * D;
@@ -119,6 +128,10 @@ void decode_scores_bf16(float* scores, int64_t ns, const bf16_t* q, int64_t star
         for (int b = 0; b < NB; ++b) qv[b] = (__m512bh)_mm512_loadu_si512(qh + 32 * b);
         __m512 x[16];
         for (int j = 0; j < 16; ++j) {
+          for (int64_t e = 0; e < per_dot && line < all_lines; ++e, ++line) {
+            const char* r = next[line / row_lines];
+            if (r != nullptr) _mm_prefetch(r + (line % row_lines) * 64, _MM_HINT_T1);
+          }
           const bf16_t* kr = k[j] + kvh * D;
           __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(kr), qv[0]);
           for (int b = 1; b < NB; ++b) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * b), qv[b]);
@@ -174,6 +187,11 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
                      int64_t parts) {
   constexpr int64_t D = 16 * NC;
   constexpr int64_t kValuesAhead = 16;
+  // A sequence's value rows up to this size are requested during the key pass, so the value pass finds them in L2
+  // (its own requests, one row a token in the first head's pass, come too fast for the L2 to keep them all). On the
+  // AMD EPYC Zen 4, OPT-125m's shape (12 KV heads of 64), 64 sequences of 160 tokens over 12 layers' caches:
+  // 17.6-18.8 -> 12.7-14.3 ms with the key rows' requests spread out as well; SmolLM2's shape (3 KV heads) unchanged.
+  constexpr int64_t kValuesInL2 = 512 * 1024;
   int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
   if (partial != nullptr) {  // this part's token range [start, seq_len)
     const int64_t len = seq_len - start, lo = start + len * part / parts, hi = start + len * (part + 1) / parts;
@@ -195,7 +213,8 @@ void decode_one_fast(T* out, const T* q, const T* k_cache, const T* v_cache, con
   scratch.resize(static_cast<size_t>((all_heads_first ? num_kv_heads * G : G) * ns));
 #if defined(__AVX512BF16__)
   if constexpr (all_heads_first) {
-    decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at);
+    decode_scores_bf16<NC, G>(scratch.data(), ns, q, start, seq_len, num_kv_heads, scale, at,
+                              n * row_bytes <= kValuesInL2);
     for (int64_t h = 0; h < num_kv_heads * G; ++h)
       softmax(scratch.data() + h * ns, n, partial == nullptr ? nullptr : partial + h * (D + 2) + D);
   }
