@@ -125,6 +125,91 @@ struct ScreenHit {
   float upper;
 };
 
+// A row's best lower bound over every thread so far, raised to `lower`. Each thread holds a share of the columns; a
+// floor of its own share alone lets through every column near its share's best, thousands of them on a real head
+// when the row's best column sits in another share.
+inline float raise_floor(std::atomic<float>& floor, float lower) {
+  float seen = floor.load(std::memory_order_relaxed);
+  while (lower > seen && !floor.compare_exchange_weak(seen, lower, std::memory_order_relaxed)) {
+  }
+  return std::max(seen, lower);
+}
+
+// Drops a thread's hits whose upper bound is below their row's floor now, and counts what is left per row.
+inline void drop_beaten_hits(std::vector<ScreenHit>& hits, std::vector<int64_t>& kept,
+                             const std::vector<std::atomic<float>>& floor) {
+  std::fill(kept.begin(), kept.end(), 0);
+  size_t left = 0;
+  for (const ScreenHit& h : hits)
+    if (h.upper >= floor[h.row].load(std::memory_order_relaxed)) {
+      hits[left++] = h;
+      ++kept[h.row];
+    }
+  hits.resize(left);
+}
+
+// out[r] for each row not `full`: the argmax over its candidates' exact products. Candidates are grouped by column
+// tile, and each tile is multiplied once by all of its candidate rows (at 64 rows a real head's candidates share
+// most tiles), by the bf16 kernel the full pass uses: each row's sums are the full pass's floats, whatever the rows
+// beside it, and the first-index rule holds whatever the order. A row without candidates (all masked) gets 0.
+inline void exact_argmax_of_candidates(std::vector<ScreenHit>& cand, const bf16_t* x, const bf16_t* wp, int64_t m,
+                                       int64_t n, int64_t k, const uint8_t* full, int64_t* out, int num_threads) {
+  std::sort(cand.begin(), cand.end(), [](const ScreenHit& a, const ScreenHit& b) {
+    const int64_t ta = a.col / 16, tb = b.col / 16;
+    return ta != tb ? ta < tb : (a.row != b.row ? a.row < b.row : a.col < b.col);
+  });
+  // Chunks of about equal counts, cut at tile boundaries; each keeps its own best per row, merged below.
+  const int64_t total = static_cast<int64_t>(cand.size());
+  const int64_t want = total >= 256 ? 4 * num_threads : 1;
+  std::vector<int64_t> cuts{0};
+  for (int64_t c = 1; c < want; ++c) {
+    int64_t at = std::max(total * c / want, cuts.back());
+    while (at > 0 && at < total && cand[at].col / 16 == cand[at - 1].col / 16) ++at;
+    if (at > cuts.back() && at < total) cuts.push_back(at);
+  }
+  cuts.push_back(total);
+  const int64_t chunks = static_cast<int64_t>(cuts.size()) - 1;
+  std::vector<float> best(static_cast<size_t>(chunks * m), 0.f);
+  std::vector<int64_t> best_at(static_cast<size_t>(chunks * m), -1);
+  const int64_t tile_elems = packed_k2(k) * kTile * 2;
+  share_tasks(chunks, chunks > 1 ? num_threads : 1, [&](int64_t c) {
+    float* v = best.data() + c * m;
+    int64_t* at = best_at.data() + c * m;
+    std::vector<bf16_t> rows_in(static_cast<size_t>(m * k));
+    std::vector<float> exact(static_cast<size_t>(m * 16));
+    std::vector<int64_t> slot(static_cast<size_t>(m));
+    for (int64_t i = cuts[c], end; i < cuts[c + 1]; i = end) {
+      const int64_t tile = cand[i].col / 16, width = n - tile * 16 < 16 ? n - tile * 16 : 16;
+      int64_t rows = 0;  // the tile's candidate rows, gathered: one multi-row call, 8 rows a pass
+      for (end = i; end < cuts[c + 1] && cand[end].col / 16 == tile; ++end)
+        if (end == i || cand[end].row != cand[end - 1].row) {
+          std::memcpy(rows_in.data() + rows * k, x + cand[end].row * k, static_cast<size_t>(k) * sizeof(bf16_t));
+          slot[cand[end].row] = rows++;
+        }
+      gemm_packed_serial<true>(exact.data(), 16, rows_in.data(), wp + tile * tile_elems, rows, width, k);
+      for (int64_t j = i; j < end; ++j) {
+        const ScreenHit& h = cand[j];
+        const float e = exact[slot[h.row] * 16 + (h.col - tile * 16)];
+        if (argmax_before(e, h.col, v[h.row], at[h.row])) {
+          at[h.row] = h.col;
+          v[h.row] = e;
+        }
+      }
+    }
+  });
+  for (int64_t r = 0; r < m; ++r) {
+    if (full[r]) continue;
+    float v = 0.f;
+    int64_t at = -1;
+    for (int64_t c = 0; c < chunks; ++c)
+      if (best_at[c * m + r] >= 0 && argmax_before(best[c * m + r], best_at[c * m + r], v, at)) {
+        at = best_at[c * m + r];
+        v = best[c * m + r];
+      }
+    out[r] = at < 0 ? 0 : at;
+  }
+}
+
 // out[r] = argmax of row r of x [m, k] . W^T (W bf16, packed for the bf16 GEMM at wp) for the rows whose screen
 // holds; full[r] is set for the others (the caller runs the full pass on them). sp: the int8 copy (cpu_int8.h's
 // buffer: tiles, scales, code sums); err, qnorm, sum_err: each column's e, |w~| and f, rounded up; max_col_norm: the
@@ -145,7 +230,8 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
     full[r] = rows[r].ok ? 0 : 1;
   });
   const int64_t slices = (n + kScreenCols - 1) / kScreenCols;
-  std::vector<float> lower(static_cast<size_t>(num_threads * m), -INFINITY);
+  std::vector<std::atomic<float>> floor_of(static_cast<size_t>(m));
+  for (auto& f : floor_of) f.store(-INFINITY, std::memory_order_relaxed);
   std::vector<std::vector<ScreenHit>> hits(static_cast<size_t>(num_threads));
   std::vector<uint8_t> overflow(static_cast<size_t>(num_threads * m), 0);
   const int8_t* s_end = sp + cols_padded * kp;
@@ -155,7 +241,6 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
     const int t = omp_get_thread_num();
     std::vector<float> buf(static_cast<size_t>(m * kScreenCols));
     std::vector<int64_t> kept(static_cast<size_t>(m), 0);
-    float* lo = lower.data() + t * m;
     for (int64_t sl; (sl = shares.next(t)) >= 0;) {
       const int64_t c0 = sl * kScreenCols, cols = n - c0 < kScreenCols ? n - c0 : kScreenCols;
       const int8_t* base = sp + (c0 / 16) * tile_bytes;
@@ -203,8 +288,7 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
           const __m512 upper = _mm512_mask_blend_ps(mask, none, _mm512_add_ps(sv, b));
           _mm512_mask_storeu_ps(y + j, tile_columns(cols, j), upper);
         }
-        lo[r] = std::max(lo[r], _mm512_reduce_max_ps(best_lower));
-        const __m512 floor = _mm512_set1_ps(lo[r]);
+        const __m512 floor = _mm512_set1_ps(raise_floor(floor_of[r], _mm512_reduce_max_ps(best_lower)));
         for (int64_t j = 0; j < cols; j += 16) {
           const __mmask16 valid = tile_columns(cols, j);
           const __m512 up = _mm512_maskz_loadu_ps(valid, y + j);
@@ -214,41 +298,20 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
             hits[t].push_back({r, c0 + j + i, y[j + i]});
           }
         }
-        if (kept[r] > kScreenCap) overflow[t * m + r] = 1;
+        if (kept[r] > kScreenCap) {
+          drop_beaten_hits(hits[t], kept, floor_of);
+          if (kept[r] > kScreenCap) overflow[t * m + r] = 1;
+        }
       }
     }
   }
   for (int64_t r = 0; r < m; ++r)
     for (int t = 0; t < num_threads; ++t) full[r] |= overflow[t * m + r];
-  // The candidates of each row, in column order, multiplied exactly tile by tile.
-  std::vector<std::vector<ScreenHit>> per_row(static_cast<size_t>(m));
+  std::vector<ScreenHit> cand;  // the hits still above their row's floor, for the rows the screen holds
   for (int t = 0; t < num_threads; ++t)
-    for (const ScreenHit& h : hits[t]) per_row[h.row].push_back(h);
-  const int64_t tile_elems = packed_k2(k) * kTile * 2;
-  share_tasks(m, m >= 4 ? num_threads : 1, [&](int64_t r) {
-    if (full[r]) return;
-    float floor = -INFINITY;
-    for (int t = 0; t < num_threads; ++t) floor = std::max(floor, lower[t * m + r]);
-    std::vector<ScreenHit>& c = per_row[r];
-    std::sort(c.begin(), c.end(), [](const ScreenHit& a, const ScreenHit& b) { return a.col < b.col; });
-    float v = 0.f;
-    int64_t at = -1, tile = -1;
-    alignas(64) float exact[16];
-    for (const ScreenHit& h : c) {
-      if (h.upper < floor) continue;
-      if (h.col / 16 != tile) {
-        tile = h.col / 16;
-        const int64_t width = n - tile * 16 < 16 ? n - tile * 16 : 16;
-        gemm_packed_serial<true>(exact, 16, x + r * k, wp + tile * tile_elems, 1, width, k);
-      }
-      const float e = exact[h.col - tile * 16];
-      if (argmax_before(e, h.col, v, at)) {
-        at = h.col;
-        v = e;
-      }
-    }
-    out[r] = at < 0 ? 0 : at;
-  });
+    for (const ScreenHit& h : hits[t])
+      if (!full[h.row] && h.upper >= floor_of[h.row].load(std::memory_order_relaxed)) cand.push_back(h);
+  exact_argmax_of_candidates(cand, x, wp, m, n, k, full, out, num_threads);
 }
 #endif  // PAGODA_HAS_VNNI_INT8
 

@@ -395,11 +395,23 @@ int pagoda_screened_argmax(const void* x, const void* w, const void* screen, con
   const bf16_t* xb = static_cast<const bf16_t*>(x);
   screened_head_argmax(xb, static_cast<const bf16_t*>(w), static_cast<const int8_t*>(screen), err, qnorm,
                        sum_err, max_col_norm, m, n, k, out, full.data(), num_threads, allowed);
+  // The rows the screen left (rare) take the full pass together: one sweep of the head, not one per row.
+  std::vector<int64_t> left;
   for (int64_t r = 0; r < m; ++r)
-    if (full[r])
-      pagoda_linear_argmax(0, xb + r * k, w, 1, n, k, out + r, num_threads, 0,
-                           allowed ? allowed + r * ((n + 31) / 32) : nullptr);
-  return 0;
+    if (full[r]) left.push_back(r);
+  if (left.empty()) return 0;
+  const int64_t nl = static_cast<int64_t>(left.size()), words = (n + 31) / 32;
+  std::vector<bf16_t> xl(static_cast<size_t>(nl * k));
+  std::vector<int32_t> al(allowed ? static_cast<size_t>(nl * words) : 0);
+  std::vector<int64_t> ol(static_cast<size_t>(nl));
+  for (int64_t i = 0; i < nl; ++i) {
+    std::memcpy(xl.data() + i * k, xb + left[i] * k, static_cast<size_t>(k) * sizeof(bf16_t));
+    if (allowed) std::memcpy(al.data() + i * words, allowed + left[i] * words, static_cast<size_t>(words) * 4);
+  }
+  const int rc = pagoda_linear_argmax(0, xl.data(), w, nl, n, k, ol.data(), num_threads, 0,
+                                      allowed ? al.data() : nullptr);
+  for (int64_t i = 0; i < nl; ++i) out[left[i]] = ol[i];
+  return rc;
 #else
   (void)x; (void)w; (void)screen; (void)err; (void)qnorm; (void)sum_err; (void)max_col_norm; (void)m; (void)n;
   (void)k; (void)out; (void)num_threads; (void)amx; (void)allowed;
