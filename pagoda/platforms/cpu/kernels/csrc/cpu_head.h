@@ -3,16 +3,17 @@
 // A greedy head multiplies the whole [n, k] bf16 matrix to find one column per row: bound by memory at a few rows, by
 // the multiply-adds at a decode batch. Here an int8 copy (codes per column, symmetric, scale amax / 127: cpu_int8.h's
 // packing) is multiplied instead, by the input quantized to int8 per row, except its largest channels (kScreenOutliers
-// chosen per call, where final hidden states keep their few huge activations): those are multiplied in float by the
-// exact bf16 weights, so they add neither to the input's int8 step nor to the weights' error. Each column's screened
-// value s~ then differs from the exact product by at most
+// chosen per call where they stand out, as final hidden states' few huge activations do): those are multiplied in
+// float by the exact bf16 weights, so they add neither to the input's int8 step nor to the weights' error. Each
+// column's screened value s~ then differs from the exact product by at most
 //   B = |x_in| e + |x| f + |w~| (|x_in - x~_in| + 12u |x~_in|) + tiny + 2^-21 |s~|,
 // e = |w - w~| and f = (g_k + 16u) |w| (g_k = k u / (1 - k u): the float32 summation bound of the exact kernel; 16u the
 // outliers' float sums), computed per column by Python and rounded up; u = 2^-24, norms Euclidean, x_in the input
 // without its outlier channels. Every column whose upper bound s~ + B reaches the largest lower bound s~ - B of the
-// row is a candidate; the argmax lies among them, so only their tiles are multiplied exactly, by the bf16 kernel the
-// full pass uses (same instructions, same order: the same floats), and ties and the first-index rule come out as in
-// the full pass. A row the screen can't bound (a non-finite input, or too many candidates) is left to the full pass.
+// row (over all threads' columns) is a candidate; the argmax lies among them, so only their tiles are multiplied
+// exactly, by the bf16 kernel the full pass uses (same instructions, same order: the same floats), and ties and the
+// first-index rule come out as in the full pass. Rows the screen can't bound (a non-finite input, or too many
+// candidates) are left to the full pass.
 #pragma once
 
 #include <algorithm>
@@ -28,6 +29,7 @@ namespace {
 constexpr int64_t kScreenCols = 5 * kInt8NT * 16;  // 240 columns a slice: whole int8 micro-kernel tile groups
 constexpr int64_t kScreenCap = 4096;                // a row's candidates per thread before the full pass takes it
 constexpr int kScreenOutliers = 8;                  // input channels multiplied in float, the same for every row
+constexpr float kOutlierGain = 0.6f;                 // ... where setting them aside cuts the rows' peak below this
 
 struct ScreenRow {      // one input row's bound terms
   float x_norm, in_norm, resid;  // |x|, |x_in| and |x_in - x~_in| + 12u |x~_in|, rounded up
@@ -35,7 +37,10 @@ struct ScreenRow {      // one input row's bound terms
   bool ok;              // finite: the screen applies
 };
 
-// The channels multiplied in float: the kScreenOutliers largest relative to their row's norm (finite rows only).
+// The channels multiplied in float: the kScreenOutliers largest relative to their row's norm (finite rows only), or
+// none where the next channel is within kOutlierGain of the largest. Final hidden states keep a few huge channels,
+// whose removal shrinks the int8 scale of the rest several times over; rows without them (random weights) gain
+// little, and each channel costs a scattered read of the bf16 head per 16 columns: a tenth of the screen at one row.
 inline std::vector<int64_t> screen_outliers(const bf16_t* x, int64_t m, int64_t k) {
   std::vector<float> score(static_cast<size_t>(k), 0.f);
   for (int64_t r = 0; r < m; ++r) {
@@ -48,9 +53,10 @@ inline std::vector<int64_t> screen_outliers(const bf16_t* x, int64_t m, int64_t 
   std::vector<int64_t> order(static_cast<size_t>(k));
   for (int64_t i = 0; i < k; ++i) order[i] = i;
   const int64_t keep = std::min<int64_t>(kScreenOutliers, k);
-  std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+  std::partial_sort(order.begin(), order.begin() + std::min<int64_t>(keep + 1, k), order.end(),
                     [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
-  order.resize(static_cast<size_t>(keep));
+  const bool worth = keep == k || score[order[keep]] < kOutlierGain * score[order[0]];
+  order.resize(static_cast<size_t>(worth ? keep : 0));
   return order;
 }
 
@@ -244,7 +250,7 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
     for (int64_t sl; (sl = shares.next(t)) >= 0;) {
       const int64_t c0 = sl * kScreenCols, cols = n - c0 < kScreenCols ? n - c0 : kScreenCols;
       const int8_t* base = sp + (c0 / 16) * tile_bytes;
-      if (c0 + kScreenCols < n)  // this thread's next slice, usually (TaskShares hands out contiguous shares)
+      if (!outliers.empty() && c0 + kScreenCols < n)  // this thread's next slice, usually (contiguous shares)
         prefetch_outliers(wp + (c0 / 16 + kScreenCols / 16) * packed_k2(k) * kTile * 2,
                           std::min(kScreenCols, n - c0 - kScreenCols), outliers.data(),
                           static_cast<int64_t>(outliers.size()), k);
@@ -262,8 +268,9 @@ inline void screened_head_argmax(const bf16_t* x, const bf16_t* wp, const int8_t
           int8_vnni_rows<1, true>(m, buf.data(), cols, xu.data(), xscale.data(), kp, base, wscale + c0,
                                   colsum + c0, nullptr, tile0, ahead);
       }
-      add_outliers(buf.data(), m, cols, xo.data(), static_cast<int64_t>(outliers.size()), outliers.data(),
-                   wp + (c0 / 16) * packed_k2(k) * kTile * 2, k);
+      if (!outliers.empty())
+        add_outliers(buf.data(), m, cols, xo.data(), static_cast<int64_t>(outliers.size()), outliers.data(),
+                     wp + (c0 / 16) * packed_k2(k) * kTile * 2, k);
       for (int64_t r = 0; r < m; ++r) {
         if (!rows[r].ok || overflow[t * m + r]) continue;
         float* y = buf.data() + r * cols;  // screened values, overwritten by their upper bounds
