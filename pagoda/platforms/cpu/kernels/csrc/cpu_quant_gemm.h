@@ -251,6 +251,58 @@ struct DecodedTiles {
   float scale[kNT * 16];
 };
 
+#if defined(__AVX512VBMI__)
+// The first kMR-row pass of quant_gemm_uniform_tiles over FP8 codes: each two pair steps' codes are decoded in
+// registers, multiplied at once, and stored into the decoded tiles for the passes after it. Interleaved with the
+// multiply-adds the decode's byte shuffles run beside them; as a pass of its own they left FP8 at 64 rows 5-13 %
+// behind bf16 on a Zen 4. The same products in the same order as the passes over decoded tiles.
+template <int NT, bool F32Out>
+inline void fp8_decoding_pass(void* y, int64_t ldy, const bf16_t* x, int64_t k, const uint8_t* codes,
+                              int64_t tile_bytes, bf16_t* wt, int64_t n, const float* col_scale) {
+  using L = QLayout<kE4M3Channel>;
+  const int64_t k2 = k / 2, tile_elems = k2 * kTile * 2;
+  const DecodeTables<kE4M3> tables;
+  __m512 acc[kMR][NT];
+  for (int r = 0; r < kMR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k2; p += 2) {
+    const uint8_t* step = codes + p / (L::group / 2) * L::block_bytes + p % (L::group / 2) * 32;
+    __m512bh b[NT];
+    for (int t = 0; t < NT; ++t) {
+      __m512i first, second;
+      e4m3_to_bf16_64(step + t * tile_bytes, tables.t, first, second);
+      _mm512_storeu_si512(wt + t * tile_elems + p * 32, first);
+      _mm512_storeu_si512(wt + t * tile_elems + p * 32 + 32, second);
+      b[t] = (__m512bh)first;
+    }
+    for (int half = 0; half < 2; ++half) {
+      if (half) {
+        for (int t = 0; t < NT; ++t) b[t] = (__m512bh)_mm512_loadu_si512(wt + t * tile_elems + p * 32 + 32);
+      }
+      for (int r = 0; r < kMR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * k + 2 * (p + half), 4);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const int64_t col = t * kTile;
+    const __mmask16 mask = tile_columns(n, col);
+    const __m512 sv = _mm512_maskz_loadu_ps(mask, col_scale + col);
+    for (int r = 0; r < kMR; ++r) {
+      const __m512 v = _mm512_fmadd_ps(acc[r][t], sv, _mm512_setzero_ps());
+      if constexpr (F32Out) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
+      } else {
+        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  }
+}
+#endif
+
 // quant_gemm with the AVX512-BF16 micro-kernels for the kinds with one scale per column, from kUniformTileRows
 // rows: a task decodes kNT column tiles once (exactly) into the bf16 GEMM's packed layout and multiplies a chunk of
 // decoded_chunk_rows rows by them, each column scaled once at the end. quant_tile instead decodes every code once per
@@ -265,14 +317,31 @@ void quant_gemm_uniform_tiles(void* y, const bf16_t* x, const uint8_t* packed, i
     const int64_t t0 = task % groups * kNT, c0 = task / groups * chunk_rows;
     const int64_t t1 = t0 + kNT < tiles ? t0 + kNT : tiles, c1 = c0 + chunk_rows < m ? c0 + chunk_rows : m;
     const int64_t col = t0 * 16;
+    const int64_t cols = n - col < kNT * 16 ? n - col : kNT * 16;
     state.wt.resize(static_cast<size_t>(kNT * k * 16));
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = packed + t * tile_bytes;
-      decode_tile_bf16<Bits>(state.wt.data() + (t - t0) * k * 16, tile, k);
-      std::memcpy(state.scale + (t - t0) * 16, tile + QLayout<Bits>::code_bytes, 16 * sizeof(float));
+    for (int64_t t = t0; t < t1; ++t)
+      std::memcpy(state.scale + (t - t0) * 16, packed + t * tile_bytes + QLayout<Bits>::code_bytes, 16 * 4);
+    int64_t r0 = c0;
+#if defined(__AVX512VBMI__)
+    if (Bits == kE4M3Channel && c1 - c0 >= kMR) {
+      char* yb = static_cast<char*>(y) + (c0 * n + col) * esz;
+      const bf16_t* xb = x + c0 * k;
+      const uint8_t* codes = packed + t0 * tile_bytes;
+      bf16_t* wt = state.wt.data();
+      switch (t1 - t0) {
+        case 3: fp8_decoding_pass<3, F32Out>(yb, n, xb, k, codes, tile_bytes, wt, cols, state.scale); break;
+        case 2: fp8_decoding_pass<2, F32Out>(yb, n, xb, k, codes, tile_bytes, wt, cols, state.scale); break;
+        default: fp8_decoding_pass<1, F32Out>(yb, n, xb, k, codes, tile_bytes, wt, cols, state.scale); break;
+      }
+      r0 = c0 + kMR;
     }
-    gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, state.wt.data(), c1 - c0,
-                               n - col < kNT * 16 ? n - col : kNT * 16, k, nullptr, state.scale);
+#endif
+    if (r0 == c0)
+      for (int64_t t = t0; t < t1; ++t)
+        decode_tile_bf16<Bits>(state.wt.data() + (t - t0) * k * 16, packed + t * tile_bytes, k);
+    if (c1 > r0)
+      gemm_packed_serial<F32Out>(static_cast<char*>(y) + (r0 * n + col) * esz, n, x + r0 * k, state.wt.data(), c1 - r0,
+                                 cols, k, nullptr, state.scale);
   });
 }
 
