@@ -305,8 +305,9 @@ inline void fp8_decoding_pass(void* y, int64_t ldy, const bf16_t* x, int64_t k, 
 
 // quant_gemm with the AVX512-BF16 micro-kernels for the kinds with one scale per column, from kUniformTileRows
 // rows: a task decodes kNT column tiles once (exactly) into the bf16 GEMM's packed layout and multiplies a chunk of
-// decoded_chunk_rows rows by them, each column scaled once at the end. quant_tile instead decodes every code once per
-// 8 rows and multiplies one tile per broadcast, which binds it to its broadcasts.
+// decoded_chunk_rows rows by them, each column scaled once at the end (FP8 codes with AVX512-VBMI: decoded during the
+// chunk's first 8-row pass, fp8_decoding_pass). quant_tile instead decodes every code once per 8 rows and multiplies
+// one tile per broadcast, which binds it to its broadcasts.
 template <int Bits, bool F32Out>
 void quant_gemm_uniform_tiles(void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                               int num_threads) {
