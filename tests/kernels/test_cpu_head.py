@@ -131,20 +131,32 @@ def test_decode_batches_with_crowded_rows_and_shared_candidate_tiles():
     """A decode batch (64 rows, as W1's steps): rows whose candidates crowd past the screen's cap go to the full
     pass together, and the others' candidates, many per row and sharing column tiles, are multiplied a tile at a
     time for all of their rows. Every row must still be the full pass's answer, at every input scale (from rows with
-    hundreds of candidates to rows with one)."""
+    hundreds of candidates to rows with one), with and without a token mask per row."""
     g = torch.Generator().manual_seed(11)
     n, k = 16384, 128
     weight = torch.randn(n, k, generator=g) * 0.05
-    weight[: 9000] = weight[5000].clone()  # 9000 equal columns: rows along them crowd every thread's share
+    weight[:12000] = weight[5000].clone()  # 12000 equal columns: rows along them crowd every thread's share
     near = torch.randn(k, generator=g) * 0.05
-    weight[9000:9600] = near + torch.randn(600, k, generator=g) * 1e-4  # within an int8 step: hundreds of candidates
+    weight[12000:12600] = near + torch.randn(600, k, generator=g) * 1e-4  # within an int8 step: many candidates
     packed, screen = _screened(weight.bfloat16())
     for scale in (0.05, 0.2, 1.0, 5.0):
         x = torch.randn(64, k, generator=g) * scale
-        x[:4] = weight[5000] * 40  # crowded rows: the first of the 9000 ties wins
-        x[10:14] = weight[12000] * 40 + x[10:14]  # rows whose best column lies in the other thread's share
+        x[:4] = weight[5000] * 40  # crowded rows: the first of the equal columns wins
+        x[10:14] = weight[14000] * 40 + x[10:14]  # rows whose best column lies in the other thread's share
         x[20:30] = near * 40 + x[20:30]  # rows sharing the near-equal columns' tiles
         x = x.bfloat16()
         picked = cpu_head.screened_argmax(x, packed, screen)
         assert torch.equal(picked, _full(x, packed)), f"scale {scale}"
         assert picked[:4].tolist() == [0, 0, 0, 0]
+        # A dense mask per row keeps the crowded rows past the cap: each is its own first allowed tie.
+        allowed = torch.rand(64, n, generator=g) < 0.9
+        for r in range(4):  # crowded row r: its first allowed tie is column r
+            allowed[r, :r] = False
+            allowed[r, r] = True
+        padded = torch.zeros(64, -(-n // 32) * 32, dtype=torch.bool)
+        padded[:, :n] = allowed
+        words = ((padded.reshape(64, -1, 32).to(torch.int64) << torch.arange(32)).sum(-1)).to(torch.int32)
+        picked = cpu_head.screened_argmax(x, packed, screen, words)
+        assert torch.equal(picked, _full(x, packed, words)), f"scale {scale}, masked"
+        assert allowed.gather(1, picked[:, None]).all()
+        assert picked[:4].tolist() == [0, 1, 2, 3]
