@@ -24,6 +24,28 @@ inline int64_t packed_k2(int64_t k) { return (k + 1) / 2; }
 // 375-390 -> 400-415 GFLOP/s on a Zen 4 core pair.
 constexpr int64_t kRestart = 16;
 
+// A micro-kernel's MR x NT tiles of sums to y (columns from tile0 * kTile, masked at n): each column's sum times
+// col_scale (or null) plus bias (or null), in float32 or rounded to bf16.
+template <int MR, int NT, bool F32Out>
+inline void store_micro_tile(void* y, int64_t ldy, const __m512 (&acc)[MR][NT], int64_t tile0, int64_t n,
+                             const float* bias, const float* col_scale) {
+  for (int t = 0; t < NT; ++t) {
+    const int64_t col = (tile0 + t) * kTile;
+    const __mmask16 mask = tile_columns(n, col);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
+    const __m512 sv = col_scale ? _mm512_maskz_loadu_ps(mask, col_scale + col) : _mm512_set1_ps(1.f);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = col_scale ? _mm512_fmadd_ps(acc[r][t], sv, bv) : _mm512_add_ps(acc[r][t], bv);
+      if constexpr (F32Out) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
+      } else {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, h);
+      }
+    }
+  }
+}
+
 // ``col_scale`` (or null): each column's sum is multiplied by it before the bias (weights decoded from codes with one
 // scale per column). ``ahead`` / ``ahead_bytes``: a slice of the weights this thread reads next, fetched into L2 while
 // this pass computes. The hardware prefetchers stop at page boundaries, so a weight matrix larger than the caches (an
@@ -64,21 +86,7 @@ inline void micro_kernel(void* y, int64_t ldy, const bf16_t* x, int64_t k, const
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
     }
   }
-  for (int t = 0; t < NT; ++t) {
-    const int64_t col = (tile0 + t) * kTile;
-    const __mmask16 mask = tile_columns(n, col);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
-    const __m512 sv = col_scale ? _mm512_maskz_loadu_ps(mask, col_scale + col) : _mm512_set1_ps(1.f);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 v = col_scale ? _mm512_fmadd_ps(acc[r][t], sv, bv) : _mm512_add_ps(acc[r][t], bv);
-      if constexpr (F32Out) {
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
-      } else {
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, h);
-      }
-    }
-  }
+  store_micro_tile<MR, NT, F32Out>(y, ldy, acc, tile0, n, bias, col_scale);
 }
 
 // Rows of x in passes of MR (kMR, or 6 with groups of 4 tiles: 24 accumulators either way).

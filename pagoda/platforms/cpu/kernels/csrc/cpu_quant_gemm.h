@@ -287,19 +287,7 @@ inline void fp8_decoding_pass(void* y, int64_t ldy, const bf16_t* x, int64_t k, 
       }
     }
   }
-  for (int t = 0; t < NT; ++t) {
-    const int64_t col = t * kTile;
-    const __mmask16 mask = tile_columns(n, col);
-    const __m512 sv = _mm512_maskz_loadu_ps(mask, col_scale + col);
-    for (int r = 0; r < kMR; ++r) {
-      const __m512 v = _mm512_fmadd_ps(acc[r][t], sv, _mm512_setzero_ps());
-      if constexpr (F32Out) {
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + r * ldy + col, mask, v);
-      } else {
-        _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + r * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
-      }
-    }
-  }
+  store_micro_tile<kMR, NT, F32Out>(y, ldy, acc, 0, n, nullptr, col_scale);
 }
 #endif
 
