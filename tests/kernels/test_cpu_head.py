@@ -26,12 +26,18 @@ def _full(x, packed, allowed=None):
     return out
 
 
-def _mask(rows: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    allowed = torch.rand(rows, n, generator=g) < 0.4
+def _words(allowed: torch.Tensor) -> torch.Tensor:
+    """A bool [rows, n] token mask as the kernels read it: int32 words, bit t % 32 of word t // 32."""
+    rows, n = allowed.shape
     padded = torch.zeros(rows, -(-n // 32) * 32, dtype=torch.bool)
     padded[:, :n] = allowed
     bits = padded.reshape(rows, -1, 32).to(torch.int64) << torch.arange(32)
-    return allowed, bits.sum(-1).to(torch.int64).to(torch.int32)
+    return bits.sum(-1).to(torch.int64).to(torch.int32)
+
+
+def _mask(rows: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    allowed = torch.rand(rows, n, generator=g) < 0.4
+    return allowed, _words(allowed)
 
 
 @pytest.mark.parametrize("n, k", [(5000, 96), (1000, 70), (49152, 576), (257, 640)])
@@ -153,9 +159,7 @@ def test_decode_batches_with_crowded_rows_and_shared_candidate_tiles():
         for r in range(4):  # crowded row r: its first allowed tie is column r
             allowed[r, :r] = False
             allowed[r, r] = True
-        padded = torch.zeros(64, -(-n // 32) * 32, dtype=torch.bool)
-        padded[:, :n] = allowed
-        words = ((padded.reshape(64, -1, 32).to(torch.int64) << torch.arange(32)).sum(-1)).to(torch.int32)
+        words = _words(allowed)
         picked = cpu_head.screened_argmax(x, packed, screen, words)
         assert torch.equal(picked, _full(x, packed, words)), f"scale {scale}, masked"
         assert allowed.gather(1, picked[:, None]).all()
