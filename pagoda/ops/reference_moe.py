@@ -81,6 +81,11 @@ class FusedMoE(OpImpl):
         summed.index_add_(0, routed.token, out.float() * weights[:, None])
         return summed.to(x.dtype)
 
+    def expert_weights(self, handle: ExpertWeights, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``expert``'s ``w13`` [2I, H] and ``w2`` [H, I] as ``prepare`` got them (what a LoRA adapter on
+        the experts adds its deltas beside)."""
+        return handle.w13[expert], handle.w2[expert]
+
     def nbytes(self, handle: ExpertWeights) -> int:
         return sum(t.numel() * t.element_size() for t in (handle.w13, handle.w2))
 

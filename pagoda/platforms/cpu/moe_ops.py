@@ -32,6 +32,9 @@ class PackedFusedMoE(_NativeBf16Gemm):
         check_moe_activation(activation)
         return cpu_moe.fused_moe(x, topk_weights, topk_ids, handle, amx=self.uses_amx)
 
+    def expert_weights(self, handle, expert):
+        return handle.expert(expert)
+
     def nbytes(self, handle) -> int:
         return handle.nbytes()
 

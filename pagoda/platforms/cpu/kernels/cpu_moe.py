@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
-from pagoda.platforms.cpu.kernels.cpu_ops import packed_elems
+from pagoda.platforms.cpu.kernels.cpu_ops import PackedWeight, packed_elems
 
 
 class PackedExperts:
@@ -21,6 +21,14 @@ class PackedExperts:
 
     def nbytes(self) -> int:
         return (self.w13.numel() + self.w2.numel()) * 2
+
+    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``expert``'s ``w13`` [2I, H] and ``w2`` [H, I], unpacked (a copy)."""
+        def unpacked(stack: torch.Tensor, n: int, k: int) -> torch.Tensor:
+            per = packed_elems(n, k)
+            return PackedWeight(stack[expert * per:(expert + 1) * per], n, k, None).unpack()
+
+        return unpacked(self.w13, 2 * self.intermediate, self.hidden), unpacked(self.w2, self.hidden, self.intermediate)
 
 
 def _pack_stack(weights: torch.Tensor) -> torch.Tensor:
