@@ -1,4 +1,5 @@
-"""Adapter slots on the device, per layer: what a ``Linear`` adds its LoRA delta from.
+"""Adapter slots on the device, per layer: what a ``Linear`` adds its LoRA delta from (a routed-experts block's:
+:mod:`pagoda.lora.experts`).
 
 The slots' layout belongs to the ``lora_shrink_expand`` implementation (stacked matrices for torch, packed tiles
 for a native kernel): each layer asks the op for its storage and writes adapters through it.
@@ -6,9 +7,13 @@ for a native kernel): each layer asks the op for its storage and writes adapters
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+from pagoda.lora.experts import ExpertsLoRA, experts_slot_shapes
+from pagoda.lora.peft_experts import ExpertsShape
 
 #: pagoda's layers an adapter may target (the merged projections and the single ones of Llama-style models).
 LORA_LAYER_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -22,6 +27,10 @@ class LoRAStep:
         self.op = op
         self.plan: Any = None
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        # Each token's slot (-1: none) while plan is set; and whether a row's adapter adapts routed experts (a
+        # platform's fused decode step, which takes the linears' slots only, then declines the step).
+        self.token_slots: torch.Tensor | None = None
+        self.experts_active = False
 
 
 class LinearLoRA:
@@ -54,20 +63,42 @@ def _lora_linears(model: torch.nn.Module) -> list[Any]:
             if isinstance(module, Linear) and module.prefix.rpartition(".")[2] in LORA_LAYER_NAMES]
 
 
+def _lora_experts(model: torch.nn.Module) -> list[Any]:
+    """The routed-experts blocks of ``model`` (their ``fused_moe`` op can give their weights back)."""
+    from pagoda.models.moe_layers import FusedExperts
+
+    return [module for module in model.modules() if isinstance(module, FusedExperts)]
+
+
 def lora_slots_nbytes(model: torch.nn.Module, op: Any, num_slots: int, max_rank: int, dtype: torch.dtype) -> int:
     """What :func:`attach_lora` will allocate on the device for ``model``'s adapter slots."""
-    return sum(op.slots_nbytes(num_slots, max_rank, m.input_size, m.output_sizes, dtype) for m in _lora_linears(model))
+    linears = sum(op.slots_nbytes(num_slots, max_rank, m.input_size, m.output_sizes, dtype)
+                  for m in _lora_linears(model))
+    experts = sum(math.prod(shape) for m in _lora_experts(model)
+                  for shape in experts_slot_shapes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size,
+                                                   max_rank))
+    return linears + experts * torch.empty(0, dtype=dtype).element_size()
 
 
 def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank: int, dtype: torch.dtype,
                 device: torch.device) -> dict[str, LinearLoRA]:
-    """Give every LoRA-capable ``Linear`` of ``model`` its slots; returns layer name (the ``Linear``'s prefix, as
-    the checkpoint names it) → slots."""
+    """Give every LoRA-capable ``Linear`` of ``model`` its slots, and every routed-experts block its own; returns
+    layer name (the ``Linear``'s prefix, as the checkpoint names it) → slots (the blocks: :func:`experts_lora`)."""
     layers = {}
     for module in _lora_linears(model):
         module.lora = LinearLoRA(step, module.input_size, module.output_sizes, num_slots, max_rank, dtype, device)
         layers[module.prefix] = module.lora
+    for module in _lora_experts(model):
+        module.lora = ExpertsLoRA(step, module.num_experts, module.hidden_size, module.intermediate_size, num_slots,
+                                  max_rank, dtype, device)
     if not layers:
         raise ValueError(f"enable_lora: the model ({type(model).__name__}) has no layer LoRA adapters can target "
                          f"({', '.join(LORA_LAYER_NAMES)})")
     return layers
+
+
+def experts_lora(model: torch.nn.Module) -> dict[str, tuple[ExpertsLoRA, ExpertsShape]]:
+    """The routed-experts blocks :func:`attach_lora` gave slots: module path → (slots, shape)."""
+    return {module.prefix: (module.lora, ExpertsShape(module.num_experts, module.hidden_size,
+                                                      module.intermediate_size))
+            for module in _lora_experts(model) if module.lora is not None}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pagoda.lora.config import LoRAConfig
-from pagoda.lora.layers import LoRAStep, attach_lora, lora_slots_nbytes
+from pagoda.lora.layers import LoRAStep, attach_lora, experts_lora, lora_slots_nbytes
 from pagoda.lora.peft_loader import LoRAModel, load_peft_adapter
 from pagoda.lora.request import LoRARequest
 from pagoda.logger import init_logger
@@ -27,6 +27,7 @@ class LoRAManager:
         self.step = LoRAStep(op, config.max_loras, device)
         self.layers = attach_lora(model, self.step, config.max_loras, config.max_lora_rank, dtype, device)
         self._layer_shapes = {name: (lora.input_size, lora.output_sizes) for name, lora in self.layers.items()}
+        self.experts = experts_lora(model)  # routed-experts blocks: module path -> (slots, shape)
         self._stacked = tuple(getattr(model, "stacked_params", ()))
         self.dtype = dtype
         self._host: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: least recently used first
@@ -42,7 +43,7 @@ class LoRAManager:
             self._host.move_to_end(request.lora_int_id)
             return False
         adapter = load_peft_adapter(request, self._layer_shapes, self._stacked, self.config.max_lora_rank,
-                                    self.dtype)
+                                    self.dtype, {name: shape for name, (_, shape) in self.experts.items()})
         self._host[request.lora_int_id] = adapter
         self._requests[request.lora_int_id] = request
         self._evict_host(keep=request.lora_int_id)
@@ -97,6 +98,8 @@ class LoRAManager:
             slot = self._slot_of.pop(victim)
         for name, lora in self.layers.items():
             lora.set_slot(slot, adapter.weights.get(name))
+        for name, (lora, _) in self.experts.items():
+            lora.set_slot(slot, adapter.experts.get(name))
         self.step.scales[slot] = adapter.scaling
         self.slot_ids[slot] = lora_id
         self._slot_of[lora_id] = slot
@@ -119,6 +122,9 @@ class LoRAManager:
             row_slots[ids == lora_id] = self._slot_for(request, needed)
         token_slots = torch.from_numpy(np.repeat(row_slots, counts)).to(self.step.scales.device)
         self.step.plan = self.step.op.plan(token_slots, len(self.slot_ids))
+        self.step.token_slots = token_slots
+        used = set(row_slots.tolist()) - {-1}
+        self.step.experts_active = any(lora.adapted[slot] for lora, _ in self.experts.values() for slot in used)
 
     def run_step(self, forward: Any, requests: list[LoRARequest | None], counts: np.ndarray) -> torch.Tensor:
         """``forward()`` for a step whose rows (``requests``, ``counts`` tokens each) may have adapters, with their
@@ -127,7 +133,8 @@ class LoRAManager:
         try:
             return forward()
         finally:
-            self.step.plan = None
+            self.step.plan = self.step.token_slots = None
+            self.step.experts_active = False
 
 
 def lora_device_bytes(config: Any, model: Any, ops: Any) -> int:

@@ -3,7 +3,10 @@ host memory, checked against the model it will run on.
 
 The adapter's per-module matrices are keyed by pagoda's layer names: ``q_proj`` / ``k_proj`` / ``v_proj`` become
 shards 0/1/2 of ``qkv_proj``, ``gate_proj`` / ``up_proj`` shards 0/1 of ``gate_up_proj`` (the model's
-``stacked_params`` say which). Options pagoda can't apply are errors naming them, never silently dropped.
+``stacked_params`` say which). A module's own rank and alpha (``rank_pattern`` / ``alpha_pattern``) are folded into
+its ``B`` (scaled by its scaling over the adapter's), so every layer applies the adapter's one scaling. LoRA on a
+mixture-of-experts block's routed experts is read by :mod:`pagoda.lora.peft_experts`. Options pagoda can't apply
+are errors naming them, never silently dropped.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from pagoda.lora.peft_experts import ExpertsAdapter, ExpertsShape, expert_block, parse_experts
 from pagoda.lora.request import LoRARequest
 
 #: The projections an adapter may target (PEFT's module names in Llama-style models).
@@ -24,19 +29,22 @@ _EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 
 @dataclass
 class LoRAModel:
-    """One adapter in host memory: per pagoda layer name, per shard, its ``(A [r, in], B [out_shard, r])``."""
+    """One adapter in host memory: per pagoda layer name, per shard, its ``(A [r, in], B [out_shard, r])``; per
+    experts block (its module path), its routed experts' LoRA."""
 
     lora_int_id: int
     rank: int
     scaling: float
     weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    experts: dict[str, ExpertsAdapter] = field(default_factory=dict)
 
 
 def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[int]]],
                       stacked_params: tuple[tuple[str, str, int], ...], max_lora_rank: int,
-                      dtype: torch.dtype) -> LoRAModel:
+                      dtype: torch.dtype, experts: dict[str, ExpertsShape] | None = None) -> LoRAModel:
     """Read ``request.lora_path``. ``layers``: the model's LoRA-capable layers, name → (input size, shard output
-    sizes). Any problem is a ``ValueError`` naming the adapter and the option or module."""
+    sizes); ``experts``: its experts blocks that take LoRA, module path → shape. Any problem is a ``ValueError``
+    naming the adapter and the option or module."""
     path = request.lora_path
     where = f"LoRA adapter {request.lora_name!r} ({path})"
     config_file = os.path.join(path, "adapter_config.json")
@@ -46,11 +54,17 @@ def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[in
         config = json.load(f)
     _check_config(config, where, max_lora_rank)
     rank = int(config["r"])
-    alpha = float(config.get("lora_alpha", rank))
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+    def scaling_of(module: str, module_rank: int) -> float:  # PEFT's: lora_alpha (or its pattern's) over the rank
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
+        return alpha / math.sqrt(module_rank) if config.get("use_rslora") else alpha / module_rank
+
+    scaling = scaling_of("", rank)
     tensors = _read_tensors(path, where)
     merged_of = {original: (merged, shard) for merged, original, shard in stacked_params}
     pairs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    modules: dict[tuple[str, int], str] = {}  # (layer, shard) -> the adapter's module path
+    expert_tensors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
         if "lora_embedding" in name or any(f".{m}." in f".{name}" for m in _EMBEDDING_MODULES):
             raise ValueError(f"target_modules: {where} adapts an embedding or the LM head ({name}); only "
@@ -65,6 +79,14 @@ def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[in
             raise ValueError(f"{where}: tensor {name!r} is not a LoRA A/B matrix (DoRA magnitudes and "
                              "modules_to_save are not supported)")
         module = module.removeprefix("base_model.model.")
+        block = expert_block(module)
+        if block is not None:
+            block = block.replace(".block_sparse_moe.", ".mlp.")
+            if block not in (experts or {}):
+                raise ValueError(f"target_modules/target_parameters: {where} adapts routed experts ({module!r}), "
+                                 "which this model has no experts block for that takes LoRA")
+            expert_tensors.setdefault(block, {}).setdefault(module, {})[kind] = tensor
+            continue
         parent, _, leaf = module.rpartition(".")
         layer_name, shard = (f"{parent}.{merged_of[leaf][0]}", merged_of[leaf][1]) if leaf in merged_of \
             else (module, 0)
@@ -72,19 +94,42 @@ def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[in
             raise ValueError(f"target_modules: {where} adapts {module!r}, which the model has no LoRA-capable layer "
                              f"for; supported modules: {', '.join(SUPPORTED_MODULES)}")
         pairs.setdefault((layer_name, shard), {})[kind] = tensor
+        modules[(layer_name, shard)] = module
     model = LoRAModel(request.lora_int_id, rank, scaling)
     for (layer_name, shard), pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{where}: {layer_name} shard {shard} has lora_{next(iter(pair))} without its pair")
         a, b = pair["A"], pair["B"]
         in_size, out_sizes = layers[layer_name]
-        if a.shape != (rank, in_size) or b.shape != (out_sizes[shard], rank):
+        module = modules[(layer_name, shard)]
+        r = int(_pattern_value(config.get("rank_pattern"), module, rank))
+        if a.shape != (r, in_size) or b.shape != (out_sizes[shard], r):
             raise ValueError(f"{where}: {layer_name} shard {shard} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
-                             f"expected ({rank}, {in_size}) and ({out_sizes[shard]}, {rank}) for r={rank}")
+                             f"expected ({r}, {in_size}) and ({out_sizes[shard]}, {r}) for r={r} (r, or its "
+                             "rank_pattern)")
+        if r > max_lora_rank:
+            raise ValueError(f"rank_pattern: {where} gives {module} rank {r}, above max_lora_rank "
+                             f"({max_lora_rank}); raise max_lora_rank")
+        ratio = scaling_of(module, r) / scaling
+        if ratio != 1.0:
+            b = b.float() * ratio
         model.weights.setdefault(layer_name, {})[shard] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
-    if not model.weights:
+    for block, block_tensors in expert_tensors.items():
+        parsed = parse_experts(block, experts[block], block_tensors, where, scaling_of, max_lora_rank)
+        model.experts[block] = ExpertsAdapter(*(t.to(dtype) if t is not None else None
+                                                for t in (parsed.a13, parsed.b13, parsed.a2, parsed.b2)))
+    if not model.weights and not model.experts:
         raise ValueError(f"{where}: the adapter holds no LoRA weights")
     return model
+
+
+def _pattern_value(patterns: dict | None, module: str, default):
+    """``rank_pattern`` / ``alpha_pattern``'s value for ``module`` as PEFT matches them (the first pattern that
+    matches the end of the module path after a dot), else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if module and re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def _check_config(config: dict, where: str, max_lora_rank: int) -> None:
@@ -97,9 +142,6 @@ def _check_config(config: dict, where: str, max_lora_rank: int) -> None:
                          "not supported")
     if config.get("bias", "none") != "none":
         raise ValueError(f"bias: {where} has bias={config['bias']!r}; only 'none' is supported")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ValueError(f"{key}: {where} sets per-module ranks or alphas, which are not supported")
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         targets = [] if targets == "all-linear" else [targets]

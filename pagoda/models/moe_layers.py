@@ -56,11 +56,12 @@ class FusedExperts(nn.Module):
     computes them for the tokens routed to them."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
         check_moe_activation(activation)
         tp = get_tp_group()
-        self.num_experts, self.activation = num_experts, activation
+        self.num_experts, self.activation, self.hidden_size, self.prefix = num_experts, activation, hidden_size, prefix
+        self.lora = None  # adapter slots (pagoda.lora.experts.ExpertsLoRA) when the engine serves LoRA adapters
         self.expert_parallel = expert_parallel_enabled() and tp.world_size > 1
         self.first_expert, local_experts = 0, num_experts
         self.inter_start, self.intermediate_size = 0, intermediate_size
@@ -128,6 +129,9 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel:
             return self._local_experts(x, topk_weights, topk_ids)
+        token_slots = self.lora.rows() if self.lora is not None else None
+        if token_slots is not None:  # some tokens' adapters adapt these experts
+            return self.lora.forward(self.op, self.handle, x, topk_weights, topk_ids, self.activation, token_slots)
         return self.op.apply(self.handle, x, topk_weights, topk_ids, self.activation)
 
     def _local_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -181,7 +185,7 @@ class SparseMoeBlock(nn.Module):
         self.router = TopKRouter(hidden, num_experts, config.num_experts_per_tok, renormalize, quant_config,
                                  f"{prefix}.gate", dtype, dtype if round_weights else None)
         self.experts = FusedExperts(num_experts, hidden, intermediate_size, getattr(config, "hidden_act", "silu"),
-                                    dtype)
+                                    dtype, f"{prefix}.experts")
         tp = get_tp_group()
         self.tp_group = tp if tp.world_size > 1 else None
         self.shared_expert = self.shared_expert_gate = None

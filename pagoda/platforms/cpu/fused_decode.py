@@ -257,11 +257,12 @@ class FusedDecode:
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter
-        rows (if any) this step can apply."""
+        rows (if any) this step can apply (not those on routed experts)."""
         plan = (getattr(metadata, "decode_plans", None) or {}).get(self.window)
         return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
                 and (self.max_tokens is None or num_tokens <= self.max_tokens)
-                and (self.lora_fused or self.lora_step is None or self.lora_step.plan is None))
+                and (self.lora_step is None or self.lora_step.plan is None
+                     or (self.lora_fused and not self.lora_step.experts_active)))
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer for this step: ``hidden`` (embeddings) → (last layer output, residual), before the final

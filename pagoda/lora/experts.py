@@ -1,0 +1,109 @@
+"""Adapter slots of a mixture-of-experts block's routed experts, and the block's forward for the rows whose adapter
+adapts them.
+
+Those rows run expert by expert in torch: each expert's gate-up and down products (its weights as the
+``fused_moe`` op gives them back, ``expert_weights``) plus every slot's low-rank deltas, added before the activation
+and after the down product; the other rows keep the op. The gate-up rank of a slot is twice ``max_lora_rank``
+(PEFT fuses gate and up into one adapter of twice the rank), the down rank ``max_lora_rank``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.lora.peft_experts import ExpertsAdapter
+from pagoda.ops.reference_moe import route_rows
+
+
+class ExpertsLoRA:
+    """One experts block's slots: ``a13`` [S, E, 2R, H], ``b13`` [S, E, 2I, 2R], ``a2`` [S, E, R, I], ``b2``
+    [S, E, H, R] (R = ``max_rank``), each ``B`` holding its scaling; ``adapted[s]``: whether slot ``s``'s adapter
+    adapts this block."""
+
+    def __init__(self, step: Any, num_experts: int, hidden: int, intermediate: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.step = step
+        shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
+        self.a13, self.b13, self.a2, self.b2 = (torch.zeros(s, dtype=dtype, device=device) for s in shapes)
+        self.adapted = [False] * num_slots
+
+    def set_slot(self, slot: int, adapter: ExpertsAdapter | None) -> None:
+        for t in (self.a13, self.b13, self.a2, self.b2):
+            t[slot].zero_()
+        self.adapted[slot] = adapter is not None
+        if adapter is None:
+            return
+        if adapter.a13 is not None:
+            rank = adapter.a13.shape[1]
+            self.a13[slot, :, :rank].copy_(adapter.a13)
+            self.b13[slot, :, :, :rank].copy_(adapter.b13)
+        if adapter.a2 is not None:
+            rank = adapter.a2.shape[1]
+            self.a2[slot, :, :rank].copy_(adapter.a2)
+            self.b2[slot, :, :, :rank].copy_(adapter.b2)
+
+    def rows(self) -> torch.Tensor | None:
+        """This step's per-token slot where the token's adapter adapts this block, else -1; None when no token's
+        does."""
+        slots = self.step.token_slots
+        if slots is None or not any(self.adapted):
+            return None
+        adapted = torch.tensor(self.adapted + [False], device=slots.device)
+        mine = torch.where(adapted[slots], slots, -1)  # slot -1 indexes the appended False
+        return mine if bool((mine >= 0).any()) else None
+
+    def forward(self, op: Any, handle: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                activation: str, token_slots: torch.Tensor) -> torch.Tensor:
+        """The block's output: ``op`` for the tokens without an adapted slot (``token_slots`` -1), expert by expert
+        with the slots' deltas for the others."""
+        out = torch.empty_like(x)
+        adapted = token_slots >= 0
+        plain = (~adapted).nonzero().squeeze(-1)
+        if plain.numel():
+            out[plain] = op.apply(handle, x[plain], topk_weights[plain], topk_ids[plain], activation)
+        rows = adapted.nonzero().squeeze(-1)
+        out[rows] = self._adapted(op, handle, x[rows], topk_weights[rows], topk_ids[rows], token_slots[rows])
+        return out
+
+    def _adapted(self, op: Any, handle: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+        """As the reference ``fused_moe`` (rows grouped by expert, float32 weighted sum), with the deltas."""
+        num_experts = self.a13.shape[1]
+        routed = route_rows(topk_ids, num_experts)
+        grouped, row_slots = x[routed.token], slots[routed.token]
+        out = torch.empty_like(grouped)
+        start = 0
+        for expert, count in enumerate(routed.counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            w13, w2 = op.expert_weights(handle, expert)
+            h = F.linear(grouped[rows], w13.to(x.dtype))
+            self._add_delta(h, grouped[rows], row_slots[rows], self.a13[:, expert], self.b13[:, expert])
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            y = F.linear(act, w2.to(x.dtype))
+            self._add_delta(y, act, row_slots[rows], self.a2[:, expert], self.b2[:, expert])
+            out[rows] = y
+            start += count
+        weights = topk_weights.reshape(-1)[routed.order].float()
+        summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        summed.index_add_(0, routed.token, out.float() * weights[:, None])
+        return summed.to(x.dtype)
+
+    @staticmethod
+    def _add_delta(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``y += (x a[s]^T) b[s]^T`` for each row's slot ``s`` (one product pair per slot present)."""
+        for slot in slots.unique().tolist():
+            pick = (slots == slot).nonzero().squeeze(-1)
+            y[pick] += F.linear(F.linear(x[pick], a[slot]), b[slot])
+
+
+def experts_slot_shapes(num_slots: int, num_experts: int, hidden: int, intermediate: int,
+                        max_rank: int) -> list[tuple[int, ...]]:
+    """The four slot tensors' shapes (``a13``, ``b13``, ``a2``, ``b2``)."""
+    s, e, r = num_slots, num_experts, max_rank
+    return [(s, e, 2 * r, hidden), (s, e, 2 * intermediate, 2 * r), (s, e, r, intermediate), (s, e, hidden, r)]

@@ -1,0 +1,163 @@
+"""LoRA on a mixture-of-experts model's routed experts, against transformers + peft running the same adapter:
+PEFT's stacked-parameter form (``target_parameters``, what PEFT 0.22 also makes of ``target_modules`` naming the
+MLP projections) and the per-expert form, mixed with base rows and other adapters; per-module ranks and alphas
+(``rank_pattern`` / ``alpha_pattern``) on the linears; and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagoda import LLM, SamplingParams
+from pagoda.lora.request import LoRARequest
+from tests.conftest import assert_all_blocks_free
+from tests.lora.conftest import make_peft_adapter, peft_greedy
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43]]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERTS = ["gate_up_proj", "down_proj"]
+
+
+def _config(family: str):
+    from tests.models.test_moe import CONFIGS
+
+    return CONFIGS[family]()
+
+
+def _generate(llm: LLM, prompts, loras, params=GREEDY) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_routed_expert_adapters_equal_peft(tiny_model_dir, tmp_path, family):
+    base = tiny_model_dir(family, _config(family))
+    experts_only = make_peft_adapter(base, str(tmp_path / "experts"), 11, target_modules=[],
+                                     target_parameters=EXPERTS)
+    with_attention = make_peft_adapter(base, str(tmp_path / "both"), 12, r=4, alpha=8, target_modules=ATTENTION,
+                                       target_parameters=EXPERTS)
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8, skip_tokenizer_init=True,
+              max_model_len=128, num_gpu_blocks_override=64)
+    for i, path in enumerate((experts_only, with_attention)):
+        got = _generate(llm, PROMPTS, LoRARequest(f"a{i}", i + 1, path))
+        assert got == peft_greedy(base, path, PROMPTS, GREEDY.max_tokens), path
+    base_tokens = peft_greedy(base, None, PROMPTS, GREEDY.max_tokens)
+    assert _generate(llm, PROMPTS, LoRARequest("a0", 1, experts_only))[0] != base_tokens[0]  # it does something
+    mixed = _generate(llm, PROMPTS, [LoRARequest("a0", 1, experts_only), None, LoRARequest("a1", 2, with_attention)])
+    assert mixed[1] == base_tokens[1]
+    assert mixed[0] == _generate(llm, PROMPTS[:1], LoRARequest("a0", 1, experts_only))[0]
+    assert mixed[2] == _generate(llm, PROMPTS[2:], LoRARequest("a1", 2, with_attention))[0]
+    assert_all_blocks_free(llm)
+
+
+def _per_expert_form(source: str, out, block: str, num_experts: int, inter: int) -> str:
+    """``source``'s stacked-parameter expert LoRA rewritten per expert (gate and up each half of the fused rank;
+    the same deltas), as PEFT saved adapters for models whose experts were modules."""
+    out.mkdir()
+    tensors = load_file(f"{source}/adapter_model.safetensors")
+    config = json.loads(open(f"{source}/adapter_config.json").read())
+    rewritten = {k: v for k, v in tensors.items() if ".experts." not in k}
+    prefix = f"base_model.model.{block}"
+    for key, leaves in ((f"{prefix}.base_layer", ("gate_proj", "up_proj")), (prefix, ("down_proj",))):
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        if len(leaves) == 2 and b.shape[0] != 2 * inter:  # the nesting order is PEFT's: tell the two by shape
+            key = prefix if key != prefix else f"{prefix}.base_layer"
+            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        rank = a.shape[0] // num_experts
+        a_e, b_e = a.reshape(num_experts, rank, -1), b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)
+        for e in range(num_experts):
+            for half, leaf in enumerate(leaves):
+                rows = slice(half * inter, (half + 1) * inter) if len(leaves) == 2 else slice(None)
+                # Gate and up share the fused A: each keeps all of it and its own rows of B.
+                rewritten[f"{prefix}.{e}.{leaf}.lora_A.weight"] = a_e[e].clone()
+                rewritten[f"{prefix}.{e}.{leaf}.lora_B.weight"] = b_e[e][rows].contiguous()
+    save_file(rewritten, str(out / "adapter_model.safetensors"))
+    config["target_parameters"] = None
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+def test_per_expert_adapters_equal_the_stacked_form(tiny_model_dir, tmp_path):
+    config = _config("qwen2_moe")
+    base = tiny_model_dir("qwen2_moe", config)
+    stacked = make_peft_adapter(base, str(tmp_path / "stacked"), 13, r=4, alpha=8, target_modules=[],
+                                target_parameters=EXPERTS)
+    per_expert = _per_expert_form(stacked, tmp_path / "per_expert", "model.layers.1.mlp.experts", config.num_experts,
+                                  config.moe_intermediate_size)
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=4, skip_tokenizer_init=True,
+              max_model_len=128, num_gpu_blocks_override=64)
+    want = _generate(llm, PROMPTS, LoRARequest("s", 1, stacked))
+    assert _generate(llm, PROMPTS, LoRARequest("p", 2, per_expert)) == want
+    assert want == peft_greedy(base, stacked, PROMPTS, GREEDY.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+def test_expert_rows_in_bf16_skip_the_fused_step_and_match_single_runs(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("qwen2_moe", _config("qwen2_moe"))
+    experts = make_peft_adapter(base, str(tmp_path / "a"), 14, target_modules=ATTENTION, target_parameters=EXPERTS)
+    attention = make_peft_adapter(base, str(tmp_path / "b"), 17, target_modules=ATTENTION)
+    llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True, max_model_len=128,
+              num_gpu_blocks_override=64)
+    runner = llm.llm_engine.runner
+    fused_lora_steps = []
+    if runner.fused_decode is not None:  # count the fused steps that had adapter rows (the real step still runs)
+        run = runner.fused_decode.run
+
+        def counting_run(*args, **kwargs):
+            fused_lora_steps.append(runner.lora.step.plan is not None)
+            return run(*args, **kwargs)
+
+        runner.fused_decode.run = counting_run
+    lora = LoRARequest("a", 1, experts)
+    mixed = _generate(llm, PROMPTS, [lora, None, lora])
+    assert not any(fused_lora_steps)  # steps whose rows adapt routed experts run layer by layer
+    assert [mixed[0], mixed[2]] == _generate(llm, [PROMPTS[0], PROMPTS[2]], lora)
+    assert [mixed[1]] == _generate(llm, [PROMPTS[1]], None)
+    assert mixed[0] != _generate(llm, [PROMPTS[0]], None)[0]
+    if runner.fused_decode is not None and runner.fused_decode.lora_fused:
+        _generate(llm, PROMPTS, LoRARequest("b", 2, attention))
+        assert any(fused_lora_steps)  # an adapter on the attention only stays fused
+    assert_all_blocks_free(llm)
+
+
+def test_rank_and_alpha_patterns_equal_peft(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama")
+    adapter = make_peft_adapter(base, str(tmp_path / "patterns"), 15, r=4, alpha=8,
+                                rank_pattern={"q_proj": 8, "down_proj": 2}, alpha_pattern={"o_proj": 32, "q_proj": 4})
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8, skip_tokenizer_init=True,
+              max_model_len=128, num_gpu_blocks_override=64)
+    assert _generate(llm, PROMPTS, LoRARequest("p", 1, adapter)) == peft_greedy(base, adapter, PROMPTS,
+                                                                                 GREEDY.max_tokens)
+    with pytest.raises(ValueError, match="rank_pattern"):  # a module's rank above max_lora_rank
+        LLM(base, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=4, skip_tokenizer_init=True,
+            max_model_len=64, num_gpu_blocks_override=16).llm_engine.add_lora(LoRARequest("p", 1, adapter))
+
+
+def test_expert_adapter_errors(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("qwen2_moe", _config("qwen2_moe"))
+    adapter = make_peft_adapter(base, str(tmp_path / "a"), 16, r=4, alpha=8, target_modules=[],
+                                target_parameters=EXPERTS, rank_pattern={"down_proj": 6, "gate_up_proj": 8})
+    engine = LLM(base, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=4, skip_tokenizer_init=True,
+                 max_model_len=64, num_gpu_blocks_override=16).llm_engine
+    with pytest.raises(ValueError, match=r"down_proj with rank 6, above 4"):  # gate-up takes 2 x 4 (8), down 4
+        engine.add_lora(LoRARequest("a", 1, adapter))
+    llama = LLM(tiny_model_dir("llama"), dtype="float32", enable_lora=True, max_loras=1, skip_tokenizer_init=True,
+                max_model_len=64, num_gpu_blocks_override=16).llm_engine
+    with pytest.raises(ValueError, match="target_parameters.*routed experts"):
+        llama.add_lora(LoRARequest("a", 1, adapter))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors = load_file(f"{adapter}/adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("experts.lora_B.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    (broken / "adapter_config.json").write_text(open(f"{adapter}/adapter_config.json").read())
+    engine8 = LLM(base, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8, skip_tokenizer_init=True,
+                  max_model_len=64, num_gpu_blocks_override=16).llm_engine
+    with pytest.raises(ValueError, match="model.layers.1.mlp.experts"):
+        engine8.add_lora(LoRARequest("b", 2, str(broken)))
+    assert not engine8.list_loras()
