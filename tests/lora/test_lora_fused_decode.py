@@ -83,8 +83,9 @@ def test_lora_decode_steps_fused_or_declined_and_agree_with_single_runs(tiny_mod
 def test_lora_decode_steps_of_other_recipes_fused_equal_layer_by_layer(tiny_model_dir, monkeypatch, tmp_path,
                                                                          family):
     """OPT (the "gpt" recipe: LayerNorm with biases, no rotary) with an adapter on q, k and v (OPT's LoRA-capable
-    layers), and Qwen2-MoE with one on every MLP projection (its dense layer's and its sparse layer's shared
-    expert): the fused steps with adapter rows give the layer-by-layer path's tokens."""
+    layers), and Qwen2-MoE with one on its dense layer's and its sparse layer's shared expert's MLP projections (named
+    in full: from PEFT 0.22 the bare names also adapt the routed experts, whose steps run layer by layer): the fused
+    steps with adapter rows give the layer-by-layer path's tokens."""
     from transformers import OPTConfig
 
     from pagoda.platforms.cpu import ops as cpu_op_impls
@@ -100,7 +101,8 @@ def test_lora_decode_steps_of_other_recipes_fused_equal_layer_by_layer(tiny_mode
         targets = ("q_proj", "k_proj", "v_proj")
     else:
         base = randomize_vectors(tiny_model_dir("qwen2_moe", qwen2_moe_config()))
-        targets = ("gate_proj", "up_proj", "down_proj")
+        targets = tuple(f"{block}.{proj}" for block in ("layers.0.mlp", "shared_expert")
+                        for proj in ("gate_proj", "up_proj", "down_proj"))
     adapter = make_peft_adapter(base, str(tmp_path / "adapter"), 7, target_modules=targets)
     llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True, max_model_len=128,
               num_gpu_blocks_override=64)
