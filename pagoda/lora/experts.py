@@ -1,8 +1,8 @@
 """Adapter slots of a mixture-of-experts block's routed experts, and the block's forward for the rows whose adapter
 adapts them.
 
-Those rows run expert by expert in torch: each expert's gate-up and down products (its weights as the
-``fused_moe`` op gives them back, ``expert_weights``) plus every slot's low-rank deltas, added before the activation
+Those rows run expert by expert: each expert's gate-up and down products (the ``fused_moe`` op's
+``expert_matmul``, on its prepared weights) plus every slot's low-rank deltas in torch, added before the activation
 and after the down product; the other rows keep the op. The gate-up rank of a slot is twice ``max_lora_rank``
 (PEFT fuses gate and up into one adapter of twice the rank), the down rank ``max_lora_rank``.
 """
@@ -80,12 +80,11 @@ class ExpertsLoRA:
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            w13, w2 = op.expert_weights(handle, expert)
-            h = F.linear(grouped[rows], w13.to(x.dtype))
+            h = op.expert_matmul(handle, expert, "gate_up", grouped[rows])
             self._add_delta(h, grouped[rows], row_slots[rows], self.a13[:, expert], self.b13[:, expert])
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            y = F.linear(act, w2.to(x.dtype))
+            y = op.expert_matmul(handle, expert, "down", act)
             self._add_delta(y, act, row_slots[rows], self.a2[:, expert], self.b2[:, expert])
             out[rows] = y
             start += count

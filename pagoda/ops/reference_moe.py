@@ -81,10 +81,10 @@ class FusedMoE(OpImpl):
         summed.index_add_(0, routed.token, out.float() * weights[:, None])
         return summed.to(x.dtype)
 
-    def expert_weights(self, handle: ExpertWeights, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ``expert``'s ``w13`` [2I, H] and ``w2`` [H, I] as ``prepare`` got them (what a LoRA adapter on
-        the experts adds its deltas beside)."""
-        return handle.w13[expert], handle.w2[expert]
+    def expert_matmul(self, handle: ExpertWeights, expert: int, part: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for one expert's ``part``: "gate_up" (``x`` [T, H] → [T, 2I], gate then up) or "down"
+        (``x`` [T, I] → [T, H]), in ``x``'s dtype: what a LoRA adapter on the experts adds its deltas to."""
+        return F.linear(x, (handle.w13 if part == "gate_up" else handle.w2)[expert].to(x.dtype))
 
     def nbytes(self, handle: ExpertWeights) -> int:
         return sum(t.numel() * t.element_size() for t in (handle.w13, handle.w2))

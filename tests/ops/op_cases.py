@@ -377,9 +377,13 @@ def fused_moe(impl, ref, dtype):
         w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
         w2 = (torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
         handle, ref_handle = impl.prepare(w13.clone(), w2.clone()), ref.prepare(w13, w2)
-        for expert in (0, experts - 1):  # each expert's weights given back as prepared (what expert LoRA reads)
-            got13, got2 = impl.expert_weights(handle, expert)
-            assert torch.equal(got13, w13[expert]) and torch.equal(got2, w2[expert]), f"expert_weights {expert}"
+        for expert, tokens in ((0, 1), (experts - 1, 19)):  # one expert's products alone (what expert LoRA calls)
+            x = torch.randn(tokens, hidden, generator=g).to(dtype)
+            h = impl.expert_matmul(handle, expert, "gate_up", x)
+            _close(h, (x.double() @ w13[expert].double().T).to(dtype), dtype, f"expert_matmul gate_up E{expert}")
+            act = torch.randn(tokens, inter, generator=g).to(dtype)
+            _close(impl.expert_matmul(handle, expert, "down", act), (act.double() @ w2[expert].double().T).to(dtype),
+                   dtype, f"expert_matmul down E{expert}")
         # Token counts from decode (1 row per expert) through prefill (AMX blocks of 64 rows and more).
         for tokens in (1, 3, 16, 64, 130):
             x = torch.randn(tokens, hidden, generator=g).to(dtype)

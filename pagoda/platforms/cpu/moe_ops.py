@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.ops.reference_moe import check_moe_activation
-from pagoda.platforms.cpu.kernels import cpu_moe
+from pagoda.platforms.cpu.kernels import cpu_moe, cpu_ops
 from pagoda.platforms.cpu.ops import AmxTiles, _Native, _NativeBf16Gemm
 
 
@@ -32,8 +32,8 @@ class PackedFusedMoE(_NativeBf16Gemm):
         check_moe_activation(activation)
         return cpu_moe.fused_moe(x, topk_weights, topk_ids, handle, amx=self.uses_amx)
 
-    def expert_weights(self, handle, expert):
-        return handle.expert(expert)
+    def expert_matmul(self, handle, expert, part, x):
+        return cpu_ops.packed_linear(x, handle.expert(expert, part), amx=self.uses_amx)
 
     def nbytes(self, handle) -> int:
         return handle.nbytes()

@@ -22,13 +22,13 @@ class PackedExperts:
     def nbytes(self) -> int:
         return (self.w13.numel() + self.w2.numel()) * 2
 
-    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ``expert``'s ``w13`` [2I, H] and ``w2`` [H, I], unpacked (a copy)."""
-        def unpacked(stack: torch.Tensor, n: int, k: int) -> torch.Tensor:
-            per = packed_elems(n, k)
-            return PackedWeight(stack[expert * per:(expert + 1) * per], n, k, None).unpack()
-
-        return unpacked(self.w13, 2 * self.intermediate, self.hidden), unpacked(self.w2, self.hidden, self.intermediate)
+    def expert(self, expert: int, part: str) -> PackedWeight:
+        """Expert ``expert``'s ``w13`` [2I, H] (``part`` "gate_up") or ``w2`` [H, I] ("down") as a packed weight
+        (a view, for :func:`cpu_ops.packed_linear`)."""
+        stack, n, k = ((self.w13, 2 * self.intermediate, self.hidden) if part == "gate_up"
+                       else (self.w2, self.hidden, self.intermediate))
+        per = packed_elems(n, k)
+        return PackedWeight(stack[expert * per:(expert + 1) * per], n, k, None)
 
 
 def _pack_stack(weights: torch.Tensor) -> torch.Tensor:
