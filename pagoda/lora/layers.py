@@ -77,7 +77,7 @@ def lora_slots_nbytes(model: torch.nn.Module, op: Any, num_slots: int, max_rank:
     experts = sum(math.prod(shape) for m in _lora_experts(model)
                   for shape in experts_slot_shapes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size,
                                                    max_rank))
-    return linears + experts * torch.empty(0, dtype=dtype).element_size()
+    return linears + experts * 4  # float32
 
 
 def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank: int, dtype: torch.dtype,
@@ -90,7 +90,7 @@ def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank
         layers[module.prefix] = module.lora
     for module in _lora_experts(model):
         module.lora = ExpertsLoRA(step, module.num_experts, module.hidden_size, module.intermediate_size, num_slots,
-                                  max_rank, dtype, device)
+                                  max_rank, device)
     if not layers:
         raise ValueError(f"enable_lora: the model ({type(model).__name__}) has no layer LoRA adapters can target "
                          f"({', '.join(LORA_LAYER_NAMES)})")

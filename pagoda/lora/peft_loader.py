@@ -114,10 +114,8 @@ def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[in
         if ratio != 1.0:
             b = b.float() * ratio
         model.weights.setdefault(layer_name, {})[shard] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
-    for block, block_tensors in expert_tensors.items():
-        parsed = parse_experts(block, experts[block], block_tensors, where, scaling_of, max_lora_rank)
-        model.experts[block] = ExpertsAdapter(*(t.to(dtype) if t is not None else None
-                                                for t in (parsed.a13, parsed.b13, parsed.a2, parsed.b2)))
+    for block, block_tensors in expert_tensors.items():  # float32, as the experts' slots hold them
+        model.experts[block] = parse_experts(block, experts[block], block_tensors, where, scaling_of, max_lora_rank)
     if not model.weights and not model.experts:
         raise ValueError(f"{where}: the adapter holds no LoRA weights")
     return model
