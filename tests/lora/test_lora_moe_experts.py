@@ -1,7 +1,7 @@
-"""LoRA on a mixture-of-experts model's routed experts, against transformers + peft running the same adapter:
-PEFT's stacked-parameter form (``target_parameters``, what PEFT 0.22 also makes of ``target_modules`` naming the
-MLP projections) and the per-expert form, mixed with base rows and other adapters; per-module ranks and alphas
-(``rank_pattern`` / ``alpha_pattern``) on the linears; and the errors."""
+"""LoRA on a mixture-of-experts model's routed experts (Qwen2-MoE, Mixtral, Qwen3-MoE), against transformers + peft
+running the same adapter: PEFT's stacked-parameter form (``target_parameters``, what PEFT 0.22 also makes of
+``target_modules`` naming the MLP projections) and the per-expert form, mixed with base rows and other adapters;
+per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``) on the linears; and the errors."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _generate(llm: LLM, prompts, loras, params=GREEDY) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe"])
 def test_routed_expert_adapters_equal_peft(tiny_model_dir, tmp_path, family):
     base = tiny_model_dir(family, _config(family))
     experts_only = make_peft_adapter(base, str(tmp_path / "experts"), 11, target_modules=[],
