@@ -71,7 +71,7 @@ def parse_experts(block: str, shape: ExpertsShape, tensors: dict[str, dict[str, 
                                  f"{block} ({shape.num_experts} experts) has no projection for; supported: "
                                  f"{', '.join(_EXPERT_MODULES)}")
             part, half = _EXPERT_MODULES[leaf]
-            _check_pair(a, b, _in_out(shape, part, half), module, where)
+            _check_pair(a, b, _in_out(shape, part), module, where)
             scaled = b * scaling_of(module, a.shape[0])
             per_expert.setdefault(part, {}).setdefault(expert, {})[half] = (a, scaled)
             continue
@@ -88,10 +88,9 @@ def parse_experts(block: str, shape: ExpertsShape, tensors: dict[str, dict[str, 
     return adapter
 
 
-def _in_out(shape: ExpertsShape, part: str, half: int | None) -> tuple[int, int]:
-    if part == "down":
-        return shape.intermediate, shape.hidden
-    return shape.hidden, shape.intermediate if half is not None else 2 * shape.intermediate
+def _in_out(shape: ExpertsShape, part: str) -> tuple[int, int]:
+    """An expert's (inputs, outputs) for one of its projections: gate or up, or down."""
+    return (shape.intermediate, shape.hidden) if part == "down" else (shape.hidden, shape.intermediate)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, in_out: tuple[int, int], module: str, where: str) -> None:
