@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.lora.peft_experts import ExpertsAdapter
-from pagoda.ops.reference_moe import route_rows
+from pagoda.ops.reference_moe import mix_experts
 
 
 class ExpertsLoRA:
@@ -75,30 +75,19 @@ class ExpertsLoRA:
 
     def _adapted(self, op: Any, handle: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  slots: torch.Tensor | None, present: list[int]) -> torch.Tensor:
-        """As the reference ``fused_moe`` (rows grouped by expert, float32 weighted sum), with the deltas of the
-        slots ``present`` (``slots``: each row's, None when all rows have the one slot present)."""
-        num_experts = self.a13.shape[1]
-        routed = route_rows(topk_ids, num_experts)
-        grouped = x[routed.token]
-        row_slots = slots[routed.token] if slots is not None else None
-        out = torch.empty_like(grouped)
-        start = 0
-        for expert, count in enumerate(routed.counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            these = row_slots[rows] if row_slots is not None else None
-            h = op.expert_matmul(handle, expert, "gate_up", grouped[rows])
-            h = self._with_delta(h, grouped[rows], these, present, self.a13[:, expert], self.b13[:, expert])
+        """As the reference ``fused_moe`` (``mix_experts``), with the deltas of the slots ``present`` (``slots``:
+        each token's, None when all tokens have the one slot present)."""
+
+        def expert_mlp(expert: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            these = slots[tokens] if slots is not None else None
+            h = op.expert_matmul(handle, expert, "gate_up", rows)
+            h = self._with_delta(h, rows, these, present, self.a13[:, expert], self.b13[:, expert])
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
             y = op.expert_matmul(handle, expert, "down", act)
-            out[rows] = self._with_delta(y, act, these, present, self.a2[:, expert], self.b2[:, expert])
-            start += count
-        weights = topk_weights.reshape(-1)[routed.order].float()
-        summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        summed.index_add_(0, routed.token, out.float() * weights[:, None])
-        return summed.to(x.dtype)
+            return self._with_delta(y, act, these, present, self.a2[:, expert], self.b2[:, expert])
+
+        return mix_experts(x, topk_weights, topk_ids, self.a13.shape[1], expert_mlp)
 
     @staticmethod
     def _with_delta(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor | None, present: list[int],
@@ -119,3 +108,4 @@ def experts_slot_shapes(num_slots: int, num_experts: int, hidden: int, intermedi
     """The four slot tensors' shapes (``a13``, ``b13``, ``a2``, ``b2``)."""
     s, e, r = num_slots, num_experts, max_rank
     return [(s, e, 2 * r, hidden), (s, e, 2 * intermediate, 2 * r), (s, e, r, intermediate), (s, e, hidden, r)]
+

@@ -7,6 +7,7 @@ runs one pair of matmuls over all of its rows; nothing loops over tokens in Pyth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,26 @@ def route_rows(topk_ids: torch.Tensor, num_experts: int) -> RoutedRows:
     return RoutedRows(order, order // topk_ids.shape[1], counts)
 
 
+def mix_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                expert_mlp: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_j topk_weights[t, j] * expert_mlp(topk_ids[t, j], x[t])`` with the rows grouped by expert:
+    ``expert_mlp(expert, rows, tokens)`` runs once per expert that has rows (``tokens``: each row's token). The
+    weighted sum is taken in float32 and rounded once to ``x``'s dtype."""
+    routed = route_rows(topk_ids, num_experts)
+    grouped = x[routed.token]
+    out = torch.empty_like(grouped)
+    start = 0
+    for expert, rows in enumerate(routed.counts):
+        if rows:
+            out[start:start + rows] = expert_mlp(expert, grouped[start:start + rows],
+                                                 routed.token[start:start + rows])
+            start += rows
+    weights = topk_weights.reshape(-1)[routed.order].float()
+    summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    summed.index_add_(0, routed.token, out.float() * weights[:, None])
+    return summed.to(x.dtype)
+
+
 class FusedMoE(OpImpl):
     op, name, is_reference = "fused_moe", "torch", True
     keeps_weight = True
@@ -65,21 +86,12 @@ class FusedMoE(OpImpl):
         ``expert_e(x) = (act(x W_gate^T) * (x W_up^T)) W_down^T``. Each expert's matmuls run in ``x``'s dtype; the
         weighted sum over a token's experts is taken in float32 and rounded once to ``x``'s dtype."""
         check_moe_activation(activation)
-        num_experts = handle.w13.shape[0]
-        routed = route_rows(topk_ids, num_experts)
-        grouped = x[routed.token]
-        out = torch.empty_like(grouped)
-        start = 0
-        for expert, rows in enumerate(routed.counts):  # one matmul pair per expert that has rows
-            if rows == 0:
-                continue
-            gate, up = F.linear(grouped[start:start + rows], handle.w13[expert]).chunk(2, dim=-1)
-            out[start:start + rows] = F.linear(F.silu(gate) * up, handle.w2[expert])
-            start += rows
-        weights = topk_weights.reshape(-1)[routed.order].float()
-        summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        summed.index_add_(0, routed.token, out.float() * weights[:, None])
-        return summed.to(x.dtype)
+
+        def expert_mlp(expert: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            gate, up = F.linear(rows, handle.w13[expert]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, handle.w2[expert])
+
+        return mix_experts(x, topk_weights, topk_ids, handle.w13.shape[0], expert_mlp)
 
     def expert_matmul(self, handle: ExpertWeights, expert: int, part: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for one expert's ``part``: "gate_up" (``x`` [T, H] → [T, 2I], gate then up) or "down"
