@@ -11,6 +11,7 @@ rank-16 matrix took ~4x as long as a float32 one here (Zen 4). The gate-up rank 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 
 from pagoda.lora.peft_experts import ExpertsAdapter
 from pagoda.ops.reference_moe import mix_experts
+
+
+#: The experts' slots' dtype, whatever the model's.
+SLOT_DTYPE = torch.float32
 
 
 class ExpertsLoRA:
@@ -29,7 +34,7 @@ class ExpertsLoRA:
                  device: torch.device) -> None:
         self.step = step
         shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-        self.a13, self.b13, self.a2, self.b2 = (torch.zeros(s, dtype=torch.float32, device=device) for s in shapes)
+        self.a13, self.b13, self.a2, self.b2 = (torch.zeros(s, dtype=SLOT_DTYPE, device=device) for s in shapes)
         self.adapted = [False] * num_slots
 
     def set_slot(self, slot: int, adapter: ExpertsAdapter | None) -> None:
@@ -51,7 +56,7 @@ class ExpertsLoRA:
         """This step's per-token slot where the token's adapter adapts this block, else -1; None when no token's
         does."""
         slots = self.step.token_slots
-        if slots is None or not any(self.adapted):
+        if slots is None or not self.step.experts_active or not any(self.adapted):
             return None
         adapted = torch.tensor(self.adapted + [False], device=slots.device)
         mine = torch.where(adapted[slots], slots, -1)  # slot -1 indexes the appended False
@@ -109,3 +114,8 @@ def experts_slot_shapes(num_slots: int, num_experts: int, hidden: int, intermedi
     s, e, r = num_slots, num_experts, max_rank
     return [(s, e, 2 * r, hidden), (s, e, 2 * intermediate, 2 * r), (s, e, r, intermediate), (s, e, hidden, r)]
 
+
+def experts_slots_nbytes(num_slots: int, num_experts: int, hidden: int, intermediate: int, max_rank: int) -> int:
+    """What :class:`ExpertsLoRA` with these arguments allocates."""
+    shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
+    return sum(math.prod(shape) for shape in shapes) * SLOT_DTYPE.itemsize

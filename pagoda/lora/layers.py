@@ -7,12 +7,11 @@ for a native kernel): each layer asks the op for its storage and writes adapters
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from pagoda.lora.experts import ExpertsLoRA, experts_slot_shapes
+from pagoda.lora.experts import ExpertsLoRA, experts_slots_nbytes
 from pagoda.lora.peft_experts import ExpertsShape
 
 #: pagoda's layers an adapter may target (the merged projections and the single ones of Llama-style models).
@@ -74,10 +73,9 @@ def lora_slots_nbytes(model: torch.nn.Module, op: Any, num_slots: int, max_rank:
     """What :func:`attach_lora` will allocate on the device for ``model``'s adapter slots."""
     linears = sum(op.slots_nbytes(num_slots, max_rank, m.input_size, m.output_sizes, dtype)
                   for m in _lora_linears(model))
-    experts = sum(math.prod(shape) for m in _lora_experts(model)
-                  for shape in experts_slot_shapes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size,
-                                                   max_rank))
-    return linears + experts * 4  # float32
+    experts = sum(experts_slots_nbytes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size, max_rank)
+                  for m in _lora_experts(model))
+    return linears + experts
 
 
 def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank: int, dtype: torch.dtype,
