@@ -20,6 +20,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERTS = ["gate_up_proj", "down_proj"]
+PEFT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _config(family: str):
@@ -54,46 +55,69 @@ def test_routed_expert_adapters_equal_peft(tiny_model_dir, tmp_path, family):
     assert_all_blocks_free(llm)
 
 
-def _per_expert_form(source: str, out, block: str, num_experts: int, inter: int) -> str:
-    """``source``'s stacked-parameter expert LoRA rewritten per expert (gate and up each half of the fused rank;
-    the same deltas), as PEFT saved adapters for models whose experts were modules."""
+def _per_expert_form(source: str, out, config, names=PEFT_NAMES, saved_block=None) -> str:
+    """``source``'s stacked-parameter expert LoRA rewritten per expert (gate and up each keep the fused A and their
+    own rows of B: the same deltas), as PEFT saved adapters for models whose experts were modules; ``names``: the
+    gate, up and down modules' names, ``saved_block(path)``: an experts block's path as saved."""
+    num_experts = getattr(config, "num_experts", None) or config.num_local_experts
+    hidden, inter = config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     out.mkdir()
     tensors = load_file(f"{source}/adapter_model.safetensors")
     config = json.loads(open(f"{source}/adapter_config.json").read())
     rewritten = {k: v for k, v in tensors.items() if ".experts." not in k}
-    prefix = f"base_model.model.{block}"
-    for key, leaves in ((f"{prefix}.base_layer", ("gate_proj", "up_proj")), (prefix, ("down_proj",))):
-        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-        if len(leaves) == 2 and b.shape[0] != 2 * inter:  # the nesting order is PEFT's: tell the two by shape
-            key = prefix if key != prefix else f"{prefix}.base_layer"
+    blocks = {k.split(".experts.")[0] + ".experts" for k in tensors if ".experts." in k}
+    for block in blocks:
+        saved = saved_block(block) if saved_block else block
+        for key in (f"{block}.base_layer", block):  # one wrapper inside the other, in PEFT's order
             a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-        rank = a.shape[0] // num_experts
-        a_e, b_e = a.reshape(num_experts, rank, -1), b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)
-        for e in range(num_experts):
-            for half, leaf in enumerate(leaves):
-                rows = slice(half * inter, (half + 1) * inter) if len(leaves) == 2 else slice(None)
-                # Gate and up share the fused A: each keeps all of it and its own rows of B.
-                rewritten[f"{prefix}.{e}.{leaf}.lora_A.weight"] = a_e[e].clone()
-                rewritten[f"{prefix}.{e}.{leaf}.lora_B.weight"] = b_e[e][rows].contiguous()
+            rank = a.shape[0] // num_experts
+            a_e, b_e = a.reshape(num_experts, rank, -1), b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)
+            gate_up = (a.shape[1], b.shape[0]) == (hidden, 2 * inter)  # else down: (inter, hidden)
+            parts = (((names[0], slice(0, inter)), (names[1], slice(inter, 2 * inter))) if gate_up
+                     else ((names[2], slice(None)),))
+            for e in range(num_experts):
+                for leaf, rows in parts:
+                    rewritten[f"{saved}.{e}.{leaf}.lora_A.weight"] = a_e[e].clone()
+                    rewritten[f"{saved}.{e}.{leaf}.lora_B.weight"] = b_e[e][rows].contiguous()
     save_file(rewritten, str(out / "adapter_model.safetensors"))
     config["target_parameters"] = None
     (out / "adapter_config.json").write_text(json.dumps(config))
     return str(out)
 
 
-def test_per_expert_adapters_equal_the_stacked_form(tiny_model_dir, tmp_path):
-    config = _config("qwen2_moe")
-    base = tiny_model_dir("qwen2_moe", config)
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_per_expert_adapters_equal_the_stacked_form(tiny_model_dir, tmp_path, family):
+    """Qwen2-MoE's gate_proj / up_proj / down_proj, and Mixtral's w1 / w3 / w2 under transformers 4's
+    ``block_sparse_moe``."""
+    config = _config(family)
+    base = tiny_model_dir(family, config)
     stacked = make_peft_adapter(base, str(tmp_path / "stacked"), 13, r=4, alpha=8, target_modules=[],
                                 target_parameters=EXPERTS)
-    per_expert = _per_expert_form(stacked, tmp_path / "per_expert", "model.layers.1.mlp.experts", config.num_experts,
-                                  config.moe_intermediate_size)
+    if family == "mixtral":
+        per_expert = _per_expert_form(stacked, tmp_path / "per_expert", config, ("w1", "w3", "w2"),
+                                      lambda block: block.replace(".mlp.", ".block_sparse_moe."))
+    else:
+        per_expert = _per_expert_form(stacked, tmp_path / "per_expert", config)
     llm = LLM(base, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=4, skip_tokenizer_init=True,
               max_model_len=128, num_gpu_blocks_override=64)
     want = _generate(llm, PROMPTS, LoRARequest("s", 1, stacked))
     assert _generate(llm, PROMPTS, LoRARequest("p", 2, per_expert)) == want
     assert want == peft_greedy(base, stacked, PROMPTS, GREEDY.max_tokens)
     assert_all_blocks_free(llm)
+
+
+def test_memory_budget_counts_the_experts_slots(tiny_model_dir):
+    from pagoda.lora.manager import lora_device_bytes
+
+    llm = LLM(tiny_model_dir("qwen2_moe", _config("qwen2_moe")), dtype="bfloat16", enable_lora=True, max_loras=2,
+              max_lora_rank=8, skip_tokenizer_init=True, max_model_len=64, num_gpu_blocks_override=16)
+    engine = llm.llm_engine
+    manager = engine.runner.lora
+    linears = sum(layer.slots.nbytes() for layer in manager.layers.values())
+    experts = sum(t.numel() * t.element_size() for lora, _ in manager.experts.values()
+                  for t in (lora.a13, lora.b13, lora.a2, lora.b2))
+    assert len(manager.experts) == 1 and experts > 0
+    assert lora_device_bytes(engine.config, engine.runner.model, engine.config.ops) == linears + experts
 
 
 def test_expert_rows_in_bf16_skip_the_fused_step_and_match_single_runs(tiny_model_dir, tmp_path):
