@@ -84,10 +84,13 @@ def test_step_budget_defaults_to_the_platforms_choice_for_where_it_runs(tiny_mod
     assert EngineConfig.from_engine_args(given).scheduler.max_num_batched_tokens == 333
 
 
-def test_cpu_serves_in_smaller_steps_than_it_runs_offline():
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_serves_in_smaller_steps_than_it_runs_offline_unless_prefill_runs_on_amx(monkeypatch, amx):
     from pagoda.platforms.cpu import CpuPlatform
 
-    assert CpuPlatform.default_max_num_batched_tokens("openai_api_server") == 1024
+    flags = frozenset({"avx512f", "avx512_bf16"} | ({"amx_tile", "amx_bf16"} if amx else set()))
+    monkeypatch.setattr(CpuPlatform, "capabilities", classmethod(lambda cls: flags))
+    assert CpuPlatform.default_max_num_batched_tokens("openai_api_server") == (2048 if amx else 1024)
     assert CpuPlatform.default_max_num_batched_tokens("llm_class") == 2048
 
 
