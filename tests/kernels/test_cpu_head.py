@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagoda.platforms.cpu.kernels import cpu, cpu_head, cpu_ops
+from tests.ops.op_cases import mask_words
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_vnni_int8),
                                 reason="the native library has no AVX512-VNNI int8 path on this CPU")
@@ -26,18 +27,9 @@ def _full(x, packed, allowed=None):
     return out
 
 
-def _words(allowed: torch.Tensor) -> torch.Tensor:
-    """A bool [rows, n] token mask as the kernels read it: int32 words, bit t % 32 of word t // 32."""
-    rows, n = allowed.shape
-    padded = torch.zeros(rows, -(-n // 32) * 32, dtype=torch.bool)
-    padded[:, :n] = allowed
-    bits = padded.reshape(rows, -1, 32).to(torch.int64) << torch.arange(32)
-    return bits.sum(-1).to(torch.int64).to(torch.int32)
-
-
 def _mask(rows: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     allowed = torch.rand(rows, n, generator=g) < 0.4
-    return allowed, _words(allowed)
+    return allowed, mask_words(allowed)
 
 
 @pytest.mark.parametrize("n, k", [(5000, 96), (1000, 70), (49152, 576), (257, 640)])
@@ -159,7 +151,7 @@ def test_decode_batches_with_crowded_rows_and_shared_candidate_tiles():
         for r in range(4):  # crowded row r: its first allowed tie is column r
             allowed[r, :r] = False
             allowed[r, r] = True
-        words = _words(allowed)
+        words = mask_words(allowed)
         picked = cpu_head.screened_argmax(x, packed, screen, words)
         assert torch.equal(picked, _full(x, packed, words)), f"scale {scale}, masked"
         assert allowed.gather(1, picked[:, None]).all()

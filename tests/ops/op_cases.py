@@ -143,9 +143,7 @@ def _lm_head_greedy(impl, w: torch.Tensor, g: torch.Generator, dtype: torch.dtyp
         what = f"linear_dense LM head {rows}x{k}->{n}"
         assert torch.equal(greedy, logits.argmax(-1)), f"{what}: greedy must be the argmax of the logits"
         allowed = torch.rand(rows, n, generator=g) < 0.3
-        words = torch.zeros(rows, -(-n // 32) * 32, dtype=torch.bool)
-        words[:, :n] = allowed
-        words = (words.reshape(rows, -1, 32).to(torch.int64) << torch.arange(32)).sum(-1).to(torch.int32)
+        words = mask_words(allowed)
         expected = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
         assert torch.equal(impl.greedy(head, x, words), expected), f"{what}: masked greedy"
 
@@ -157,6 +155,15 @@ def _check_argmax(greedy: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     assert (top - picked <= 1e-2 * top.abs().clamp(min=1)).all(), f"{what}: greedy picked a non-maximum"
 
 
+def mask_words(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean [rows, n] token mask as the greedy kernels read it: int32 words, bit t % 32 of word t // 32."""
+    rows, n = allowed.shape
+    padded = torch.zeros(rows, (n + 31) // 32 * 32, dtype=torch.int64)
+    padded[:, :n] = allowed.long()
+    words = (padded.view(rows, -1, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # as int32 bit patterns
+
+
 def _check_masked_greedy(impl, handle, x: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     """With a token bitmask (a grammar's constraint: about a third of the columns allowed, the unmasked argmax
     forbidden), the argmax is a maximum over the allowed columns."""
@@ -165,11 +172,7 @@ def _check_masked_greedy(impl, handle, x: torch.Tensor, exact: torch.Tensor, wha
     allowed = torch.rand(rows, n, generator=g) < 0.3
     allowed[torch.arange(rows), exact.argmax(-1)] = False
     allowed[:, n // 2] = True  # never an empty row
-    padded = torch.zeros(rows, (n + 31) // 32 * 32, dtype=torch.int64)
-    padded[:, :n] = allowed.long()
-    words = (padded.view(rows, -1, 32) << torch.arange(32)).sum(-1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # as int32 bit patterns
-    greedy = impl.greedy(handle, x, words)
+    greedy = impl.greedy(handle, x, mask_words(allowed))
     if greedy is None:
         return
     assert allowed.gather(1, greedy[:, None]).all(), f"{what}: masked greedy picked a forbidden column"
