@@ -26,31 +26,33 @@ SLOT_DTYPE = torch.float32
 
 
 class ExpertsLoRA:
-    """One experts block's slots: ``a13`` [S, E, 2R, H], ``b13`` [S, E, 2I, 2R], ``a2`` [S, E, R, I], ``b2``
-    [S, E, H, R] (R = ``max_rank``; float32), each ``B`` holding its scaling; ``adapted[s]``: whether slot ``s``'s
-    adapter adapts this block."""
+    """One experts block's slots: ``a13`` [S, E, 2R, H], ``bt13`` [S, E, 2R, 2I], ``a2`` [S, E, R, I], ``bt2``
+    [S, E, R, H] (R = ``max_rank``; float32; each ``B`` transposed, rank-major, and holding its scaling);
+    ``adapted[s]``: whether slot ``s``'s adapter adapts this block (also as the uint8 tensor ``adapted_mask``)."""
 
     def __init__(self, step: Any, num_experts: int, hidden: int, intermediate: int, num_slots: int, max_rank: int,
                  device: torch.device) -> None:
         self.step = step
         shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-        self.a13, self.b13, self.a2, self.b2 = (torch.zeros(s, dtype=SLOT_DTYPE, device=device) for s in shapes)
+        self.a13, self.bt13, self.a2, self.bt2 = (torch.zeros(s, dtype=SLOT_DTYPE, device=device) for s in shapes)
         self.adapted = [False] * num_slots
+        self.adapted_mask = torch.zeros(num_slots, dtype=torch.uint8, device=device)
 
     def set_slot(self, slot: int, adapter: ExpertsAdapter | None) -> None:
-        for t in (self.a13, self.b13, self.a2, self.b2):
+        for t in (self.a13, self.bt13, self.a2, self.bt2):
             t[slot].zero_()
         self.adapted[slot] = adapter is not None
+        self.adapted_mask[slot] = int(adapter is not None)
         if adapter is None:
             return
         if adapter.a13 is not None:
             rank = adapter.a13.shape[1]
             self.a13[slot, :, :rank].copy_(adapter.a13)
-            self.b13[slot, :, :, :rank].copy_(adapter.b13)
+            self.bt13[slot, :, :rank].copy_(adapter.b13.transpose(1, 2))
         if adapter.a2 is not None:
             rank = adapter.a2.shape[1]
             self.a2[slot, :, :rank].copy_(adapter.a2)
-            self.b2[slot, :, :, :rank].copy_(adapter.b2)
+            self.bt2[slot, :, :rank].copy_(adapter.b2.transpose(1, 2))
 
     def rows(self) -> torch.Tensor | None:
         """This step's per-token slot where the token's adapter adapts this block, else -1; None when no token's
@@ -64,8 +66,12 @@ class ExpertsLoRA:
 
     def forward(self, op: Any, handle: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 activation: str, token_slots: torch.Tensor) -> torch.Tensor:
-        """The block's output: ``op`` for the tokens without an adapted slot (``token_slots`` -1), expert by expert
-        with the slots' deltas for the others."""
+        """The block's output: the op's own mixture with these slots' deltas where it has one (``apply_lora``), else
+        ``op`` for the tokens without an adapted slot (``token_slots`` -1) and expert by expert with the slots'
+        deltas for the others."""
+        out = op.apply_lora(handle, self, x, topk_weights, topk_ids, activation, token_slots)
+        if out is not None:
+            return out
         out = torch.empty_like(x)
         adapted = token_slots >= 0
         plain = (~adapted).nonzero().squeeze(-1)
@@ -86,36 +92,36 @@ class ExpertsLoRA:
         def expert_mlp(expert: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             these = slots[tokens] if slots is not None else None
             h = op.expert_matmul(handle, expert, "gate_up", rows)
-            h = self._with_delta(h, rows, these, present, self.a13[:, expert], self.b13[:, expert])
+            h = self._with_delta(h, rows, these, present, self.a13[:, expert], self.bt13[:, expert])
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
             y = op.expert_matmul(handle, expert, "down", act)
-            return self._with_delta(y, act, these, present, self.a2[:, expert], self.b2[:, expert])
+            return self._with_delta(y, act, these, present, self.a2[:, expert], self.bt2[:, expert])
 
         return mix_experts(x, topk_weights, topk_ids, self.a13.shape[1], expert_mlp)
 
     @staticmethod
     def _with_delta(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor | None, present: list[int],
-                    a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``y + (x a[s]^T) b[s]^T`` for each row's slot ``s``, in float32, rounded once to ``y``'s dtype."""
+                    a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        """``y + (x a[s]^T) bt[s]`` for each row's slot ``s``, in float32, rounded once to ``y``'s dtype."""
         x32, total = x.float(), y.float()
         if slots is None:
-            return (total + F.linear(F.linear(x32, a[present[0]]), b[present[0]])).to(y.dtype)
+            return (total + F.linear(x32, a[present[0]]) @ bt[present[0]]).to(y.dtype)
         for slot in present:
             pick = (slots == slot).nonzero().squeeze(-1)
             if pick.numel():
-                total[pick] += F.linear(F.linear(x32[pick], a[slot]), b[slot])
+                total[pick] += F.linear(x32[pick], a[slot]) @ bt[slot]
         return total.to(y.dtype)
 
 
 def experts_slot_shapes(num_slots: int, num_experts: int, hidden: int, intermediate: int,
                         max_rank: int) -> list[tuple[int, ...]]:
-    """The four slot tensors' shapes (``a13``, ``b13``, ``a2``, ``b2``)."""
+    """The four slot tensors' shapes (``a13``, ``bt13``, ``a2``, ``bt2``)."""
     s, e, r = num_slots, num_experts, max_rank
-    return [(s, e, 2 * r, hidden), (s, e, 2 * intermediate, 2 * r), (s, e, r, intermediate), (s, e, hidden, r)]
+    return [(s, e, 2 * r, hidden), (s, e, 2 * r, 2 * intermediate), (s, e, r, intermediate), (s, e, r, hidden)]
 
 
 def experts_slots_nbytes(num_slots: int, num_experts: int, hidden: int, intermediate: int, max_rank: int) -> int:
-    """What :class:`ExpertsLoRA` with these arguments allocates."""
+    """What :class:`ExpertsLoRA` with these arguments allocates (the slots and ``adapted_mask``)."""
     shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-    return sum(math.prod(shape) for shape in shapes) * SLOT_DTYPE.itemsize
+    return sum(math.prod(shape) for shape in shapes) * SLOT_DTYPE.itemsize + num_slots

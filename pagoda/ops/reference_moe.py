@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,13 @@ class FusedMoE(OpImpl):
         """``x @ W.T`` for one expert's ``part``: "gate_up" (``x`` [T, H] → [T, 2I], gate then up) or "down"
         (``x`` [T, I] → [T, H]), in ``x``'s dtype: what a LoRA adapter on the experts adds its deltas to."""
         return F.linear(x, (handle.w13 if part == "gate_up" else handle.w2)[expert].to(x.dtype))
+
+    def apply_lora(self, handle: ExpertWeights, lora: Any, x: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, activation: str, token_slots: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`apply` with LoRA deltas on the experts of the tokens whose slot (``token_slots``, -1: none) has an
+        adapter in ``lora`` (:class:`pagoda.lora.experts.ExpertsLoRA`), in one call; None where the implementation
+        has no such form (here): the block then runs its adapted tokens expert by expert on :meth:`expert_matmul`."""
+        return None
 
     def nbytes(self, handle: ExpertWeights) -> int:
         return sum(t.numel() * t.element_size() for t in (handle.w13, handle.w2))

@@ -362,72 +362,9 @@ def prefill_attention(impl, ref, dtype):
         _close(out, expected, dtype, f"prefill {heads}/{kv_heads}x{d} block {block_size} window {window} cap {cap}")
 
 
-def _moe_float64(x, w13, w2, topk_weights, topk_ids):
-    """The mixture in float64, token by token (the op's definition)."""
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for weight, expert in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
-            gate, up = (x[t].double() @ w13[expert].double().T).chunk(2)
-            out[t] += weight * (torch.nn.functional.silu(gate) * up) @ w2[expert].double().T
-    return out
-
-
-def fused_moe(impl, ref, dtype):
-    # (experts, top-k, hidden, intermediate): Mixtral-like top-2, wider top-k, an intermediate size that is not a
-    # multiple of 16 (padded tiles), one expert per token.
-    for experts, k, hidden, inter in ((8, 2, 64, 32), (16, 4, 128, 96), (6, 2, 96, 40), (4, 1, 64, 64)):
-        g = _gen(experts, k, hidden, inter)
-        w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
-        w2 = (torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
-        handle, ref_handle = impl.prepare(w13.clone(), w2.clone()), ref.prepare(w13, w2)
-        for expert, tokens in ((0, 1), (experts - 1, 19)):  # one expert's products alone (what expert LoRA calls)
-            x = torch.randn(tokens, hidden, generator=g).to(dtype)
-            h = impl.expert_matmul(handle, expert, "gate_up", x)
-            _close(h, (x.double() @ w13[expert].double().T).to(dtype), dtype, f"expert_matmul gate_up E{expert}")
-            act = torch.randn(tokens, inter, generator=g).to(dtype)
-            _close(impl.expert_matmul(handle, expert, "down", act), (act.double() @ w2[expert].double().T).to(dtype),
-                   dtype, f"expert_matmul down E{expert}")
-        # Token counts from decode (1 row per expert) through prefill (AMX blocks of 64 rows and more).
-        for tokens in (1, 3, 16, 64, 130):
-            x = torch.randn(tokens, hidden, generator=g).to(dtype)
-            topk_ids = torch.rand(tokens, experts, generator=g).topk(k, dim=-1).indices
-            topk_weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
-            what = f"fused_moe E{experts} top{k} {tokens}x{hidden} inter {inter}"
-            out = impl.apply(handle, x, topk_weights, topk_ids)
-            expected = ref.apply(ref_handle, x, topk_weights, topk_ids)
-            scale = expected.abs().max().item()
-            _close(out, expected, dtype, what, scale)
-            exact = _moe_float64(x, w13, w2, topk_weights, topk_ids)  # the reference computes what the op says
-            _close(expected, exact.to(dtype), dtype, what + " reference vs float64", scale)
-
-
-def moe_topk(impl, ref, dtype):
-    # (tokens, experts, top-k): a Mixtral router at decode and prefill sizes, Qwen-MoE's wide one, top-1 and all.
-    for tokens, experts, k in ((1, 8, 2), (37, 8, 2), (5, 64, 8), (9, 6, 1), (4, 4, 4)):
-        g = _gen(tokens, experts, k)
-        logits = (torch.randn(tokens, experts, generator=g) * 3).to(dtype)
-        for renormalize in (False, True):
-            what = f"moe_topk {tokens}x{experts} top{k} renormalize={renormalize}"
-            weights, ids = impl(logits, k, renormalize)
-            ref_weights, ref_ids = ref(logits, k, renormalize)
-            assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids), what
-            # Float32 weights either way: a softmax's exp may differ in its last bits.
-            torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6, msg=what)
-            # The reference computes what the op says: float64 softmax, its k largest, renormalised.
-            probs = torch.softmax(logits.double(), -1)
-            chosen = probs.gather(1, ref_ids)
-            assert torch.equal(chosen.argsort(dim=1, descending=True, stable=True),
-                               torch.arange(k).expand(tokens, k)), what + ": not in descending order"
-            assert (chosen.min(dim=1).values[:, None] >= probs.masked_fill(
-                torch.zeros_like(probs, dtype=torch.bool).scatter(1, ref_ids, True), -1)).all(), what + ": not top-k"
-            expected = chosen / chosen.sum(-1, keepdim=True) if renormalize else chosen
-            torch.testing.assert_close(ref_weights.double(), expected, rtol=1e-5, atol=1e-6, msg=what)
-
-
-CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation], "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul],
-         "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense],
+CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation],
+         "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul], "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense],
          "linear_block_quant": [linear_block_quant, linear_block_quant_zero, linear_block_quant_affine],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
-         "prefill_attention": [prefill_attention], "fused_moe": [fused_moe],
-         "moe_topk": [moe_topk]}
+         "prefill_attention": [prefill_attention]}
 

@@ -15,12 +15,12 @@ from pagoda.ops import OPS
 from pagoda.ops.reference import rotate
 from pagoda.platforms import resolve_platform
 from pagoda.plugins.registry import get_registry
-from tests.ops import lora_op_cases, op_cases, quant_op_cases
+from tests.ops import lora_op_cases, moe_op_cases, op_cases, quant_op_cases
 
 REGISTRY = get_registry()
 PLATFORM = resolve_platform("auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CASES = {**op_cases.CASES, **quant_op_cases.CASES, **lora_op_cases.CASES}
+CASES = {**op_cases.CASES, **quant_op_cases.CASES, **lora_op_cases.CASES, **moe_op_cases.CASES}
 IMPLS = [(op, name) for op in sorted(REGISTRY.ops) for name in sorted(REGISTRY.ops[op])]
 
 

@@ -32,6 +32,12 @@ class PackedFusedMoE(_NativeBf16Gemm):
         check_moe_activation(activation)
         return cpu_moe.fused_moe(x, topk_weights, topk_ids, handle, amx=self.uses_amx)
 
+    def apply_lora(self, handle, lora, x, topk_weights, topk_ids, activation, token_slots):
+        # The deltas inside the native mixture (cpu_moe_lora.h): one call for every token, as without adapters.
+        check_moe_activation(activation)
+        return cpu_moe.fused_moe(x, topk_weights, topk_ids, handle, amx=self.uses_amx,
+                                 lora=cpu_moe.MoELoRASlots(lora), token_slots=token_slots)
+
     def expert_matmul(self, handle, expert, part, x):
         return cpu_ops.packed_linear(x, handle.expert(expert, part), amx=self.uses_amx)
 

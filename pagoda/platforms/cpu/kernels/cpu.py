@@ -34,7 +34,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_kernels.cpp", CSRC / "cpu_decode.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 35
+ABI_VERSION = 36
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -111,7 +111,7 @@ class CpuKernels:
         self.write_kv = lib.pagoda_write_kv
         lib.pagoda_fused_moe.restype = c_int
         lib.pagoda_fused_moe.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_void_p,
-                                         c_int64, c_int64, c_int64, c_int, c_int]
+                                         c_int64, c_int64, c_int64, c_int, c_int, c_void_p, c_void_p]
         self.fused_moe = lib.pagoda_fused_moe
         lib.pagoda_moe_topk.restype = c_int
         lib.pagoda_moe_topk.argtypes = [c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int]

@@ -3,6 +3,10 @@ fused expert MLP."""
 
 from __future__ import annotations
 
+import ctypes
+from ctypes import c_int64, c_void_p
+from typing import Any
+
 import torch
 
 from pagoda.platforms.cpu.kernels.cpu import kernels
@@ -53,10 +57,28 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts:
 TOKENS_PER_CALL = 1024
 
 
+class MoELoRASlots(ctypes.Structure):
+    """``cpu_moe_lora.h``'s MoELoRASlots: an experts block's float32 adapter slots (:class:`pagoda.lora.experts.
+    ExpertsLoRA`) as the native kernel reads them; keeps the slots alive."""
+
+    _fields_ = [(name, c_void_p) for name in ("a13", "bt13", "a2", "bt2", "adapted")] + [
+        ("num_slots", c_int64), ("rank", c_int64)]
+
+    def __init__(self, lora: Any) -> None:
+        tensors = (lora.a13, lora.bt13, lora.a2, lora.bt2)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            raise TypeError("fused_moe: expert adapter slots must be contiguous float32")
+        super().__init__(*(t.data_ptr() for t in tensors), lora.adapted_mask.data_ptr(), lora.a13.shape[0],
+                         lora.a2.shape[2])
+        self.lora = lora
+
+
 def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: PackedExperts,
-              amx: bool = False) -> torch.Tensor:
+              amx: bool = False, lora: MoELoRASlots | None = None,
+              token_slots: torch.Tensor | None = None) -> torch.Tensor:
     """The mixture of each token's top-k experts for bf16 ``x`` [T, H]; ``amx`` only where the process may use
-    AMX tiles."""
+    AMX tiles. With ``lora`` and ``token_slots`` (each token's adapter slot, -1: none), the adapted tokens' experts
+    take their slot's deltas."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"fused_moe takes bfloat16 inputs, got {x.dtype}")
     x = x.contiguous()
@@ -64,13 +86,19 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     ids = topk_ids.to(torch.int64).contiguous()
     tokens, k = ids.shape
     out = torch.empty(tokens, experts.hidden, dtype=torch.bfloat16)
+    slots = None
+    if lora is not None and token_slots is not None:
+        slots = token_slots.to(torch.int64).contiguous()
+        if slots.shape != (tokens,):
+            raise ValueError(f"fused_moe: token_slots must be [{tokens}], got {list(slots.shape)}")
     lib = kernels()
     for start in range(0, tokens, TOKENS_PER_CALL):
         n = min(TOKENS_PER_CALL, tokens - start)
         rc = lib.fused_moe(out[start].data_ptr(), x[start].data_ptr(), weights[start].data_ptr(),
                            ids[start].data_ptr(), n, k, experts.w13.data_ptr(), experts.w2.data_ptr(),
                            experts.num_experts, experts.hidden, experts.intermediate, torch.get_num_threads(),
-                           int(amx))
+                           int(amx), ctypes.byref(lora) if slots is not None else None,
+                           slots[start].data_ptr() if slots is not None else None)
         if rc == -2:
             raise ValueError(f"fused_moe: an expert id is outside 0..{experts.num_experts - 1}")
         if rc != 0:

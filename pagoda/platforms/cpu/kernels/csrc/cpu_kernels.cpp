@@ -10,7 +10,7 @@
 
 extern "C" {
 
-int pagoda_kernels_abi_version() { return 35; }
+int pagoda_kernels_abi_version() { return 36; }
 
 // Paged decode attention: out/q [num_seqs, num_heads, head_size]; caches [blocks, block_size, kv_heads, head_size]
 // addressed by block_stride/token_stride (elements); block_table int32 [num_seqs, table_stride]; seq_lens int32.
@@ -257,16 +257,20 @@ int pagoda_codebook_gemm(int out_f32, void* y, const void* x, const void* weight
 // y [T, H] (bf16) = the mixture of each token's top-k experts (see fused_moe in cpu_moe.h): x [T, H] bf16,
 // topk_w float32 and topk_ids int64 [T, k]; w13 / w2 each expert's [2I, H] / [H, I] weight packed by
 // pagoda_pack_bf16, one expert after another. amx: AMX tiles from kAmxMinRows rows per expert (only where the
-// process may use them). Returns -1 when this build lacks AVX512-BF16, -2 on an expert id out of range.
+// process may use them). lora (a MoELoRASlots, cpu_moe_lora.h) and token_slot [T] (int64, -1: none), or both
+// null: LoRA deltas of the adapted tokens' experts. Returns -1 when this build lacks AVX512-BF16, -2 on an expert id
+// out of range.
 int pagoda_fused_moe(void* y, const void* x, const float* topk_w, const int64_t* topk_ids, int64_t T, int64_t k,
-                     const void* w13, const void* w2, int64_t E, int64_t H, int64_t I, int num_threads, int amx) {
+                     const void* w13, const void* w2, int64_t E, int64_t H, int64_t I, int num_threads, int amx,
+                     const void* lora, const int64_t* token_slot) {
 #if defined(__AVX512BF16__)
   return fused_moe(static_cast<bf16_t*>(y), static_cast<const bf16_t*>(x), topk_w, topk_ids, T, k,
-                   static_cast<const bf16_t*>(w13), static_cast<const bf16_t*>(w2), E, H, I, num_threads, amx != 0)
+                   static_cast<const bf16_t*>(w13), static_cast<const bf16_t*>(w2), E, H, I, num_threads, amx != 0,
+                   static_cast<const MoELoRASlots*>(lora), token_slot)
              ? 0 : -2;
 #else
   (void)y; (void)x; (void)topk_w; (void)topk_ids; (void)T; (void)k; (void)w13; (void)w2; (void)E; (void)H; (void)I;
-  (void)num_threads; (void)amx;
+  (void)num_threads; (void)amx; (void)lora; (void)token_slot;
   return -1;
 #endif
 }

@@ -18,6 +18,7 @@
 #include "cpu_common.h"
 #include "cpu_elementwise.h"
 #include "cpu_gemm.h"
+#include "cpu_moe_lora.h"
 
 namespace {
 
@@ -98,10 +99,12 @@ void experts_gemm(void* y, const bf16_t* x, const std::vector<int64_t>& active, 
 }
 
 // y [T, H] = sum_s topk_w[t, s] * expert_{topk_ids[t, s]}(x[t]), expert(x) = (silu(x W_gate^T) * x W_up^T) W_down^T,
-// with w13 [E][packed 2I x H] (gate rows, then up rows) and w2 [E][packed H x I]. False on an expert id out of range.
+// with w13 [E][packed 2I x H] (gate rows, then up rows) and w2 [E][packed H x I]. With lora and token_slot (each
+// token's adapter slot, -1: none), each adapted token's experts take their slot's deltas (cpu_moe_lora.h). False on
+// an expert id out of range.
 inline bool fused_moe(bf16_t* y, const bf16_t* x, const float* topk_w, const int64_t* topk_ids, int64_t T, int64_t k,
                       const bf16_t* w13, const bf16_t* w2, int64_t E, int64_t H, int64_t I, int num_threads,
-                      bool amx) {
+                      bool amx, const MoELoRASlots* lora = nullptr, const int64_t* token_slot = nullptr) {
   const int64_t pairs = T * k;
   std::vector<int64_t> count(E, 0), start(E, 0), active;
   for (int64_t p = 0; p < pairs; ++p) {
@@ -122,9 +125,23 @@ inline bool fused_moe(bf16_t* y, const bf16_t* x, const float* topk_w, const int
   share_tasks(pairs, num_threads, [&](int64_t p) {
     std::memcpy(xs.get() + row_of[p] * H, x + (p / k) * H, H * sizeof(bf16_t));
   });
+  std::vector<int64_t> slot_of;  // each grouped row's adapter slot, where the step has adapted tokens
+  if (lora && token_slot) {
+    slot_of.resize(static_cast<size_t>(pairs));
+    for (int64_t p = 0; p < pairs; ++p) slot_of[row_of[p]] = token_slot[p / k];
+  }
+  const auto lora_deltas = [&](auto* out_rows, const bf16_t* in, int64_t in_n, int64_t out_n, const float* a,
+                               const float* bt, int64_t rank) {
+    share_tasks(static_cast<int64_t>(active.size()), num_threads, [&](int64_t i) {
+      const int64_t e = active[i];
+      moe_lora_rows(*lora, e, E, slot_of.data(), start[e], count[e], in, in_n, out_rows, out_n, a, bt, rank);
+    });
+  };
   experts_gemm<false>(h.get(), xs.get(), active, start, count, w13, 2 * I, H, num_threads, amx);
+  if (!slot_of.empty()) lora_deltas(h.get(), xs.get(), H, 2 * I, lora->a13, lora->bt13, 2 * lora->rank);
   gated_activation<bf16_t>(act.get(), h.get(), pairs, I, kSiluAndMul, num_threads);
   experts_gemm<true>(out.get(), act.get(), active, start, count, w2, H, I, num_threads, amx);
+  if (!slot_of.empty()) lora_deltas(out.get(), act.get(), I, H, lora->a2, lora->bt2, lora->rank);
   share_tasks(T, num_threads, [&](int64_t t) {
     bf16_t* yt = y + t * H;
     int64_t i = 0;

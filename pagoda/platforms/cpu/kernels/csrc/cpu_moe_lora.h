@@ -1,0 +1,103 @@
+// LoRA adapters on a mixture-of-experts block's routed experts, inside the fused expert MLP (cpu_moe.h): after an
+// expert's gate-up product, each adapted row gets (x A13^T) B13^T added before the activation, and after its down
+// product (act A2^T) B2^T, for the adapter slot of the row's token. The slots are float32 with the adapter's scaling
+// folded into B, and B is kept transposed ([rank][out]), so the expand is a row of multiply-adds per rank entry over
+// contiguous outputs. A gate-up delta is added to the bf16 product in float32 and rounded once; a down delta is added
+// to the float32 product before the weighted sum over the token's experts.
+#pragma once
+
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace {
+
+// One experts block's slots: slot s, expert e's A13 [2R][H] at a13 + (s * E + e) * 2R * H, its B13^T [2R][2I],
+// A2 [R][I] and B2^T [R][H] likewise; adapted[s]: whether slot s's adapter adapts this block (else its rows take
+// no delta).
+struct MoELoRASlots {
+  const float* a13;
+  const float* bt13;
+  const float* a2;
+  const float* bt2;
+  const uint8_t* adapted;
+  int64_t num_slots, rank;
+};
+
+#if defined(__AVX512F__)
+constexpr int64_t kMoELoRARows = 8;  // rows of one slot and expert taken together: A and B read once for them
+
+// u [rows][r] = X [rows][k] (float32, rows k apart) . A [r][k]^T.
+inline void moe_lora_shrink(float* u, const float* a, int64_t r, const float* x, int64_t rows, int64_t k) {
+  for (int64_t j = 0; j < r; ++j) {
+    __m512 acc[kMoELoRARows];
+    for (int64_t i = 0; i < rows; ++i) acc[i] = _mm512_setzero_ps();
+    const float* aj = a + j * k;
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 mask = tile_columns(k, c);
+      const __m512 av = _mm512_maskz_loadu_ps(mask, aj + c);
+      for (int64_t i = 0; i < rows; ++i)
+        acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mask, x + i * k + c), acc[i]);
+    }
+    for (int64_t i = 0; i < rows; ++i) u[i * r + j] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// Rows y[i] [n] += u [rows][r] . Bt [r][n], in float32: bf16 rows rounded once, float32 rows in place.
+template <typename T>
+inline void moe_lora_expand(T* const* y, const float* u, const float* bt, int64_t r, int64_t rows, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 mask = tile_columns(n, c);
+    __m512 acc[kMoELoRARows];
+    for (int64_t i = 0; i < rows; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        acc[i] = _mm512_maskz_loadu_ps(mask, y[i] + c);
+      } else {
+        const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, y[i] + c));
+        acc[i] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));
+      }
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const __m512 b = _mm512_maskz_loadu_ps(mask, bt + j * n + c);
+      for (int64_t i = 0; i < rows; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(u[i * r + j]), b, acc[i]);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(y[i] + c, mask, acc[i]);
+      } else {
+        _mm256_mask_storeu_epi16(y[i] + c, mask, (__m256i)_mm512_cvtneps_pbh(acc[i]));
+      }
+    }
+  }
+}
+
+// For expert e's grouped rows [start, start + count) (row j of the block: slot slot_of[j], input x + j * k, output
+// y + j * n): each adapted row's delta through A [r][k] and Bt [r][n] of its (slot, e), a (slot, expert)'s rows
+// kMoELoRARows at a time (a row of a slot past a full batch starts the next batch of that slot).
+template <typename T>
+inline void moe_lora_rows(const MoELoRASlots& L, int64_t e, int64_t E, const int64_t* slot_of, int64_t start,
+                          int64_t count, const bf16_t* x, int64_t k, T* y, int64_t n, const float* a,
+                          const float* bt, int64_t r) {
+  std::vector<float> xs(static_cast<size_t>(kMoELoRARows * k)), u(static_cast<size_t>(kMoELoRARows * r));
+  std::vector<char> done(static_cast<size_t>(count), 0);
+  for (int64_t first = 0; first < count; ++first) {
+    const int64_t s = slot_of[start + first];
+    if (done[first] || s < 0 || s >= L.num_slots || !L.adapted[s]) continue;
+    T* rows_out[kMoELoRARows];
+    int64_t rows = 0;
+    for (int64_t j = first; j < count && rows < kMoELoRARows; ++j) {
+      if (done[j] || slot_of[start + j] != s) continue;
+      done[j] = 1;
+      const bf16_t* xj = x + (start + j) * k;
+      for (int64_t c = 0; c < k; ++c) xs[rows * k + c] = bf16_to_f32(xj[c]);
+      rows_out[rows++] = y + (start + j) * n;
+    }
+    const int64_t at = s * E + e;
+    moe_lora_shrink(u.data(), a + at * r * k, r, xs.data(), rows, k);
+    moe_lora_expand<T>(rows_out, u.data(), bt + at * r * n, r, rows, n);
+  }
+}
+#endif  // __AVX512F__
+
+}  // namespace
