@@ -26,8 +26,8 @@ class LoRAStep:
         self.op = op
         self.plan: Any = None
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
-        # Each token's slot (-1: none) while plan is set; and whether a row's adapter adapts routed experts (a
-        # platform's fused decode step, which takes the linears' slots only, then declines the step).
+        # Each token's slot (-1: none) while plan is set; and whether a row's adapter adapts routed experts (when
+        # none does, the experts blocks skip their per-token slot lookup).
         self.token_slots: torch.Tensor | None = None
         self.experts_active = False
 

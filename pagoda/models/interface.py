@@ -55,7 +55,8 @@ class RoutedExperts:
     """A layer's mixture of experts in place of its MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): the ``router`` projection,
     the ``moe_topk`` op's choice of each token's ``top_k`` experts (weights ``renormalize``-d, and rounded to the
     model dtype where ``round_weights``), the ``fused_moe`` op's ``handle`` over ``num_experts`` gated MLPs of
-    ``intermediate_size`` with ``activation``, and the ``shared`` expert where the block has one."""
+    ``intermediate_size`` with ``activation``, the ``shared`` expert where the block has one, and the experts' LoRA
+    adapter slots (``lora``: :class:`pagoda.lora.experts.ExpertsLoRA`) where the engine serves adapters."""
 
     router: LinearKernel | None  # None: the router's quantization exposes no kernel handle (not fusable)
     op: Any  # the fused_moe OpImpl instance
@@ -67,6 +68,7 @@ class RoutedExperts:
     round_weights: bool
     activation: str
     shared: SharedExpert | None = None
+    lora: Any = None
 
 
 @dataclass

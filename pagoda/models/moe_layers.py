@@ -205,7 +205,7 @@ class SparseMoeBlock(nn.Module):
                                   (mlp.gate_up_proj.lora, mlp.down_proj.lora))
         return RoutedExperts(router.gate.quant_method.kernel(router.gate), experts.op, experts.handle,
                              experts.num_experts, experts.intermediate_size, router.top_k, router.renormalize,
-                             router.weights_dtype is not None, experts.activation, shared)
+                             router.weights_dtype is not None, experts.activation, shared, experts.lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)

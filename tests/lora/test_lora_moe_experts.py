@@ -115,36 +115,43 @@ def test_memory_budget_counts_the_experts_slots(tiny_model_dir):
     manager = engine.runner.lora
     linears = sum(layer.slots.nbytes() for layer in manager.layers.values())
     experts = sum(t.numel() * t.element_size() for lora, _ in manager.experts.values()
-                  for t in (lora.a13, lora.b13, lora.a2, lora.b2))
+                  for t in (lora.a13, lora.bt13, lora.a2, lora.bt2, lora.adapted_mask))
     assert len(manager.experts) == 1 and experts > 0
     assert lora_device_bytes(engine.config, engine.runner.model, engine.config.ops) == linears + experts
 
 
-def test_expert_rows_in_bf16_skip_the_fused_step_and_match_single_runs(tiny_model_dir, tmp_path):
+def test_expert_rows_in_bf16_run_fused_equal_layer_by_layer_and_single_runs(tiny_model_dir, tmp_path):
+    """bf16, two expert adapters and a base row in one batch: where the platform fuses decode steps with adapters,
+    the steps with expert rows run fused (the experts' deltas inside the native mixture) and give the layer-by-layer
+    path's tokens; either way each row equals its adapter (or the base model) run on its own."""
     base = tiny_model_dir("qwen2_moe", _config("qwen2_moe"))
-    experts = make_peft_adapter(base, str(tmp_path / "a"), 14, target_modules=ATTENTION, target_parameters=EXPERTS)
-    attention = make_peft_adapter(base, str(tmp_path / "b"), 17, target_modules=ATTENTION)
+    first = make_peft_adapter(base, str(tmp_path / "a"), 14, target_modules=ATTENTION, target_parameters=EXPERTS)
+    second = make_peft_adapter(base, str(tmp_path / "b"), 17, target_modules=[], target_parameters=EXPERTS)
     llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=2, skip_tokenizer_init=True, max_model_len=128,
               num_gpu_blocks_override=64)
     runner = llm.llm_engine.runner
-    fused_lora_steps = []
-    if runner.fused_decode is not None:  # count the fused steps that had adapter rows (the real step still runs)
+    fused = runner.fused_decode is not None and runner.fused_decode.lora_fused
+    fused_expert_steps = []
+    if fused:  # count the fused steps whose rows adapt routed experts (the real step still runs)
         run = runner.fused_decode.run
 
         def counting_run(*args, **kwargs):
-            fused_lora_steps.append(runner.lora.step.plan is not None)
+            fused_expert_steps.append(runner.lora.step.experts_active)
             return run(*args, **kwargs)
 
         runner.fused_decode.run = counting_run
-    lora = LoRARequest("a", 1, experts)
-    mixed = _generate(llm, PROMPTS, [lora, None, lora])
-    assert not any(fused_lora_steps)  # steps whose rows adapt routed experts run layer by layer
-    assert [mixed[0], mixed[2]] == _generate(llm, [PROMPTS[0], PROMPTS[2]], lora)
+    a, b = LoRARequest("a", 1, first), LoRARequest("b", 2, second)
+    mixed = _generate(llm, PROMPTS, [a, None, b])
+    assert any(fused_expert_steps) == fused
+    assert [mixed[0]] == _generate(llm, [PROMPTS[0]], a) and [mixed[2]] == _generate(llm, [PROMPTS[2]], b)
     assert [mixed[1]] == _generate(llm, [PROMPTS[1]], None)
-    assert mixed[0] != _generate(llm, [PROMPTS[0]], None)[0]
-    if runner.fused_decode is not None and runner.fused_decode.lora_fused:
-        _generate(llm, PROMPTS, LoRARequest("b", 2, attention))
-        assert any(fused_lora_steps)  # an adapter on the attention only stays fused
+    assert mixed[0] != _generate(llm, [PROMPTS[0]], None)[0] and mixed[2] != _generate(llm, [PROMPTS[2]], None)[0]
+    if fused:
+        runner.model.use_fused_decode(None)  # layer by layer: the same native mixture, one op at a time
+        try:
+            assert _generate(llm, PROMPTS, [a, None, b]) == mixed
+        finally:
+            runner.model.use_fused_decode(runner.fused_decode)
     assert_all_blocks_free(llm)
 
 

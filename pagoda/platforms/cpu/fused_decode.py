@@ -29,7 +29,7 @@ import torch
 from pagoda.ops.reference_attention import DecodePlan
 from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
-from pagoda.platforms.cpu.kernels import cpu, cpu_ops, cpu_quant_ops
+from pagoda.platforms.cpu.kernels import cpu, cpu_moe, cpu_ops, cpu_quant_ops
 from pagoda.platforms.cpu.kernels.cpu_ops import PackedQuant, PackedWeight
 from pagoda.platforms.cpu.lora_ops import NativeLoRAShrinkExpand
 from pagoda.platforms.cpu.moe_ops import NativeMoeTopK, PackedFusedMoE
@@ -74,7 +74,7 @@ class _Experts(ctypes.Structure):
     _fields_ = [("router", _Linear), ("w13", c_void_p), ("w2", c_void_p)] + [
         (name, c_int64) for name in ("num_experts", "inter", "top_k", "renormalize", "round_weights", "amx")] + [
         ("shared_gate_up", _Linear), ("shared_down", _Linear), ("shared_gate", _Linear), ("shared_inter", c_int64),
-        ("shared_lora", c_void_p * 2)]
+        ("shared_lora", c_void_p * 2), ("lora", c_void_p)]
 
 
 class _Plan(ctypes.Structure):
@@ -146,7 +146,8 @@ def _weight(kernel: Any, keep: list) -> tuple[_Linear, int | None]:
 def _experts(experts: Any, linears: list[_Linear], shared_lora: list[int | None], ops: Any, keep: list) -> int:
     """The native step's descriptor of a layer's routed experts (kept alive in ``keep``), given the GEMM descriptors
     of its router and (where it has one) its shared expert's three projections: only where the per-op path runs the
-    same native routing and expert kernels."""
+    same native routing and expert kernels. The experts' adapter slots go with it (cpu_moe_lora.h), as the op's
+    ``apply_lora`` passes them."""
     if not isinstance(ops.moe_topk, NativeMoeTopK):
         raise NotFusable(f"op moe_topk runs {type(ops.moe_topk).name}, not the native kernel")
     if not isinstance(experts.op, PackedFusedMoE) or experts.activation != "silu":
@@ -156,6 +157,10 @@ def _experts(experts: Any, linears: list[_Linear], shared_lora: list[int | None]
                           experts.intermediate_size, experts.top_k, int(experts.renormalize),
                           int(experts.round_weights), int(experts.op.uses_amx), *linears[1:4],
                           shared.intermediate_size if shared else 0, (c_void_p * 2)(*shared_lora))
+    if experts.lora is not None:
+        slots = cpu_moe.MoELoRASlots(experts.lora)
+        keep.append(slots)
+        descriptor.lora = ctypes.addressof(slots)
     keep.append(descriptor)
     return ctypes.addressof(descriptor)
 
@@ -257,12 +262,11 @@ class FusedDecode:
 
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter
-        rows (if any) this step can apply (not those on routed experts)."""
+        rows (if any) this step can apply (those of the native slots)."""
         plan = (getattr(metadata, "decode_plans", None) or {}).get(self.window)
         return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
                 and (self.max_tokens is None or num_tokens <= self.max_tokens)
-                and (self.lora_step is None or self.lora_step.plan is None
-                     or (self.lora_fused and not self.lora_step.experts_active)))
+                and (self.lora_step is None or self.lora_step.plan is None or self.lora_fused))
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer for this step: ``hidden`` (embeddings) → (last layer output, residual), before the final

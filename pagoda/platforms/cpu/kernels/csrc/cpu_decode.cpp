@@ -63,6 +63,7 @@ struct Experts {
   Linear shared_gate_up, shared_down, shared_gate;
   int64_t shared_inter;
   const LoRASlots* shared_lora[2];
+  const MoELoRASlots* lora;  // the routed experts' adapter slots (cpu_moe_lora.h), or null
 };
 
 enum Recipe : int64_t { kLlamaRecipe = 0, kGptRecipe = 1, kGemmaRecipe = 2 };
@@ -200,8 +201,16 @@ bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_
   linear(X.router, logits.data(), x, tokens, nt, amx);
   moe_topk(weights.data(), ids.data(), logits.data(), tokens, X.num_experts, X.top_k, X.renormalize != 0,
            X.round_weights != 0);
+  // Each token's adapter slot, where this step has adapter rows and the experts have slots.
+  static thread_local std::vector<int64_t> token_slot;
+  const bool adapted = groups != nullptr && X.lora != nullptr;
+  if (adapted) {
+    token_slot.assign(static_cast<size_t>(tokens), -1);
+    for (int64_t s = 0, at = 0; s < groups->num_slots; at += groups->counts[s++])
+      for (int64_t i = at; i < at + groups->counts[s]; ++i) token_slot[groups->order[i]] = s;
+  }
   if (!fused_moe(y, x, weights.data(), ids.data(), tokens, X.top_k, X.w13, X.w2, X.num_experts, p.hidden, X.inter,
-                 nt, X.amx != 0))
+                 nt, X.amx != 0, adapted ? X.lora : nullptr, adapted ? token_slot.data() : nullptr))
     return false;
   if (X.shared_inter) shared_expert(p, X, y, x, tokens, nt, amx, groups, lora_scales, lora_amx);
   return true;
