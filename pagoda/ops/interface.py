@@ -50,7 +50,8 @@ OPS: dict[str, str] = {
                 "in descending order, int64 ids), renormalised to sum to one when asked",
     "fused_moe": "mixture-of-experts MLP of x [T, H] over each token's top-k experts (ids and weights [T, k]) with "
                  "stacked gate/up [E, 2I, H] and down [E, H, I] weights prepared once (prepare/apply); each "
-                 "expert's gate/up or down product on its own (expert_matmul: LoRA on the routed experts)",
+                 "expert's gate/up or down product on its own (expert_matmul) and the mixture with LoRA deltas on "
+                 "the routed experts (apply_lora; None where an implementation has no such form)",
     "lora_shrink_expand": "y += (x @ A[s].T) @ B[s].T * scale[s] in place for each token by its adapter slot s "
                           "(-1: none), over slots the implementation lays out (create_slots/set_slot), tokens "
                           "grouped by slot once per step (plan/apply)",
