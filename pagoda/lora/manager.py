@@ -28,7 +28,6 @@ class LoRAManager:
         self.layers = attach_lora(model, self.step, config.max_loras, config.max_lora_rank, dtype, device)
         self._layer_shapes = {name: (lora.input_size, lora.output_sizes) for name, lora in self.layers.items()}
         self.experts = experts_lora(model)  # routed-experts blocks: module path -> (slots, shape)
-        self._stacked = tuple(getattr(model, "stacked_params", ()))
         self.dtype = dtype
         self._host: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: least recently used first
         self._requests: dict[int, LoRARequest] = {}
@@ -42,8 +41,9 @@ class LoRAManager:
         if request.lora_int_id in self._host:
             self._host.move_to_end(request.lora_int_id)
             return False
-        adapter = load_peft_adapter(request, self._layer_shapes, self._stacked, self.config.max_lora_rank,
-                                    self.dtype, {name: shape for name, (_, shape) in self.experts.items()})
+        adapter = load_peft_adapter(request, self._layer_shapes, self.model.stacked_params, self.config.max_lora_rank,
+                                    self.dtype, {name: shape for name, (_, shape) in self.experts.items()},
+                                    self.model.module_path)
         self._host[request.lora_int_id] = adapter
         self._requests[request.lora_int_id] = request
         self._evict_host(keep=request.lora_int_id)

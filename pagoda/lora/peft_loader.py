@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +42,11 @@ class LoRAModel:
 
 def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[int]]],
                       stacked_params: tuple[tuple[str, str, int], ...], max_lora_rank: int,
-                      dtype: torch.dtype, experts: dict[str, ExpertsShape] | None = None) -> LoRAModel:
+                      dtype: torch.dtype, experts: dict[str, ExpertsShape] | None = None,
+                      module_path: Callable[[str], str] = str) -> LoRAModel:
     """Read ``request.lora_path``. ``layers``: the model's LoRA-capable layers, name → (input size, shard output
-    sizes); ``experts``: its experts blocks that take LoRA, module path → shape. Any problem is a ``ValueError``
+    sizes); ``experts``: its experts blocks that take LoRA, module path → shape; ``module_path``: an adapter's
+    module path as the model names the module (the model's ``module_path``). Any problem is a ``ValueError``
     naming the adapter and the option or module."""
     path = request.lora_path
     where = f"LoRA adapter {request.lora_name!r} ({path})"
@@ -81,7 +84,7 @@ def load_peft_adapter(request: LoRARequest, layers: dict[str, tuple[int, list[in
         module = module.removeprefix("base_model.model.")
         block = expert_block(module)
         if block is not None:
-            block = block.replace(".block_sparse_moe.", ".mlp.")
+            block = module_path(block)
             if block not in (experts or {}):
                 raise ValueError(f"target_modules/target_parameters: {where} adapts routed experts ({module!r}), "
                                  "which this model has no experts block for that takes LoRA")

@@ -10,7 +10,9 @@ Every registered model class derives from :class:`PagodaModel`. The engine calls
 * ``get_pooler()`` — the pooling head of a pooling model (``None`` for generative ones);
 * ``load_weights(weights)`` → the names of the parameters it loaded;
 * ``decoder_stack()`` → a :class:`DecoderStack` a platform may fuse (:meth:`Platform.fused_decode`), or ``None``;
-  ``use_fused_decode(step)`` hands the model what the platform returned.
+  ``use_fused_decode(step)`` hands the model what the platform returned;
+* ``stacked_params`` and ``module_path(path)`` — how the modules a checkpoint or a LoRA adapter names map onto the
+  model's own (merged projections; renamed blocks).
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ class PagodaModel(nn.Module):
     #: Whether the class can run as pipeline stages: it builds only its stage's layers (``make_layers``), takes
     #: ``intermediate_tensors`` and returns them from non-last stages (see :mod:`pagoda.distributed.pipeline`).
     supports_pp: ClassVar[bool] = False
+    #: (merged, original, shard) for each projection the model merges (``qkv_proj`` from ``q_proj``, ``k_proj`` and
+    #: ``v_proj``, ...): where a checkpoint's or an adapter's separate projections go.
+    stacked_params: ClassVar[tuple[tuple[str, str, int], ...]] = ()
 
     @classmethod
     def max_model_len_limit(cls, text_config: Any) -> int | None:
@@ -171,6 +176,11 @@ class PagodaModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         raise NotImplementedError
+
+    def module_path(self, path: str) -> str:
+        """A module path as a checkpoint or a LoRA adapter names it, as this model names that module (where the
+        model renames a block: Mixtral's ``block_sparse_moe`` is its ``mlp``)."""
+        return path
 
     def get_pooler(self) -> nn.Module | None:
         """The pooling head (a submodule named ``pooler``) of a pooling model; None for generative models."""

@@ -68,8 +68,11 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
 class MixtralForCausalLM(MoeForCausalLM):
     layer_cls = MixtralDecoderLayer
 
+    def module_path(self, path: str) -> str:
+        return path.replace(".block_sparse_moe.", ".mlp.")  # transformers 4's name of the experts block
+
     def map_weight_name(self, name: str) -> tuple[str, Any]:
-        return super().map_weight_name(name.replace(".block_sparse_moe.", ".mlp."))
+        return super().map_weight_name(self.module_path(name))
 
 
 def is_sparse_layer(config: Any, layer_idx: int) -> bool:
