@@ -26,67 +26,91 @@ struct MoELoRASlots {
 };
 
 #if defined(__AVX512F__)
-constexpr int64_t kMoELoRARows = 8;  // rows of one slot and expert taken together: A and B read once for them
+constexpr int kMoELoRAPass = 8;    // rows whose accumulators live in registers together
+constexpr int64_t kMoELoRABatch = 32;  // rows of one slot and expert taken together: A and B read once for them
 
-// u [rows][r] = X [rows][k] (float32, rows k apart) . A [r][k]^T.
-inline void moe_lora_shrink(float* u, const float* a, int64_t r, const float* x, int64_t rows, int64_t k) {
+// u [R][r] = X [R][k] (float32, rows k apart) . A [r][k]^T, for R rows (R a compile-time count: the accumulators stay
+// in registers).
+template <int R>
+inline void moe_lora_shrink(float* u, const float* a, int64_t r, const float* x, int64_t k) {
   for (int64_t j = 0; j < r; ++j) {
-    __m512 acc[kMoELoRARows];
-    for (int64_t i = 0; i < rows; ++i) acc[i] = _mm512_setzero_ps();
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
     const float* aj = a + j * k;
     for (int64_t c = 0; c < k; c += 16) {
       const __mmask16 mask = tile_columns(k, c);
       const __m512 av = _mm512_maskz_loadu_ps(mask, aj + c);
-      for (int64_t i = 0; i < rows; ++i)
-        acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mask, x + i * k + c), acc[i]);
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mask, x + i * k + c), acc[i]);
     }
-    for (int64_t i = 0; i < rows; ++i) u[i * r + j] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < R; ++i) u[i * r + j] = _mm512_reduce_add_ps(acc[i]);
   }
 }
 
-// Rows y[i] [n] += u [rows][r] . Bt [r][n], in float32: bf16 rows rounded once, float32 rows in place.
-template <typename T>
-inline void moe_lora_expand(T* const* y, const float* u, const float* bt, int64_t r, int64_t rows, int64_t n) {
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 mask = tile_columns(n, c);
-    __m512 acc[kMoELoRARows];
-    for (int64_t i = 0; i < rows; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        acc[i] = _mm512_maskz_loadu_ps(mask, y[i] + c);
-      } else {
-        const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, y[i] + c));
-        acc[i] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));
-      }
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      const __m512 b = _mm512_maskz_loadu_ps(mask, bt + j * n + c);
-      for (int64_t i = 0; i < rows; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(u[i * r + j]), b, acc[i]);
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_storeu_ps(y[i] + c, mask, acc[i]);
-      } else {
-        _mm256_mask_storeu_epi16(y[i] + c, mask, (__m256i)_mm512_cvtneps_pbh(acc[i]));
-      }
+// Columns [c, c + 16) of R rows y[i] += u [R][r] . Bt [r][n], in float32: bf16 rows rounded once, float32 rows in
+// place.
+template <int R, typename T>
+inline void moe_lora_expand_columns(T* const* y, const float* u, const float* bt, int64_t r, int64_t n, int64_t c) {
+  const __mmask16 mask = tile_columns(n, c);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      acc[i] = _mm512_maskz_loadu_ps(mask, y[i] + c);
+    } else {
+      const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, y[i] + c));
+      acc[i] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));
     }
   }
+  for (int64_t j = 0; j < r; ++j) {
+    const __m512 b = _mm512_maskz_loadu_ps(mask, bt + j * n + c);
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(u[i * r + j]), b, acc[i]);
+  }
+  for (int i = 0; i < R; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(y[i] + c, mask, acc[i]);
+    } else {
+      _mm256_mask_storeu_epi16(y[i] + c, mask, (__m256i)_mm512_cvtneps_pbh(acc[i]));
+    }
+  }
+}
+
+// The deltas of a batch of `rows` rows (inputs xs [rows][k] float32, outputs y[i]) through one slot and expert's A
+// [r][k] and Bt [r][n], in register passes of up to kMoELoRAPass rows; each pass of the expand reads the column
+// chunk of Bt the pass before it left in L1.
+template <typename T>
+inline void moe_lora_batch(T* const* y, const float* xs, int64_t rows, int64_t k, const float* a, const float* bt,
+                           int64_t r, int64_t n, float* u) {
+  for (int64_t i = 0; i < rows; i += kMoELoRAPass) {
+    const auto shrink = [&](auto R, int64_t) { moe_lora_shrink<decltype(R)::value>(u + i * r, a, r, xs + i * k, k); };
+    if (rows - i >= kMoELoRAPass) shrink(std::integral_constant<int, kMoELoRAPass>{}, 0);
+    else remainder_pass<1, kMoELoRAPass>(rows - i, 0, shrink);
+  }
+  for (int64_t c = 0; c < n; c += 16)
+    for (int64_t i = 0; i < rows; i += kMoELoRAPass) {
+      const auto expand = [&](auto R, int64_t) {
+        moe_lora_expand_columns<decltype(R)::value, T>(y + i, u + i * r, bt, r, n, c);
+      };
+      if (rows - i >= kMoELoRAPass) expand(std::integral_constant<int, kMoELoRAPass>{}, 0);
+      else remainder_pass<1, kMoELoRAPass>(rows - i, 0, expand);
+    }
 }
 
 // For expert e's grouped rows [start, start + count) (row j of the block: slot slot_of[j], input x + j * k, output
 // y + j * n): each adapted row's delta through A [r][k] and Bt [r][n] of its (slot, e), a (slot, expert)'s rows
-// kMoELoRARows at a time (a row of a slot past a full batch starts the next batch of that slot).
+// kMoELoRABatch at a time.
 template <typename T>
 inline void moe_lora_rows(const MoELoRASlots& L, int64_t e, int64_t E, const int64_t* slot_of, int64_t start,
                           int64_t count, const bf16_t* x, int64_t k, T* y, int64_t n, const float* a,
                           const float* bt, int64_t r) {
-  std::vector<float> xs(static_cast<size_t>(kMoELoRARows * k)), u(static_cast<size_t>(kMoELoRARows * r));
+  static thread_local std::vector<float> xs, u;  // the calling thread's buffers, kept between calls
+  xs.resize(static_cast<size_t>(kMoELoRABatch * k));
+  u.resize(static_cast<size_t>(kMoELoRABatch * r));
   std::vector<char> done(static_cast<size_t>(count), 0);
   for (int64_t first = 0; first < count; ++first) {
     const int64_t s = slot_of[start + first];
     if (done[first] || s < 0 || s >= L.num_slots || !L.adapted[s]) continue;
-    T* rows_out[kMoELoRARows];
+    T* rows_out[kMoELoRABatch];
     int64_t rows = 0;
-    for (int64_t j = first; j < count && rows < kMoELoRARows; ++j) {
+    for (int64_t j = first; j < count && rows < kMoELoRABatch; ++j) {
       if (done[j] || slot_of[start + j] != s) continue;
       done[j] = 1;
       const bf16_t* xj = x + (start + j) * k;
@@ -94,8 +118,7 @@ inline void moe_lora_rows(const MoELoRASlots& L, int64_t e, int64_t E, const int
       rows_out[rows++] = y + (start + j) * n;
     }
     const int64_t at = s * E + e;
-    moe_lora_shrink(u.data(), a + at * r * k, r, xs.data(), rows, k);
-    moe_lora_expand<T>(rows_out, u.data(), bt + at * r * n, r, rows, n);
+    moe_lora_batch<T>(rows_out, xs.data(), rows, k, a + at * r * k, bt + at * r * n, r, n, u.data());
   }
 }
 #endif  // __AVX512F__
