@@ -1,12 +1,13 @@
 """Adapter slots of a mixture-of-experts block's routed experts, and the block's forward for the rows whose adapter
 adapts them.
 
-Those rows run expert by expert: each expert's gate-up and down products (the ``fused_moe`` op's
-``expert_matmul``, on its prepared weights) plus every slot's low-rank deltas in torch, added before the activation
-and after the down product; the other rows keep the op. The slots are float32 and the deltas are added in float32
-with one rounding (as the CPU's native ``lora_shrink_expand`` adds its own): a bf16 matmul of a few rows by a
-rank-16 matrix took ~4x as long as a float32 one here (Zen 4). The gate-up rank of a slot is twice ``max_lora_rank``
-(PEFT fuses gate and up into one adapter of twice the rank), the down rank ``max_lora_rank``.
+The ``fused_moe`` op runs those rows in its own mixture where it has such a form (``apply_lora``: the CPU's native
+kernel); else they run expert by expert: each expert's gate-up and down products (the op's ``expert_matmul``, on its
+prepared weights) plus every slot's low-rank deltas in torch, added before the activation and after the down
+product, while the other rows keep the op. The slots are in the model's dtype for bf16 models (as the linears' and
+vLLM's are; half the memory of float32) and float32 otherwise; either way the deltas are computed in float32 and
+added with one rounding, as the CPU's native ``lora_shrink_expand`` adds its own. The gate-up rank of a slot is twice
+``max_lora_rank`` (PEFT fuses gate and up into one adapter of twice the rank), the down rank ``max_lora_rank``.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from pagoda.lora.peft_experts import ExpertsAdapter
 from pagoda.ops.reference_moe import mix_experts
 
 
-#: The experts' slots' dtype, whatever the model's.
-SLOT_DTYPE = torch.float32
+def slot_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The experts' slots' dtype for a model of ``model_dtype``: bf16 for bf16 models, else float32."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
 
 
 class ExpertsLoRA:
     """One experts block's slots: ``a13`` [S, E, 2R, H], ``bt13`` [S, E, 2R, 2I], ``a2`` [S, E, R, I], ``bt2``
-    [S, E, R, H] (R = ``max_rank``; float32; each ``B`` transposed, rank-major, and holding its scaling);
+    [S, E, R, H] (R = ``max_rank``; :func:`slot_dtype`; each ``B`` transposed, rank-major, holding its scaling);
     ``adapted[s]``: whether slot ``s``'s adapter adapts this block (also as the uint8 tensor ``adapted_mask``)."""
 
     def __init__(self, step: Any, num_experts: int, hidden: int, intermediate: int, num_slots: int, max_rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.step = step
         shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-        self.a13, self.bt13, self.a2, self.bt2 = (torch.zeros(s, dtype=SLOT_DTYPE, device=device) for s in shapes)
+        kind = slot_dtype(dtype)
+        self.a13, self.bt13, self.a2, self.bt2 = (torch.zeros(s, dtype=kind, device=device) for s in shapes)
         self.adapted = [False] * num_slots
         self.adapted_mask = torch.zeros(num_slots, dtype=torch.uint8, device=device)
 
@@ -106,11 +109,11 @@ class ExpertsLoRA:
         """``y + (x a[s]^T) bt[s]`` for each row's slot ``s``, in float32, rounded once to ``y``'s dtype."""
         x32, total = x.float(), y.float()
         if slots is None:
-            return (total + F.linear(x32, a[present[0]]) @ bt[present[0]]).to(y.dtype)
+            return (total + F.linear(x32, a[present[0]].float()) @ bt[present[0]].float()).to(y.dtype)
         for slot in present:
             pick = (slots == slot).nonzero().squeeze(-1)
             if pick.numel():
-                total[pick] += F.linear(x32[pick], a[slot]) @ bt[slot]
+                total[pick] += F.linear(x32[pick], a[slot].float()) @ bt[slot].float()
         return total.to(y.dtype)
 
 
@@ -121,7 +124,8 @@ def experts_slot_shapes(num_slots: int, num_experts: int, hidden: int, intermedi
     return [(s, e, 2 * r, hidden), (s, e, 2 * r, 2 * intermediate), (s, e, r, intermediate), (s, e, r, hidden)]
 
 
-def experts_slots_nbytes(num_slots: int, num_experts: int, hidden: int, intermediate: int, max_rank: int) -> int:
-    """What :class:`ExpertsLoRA` with these arguments allocates (the slots and ``adapted_mask``)."""
+def experts_slots_nbytes(num_slots: int, num_experts: int, hidden: int, intermediate: int, max_rank: int,
+                         dtype: torch.dtype) -> int:
+    """What :class:`ExpertsLoRA` with these arguments (``dtype``: the model's) allocates: slots and ``adapted_mask``."""
     shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-    return sum(math.prod(shape) for shape in shapes) * SLOT_DTYPE.itemsize + num_slots
+    return sum(math.prod(shape) for shape in shapes) * slot_dtype(dtype).itemsize + num_slots

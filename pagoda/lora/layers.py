@@ -73,7 +73,7 @@ def lora_slots_nbytes(model: torch.nn.Module, op: Any, num_slots: int, max_rank:
     """What :func:`attach_lora` will allocate on the device for ``model``'s adapter slots."""
     linears = sum(op.slots_nbytes(num_slots, max_rank, m.input_size, m.output_sizes, dtype)
                   for m in _lora_linears(model))
-    experts = sum(experts_slots_nbytes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size, max_rank)
+    experts = sum(experts_slots_nbytes(num_slots, m.num_experts, m.hidden_size, m.intermediate_size, max_rank, dtype)
                   for m in _lora_experts(model))
     return linears + experts
 
@@ -88,7 +88,7 @@ def attach_lora(model: torch.nn.Module, step: LoRAStep, num_slots: int, max_rank
         layers[module.prefix] = module.lora
     for module in _lora_experts(model):
         module.lora = ExpertsLoRA(step, module.num_experts, module.hidden_size, module.intermediate_size, num_slots,
-                                  max_rank, device)
+                                  max_rank, device, dtype)
     if not layers:
         raise ValueError(f"enable_lora: the model ({type(model).__name__}) has no layer LoRA adapters can target "
                          f"({', '.join(LORA_LAYER_NAMES)})")

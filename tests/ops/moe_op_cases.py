@@ -72,10 +72,10 @@ def moe_topk(impl, ref, dtype):
             torch.testing.assert_close(ref_weights.double(), expected, rtol=1e-5, atol=1e-6, msg=what)
 
 
-def _experts_lora(experts: int, hidden: int, inter: int, g: torch.Generator) -> ExpertsLoRA:
-    """Three slots of rank up to 4: slot 0 adapts gate-up and down at rank 4, slot 1 only down at rank 2; slot 2 holds
-    numbers but its adapter does not adapt this block (no delta may come from it)."""
-    lora = ExpertsLoRA(None, experts, hidden, inter, num_slots=3, max_rank=4, device=torch.device("cpu"))
+def _experts_lora(experts: int, hidden: int, inter: int, g: torch.Generator, dtype: torch.dtype) -> ExpertsLoRA:
+    """Three slots of rank up to 4 for a model of ``dtype``: slot 0 adapts gate-up and down at rank 4, slot 1 only
+    down at rank 2; slot 2 holds numbers but its adapter does not adapt this block (no delta may come from it)."""
+    lora = ExpertsLoRA(None, experts, hidden, inter, num_slots=3, max_rank=4, device=torch.device("cpu"), dtype=dtype)
     for t in (lora.a13, lora.bt13, lora.a2, lora.bt2):
         t.copy_(torch.randn(t.shape, generator=g) * 0.3)
     lora.a13[1] = 0
@@ -114,7 +114,7 @@ def fused_moe_lora(impl, ref, dtype):
         w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
         w2 = (torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
         handle = impl.prepare(w13.clone(), w2.clone())
-        lora = _experts_lora(experts, hidden, inter, g)
+        lora = _experts_lora(experts, hidden, inter, g, dtype)
         for tokens in (1, 5, 64):  # decode batches: one token, a few, W1's 64 (several rows per expert and slot)
             x = torch.randn(tokens, hidden, generator=g).to(dtype)
             topk_ids = torch.rand(tokens, experts, generator=g).topk(k, dim=-1).indices

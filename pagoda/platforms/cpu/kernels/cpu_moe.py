@@ -58,18 +58,20 @@ TOKENS_PER_CALL = 1024
 
 
 class MoELoRASlots(ctypes.Structure):
-    """``cpu_moe_lora.h``'s MoELoRASlots: an experts block's float32 adapter slots (:class:`pagoda.lora.experts.
-    ExpertsLoRA`) as the native kernel reads them; keeps the slots alive."""
+    """``cpu_moe_lora.h``'s MoELoRASlots: an experts block's adapter slots (:class:`pagoda.lora.experts.ExpertsLoRA`,
+    bf16 or float32) as the native kernel reads them; keeps the slots alive."""
 
     _fields_ = [(name, c_void_p) for name in ("a13", "bt13", "a2", "bt2", "adapted")] + [
-        ("num_slots", c_int64), ("rank", c_int64)]
+        ("num_slots", c_int64), ("rank", c_int64), ("bf16", c_int64)]
 
     def __init__(self, lora: Any) -> None:
         tensors = (lora.a13, lora.bt13, lora.a2, lora.bt2)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-            raise TypeError("fused_moe: expert adapter slots must be contiguous float32")
+        kind = lora.a13.dtype
+        if kind not in (torch.float32, torch.bfloat16) or any(t.dtype != kind or not t.is_contiguous()
+                                                              for t in tensors):
+            raise TypeError("fused_moe: expert adapter slots must be contiguous, all float32 or all bfloat16")
         super().__init__(*(t.data_ptr() for t in tensors), lora.adapted_mask.data_ptr(), lora.a13.shape[0],
-                         lora.a2.shape[2])
+                         lora.a2.shape[2], int(kind == torch.bfloat16))
         self.lora = lora
 
 

@@ -130,8 +130,8 @@ inline bool fused_moe(bf16_t* y, const bf16_t* x, const float* topk_w, const int
     slot_of.resize(static_cast<size_t>(pairs));
     for (int64_t p = 0; p < pairs; ++p) slot_of[row_of[p]] = token_slot[p / k];
   }
-  const auto lora_deltas = [&](auto* out_rows, const bf16_t* in, int64_t in_n, int64_t out_n, const float* a,
-                               const float* bt, int64_t rank) {
+  const auto lora_deltas = [&](auto* out_rows, const bf16_t* in, int64_t in_n, int64_t out_n, const void* a,
+                               const void* bt, int64_t rank) {
     share_tasks(static_cast<int64_t>(active.size()), num_threads, [&](int64_t i) {
       const int64_t e = active[i];
       moe_lora_rows(*lora, e, E, slot_of.data(), start[e], count[e], in, in_n, out_rows, out_n, a, bt, rank);

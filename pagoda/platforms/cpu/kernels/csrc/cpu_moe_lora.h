@@ -1,9 +1,10 @@
 // LoRA adapters on a mixture-of-experts block's routed experts, inside the fused expert MLP (cpu_moe.h): after an
 // expert's gate-up product, each adapted row gets (x A13^T) B13^T added before the activation, and after its down
-// product (act A2^T) B2^T, for the adapter slot of the row's token. The slots are float32 with the adapter's scaling
-// folded into B, and B is kept transposed ([rank][out]), so the expand is a row of multiply-adds per rank entry over
-// contiguous outputs. A gate-up delta is added to the bf16 product in float32 and rounded once; a down delta is added
-// to the float32 product before the weighted sum over the token's experts.
+// product (act A2^T) B2^T, for the adapter slot of the row's token. The slots are bf16 or float32 with the adapter's
+// scaling folded into B, and B is kept transposed ([rank][out]), so the expand is a row of multiply-adds per rank
+// entry over contiguous outputs. The products are float32 whatever the slots; a gate-up delta is added to the bf16
+// product in float32 and rounded once; a down delta is added to the float32 product before the weighted sum over the
+// token's experts.
 #pragma once
 
 #include <type_traits>
@@ -13,16 +14,16 @@
 
 namespace {
 
-// One experts block's slots: slot s, expert e's A13 [2R][H] at a13 + (s * E + e) * 2R * H, its B13^T [2R][2I],
-// A2 [R][I] and B2^T [R][H] likewise; adapted[s]: whether slot s's adapter adapts this block (else its rows take
-// no delta).
+// One experts block's slots (bf16 where `bf16`, else float32): slot s, expert e's A13 [2R][H] at
+// a13 + (s * E + e) * 2R * H elements, its B13^T [2R][2I], A2 [R][I] and B2^T [R][H] likewise; adapted[s]: whether
+// slot s's adapter adapts this block (else its rows take no delta).
 struct MoELoRASlots {
-  const float* a13;
-  const float* bt13;
-  const float* a2;
-  const float* bt2;
+  const void* a13;
+  const void* bt13;
+  const void* a2;
+  const void* bt2;
   const uint8_t* adapted;
-  int64_t num_slots, rank;
+  int64_t num_slots, rank, bf16;
 };
 
 #if defined(__AVX512F__)
@@ -31,15 +32,20 @@ constexpr int64_t kMoELoRABatch = 32;  // rows of one slot and expert taken toge
 
 // u [R][r] = X [R][k] (float32, rows k apart) . A [r][k]^T, for R rows (R a compile-time count: the accumulators stay
 // in registers).
-template <int R>
-inline void moe_lora_shrink(float* u, const float* a, int64_t r, const float* x, int64_t k) {
+inline __m512 load_slot16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_slot16(const bf16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+template <int R, typename W>
+inline void moe_lora_shrink(float* u, const W* a, int64_t r, const float* x, int64_t k) {
   for (int64_t j = 0; j < r; ++j) {
     __m512 acc[R];
     for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-    const float* aj = a + j * k;
+    const W* aj = a + j * k;
     for (int64_t c = 0; c < k; c += 16) {
       const __mmask16 mask = tile_columns(k, c);
-      const __m512 av = _mm512_maskz_loadu_ps(mask, aj + c);
+      const __m512 av = load_slot16(aj + c, mask);
       for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mask, x + i * k + c), acc[i]);
     }
     for (int i = 0; i < R; ++i) u[i * r + j] = _mm512_reduce_add_ps(acc[i]);
@@ -48,8 +54,8 @@ inline void moe_lora_shrink(float* u, const float* a, int64_t r, const float* x,
 
 // Columns [c, c + 16) of R rows y[i] += u [R][r] . Bt [r][n], in float32: bf16 rows rounded once, float32 rows in
 // place.
-template <int R, typename T>
-inline void moe_lora_expand_columns(T* const* y, const float* u, const float* bt, int64_t r, int64_t n, int64_t c) {
+template <int R, typename T, typename W>
+inline void moe_lora_expand_columns(T* const* y, const float* u, const W* bt, int64_t r, int64_t n, int64_t c) {
   const __mmask16 mask = tile_columns(n, c);
   __m512 acc[R];
   for (int i = 0; i < R; ++i) {
@@ -61,7 +67,7 @@ inline void moe_lora_expand_columns(T* const* y, const float* u, const float* bt
     }
   }
   for (int64_t j = 0; j < r; ++j) {
-    const __m512 b = _mm512_maskz_loadu_ps(mask, bt + j * n + c);
+    const __m512 b = load_slot16(bt + j * n + c, mask);
     for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(u[i * r + j]), b, acc[i]);
   }
   for (int i = 0; i < R; ++i) {
@@ -76,8 +82,8 @@ inline void moe_lora_expand_columns(T* const* y, const float* u, const float* bt
 // The deltas of a batch of `rows` rows (inputs xs [rows][k] float32, outputs y[i]) through one slot and expert's A
 // [r][k] and Bt [r][n], in register passes of up to kMoELoRAPass rows; each pass of the expand reads the column
 // chunk of Bt the pass before it left in L1.
-template <typename T>
-inline void moe_lora_batch(T* const* y, const float* xs, int64_t rows, int64_t k, const float* a, const float* bt,
+template <typename T, typename W>
+inline void moe_lora_batch(T* const* y, const float* xs, int64_t rows, int64_t k, const W* a, const W* bt,
                            int64_t r, int64_t n, float* u) {
   for (int64_t i = 0; i < rows; i += kMoELoRAPass) {
     const auto shrink = [&](auto R, int64_t) { moe_lora_shrink<decltype(R)::value>(u + i * r, a, r, xs + i * k, k); };
@@ -87,7 +93,7 @@ inline void moe_lora_batch(T* const* y, const float* xs, int64_t rows, int64_t k
   for (int64_t c = 0; c < n; c += 16)
     for (int64_t i = 0; i < rows; i += kMoELoRAPass) {
       const auto expand = [&](auto R, int64_t) {
-        moe_lora_expand_columns<decltype(R)::value, T>(y + i, u + i * r, bt, r, n, c);
+        moe_lora_expand_columns<decltype(R)::value, T, W>(y + i, u + i * r, bt, r, n, c);
       };
       if (rows - i >= kMoELoRAPass) expand(std::integral_constant<int, kMoELoRAPass>{}, 0);
       else remainder_pass<1, kMoELoRAPass>(rows - i, 0, expand);
@@ -99,8 +105,8 @@ inline void moe_lora_batch(T* const* y, const float* xs, int64_t rows, int64_t k
 // kMoELoRABatch at a time.
 template <typename T>
 inline void moe_lora_rows(const MoELoRASlots& L, int64_t e, int64_t E, const int64_t* slot_of, int64_t start,
-                          int64_t count, const bf16_t* x, int64_t k, T* y, int64_t n, const float* a,
-                          const float* bt, int64_t r) {
+                          int64_t count, const bf16_t* x, int64_t k, T* y, int64_t n, const void* a,
+                          const void* bt, int64_t r) {
   static thread_local std::vector<float> xs, u;  // the calling thread's buffers, kept between calls
   xs.resize(static_cast<size_t>(kMoELoRABatch * k));
   u.resize(static_cast<size_t>(kMoELoRABatch * r));
@@ -118,7 +124,12 @@ inline void moe_lora_rows(const MoELoRASlots& L, int64_t e, int64_t E, const int
       rows_out[rows++] = y + (start + j) * n;
     }
     const int64_t at = s * E + e;
-    moe_lora_batch<T>(rows_out, xs.data(), rows, k, a + at * r * k, bt + at * r * n, r, n, u.data());
+    if (L.bf16)
+      moe_lora_batch<T>(rows_out, xs.data(), rows, k, static_cast<const bf16_t*>(a) + at * r * k,
+                        static_cast<const bf16_t*>(bt) + at * r * n, r, n, u.data());
+    else
+      moe_lora_batch<T>(rows_out, xs.data(), rows, k, static_cast<const float*>(a) + at * r * k,
+                        static_cast<const float*>(bt) + at * r * n, r, n, u.data());
   }
 }
 #endif  // __AVX512F__
