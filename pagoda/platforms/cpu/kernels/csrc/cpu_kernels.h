@@ -1,5 +1,6 @@
 // Kernel templates shared by pagoda's native CPU library (cpu_kernels.cpp: the per-op C API; cpu_decode.cpp: the
-// fused decode step). Internal linkage: each translation unit instantiates what it uses.
+// fused decode step; cpu_head_api.cpp, the LM head's, includes only what it needs). Internal linkage: each
+// translation unit instantiates what it uses.
 #pragma once
 
 #include "cpu_attention.h"
