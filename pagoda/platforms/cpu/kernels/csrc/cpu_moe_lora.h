@@ -30,13 +30,14 @@ struct MoELoRASlots {
 constexpr int kMoELoRAPass = 8;    // rows whose accumulators live in registers together
 constexpr int64_t kMoELoRABatch = 32;  // rows of one slot and expert taken together: A and B read once for them
 
-// u [R][r] = X [R][k] (float32, rows k apart) . A [r][k]^T, for R rows (R a compile-time count: the accumulators stay
-// in registers).
+// 16 slot values (masked) as float32.
 inline __m512 load_slot16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 load_slot16(const bf16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
+// u [R][r] = X [R][k] (float32, rows k apart) . A [r][k]^T, for R rows (R a compile-time count: the accumulators stay
+// in registers).
 template <int R, typename W>
 inline void moe_lora_shrink(float* u, const W* a, int64_t r, const float* x, int64_t k) {
   for (int64_t j = 0; j < r; ++j) {
