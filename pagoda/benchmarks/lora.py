@@ -55,7 +55,7 @@ def write_random_adapter(llm: Any, path: str, rank: int, seed: int) -> str:
     from safetensors.torch import save_file
 
     manager = llm.llm_engine.runner.lora
-    originals = {(merged, shard): original for merged, original, shard in manager._stacked}
+    originals = {(merged, shard): original for merged, original, shard in manager.model.stacked_params}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, lora in manager.layers.items():

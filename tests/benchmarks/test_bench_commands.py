@@ -32,6 +32,14 @@ def test_throughput_counts_every_token(tiny_chat_model_dir, tmp_path, capsys):
     assert "Throughput:" in capsys.readouterr().out
 
 
+def test_throughput_spreads_requests_over_generated_lora_adapters(tiny_chat_model_dir, tmp_path):
+    result = _run(["throughput", "--model", tiny_chat_model_dir, *ENGINE, "--dataset-name", "random",
+                   "--input-len", "12", "--output-len", "4", "--num-prompts", "4", "--num-iters", "1",
+                   "--num-loras", "2", "--lora-rank", "4", "--max-loras", "2"], tmp_path)
+    assert result["num_loras"] == 2
+    assert result["num_prompt_tokens"] == 48 and result["num_output_tokens"] == 16
+
+
 def test_throughput_random_flags_and_range_ratio(tiny_chat_model_dir, tmp_path):
     result = _run(["throughput", "--model", tiny_chat_model_dir, *ENGINE, "--random-input-len", "20",
                    "--random-output-len", "6", "--random-range-ratio", "0.5", "--num-prompts", "3", "--seed", "5",
