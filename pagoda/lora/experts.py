@@ -30,7 +30,8 @@ def slot_dtype(model_dtype: torch.dtype) -> torch.dtype:
 class ExpertsLoRA:
     """One experts block's slots: ``a13`` [S, E, 2R, H], ``bt13`` [S, E, 2R, 2I], ``a2`` [S, E, R, I], ``bt2``
     [S, E, R, H] (R = ``max_rank``; :func:`slot_dtype`; each ``B`` transposed, rank-major, holding its scaling);
-    ``adapted[s]``: whether slot ``s``'s adapter adapts this block (also as the uint8 tensor ``adapted_mask``)."""
+    ``adapted[s]``: whether slot ``s``'s adapter adapts this block, also as the uint8 tensor ``adapted_mask`` [S + 1]
+    (the native kernel reads it; its last entry, always 0, is what slot -1 indexes)."""
 
     def __init__(self, step: Any, num_experts: int, hidden: int, intermediate: int, num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype = torch.float32) -> None:
@@ -39,7 +40,7 @@ class ExpertsLoRA:
         kind = slot_dtype(dtype)
         self.a13, self.bt13, self.a2, self.bt2 = (torch.zeros(s, dtype=kind, device=device) for s in shapes)
         self.adapted = [False] * num_slots
-        self.adapted_mask = torch.zeros(num_slots, dtype=torch.uint8, device=device)
+        self.adapted_mask = torch.zeros(num_slots + 1, dtype=torch.uint8, device=device)
 
     def set_slot(self, slot: int, adapter: ExpertsAdapter | None) -> None:
         for t in (self.a13, self.bt13, self.a2, self.bt2):
@@ -63,8 +64,7 @@ class ExpertsLoRA:
         slots = self.step.token_slots
         if slots is None or not self.step.experts_active or not any(self.adapted):
             return None
-        adapted = torch.tensor(self.adapted + [False], device=slots.device)
-        mine = torch.where(adapted[slots], slots, -1)  # slot -1 indexes the appended False
+        mine = torch.where(self.adapted_mask[slots].bool(), slots, -1)  # slot -1 indexes the mask's last 0
         return mine if bool((mine >= 0).any()) else None
 
     def forward(self, op: Any, handle: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -128,4 +128,4 @@ def experts_slots_nbytes(num_slots: int, num_experts: int, hidden: int, intermed
                          dtype: torch.dtype) -> int:
     """What :class:`ExpertsLoRA` with these arguments (``dtype``: the model's) allocates: slots and ``adapted_mask``."""
     shapes = experts_slot_shapes(num_slots, num_experts, hidden, intermediate, max_rank)
-    return sum(math.prod(shape) for shape in shapes) * slot_dtype(dtype).itemsize + num_slots
+    return sum(math.prod(shape) for shape in shapes) * slot_dtype(dtype).itemsize + num_slots + 1

@@ -82,7 +82,7 @@ def _experts_lora(experts: int, hidden: int, inter: int, g: torch.Generator, dty
     lora.bt13[1] = 0
     lora.a2[1, :, 2:] = 0
     lora.adapted = [True, True, False]
-    lora.adapted_mask.copy_(torch.tensor([1, 1, 0], dtype=torch.uint8))
+    lora.adapted_mask[:3] = torch.tensor([1, 1, 0], dtype=torch.uint8)
     return lora
 
 
