@@ -75,8 +75,7 @@ def instrument(engine) -> StageTimer:
     runner = engine.runner
     timer.wrap(runner.model, "forward", "model.forward")
     timer.wrap(runner.model, "compute_logits", "model.compute_logits")
-    if hasattr(runner.model, "compute_greedy"):  # the LM head of all-greedy steps (argmax without logits)
-        timer.wrap(runner.model, "compute_greedy", "model.compute_greedy")
+    timer.wrap(runner.model, "compute_greedy", "model.compute_greedy")  # all-greedy steps: argmax without logits
     timer.wrap(engine.scheduler, "schedule", "scheduler.schedule")
     timer.wrap(runner, "_update_states", "runner.update_states")
     timer.wrap(runner, "_build_batch", "runner.build_batch")

@@ -22,6 +22,7 @@ from pagoda.distributed.pipeline import IntermediateTensors, layer_partition, st
 if TYPE_CHECKING:
     from pagoda.core.config import EngineConfig
     from pagoda.core.model_runner import ModelRunner, RunnerOutput
+    from pagoda.models.interface import PagodaModel
 
 
 def stage_num_layers(config: EngineConfig) -> int:
@@ -30,7 +31,7 @@ def stage_num_layers(config: EngineConfig) -> int:
     return end - start
 
 
-def check_pipeline_config(config: EngineConfig, model_cls: type) -> None:
+def check_pipeline_config(config: EngineConfig, model_cls: type[PagodaModel]) -> None:
     """Refuse, at configuration time, what pipeline parallelism can't run, naming the settings involved."""
     pp = config.parallel.pipeline_parallel_size
     if pp == 1:
@@ -40,7 +41,7 @@ def check_pipeline_config(config: EngineConfig, model_cls: type) -> None:
     if mc.is_encoder_only or mc.task != "generate":
         raise ValueError(f"pipeline_parallel_size={pp}: pipeline parallelism runs text generation only; {arch} "
                          f"serves the {mc.task!r} task (use pipeline_parallel_size=1)")
-    if not getattr(model_cls, "supports_pp", False):
+    if not model_cls.supports_pp:
         raise ValueError(f"pipeline_parallel_size={pp}: the {arch} architecture can't be split into pipeline "
                          "stages (use pipeline_parallel_size=1)")
     if config.speculative_config is not None:

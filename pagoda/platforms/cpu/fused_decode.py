@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pagoda.attention_backends.torch_sdpa import SdpaMetadata
 from pagoda.ops.reference_attention import DecodePlan
 from pagoda.platforms.cpu import ops as cpu_op_impls
 from pagoda.platforms.cpu import quant_ops as cpu_quant_op_impls
@@ -263,7 +264,8 @@ class FusedDecode:
     def applies(self, metadata: Any, num_tokens: int) -> bool:
         """A decode-only step, small enough where the linear op changes kernels with the batch size, whose adapter
         rows (if any) this step can apply (those of the native slots)."""
-        plan = (getattr(metadata, "decode_plans", None) or {}).get(self.window)
+        # The native step reads the paged decode attention's plans, which only TORCH_SDPA's metadata carries.
+        plan = metadata.decode_plans.get(self.window) if isinstance(metadata, SdpaMetadata) else None
         return (type(plan) is DecodePlan and metadata.num_decodes == num_tokens and not metadata.prefills
                 and (self.max_tokens is None or num_tokens <= self.max_tokens)
                 and (self.lora_step is None or self.lora_step.plan is None or self.lora_fused))

@@ -1,4 +1,4 @@
-"""Tensor-level entry points to the native CPU kernels (see :mod:`pagoda.kernels.cpu`).
+"""Tensor-level entry points to the native CPU kernels (see :mod:`pagoda.platforms.cpu.kernels.cpu`).
 
 The CPU platform's op implementations (:mod:`pagoda.platforms.cpu.ops`) call these; each entry point checks
 the layouts it addresses (``None`` or ``False`` where it doesn't apply).
