@@ -8,6 +8,17 @@ from pagoda.platforms.interface import Platform
 from pagoda.plugins.hookspecs import hookimpl
 
 
+#: Architecture levels an op may require: ``sm_XY`` in an implementation's ``requires`` means compute capability
+#: X.Y or newer.
+SM_LEVELS = (70, 75, 80, 86, 89, 90, 100, 120)
+
+
+def sm_capabilities(level: int) -> frozenset[str]:
+    """What a GPU of compute capability ``level`` (``10 * major + minor``) reports: its own ``sm_XY`` and every
+    level of :data:`SM_LEVELS` up to it."""
+    return frozenset({f"sm_{level}"} | {f"sm_{v}" for v in SM_LEVELS if v <= level})
+
+
 def torch_build() -> str:
     """What this torch was built for, for reasons shown to users (e.g. ``torch 2.13.0+cpu (CPU only)``)."""
     if torch.version.hip:
@@ -43,6 +54,13 @@ class CudaPlatform(Platform):
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             return f"no CUDA device found ({torch_build()}; check the driver and CUDA_VISIBLE_DEVICES)"
         return None
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        if cls.unavailable_reason() is not None:
+            return frozenset()
+        major, minor = torch.cuda.get_device_capability(0)
+        return sm_capabilities(10 * major + minor)
 
     @classmethod
     def default_dtype(cls, model_dtype: torch.dtype) -> torch.dtype:

@@ -32,6 +32,14 @@ class RocmPlatform(CudaPlatform):
         return None
 
     @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        # An AMD GPU's architecture (``gfx942``, …), not a CUDA compute capability.
+        if cls.unavailable_reason() is not None:
+            return frozenset()
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+        return frozenset({arch.split(":")[0]}) if arch else frozenset()
+
+    @classmethod
     def describe(cls) -> dict[str, object]:
         facts = super().describe()
         if cls.unavailable_reason() is None:

@@ -10,7 +10,8 @@ import torch
 
 from pagoda.platforms import resolve_platform
 from pagoda.platforms.cpu import CpuPlatform
-from pagoda.platforms.cuda import CudaPlatform
+from pagoda.ops.interface import OpImpl
+from pagoda.platforms.cuda import CudaPlatform, sm_capabilities
 from pagoda.platforms.rocm import RocmPlatform
 from pagoda.platforms.tpu import TpuPlatform
 from pagoda.platforms.xpu import XpuPlatform
@@ -64,6 +65,32 @@ def test_cuda_reason_here():
         assert "pip install pagoda-llm[cuda]" in reason
     else:
         assert "no CUDA device found" in reason
+
+
+def test_sm_capabilities_mean_that_level_or_newer():
+    assert {"sm_70", "sm_80", "sm_86"} <= sm_capabilities(86) and "sm_89" not in sm_capabilities(86)
+    assert {"sm_80", "sm_90"} <= sm_capabilities(90) and "sm_100" not in sm_capabilities(90)
+    assert "sm_87" in sm_capabilities(87)  # a level outside the list still names itself
+
+
+class _NeedsHopper(OpImpl):
+    op, name, platforms, requires = "rms_norm", "needs_sm90", ("cuda",), ("sm_90",)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is present")
+def test_an_op_requiring_a_compute_capability_is_refused_with_its_reason_here():
+    assert CudaPlatform.capabilities() == frozenset()
+    reason = _NeedsHopper.unavailable_reason(CudaPlatform, torch.bfloat16)
+    assert reason is not None and "sm_90" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_reports_its_compute_capability():
+    major, minor = torch.cuda.get_device_capability(0)
+    caps = CudaPlatform.capabilities()
+    assert f"sm_{10 * major + minor}" in caps and "sm_70" in caps
+    assert (_NeedsHopper.unavailable_reason(CudaPlatform, torch.bfloat16) is None) == (major >= 9)
 
 
 @pytest.mark.skipif(HAS_HIP, reason="an AMD GPU is present")
