@@ -30,8 +30,9 @@ def _tiny_config(kind: str):
         return LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "llama3_rope":
         return LlamaConfig(**{**common, "num_key_value_heads": 1}, tie_word_embeddings=True,
-                           rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+                           rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 256})
     if kind == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True)
     if kind == "mistral":

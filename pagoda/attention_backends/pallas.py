@@ -6,7 +6,8 @@ request's keys, so prefix hits, chunks and decodes need no separate paths.
 
 Cache layout: ``[1, num_blocks, block_size, 2 * num_kv_heads, head_size]``; ``kv_cache[0]`` is the kernel's
 page array, keys and values interleaved per head (``k0, v0, k1, v1, ...``). The leading 1 keeps blocks on
-dimension 1, as for every backend, so the engine copies blocks the same way whatever the backend. Install: ``pip install pagoda-llm[tpu]``.
+dimension 1, as for every backend, so the engine copies blocks the same way whatever the backend. Install:
+``pip install pagoda-llm[tpu]``.
 """
 
 from __future__ import annotations

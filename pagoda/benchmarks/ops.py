@@ -90,7 +90,8 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
     elif op in ("rms_norm", "silu_and_mul", "gelu_and_mul"):
         for workload, m in (("W2", 1), ("W1 decode", 64), ("W1 prefill", 2048)):
             if op == "rms_norm":
-                x, res, w = torch.randn(m, HIDDEN).to(dtype), torch.randn(m, HIDDEN).to(dtype), torch.ones(HIDDEN, dtype=dtype)
+                x, res, w = (torch.randn(m, HIDDEN).to(dtype), torch.randn(m, HIDDEN).to(dtype),
+                             torch.ones(HIDDEN, dtype=dtype))
                 fn, moved, shape = (lambda: impl(x, w, 1e-5, res)), 4 * m * HIDDEN * esz, f"{m}x{HIDDEN} +residual"
             else:
                 x = torch.randn(m, 2 * FFN).to(dtype)
@@ -154,7 +155,8 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
             lens = torch.full((n,), ctx, dtype=torch.int32)
             plan = impl.plan(table, lens, lens, block, None)
             q = torch.randn(n, HEADS, D).to(dtype)
-            add(workload, f"{n} x {ctx} tokens", _median_s(lambda: impl.run(q, cache[0], cache[1], plan, D ** -0.5), iters),
+            add(workload, f"{n} x {ctx} tokens",
+                _median_s(lambda: impl.run(q, cache[0], cache[1], plan, D ** -0.5), iters),
                 nbytes=2 * n * ctx * KV_HEADS * D * esz)
     elif op == "prefill_attention":
         n, length, block = 16, 128, 16

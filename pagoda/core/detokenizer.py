@@ -95,7 +95,8 @@ def stop_bounds(params: SamplingParams, eos_token_ids: set[int] | frozenset[int]
     return limit, frozenset(stops)
 
 
-def find_stop_string(text: str, new_char_count: int, stops: list[str], include_in_output: bool) -> tuple[str, int] | None:
+def find_stop_string(text: str, new_char_count: int, stops: list[str],
+                     include_in_output: bool) -> tuple[str, int] | None:
     """The earliest stop string that ends in the last ``new_char_count`` characters of ``text``.
 
     Returns ``(stop_string, truncate_to)``: the text must be cut to ``text[:truncate_to]`` (before the stop

@@ -95,9 +95,10 @@ def filter_thresholds(
       those min_p and top-k kept) have less than ``top_p`` of the probability; the most likely token
       always survives, so a tiny top_p is greedy.
 
-    ``weights`` is :func:`exp_weights` of ``logits``. Sorting the whole vocabulary is slow on CPUs (hundreds of ms for 64 x 49152), while a real model's
-    nucleus usually holds a few dozen tokens. With ``use_candidates`` the nucleus is looked for among the
-    ``topk`` most likely tokens, and only rows whose nucleus they do not cover (flat distributions) sort.
+    ``weights`` is :func:`exp_weights` of ``logits``. Sorting the whole vocabulary is slow on CPUs (hundreds of ms
+    for 64 x 49152), while a real model's nucleus usually holds a few dozen tokens. With ``use_candidates`` the
+    nucleus is looked for among the ``topk`` most likely tokens, and only rows whose nucleus they do not cover
+    (flat distributions) sort.
     Without it (accelerators, where sorting is cheap and a coverage test would sync) every top-p row sorts.
     """
     rows, vocab_size = logits.shape

@@ -142,7 +142,8 @@ def compute_logprobs_tensors(logprobs: torch.Tensor, chosen: torch.Tensor, num_t
     return LogprobsTensors(token_ids, values, ranks)
 
 
-def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor | list[int], num_logprobs: int) -> LogprobsTensors:
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor | list[int],
+                            num_logprobs: int) -> LogprobsTensors:
     """Prompt logprobs: row ``i`` of ``logits`` predicts ``next_token_ids[i]`` (the prompt token after it).
 
     ``num_logprobs`` -1 means the whole vocabulary. Logprobs are of the raw model distribution.

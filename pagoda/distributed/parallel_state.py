@@ -121,7 +121,8 @@ def init_distributed_environment(world_size: int, rank: int, init_method: str, b
                                 timeout=datetime.timedelta(seconds=timeout_s))
     ranks = list(range(dist.get_world_size()))
     _WORLD = ParallelGroup(ranks, dist.get_rank(), dist.group.WORLD,
-                           dist.group.WORLD if backend in ("gloo", "cpu:gloo") else dist.new_group(ranks, backend="gloo"))
+                           dist.group.WORLD if backend in ("gloo", "cpu:gloo")
+                           else dist.new_group(ranks, backend="gloo"))
 
 
 def _make_group(rank_lists: list[list[int]], backend: str) -> ParallelGroup:

@@ -4,8 +4,9 @@ A :class:`QuantizationConfig` (one per format, registered by ``pagoda_register_q
 built from a checkpoint's ``quantization_config`` (or from the file format, for GGUF) and hands each layer of
 the model its method. A :class:`LinearMethod` owns a linear layer's parameters: ``create_weights`` registers
 them on the layer, each with a ``weight_loader(param, loaded, shard_id)`` attribute the model's
-``load_weights`` calls; ``process_weights_after_loading`` (called once the weights are on the device they run on) hands them to the op
-that multiplies by them (``linear_dense``, ``linear_block_quant``, … from :func:`pagoda.ops.current_ops`);
+``load_weights`` calls; ``process_weights_after_loading`` (called once the weights are on the device they run
+on) hands them to the op that multiplies by them (``linear_dense``, ``linear_block_quant``, … from
+:func:`pagoda.ops.current_ops`);
 ``apply`` computes ``x @ W.T + b``; ``kernel`` exposes the op and its weight handle so a platform can fuse the
 layer into a decode step (:meth:`Platform.fused_decode`). Linear layers never look inside.
 

@@ -157,7 +157,8 @@ def test_multibyte_characters_are_held_until_complete(tokenizer):
 
 def test_no_spaces_between_special_tokens(wordpiece_tokenizer):
     tok = wordpiece_tokenizer
-    ids = tok.encode("hello world") + [tok.sep_token_id, tok.cls_token_id] + tok.encode("again", add_special_tokens=False)
+    ids = (tok.encode("hello world") + [tok.sep_token_id, tok.cls_token_id]
+           + tok.encode("again", add_special_tokens=False))
     assert tok.decode(ids) == "[CLS] hello world [SEP] [SEP] [CLS] again"
     for spaces, expected in ((True, "[CLS] hello world [SEP] [SEP] [CLS] again"),
                              (False, "[CLS] hello world [SEP][SEP][CLS] again")):

@@ -62,7 +62,8 @@ def test_different_salts_never_share_blocks():
 
 
 def test_keys_are_seeded_per_process():
-    code = "from pagoda.core.block_pool import hash_block_tokens, root_hash; print(hash_block_tokens(root_hash(), [1, 2]).hex())"
+    code = ("from pagoda.core.block_pool import hash_block_tokens, root_hash; "
+            "print(hash_block_tokens(root_hash(), [1, 2]).hex())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(runs) == 2 and hash_block_tokens(root_hash(), [1, 2]).hex() + "\n" not in runs

@@ -54,7 +54,8 @@ def test_sampled_json_batched_with_unconstrained(llm):
         assert completion.finish_reason == "stop", completion.text
         jsonschema.validate(json.loads(completion.text), SCHEMA)
         # disable_any_whitespace: json.dumps' separators, no other whitespace
-        assert not re.search(r"\s\s|[\n\r\t]|\s[^\s]*\s", _outside_strings(completion.text).replace(", ", ",").replace(": ", ":"))
+        assert not re.search(r"\s\s|[\n\r\t]|\s[^\s]*\s",
+                             _outside_strings(completion.text).replace(", ", ",").replace(": ", ":"))
     # The unconstrained row in the batch is untouched by its neighbours' masks.
     alone = llm.generate(["Tell me"], free, use_tqdm=False)[0].outputs[0]
     assert outputs[-1].outputs[0].token_ids == alone.token_ids

@@ -1,8 +1,8 @@
 """Pipeline parallelism through the real engine: two stages (spawned ranks) give exactly the single-process
 engine's tokens in float32 — mixed prompt lengths, chunked prefill, a KV cache small enough to preempt, seeded
 ``n=2`` sampling, logprobs and prompt logprobs — on a 4-layer Llama (the default split and an uneven
-``VLLM_PP_LAYER_PARTITION``), a post-norm OPT with projected embeddings, GPT-2 and a Gemma 2; and the layer split and the
-configurations pipeline parallelism refuses, in-process."""
+``VLLM_PP_LAYER_PARTITION``), a post-norm OPT with projected embeddings, GPT-2 and a Gemma 2; and the layer split
+and the configurations pipeline parallelism refuses, in-process."""
 
 from __future__ import annotations
 

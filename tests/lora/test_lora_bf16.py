@@ -65,7 +65,8 @@ def test_bf16_adapters_as_close_to_float32_peft_as_bf16_peft(smollm2_hf_dir, tmp
     ours, ref32, ref16 = torch.cat(ours), torch.cat(ref32), torch.cat(ref16)
     ours_err = (ours - ref32).abs().max().item()
     peft_err = (ref16 - ref32).abs().max().item()
-    assert ours_err <= 2 * peft_err + 0.05, f"bf16 logprob error {ours_err:.4f} vs transformers + peft bf16 {peft_err:.4f}"
+    assert ours_err <= 2 * peft_err + 0.05, (
+        f"bf16 logprob error {ours_err:.4f} vs transformers + peft bf16 {peft_err:.4f}")
     op = runner.lora.step.op
     fused = runner.fused_decode
     print(f"lora_shrink_expand={type(op).name}, fused decode with adapters: {bool(fused and fused.lora_fused)}, "

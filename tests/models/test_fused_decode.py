@@ -20,7 +20,8 @@ from tests.models.test_opt import KINDS as OPT_KINDS, TINY as OPT_TINY
 from tests.models.test_qwen3 import qwen3_config
 
 pytestmark = pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().has_packed_bf16),
-                                reason=f"native bf16 kernels unavailable: {cpu.unavailable_reason() or 'no AVX512-BF16'}")
+                                reason="native bf16 kernels unavailable: "
+                                       f"{cpu.unavailable_reason() or 'no AVX512-BF16'}")
 
 # Ten sequences: decode steps of 10 rows take the AMX tile GEMMs where the CPU has them (8 rows and more).
 PROMPTS = [[1, 5, 9, 200, 33], [1, 7], list(range(3, 40)), [1, 500, 501, 502, 7, 7, 7, 9]] + [

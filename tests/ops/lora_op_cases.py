@@ -33,7 +33,8 @@ def lora_shrink_expand(impl, ref, dtype):
         g = _gen(slots, max_rank, d_in, *output_sizes)
         d_out = sum(output_sizes)
         offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-        stores = [op.create_slots(slots, max_rank, d_in, output_sizes, dtype, torch.device("cpu")) for op in (impl, ref)]
+        stores = [op.create_slots(slots, max_rank, d_in, output_sizes, dtype, torch.device("cpu"))
+                  for op in (impl, ref)]
         for op, store in zip((impl, ref), stores):  # what the memory budget counts is what the slots take
             assert op.slots_nbytes(slots, max_rank, d_in, output_sizes, dtype) == store.nbytes(), type(op).name
         # Every slot first holds another adapter (of full rank on every shard), then is written over.
@@ -68,7 +69,8 @@ def lora_shrink_expand(impl, ref, dtype):
                 _close(expected, exact.to(dtype), dtype, what + " reference vs float64", scale)
                 untouched = token_slots < 0
                 for name, result in (("reference", expected), ("implementation", out)):
-                    assert torch.equal(result[untouched], y0[untouched]), f"{what}: {name} changed rows without an adapter"
+                    assert torch.equal(result[untouched], y0[untouched]), (
+                        f"{what}: {name} changed rows without an adapter")
 
 
 CASES = {"lora_shrink_expand": [lora_shrink_expand]}

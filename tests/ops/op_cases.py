@@ -16,7 +16,8 @@ def _gen(*key: int) -> torch.Generator:
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: {out.shape}/{out.dtype} vs {ref.shape}/{ref.dtype}"
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (
+        f"{what}: {out.shape}/{out.dtype} vs {ref.shape}/{ref.dtype}")
     tol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=what)
 
@@ -253,14 +254,16 @@ def linear_block_quant_zero(impl, ref, dtype):
 def linear_block_quant_affine(impl, ref, dtype):
     """int8 codes with a float32 scale and offset per group of 16 or 32 (GGUF's K-quant sub-blocks)."""
     accepts = getattr(impl, "accepts_affine", None)
-    for group, n, k, with_offset in ((16, 37, 64, True), (16, 64, 256, False), (32, 576, 576, True), (32, 48, 96, True)):
+    for group, n, k, with_offset in ((16, 37, 64, True), (16, 64, 256, False), (32, 576, 576, True),
+                                     (32, 48, 96, True)):
         if accepts is None or not accepts(k, group, dtype):
             continue
         g = _gen(group, n, k)
         codes = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, k // group, generator=g) * 0.01
         offset = torch.randn(n, k // group, generator=g) * 0.01 if with_offset else None
-        handle, ref_handle = impl.prepare_affine(codes, scale, offset, group), ref.prepare_affine(codes, scale, offset, group)
+        handle, ref_handle = (impl.prepare_affine(codes, scale, offset, group),
+                              ref.prepare_affine(codes, scale, offset, group))
         exact = codes.double().unflatten(1, (-1, group)) * scale.double()[..., None]
         if offset is not None:
             exact = exact + offset.double()[..., None]
@@ -363,7 +366,8 @@ def prefill_attention(impl, ref, dtype):
 
 
 CASES = {"rms_norm": [rms_norm], "layer_norm": [layer_norm], "activation": [activation],
-         "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul], "gelu_and_mul": [gelu_and_mul], "linear_dense": [linear_dense],
+         "rotary_embedding": [rotary_embedding], "silu_and_mul": [silu_and_mul], "gelu_and_mul": [gelu_and_mul],
+         "linear_dense": [linear_dense],
          "linear_block_quant": [linear_block_quant, linear_block_quant_zero, linear_block_quant_affine],
          "write_kv": [write_kv], "paged_decode_attention": [paged_decode_attention],
          "prefill_attention": [prefill_attention]}

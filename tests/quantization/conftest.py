@@ -104,7 +104,8 @@ def random_blocks(qtype, rows: int, cols: int, seed: int = 0):
 @pytest.fixture
 def write_gguf(tmp_path):
     """Write a small GGUF: ``write_gguf(name, arch, metadata={key: value}, tensors={name: (qtype, rows, cols)
-    (random), (qtype, quantized ndarray) or float ndarray})`` → path. Metadata values are typed by Python type (int → u32, float → f32)."""
+    (random), (qtype, quantized ndarray) or float ndarray})`` → path. Metadata values are typed by Python type
+    (int → u32, float → f32)."""
     import numpy as np
     import gguf
 

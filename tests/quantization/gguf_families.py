@@ -119,7 +119,8 @@ def gguf_tensors(arch: str, model) -> dict[str, np.ndarray]:
         if base.endswith("experts.gate_up_proj") or name.endswith("experts.gate_up_proj"):
             base = name.removesuffix(".weight")
             half = t.shape[1] // 2
-            parts = {base.replace("gate_up_proj", "gate_proj"): t[:, :half], base.replace("gate_up_proj", "up_proj"): t[:, half:]}
+            parts = {base.replace("gate_up_proj", "gate_proj"): t[:, :half],
+                     base.replace("gate_up_proj", "up_proj"): t[:, half:]}
             kind = "weight"
         elif name.endswith("experts.down_proj"):
             parts, kind = {name: t}, "weight"

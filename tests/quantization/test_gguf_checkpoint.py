@@ -172,7 +172,8 @@ def rss():
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 config = GGUFCheckpoint.load_hf_config(path)
 quant = GGUFConfig()
-h, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+h, q, kv = (config.hidden_size, config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim)
 gc.collect()
 before = rss()
 layers, params = [], {}

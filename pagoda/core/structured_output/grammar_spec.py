@@ -250,5 +250,6 @@ def _structural_tag_grammar(xgr: Any, text: str) -> Any:
                      for s in tag["structures"]]
             return xgr.Grammar.from_structural_tag(items, tag["triggers"])
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"each structure needs begin, schema and end, and the tag needs triggers ({exc})") from None
+            raise ValueError(f"each structure needs begin, schema and end, and the tag needs triggers "
+                             f"({exc})") from None
     return xgr.Grammar.from_structural_tag(text)

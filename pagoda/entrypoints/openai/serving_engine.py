@@ -22,7 +22,8 @@ from pagoda.logger import init_logger
 logger = init_logger(__name__)
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                413: "RequestEntityTooLarge", 431: "RequestHeaderFieldsTooLarge", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+                413: "RequestEntityTooLarge", 431: "RequestHeaderFieldsTooLarge", 500: "InternalServerError",
+                503: "ServiceUnavailableError"}
 _INLINE_TOKENIZE_CHARS = 8192  # below this, tokenizing takes well under a millisecond: not worth a thread hop
 RETRY_AFTER_S = 1  # what an overloaded server asks clients to wait: the queue moves every engine step
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; clients get a very small finite number instead (as vLLM does)
@@ -182,8 +183,8 @@ class OpenAIServing:
             self.check_token_ids(list(logit_bias), "logit_bias")
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         kwargs = dict(
-            n=n, best_of=best_of, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
-            min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
+            n=n, best_of=best_of, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
             seed=request.seed, stop=stop, stop_token_ids=list(request.stop_token_ids or []),
             ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,

@@ -58,7 +58,8 @@ class GGUFCheckpoint(CheckpointFormat):
             found = sorted(os.path.join(path, n) for n in os.listdir(path)
                            if os.path.isfile(os.path.join(path, n)) and _is_gguf(os.path.join(path, n)))
             if len(found) > 1:
-                raise GGUFError(f"{path} holds {len(found)} GGUF files ({', '.join(os.path.basename(p) for p in found)});"
+                raise GGUFError(f"{path} holds {len(found)} GGUF files "
+                                f"({', '.join(os.path.basename(p) for p in found)});"
                                 " pass the path of the one to load")
             return found[0] if found else None
         if path.endswith(".gguf"):

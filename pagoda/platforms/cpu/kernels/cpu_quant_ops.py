@@ -1,6 +1,6 @@
 """Tensor-level entry points to the native CPU kernels for the quantized checkpoint formats: FP8 codes, 4-bit
-codes with zero points and int8 codes with a scale and offset per 16 or 32 (all multiplied by ``pagoda_quant_gemm``, in :class:`cpu_ops.PackedQuant` buffers), AQLM
-codebooks and AMX-INT8 W8A8 weights."""
+codes with zero points and int8 codes with a scale and offset per 16 or 32 (all multiplied by
+``pagoda_quant_gemm``, in :class:`cpu_ops.PackedQuant` buffers), AQLM codebooks and AMX-INT8 W8A8 weights."""
 
 from __future__ import annotations
 
