@@ -10,8 +10,10 @@ loading, and :func:`affine_kernel` picks the compact kernel that multiplies by i
   the engine's ``linear_block_quant`` op has an implementation faster than its reference for the model's dtype —
   pagoda's AVX512-BF16 kernel for bf16 models on the CPU): the op's form (on the CPU, the checkpoint's own float16
   scales and zeros per group for 4 bits, so the weight stays the size of the file).
+- **OffsetBlockQuantKernel** (8-bit codes with zero points, where the op takes the 8-bit codes): the op's 8-bit
+  form and a small product over each group's input sum for the offsets.
 - **Int4Kernel** (4-bit, groups of 32 … 256, other bf16/fp16 models): torch's int4 weight-only matmul.
-- **Int8Kernel** (everything else: float32 models, 8-bit codes with offsets, groups of any size): int8 codes
+- **Int8Kernel** (everything else: float32 models, groups that are not a multiple of 32): int8 codes
   stored group-major ``[K/g, N, g]``; decode-sized batches run one ``_weight_int8pack_mm`` per group (each weight
   byte read once), larger ones dequantize chunks of rows and use a dense matmul (compute-bound anyway).
 
@@ -99,6 +101,36 @@ class BlockQuantKernel(Kernel):
 
     def nbytes(self) -> int:
         return self.op.nbytes(self.handle)
+
+
+class OffsetBlockQuantKernel(Kernel):
+    """8-bit codes with an offset per group (zero points other than the codes' middle: asymmetric GPTQ, W8A16
+    asym): ``w = code·scale + offset`` is multiplied as ``x · (code·scale)ᵀ`` by the op's 8-bit form plus
+    ``Σ_g sum(x in group g) · offset[:, g]``, a product over the K / group group sums. Half the bytes of the op's
+    affine form (a float32 scale and offset per 32), so the weight stays within a tenth of the file's size."""
+
+    def __init__(self, codes: BlockQuantKernel, offset: torch.Tensor, group: int):
+        self.codes, self.group = codes, group
+        self.offset = offset.float().contiguous()  # [N, K / group]
+        self.out_features, self.in_features = codes.out_features, codes.in_features
+
+    def _with_offset(self, x: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+        sums = x.float().reshape(x.shape[0], -1, self.group).sum(-1)
+        return product.addmm_(sums, self.offset.t())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul_float(x).to(x.dtype)
+
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_offset(x, self.codes.matmul_float(x))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        offset = self.offset[ids.reshape(-1)].repeat_interleave(self.group, -1)
+        w = self.codes.rows(ids, torch.float32).reshape(-1, self.in_features) + offset
+        return w.reshape(*ids.shape, self.in_features).to(dtype)
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes() + self.offset.numel() * self.offset.element_size()
 
 
 class OpKernel(Kernel):
@@ -243,9 +275,10 @@ def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
         zero = torch.zeros_like(scale) if zero is None else zero
         return BlockQuantKernel(op.prepare_zero(codes.to(torch.uint8), scale, zero, group), op, n, k)
     offset = None if zero is None else -(zero * scale)
-    if op is not None and group % 32 == 0 and bits == 8 and offset is None \
+    if op is not None and group % 32 == 0 and bits == 8 \
             and torch.equal(scale.to(torch.float16).float(), scale.float()):
-        return BlockQuantKernel.from_blocks(codes.to(torch.int8), _per32(scale, group), None, 8, op)
+        kernel = BlockQuantKernel.from_blocks(codes.to(torch.int8), _per32(scale, group), None, 8, op)
+        return kernel if offset is None else OffsetBlockQuantKernel(kernel, offset, group)
     if bits == 4 and act_dtype != torch.float32 and offset is not None and group in (32, 64, 128, 256):
         try:
             return Int4Kernel(codes, scale, offset, group, act_dtype)

@@ -92,7 +92,8 @@ def _kernel_kinds(llm) -> set[str]:
 
 
 @pytest.mark.parametrize("name", [n for n in CHECKPOINTS if n in ("awq_g32", "gptq_asym_act_g32", "gptq_8bit_g64",
-                                                                  "ct_w4a16_asym", "ct_w8a8_int8", "fp8_block",
+                                                                  "gptq_8bit_asym_g32", "ct_w4a16_asym",
+                                                                  "ct_w8a16_asym", "ct_w8a8_int8", "fp8_block",
                                                                   "aqlm_2x8")])
 def test_checkpoint_bf16_native_paths(name):
     """bf16 through the kernels this CPU selects: logits within bf16 rounding of transformers' float32 ones (the
@@ -105,8 +106,10 @@ def test_checkpoint_bf16_native_paths(name):
     ref = load_file(str(path / "reference" / "outputs.safetensors"))
     llm = _llm(path, dtype="bfloat16")
     ops = select_ops(resolve_platform(), torch.bfloat16)
-    if not ops.linear_block_quant.is_reference and name.startswith(("awq", "gptq", "ct_w4a16")):
-        assert "BlockQuantKernel" in _kernel_kinds(llm), _kernel_kinds(llm)
+    if not ops.linear_block_quant.is_reference and name.startswith(("awq", "gptq", "ct_w4a16", "ct_w8a16")):
+        # 8-bit codes with zero points: the op's 8-bit codes, and the offsets over each group's input sum
+        kernel = "OffsetBlockQuantKernel" if name in ("gptq_8bit_asym_g32", "ct_w8a16_asym") else "BlockQuantKernel"
+        assert _kernel_kinds(llm) == {kernel}, _kernel_kinds(llm)
     _, logprobs = _run(llm, ref["input_ids"], 1)
     ref_logprobs = torch.log_softmax(ref["logits"].float(), -1)
     cos = torch.nn.functional.cosine_similarity(_centred(logprobs), _centred(ref_logprobs), dim=-1)
