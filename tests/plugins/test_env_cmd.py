@@ -108,3 +108,18 @@ def test_native_cpu_kernels_and_op_choices_are_reported(capsys, monkeypatch):
     finally:
         monkeypatch.undo()
         cpu.reset_for_tests()
+
+
+def test_every_quantization_method_is_listed_with_why_it_cannot_run(capsys, monkeypatch):
+    methods = {q["name"]: q for q in _json(capsys)["quantization_methods"]}
+    assert {"none", "gguf", "awq", "gptq", "fp8", "compressed-tensors", "aqlm"} <= set(methods)
+    assert all(q["status"] == "ok" and q["reason"] is None for q in methods.values())
+    from pagoda.platforms.cpu import CpuPlatform
+
+    monkeypatch.setattr(CpuPlatform, "supported_quantization", ("none", "gguf"))
+    methods = {q["name"]: q for q in _json(capsys, "--device", "cpu")["quantization_methods"]}
+    assert methods["gguf"]["status"] == "ok"
+    assert methods["awq"] == {"name": "awq", "status": "unusable", "plugin": methods["awq"]["plugin"],
+                              "reason": "platform cpu supports none, gguf only, not awq"}
+    assert main(["env", "--device", "cpu"]) == 0
+    assert "aqlm         unusable: platform cpu supports none, gguf only, not aqlm" in capsys.readouterr().out

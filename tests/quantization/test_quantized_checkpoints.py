@@ -157,6 +157,26 @@ def test_quantize_config_json_and_requested_method(tmp_path):
         _llm(path, quantization="awq")
 
 
+@pytest.mark.skipif("awq_g32" not in CHECKPOINTS, reason="fixture missing")
+def test_old_autoawq_quant_config_json_without_a_method(tmp_path):
+    """Old AutoAWQ writes quant_config.json with its own key names and no quant_method: the method is inferred from
+    the keys and the checkpoint gives the reference's logits; a file whose keys name no method is an error."""
+    path = _copy("awq_g32", tmp_path, config_file="quant_config.json")
+    (path / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4,
+                                                          "version": "GEMM"}))
+    ref = load_file(str(FIXTURES / "awq_g32" / "reference" / "outputs.safetensors"))
+    llm = _llm(path)
+    assert llm.llm_engine.config.model.quantization == "awq"
+    _, logprobs = _run(llm, ref["input_ids"], 1)
+    cos = torch.nn.functional.cosine_similarity(_centred(logprobs), _centred(torch.log_softmax(ref["logits"], -1)),
+                                                dim=-1)
+    assert cos.min() >= 0.999
+    del llm
+    (path / "quant_config.json").write_text(json.dumps({"nbits": 4}))
+    with pytest.raises(ValueError, match=r"quant_config.json: can't tell the quantization method"):
+        _llm(path)
+
+
 LAYER = "model.layers.0.self_attn.o_proj"
 
 
