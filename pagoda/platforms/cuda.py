@@ -115,6 +115,7 @@ def pagoda_register_platforms():
 def pagoda_register_ops():
     # The module imports triton only if it is installed and jits its kernels on first use: registering is cheap.
     from pagoda.platforms.cuda_codebook_ops import CUDA_CODEBOOK_OP_IMPLS
+    from pagoda.platforms.cuda_int8_ops import CUDA_INT8_OP_IMPLS
     from pagoda.platforms.cuda_quant_ops import CUDA_QUANT_OP_IMPLS
 
-    return CUDA_QUANT_OP_IMPLS + CUDA_CODEBOOK_OP_IMPLS
+    return CUDA_QUANT_OP_IMPLS + CUDA_INT8_OP_IMPLS + CUDA_CODEBOOK_OP_IMPLS

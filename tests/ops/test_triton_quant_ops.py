@@ -50,6 +50,14 @@ def qops():
     return cuda_quant_ops
 
 
+@pytest.fixture(scope="module")
+def iops(qops):
+    from pagoda.platforms import cuda_int8_ops
+
+    cuda_int8_ops.kernels.cache_clear()
+    return cuda_int8_ops
+
+
 def _close(out, ref, dtype, what, scale=1.0):
     assert (out.shape, out.dtype) == (ref.shape, ref.dtype), f"{what}: {out.shape}/{out.dtype} vs {ref.dtype}"
     tol = TOLS[dtype]
@@ -155,8 +163,8 @@ def test_fp8_decodes_every_code(qops):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_matches_reference(qops, dtype):
-    dt, impl, ref = DTYPES[dtype], qops.TritonInt8(), LinearInt8()
+def test_int8_matches_reference(iops, dtype):
+    dt, impl, ref = DTYPES[dtype], iops.TritonInt8(), LinearInt8()
     for (m, n, k), input_scale in zip(SHAPES, (None, None, 0.02, None, None)):
         g = _gen(8, m, n, k)
         weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -174,7 +182,7 @@ def test_int8_matches_reference(qops, dtype):
     assert impl.nbytes(handle) == n * k + n * 4
 
 
-def test_int8_activation_codes_match_torch(qops):
+def test_int8_activation_codes_match_torch(iops):
     """Per-token codes and scales bit for bit, ties to even included (rows whose scale is exactly 1 or 1/2)."""
     g = _gen(127)
     x = torch.randn(6, 200, generator=g) * 3  # 200: one full and one partial block of the kernel's loop
@@ -183,12 +191,12 @@ def test_int8_activation_codes_match_torch(qops):
     x[1] = 0.0  # all-zero token: the 1e-10 floor on the scale
     x[2, :3] = torch.tensor([63.5, 1.25, -0.75])
     x[2, 3:] = x[2, 3:].clamp(-60, 60)
-    codes, scale = qops.quantize_int8(x.to(DEVICE))
+    codes, scale = iops.quantize_int8(x.to(DEVICE))
     want_codes, want_scale = quantize_int8_per_token(x)
     assert torch.equal(scale.cpu(), want_scale[:, 0])
     assert torch.equal(codes.cpu(), want_codes)
     assert codes[0, :6].tolist() == [127, 2, -4, 0, 0, 126]
-    static, ones = qops.quantize_int8(x.to(DEVICE), 0.5)
+    static, ones = iops.quantize_int8(x.to(DEVICE), 0.5)
     assert torch.equal(static.cpu(), torch.round(x / 0.5).clamp(-128, 127).to(torch.int8))
     assert torch.equal(ones.cpu(), torch.full((6,), 0.5))
 
@@ -213,10 +221,11 @@ COMPILE = textwrap.dedent('''
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from pagoda.platforms.cuda_quant_ops import kernels
+    from types import SimpleNamespace
+    from pagoda.platforms import cuda_int8_ops, cuda_quant_ops
 
     target = GPUTarget("cuda", int(sys.argv[1]), 32)
-    k = kernels()
+    k = SimpleNamespace(**vars(cuda_quant_ops.kernels()), **vars(cuda_int8_ops.kernels()))
     tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
     jobs = [  # (kernel, argument types, constexprs)
         (k.block_quant, dict(x_ptr="*bf16", codes_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", out_ptr="*bf16"),
