@@ -35,11 +35,12 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _block_quant_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                        stride_codes, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        stride_codes, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, GROUP: tl.constexpr,
+                        DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # The weight is read in two halves per tile: the first 16 inputs of every group of 32 ("lo") and the last 16
     # ("hi"). A 4-bit byte holds one of each (lo in the low nibble), so both halves come from one load with no
-    # interleaving; 8-bit codes use the same split so that one kernel serves both.
+    # interleaving; 8-bit codes use the same split so that one kernel serves both. GROUP: inputs per scale (and
+    # offset), 32, or 16 for the int8 affine form (then the two halves take their own).
     HALF: tl.constexpr = BLOCK_K // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,7 +50,7 @@ def _block_quant_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, 
     mask_n = offs_n < N
     rows_n = offs_n.to(tl.int64)[None, :]
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    groups = K // 32
+    groups = K // GROUP
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_lo = k0 + lo_in_tile
@@ -66,14 +67,13 @@ def _block_quant_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, 
             c_lo = tl.load(codes_ptr + rows_n * stride_codes + k_lo[:, None], mask=w_mask, other=0).to(tl.float32)
             c_hi = tl.load(codes_ptr + rows_n * stride_codes + (k_lo + 16)[:, None], mask=w_mask,
                            other=0).to(tl.float32)
-        group_at = rows_n * groups + (k_lo // 32)[:, None]
-        scale = tl.load(scale_ptr + group_at, mask=w_mask, other=0.0)
-        w_lo = c_lo * scale
-        w_hi = c_hi * scale
+        group_lo = rows_n * groups + (k_lo // GROUP)[:, None]
+        group_hi = group_lo if GROUP == 32 else group_lo + 1
+        w_lo = c_lo * tl.load(scale_ptr + group_lo, mask=w_mask, other=0.0)
+        w_hi = c_hi * tl.load(scale_ptr + group_hi, mask=w_mask, other=0.0)
         if HAS_OFFSET:
-            offset = tl.load(offset_ptr + group_at, mask=w_mask, other=0.0)
-            w_lo += offset
-            w_hi += offset
+            w_lo += tl.load(offset_ptr + group_lo, mask=w_mask, other=0.0)
+            w_hi += tl.load(offset_ptr + group_hi, mask=w_mask, other=0.0)
         if DOT_FP32:
             # Exact products of float32 weights (the logits' contract), so no TF32.
             acc = tl.dot(x_lo.to(tl.float32), w_lo, acc, input_precision="ieee")
@@ -192,11 +192,12 @@ class _TritonLinear(OpImpl):
 @dataclass
 class TritonBlockQuantWeight:
     codes: torch.Tensor  # 4-bit: uint8 [n, k / 2] (see pack_4bit); 8-bit: int8 [n, k]
-    scale: torch.Tensor  # float32 [n, k / 32]
-    offset: torch.Tensor | None  # float32 [n, k / 32], 4-bit only
+    scale: torch.Tensor  # float32 [n, k / group]
+    offset: torch.Tensor | None  # float32 [n, k / group]: 4-bit codes, and int8 codes from prepare_affine
     bits: int
     n: int
     k: int
+    group: int = 32  # 16 or 32 (prepare_affine's int8 codes), else 32
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
@@ -235,6 +236,17 @@ class TritonBlockQuant(_TritonLinear):
         offset = None if offset is None else offset.float().contiguous()
         return TritonBlockQuantWeight(packed, scale.contiguous(), offset, bits, n, k)
 
+    def accepts_affine(self, in_features: int, group: int, act_dtype: torch.dtype) -> bool:
+        return group in (16, 32) and in_features % 32 == 0 and act_dtype in _DTYPES
+
+    def prepare_affine(self, codes, scale, offset, group) -> TritonBlockQuantWeight:
+        # GGUF's K-quant sub-blocks (Q2_K, Q5_K, Q6_K …): int8 codes, float32 scale and offset per 16 or 32 inputs.
+        if codes.dtype != torch.int8 or group not in (16, 32):
+            raise ValueError(f"affine weights need int8 codes in groups of 16 or 32, got {codes.dtype}, {group}")
+        n, k = codes.shape
+        offset = None if offset is None else offset.float().contiguous()
+        return TritonBlockQuantWeight(codes.contiguous(), scale.float().contiguous(), offset, 8, n, k, group)
+
     def _matmul(self, handle: TritonBlockQuantWeight, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         x2 = _as_rows(x, handle.k)
         m = x2.shape[0]
@@ -244,7 +256,7 @@ class TritonBlockQuant(_TritonLinear):
             offset = handle.offset if handle.offset is not None else handle.scale  # never read without HAS_OFFSET
             kernels().block_quant[(_cdiv(m, bm), _cdiv(handle.n, bn))](
                 x2, handle.codes, handle.scale, offset, out, m, handle.n, handle.k, x2.stride(0), out.stride(0),
-                handle.codes.stride(0), BITS=handle.bits, HAS_OFFSET=handle.offset is not None,
+                handle.codes.stride(0), BITS=handle.bits, HAS_OFFSET=handle.offset is not None, GROUP=handle.group,
                 DOT_FP32=_dot_fp32(x2, out_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         return out.reshape(*x.shape[:-1], handle.n)
 
@@ -253,7 +265,7 @@ class TritonBlockQuant(_TritonLinear):
         flat = ids.reshape(-1)
         codes = handle.codes[flat]
         codes = unpack_4bit(codes) if handle.bits == 4 else codes
-        w = codes.float().unflatten(-1, (-1, 32)) * handle.scale[flat].unsqueeze(-1)
+        w = codes.float().unflatten(-1, (-1, handle.group)) * handle.scale[flat].unsqueeze(-1)
         if handle.offset is not None:
             w = w + handle.offset[flat].unsqueeze(-1)
         return w.flatten(-2).reshape(*ids.shape, -1).to(dtype)

@@ -106,6 +106,31 @@ def test_block_quant_matches_reference(qops, bits, dtype):
     assert impl.nbytes(handle) == packed_bytes + scale.numel() * 4 * (2 if offset is not None else 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_quant_affine_int8_matches_reference(qops, dtype):
+    """GGUF K-quant sub-blocks: int8 codes with a float32 scale and offset per 16 or 32 inputs."""
+    dt, impl, ref = DTYPES[dtype], qops.TritonBlockQuant(), LinearBlockQuant()
+    for (m, n, k), group, with_offset in zip(SHAPES, (16, 32, 16, 16, 32), (True, True, False, True, True)):
+        g = _gen(16, m, n, k, group)
+        codes = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+        offset = torch.randn(n, k // group, generator=g) * 0.1 if with_offset else None
+        assert impl.accepts_affine(k, group, dt)
+        handle = impl.prepare_affine(codes.to(DEVICE), scale.to(DEVICE),
+                                     None if offset is None else offset.to(DEVICE), group)
+        ref_handle = ref.prepare_affine(codes, scale, offset, group)
+        exact = ref.weight(ref_handle).double()
+        x = torch.randn(m, k, generator=g).to(dt)
+        what = f"triton linear_block_quant affine group {group} offset {with_offset} {dtype} {m}x{k}->{n}"
+        scale_of = (x.double() @ exact.T).abs().max().item()
+        _close(impl.apply(handle, x.to(DEVICE)), ref.apply(ref_handle, x), dt, what, scale_of)
+        _logits_close(impl.logits(handle, x.to(DEVICE)), x.double() @ exact.T, scale_of, what)
+        ids = torch.tensor([[0, n - 1]])
+        torch.testing.assert_close(impl.rows(handle, ids.to(DEVICE), torch.float64).cpu(), exact[ids],
+                                   rtol=1e-6, atol=1e-7)
+    assert not impl.accepts_affine(80, 16, torch.bfloat16)  # the kernel's halves need whole groups of 32
+
+
 def test_block_quant_packing_round_trips(qops):
     codes = torch.randint(0, 16, (3, 96), generator=_gen(4), dtype=torch.uint8)
     packed = qops.pack_4bit(codes)
@@ -229,9 +254,11 @@ COMPILE = textwrap.dedent('''
     tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
     jobs = [  # (kernel, argument types, constexprs)
         (k.block_quant, dict(x_ptr="*bf16", codes_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", out_ptr="*bf16"),
-         dict(BITS=4, HAS_OFFSET=True, DOT_FP32=False, **tiles)),
+         dict(BITS=4, HAS_OFFSET=True, GROUP=32, DOT_FP32=False, **tiles)),
         (k.block_quant, dict(x_ptr="*bf16", codes_ptr="*i8", scale_ptr="*fp32", offset_ptr="*fp32", out_ptr="*fp32"),
-         dict(BITS=8, HAS_OFFSET=False, DOT_FP32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+         dict(BITS=8, HAS_OFFSET=False, GROUP=32, DOT_FP32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+        (k.block_quant, dict(x_ptr="*bf16", codes_ptr="*i8", scale_ptr="*fp32", offset_ptr="*fp32", out_ptr="*bf16"),
+         dict(BITS=8, HAS_OFFSET=True, GROUP=16, DOT_FP32=False, **tiles)),
         (k.fp8, dict(x_ptr="*fp16", w_ptr="*u8", scale_ptr="*fp32", out_ptr="*fp16"),
          dict(GROUP=128, DOT_FP32=False, **tiles)),
         (k.fp8, dict(x_ptr="*fp32", w_ptr="*u8", scale_ptr="*fp32", out_ptr="*fp32"),
