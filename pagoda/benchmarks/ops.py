@@ -174,13 +174,17 @@ def _rows(impl, dtype: torch.dtype, iters: int) -> list[dict]:
     return out
 
 
-SWEPT_LINEARS = {"linear_dense": None, "linear_fp8": 1, "linear_int8": 1}  # op -> bytes a weight (None: dtype's)
+# op -> bytes a weight (None: the dtype's); AQLM 2x8: two 8-bit codes per 8 weights
+SWEPT_LINEARS = {"linear_dense": None, "linear_fp8": 1, "linear_int8": 1, "linear_codebook": 0.25}
 
 
 def _swept_weight(impl, n: int, k: int, dtype: torch.dtype):
     """A random [n, k] weight in ``impl``'s form (FP8 and INT8 with a scale per row, as per-channel checkpoints
     have), or None where the implementation doesn't take it."""
     w = torch.randn(n, k) / k ** 0.5
+    if impl.op == "linear_codebook":  # AQLM 2x8: two books of 256 entries of 8 inputs, a scale per output
+        codes = torch.randint(0, 256, (n, k // 8, 2))
+        return impl.prepare(codes, torch.randn(2, 256, 1, 8) / k ** 0.5, torch.rand(n) + 0.5)
     if impl.op == "linear_dense":
         return impl.prepare(w.to(dtype), None)
     if impl.op == "linear_fp8":

@@ -105,7 +105,7 @@ def test_bad_flag_value_is_a_one_line_error(tiny_chat_model_dir, capsys):
 def test_ops_layer_sweep_reports_each_linear_at_three_batch_sizes(tmp_path):
     result = _run(["ops", "--iters", "1", "--layers", "2"], tmp_path)
     swept = [r for r in result["ops"] if r["shape"].startswith("2 layers")]
-    assert {r["op"] for r in swept} >= {"linear_dense"}
+    assert {r["op"] for r in swept} >= {"linear_dense", "linear_codebook"}
     for op in {r["op"] for r in swept}:
         rows = {r["workload"]: r for r in swept if r["op"] == op}
         assert set(rows) == {"W2", "W1 decode", "W1 prefill"}
@@ -116,3 +116,6 @@ def test_ops_layer_sweep_reports_each_linear_at_three_batch_sizes(tmp_path):
             flops = 2.0 * m * 2 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536)
             gflops = float(row["rate"].split(" GFLOP/s")[0])
             assert gflops == pytest.approx(flops / (row["ms"] / 1e3) / 1e9, rel=0.01, abs=1)
+            if op == "linear_codebook":  # AQLM 2x8 reads a quarter of a byte a weight
+                gbs = float(row["rate"].split(", ")[1].split(" GB/s")[0])
+                assert gbs == pytest.approx(flops / (2 * m) * 0.25 / (row["ms"] / 1e3) / 1e9, rel=0.02, abs=0.1)
