@@ -28,19 +28,25 @@ def checkpoint_bytes(path: str, layers: set[str]) -> int:
     return total
 
 
+def measure(path: str) -> dict:
+    """The quantized layers' kernels of the checkpoint at ``path`` loaded in bf16: their kinds, resident bytes and
+    the checkpoint's bytes for the same layers."""
+    llm = LLM(path, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, max_model_len=256)
+    model = llm.llm_engine.runner.model
+    kernels = {name: getattr(m, "quant_kernels", None) for name, m in model.named_modules()}
+    kernels = {name: ks for name, ks in kernels.items() if ks}
+    inner = [getattr(k, "inner", k) for ks in kernels.values() for k in ks]
+    return {"layers": len(kernels), "resident": sum(k.nbytes() for ks in kernels.values() for k in ks),
+            "checkpoint": checkpoint_bytes(path, set(kernels)),
+            "kinds": sorted({k.op.op if type(k).__name__ == "OpKernel" else type(k).__name__ for k in inner})}
+
+
 def main() -> None:
     for path in sys.argv[1:]:
-        llm = LLM(path, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, max_model_len=256)
-        model = llm.llm_engine.runner.model
-        kernels = {name: getattr(m, "quant_kernels", None) for name, m in model.named_modules()}
-        kernels = {name: ks for name, ks in kernels.items() if ks}
-        resident = sum(k.nbytes() for ks in kernels.values() for k in ks)
-        ckpt = checkpoint_bytes(path, set(kernels))
-        inner = [getattr(k, "inner", k) for ks in kernels.values() for k in ks]
-        kinds = sorted({k.op.op if type(k).__name__ == "OpKernel" else type(k).__name__ for k in inner})
-        print(f"{path.rstrip('/').split('/')[-1]}: {len(kernels)} layers ({', '.join(kinds)}), resident "
-              f"{resident / 1e6:.2f} MB, checkpoint {ckpt / 1e6:.2f} MB, ratio {resident / ckpt:.3f}")
-        del llm
+        m = measure(path)
+        print(f"{path.rstrip('/').split('/')[-1]}: {m['layers']} layers ({', '.join(m['kinds'])}), resident "
+              f"{m['resident'] / 1e6:.2f} MB, checkpoint {m['checkpoint'] / 1e6:.2f} MB, "
+              f"ratio {m['resident'] / m['checkpoint']:.3f}")
 
 
 if __name__ == "__main__":
