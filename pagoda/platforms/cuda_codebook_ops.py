@@ -92,11 +92,11 @@ class TritonCodebook(cuda_quant_ops._TritonLinear):
         if out_group != 1 or in_group != IN_GROUP or book_size > 1 << 16:
             return _REFERENCE.prepare(codes, codebooks, scales, shard_sizes)
         n, k = codes.shape[0], codes.shape[1] * IN_GROUP
-        code_dtype = torch.uint8 if book_size <= 256 else torch.int16
-        # 16-bit codes are stored as their low 16 bits (two's complement); the kernel masks them back.
-        compact = (codes.to(torch.int32) & 0xFFFF).to(torch.int32)
-        compact = compact.to(torch.uint8) if code_dtype == torch.uint8 else \
-            torch.where(compact >= 1 << 15, compact - (1 << 16), compact).to(torch.int16)
+        compact = codes.to(torch.int32) & 0xFFFF
+        if book_size <= 256:
+            compact = compact.to(torch.uint8)
+        else:  # the low 16 bits, as int16 (two's complement); the kernel masks them back
+            compact = torch.where(compact >= 1 << 15, compact - (1 << 16), compact).to(torch.int16)
         books = books.squeeze(3)
         exact = torch.equal(books.half().float(), books.float())
         books = (books.half() if exact else books.float()).contiguous()
