@@ -23,22 +23,14 @@ if not torch.cuda.is_available():
 
 from pagoda.ops.reference_quant import LinearCodebook  # noqa: E402
 from tests.ops.quant_op_cases import linear_codebook  # noqa: E402
+from tests.ops.triton_kernels import fresh_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
 def cops():
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from pagoda.platforms import cuda_codebook_ops
-
-    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.zeros, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: its library functions can't be "
-                    "interpreted")
-    cuda_codebook_ops.kernel.cache_clear()  # jit under this module's TRITON_INTERPRET, whatever ran before
-    return cuda_codebook_ops
+    return fresh_kernels("cuda_codebook_ops", "kernel")
 
 
 class _OnDevice:

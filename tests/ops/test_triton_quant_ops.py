@@ -27,6 +27,7 @@ from pagoda.ops.reference import LinearBlockQuant  # noqa: E402
 from pagoda.ops.reference_quant import LinearFp8, LinearInt8, quantize_int8_per_token  # noqa: E402
 from tests.ops.op_cases import TOL, _gen  # noqa: E402
 from tests.ops.quant_op_cases import fp8_weights  # noqa: E402
+from tests.ops.triton_kernels import fresh_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,24 +39,12 @@ SHAPES = ((1, 16, 64), (5, 48, 128), (16, 48, 64), (5, 16, 96), (40, 80, 128))
 
 @pytest.fixture(scope="module")
 def qops():
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from pagoda.platforms import cuda_quant_ops
-
-    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.zeros, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set, so its library functions can't be "
-                    "interpreted: whatever imported it at collection time must import it lazily")
-    cuda_quant_ops.kernels.cache_clear()  # jit under this module's TRITON_INTERPRET, whatever ran before
-    return cuda_quant_ops
+    return fresh_kernels("cuda_quant_ops", "kernels")
 
 
 @pytest.fixture(scope="module")
 def iops(qops):
-    from pagoda.platforms import cuda_int8_ops
-
-    cuda_int8_ops.kernels.cache_clear()
-    return cuda_int8_ops
+    return fresh_kernels("cuda_int8_ops", "kernels")
 
 
 def _close(out, ref, dtype, what, scale=1.0):
