@@ -51,10 +51,7 @@ inline void lora_expand_kernel(bf16_t* const* yrows, const bf16_t* z, int64_t kz
   for (int t = 0; t < NT; ++t) {
     const int64_t col = (tile0 + t) * kTile;
     mask[t] = tile_columns(n, col);
-    for (int r = 0; r < MR; ++r) {
-      const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask[t], yrows[r] + col));
-      acc[r][t] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));
-    }
+    for (int r = 0; r < MR; ++r) acc[r][t] = load16(yrows[r] + col, mask[t]);
   }
   const bf16_t* w0 = bp + tile0 * tile_elems;
   for (int64_t p = 0; p < k2; ++p) {
@@ -100,8 +97,7 @@ inline void lora_expand_amx(int64_t rows, bf16_t* const* yrows, const bf16_t* z,
     const __mmask16 m = tile_columns(n, col);
     for (int64_t r = 0; r < rows; ++r) {
       bf16_t* yr = yrows[r] + col;
-      const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, yr));
-      const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(yi, 16)), _mm512_load_ps(acc + r * 16));
+      const __m512 sum = _mm512_add_ps(load16(yr, m), _mm512_load_ps(acc + r * 16));
       _mm256_mask_storeu_epi16(yr, m, (__m256i)_mm512_cvtneps_pbh(sum));
     }
   }

@@ -30,12 +30,6 @@ struct MoELoRASlots {
 constexpr int kMoELoRAPass = 8;    // rows whose accumulators live in registers together
 constexpr int64_t kMoELoRABatch = 32;  // rows of one slot and expert taken together: A and B read once for them
 
-// 16 slot values (masked) as float32.
-inline __m512 load_slot16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load_slot16(const bf16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
 // u [R][r] = X [R][k] (float32, rows k apart) . A [r][k]^T, for R rows (R a compile-time count: the accumulators stay
 // in registers).
 template <int R, typename W>
@@ -46,8 +40,8 @@ inline void moe_lora_shrink(float* u, const W* a, int64_t r, const float* x, int
     const W* aj = a + j * k;
     for (int64_t c = 0; c < k; c += 16) {
       const __mmask16 mask = tile_columns(k, c);
-      const __m512 av = load_slot16(aj + c, mask);
-      for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mask, x + i * k + c), acc[i]);
+      const __m512 av = load16(aj + c, mask);
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(av, load16(x + i * k + c, mask), acc[i]);
     }
     for (int i = 0; i < R; ++i) u[i * r + j] = _mm512_reduce_add_ps(acc[i]);
   }
@@ -59,16 +53,9 @@ template <int R, typename T, typename W>
 inline void moe_lora_expand_columns(T* const* y, const float* u, const W* bt, int64_t r, int64_t n, int64_t c) {
   const __mmask16 mask = tile_columns(n, c);
   __m512 acc[R];
-  for (int i = 0; i < R; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      acc[i] = _mm512_maskz_loadu_ps(mask, y[i] + c);
-    } else {
-      const __m512i yi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, y[i] + c));
-      acc[i] = _mm512_castsi512_ps(_mm512_slli_epi32(yi, 16));
-    }
-  }
+  for (int i = 0; i < R; ++i) acc[i] = load16(y[i] + c, mask);
   for (int64_t j = 0; j < r; ++j) {
-    const __m512 b = load_slot16(bt + j * n + c, mask);
+    const __m512 b = load16(bt + j * n + c, mask);
     for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(u[i * r + j]), b, acc[i]);
   }
   for (int i = 0; i < R; ++i) {
