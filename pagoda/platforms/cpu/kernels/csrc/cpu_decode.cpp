@@ -187,10 +187,21 @@ void shared_expert(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, 
   });
 }
 
+// Each token's adapter slot (-1: none) from the step's tokens grouped by slot, as the routed experts' slots take
+// it (the calling thread's buffer).
+const int64_t* token_slots(const LoRAGroups& G, int64_t tokens) {
+  static thread_local std::vector<int64_t> slot;
+  slot.assign(static_cast<size_t>(tokens), -1);
+  for (int64_t s = 0, at = 0; s < G.num_slots; at += G.counts[s++])
+    for (int64_t i = at; i < at + G.counts[s]; ++i) slot[G.order[i]] = s;
+  return slot.data();
+}
+
 // y [tokens, hidden] = the layer's routed experts' mixture for x [tokens, hidden], plus its shared expert where it
-// has one. False on an expert id out of range.
+// has one. token_slot: each token's adapter slot (token_slots), null where the step has no adapter rows. False on an
+// expert id out of range.
 bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_t tokens, int nt, bool amx,
-             const LoRAGroups* groups, const float* lora_scales, bool lora_amx) {
+             const LoRAGroups* groups, const int64_t* token_slot, const float* lora_scales, bool lora_amx) {
   // The calling thread's buffers, kept between layers and steps.
   static thread_local std::vector<bf16_t> logits;
   static thread_local std::vector<float> weights;
@@ -201,16 +212,9 @@ bool mixture(const Plan& p, const Experts& X, bf16_t* y, const bf16_t* x, int64_
   linear(X.router, logits.data(), x, tokens, nt, amx);
   moe_topk(weights.data(), ids.data(), logits.data(), tokens, X.num_experts, X.top_k, X.renormalize != 0,
            X.round_weights != 0);
-  // Each token's adapter slot, where this step has adapter rows and the experts have slots.
-  static thread_local std::vector<int64_t> token_slot;
-  const bool adapted = groups != nullptr && X.lora != nullptr;
-  if (adapted) {
-    token_slot.assign(static_cast<size_t>(tokens), -1);
-    for (int64_t s = 0, at = 0; s < groups->num_slots; at += groups->counts[s++])
-      for (int64_t i = at; i < at + groups->counts[s]; ++i) token_slot[groups->order[i]] = s;
-  }
+  const bool adapted = token_slot != nullptr && X.lora != nullptr;
   if (!fused_moe(y, x, weights.data(), ids.data(), tokens, X.top_k, X.w13, X.w2, X.num_experts, p.hidden, X.inter,
-                 nt, X.amx != 0, adapted ? X.lora : nullptr, adapted ? token_slot.data() : nullptr))
+                 nt, X.amx != 0, adapted ? X.lora : nullptr, adapted ? token_slot : nullptr))
     return false;
   if (X.shared_inter) shared_expert(p, X, y, x, tokens, nt, amx, groups, lora_scales, lora_amx);
   return true;
@@ -246,6 +250,11 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
   bf16_t* gate_up = attn + tokens * q_size;
   bf16_t* act = gate_up + tokens * 2 * p.inter;
   const LoRAGroups* groups = static_cast<const LoRAGroups*>(lora_groups);
+  const int64_t* token_slot = nullptr;  // derived once a step, where some layer's routed experts have adapter slots
+  for (int64_t l = 0; groups != nullptr && token_slot == nullptr && l < p.num_layers; ++l) {
+    const Experts* X = p.layers[l].experts;
+    if (X != nullptr && X->lora != nullptr) token_slot = token_slots(*groups, tokens);
+  }
   const int nt = num_threads;
   PhaseClock clock(p.phase_seconds);
   // A projection's adapter delta, timed as the LoRA phase, in steps that have adapter rows.
@@ -296,7 +305,8 @@ int pagoda_decode_layers(const Plan* plan, int64_t tokens, void* hidden_io, void
     }
     clock.lap(kNorms);
     if (L.experts) {
-      if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0, groups, lora_scales, p.lora_amx != 0))
+      if (!mixture(p, *L.experts, hidden, normed, tokens, nt, p.amx != 0, groups, token_slot, lora_scales,
+                   p.lora_amx != 0))
         return -2;
       clock.lap(kExperts);
     } else {
