@@ -184,15 +184,18 @@ class LinearBlockQuant(OpImpl):
         scale = scale.float() if bits == 4 else scale.to(torch.float16).float()
         return BlockQuantWeight(codes, scale, None if offset is None else offset.float(), bits)
 
-    def accepts_zero(self, in_features: int, group: int, act_dtype: torch.dtype) -> bool:
-        """Whether :meth:`prepare_zero` takes 4-bit weights with a zero point per ``group`` inputs."""
-        return group % 32 == 0 and in_features % group == 0
+    def accepts_zero(self, in_features: int, group: int, act_dtype: torch.dtype, bits: int = 4) -> bool:
+        """Whether :meth:`prepare_zero` takes ``bits``-bit weights with a zero point per ``group`` inputs."""
+        return bits in (4, 8) and group % 32 == 0 and in_features % group == 0
 
-    def prepare_zero(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                     group: int) -> BlockQuantWeight:
-        """4-bit ``codes`` [n, k] (0..15) with ``w = (code - zero) * scale``, one ``scale``/``zero`` [n, k / group]
-        per group (AWQ, GPTQ): the same op as :meth:`prepare` with ``offset = -zero * scale`` per 32 (exact in
-        float32 for float16/bfloat16 scales and integer zeros); an implementation may keep the compact form."""
+    def prepare_zero(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                     bits: int = 4) -> BlockQuantWeight:
+        """``codes`` [n, k] with ``w = (code - zero) * scale``, one ``scale``/``zero`` [n, k / group] per group (AWQ,
+        GPTQ): 4-bit codes 0..15, or 8-bit codes as int8 (the checkpoint's codes and zeros less 128). The same op as
+        :meth:`prepare` with ``offset = -zero * scale`` (exact in float32 for float16/bfloat16 scales and integer
+        zeros); an implementation may keep the compact form."""
+        if bits == 8:
+            return BlockQuantWeight(codes.to(torch.int8), scale.float(), -(zero.float() * scale.float()), 8, group)
         per = group // 32
         scale, zero = scale.float().repeat_interleave(per, 1), zero.float().repeat_interleave(per, 1)
         return self.prepare(codes, scale, -(zero * scale), 4)

@@ -6,12 +6,12 @@ one scale (and offset) per group of ``g`` inputs; the checkpoint formats store t
 ``offset = -zero * scale``. A format decodes its own packing into that form once, after
 loading, and :func:`affine_kernel` picks the compact kernel that multiplies by it:
 
-- **BlockQuantKernel** (4-bit codes with zero points, or 8-bit codes without, in groups of a multiple of 32, where
-  the engine's ``linear_block_quant`` op has an implementation faster than its reference for the model's dtype —
-  pagoda's AVX512-BF16 kernel for bf16 models on the CPU): the op's form (on the CPU, the checkpoint's own float16
-  scales and zeros per group for 4 bits, so the weight stays the size of the file).
-- **OffsetBlockQuantKernel** (8-bit codes with zero points, where the op takes the 8-bit codes): the op's 8-bit
-  form and a small product over each group's input sum for the offsets.
+- **BlockQuantKernel** (4- or 8-bit codes with zero points, or 8-bit codes without, in groups of a multiple of 32,
+  where the engine's ``linear_block_quant`` op has an implementation faster than its reference for the model's
+  dtype — pagoda's AVX512-BF16 kernel for bf16 models on the CPU — and takes them): the op's form (on the CPU, the
+  checkpoint's own float16 scales and zeros per group, so the weight stays the size of the file).
+- **OffsetBlockQuantKernel** (8-bit codes with zero points, where the op takes only plain 8-bit codes): the op's
+  8-bit form and a small product over each group's input sum for the offsets.
 - **Int4Kernel** (4-bit, groups of 32 … 256, other bf16/fp16 models): torch's int4 weight-only matmul.
 - **Int8Kernel** (everything else: float32 models, groups that are not a multiple of 32): int8 codes
   stored group-major ``[K/g, N, g]``; decode-sized batches run one ``_weight_int8pack_mm`` per group (each weight
@@ -271,9 +271,12 @@ def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
                          f"{(n, k // group)}, got {tuple(scale.shape)}")
     op = block_quant_op_for(block_quant_op, k, act_dtype)
     accepts_zero = getattr(op, "accepts_zero", None)  # optional in the op's contract
-    if op is not None and bits == 4 and accepts_zero is not None and accepts_zero(k, group, act_dtype):
+    # 8-bit codes without zero points keep the op's plain 8-bit form below (a float16 scale per 32)
+    if op is not None and (bits == 4 or zero is not None) and accepts_zero is not None \
+            and accepts_zero(k, group, act_dtype, bits):
         zero = torch.zeros_like(scale) if zero is None else zero
-        return BlockQuantKernel(op.prepare_zero(codes.to(torch.uint8), scale, zero, group), op, n, k)
+        codes = codes.to(torch.uint8 if bits == 4 else torch.int8)
+        return BlockQuantKernel(op.prepare_zero(codes, scale, zero, group, bits), op, n, k)
     offset = None if zero is None else -(zero * scale)
     if op is not None and group % 32 == 0 and bits == 8 \
             and torch.equal(scale.to(torch.float16).float(), scale.float()):

@@ -285,3 +285,25 @@ def test_linear_argmax_equals_argmax_of_the_logits(form, rows):
         assert (cpu_head.linear_argmax(ones, with_nan, amx=amx) == 3000).all()
         assert torch.equal(cpu_ops.packed_linear(ones, with_nan, float_output=True, amx=amx).argmax(-1),
                            cpu_head.linear_argmax(ones, with_nan, amx=amx))
+
+
+AMX_MARCH = "sapphirerapids"  # AMX-BF16 / AMX-INT8 with AVX512-BF16, as the Intel Xeons pagoda targets have
+
+
+def test_amx_paths_compile_on_every_cpu():
+    """The AMX paths are compiled only where the CPU has AMX (-march=native): here the sources are type-checked for a
+    Sapphire Rapids, so a change that breaks them fails on any CPU, not first on an AMX machine."""
+    import subprocess
+
+    compiler = cpu._find_compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    probe = subprocess.run([compiler, f"-march={AMX_MARCH}", "-dM", "-E", "-x", "c++", "/dev/null"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or "__AMX_BF16__" not in probe.stdout:
+        pytest.skip(f"{compiler} does not target -march={AMX_MARCH}")
+    flags = [flag for flag in cpu.FLAGS if flag not in ("-shared", "-march=native", "-O3")]
+    for source in cpu.SOURCES:
+        result = subprocess.run([compiler, *flags, f"-march={AMX_MARCH}", "-fsyntax-only", str(source)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{source.name} for -march={AMX_MARCH}:\n{result.stderr[-4000:]}"

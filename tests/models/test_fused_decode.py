@@ -41,15 +41,16 @@ def _run(llm: LLM, fused: bool, prompts=PROMPTS):
 QUANT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
 
 
-QUANT_KINDS = ("gptq_sym_g32", "gptq_asym_act_g32", "awq_g64_skip", "ct_w4a16_asym", "ct_w8a8_int8", "fp8_block",
-               "aqlm_2x8", "aqlm_1x16")
+QUANT_KINDS = ("gptq_sym_g32", "gptq_asym_act_g32", "gptq_8bit_asym_g32", "awq_g64_skip", "ct_w4a16_asym",
+               "ct_w8a16_asym", "ct_w8a8_int8", "fp8_block", "aqlm_2x8", "aqlm_1x16")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3_rope", "mistral", "gguf", *QUANT_KINDS])
 def test_fused_decode_equals_per_op_path(tiny_model_dir, kind):
     # qwen2: qkv bias; llama3_rope: one kv head, tied head; mistral: head size 32 (the generic attention loop);
     # gptq / awq / ct_w4a16: 4-bit codes with zero points per group of 32 or 64 (awq: with dense down_proj layers;
-    # gptq_asym_act_g32: act-order, each layer's inputs reordered before its GEMM);
+    # gptq_asym_act_g32: act-order, each layer's inputs reordered before its GEMM); gptq_8bit_asym_g32 /
+    # ct_w8a16_asym: int8 codes with zero points;
     # ct_w8a8_int8: AMX-INT8 tiles where the CPU has them; fp8_block: e4m3 codes; aqlm: codebooks of 256 entries
     # (8-bit codes, the one-row table) and of 65536 (16-bit codes), merged q/k/v and gate/up with a book each.
     if kind in QUANT_KINDS:

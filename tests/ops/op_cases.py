@@ -226,21 +226,33 @@ def _check_rows_in_activation_dtypes(impl, handle, ids, exact):
 
 
 def linear_block_quant_zero(impl, ref, dtype):
-    """4-bit codes with a float16 scale and an integer zero per group of 32 to 128 (AWQ / GPTQ's form)."""
-    for group, n, k in ((32, 37, 64), (64, 576, 576), (128, 48, 256)):
-        if not impl.accepts_zero(k, group, dtype):
+    """Codes with a scale and an integer zero per group of 32 and up (AWQ / GPTQ / W4A16 / W8A16's form): 4-bit codes
+    0..15, or 8-bit ones as int8 (code and zero less 128); float16 scales, and bfloat16 ones float16 can't hold."""
+    cases = ((4, 32, 37, 64, torch.float16), (4, 64, 576, 576, torch.float16), (4, 128, 48, 256, torch.float16),
+             (4, 256, 40, 512, torch.float16), (8, 32, 37, 64, torch.float16), (8, 64, 576, 576, torch.float16),
+             (8, 128, 48, 256, torch.float16), (8, 192, 40, 384, torch.float16), (8, 32, 48, 96, torch.bfloat16))
+    accepts = getattr(impl, "accepts_zero", None)  # optional in the op's contract
+    for bits, group, n, k, scale_dtype in cases:
+        if accepts is None or not accepts(k, group, dtype, bits):
             continue
-        g = _gen(group, n, k)
-        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-        scale = (torch.rand(n, k // group, generator=g) * 0.01).half().float()
-        zero = torch.randint(0, 17, (n, k // group), generator=g).float()
-        handle, ref_handle = impl.prepare_zero(codes, scale, zero, group), ref.prepare_zero(codes, scale, zero, group)
+        g = _gen(bits, group, n, k)
+        if bits == 4:
+            codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+            zero = torch.randint(0, 17, (n, k // group), generator=g).float()
+        else:
+            codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+            zero = torch.randint(-128, 128, (n, k // group), generator=g).float()
+        scale = (torch.rand(n, k // group, generator=g) * 0.01).to(scale_dtype).float()
+        if scale_dtype == torch.bfloat16:
+            scale[0, 0] = 2.0 ** -30  # below float16's range
+        handle = impl.prepare_zero(codes, scale, zero, group, bits)
+        ref_handle = ref.prepare_zero(codes, scale, zero, group, bits)
         exact = (codes.double().unflatten(1, (-1, group)) - zero.double()[..., None]) * scale.double()[..., None]
         exact = exact.flatten(1)
         torch.testing.assert_close(ref.weight(ref_handle).double(), exact, rtol=0, atol=0)
         for rows in (1, 9, 64):
             x = torch.randn(rows, k, generator=g).to(dtype)
-            what = f"linear_block_quant zero group {group} {rows}x{k}->{n}"
+            what = f"linear_block_quant zero {bits}-bit group {group} {scale_dtype} scales {rows}x{k}->{n}"
             scale_of = (x.double() @ exact.T).abs().max().item()
             _close(impl.apply(handle, x), ref.apply(ref_handle, x), dtype, what, scale_of)
             torch.testing.assert_close(impl.logits(handle, x).double(), x.double() @ exact.T, rtol=1e-5,

@@ -111,9 +111,8 @@ def test_checkpoint_bf16_native_paths(name):
     llm = _llm(path, dtype="bfloat16")
     ops = select_ops(resolve_platform(), torch.bfloat16)
     if not ops.linear_block_quant.is_reference and name.startswith(("awq", "gptq", "ct_w4a16", "ct_w8a16")):
-        # 8-bit codes with zero points: the op's 8-bit codes, and the offsets over each group's input sum
-        kernel = "OffsetBlockQuantKernel" if name in ("gptq_8bit_asym_g32", "ct_w8a16_asym") else "BlockQuantKernel"
-        assert _kernel_kinds(llm) == {kernel}, _kernel_kinds(llm)
+        # 4- and 8-bit codes, with zero points or without: one op handle per layer
+        assert _kernel_kinds(llm) == {"BlockQuantKernel"}, _kernel_kinds(llm)
     _, logprobs = _run(llm, ref["input_ids"], 1)
     ref_logprobs = torch.log_softmax(ref["logits"].float(), -1)
     cos = torch.nn.functional.cosine_similarity(_centred(logprobs), _centred(ref_logprobs), dim=-1)

@@ -245,16 +245,23 @@ class PackedBlockQuant(_NativeBf16Gemm):
     def prepare(self, codes, scale, offset, bits):
         return cpu_ops.pack_quantized(codes, scale, offset, bits)
 
-    def accepts_zero(self, in_features, group, act_dtype):
-        return group % 32 == 0 and in_features % group == 0 and act_dtype == torch.bfloat16
+    def accepts_zero(self, in_features, group, act_dtype, bits=4):
+        return bits in (4, 8) and group % 32 == 0 and in_features % group == 0 and act_dtype == torch.bfloat16
 
-    def prepare_zero(self, codes, scale, zero, group):
-        # The compact form keeps the checkpoint's float16 scales and zeros at its group size; scales that float16
-        # can't hold exactly (bfloat16 ones out of its range) take the float32 form per 32.
+    def prepare_zero(self, codes, scale, zero, group, bits=4):
+        # The compact form keeps the checkpoint's float16 scales and zeros, per group of up to 128 (a larger group's
+        # repeated per 128, 64 or 32 inputs, whichever divides it); scales that float16 can't hold exactly (bfloat16
+        # ones out of its range) take the float32 form per 32: 4-bit scale and offset, or the int8 affine kind.
         exact = torch.equal(scale.to(torch.float16).float(), scale.float()) and \
             torch.equal(zero.to(torch.float16).float(), zero.float())
-        if exact and group in cpu_quant_ops.ZERO_GROUPS:
-            return cpu_quant_ops.pack_zero_point(codes, scale, zero, group)
+        if exact:
+            sub = next(g for g in reversed(cpu_quant_ops.ZERO_GROUPS) if group % g == 0)
+            scale, zero = scale.repeat_interleave(group // sub, 1), zero.repeat_interleave(group // sub, 1)
+            return cpu_quant_ops.pack_zero_point(codes, scale, zero, sub, bits)
+        if bits == 8:
+            per32 = group // 32
+            scale, zero = scale.float().repeat_interleave(per32, 1), zero.float().repeat_interleave(per32, 1)
+            return cpu_quant_ops.pack_affine_int8(codes, scale, -(zero * scale), 32)
         return reference.LinearBlockQuant.prepare_zero(self, codes, scale, zero, group)
 
     def accepts_affine(self, in_features, group, act_dtype):

@@ -35,20 +35,33 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> PackedQuant:
 
 
 ZERO_KIND = 100  # kind ZERO_KIND + group: 4-bit codes with a float16 scale and zero per group (pagoda_quant_gemm)
+ZERO8_KIND = 400  # kind ZERO8_KIND + group: int8 codes with a float16 scale and zero per group (above the affine kinds)
 ZERO_GROUPS = (32, 64, 128)
 
 
-def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> PackedQuant:
-    """Pack 4-bit ``codes`` [n, k] (uint8 0..15) with float16-exact ``scale`` and ``zero`` [n, k / group]:
-    ``w = (code - zero) * scale``, the form AWQ / GPTQ checkpoints store, at their own group size."""
+def pack_zero_point(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                    bits: int = 4) -> PackedQuant:
+    """Pack ``codes`` [n, k] (4 bits: uint8 0..15; 8 bits: int8) with float16-exact ``scale`` and ``zero``
+    [n, k / group] (``group`` one of ``ZERO_GROUPS``): ``w = (code - zero) * scale``, the form AWQ / GPTQ checkpoints
+    store, at their own group size. 4-bit codes two to a byte; int8 codes as the 8-bit kind lays them out."""
     n, k = codes.shape
     groups = k // group
     tiles, (codes, scale, zero) = pad_to_tiles(n, codes, scale, zero)
-    c = codes.to(torch.uint8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
-    code_bytes = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, group * 8)
+    if bits == 4:
+        c = codes.to(torch.uint8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 1, 4)
+        code_bytes, kind = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, group * 8), ZERO_KIND
+    else:
+        code_bytes, kind = _int8_code_bytes(codes, tiles, groups, group), ZERO8_KIND
     data = torch.cat([code_bytes, tile_params(scale, torch.float16, tiles, groups),
                       tile_params(zero, torch.float16, tiles, groups)], dim=-1).contiguous()
-    return PackedQuant(data, n, k, ZERO_KIND + group)
+    return PackedQuant(data, n, k, kind + group)
+
+
+def _int8_code_bytes(codes: torch.Tensor, tiles: int, groups: int, group: int) -> torch.Tensor:
+    """int8 ``codes`` [tiles * 16, k] as the 8-bit kinds lay them out: per tile, group and pair of inputs, the tile's
+    16 columns' first input, then their second ([tiles, groups, group * 16] bytes)."""
+    c = codes.to(torch.int8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 4, 1)
+    return c.reshape(tiles, groups, group * 16).view(torch.uint8)
 
 
 def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> PackedQuant:
@@ -58,9 +71,7 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     n, k = codes.shape
     groups = k // group
     tiles, (codes, scale, offset) = pad_to_tiles(n, codes, scale, offset)
-    c = codes.to(torch.int8).reshape(tiles, 16, groups, group // 2, 2).permute(0, 2, 3, 4, 1)
-    code_bytes = c.reshape(tiles, groups, group * 16).view(torch.uint8)
-    data = torch.cat([code_bytes, tile_params(scale, torch.float32, tiles, groups),
+    data = torch.cat([_int8_code_bytes(codes, tiles, groups, group), tile_params(scale, torch.float32, tiles, groups),
                       tile_params(offset, torch.float32, tiles, groups)], dim=-1).contiguous()
     return PackedQuant(data, n, k, AFFINE_KIND + group)
 

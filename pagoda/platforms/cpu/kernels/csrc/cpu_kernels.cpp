@@ -222,7 +222,8 @@ int pagoda_gemm_packed(int out_f32, void* y, int64_t ldy, const void* x, const v
 }
 
 // y [m, n] = x [m, k] (bf16) @ W^T for block-quantized W packed as described above (bits: the kind — 4 or 8, k a
-// multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G and kAffineKind + G, k a multiple of G); y float32 when out_f32 else bf16.
+// multiple of 32; kE4M3, k a multiple of 64; kZeroKind + G, kAffineKind + G and kZero8Kind + G, k a multiple of G);
+// y float32 when out_f32 else bf16.
 // Returns -1 when this build lacks AVX512-BF16 or the kind or k is not one of those.
 // amx: AMX tiles from kAmxMinRows rows (only where the process may use them).
 int pagoda_quant_gemm(int bits, int out_f32, void* y, const void* x, const void* packed, int64_t m, int64_t n,

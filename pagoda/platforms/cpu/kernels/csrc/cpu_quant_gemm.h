@@ -2,6 +2,8 @@
 // AMX tiles.
 #pragma once
 
+#include <utility>
+
 #include "cpu_amx.h"
 #include "cpu_common.h"
 #include "cpu_gemm.h"
@@ -376,29 +378,23 @@ void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int
 }
 #endif
 
+// Every kind of cpu_quant_layout.h, for the dispatch at run time.
+using QuantKinds = std::integer_sequence<int, 4, 8, kE4M3, kE4M3Channel, kZeroKind + 32, kZeroKind + 64,
+                                         kZeroKind + 128, kAffineKind + 16, kAffineKind + 32, kZero8Kind + 32,
+                                         kZero8Kind + 64, kZero8Kind + 128>;
+
+template <bool F32Out, int... Kinds>
+bool quant_gemm_of(std::integer_sequence<int, Kinds...>, int kind, void* y, const bf16_t* x, const uint8_t* packed,
+                   int64_t m, int64_t n, int64_t k, int num_threads, const float* xsum, bool amx) {
+  return ((kind == Kinds && (quant_gemm<Kinds, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx), true)) || ...);
+}
+
 // quant_gemm for a kind chosen at run time; false for a kind (or k) quant_tile_bytes doesn't take.
 template <bool F32Out>
 bool quant_gemm_kind(int kind, void* y, const bf16_t* x, const uint8_t* packed, int64_t m, int64_t n, int64_t k,
                      int num_threads, const float* xsum = nullptr, bool amx = false) {
   if (quant_tile_bytes(kind, k) == 0) return false;
-  switch (kind) {
-    case 4: quant_gemm<4, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case 8: quant_gemm<8, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case kE4M3: quant_gemm<kE4M3, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case kE4M3Channel: quant_gemm<kE4M3Channel, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case kZeroKind + 32: quant_gemm<kZeroKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case kZeroKind + 64: quant_gemm<kZeroKind + 64, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx); return true;
-    case kZeroKind + 128:
-      quant_gemm<kZeroKind + 128, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
-      return true;
-    case kAffineKind + 16:
-      quant_gemm<kAffineKind + 16, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
-      return true;
-    case kAffineKind + 32:
-      quant_gemm<kAffineKind + 32, F32Out>(y, x, packed, m, n, k, num_threads, xsum, amx);
-      return true;
-    default: return false;
-  }
+  return quant_gemm_of<F32Out>(QuantKinds{}, kind, y, x, packed, m, n, k, num_threads, xsum, amx);
 }
 #endif  // __AVX512BF16__
 

@@ -27,31 +27,41 @@ namespace {
 //   int8 affine (kind kAffineKind + G, G = 16 or 32): int8 codes as for int8 in groups of G, then float32 scales and
 //         float32 offsets: w = code * scale + offset, GGUF's Q2_K / Q5_K / Q6_K (sub-blocks of 16 or 32 values with
 //         a scale and min each; their products are not exact in float16; 1.25 or 1.5 bytes a weight) -> 16 G + 128
+//   int8 with zero points (kind kZero8Kind + G, G = 32, 64 or 128): int8 codes as for int8 in groups of G, then
+//         float16 scales and float16 zeros: w = (code - zero) * scale, 8-bit GPTQ / compressed-tensors W8A16 with
+//         zero points (codes and zeros centred on 128; 1.03 to 1.13 bytes a weight)          -> 16 G + 64 bytes
 constexpr int64_t kGroup = 32;
 constexpr int kE4M3 = 9;  // the "bits" value that selects FP8 e4m3 codes
 constexpr int kE4M3Channel = 10;  // FP8 e4m3 codes with one scale per column
 constexpr int kZeroKind = 100;
 constexpr int kAffineKind = 300;  // above every kZeroKind + G
+constexpr int kZero8Kind = 400;  // above every kAffineKind + G
 constexpr int kQMR = 8;
 
 template <int Bits> struct QLayout {
-  static constexpr bool zero = Bits > kZeroKind && Bits < kAffineKind;  // 4-bit codes, float16 scale and zero
-  static constexpr bool affine = Bits > kAffineKind;  // int8 codes, float32 scale and offset per group
-  static constexpr bool nibbles = Bits == 4 || zero;
+  static constexpr bool zero4 = Bits > kZeroKind && Bits < kAffineKind;  // 4-bit codes, float16 scale and zero
+  static constexpr bool zero8 = Bits > kZero8Kind;  // int8 codes, float16 scale and zero
+  static constexpr bool zero = zero4 || zero8;
+  static constexpr bool affine = Bits > kAffineKind && Bits < kZero8Kind;  // int8 codes, float32 scale and offset
+  static constexpr bool nibbles = Bits == 4 || zero4;
   static constexpr bool fp8 = Bits == kE4M3 || Bits == kE4M3Channel;
   static constexpr bool uniform = Bits == kE4M3Channel;  // one scale per column: sum every group, then scale once
-  static constexpr int decoder = nibbles ? 4 : affine ? 8 : fp8 ? kE4M3 : Bits;  // which decode_pairs reads the codes
-  static constexpr int64_t group = affine ? Bits - kAffineKind : zero ? Bits - kZeroKind : fp8 ? 64 : kGroup;
+  // which decode_pairs reads the codes
+  static constexpr int decoder = nibbles ? 4 : affine || zero8 ? 8 : fp8 ? kE4M3 : Bits;
+  static constexpr int64_t group = affine ? Bits - kAffineKind : zero8 ? Bits - kZero8Kind
+                                   : zero4 ? Bits - kZeroKind : fp8 ? 64 : kGroup;
   static constexpr int64_t code_bytes = nibbles ? group * 8 : group * 16;
   static constexpr int64_t block_bytes =
       code_bytes + (Bits == 4 || affine ? 2 * 16 * 4 : Bits == 8 ? 16 * 2 : 16 * 4);
-  static constexpr bool sums = nibbles || affine;  // whether the kernel reads the activations' group sums
+  static constexpr bool sums = nibbles || affine || zero8;  // whether the kernel reads the activations' group sums
   // inputs per activation sum: 32, or the group of the affine kinds (their offsets change every 16 inputs)
   static constexpr int64_t sum_width = affine ? group : kGroup;
 };
 
 // The inputs per activation sum (xsum) the kind reads.
-inline int64_t quant_sum_width(int kind) { return kind > kAffineKind ? kind - kAffineKind : kGroup; }
+inline int64_t quant_sum_width(int kind) {
+  return kind > kAffineKind && kind < kZero8Kind ? kind - kAffineKind : kGroup;
+}
 
 // bf16 encodings of the 128 e4m3 magnitudes (sign bit clear), for vpermt2w lookups: normal numbers move their
 // exponent from bias 7 to bias 127; subnormals (exponent 0: m * 2^-9) are listed.
@@ -242,6 +252,9 @@ inline int64_t quant_tile_bytes(int kind, int64_t k) {
     case kZeroKind + 128: return of(128, QLayout<kZeroKind + 128>::block_bytes);
     case kAffineKind + 16: return of(16, QLayout<kAffineKind + 16>::block_bytes);
     case kAffineKind + 32: return of(32, QLayout<kAffineKind + 32>::block_bytes);
+    case kZero8Kind + 32: return of(32, QLayout<kZero8Kind + 32>::block_bytes);
+    case kZero8Kind + 64: return of(64, QLayout<kZero8Kind + 64>::block_bytes);
+    case kZero8Kind + 128: return of(128, QLayout<kZero8Kind + 128>::block_bytes);
     default: return 0;
   }
 }
