@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quantized checkpoints side by side on this machine, interleaved round by round: W2 (single stream) on the 4-bit,
-# FP8 and INT8 SmolLM2-135M checkpoints against pagoda's bf16 and Q4_1 GGUF runs, W1 on W8A8 INT8 against bf16,
+# 8-bit asymmetric, FP8 and INT8 SmolLM2-135M checkpoints against pagoda's bf16 and Q4_1 GGUF runs, W1 on W8A8 INT8
+# against bf16,
 # vLLM CPU on the same checkpoints where it loads them, and the resident weight bytes. Writes JSON and logs to $DATA.
 # Usage: docs/plots/quant_side_by_side.sh [STEP...]   (steps: w2 w1 vllm memory; default: all)
 # The checkpoints come from tests/fixtures/quant/make_bench_checkpoints.py (into .cache/quant/).
@@ -20,7 +21,7 @@ steps=("$@")
 log() { echo "$(date -u +%H:%M:%S) $1 (load $(cut -d' ' -f1-3 /proc/loadavg))" | tee -a "$DATA/run.log"; }
 W="--input-len 128 --output-len 128"
 W2_MODELS=(bf16:$HF_DIR gguf: gptq:$Q/smollm2-gptq-4bit-g32 awq:$Q/smollm2-awq-4bit-g32 fp8:$Q/smollm2-fp8-dynamic
-           int8:$Q/smollm2-w8a8-int8)
+           int8:$Q/smollm2-w8a8-int8 gptq8asym:$Q/smollm2-gptq-8bit-asym-g64)
 
 model_args() { [ -n "$1" ] && echo "--model $1" || true; }  # empty: the bundled Q4_1 GGUF
 vllm_latency() {  # MODEL OUT
