@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quantized checkpoints side by side on this machine, interleaved round by round: W2 (single stream) on the 4-bit,
 # 8-bit asymmetric, FP8 and INT8 SmolLM2-135M checkpoints against pagoda's bf16 and Q4_1 GGUF runs, W1 on W8A8 INT8
-# against bf16,
-# vLLM CPU on the same checkpoints where it loads them, and the resident weight bytes. Writes JSON and logs to $DATA.
+# against bf16, vLLM CPU on the same checkpoints where it loads them, and the resident weight bytes. Writes JSON and
+# logs to $DATA.
 # Usage: docs/plots/quant_side_by_side.sh [STEP...]   (steps: w2 w1 vllm memory; default: all)
 # The checkpoints come from tests/fixtures/quant/make_bench_checkpoints.py (into .cache/quant/).
 set -euo pipefail
