@@ -40,8 +40,9 @@ OPS: dict[str, str] = {
                   "returning (out, x + residual)",
     "activation": "a non-gated activation of x, by name: relu, gelu (exact) or gelu_tanh",
     "linear_dense": "x @ W.T + b for a dense weight prepared once (prepare/apply/logits/greedy/rows)",
-    "linear_block_quant": "x @ W.T for 4- or 8-bit codes with a scale (and offset) per 32 inputs; int8 codes with a "
-                          "float32 scale and offset per 16 or 32 (prepare_affine)",
+    "linear_block_quant": "x @ W.T for 4- or 8-bit codes with a scale (and offset) per 32 inputs; 4- or 8-bit codes "
+                          "with a scale and zero point per group (prepare_zero); int8 codes with a float32 scale "
+                          "and offset per 16 or 32 (prepare_affine)",
     "linear_fp8": "x @ W.T for float8_e4m3fn weights with a float32 scale per group of inputs of each row",
     "linear_int8": "x @ W.T for int8 weights (a scale per row) with int8 activations (per-token dynamic scales)",
     "linear_codebook": "x @ W.T for additive-codebook weights (AQLM): codes, codebooks and a scale per row; a merged "
