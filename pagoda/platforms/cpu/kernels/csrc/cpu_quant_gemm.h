@@ -2,8 +2,6 @@
 // AMX tiles.
 #pragma once
 
-#include <utility>
-
 #include "cpu_amx.h"
 #include "cpu_common.h"
 #include "cpu_gemm.h"
@@ -377,11 +375,6 @@ void quant_gemm_amx_uniform(void* y, const bf16_t* x, const uint8_t* packed, int
   });
 }
 #endif
-
-// Every kind of cpu_quant_layout.h, for the dispatch at run time.
-using QuantKinds = std::integer_sequence<int, 4, 8, kE4M3, kE4M3Channel, kZeroKind + 32, kZeroKind + 64,
-                                         kZeroKind + 128, kAffineKind + 16, kAffineKind + 32, kZero8Kind + 32,
-                                         kZero8Kind + 64, kZero8Kind + 128>;
 
 template <bool F32Out, int... Kinds>
 bool quant_gemm_of(std::integer_sequence<int, Kinds...>, int kind, void* y, const bf16_t* x, const uint8_t* packed,

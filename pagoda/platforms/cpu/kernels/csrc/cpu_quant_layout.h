@@ -3,6 +3,8 @@
 // gathers share.
 #pragma once
 
+#include <utility>
+
 #include "cpu_common.h"
 
 namespace {
@@ -238,26 +240,25 @@ inline std::vector<float> group_sums(const bf16_t* x, int64_t m, int64_t k, int6
   return xsum;
 }
 
+// Every kind above: the one list the run-time dispatch (quant_tile_bytes, quant_gemm_kind) walks.
+using QuantKinds = std::integer_sequence<int, 4, 8, kE4M3, kE4M3Channel, kZeroKind + 32, kZeroKind + 64,
+                                         kZeroKind + 128, kAffineKind + 16, kAffineKind + 32, kZero8Kind + 32,
+                                         kZero8Kind + 64, kZero8Kind + 128>;
+
+template <int Kind> constexpr int64_t tile_bytes_of(int64_t k) {
+  return k % QLayout<Kind>::group ? 0 : k / QLayout<Kind>::group * QLayout<Kind>::block_bytes;
+}
+
+template <int... Kinds>
+int64_t quant_tile_bytes_of(std::integer_sequence<int, Kinds...>, int kind, int64_t k) {
+  int64_t bytes = 0;
+  (void)((kind == Kinds && (bytes = tile_bytes_of<Kinds>(k), true)) || ...);
+  return bytes;
+}
+
 // Bytes of one tile of 16 rows of a block-quantized weight of `kind` with k inputs; 0 for an unknown kind or a k
 // its groups don't divide.
-inline int64_t quant_tile_bytes(int kind, int64_t k) {
-  auto of = [k](int64_t group, int64_t block) { return k % group ? 0 : k / group * block; };
-  switch (kind) {
-    case 4: return of(QLayout<4>::group, QLayout<4>::block_bytes);
-    case 8: return of(QLayout<8>::group, QLayout<8>::block_bytes);
-    case kE4M3: return of(QLayout<kE4M3>::group, QLayout<kE4M3>::block_bytes);
-    case kE4M3Channel: return of(QLayout<kE4M3Channel>::group, QLayout<kE4M3Channel>::block_bytes);
-    case kZeroKind + 32: return of(32, QLayout<kZeroKind + 32>::block_bytes);
-    case kZeroKind + 64: return of(64, QLayout<kZeroKind + 64>::block_bytes);
-    case kZeroKind + 128: return of(128, QLayout<kZeroKind + 128>::block_bytes);
-    case kAffineKind + 16: return of(16, QLayout<kAffineKind + 16>::block_bytes);
-    case kAffineKind + 32: return of(32, QLayout<kAffineKind + 32>::block_bytes);
-    case kZero8Kind + 32: return of(32, QLayout<kZero8Kind + 32>::block_bytes);
-    case kZero8Kind + 64: return of(64, QLayout<kZero8Kind + 64>::block_bytes);
-    case kZero8Kind + 128: return of(128, QLayout<kZero8Kind + 128>::block_bytes);
-    default: return 0;
-  }
-}
+inline int64_t quant_tile_bytes(int kind, int64_t k) { return quant_tile_bytes_of(QuantKinds{}, kind, k); }
 #endif  // __AVX512BF16__
 
 }  // namespace
