@@ -258,11 +258,9 @@ class PackedBlockQuant(_NativeBf16Gemm):
             sub = next(g for g in reversed(cpu_quant_ops.ZERO_GROUPS) if group % g == 0)
             scale, zero = scale.repeat_interleave(group // sub, 1), zero.repeat_interleave(group // sub, 1)
             return cpu_quant_ops.pack_zero_point(codes, scale, zero, sub, bits)
-        if bits == 8:
-            per32 = group // 32
-            scale, zero = scale.float().repeat_interleave(per32, 1), zero.float().repeat_interleave(per32, 1)
-            return cpu_quant_ops.pack_affine_int8(codes, scale, -(zero * scale), 32)
-        return reference.LinearBlockQuant.prepare_zero(self, codes, scale, zero, group)
+        scale, zero = (t.float().repeat_interleave(group // 32, 1) for t in (scale, zero))
+        offset = -(zero * scale)
+        return self.prepare_affine(codes, scale, offset, 32) if bits == 8 else self.prepare(codes, scale, offset, 4)
 
     def accepts_affine(self, in_features, group, act_dtype):
         return group in cpu_ops.AFFINE_GROUPS and in_features % group == 0 and act_dtype == torch.bfloat16
