@@ -24,6 +24,7 @@ from pagoda.platforms.cuda_quant_ops import _as_rows, _cdiv, _dot_fp32, _tiles
 
 # Bound from cuda_quant_ops on first use (see there: importing triton at registration would fix its mode too early).
 tl = None
+dot_tile = store_tile = None
 
 IN_GROUP = 8  # inputs per code: every AQLM scheme vLLM served (1x16, 2x8, …)
 _REFERENCE = reference_quant.LinearCodebook()
@@ -54,22 +55,18 @@ def _codebook_kernel(x_ptr, codes_ptr, books_ptr, shard_ptr, scale_ptr, out_ptr,
             entry = (book0[None, :] + b * book_size + code.to(tl.int64)) * 8 + (offs_k % 8)[:, None]
             w += tl.load(books_ptr + entry, mask=w_mask, other=0.0).to(tl.float32)
         w = w * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = dot_tile(acc, x, w, DOT_FP32)
+    store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om)
 
 
 @functools.cache
 def kernel():
     """The jitted kernel (compiled, or interpreted under ``TRITON_INTERPRET=1`` at the first call)."""
-    global tl
+    global tl, dot_tile, store_tile
     problem = cuda_quant_ops._import_triton()
     if problem is not None:
         raise RuntimeError(problem)
-    tl = cuda_quant_ops.tl
+    tl, dot_tile, store_tile = cuda_quant_ops.tl, cuda_quant_ops.dot_tile, cuda_quant_ops.store_tile
     return cuda_quant_ops.triton.jit(_codebook_kernel)
 
 

@@ -18,6 +18,7 @@ from pagoda.platforms.cuda_quant_ops import _DTYPES, _as_rows, _cdiv, _tiles
 
 # Bound from cuda_quant_ops on first use (see there: importing triton at registration would fix its mode too early).
 tl = None
+store_tile = None
 
 
 def _quantize_int8_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_xm, static_scale, STATIC: tl.constexpr,
@@ -64,18 +65,17 @@ def _int8_matmul_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K
     a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(out_ptr, out, offs_m, offs_n, mask_m, mask_n, stride_om)
 
 
 @functools.cache
 def kernels() -> SimpleNamespace:
     """The jitted kernels (compiled, or interpreted under ``TRITON_INTERPRET=1`` at the first call)."""
-    global tl
+    global tl, store_tile
     problem = cuda_quant_ops._import_triton()
     if problem is not None:
         raise RuntimeError(problem)
-    tl = cuda_quant_ops.tl
+    tl, store_tile = cuda_quant_ops.tl, cuda_quant_ops.store_tile
     jit = cuda_quant_ops.triton.jit
     return SimpleNamespace(quantize_int8=jit(_quantize_int8_kernel), int8_matmul=jit(_int8_matmul_kernel))
 

@@ -30,8 +30,23 @@ from pagoda.ops.interface import OpImpl
 # module, would fix it before a test could ask for the interpreter. The kernels read these names at run time.
 triton = None
 tl = None
+dot_tile = store_tile = None
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _dot_tile(acc, x, w, DOT_FP32: tl.constexpr):
+    """``acc + x @ w``: exact float32 products where DOT_FP32 (the logits' contract, and the interpreter; no TF32),
+    else in the activations' dtype."""
+    if DOT_FP32:
+        return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(x, w.to(x.dtype), acc)
+
+
+def _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om):
+    """A program's [BLOCK_M, BLOCK_N] tile of the output, in the output's dtype."""
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _block_quant_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, stride_xm, stride_om,
@@ -74,16 +89,9 @@ def _block_quant_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr, M, N, 
         if HAS_OFFSET:
             w_lo += tl.load(offset_ptr + group_lo, mask=w_mask, other=0.0)
             w_hi += tl.load(offset_ptr + group_hi, mask=w_mask, other=0.0)
-        if DOT_FP32:
-            # Exact products of float32 weights (the logits' contract), so no TF32.
-            acc = tl.dot(x_lo.to(tl.float32), w_lo, acc, input_precision="ieee")
-            acc = tl.dot(x_hi.to(tl.float32), w_hi, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_lo, w_lo.to(x_lo.dtype), acc)
-            acc = tl.dot(x_hi, w_hi.to(x_hi.dtype), acc)
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        acc = dot_tile(acc, x_lo, w_lo, DOT_FP32)
+        acc = dot_tile(acc, x_hi, w_hi, DOT_FP32)
+    store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om)
 
 
 def _fp8_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, groups, stride_xm, stride_om, GROUP: tl.constexpr,
@@ -107,23 +115,21 @@ def _fp8_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, groups, stride_xm, st
         magnitude = ((byte & 0x7F) << 7).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
         w = tl.where((byte & 0x80) != 0, -magnitude, magnitude)
         w = w * tl.load(scale_ptr + rows_n * groups + (offs_k // GROUP)[:, None], mask=w_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = dot_tile(acc, x, w, DOT_FP32)
+    store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om)
 
 
 @functools.cache
 def _import_triton() -> str | None:
     """Import triton into this module's globals; ``None``, or why it can't be imported."""
-    global triton, tl
+    global triton, tl, dot_tile, store_tile
     try:
         import triton
         import triton.language as tl
     except ImportError as exc:  # triton is an optional dependency (pagoda-llm[cuda])
         return f"triton failed to import ({exc})"
+    # The kernels' shared steps, jitted like them (every kernel module binds these names for its kernels)
+    dot_tile, store_tile = triton.jit(_dot_tile), triton.jit(_store_tile)
     return None
 
 
