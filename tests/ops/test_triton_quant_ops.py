@@ -71,6 +71,16 @@ def _block_weights(bits, n, k, g):
     return codes, torch.rand(n, groups, generator=g) * 0.02 + 1e-3, offset
 
 
+def _check_block_quant(impl, handle, ref, ref_handle, x, ids, what):
+    """The kernel's product, float32 logits and gathered rows against the reference's dequantized weight."""
+    exact = ref.weight(ref_handle).double()
+    scale_of = (x.double() @ exact.T).abs().max().item()
+    _close(impl.apply(handle, x.to(DEVICE)), ref.apply(ref_handle, x), x.dtype, what, scale_of)
+    _logits_close(impl.logits(handle, x.to(DEVICE)), x.double() @ exact.T, scale_of, what)
+    torch.testing.assert_close(impl.rows(handle, ids.to(DEVICE), torch.float64).cpu(), exact[ids],
+                               rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", (4, 8))
 def test_block_quant_matches_reference(qops, bits, dtype):
@@ -81,15 +91,9 @@ def test_block_quant_matches_reference(qops, bits, dtype):
         assert impl.accepts(k, dt)
         handle = impl.prepare(codes.to(DEVICE), scale.to(DEVICE), None if offset is None else offset.to(DEVICE), bits)
         ref_handle = ref.prepare(codes, scale, offset, bits)
-        exact = ref.weight(ref_handle).double()
         x = torch.randn(m, k, generator=g).to(dt)
-        what = f"triton linear_block_quant q{bits} {dtype} {m}x{k}->{n}"
-        scale_of = (x.double() @ exact.T).abs().max().item()
-        _close(impl.apply(handle, x.to(DEVICE)), ref.apply(ref_handle, x), dt, what, scale_of)
-        _logits_close(impl.logits(handle, x.to(DEVICE)), x.double() @ exact.T, scale_of, what)
-        ids = torch.tensor([[0, n - 1], [n // 2, 1]])
-        torch.testing.assert_close(impl.rows(handle, ids.to(DEVICE), torch.float64).cpu(), exact[ids],
-                                   rtol=1e-6, atol=1e-7)
+        _check_block_quant(impl, handle, ref, ref_handle, x, torch.tensor([[0, n - 1], [n // 2, 1]]),
+                           f"triton linear_block_quant q{bits} {dtype} {m}x{k}->{n}")
     assert impl.greedy(handle, x.to(DEVICE)) is None
     packed_bytes = codes.numel() // 2 if bits == 4 else codes.numel()
     assert impl.nbytes(handle) == packed_bytes + scale.numel() * 4 * (2 if offset is not None else 1)
@@ -108,15 +112,9 @@ def test_block_quant_affine_int8_matches_reference(qops, dtype):
         handle = impl.prepare_affine(codes.to(DEVICE), scale.to(DEVICE),
                                      None if offset is None else offset.to(DEVICE), group)
         ref_handle = ref.prepare_affine(codes, scale, offset, group)
-        exact = ref.weight(ref_handle).double()
         x = torch.randn(m, k, generator=g).to(dt)
-        what = f"triton linear_block_quant affine group {group} offset {with_offset} {dtype} {m}x{k}->{n}"
-        scale_of = (x.double() @ exact.T).abs().max().item()
-        _close(impl.apply(handle, x.to(DEVICE)), ref.apply(ref_handle, x), dt, what, scale_of)
-        _logits_close(impl.logits(handle, x.to(DEVICE)), x.double() @ exact.T, scale_of, what)
-        ids = torch.tensor([[0, n - 1]])
-        torch.testing.assert_close(impl.rows(handle, ids.to(DEVICE), torch.float64).cpu(), exact[ids],
-                                   rtol=1e-6, atol=1e-7)
+        _check_block_quant(impl, handle, ref, ref_handle, x, torch.tensor([[0, n - 1]]),
+                           f"triton linear_block_quant affine group {group} offset {with_offset} {dtype} {m}x{k}->{n}")
     assert not impl.accepts_affine(80, 16, torch.bfloat16)  # the kernel's halves need whole groups of 32
 
 
