@@ -84,7 +84,8 @@ def linear_codebook(impl, ref, dtype):
                                            (40, 104, 1, 8, 2, 8, None), (24, 64, 1, 8, 1, 8, None),
                                            (32, 32, 2, 4, 1, 8, None), (56, 104, 1, 8, 2, 8, [24, 8, 24]),
                                            (40, 72, 1, 8, 2, 3, [18, 22]), (32, 64, 1, 8, 1, 16, [16, 16]),
-                                           (32, 32, 2, 4, 2, 8, [8, 24])):
+                                           (32, 32, 2, 4, 2, 8, [8, 24]), (40, 104, 1, 8, 1, 16, [18, 22]),
+                                           (24, 72, 1, 8, 2, 16, None)):
         g = _gen(n, k, m, nbits)
         codes = torch.randint(0, 1 << nbits, (n // og, k // ig, m), generator=g)
         books = torch.randn(len(shards or [n]), m, 1 << nbits, og, ig, generator=g).half()
@@ -92,8 +93,10 @@ def linear_codebook(impl, ref, dtype):
         scales = (torch.rand(n // og, 1, 1, 1, generator=g) + 0.5).half()
         handle, ref_handle = (impl.prepare(codes, codebooks, scales, shards),
                               ref.prepare(codes, codebooks, scales, shards))
-        # 1, 2: the native one-row table (row by row); 9: logits from tiles built in registers, bf16 from column
-        # tiles; 24, 70: column tiles for both (70: a partial row tile)
+        # 1, 2: the native one-row table (row by row), or tiles built in registers for books of more than 256
+        # entries (16-bit codes, kept in tiles of 16 outputs: 40 outputs end in a partial tile, and the shards of
+        # [18, 22] meet inside one); 9: logits from tiles built in registers, bf16 from column tiles; 24, 70: column
+        # tiles for both (70: a partial row tile)
         for rows in (1, 2, 9, 24, 70):
             x = torch.randn(rows, k, generator=g).to(dtype)
             expected = ref.logits(ref_handle, x).double()

@@ -78,10 +78,10 @@ def pack_affine_int8(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 CODEBOOK_MAX_ROWS = 16  # float32 logits up to here build each 8-weight tile in a register (exact); above: the reference
 CODEBOOK_TABLE_ENTRIES = 256  # books of up to this many entries keep 8-bit codes (and one-row batches a table)
-CODE_BLOCK = 4  # input groups per block of the codes' layout (cpu_codebook.h's kCodeBlock)
+CODE_BLOCK = 4  # input groups per block of 8-bit codes' layout (cpu_codebook_weight.h's kCodeBlock)
 
 
-class _CodebookWeight(ctypes.Structure):  # cpu_codebook.h's CodebookWeight
+class _CodebookWeight(ctypes.Structure):  # cpu_codebook_weight.h's CodebookWeight
     _fields_ = [("codes", c_void_p), ("books", c_void_p), ("books_t", c_void_p), ("scales", c_void_p),
                 ("shard_rows", c_void_p)] + [
         (name, c_int64) for name in ("shards", "num_books", "book_size", "book_stride", "n", "k")]
@@ -89,12 +89,13 @@ class _CodebookWeight(ctypes.Structure):  # cpu_codebook.h's CodebookWeight
 
 class PackedCodebook:
     """AQLM weights with one output and 8 inputs per code, as the native kernels read them: a merged layer's shards
-    side by side, each with its own books. ``codes`` are blocked by ``CODE_BLOCK`` input groups ([blocks][n][block's
-    groups][books]) so that a pass over every output reads a block in order. Books of up to 256 entries keep uint8
-    codes (the checkpoint's own size) and their entries by input, float32 ``books_t`` [shards, books, 8, size padded
-    to 16], from which the one-row kernel tabulates dot products; larger books keep int16 codes (unsigned values) and
-    float16 ``books`` [shards, books, size, 8]. ``weight`` is the descriptor both the op and the fused decode step
-    pass."""
+    side by side, each with its own books. Books of up to 256 entries keep uint8 codes (the checkpoint's own size),
+    blocked by ``CODE_BLOCK`` input groups ([blocks][n][block's groups][books]) so that the one-row table kernel's
+    pass over every output reads a block in order, and their entries by input, float32 ``books_t`` [shards, books,
+    8, size padded to 16], from which that kernel tabulates dot products. Larger books keep int16 codes (unsigned
+    values) tiled by 16 outputs ([tiles][groups][16][books], the last tile padded with code 0), so that the kernels
+    that build a column tile read its codes as one stream, and float16 ``books`` [shards, books, size, 8].
+    ``weight`` is the descriptor both the op and the fused decode step pass."""
 
     def __init__(self, codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor, shard_sizes: list[int]):
         n, groups, num_books = codes.shape
@@ -105,8 +106,14 @@ class PackedCodebook:
         else:
             wide = codes.to(torch.int32)
             codes = torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)  # uint16 bits in int16
-        self.codes = torch.cat([codes[:, i:i + CODE_BLOCK].reshape(-1)
-                                for i in range(0, groups, CODE_BLOCK)]).contiguous()
+        if small:
+            self.codes = torch.cat([codes[:, i:i + CODE_BLOCK].reshape(-1)
+                                    for i in range(0, groups, CODE_BLOCK)]).contiguous()
+        else:
+            tiles = -(-n // 16)
+            padded = torch.zeros(tiles * 16, groups, num_books, dtype=codes.dtype)
+            padded[:n] = codes
+            self.codes = padded.reshape(tiles, 16, groups, num_books).transpose(1, 2).contiguous().reshape(-1)
         books = books.to(torch.float16)
         self.books = self.books_t = None
         stride = -(-size // 16) * 16
@@ -126,6 +133,9 @@ class PackedCodebook:
     def unblocked_codes(self) -> torch.Tensor:
         """The codes as int64 [n, k / 8, books], unsigned."""
         n, groups, num_books = self.n, self.k // 8, self.num_books
+        if self.books is not None:  # 16-bit codes, tiled by 16 outputs
+            tiled = self.codes.reshape(-1, groups, 16, num_books).transpose(1, 2).reshape(-1, groups, num_books)
+            return tiled[:n].long() & 0xFFFF
         parts, offset = [], 0
         for i in range(0, groups, CODE_BLOCK):
             width = min(CODE_BLOCK, groups - i)
@@ -146,8 +156,9 @@ class PackedCodebook:
 
 def codebook_linear(x: torch.Tensor, weight: PackedCodebook, float_output: bool = False,
                     amx: bool = False) -> torch.Tensor:
-    """``x @ W.T`` for bf16 ``x`` [m, k] and a :class:`PackedCodebook` weight. Outside the one-row table (one or two
-    rows) and float32 outputs of up to ``CODEBOOK_MAX_ROWS`` rows, the weights are multiplied as bf16 (each rounded
+    """``x @ W.T`` for bf16 ``x`` [m, k] and a :class:`PackedCodebook` weight. One or two rows (the table for books
+    of up to 256 entries, tiles built in registers for larger ones) and float32 outputs of up to
+    ``CODEBOOK_MAX_ROWS`` rows multiply the exact float32 weights; other batches multiply them as bf16 (each rounded
     once, as the dequantized matrix cast to bf16 would be), 16 outputs at a time; ``amx``: on AMX tiles (where the
     process may use them)."""
     x2 = _bf16_rows(x, weight.k, "codebook_linear")

@@ -1,213 +1,16 @@
 // Additive-codebook weights (AQLM) with bf16 activations: one or two rows against books of up to 256 entries sum
-// tabulated dot products; float32 logits of up to 16 rows build each 8-weight tile in a register; other batches
-// decode one 16-output column tile at a time into the packed bf16 GEMM layout and multiply it by the rows there (AMX
-// tiles where granted), so no call dequantizes the whole matrix or keeps a dense copy.
+// tabulated dot products; one or two rows against larger books, and float32 logits of up to 16 rows, build each
+// 8-weight tile in a register; other batches decode one 16-output column tile at a time into the packed bf16 GEMM
+// layout and multiply it by the rows there (AMX tiles where granted), so no call dequantizes the whole matrix or
+// keeps a dense copy.
 #pragma once
 
 #include "cpu_amx.h"
-#include "cpu_common.h"
+#include "cpu_codebook_rows.h"
+#include "cpu_codebook_table.h"
 #include "cpu_gemm.h"
 
 namespace {
-
-constexpr int64_t kCodebookGroup = 8;     // inputs per code (AQLM's in_group_size this kernel takes)
-constexpr int64_t kCodebookMaxRows = 16;  // the most rows codebook_gemm (tiles built in registers) takes
-constexpr int64_t kCodeBlock = 4;         // input groups per block of the codes' layout
-constexpr int64_t kTableEntries = 256;    // books of up to this many entries (2x8, 1x8 …): 8-bit codes, table kernel
-
-// An AQLM weight as kernels/cpu_quant_ops.py's PackedCodebook holds it. A merged layer (q/k/v, gate/up) is one
-// weight whose shards each have their own books. The codes are blocked by kCodeBlock input groups, so that a pass
-// over every output reads a block's codes in order ([blocks][n][block's groups][num_books]; the last block may be
-// narrower).
-struct CodebookWeight {
-  const void* codes;          // uint8 where book_size <= kTableEntries, else uint16 (unsigned values)
-  const uint16_t* books;      // float16 [shards][num_books][book_size][8], for books of more than kTableEntries
-  const float* books_t;       // float32 [shards][num_books][8][book_stride]: books of up to kTableEntries by input
-                              // (book_stride: book_size rounded up to 16), which the one-row table is built from
-  const float* scales;        // float32 [n]
-  const int64_t* shard_rows;  // [shards + 1]: shard s holds outputs shard_rows[s] .. shard_rows[s + 1] - 1
-  int64_t shards, num_books, book_size, book_stride, n, k;
-};
-
-// Where output o's codes of input group i start in the blocked layout (`groups` = k / 8).
-inline int64_t code_offset(int64_t o, int64_t i, int64_t n, int64_t groups, int64_t num_books) {
-  const int64_t b0 = i - i % kCodeBlock, width = groups - b0 < kCodeBlock ? groups - b0 : kCodeBlock;
-  return (b0 * n + o * width + (i - b0)) * num_books;
-}
-
-// The books' entries a kernel reads for a code type: small books (8-bit codes) as float32, built per call from
-// books_t (a transpose, no conversion); larger ones as the weight's float16.
-template <typename CodeT> struct CodebookEntries { using T = float; };
-template <> struct CodebookEntries<uint16_t> { using T = uint16_t; };
-
-// Output o's books (entries [num_books][book_size][8] of `books`): its shard's.
-template <typename E>
-inline const E* books_of(const CodebookWeight& w, const E* books, int64_t o) {
-  int64_t s = 0;
-  while (o >= w.shard_rows[s + 1]) ++s;
-  return books + s * w.num_books * w.book_size * kCodebookGroup;
-}
-
-#if defined(__AVX512F__)
-// Entry `code` of book b: its 8 values as float32.
-inline __m256 codebook_entry(const float* books, int64_t book_size, int b, int64_t code) {
-  return _mm256_loadu_ps(books + (b * book_size + code) * kCodebookGroup);
-}
-inline __m256 codebook_entry(const uint16_t* books, int64_t book_size, int b, int64_t code) {
-  return _mm256_cvtph_ps(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup)));
-}
-// Two entries (code0 of books0, code1 of books1, book b of each) side by side, as float32.
-inline __m512 codebook_entry_pair(const float* books0, int64_t code0, const float* books1, int64_t code1,
-                                  int64_t book_size, int b) {
-  return _mm512_insertf32x8(
-      _mm512_castps256_ps512(_mm256_loadu_ps(books0 + (b * book_size + code0) * kCodebookGroup)),
-      _mm256_loadu_ps(books1 + (b * book_size + code1) * kCodebookGroup), 1);
-}
-inline __m512 codebook_entry_pair(const uint16_t* books0, int64_t code0, const uint16_t* books1, int64_t code1,
-                                  int64_t book_size, int b) {
-  auto half = [&](const uint16_t* books, int64_t code) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(books + (b * book_size + code) * kCodebookGroup));
-  };
-  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(half(books0, code0)), half(books1, code1), 1));
-}
-
-// sums[o] = the table entries that outputs o0 .. o1 - 1's codes of one block (`width` groups) pick, summed. Kept
-// scalar: vectorized across outputs (as the compiler otherwise does) each vector gathers from the table element by
-// element, ~3x slower here.
-template <int NB>
-__attribute__((optimize("no-tree-vectorize"))) void table_sums(float* sums, const uint8_t* block_codes,
-                                                              const float* table, int64_t o0, int64_t o1,
-                                                              int64_t width) {
-  if (width == kCodeBlock && NB == 2) {
-    // An output's 8 codes in one load, taken apart in registers: ~0.75 cycles a lookup, against ~0.88 loading
-    // each code (two loads a lookup).
-    for (int64_t o = o0; o < o1; ++o) {
-      uint64_t word;
-      std::memcpy(&word, block_codes + o * 8, 8);
-      const uint32_t lo = static_cast<uint32_t>(word), hi = static_cast<uint32_t>(word >> 32);
-      const float* t = table;
-      const float g0 = t[lo & 255] + t[kTableEntries + ((lo >> 8) & 255)];
-      const float g1 = t[2 * kTableEntries + ((lo >> 16) & 255)] + t[3 * kTableEntries + (lo >> 24)];
-      const float g2 = t[4 * kTableEntries + (hi & 255)] + t[5 * kTableEntries + ((hi >> 8) & 255)];
-      const float g3 = t[6 * kTableEntries + ((hi >> 16) & 255)] + t[7 * kTableEntries + (hi >> 24)];
-      sums[o] = (g0 + g1) + (g2 + g3);
-    }
-    return;
-  }
-  if (width == kCodeBlock) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const uint8_t* c = block_codes + o * kCodeBlock * NB;
-      float a[4] = {0.f, 0.f, 0.f, 0.f};  // four chains of adds
-#pragma GCC unroll 8
-      for (int j = 0; j < kCodeBlock * NB; ++j) a[j & 3] += table[j * kTableEntries + c[j]];
-      sums[o] = (a[0] + a[1]) + (a[2] + a[3]);
-    }
-    return;
-  }
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* c = block_codes + o * width * NB;
-    float a = 0.f;
-    for (int64_t j = 0; j < width * NB; ++j) a += table[j * kTableEntries + c[j]];
-    sums[o] = a;
-  }
-}
-
-// One row of x against books of at most 256 entries (8-bit codes). Each thread takes a share of the code blocks;
-// per block and shard, the block's groups' dot products with every entry are tabulated (table[g][b][e] =
-// x[8i .. 8i+7] . books[b][e], 1 KiB a group and book, from books_t so that sixteen entries take eight
-// multiply-adds), and every output of the shard then sums its codes' entries from the table while it is in L1.
-// Each block's sums go to their own row of `partial`, summed in block order at the end, so the result does not
-// depend on the thread count. Walking all of k per output instead read the whole table (groups * NB KiB) from L2 at
-// ~1.7 cycles a lookup (~0.9 this way); building each 8-weight tile per output took ~6.5 cycles a group.
-template <bool F32Out, int NB>
-void codebook_gemv_table(void* y, const bf16_t* x, const CodebookWeight& w, int num_threads) {
-  const int64_t n = w.n, groups = w.k / kCodebookGroup, blocks = (groups + kCodeBlock - 1) / kCodeBlock;
-  const uint8_t* const codes = static_cast<const uint8_t*>(w.codes);
-  static thread_local aligned_vector<float> partial_rows;  // the calling thread's, kept between calls
-  if (partial_rows.size() < static_cast<size_t>(blocks * n)) partial_rows.resize(static_cast<size_t>(blocks * n));
-  float* const partial = partial_rows.data();  // the team reaches it through this: thread_local names are per thread
-#pragma omp parallel num_threads(num_threads)
-  {
-    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-    alignas(64) float table[kCodeBlock * NB * kTableEntries];
-    for (int64_t blk = blocks * tid / team; blk < blocks * (tid + 1) / team; ++blk) {
-      const int64_t i0 = blk * kCodeBlock, width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock;
-      const uint8_t* const block_codes = codes + i0 * n * NB;
-      float* const sums = partial + blk * n;
-      for (int64_t s = 0; s < w.shards; ++s) {
-        const float* bt = w.books_t + s * NB * kCodebookGroup * w.book_stride;
-        for (int64_t g = 0; g < width; ++g) {
-          __m512 xd[kCodebookGroup];
-          for (int d = 0; d < kCodebookGroup; ++d)
-            xd[d] = _mm512_set1_ps(bf16_to_f32(x[(i0 + g) * kCodebookGroup + d]));
-          for (int b = 0; b < NB; ++b) {
-            const float* book = bt + b * kCodebookGroup * w.book_stride;
-            float* out = table + (g * NB + b) * kTableEntries;
-            for (int64_t e = 0; e < w.book_size; e += 16) {
-              auto entries = [&](int d) {  // input d of entries e .. e + 15
-                return _mm512_loadu_ps(book + d * w.book_stride + e);
-              };
-              __m512 acc = _mm512_mul_ps(xd[0], entries(0));
-              for (int d = 1; d < kCodebookGroup; ++d) acc = _mm512_fmadd_ps(xd[d], entries(d), acc);
-              _mm512_store_ps(out + e, acc);
-            }
-          }
-        }
-        table_sums<NB>(sums, block_codes, table, w.shard_rows[s], w.shard_rows[s + 1], width);
-      }
-    }
-#pragma omp barrier
-    const int64_t o0 = n * tid / team, o1 = n * (tid + 1) / team;
-    for (int64_t blk = 1; blk < blocks; ++blk)  // block 0's row collects the sums
-      for (int64_t o = o0; o < o1; ++o) partial[o] += partial[blk * n + o];
-    for (int64_t o = o0; o < o1; ++o) {
-      const float v = w.scales[o] * partial[o];
-      if constexpr (F32Out) static_cast<float*>(y)[o] = v;
-      else static_cast<bf16_t*>(y)[o] = f32_to_bf16(v);
-    }
-  }
-}
-
-// y [m, n] = x [m, k] . W^T where row o, inputs 8i .. 8i+7 of W are scale[o] * sum_b books[b][code(o, i, b)].
-// Each tile of 8 weights is built in a register from its shard's books (which stay in cache: 2x8 books are 16 KB as
-// float32, 1x16 ones 1 MB) and multiplied into every row of x, so each code is read once per call.
-template <bool F32Out, typename CodeT>
-void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
-                   int64_t m, int num_threads) {
-  const int64_t n = w.n, k = w.k, groups = k / kCodebookGroup, num_books = w.num_books;
-  const CodeT* const codes = static_cast<const CodeT*>(w.codes);
-  std::vector<float> xf(static_cast<size_t>(m * k));
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_to_f32(x[i]);
-  constexpr int64_t kRowsPerTask = 16;
-  share_tasks((n + kRowsPerTask - 1) / kRowsPerTask, num_threads, [&](int64_t task) {
-    const int64_t n_end = (task + 1) * kRowsPerTask < n ? (task + 1) * kRowsPerTask : n;
-    for (int64_t row = task * kRowsPerTask; row < n_end; ++row) {
-      const auto* books = books_of(w, entries, row);
-      __m256 acc[kCodebookMaxRows];
-      for (int64_t r = 0; r < m; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
-        const int64_t i1 = i0 + kCodeBlock < groups ? i0 + kCodeBlock : groups;
-        const CodeT* c = codes + code_offset(row, i0, n, groups, num_books);
-        for (int64_t i = i0; i < i1; ++i, c += num_books) {
-          __m256 wv = codebook_entry(books, w.book_size, 0, c[0]);
-          for (int b = 1; b < num_books; ++b)
-            wv = _mm256_add_ps(wv, codebook_entry(books, w.book_size, b, c[b]));
-          for (int64_t r = 0; r < m; ++r)
-            acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf.data() + r * k + i * kCodebookGroup), acc[r]);
-        }
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        const float v = w.scales[row] * _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-        if constexpr (F32Out) static_cast<float*>(y)[r * n + row] = v;
-        else static_cast<bf16_t*>(y)[r * n + row] = f32_to_bf16(v);
-      }
-    }
-  });
-}
-#endif  // __AVX512F__
 
 #if defined(__AVX512BF16__)
 // Column tile t of the weights (outputs 16 t .. 16 t + 15, all of k) into wt in the packed layout [k / 2][16][2]:
@@ -215,13 +18,11 @@ void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const type
 // of the dequantized matrix multiplies by. Outputs past n are zero. Per group of 8 inputs, two outputs' entries
 // share a vector; the 16 outputs' 4 input pairs each are then transposed into 4 rows of the tile (a 64-byte row
 // holds one input pair of all 16 outputs).
-// The next tile's codes in each block (16 outputs' worth, side by side) are prefetched as the block starts.
-// NB: the number of books, where known at compile time (0: w.num_books).
-template <typename CodeT, int NB>
+// NB: the number of books, where known at compile time (0: w.num_books). Linear: codes_linear holds for the tile.
+template <typename CodeT, int NB, bool Linear>
 void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
                           int64_t t) {
   const int64_t n = w.n, groups = w.k / kCodebookGroup, num_books = NB ? NB : w.num_books, book_size = w.book_size;
-  const CodeT* const codes = static_cast<const CodeT*>(w.codes);
   const int64_t next_rows = n - (t + 1) * 16 < 16 ? n - (t + 1) * 16 : 16;  // rows of the next tile (<= 0: none)
   const typename CodebookEntries<CodeT>::T* books[16];
   __m512 scale[8];
@@ -235,24 +36,30 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename Co
   // in z0, z1; 8-15 in z2, z3), assembled in registers: staging them through memory stalled each 64-byte load on
   // the two 32-byte stores it spans.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  const int64_t step = group_step<CodeT>(w);
   for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
-    const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock, row_codes = width * num_books;
-    const CodeT* const block = codes + code_offset(0, i0, n, groups, num_books);
-    if (next_rows > 0) {
-      const char* next = reinterpret_cast<const char*>(block + (t + 1) * 16 * row_codes);
-      for (int64_t b = 0; b < next_rows * row_codes * static_cast<int64_t>(sizeof(CodeT)); b += 64)
-        _mm_prefetch(next + b, _MM_HINT_T0);
+    const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock;
+    // Blocked 8-bit codes: the next tile's in this block (16 outputs' worth, side by side). Tiled 16-bit codes are
+    // one stream the hardware prefetches.
+    if (sizeof(CodeT) == 1 && next_rows > 0) {
+      const char* next = reinterpret_cast<const char*>(block_codes<CodeT>(w, (t + 1) * 16, i0));
+      for (int64_t b = 0; b < next_rows * width * num_books; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
+    const CodeT* const base = block_codes<CodeT>(w, t * 16, i0);
+    const int64_t output_step = sizeof(CodeT) == 2 ? num_books : width * num_books;
     const CodeT* code[16];
-    for (int c = 0; c < 16; ++c) code[c] = block + (t * 16 + c < n ? t * 16 + c : 0) * row_codes;
+    if (!Linear)
+      for (int c = 0; c < 16; ++c) code[c] = block_codes<CodeT>(w, t * 16 + c < n ? t * 16 + c : t * 16, i0);
     for (int64_t g = 0; g < width; ++g) {
       const int64_t i = i0 + g;
       __m256i rounded[8];  // outputs c and c + 1's 4 input pairs each, for c = 0, 2, … 14
+#pragma GCC unroll 8
       for (int c = 0; c < 16; c += 2) {
-        const CodeT* c0 = code[c] + g * num_books;
-        const CodeT* c1 = code[c + 1] + g * num_books;
+        const CodeT* c0 = (Linear ? base + c * output_step : code[c]) + g * step;
+        const CodeT* c1 = (Linear ? base + (c + 1) * output_step : code[c + 1]) + g * step;
         auto pair = [&](int b) {  // book b's entries of outputs c and c + 1
-          return codebook_entry_pair(books[c], c0[b], books[c + 1], c1[b], book_size, b);
+          return Linear ? codebook_entry_pair(books[0], c0[b], books[0], c1[b], book_size, b)
+                        : codebook_entry_pair(books[c], c0[b], books[c + 1], c1[b], book_size, b);
         };
         __m512 v = pair(0);
         for (int b = 1; b < num_books; ++b) v = _mm512_add_ps(v, pair(b));
@@ -301,9 +108,10 @@ void codebook_gemm_tiles(void* y, const bf16_t* x, const CodebookWeight& w,
     bf16_t* wt = state.wt.data();
     for (int64_t t = t0; t < t1; ++t) {
       bf16_t* tile = wt + (t - t0) * k * 16;
-      if (w.num_books == 1) decode_codebook_tile<CodeT, 1>(tile, w, entries, t);
-      else if (w.num_books == 2) decode_codebook_tile<CodeT, 2>(tile, w, entries, t);
-      else decode_codebook_tile<CodeT, 0>(tile, w, entries, t);
+      if (!codes_linear<CodeT>(w, t * 16, 16)) decode_codebook_tile<CodeT, 0, false>(tile, w, entries, t);
+      else if (w.num_books == 1) decode_codebook_tile<CodeT, 1, true>(tile, w, entries, t);
+      else if (w.num_books == 2) decode_codebook_tile<CodeT, 2, true>(tile, w, entries, t);
+      else decode_codebook_tile<CodeT, 0, true>(tile, w, entries, t);
     }
     if (!amx) {
       gemm_packed_serial<F32Out>(static_cast<char*>(y) + (c0 * n + col) * esz, n, x + c0 * k, wt, c1 - c0,
@@ -343,10 +151,12 @@ inline const float* books_by_entry(const CodebookWeight& w) {
 }
 
 // y [m, n] = x [m, k] (bf16) . W^T for an AQLM weight, as both the linear_codebook op and the fused decode step run
-// it. Books of up to 256 entries (one or two of them): one and two rows take the table, row by row. Other bf16
-// outputs multiply bf16-rounded column tiles (on AMX tiles where `amx`): building each 8-weight tile in a register
-// per row ran 3x slower at 8 rows (Zen 4); float32 outputs (logits) of up to kCodebookMaxRows rows keep the exact
-// float32 weights that way. False where this build can't (no AVX-512; no AVX512-BF16 above kCodebookMaxRows rows).
+// it. One and two rows: books of up to 256 entries (one or two of them) take the table, row by row; larger books
+// build each 8-weight tile in a register (Zen 4, Llama-2-7B's shapes, one book of 65536 entries: 2.2x and 1.6x as
+// fast as decoding column tiles at one and two rows, even at three, behind from four). Other bf16 outputs multiply
+// bf16-rounded column tiles (on AMX tiles where `amx`); float32 outputs (logits) of up to kCodebookMaxRows rows keep
+// the exact float32 weights in registers. False where this build can't (no AVX-512; no AVX512-BF16 above
+// kCodebookMaxRows rows).
 template <bool F32Out>
 bool codebook_linear(void* y, const bf16_t* x, const CodebookWeight& w, int64_t m, int num_threads, bool amx) {
 #if defined(__AVX512F__)
@@ -360,7 +170,7 @@ bool codebook_linear(void* y, const bf16_t* x, const CodebookWeight& w, int64_t 
     return true;
   }
 #if defined(__AVX512BF16__)
-  if (m > kCodebookMaxRows || !F32Out) {
+  if (m > kCodebookMaxRows || (!F32Out && (bytes || m > 2))) {
     if (bytes) codebook_gemm_tiles<F32Out, uint8_t>(y, x, w, books_by_entry(w), m, num_threads, amx);
     else codebook_gemm_tiles<F32Out, uint16_t>(y, x, w, w.books, m, num_threads, amx);
     return true;

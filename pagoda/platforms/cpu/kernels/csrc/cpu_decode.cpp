@@ -20,7 +20,7 @@ namespace {
 
 // One weight: packed bf16 (kind 0), block-quantized (the kinds of pagoda_quant_gemm), W8A8 int8 packed as in
 // cpu_int8.h, activations quantized per token (or by a static scale) here: on AMX-INT8 tiles (kInt8AmxKind) or with
-// VNNI (kInt8VnniKind), or AQLM codes (kCodebookKind: data is a CodebookWeight, cpu_codebook.h).
+// VNNI (kInt8VnniKind), or AQLM codes (kCodebookKind: data is a CodebookWeight, cpu_codebook_weight.h).
 constexpr int64_t kInt8AmxKind = 200, kInt8VnniKind = 201, kCodebookKind = 300;
 struct Linear {
   int64_t kind;
