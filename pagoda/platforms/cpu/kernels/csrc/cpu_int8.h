@@ -63,6 +63,7 @@ inline void quantize_rows_int8(const bf16_t* x, int8_t* q, float* scale, int64_t
   });
 }
 
+#if defined(__AVX512BF16__)
 // One output vector of 16 columns from its int32 sums: sums * row scale * column scales (+ bias), stored as bf16 or
 // float32 under the mask of valid columns. The AMX and VNNI paths both end here, so they give the same numbers.
 template <bool F32Out>
@@ -74,6 +75,7 @@ inline void store_int8_outputs(void* y, int64_t at, __m512i sums, float xscale, 
     _mm256_mask_storeu_epi16(static_cast<bf16_t*>(y) + at, mask, (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
+#endif  // __AVX512BF16__
 
 #if defined(PAGODA_HAS_AMX) && defined(__AMX_INT8__)
 #define PAGODA_HAS_AMX_INT8 1
