@@ -37,6 +37,9 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename Co
   // the two 32-byte stores it spans.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
   const int64_t step = group_step<CodeT>(w);
+  int64_t shard = 0;
+  while (t * 16 >= w.shard_rows[shard + 1]) ++shard;
+  const bool cold = books_cold(w, shard);
   for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
     const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock;
     // Blocked 8-bit codes: the next tile's in this block (16 outputs' worth, side by side). Tiled 16-bit codes are
@@ -45,6 +48,8 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename Co
       const char* next = reinterpret_cast<const char*>(block_codes<CodeT>(w, (t + 1) * 16, i0));
       for (int64_t b = 0; b < next_rows * width * num_books; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
+    if (Linear && cold && i0 + 3 * kCodeBlock <= groups)
+      prefetch_block_entries<16, CodeT>(w, books[0], t * 16, i0 + 2 * kCodeBlock);
     const CodeT* const base = block_codes<CodeT>(w, t * 16, i0);
     const int64_t output_step = sizeof(CodeT) == 2 ? num_books : width * num_books;
     const CodeT* code[16];

@@ -23,6 +23,9 @@ void codebook_rows_pass(void* y, const float* xf, const CodebookWeight& w,
     outs[p] = o0 + p < n ? o0 + p : o0;  // past n: a copy of o0, computed and not stored
     books[p] = books_of(w, entries, Linear ? o0 : outs[p]);
   }
+  int64_t shard = 0;
+  while (o0 >= w.shard_rows[shard + 1]) ++shard;
+  const bool cold = books_cold(w, shard);
   __m256 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < M; ++r) acc[p][r] = _mm256_setzero_ps();
@@ -34,6 +37,8 @@ void codebook_rows_pass(void* y, const float* xf, const CodebookWeight& w,
       for (int64_t b = 0; b < P * kCodeBlock * num_books * static_cast<int64_t>(sizeof(CodeT)); b += 64)
         _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
+    if (Linear && cold && i0 + 3 * kCodeBlock <= groups)
+      prefetch_block_entries<P, CodeT>(w, books[0], o0, i0 + 2 * kCodeBlock);
     const CodeT* const base = block_codes<CodeT>(w, o0, i0);
     const CodeT* code[P];
     if (!Linear)
