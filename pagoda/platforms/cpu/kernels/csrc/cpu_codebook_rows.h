@@ -6,12 +6,12 @@
 namespace {
 
 #if defined(__AVX512F__)
-// Rows r0 .. r0 + M - 1 of x (float32, xf) against outputs o0 .. o0 + P - 1 (those below n): each output's 8-weight
-// tiles are built in a register from its shard's books and multiplied into the M rows. The P outputs' tiles are
-// independent, so their entry loads overlap and the multiply-adds make P * M chains instead of M: a book of 65536
-// entries (1 MB in float16) is read at random from L2 and beyond, and the overlap is what sets the speed. Linear
-// (codes_linear holds): the codes and book are found from o0's by constant steps, not kept per output (the
-// compiler would keep 2 P pointers out of registers).
+// Rows r0 .. r0 + M - 1 of x (float32 in xf, [k / 8][M][8]) against outputs o0 .. o0 + P - 1 (those below n): each
+// output's 8-weight tiles are built in a register from its shard's books and multiplied into the M rows. The P
+// outputs' tiles are independent, so their entry loads overlap and the multiply-adds make P * M chains instead of M:
+// a book of 65536 entries (1 MB in float16) is read at random from L2 and beyond, and the overlap is what sets the
+// speed. Linear (codes_linear holds): the codes and book are found from o0's by constant steps, not kept per output
+// (the compiler would keep 2 P pointers out of registers).
 template <bool F32Out, typename CodeT, int NB, int M, int P, bool Linear>
 void codebook_rows_pass(void* y, const float* xf, const CodebookWeight& w,
                         const typename CodebookEntries<CodeT>::T* entries, int64_t o0, int64_t r0) {
@@ -75,7 +75,9 @@ template <bool F32Out, typename CodeT>
 void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const typename CodebookEntries<CodeT>::T* entries,
                    int64_t m, int num_threads) {
   const int64_t k = w.k;
-  aligned_vector<float> xf(static_cast<size_t>(8 * k));
+  static thread_local aligned_vector<float> x_rows;  // the calling thread's, kept between calls
+  if (x_rows.size() < static_cast<size_t>((m < 8 ? m : 8) * k)) x_rows.resize(static_cast<size_t>((m < 8 ? m : 8) * k));
+  float* const xf = x_rows.data();  // the team reaches it through this: thread_local names are per thread
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     const int64_t rows = m - r0 < 8 ? m - r0 : 8;
     for (int64_t r = 0; r < rows; ++r)  // the pass's rows as float32, [groups][rows][8]
@@ -84,12 +86,11 @@ void codebook_gemm(void* y, const bf16_t* x, const CodebookWeight& w, const type
       constexpr int M = decltype(rows_c)::value, P = decltype(outs_c)::value;
       share_tasks((w.n + P - 1) / P, num_threads, [&](int64_t task) {
         const int64_t o0 = task * P;
-        const float* xr = xf.data();
         if (!codes_linear<CodeT>(w, o0, P))
-          codebook_rows_pass<F32Out, CodeT, 0, M, P, false>(y, xr, w, entries, o0, r0);
-        else if (w.num_books == 1) codebook_rows_pass<F32Out, CodeT, 1, M, P, true>(y, xr, w, entries, o0, r0);
-        else if (w.num_books == 2) codebook_rows_pass<F32Out, CodeT, 2, M, P, true>(y, xr, w, entries, o0, r0);
-        else codebook_rows_pass<F32Out, CodeT, 0, M, P, true>(y, xr, w, entries, o0, r0);
+          codebook_rows_pass<F32Out, CodeT, 0, M, P, false>(y, xf, w, entries, o0, r0);
+        else if (w.num_books == 1) codebook_rows_pass<F32Out, CodeT, 1, M, P, true>(y, xf, w, entries, o0, r0);
+        else if (w.num_books == 2) codebook_rows_pass<F32Out, CodeT, 2, M, P, true>(y, xf, w, entries, o0, r0);
+        else codebook_rows_pass<F32Out, CodeT, 0, M, P, true>(y, xf, w, entries, o0, r0);
       });
     };
     using std::integral_constant;
