@@ -37,9 +37,7 @@ void decode_codebook_tile(bf16_t* wt, const CodebookWeight& w, const typename Co
   // the two 32-byte stores it spans.
   const __m512i lane = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
   const int64_t step = group_step<CodeT>(w);
-  int64_t shard = 0;
-  while (t * 16 >= w.shard_rows[shard + 1]) ++shard;
-  const bool cold = books_cold(w, shard);
+  const bool cold = books_cold(w, t * 16);
   for (int64_t i0 = 0; i0 < groups; i0 += kCodeBlock) {
     const int64_t width = groups - i0 < kCodeBlock ? groups - i0 : kCodeBlock;
     // Blocked 8-bit codes: the next tile's in this block (16 outputs' worth, side by side). Tiled 16-bit codes are

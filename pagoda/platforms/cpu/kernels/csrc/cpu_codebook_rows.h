@@ -23,9 +23,7 @@ void codebook_rows_pass(void* y, const float* xf, const CodebookWeight& w,
     outs[p] = o0 + p < n ? o0 + p : o0;  // past n: a copy of o0, computed and not stored
     books[p] = books_of(w, entries, Linear ? o0 : outs[p]);
   }
-  int64_t shard = 0;
-  while (o0 >= w.shard_rows[shard + 1]) ++shard;
-  const bool cold = books_cold(w, shard);
+  const bool cold = books_cold(w, o0);
   __m256 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < M; ++r) acc[p][r] = _mm256_setzero_ps();

@@ -47,12 +47,17 @@ inline int64_t group_step(const CodebookWeight& w) { return sizeof(CodeT) == 2 ?
 template <typename CodeT> struct CodebookEntries { using T = float; };
 template <> struct CodebookEntries<uint16_t> { using T = uint16_t; };
 
+// The shard output o belongs to.
+inline int64_t shard_of(const CodebookWeight& w, int64_t o) {
+  int64_t s = 0;
+  while (o >= w.shard_rows[s + 1]) ++s;
+  return s;
+}
+
 // Output o's books (entries [num_books][book_size][8] of `books`): its shard's.
 template <typename E>
 inline const E* books_of(const CodebookWeight& w, const E* books, int64_t o) {
-  int64_t s = 0;
-  while (o >= w.shard_rows[s + 1]) ++s;
-  return books + s * w.num_books * w.book_size * kCodebookGroup;
+  return books + shard_of(w, o) * w.num_books * w.book_size * kCodebookGroup;
 }
 
 #if defined(__AVX512F__)
@@ -79,11 +84,12 @@ inline __m512 codebook_entry_pair(const uint16_t* books0, int64_t code0, const u
   return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(half(books0, code0)), half(books1, code1), 1));
 }
 
-// Whether a call reads shard s's books mostly where they are not yet in cache: fewer than 8 lookups an entry (its
-// outputs times k / 8). Then the kernels prefetch each block's entries two blocks ahead: at SmolLM2-135M's shapes
-// (0.2-1.7 lookups an entry, books of 65536) 1, 4 and 64 rows ran 1.3-1.8x, 1.5x and 1.4x as fast; at
-// Llama-2-7B's (32-86) prefetching made one row 1.35x slower (Zen 4).
-inline bool books_cold(const CodebookWeight& w, int64_t s) {
+// Whether a call reads the books of output o's shard mostly where they are not yet in cache: fewer than 8 lookups an
+// entry (the shard's outputs times k / 8). Then the kernels prefetch each block's entries two blocks ahead: at
+// SmolLM2-135M's shapes (0.2-1.7 lookups an entry, books of 65536) 1, 4 and 64 rows ran 1.3-1.8x, 1.5x and 1.4x as
+// fast; at Llama-2-7B's (32-86) prefetching made one row 1.35x slower (Zen 4).
+inline bool books_cold(const CodebookWeight& w, int64_t o) {
+  const int64_t s = shard_of(w, o);
   return (w.shard_rows[s + 1] - w.shard_rows[s]) * (w.k / kCodebookGroup) < 8 * w.book_size;
 }
 
@@ -110,9 +116,7 @@ template <typename CodeT>
 inline bool codes_linear(const CodebookWeight& w, int64_t o0, int64_t count) {
   const int64_t last = o0 + count - 1;
   if (last >= w.n || (sizeof(CodeT) == 2 && (o0 >> 4) != (last >> 4))) return false;
-  int64_t s = 0;
-  while (o0 >= w.shard_rows[s + 1]) ++s;
-  return last < w.shard_rows[s + 1];
+  return last < w.shard_rows[shard_of(w, o0) + 1];
 }
 
 }  // namespace
